@@ -1,0 +1,218 @@
+//! The local admin socket: a running daemon owns the database, so operator commands reach it
+//! through `admin.sock` in the data directory (owner-only), one JSON request and one JSON
+//! answer per connection. When no daemon runs, the CLI opens the data directory itself and
+//! calls the same [`dispatch`].
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::agent::{AcceptOptions, Agent};
+use crate::error::{Kind, OpError, OpResult};
+use crate::invite::Invitation;
+use crate::node::{Action, InitiateRequest, Node};
+
+/// Largest request or answer line.
+const MAX_LINE: u64 = 4 * 1024 * 1024;
+
+/// An operator request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Role and bound addresses.
+    Info,
+    /// Connection statuses.
+    Status,
+    /// Node: create a pending connection.
+    Initiate {
+        /// The form.
+        request: InitiateRequest,
+    },
+    /// Node: deactivate, activate or revoke.
+    SetState {
+        /// Connection.
+        name: String,
+        /// Action.
+        action: Action,
+    },
+    /// Agent: redeem an invitation.
+    Accept {
+        /// The invitation code (travels only over the owner-only socket).
+        code: String,
+        /// Options.
+        options: AcceptOptions,
+    },
+}
+
+/// What a running daemon is and where it listens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Info {
+    /// `node` or `agent`.
+    pub role: String,
+    /// Node: agent-facing listener.
+    pub listen: Option<String>,
+    /// Local API (node) or intake (agent) listener.
+    pub api: Option<String>,
+    /// Node: the URL in invitation codes.
+    pub public_url: Option<String>,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// The side a daemon (or the CLI, offline) plays.
+#[derive(Clone)]
+pub enum Side {
+    /// Public node.
+    Node(Node),
+    /// Private agent.
+    Agent(Agent),
+}
+
+/// Answers one request.
+pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_json::Value> {
+    let to_json = |v: &dyn erased::Ser| v.to_value();
+    match (side, req) {
+        (_, Request::Info) => Ok(to_json(info)),
+        (Side::Node(n), Request::Status) => Ok(to_json(&n.connections()?)),
+        (Side::Agent(a), Request::Status) => Ok(to_json(&a.status()?)),
+        (Side::Node(n), Request::Initiate { request }) => Ok(serde_json::Value::String(n.initiate(request).await?)),
+        (Side::Node(n), Request::SetState { name, action }) => Ok(to_json(&n.set_state(&name, action).await?)),
+        (Side::Agent(a), Request::Accept { code, options }) => {
+            let invitation = Invitation::decode(&code).map_err(|e| OpError::new(Kind::Invitation, e.to_string()))?;
+            Ok(to_json(&a.accept(&invitation, options).await?))
+        }
+        (Side::Node(_), _) => Err(OpError::new(
+            Kind::Config,
+            "this data directory belongs to a node; that command is for an agent",
+        )),
+        (Side::Agent(_), _) => Err(OpError::new(
+            Kind::Config,
+            "this data directory belongs to an agent; that command is for a node",
+        )),
+    }
+}
+
+mod erased {
+    /// Object-safe serialisation to a JSON value.
+    pub trait Ser {
+        fn to_value(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    Ok(serde_json::Value),
+    Err(OpError),
+}
+
+/// The socket's path in a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// Binds the admin socket (replacing a stale one: we hold the database lock, so no other
+/// daemon can be using it).
+pub fn bind(data_dir: &Path) -> OpResult<UnixListener> {
+    let path = socket_path(data_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        OpError::new(
+            Kind::Failed,
+            format!("cannot create the admin socket {}: {e}", path.display()),
+        )
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| OpError::new(Kind::Failed, format!("cannot restrict {}: {e}", path.display())))?;
+    Ok(listener)
+}
+
+/// Serves admin requests until `token` is cancelled.
+pub async fn serve(listener: UnixListener, side: Side, info: Info, token: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = token.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let side = side.clone();
+        let info = info.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, side, info).await {
+                warn!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, side: Side, info: Info) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_LINE)).read_line(&mut line).await?;
+    let answer = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => match dispatch(&side, &info, req).await {
+            Ok(v) => Answer::Ok(v),
+            Err(e) => Answer::Err(e),
+        },
+        Err(e) => Answer::Err(OpError::new(Kind::Invalid, format!("malformed admin request: {e}"))),
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Sends `req` to the daemon of `data_dir`. `Ok(None)` when no daemon listens there.
+pub async fn call(data_dir: &Path, req: &Request) -> OpResult<Option<serde_json::Value>> {
+    let path = socket_path(data_dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => {
+            return Err(OpError::new(
+                Kind::Failed,
+                format!("cannot reach the daemon's admin socket {}: {e}", path.display()),
+            ))
+        }
+    };
+    let io = |e: std::io::Error| OpError::new(Kind::Failed, format!("admin socket {}: {e}", path.display()));
+    let (read, mut write) = stream.into_split();
+    let mut out = serde_json::to_vec(req).map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    out.push(b'\n');
+    write.write_all(&out).await.map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_LINE))
+        .read_line(&mut line)
+        .await
+        .map_err(io)?;
+    match serde_json::from_str::<Answer>(&line) {
+        Ok(Answer::Ok(v)) => Ok(Some(v)),
+        Ok(Answer::Err(e)) => Err(e),
+        Err(e) => Err(OpError::new(
+            Kind::Failed,
+            format!("malformed answer from the daemon: {e}"),
+        )),
+    }
+}

@@ -1,0 +1,583 @@
+//! The agent: the private end. It redeems invitations ([`Agent::accept`]), keeps the accepted
+//! connections and their credentials, and runs one [`link`] per connection that only ever
+//! dials out to the node.
+
+pub mod link;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Secret, Settings};
+use crate::crypto;
+use crate::error::{Kind, OpError, OpResult};
+use crate::http::{self, Method, StatusCode};
+use crate::intake::{IntakeTarget, Refusal};
+use crate::invite::Invitation;
+use crate::protocol::{self, codes, RedeemRequest, RedeemResponse};
+use crate::queue::{Queue, Store, Table};
+use crate::status::{now_ms, ConnectionStatus, Health};
+
+/// An accepted connection as the agent stores it (the credential lives in its own file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentConnection {
+    /// Local name of the connection.
+    pub name: String,
+    /// The connection's name on the node.
+    pub node_connection: String,
+    /// The node's URL.
+    pub node_url: String,
+    /// Pinned SPKI hash (hex), when the invitation carried one.
+    pub pin: Option<String>,
+    /// The node side's instance name.
+    pub node_instance: String,
+    /// What the node calls this side.
+    pub local_instance: String,
+    /// The instance name this agent reported.
+    pub reported_instance: String,
+    /// Description.
+    pub description: String,
+    /// Mode.
+    pub mode: String,
+    /// The public side's project for incoming sync.
+    pub node_project: String,
+    /// This side's project for incoming sync.
+    pub project: String,
+    /// Webhook for payloads from the node.
+    pub deliver_to: Option<String>,
+    /// When accepted (unix ms).
+    pub accepted_at_ms: u64,
+    /// Why the connection stopped for good, once the node revoked it.
+    pub revoked: Option<String>,
+}
+
+impl AgentConnection {
+    fn state_name(&self, paused: bool) -> &'static str {
+        if self.revoked.is_some() {
+            "revoked"
+        } else if paused {
+            "deactivated"
+        } else {
+            "active"
+        }
+    }
+}
+
+/// Options of `relay accept`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AcceptOptions {
+    /// Local connection name (default: the node's).
+    pub name: Option<String>,
+    /// Webhook for payloads from the node.
+    pub deliver_to: Option<String>,
+    /// This side's project for incoming sync.
+    pub project: Option<String>,
+}
+
+/// What `relay accept` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The stored connection.
+    pub connection: AgentConnection,
+}
+
+/// Live parts of one connection.
+pub struct LinkHandle {
+    /// Counters.
+    pub health: Arc<Health>,
+    /// The node said "deactivated" in its last answer.
+    pub paused: AtomicBool,
+    /// Stops this connection's tasks.
+    pub token: CancellationToken,
+}
+
+struct Runtime {
+    tracker: TaskTracker,
+    token: CancellationToken,
+    webhook_client: http::Client,
+    /// Cancelled when no connection is left running after a revocation.
+    all_revoked: CancellationToken,
+}
+
+struct AgentInner {
+    store: Store,
+    settings: Settings,
+    connections: Table,
+    nonces: Table,
+    links: Mutex<HashMap<String, Arc<LinkHandle>>>,
+    runtime: Mutex<Option<Runtime>>,
+}
+
+/// The agent's state. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<AgentInner>,
+}
+
+/// Queue names of a connection on the agent.
+pub fn queue_names(conn: &str) -> (String, String) {
+    (format!("agent/{conn}/to-node"), format!("agent/{conn}/from-node"))
+}
+
+/// Why a redemption failed.
+fn accept_error(e: http::ClientError, url: &str) -> OpError {
+    let text = e.to_string();
+    if text.contains("certificate pin mismatch") {
+        let detail = text
+            .split("certificate pin mismatch: ")
+            .nth(1)
+            .unwrap_or(&text)
+            .to_owned();
+        return OpError::new(
+            Kind::Invitation,
+            format!("refusing {url}: it is not the node that issued this invitation: {detail}"),
+        );
+    }
+    OpError::new(Kind::Unreachable, format!("cannot reach the node at {url}: {text}"))
+}
+
+impl Agent {
+    /// Opens the agent's tables in `store`.
+    pub fn open(store: Store, settings: Settings) -> OpResult<Agent> {
+        Ok(Agent {
+            inner: Arc::new(AgentInner {
+                connections: store.table("agent-connections")?,
+                nonces: store.table("agent-redeem-nonces")?,
+                store,
+                settings,
+                links: Mutex::new(HashMap::new()),
+                runtime: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn credential_path(&self, name: &str) -> PathBuf {
+        self.inner
+            .settings
+            .data_dir
+            .join("credentials")
+            .join(format!("{name}.cred"))
+    }
+
+    /// Reads a connection's credential.
+    pub fn credential(&self, name: &str) -> OpResult<Secret> {
+        let path = self.credential_path(name);
+        std::fs::read_to_string(&path)
+            .map(|s| Secret::new(s.trim()))
+            .map_err(|e| {
+                OpError::new(
+                    Kind::Config,
+                    format!("cannot read the credential {}: {e}", path.display()),
+                )
+            })
+    }
+
+    fn queues(&self, name: &str) -> OpResult<(Queue, Queue)> {
+        let (out, inb) = queue_names(name);
+        let limits = self.inner.settings.queue_limits();
+        Ok((
+            self.inner.store.queue(&out, limits)?,
+            self.inner.store.queue(&inb, limits)?,
+        ))
+    }
+
+    /// Every connection.
+    pub fn list(&self) -> OpResult<Vec<AgentConnection>> {
+        Ok(self.inner.connections.list()?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// A connection by name.
+    pub fn get(&self, name: &str) -> OpResult<Option<AgentConnection>> {
+        Ok(self.inner.connections.get(name)?)
+    }
+
+    /// Redeems `invitation` at its node and stores the connection and its credential. When
+    /// the agent is running, the connection starts at once.
+    pub async fn accept(&self, invitation: &Invitation, opts: AcceptOptions) -> OpResult<Accepted> {
+        invitation
+            .check_expiry(now_ms() / 1000)
+            .map_err(|e| OpError::new(Kind::Invitation, e.to_string()))?;
+        let invalid = |m: String| OpError::new(Kind::Invalid, m);
+        if let Some(name) = &opts.name {
+            crate::names::check_connection_name(name).map_err(invalid)?;
+            self.check_name_free(name)?;
+        }
+        if let Some(url) = &opts.deliver_to {
+            crate::config::check_webhook_url(url).map_err(invalid)?;
+        }
+        if let Some(p) = &opts.project {
+            crate::names::check_label("--project", p, true).map_err(invalid)?;
+        }
+        // The same nonce on every attempt for this invitation makes a lost answer retryable.
+        let id = invitation.id_hex();
+        let nonce = match self.inner.nonces.get::<String>(&id)? {
+            Some(n) => n,
+            None => {
+                let n = crypto::random_id();
+                self.inner.nonces.put(&id, &n)?;
+                self.inner.store.flush().await?;
+                n
+            }
+        };
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let instance = self
+            .inner
+            .settings
+            .agent
+            .instance_name
+            .clone()
+            .unwrap_or_else(|| host.clone());
+        let request = RedeemRequest {
+            version: protocol::PROTOCOL_VERSION,
+            invitation_id: id.clone(),
+            secret: invitation.secret.to_vec(),
+            client_nonce: nonce,
+            instance_name: instance.clone(),
+            host,
+        };
+        let resp = self.redeem(invitation, &request).await?;
+        let name = opts.name.clone().unwrap_or_else(|| resp.connection.clone());
+        crate::names::check_connection_name(&name).map_err(invalid)?;
+        self.check_name_free(&name)?;
+        let conn = AgentConnection {
+            name: name.clone(),
+            node_connection: resp.connection.clone(),
+            node_url: invitation.url.clone(),
+            pin: invitation.pin.map(|p| crypto::hex(&p)),
+            node_instance: resp.node_instance.clone(),
+            local_instance: resp.remote_instance.clone(),
+            reported_instance: instance,
+            description: resp.description.clone(),
+            mode: resp.mode.clone(),
+            node_project: resp.project.clone(),
+            project: opts.project.clone().unwrap_or_default(),
+            deliver_to: opts
+                .deliver_to
+                .clone()
+                .or_else(|| self.inner.settings.agent.deliver_to.clone()),
+            accepted_at_ms: now_ms(),
+            revoked: None,
+        };
+        let dir = self.inner.settings.data_dir.join("credentials");
+        crate::fsutil::create_private_dir(&dir)
+            .and_then(|_| crate::fsutil::write_private(&self.credential_path(&name), resp.credential.as_bytes()))
+            .map_err(|e| {
+                OpError::new(
+                    Kind::Failed,
+                    format!("cannot store the credential in {}: {e}", dir.display()),
+                )
+            })?;
+        self.inner.connections.put(&name, &conn)?;
+        self.inner.nonces.remove(&id)?;
+        self.queues(&name)?;
+        self.inner.store.flush().await?;
+        info!(connection = %name, node = %conn.node_url, "invitation accepted; connection active");
+        self.start_link(&conn);
+        Ok(Accepted { connection: conn })
+    }
+
+    fn check_name_free(&self, name: &str) -> OpResult<()> {
+        match self.get(name)? {
+            Some(existing) if existing.revoked.is_some() => Err(OpError::new(
+                Kind::Conflict,
+                format!("a revoked connection named {name:?} still holds its queue; accept under another --name"),
+            )),
+            Some(_) => Err(OpError::new(
+                Kind::Conflict,
+                format!("a connection named {name:?} already exists; accept under another --name"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    async fn redeem(&self, invitation: &Invitation, request: &RedeemRequest) -> OpResult<RedeemResponse> {
+        let tls =
+            crate::tls::node_client_config(invitation.pin).map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let timeout = self.inner.settings.agent.request_timeout;
+        let client = http::Client::https_only(tls, timeout);
+        let url = format!("{}{}", invitation.url, protocol::REDEEM_PATH);
+        let body = protocol::encode(request);
+        let mut backoff = crate::retry::Backoff::new(Duration::from_millis(300), Duration::from_secs(3));
+        let mut attempt = 0;
+        let reply = loop {
+            attempt += 1;
+            let req = http::request(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", protocol::CONTENT_TYPE),
+                    (protocol::VERSION_HEADER, "1"),
+                ],
+                body.clone(),
+            )
+            .map_err(|e| OpError::new(Kind::Invitation, format!("the invitation's URL is unusable: {e}")))?;
+            match client.send(req, timeout, 64 * 1024).await {
+                Ok(r) if r.status.is_server_error() && attempt < 3 => {}
+                Ok(r) => break r,
+                Err(e) => {
+                    let err = accept_error(e, &invitation.url);
+                    // A wrong pin will not fix itself; a network hiccup might.
+                    if err.kind == Kind::Invitation || attempt >= 3 {
+                        return Err(err);
+                    }
+                }
+            }
+            tokio::time::sleep(backoff.next_delay(None)).await;
+        };
+        if reply.status == StatusCode::OK {
+            let resp: RedeemResponse = protocol::decode("redeem response", &reply.body)
+                .map_err(|e| OpError::new(Kind::Failed, format!("the node's answer is not understood: {e}")))?;
+            protocol::check_version(resp.version).map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+            return Ok(resp);
+        }
+        let (code, message) = match reply.error_body() {
+            Some(b) => (b.code, b.error),
+            None => (String::new(), format!("the node answered {}", reply.status)),
+        };
+        let kind = match code.as_str() {
+            codes::WRONG_SECRET
+            | codes::LOCKED
+            | codes::EXPIRED
+            | codes::ALREADY_REDEEMED
+            | codes::UNKNOWN_INVITATION
+            | codes::REVOKED => Kind::Invitation,
+            _ => Kind::Failed,
+        };
+        Err(OpError::new(
+            kind,
+            format!("the node refused the invitation: {message}"),
+        ))
+    }
+
+    /// Status of every connection.
+    pub fn status(&self) -> OpResult<Vec<ConnectionStatus>> {
+        let mut out = Vec::new();
+        for conn in self.list()? {
+            let (outbox, inbox) = self.queues(&conn.name)?;
+            let link = self.link(&conn.name);
+            let paused = link.as_ref().is_some_and(|l| l.paused.load(Ordering::Relaxed));
+            let live_contact = link
+                .as_ref()
+                .map(|l| Health::get(&l.health.last_contact_ms))
+                .filter(|t| *t > 0);
+            let last_error = match &conn.revoked {
+                Some(reason) => Some(crate::status::LastError {
+                    at_ms: 0,
+                    message: reason.clone(),
+                }),
+                None => link.as_ref().and_then(|l| l.health.last_error()),
+            };
+            out.push(ConnectionStatus {
+                name: conn.name.clone(),
+                state: conn.state_name(paused).to_owned(),
+                local: conn.local_instance.clone(),
+                remote: format!("{} ({})", conn.node_instance, conn.node_url),
+                description: conn.description.clone(),
+                mode: conn.mode.clone(),
+                project: conn.project.clone(),
+                deliver_to: conn.deliver_to.clone(),
+                last_contact_ms: live_contact.or(Some(conn.accepted_at_ms)),
+                outbound: outbox.stats(),
+                inbound: inbox.stats(),
+                last_error,
+                invitation_expires_at: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn link(&self, name: &str) -> Option<Arc<LinkHandle>> {
+        self.inner
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Marks a connection revoked (persisted) and stops its tasks; its queues stay.
+    pub async fn mark_revoked(&self, name: &str, reason: &str) {
+        let message = format!(
+            "connection {name:?} stopped: {reason}. Its queues are kept; accept a new invitation (under another --name) to resume"
+        );
+        tracing::error!(connection = %name, "{message}");
+        if let Ok(Some(mut conn)) = self.get(name) {
+            conn.revoked = Some(message);
+            let _ = self.inner.connections.put(name, &conn);
+            let _ = self.inner.store.flush().await;
+        }
+        if let Some(link) = self.link(name) {
+            link.token.cancel();
+        }
+        let any_running = self
+            .list()
+            .map(|l| l.iter().any(|c| c.revoked.is_none()))
+            .unwrap_or(true);
+        if !any_running {
+            if let Some(rt) = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                rt.all_revoked.cancel();
+            }
+        }
+    }
+
+    fn start_link(&self, conn: &AgentConnection) {
+        if conn.revoked.is_some() {
+            return;
+        }
+        let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rt) = runtime.as_ref() else { return };
+        let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        if links.contains_key(&conn.name) {
+            return;
+        }
+        let handle = Arc::new(LinkHandle {
+            health: Arc::new(Health::default()),
+            paused: AtomicBool::new(false),
+            token: rt.token.child_token(),
+        });
+        links.insert(conn.name.clone(), handle.clone());
+        link::spawn(
+            self.clone(),
+            conn.clone(),
+            handle,
+            &rt.tracker,
+            rt.webhook_client.clone(),
+        );
+    }
+
+    /// Runs every accepted connection and the intake API on `intake_listener` until `token`
+    /// is cancelled. Returns `Err(Revoked)` when revocations leave no connection running.
+    pub async fn run(&self, intake_listener: TcpListener, token: CancellationToken) -> OpResult<()> {
+        let tracker = TaskTracker::new();
+        let webhook_tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let all_revoked = CancellationToken::new();
+        *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(Runtime {
+            tracker: tracker.clone(),
+            token: token.clone(),
+            webhook_client: http::Client::webhook(webhook_tls, self.inner.settings.delivery.timeout),
+            all_revoked: all_revoked.clone(),
+        });
+        let connections = self.list()?;
+        if !connections.is_empty() && connections.iter().all(|c| c.revoked.is_some()) {
+            return Err(OpError::new(
+                Kind::Revoked,
+                "every connection of this agent was revoked by its node; accept a new invitation",
+            ));
+        }
+        if connections.is_empty() {
+            warn!("no accepted connection yet: run `relay accept CODE`; the agent picks it up without a restart");
+        }
+        for conn in &connections {
+            self.start_link(conn);
+        }
+        let intake = crate::intake::Intake {
+            store: self.inner.store.clone(),
+            target: Arc::new(self.clone()),
+            max_payload: self.inner.settings.queue.max_payload_bytes as usize,
+            token: self.inner.settings.agent.api_token.clone(),
+            shutdown: token.clone(),
+        };
+        tracker.spawn(http::serve(
+            intake_listener,
+            http::ServerOptions {
+                tls: None,
+                max_connections: 1024,
+                name: "intake",
+            },
+            move |req, _peer| crate::intake::handle(intake.clone(), req),
+            token.clone(),
+        ));
+        let revoked = tokio::select! {
+            _ = token.cancelled() => false,
+            _ = all_revoked.cancelled() => true,
+        };
+        token.cancel();
+        tracker.close();
+        tracker.wait().await;
+        self.inner.store.flush().await?;
+        if revoked {
+            return Err(OpError::new(
+                Kind::Revoked,
+                "every connection of this agent has been revoked by its node; stopping",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl IntakeTarget for Agent {
+    fn outbox(&self, name: &str) -> Result<Queue, Refusal> {
+        let storage = |e: OpError| Refusal {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: codes::STORAGE,
+            message: e.message,
+        };
+        let Some(conn) = self.get(name).map_err(storage)? else {
+            return Err(Refusal {
+                status: StatusCode::NOT_FOUND,
+                code: codes::UNKNOWN_CONNECTION,
+                message: format!("no connection named {name:?}"),
+            });
+        };
+        if conn.revoked.is_some() {
+            return Err(Refusal {
+                status: StatusCode::CONFLICT,
+                code: codes::CONNECTION_STATE,
+                message: format!("connection {name:?} was revoked by the node; it takes no new messages"),
+            });
+        }
+        self.queues(name).map(|(o, _)| o).map_err(storage)
+    }
+
+    fn ready(&self) -> Result<String, String> {
+        self.inner.store.check().map_err(|e| e.to_string())?;
+        let stale_after = self.inner.settings.agent.poll_wait * 2 + self.inner.settings.agent.request_timeout;
+        let now = now_ms();
+        let mut problems = Vec::new();
+        let conns = self.list().map_err(|e| e.message)?;
+        for conn in conns.iter().filter(|c| c.revoked.is_none()) {
+            let contact = self
+                .link(&conn.name)
+                .map(|l| Health::get(&l.health.last_contact_ms))
+                .unwrap_or(0);
+            if contact == 0 || now.saturating_sub(contact) > stale_after.as_millis() as u64 {
+                problems.push(format!("{}: no contact with the node", conn.name));
+            }
+        }
+        if conns.iter().all(|c| c.revoked.is_some()) && !conns.is_empty() {
+            problems.push("every connection is revoked".into());
+        }
+        if problems.is_empty() {
+            Ok(format!("{} connection(s) delivering", conns.len()))
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let statuses = self.status().unwrap_or_default();
+        let healths: Vec<Option<Arc<Health>>> = statuses
+            .iter()
+            .map(|s| self.link(&s.name).map(|l| l.health.clone()))
+            .collect();
+        crate::metrics::render("agent", &statuses, &healths)
+    }
+}

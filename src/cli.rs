@@ -1,0 +1,474 @@
+//! The command line: argument definitions and what each command does. `main` only parses
+//! and calls [`run`].
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Info, Request, Side};
+use crate::agent::{AcceptOptions, Accepted};
+use crate::config::{LogFormat, Settings};
+use crate::daemon::{self, Role};
+use crate::error::{Kind, OpError, OpResult};
+use crate::invite::Invitation;
+use crate::node::{Action, InitiateRequest};
+use crate::status::ConnectionStatus;
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure; 2 bad arguments; \
+3 invitation refused (malformed, expired, reused, locked, wrong certificate); \
+78 bad configuration, or every connection revoked (do not restart).";
+
+/// relay: private, outbound-only, durable connections between issue trackers.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, certificate, credentials).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Public side: serve agents and manage connections.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Redeem an invitation code (CODE, "-" for stdin, or RELAY_INVITATION).
+    Accept(AcceptArgs),
+    /// Run the agent: every accepted connection and the local intake API.
+    Run(RunArgs),
+    /// Per connection: state, remote, last contact, queues, dead letters, last error.
+    Status(JsonArg),
+    /// Queue a payload on a connection through the local intake.
+    Send(SendArgs),
+    /// A node and an agent on loopback, end to end, narrated.
+    Demo,
+}
+
+/// `relay node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Serve agents (HTTPS) and the local API.
+    Run(NodeRunArgs),
+    /// Create a pending connection; prints its invitation code alone on stdout.
+    Initiate(InitiateArgs),
+    /// List connections ("unknown" remote while pending).
+    Connections(JsonArg),
+    /// Pause delivery both ways; messages keep queuing.
+    Deactivate(NameArg),
+    /// Resume delivery.
+    Activate(NameArg),
+    /// Kill the connection's credential for good.
+    Revoke(NameArg),
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A connection name.
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// Connection name.
+    pub name: String,
+}
+
+/// `relay node run`.
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    /// Agent-facing HTTPS listener.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Local API listener (loopback by default).
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<String>,
+    /// The https URL agents dial; goes into invitation codes.
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+    /// PEM certificate chain to serve instead of a self-signed one.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `relay node initiate`.
+#[derive(Debug, Args)]
+pub struct InitiateArgs {
+    /// This (public) instance's short name.
+    #[arg(long)]
+    pub local_name: String,
+    /// The destination (private) instance's short name.
+    #[arg(long)]
+    pub remote_name: String,
+    /// Connection name.
+    #[arg(long)]
+    pub name: String,
+    /// Project for incoming sync.
+    #[arg(long)]
+    pub project: String,
+    /// Description.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Configuration mode.
+    #[arg(long, default_value = "script")]
+    pub mode: String,
+    /// Invitation lifetime, e.g. 24h, 30m, 7d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires: Option<Duration>,
+    /// Webhook for payloads from the agent.
+    #[arg(long, value_name = "URL")]
+    pub deliver_to: Option<String>,
+}
+
+/// `relay accept`.
+#[derive(Debug, Args)]
+pub struct AcceptArgs {
+    /// The invitation code, or "-" to read it from stdin.
+    #[arg(env = "RELAY_INVITATION", hide_env_values = true)]
+    pub code: Option<String>,
+    /// Webhook for payloads from the node.
+    #[arg(long, value_name = "URL")]
+    pub deliver_to: Option<String>,
+    /// This side's project for incoming sync.
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Local name of the connection (default: the node's).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `relay run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Local intake API listener (loopback by default).
+    #[arg(long, value_name = "ADDR")]
+    pub intake_listen: Option<String>,
+}
+
+/// `relay send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Connection name.
+    pub connection: String,
+    /// File with the payload, or "-" (the default) for stdin.
+    #[arg(default_value = "-")]
+    pub file: String,
+    /// Content type of the payload.
+    #[arg(long, default_value = "application/json")]
+    pub content_type: String,
+    /// Idempotency key: a repeat queues nothing.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+impl Cli {
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let mut o = Vec::new();
+        let mut add = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                o.push((k, v));
+            }
+        };
+        add("data_dir", self.data_dir.as_ref().map(|p| p.display().to_string()));
+        add(
+            "log_format",
+            self.log_format
+                .map(|f| if f == LogFormat::Json { "json" } else { "text" }.to_owned()),
+        );
+        match &self.command {
+            Command::Node(NodeCommand::Run(a)) => {
+                add("node.listen", a.listen.clone());
+                add("node.api_listen", a.api_listen.clone());
+                add("node.public_url", a.public_url.clone());
+                add("node.tls_cert", a.tls_cert.as_ref().map(|p| p.display().to_string()));
+                add("node.tls_key", a.tls_key.as_ref().map(|p| p.display().to_string()));
+            }
+            Command::Run(a) => add("agent.intake_listen", a.intake_listen.clone()),
+            _ => {}
+        }
+        o
+    }
+
+    /// Loads the settings this invocation runs with.
+    pub fn settings(&self) -> OpResult<Settings> {
+        crate::config::load(self.config.as_deref(), std::env::vars(), &self.overrides())
+            .map_err(|e| OpError::new(Kind::Config, e.to_string()))
+    }
+
+    /// Whether the command is a long-running daemon (decides the default log level).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.command, Command::Node(NodeCommand::Run(_)) | Command::Run(_))
+    }
+}
+
+/// Runs the parsed command; the error carries the exit code.
+pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
+    match cli.command {
+        Command::Node(NodeCommand::Run(_)) => run_daemon(settings, Role::Node).await,
+        Command::Run(_) => run_daemon(settings, Role::Agent).await,
+        Command::Node(NodeCommand::Initiate(a)) => {
+            let request = InitiateRequest {
+                name: a.name,
+                local_name: a.local_name,
+                remote_name: a.remote_name,
+                description: a.description,
+                mode: a.mode,
+                project: a.project,
+                expires: a.expires,
+                deliver_to: a.deliver_to.or_else(|| settings.node.deliver_to.clone()),
+            };
+            let code: String = parse(admin_call(&settings, Role::Node, Request::Initiate { request }).await?)?;
+            println!("{code}");
+            Ok(())
+        }
+        Command::Node(NodeCommand::Connections(a)) => print_statuses(&settings, Role::Node, a.json).await,
+        Command::Status(a) => {
+            let role = daemon::recorded_role(&settings.data_dir).unwrap_or(Role::Agent);
+            print_statuses(&settings, role, a.json).await
+        }
+        Command::Node(NodeCommand::Deactivate(n)) => set_state(&settings, n.name, Action::Deactivate).await,
+        Command::Node(NodeCommand::Activate(n)) => set_state(&settings, n.name, Action::Activate).await,
+        Command::Node(NodeCommand::Revoke(n)) => set_state(&settings, n.name, Action::Revoke).await,
+        Command::Accept(a) => accept(&settings, a).await,
+        Command::Send(a) => send(&settings, a).await,
+        Command::Demo => crate::demo::run().await,
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> OpResult<T> {
+    serde_json::from_value(v).map_err(|e| OpError::new(Kind::Failed, format!("unexpected answer: {e}")))
+}
+
+/// Sends `req` to the running daemon, or answers it in this process when none runs.
+pub async fn admin_call(settings: &Settings, role: Role, req: Request) -> OpResult<serde_json::Value> {
+    if let Some(v) = admin::call(&settings.data_dir, &req).await? {
+        return Ok(v);
+    }
+    let side = daemon::open_side(settings, role)?;
+    let info = Info {
+        role: match role {
+            Role::Node => "node",
+            Role::Agent => "agent",
+        }
+        .into(),
+        ..Info::default()
+    };
+    admin::dispatch(&side, &info, req).await
+}
+
+async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
+    let token = CancellationToken::new();
+    crate::shutdown::cancel_on_signals(token.clone())
+        .map_err(|e| OpError::new(Kind::Failed, format!("cannot install signal handlers: {e}")))?;
+    let task = match role {
+        Role::Node => daemon::start_node(settings, token).await?.task,
+        Role::Agent => daemon::start_agent(settings, token).await?.task,
+    };
+    let result = task
+        .await
+        .map_err(|e| OpError::new(Kind::Failed, format!("the daemon task failed: {e}")))?;
+    if result.is_ok() {
+        tracing::info!("stopped cleanly");
+    }
+    result
+}
+
+async fn print_statuses(settings: &Settings, role: Role, json: bool) -> OpResult<()> {
+    let list: Vec<ConnectionStatus> = parse(admin_call(settings, role, Request::Status).await?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+    } else {
+        print!("{}", crate::status::render(&list));
+    }
+    Ok(())
+}
+
+async fn set_state(settings: &Settings, name: String, action: Action) -> OpResult<()> {
+    let status: ConnectionStatus = parse(admin_call(settings, Role::Node, Request::SetState { name, action }).await?)?;
+    println!("{}: {}", status.name, status.state);
+    Ok(())
+}
+
+/// Reads the invitation from the argument, stdin ("-") or RELAY_INVITATION, and checks it
+/// offline (prefix, checksum, https, expiry) before any network call.
+fn read_code(arg: Option<String>) -> OpResult<Invitation> {
+    let code = match arg.as_deref() {
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .take(64 * 1024)
+                .read_to_string(&mut s)
+                .map_err(|e| OpError::new(Kind::Invalid, format!("cannot read the code from stdin: {e}")))?;
+            s
+        }
+        Some(c) => c.to_owned(),
+        None => {
+            return Err(OpError::new(
+                Kind::Invalid,
+                "no invitation code: pass it as an argument, \"-\" to read stdin, or set RELAY_INVITATION",
+            ))
+        }
+    };
+    let invitation = Invitation::decode(&code).map_err(|e| OpError::new(Kind::Invitation, e.to_string()))?;
+    invitation
+        .check_expiry(crate::status::now_ms() / 1000)
+        .map_err(|e| OpError::new(Kind::Invitation, e.to_string()))?;
+    Ok(invitation)
+}
+
+async fn accept(settings: &Settings, a: AcceptArgs) -> OpResult<()> {
+    let invitation = read_code(a.code)?;
+    let options = AcceptOptions {
+        name: a.name,
+        deliver_to: a.deliver_to,
+        project: a.project,
+    };
+    let req = Request::Accept {
+        code: invitation.encode(),
+        options,
+    };
+    let accepted: Accepted = parse(admin_call(settings, Role::Agent, req).await?)?;
+    let c = accepted.connection;
+    println!("accepted connection {:?}", c.name);
+    println!("  node:        {} at {}", c.node_instance, c.node_url);
+    println!(
+        "  this side:   {} (the node knows it as {:?})",
+        c.reported_instance, c.local_instance
+    );
+    println!("  node's name: {}", c.node_connection);
+    if !c.description.is_empty() {
+        println!("  description: {}", c.description);
+    }
+    println!("  mode:        {}", c.mode);
+    println!(
+        "  projects:    incoming here {:?}, incoming on the node {:?}",
+        c.project, c.node_project
+    );
+    match &c.deliver_to {
+        Some(url) => println!("  deliver to:  {url}"),
+        None => println!("  deliver to:  (none: set --deliver-to; payloads from the node are held until then)"),
+    }
+    Ok(())
+}
+
+async fn send(settings: &Settings, a: SendArgs) -> OpResult<()> {
+    let limit = settings.queue.max_payload_bytes;
+    let mut body = Vec::new();
+    let read = if a.file == "-" {
+        std::io::stdin().take(limit + 1).read_to_end(&mut body)
+    } else {
+        std::fs::File::open(&a.file).and_then(|f| f.take(limit + 1).read_to_end(&mut body))
+    };
+    read.map_err(|e| OpError::new(Kind::Invalid, format!("cannot read {}: {e}", a.file)))?;
+    if body.len() as u64 > limit {
+        return Err(OpError::new(
+            Kind::Invalid,
+            format!("the payload is larger than the limit of {limit} bytes (queue.max_payload_bytes)"),
+        ));
+    }
+    let role = daemon::recorded_role(&settings.data_dir).unwrap_or(Role::Agent);
+    let result = match admin::call(&settings.data_dir, &Request::Info).await? {
+        Some(info) => {
+            let info: Info = parse(info)?;
+            let api = info
+                .api
+                .ok_or_else(|| OpError::new(Kind::Failed, "the running daemon reports no local API"))?;
+            let token = match role {
+                Role::Node => settings.node.api_token.clone(),
+                Role::Agent => settings.agent.api_token.clone(),
+            };
+            send_http(&api, &a, body, token).await?
+        }
+        None => send_local(settings, role, &a, body).await?,
+    };
+    println!("{result}");
+    Ok(())
+}
+
+async fn send_http(
+    api: &str,
+    a: &SendArgs,
+    body: Vec<u8>,
+    token: Option<crate::config::Secret>,
+) -> OpResult<serde_json::Value> {
+    use crate::http;
+    let host = api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]");
+    let url = format!("http://{host}/v1/connections/{}/messages", a.connection);
+    let auth = token.map(|t| format!("Bearer {}", t.expose()));
+    let mut headers = vec![("content-type", a.content_type.as_str())];
+    if let Some(k) = &a.idempotency_key {
+        headers.push(("idempotency-key", k.as_str()));
+    }
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth.as_str()));
+    }
+    let req = http::request(http::Method::POST, &url, &headers, body)
+        .map_err(|e| OpError::new(Kind::Invalid, e.to_string()))?;
+    let tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let reply = http::Client::webhook(tls, Duration::from_secs(10))
+        .send(req, Duration::from_secs(60), 1024 * 1024)
+        .await
+        .map_err(|e| OpError::new(Kind::Failed, format!("local API {url}: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
+    if reply.status.is_success() {
+        Ok(value)
+    } else {
+        let message = value
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("local API answered {}", reply.status));
+        let kind = if reply.status == http::StatusCode::NOT_FOUND {
+            Kind::NotFound
+        } else {
+            Kind::Failed
+        };
+        Err(OpError::new(kind, message))
+    }
+}
+
+async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>) -> OpResult<serde_json::Value> {
+    use crate::intake::IntakeTarget;
+    let side = daemon::open_side(settings, role)?;
+    let (store, outbox) = match &side {
+        Side::Node(n) => (n.store().clone(), n.outbox(&a.connection)),
+        Side::Agent(ag) => (ag.store().clone(), ag.outbox(&a.connection)),
+    };
+    let outbox = outbox.map_err(|r| {
+        let kind = if r.status == crate::http::StatusCode::NOT_FOUND {
+            Kind::NotFound
+        } else {
+            Kind::Failed
+        };
+        OpError::new(kind, r.message)
+    })?;
+    let appended = outbox.append(
+        crate::queue::NewMessage {
+            id: crate::crypto::random_id(),
+            content_type: a.content_type.clone(),
+            enqueued_at_ms: crate::status::now_ms(),
+            body: body.into(),
+        },
+        a.idempotency_key.as_deref(),
+    )?;
+    store.flush().await?;
+    Ok(serde_json::json!({ "id": appended.id, "seq": appended.seq }))
+}

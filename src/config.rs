@@ -1,0 +1,514 @@
+//! Settings: config file, `RELAY_…` environment variables and flags, parsed, validated and
+//! typed; the only module that knows the `config` crate.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment variables that carry something other than a setting.
+const NOT_SETTINGS: &[&str] = &["RELAY_LOG", "RELAY_CONFIG", "RELAY_INVITATION", "RELAY_INVITATION_FILE"];
+
+/// A secret that never prints.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The secret itself; call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything configurable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where the database, certificate and credentials live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Log format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Node (public side) settings.
+    #[serde(default)]
+    pub node: NodeSettings,
+    /// Agent (private side) settings.
+    #[serde(default)]
+    pub agent: AgentSettings,
+    /// Queue bounds.
+    #[serde(default)]
+    pub queue: QueueSettings,
+    /// Webhook delivery and retry.
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Agent-facing HTTPS listener.
+    #[serde(default = "default_node_listen")]
+    pub listen: SocketAddr,
+    /// Local API listener.
+    #[serde(default = "default_node_api_listen")]
+    pub api_listen: SocketAddr,
+    /// The https URL agents dial; goes into invitation codes.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// PEM certificate chain to serve instead of the generated self-signed one.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Longest a long-poll is held when nothing is queued.
+    #[serde(default = "default_poll_wait", with = "humantime_serde")]
+    pub poll_wait: Duration,
+    /// Default invitation lifetime.
+    #[serde(default = "default_invitation_ttl", with = "humantime_serde")]
+    pub invitation_ttl: Duration,
+    /// Default webhook for payloads from agents.
+    #[serde(default)]
+    pub deliver_to: Option<String>,
+    /// Bearer token for the local API (required when it listens beyond loopback).
+    #[serde(default)]
+    pub api_token: Option<Secret>,
+    /// Most simultaneous agent connections (parked polls included).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Local intake API listener.
+    #[serde(default = "default_agent_intake_listen")]
+    pub intake_listen: SocketAddr,
+    /// This instance's short name, reported to the node (default: the host name).
+    #[serde(default)]
+    pub instance_name: Option<String>,
+    /// Default webhook for payloads from the node.
+    #[serde(default)]
+    pub deliver_to: Option<String>,
+    /// Bearer token for the intake API (required when it listens beyond loopback).
+    #[serde(default)]
+    pub api_token: Option<Secret>,
+    /// Long-poll wait asked of the node; keep below proxies' idle timeouts.
+    #[serde(default = "default_poll_wait", with = "humantime_serde")]
+    pub poll_wait: Duration,
+    /// Deadline for connecting and for a non-poll request to the node.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// `[queue]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    /// Largest payload accepted.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: u64,
+    /// Most messages per queue.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: u64,
+    /// Most payload bytes per queue.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// sled page cache size.
+    #[serde(default = "default_cache")]
+    pub cache_bytes: u64,
+    /// How long an intake `Idempotency-Key` is remembered.
+    #[serde(default = "default_idempotency_ttl", with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Deadline of one webhook request.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First retry delay.
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest retry delay (before jitter).
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/relay")
+}
+fn default_node_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_node_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_agent_intake_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+fn default_poll_wait() -> Duration {
+    Duration::from_secs(25)
+}
+fn default_invitation_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    16_384
+}
+fn default_max_payload() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_max_messages() -> u64 {
+    1_000_000
+}
+fn default_max_bytes() -> u64 {
+    4 * 1024 * 1024 * 1024
+}
+fn default_cache() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_idempotency_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(20)
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            listen: default_node_listen(),
+            api_listen: default_node_api_listen(),
+            public_url: None,
+            tls_cert: None,
+            tls_key: None,
+            poll_wait: default_poll_wait(),
+            invitation_ttl: default_invitation_ttl(),
+            deliver_to: None,
+            api_token: None,
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            intake_listen: default_agent_intake_listen(),
+            instance_name: None,
+            deliver_to: None,
+            api_token: None,
+            poll_wait: default_poll_wait(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            max_payload_bytes: default_max_payload(),
+            max_messages: default_max_messages(),
+            max_bytes: default_max_bytes(),
+            cache_bytes: default_cache(),
+            idempotency_ttl: default_idempotency_ttl(),
+        }
+    }
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            timeout: default_request_timeout(),
+            backoff_initial: default_backoff_initial(),
+            backoff_max: default_backoff_max(),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: default_data_dir(),
+            log_format: LogFormat::default(),
+            node: NodeSettings::default(),
+            agent: AgentSettings::default(),
+            queue: QueueSettings::default(),
+            delivery: DeliverySettings::default(),
+        }
+    }
+}
+
+/// A bad setting, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("configuration: {0}")]
+    Load(String),
+    /// A value is out of range.
+    #[error("configuration key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Loads settings from `file` (when given), then `RELAY_…` variables from `env`, then
+/// `overrides` (dotted key → value, from flags), and validates them.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[(&str, String)],
+) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::Load(format!("{} does not exist", path.display())));
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let vars: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("RELAY_") && !NOT_SETTINGS.contains(&k.as_str()))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("RELAY")
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(vars)),
+    );
+    for (key, value) in overrides {
+        builder = builder
+            .set_override(*key, value.clone())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+    }
+    let settings: Settings = builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+impl Settings {
+    /// Checks ranges and combinations serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.queue.max_payload_bytes == 0 || self.queue.max_payload_bytes > 256 * 1024 * 1024 {
+            return invalid("queue.max_payload_bytes", "must be between 1 and 268435456");
+        }
+        if self.queue.max_messages == 0 {
+            return invalid("queue.max_messages", "must be at least 1");
+        }
+        if self.queue.max_bytes < self.queue.max_payload_bytes {
+            return invalid("queue.max_bytes", "must be at least queue.max_payload_bytes");
+        }
+        if self.node.poll_wait.is_zero() || self.node.poll_wait > Duration::from_secs(120) {
+            return invalid("node.poll_wait", "must be between 1ms and 120s");
+        }
+        if self.agent.poll_wait.is_zero() || self.agent.poll_wait > Duration::from_secs(120) {
+            return invalid("agent.poll_wait", "must be between 1ms and 120s");
+        }
+        if self.delivery.backoff_initial.is_zero() || self.delivery.backoff_max < self.delivery.backoff_initial {
+            return invalid(
+                "delivery.backoff_max",
+                "must be at least delivery.backoff_initial, which must be above 0",
+            );
+        }
+        if self.node.tls_cert.is_some() != self.node.tls_key.is_some() {
+            return invalid("node.tls_cert", "node.tls_cert and node.tls_key go together");
+        }
+        if let Some(url) = &self.node.public_url {
+            if let Err(e) = crate::invite::validate_url(url) {
+                return invalid("node.public_url", &e.to_string());
+            }
+        }
+        for (key, url) in [
+            ("node.deliver_to", &self.node.deliver_to),
+            ("agent.deliver_to", &self.agent.deliver_to),
+        ] {
+            if let Some(url) = url {
+                if let Err(problem) = check_webhook_url(url) {
+                    return invalid(key, &problem);
+                }
+            }
+        }
+        if !self.node.api_listen.ip().is_loopback() && self.node.api_token.is_none() {
+            return invalid(
+                "node.api_token",
+                "required when node.api_listen is not a loopback address",
+            );
+        }
+        if !self.agent.intake_listen.ip().is_loopback() && self.agent.api_token.is_none() {
+            return invalid(
+                "agent.api_token",
+                "required when agent.intake_listen is not a loopback address",
+            );
+        }
+        if self.node.max_connections == 0 {
+            return invalid("node.max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Queue bounds as the queue module wants them.
+    pub fn queue_limits(&self) -> crate::queue::Limits {
+        crate::queue::Limits {
+            max_messages: self.queue.max_messages,
+            max_bytes: self.queue.max_bytes,
+        }
+    }
+}
+
+/// A webhook must be an absolute http(s) URL.
+pub fn check_webhook_url(url: &str) -> Result<(), String> {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+        .ok_or_else(|| format!("webhook URL {url:?} must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("webhook URL {url:?} has no host or contains spaces"));
+    }
+    url.parse::<hyper::Uri>()
+        .map(|_| ())
+        .map_err(|e| format!("webhook URL {url:?} is not valid: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = load(None, env(&[]), &[]).unwrap();
+        assert_eq!(s.node.poll_wait, Duration::from_secs(25));
+        assert_eq!(s.queue.max_payload_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn file_env_and_flags_layer_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\n[node]\npoll_wait = \"5s\"\npublic_url = \"https://a.example\"\n[queue]\nmax_messages = 7\n",
+        )
+        .unwrap();
+        let s = load(
+            Some(&file),
+            env(&[
+                ("RELAY_NODE__POLL_WAIT", "7s"),
+                ("RELAY_DATA_DIR", "/from/env"),
+                ("RELAY_LOG", "debug"),
+                ("RELAY_INVITATION", "rlyinv1_x"),
+                ("OTHER", "x"),
+            ]),
+            &[("data_dir", "/from/flag".into())],
+        )
+        .unwrap();
+        assert_eq!(s.node.poll_wait, Duration::from_secs(7));
+        assert_eq!(s.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(s.queue.max_messages, 7);
+        assert_eq!(s.node.public_url.as_deref(), Some("https://a.example"));
+    }
+
+    #[test]
+    fn strings_that_look_like_numbers_stay_strings() {
+        let s = load(None, env(&[("RELAY_AGENT__INSTANCE_NAME", "1.10")]), &[]).unwrap();
+        assert_eq!(s.agent.instance_name.as_deref(), Some("1.10"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "[node]\nlisen = \"0.0.0.0:1\"\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+
+        let err = load(None, env(&[("RELAY_NODE__PUBLIC_URL", "http://a")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node.public_url"), "{err}");
+
+        let err = load(None, env(&[("RELAY_AGENT__INTAKE_LISTEN", "0.0.0.0:9")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.api_token"), "{err}");
+
+        let err = load(None, env(&[("RELAY_NODE__POLL_WAIT", "soon")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("poll_wait"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = load(
+            None,
+            env(&[
+                ("RELAY_NODE__API_TOKEN", "hunter2"),
+                ("RELAY_NODE__API_LISTEN", "0.0.0.0:1"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.node.api_token.unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn webhook_urls_are_checked() {
+        assert!(check_webhook_url("http://127.0.0.1:9/x").is_ok());
+        assert!(check_webhook_url("ftp://a").is_err());
+        assert!(check_webhook_url("http://").is_err());
+    }
+}

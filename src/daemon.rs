@@ -1,0 +1,244 @@
+//! Starting a node or an agent: data directory, database, certificate, listeners, admin
+//! socket. Shared by `relay node run`, `relay run`, `relay demo` and the tests.
+
+use std::path::Path;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Info, Side};
+use crate::agent::Agent;
+use crate::config::Settings;
+use crate::error::{Kind, OpError, OpResult};
+use crate::node::Node;
+use crate::queue::{QueueError, Store};
+
+/// Which role a data directory belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Public node.
+    Node,
+    /// Private agent.
+    Agent,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+/// Creates (owner-only) and claims `data_dir` for `role`, refusing one that belongs to the
+/// other role, and opens its database.
+pub fn open_store(settings: &Settings, role: Role) -> OpResult<Store> {
+    let dir = &settings.data_dir;
+    crate::fsutil::create_private_dir(dir).map_err(|e| {
+        OpError::new(
+            Kind::Config,
+            format!(
+                "cannot use the data directory {}: {e} (set --data-dir or RELAY_DATA_DIR)",
+                dir.display()
+            ),
+        )
+    })?;
+    let marker = dir.join("role");
+    match std::fs::read_to_string(&marker) {
+        Ok(existing) if existing.trim() != role.as_str() => {
+            return Err(OpError::new(
+                Kind::Config,
+                format!(
+                    "the data directory {} belongs to a {}; use another --data-dir for the {}",
+                    dir.display(),
+                    existing.trim(),
+                    role.as_str()
+                ),
+            ))
+        }
+        Ok(_) => {}
+        Err(_) => crate::fsutil::write_atomic(&marker, format!("{}\n", role.as_str()).as_bytes())
+            .map_err(|e| OpError::new(Kind::Config, format!("cannot write {}: {e}", marker.display())))?,
+    }
+    Store::open(&dir.join("db"), settings.queue.cache_bytes).map_err(|e| match e {
+        QueueError::Locked(_) => OpError::new(
+            Kind::Failed,
+            format!(
+                "the data directory {} is in use by a running relay, but its admin socket does not answer",
+                dir.display()
+            ),
+        ),
+        other => OpError::new(Kind::Failed, other.to_string()),
+    })
+}
+
+/// The role recorded in a data directory, if any.
+pub fn recorded_role(data_dir: &Path) -> Option<Role> {
+    match std::fs::read_to_string(data_dir.join("role")).ok()?.trim() {
+        "node" => Some(Role::Node),
+        "agent" => Some(Role::Agent),
+        _ => None,
+    }
+}
+
+fn node_identity(settings: &Settings) -> OpResult<crate::tls::ServerIdentity> {
+    let hosts: Vec<String> = settings
+        .node
+        .public_url
+        .as_deref()
+        .and_then(url_host)
+        .into_iter()
+        .collect();
+    crate::tls::server_identity(
+        settings.node.tls_cert.as_deref(),
+        settings.node.tls_key.as_deref(),
+        &settings.data_dir.join("tls"),
+        &hosts,
+    )
+    .map_err(|e| OpError::new(Kind::Config, e.to_string()))
+}
+
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split("://").nth(1)?;
+    let authority = rest.split('/').next()?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?.to_owned()
+    } else {
+        authority.split(':').next()?.to_owned()
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// Opens the side of a data directory without serving (admin commands when no daemon runs).
+pub fn open_side(settings: &Settings, role: Role) -> OpResult<Side> {
+    let store = open_store(settings, role)?;
+    Ok(match role {
+        Role::Node => Side::Node(Node::open(store, settings.clone(), node_identity(settings)?.pin)?),
+        Role::Agent => Side::Agent(Agent::open(store, settings.clone())?),
+    })
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> OpResult<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| OpError::new(Kind::Config, format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+/// A started daemon.
+pub struct Running<T> {
+    /// The side.
+    pub side: T,
+    /// Where it listens.
+    pub info: Info,
+    /// Resolves when it has stopped.
+    pub task: JoinHandle<OpResult<()>>,
+}
+
+/// Starts a node: certificate, listeners, admin socket; serves until `token` is cancelled.
+pub async fn start_node(settings: Settings, token: CancellationToken) -> OpResult<Running<Node>> {
+    let store = open_store(&settings, Role::Node)?;
+    let identity = node_identity(&settings)?;
+    let agents = bind(settings.node.listen, "node.listen").await?;
+    let api = bind(settings.node.api_listen, "node.api_listen").await?;
+    let listen = agents
+        .local_addr()
+        .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let api_addr = api
+        .local_addr()
+        .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let mut settings = settings;
+    if settings.node.public_url.is_none() {
+        settings.node.public_url = Some(crate::node::derived_url(listen));
+    }
+    let node = Node::open(store, settings.clone(), identity.pin)?;
+    let info = Info {
+        role: "node".into(),
+        listen: Some(listen.to_string()),
+        api: Some(api_addr.to_string()),
+        public_url: node.public_url(),
+        pid: std::process::id(),
+    };
+    let admin_listener = admin::bind(&settings.data_dir)?;
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Side::Node(node.clone()),
+        info.clone(),
+        token.clone(),
+    ));
+    tracing::info!(listen = %listen, api = %api_addr, public_url = ?info.public_url, pin = %crate::x509::format_pin(&identity.pin), "node serving");
+    let n = node.clone();
+    let socket = admin::socket_path(&settings.data_dir);
+    let task = tokio::spawn(async move {
+        let r = n.serve(agents, api, identity.config, token).await;
+        let _ = std::fs::remove_file(socket);
+        r
+    });
+    Ok(Running { side: node, info, task })
+}
+
+/// Starts an agent: intake listener, admin socket, every accepted connection.
+pub async fn start_agent(settings: Settings, token: CancellationToken) -> OpResult<Running<Agent>> {
+    let store = open_store(&settings, Role::Agent)?;
+    let intake = bind(settings.agent.intake_listen, "agent.intake_listen").await?;
+    let addr = intake
+        .local_addr()
+        .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let agent = Agent::open(store, settings.clone())?;
+    let info = Info {
+        role: "agent".into(),
+        listen: None,
+        api: Some(addr.to_string()),
+        public_url: None,
+        pid: std::process::id(),
+    };
+    let admin_listener = admin::bind(&settings.data_dir)?;
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Side::Agent(agent.clone()),
+        info.clone(),
+        token.clone(),
+    ));
+    tracing::info!(intake = %addr, "agent running");
+    let a = agent.clone();
+    let socket = admin::socket_path(&settings.data_dir);
+    let task = tokio::spawn(async move {
+        let r = a.run(intake, token).await;
+        let _ = std::fs::remove_file(socket);
+        r
+    });
+    Ok(Running {
+        side: agent,
+        info,
+        task,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_urls() {
+        assert_eq!(url_host("https://a.example:8443/x").as_deref(), Some("a.example"));
+        assert_eq!(url_host("https://[::1]:8443").as_deref(), Some("::1"));
+        assert_eq!(url_host("https://10.0.0.1").as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_data_directory_keeps_its_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            data_dir: dir.path().join("d"),
+            ..Settings::default()
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            drop(open_store(&settings, Role::Node).unwrap());
+        });
+        let err = rt.block_on(async { open_store(&settings, Role::Agent).err().unwrap() });
+        assert!(err.message.contains("belongs to a node"), "{}", err.message);
+        assert_eq!(recorded_role(&settings.data_dir), Some(Role::Node));
+    }
+}

@@ -1,0 +1,213 @@
+//! The webhook worker: hands one queue's messages, in order, to a local webhook; retries what
+//! may succeed later and dead-letters what the receiver refuses for good.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::DeliverySettings;
+use crate::http::{self, Method, StatusCode};
+use crate::queue::{Message, Queue};
+use crate::retry::Backoff;
+use crate::status::Health;
+
+/// Where and how one connection's incoming payloads are delivered.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// Target URL.
+    pub url: String,
+    /// Connection name (`Relay-Connection`).
+    pub connection: String,
+    /// Project for incoming sync (`Relay-Project`), when set.
+    pub project: Option<String>,
+}
+
+/// What one attempt came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx.
+    Delivered,
+    /// Worth trying again, after at least the given delay when the receiver asked for one.
+    Retry {
+        /// Why.
+        reason: String,
+        /// `Retry-After`.
+        after: Option<Duration>,
+    },
+    /// The receiver refused the message for good.
+    Reject {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Classifies a webhook's answer: 2xx delivered; 408, 429, 5xx (and redirects, which relay
+/// does not follow) retried; every other status refused for good.
+pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
+    let snippet: String = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
+    let reason = if snippet.is_empty() {
+        format!("webhook answered {status}")
+    } else {
+        format!("webhook answered {status}: {snippet}")
+    };
+    if status.is_success() {
+        Outcome::Delivered
+    } else if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
+        Outcome::Retry {
+            reason,
+            after: retry_after,
+        }
+    } else if status.is_redirection() {
+        Outcome::Retry {
+            reason: format!("{reason} (redirects are not followed: point deliver_to at the final URL)"),
+            after: retry_after,
+        }
+    } else {
+        Outcome::Reject { reason }
+    }
+}
+
+/// Delivers one message once.
+pub async fn attempt(client: &http::Client, hook: &Webhook, msg: &Message, timeout: Duration) -> Outcome {
+    let seq = msg.seq.to_string();
+    let mut headers = vec![
+        ("content-type", msg.content_type.as_str()),
+        ("relay-connection", hook.connection.as_str()),
+        ("relay-message-id", msg.id.as_str()),
+        ("relay-seq", seq.as_str()),
+        ("idempotency-key", msg.id.as_str()),
+        ("user-agent", concat!("relay/", env!("CARGO_PKG_VERSION"))),
+    ];
+    if let Some(p) = hook.project.as_deref().filter(|p| !p.is_empty()) {
+        headers.push(("relay-project", p));
+    }
+    let req = match http::request(Method::POST, &hook.url, &headers, msg.body.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            return Outcome::Retry {
+                reason: format!("cannot build the webhook request: {e}"),
+                after: None,
+            }
+        }
+    };
+    match client.send(req, timeout, 64 * 1024).await {
+        Ok(reply) => classify(reply.status, reply.retry_after(), &reply.body),
+        Err(e) => Outcome::Retry {
+            reason: format!("webhook {} unreachable: {e}", hook.url),
+            after: None,
+        },
+    }
+}
+
+/// Runs until `token` is cancelled: waits while `active` is false, takes the oldest durable
+/// message, delivers it, and removes it only after a 2xx (or after dead-lettering it).
+pub async fn run(
+    queue: Queue,
+    hook: Webhook,
+    client: http::Client,
+    settings: DeliverySettings,
+    mut active: watch::Receiver<bool>,
+    health: Arc<Health>,
+    token: CancellationToken,
+) {
+    let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+    loop {
+        // Paused connections keep their queue; wait to be resumed.
+        tokio::select! {
+            _ = token.cancelled() => return,
+            r = active.wait_for(|a| *a) => if r.is_err() { return },
+        }
+        let durable = queue.durable_seq();
+        let msg = match queue.first() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = queue.wait_durable_after(durable) => continue,
+                    _ = active.changed() => continue,
+                }
+            }
+            Err(e) => {
+                health.error(format!("reading queue: {e}"));
+                warn!(queue = queue.name(), error = %e, "cannot read the queue; retrying");
+                if !crate::retry::sleep(backoff.next_delay(None), &token).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let outcome = tokio::select! {
+            _ = token.cancelled() => return, // still queued; delivered after restart
+            o = attempt(&client, &hook, &msg, settings.timeout) => o,
+        };
+        match outcome {
+            Outcome::Delivered => {
+                backoff.reset();
+                health.clear_error();
+                Health::add(&health.delivered, 1);
+                if let Err(e) = queue.remove_through(msg.seq) {
+                    health.error(format!("removing a delivered message: {e}"));
+                }
+            }
+            Outcome::Reject { reason } => {
+                warn!(connection = %hook.connection, id = %msg.id, seq = msg.seq, %reason, "dead-lettering message");
+                Health::add(&health.dead_lettered, 1);
+                health.error(format!("message {} dead-lettered: {reason}", msg.id));
+                if let Err(e) = queue.dead_letter(&msg, &reason) {
+                    warn!(error = %e, "cannot dead-letter; will retry the message");
+                    if !crate::retry::sleep(backoff.next_delay(None), &token).await {
+                        return;
+                    }
+                }
+            }
+            Outcome::Retry { reason, after } => {
+                Health::add(&health.failures, 1);
+                let delay = backoff.next_delay(after);
+                if health.last_error().map(|e| e.message) != Some(reason.clone()) {
+                    info!(connection = %hook.connection, %reason, retry_in = ?delay, "webhook delivery failed; retrying");
+                }
+                health.error(reason);
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_follows_the_contract() {
+        assert_eq!(classify(StatusCode::OK, None, b""), Outcome::Delivered);
+        assert_eq!(classify(StatusCode::NO_CONTENT, None, b""), Outcome::Delivered);
+        for s in [408u16, 429, 500, 502, 503, 504, 301] {
+            let o = classify(StatusCode::from_u16(s).unwrap(), None, b"");
+            assert!(matches!(o, Outcome::Retry { .. }), "{s}: {o:?}");
+        }
+        for s in [400u16, 401, 403, 404, 409, 413, 422] {
+            let o = classify(StatusCode::from_u16(s).unwrap(), None, b"nope");
+            assert!(
+                matches!(o, Outcome::Reject { ref reason } if reason.contains("nope")),
+                "{s}: {o:?}"
+            );
+        }
+        let o = classify(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3)), b"");
+        assert_eq!(
+            o,
+            Outcome::Retry {
+                reason: "webhook answered 429 Too Many Requests".into(),
+                after: Some(Duration::from_secs(3))
+            }
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! HTTP plumbing shared by every listener and client: the bounded, gracefully stopping server
+//! loop, bounded body reading, JSON replies, and a client with deadlines. The one place that
+//! knows hyper, hyper-util and hyper-rustls.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+pub use hyper::header::HeaderValue;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+pub use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn, Instrument};
+
+use crate::protocol::ErrorBody;
+
+/// Every response body: complete in memory (payloads and batches are bounded).
+pub type Body = Full<Bytes>;
+/// An incoming request.
+pub type IncomingRequest = Request<Incoming>;
+
+/// How long a peer may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer may take to send request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long open connections get to finish when shutting down.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Options of one listener.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Serve TLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Most simultaneous connections; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Name used in logs.
+    pub name: &'static str,
+}
+
+/// Serves `handler` on `listener` until `token` is cancelled, then drains open connections
+/// for a few seconds. The handler sees the peer's address.
+pub async fn serve<H, F>(listener: TcpListener, opts: ServerOptions, handler: H, token: CancellationToken)
+where
+    H: Fn(IncomingRequest, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let acceptor = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = token.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = token.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(listener = opts.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        let handler = handler.clone();
+        let span = tracing::debug_span!("conn", listener = opts.name, %peer);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let service = hyper::service::service_fn(move |req| {
+                    let fut = handler(req, peer);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let result = match acceptor {
+                    Some(acceptor) => {
+                        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(tls), service);
+                        watcher.watch(conn).await
+                    }
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn).await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(error = %e, "connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+        warn!(
+            listener = opts.name,
+            "connections still open after the drain deadline; closing them"
+        );
+    }
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Larger than allowed.
+    #[error("body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The peer went away or sent garbage.
+    #[error("reading body: {0}")]
+    Read(String),
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes (early, from Content-Length,
+/// when the client declared it).
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(e) => Err(BodyError::Read(e.to_string())),
+    }
+}
+
+/// A JSON response.
+pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A JSON error `{"error": message, "code": code}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    json(
+        status,
+        &ErrorBody {
+            error: message.into(),
+            code: code.to_owned(),
+        },
+    )
+}
+
+/// A response with raw bytes.
+pub fn bytes(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    bytes(status, "text/plain; charset=utf-8", body.into())
+}
+
+/// Adds `Retry-After` (seconds).
+pub fn with_retry_after(mut resp: Response<Body>, seconds: u64) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
+        resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// A header as text, when present and valid.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    header(headers, "authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::trim))
+}
+
+/// A response read by [`Client`].
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Whole body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// `Retry-After` in seconds, when the peer sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        header(&self.headers, "retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+    }
+
+    /// The JSON error body, when the peer sent one.
+    pub fn error_body(&self) -> Option<ErrorBody> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// Why a request failed before any response was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The deadline passed.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connecting, TLS or the exchange failed.
+    #[error("{0}")]
+    Transport(String),
+    /// The response body exceeded the limit.
+    #[error("response body larger than {0} bytes")]
+    TooLarge(usize),
+    /// The request could not be built.
+    #[error("bad request: {0}")]
+    Build(String),
+}
+
+/// An HTTP(S) client with connection reuse (keep-alive, and h2 where the server offers it)
+/// and a deadline on every call, since hyper-util's client has none of its own.
+#[derive(Clone)]
+pub struct Client {
+    inner: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Body,
+    >,
+}
+
+impl Client {
+    /// A client that speaks https only, with `tls` deciding whom to trust.
+    pub fn https_only(tls: rustls::ClientConfig, connect_timeout: Duration) -> Client {
+        Client::build(tls, connect_timeout, true)
+    }
+
+    /// A client for webhooks: http, or https against the public web roots.
+    pub fn webhook(tls: rustls::ClientConfig, connect_timeout: Duration) -> Client {
+        Client::build(tls, connect_timeout, false)
+    }
+
+    fn build(tls: rustls::ClientConfig, connect_timeout: Duration, https_only: bool) -> Client {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        let connector = if https_only {
+            builder.https_only().enable_http1().enable_http2().wrap_connector(http)
+        } else {
+            builder
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
+        };
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .http2_keep_alive_interval(Some(Duration::from_secs(20)))
+            .http2_keep_alive_timeout(Duration::from_secs(20))
+            .build(connector);
+        Client { inner }
+    }
+
+    /// Sends a request and reads the whole response within `deadline`.
+    pub async fn send(&self, req: Request<Body>, deadline: Duration, max_body: usize) -> Result<Reply, ClientError> {
+        let exchange = async {
+            let resp = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| ClientError::Transport(error_chain(&e)))?;
+            let (parts, body) = resp.into_parts();
+            let body = match Limited::new(body, max_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ClientError::TooLarge(max_body)),
+                Err(e) => return Err(ClientError::Transport(format!("reading response: {e}"))),
+            };
+            Ok(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        match tokio::time::timeout(deadline, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout(deadline)),
+        }
+    }
+}
+
+/// Builds a request with a body.
+pub fn request(
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Request<Body>, ClientError> {
+    let body: Bytes = body.into();
+    let mut builder = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder = builder.header(CONTENT_LENGTH, body.len());
+    builder
+        .body(Full::new(body))
+        .map_err(|e| ClientError::Build(e.to_string()))
+}
+
+/// "outer: inner: innermost", skipping repeats, so TLS and socket causes reach the operator.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,171 @@
+//! The local HTTP API on both sides: `POST /v1/connections/{name}/messages` queues a payload
+//! durably; `/healthz`, `/readyz` and `/metrics` report on the process.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
+use crate::protocol::codes;
+use crate::queue::{NewMessage, Queue, QueueError, Store};
+
+/// Why a connection cannot take a message now.
+#[derive(Debug)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code.
+    pub code: &'static str,
+    /// Message.
+    pub message: String,
+}
+
+/// What the intake needs from the side it serves.
+pub trait IntakeTarget: Send + Sync + 'static {
+    /// The queue that carries a local submission on connection `name` to the peer.
+    fn outbox(&self, name: &str) -> Result<Queue, Refusal>;
+    /// `Ok` when the process is connected and delivering.
+    fn ready(&self) -> Result<String, String>;
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
+
+/// The intake's fixed parts.
+#[derive(Clone)]
+pub struct Intake {
+    /// The database (for flushing).
+    pub store: Store,
+    /// The side served.
+    pub target: Arc<dyn IntakeTarget>,
+    /// Largest payload.
+    pub max_payload: usize,
+    /// Bearer token required on the message endpoint, when set.
+    pub token: Option<Secret>,
+    /// Trips when the process shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Maps a queue error to an HTTP reply: full by count 429 (retry later), full by bytes or a
+/// failed disk 507.
+pub fn queue_error_response(e: &QueueError) -> Response<Body> {
+    match e {
+        QueueError::FullCount { .. } => http::with_retry_after(
+            http::error(StatusCode::TOO_MANY_REQUESTS, codes::QUEUE_FULL, e.to_string()),
+            5,
+        ),
+        QueueError::FullBytes { .. } => http::with_retry_after(
+            http::error(StatusCode::INSUFFICIENT_STORAGE, codes::QUEUE_FULL_BYTES, e.to_string()),
+            30,
+        ),
+        _ => http::error(StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE, e.to_string()),
+    }
+}
+
+fn valid_idempotency_key(k: &str) -> bool {
+    !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Handles one request on the local API.
+pub async fn handle(intake: Intake, req: IncomingRequest) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => http::text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) => match intake.target.ready() {
+            Ok(m) => http::text(StatusCode::OK, format!("ready: {m}\n")),
+            Err(m) => http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {m}\n")),
+        },
+        (&Method::GET, ["metrics"]) => http::bytes(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            intake.target.metrics(),
+        ),
+        (&Method::POST, ["v1", "connections", name, "messages"]) => {
+            let name = (*name).to_owned();
+            submit(intake, &name, req).await
+        }
+        (_, ["v1", "connections", _, "messages"]) | (_, ["healthz" | "readyz" | "metrics"]) => {
+            http::error(StatusCode::METHOD_NOT_ALLOWED, codes::METHOD, "method not allowed")
+        }
+        _ => http::error(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            format!("no such endpoint: {path}"),
+        ),
+    }
+}
+
+async fn submit(intake: Intake, name: &str, req: IncomingRequest) -> Response<Body> {
+    if let Some(token) = &intake.token {
+        let given = http::bearer(req.headers()).unwrap_or("");
+        if !crate::crypto::ct_eq(given.as_bytes(), token.expose().as_bytes()) {
+            return http::error(StatusCode::UNAUTHORIZED, codes::TOKEN, "missing or wrong bearer token");
+        }
+    }
+    if intake.shutdown.is_cancelled() {
+        return http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::SHUTTING_DOWN,
+            "shutting down; retry shortly",
+        );
+    }
+    let idempotency_key = match http::header(req.headers(), "idempotency-key") {
+        Some(k) if !valid_idempotency_key(k) => {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                codes::BAD_REQUEST,
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        }
+        other => other.map(str::to_owned),
+    };
+    let content_type = http::header(req.headers(), "content-type")
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    if content_type.len() > 255 {
+        return http::error(
+            StatusCode::BAD_REQUEST,
+            codes::BAD_REQUEST,
+            "Content-Type longer than 255 bytes",
+        );
+    }
+    let outbox = match intake.target.outbox(name) {
+        Ok(q) => q,
+        Err(r) => return http::error(r.status, r.code, r.message),
+    };
+    let body: Bytes = match http::read_body(req.into_body(), intake.max_payload).await {
+        Ok(b) => b,
+        Err(http::BodyError::TooLarge { limit }) => {
+            return http::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::TOO_LARGE,
+                format!("payload larger than the limit of {limit} bytes (queue.max_payload_bytes)"),
+            )
+        }
+        Err(e) => return http::error(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.to_string()),
+    };
+    let msg = NewMessage {
+        id: crate::crypto::random_id(),
+        content_type,
+        enqueued_at_ms: crate::status::now_ms(),
+        body,
+    };
+    let appended = match outbox.append(msg, idempotency_key.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return queue_error_response(&e),
+    };
+    if let Err(e) = intake.store.flush().await {
+        return queue_error_response(&e);
+    }
+    let mut resp = http::json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "id": appended.id, "seq": appended.seq }),
+    );
+    if appended.duplicate {
+        resp.headers_mut()
+            .insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+    }
+    resp
+}

@@ -1,0 +1,360 @@
+//! The node: the public end. It keeps the connection registry (invitations, credentials,
+//! states), a pair of queues per connection, answers agents' long-polls and pushes
+//! ([`server`]), and delivers agents' payloads to the public application's webhook.
+
+pub mod registry;
+pub mod server;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, Instrument};
+
+use crate::config::Settings;
+use crate::deliver::{self, Webhook};
+use crate::error::{Kind, OpError, OpResult};
+use crate::http::{self, StatusCode};
+use crate::intake::{IntakeTarget, Refusal};
+use crate::protocol::codes;
+use crate::queue::{Queue, Store};
+use crate::status::{ConnectionStatus, Health};
+pub use registry::{Action, ConnectionRecord, InitiateRequest, Registry};
+
+/// Live parts of one connection while the node runs.
+pub struct Link {
+    /// Connection name.
+    pub name: String,
+    /// Node → agent.
+    pub outbox: Queue,
+    /// Agent → node, waiting for the webhook.
+    pub inbox: Queue,
+    /// Counters.
+    pub health: Arc<Health>,
+    /// True while delivery flows (accepted and not deactivated).
+    pub active_tx: watch::Sender<bool>,
+    /// Set once revoked; parked polls see it when `active_tx` changes.
+    pub revoked: AtomicBool,
+}
+
+struct Runtime {
+    tracker: TaskTracker,
+    token: CancellationToken,
+    webhook_client: http::Client,
+}
+
+struct NodeInner {
+    store: Store,
+    settings: Settings,
+    registry: Registry,
+    links: Mutex<HashMap<String, Arc<Link>>>,
+    runtime: Mutex<Option<Runtime>>,
+    public_url: Mutex<Option<String>>,
+    pin: [u8; 32],
+}
+
+/// The node's state: registry, queues and (while serving) live links. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+/// Queue names of a connection on the node.
+pub fn queue_names(conn: &str) -> (String, String) {
+    (format!("node/{conn}/to-agent"), format!("node/{conn}/from-agent"))
+}
+
+impl Node {
+    /// Opens the node's registry in `store`; `pin` is the served certificate's SPKI hash.
+    pub fn open(store: Store, settings: Settings, pin: [u8; 32]) -> OpResult<Node> {
+        let registry = Registry::open(&store)?;
+        let public_url = settings.node.public_url.clone();
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                store,
+                settings,
+                registry,
+                links: Mutex::new(HashMap::new()),
+                runtime: Mutex::new(None),
+                public_url: Mutex::new(public_url),
+                pin,
+            }),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The URL agents dial (as configured, or derived from the bound listener).
+    pub fn public_url(&self) -> Option<String> {
+        self.inner.public_url.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The served certificate's pin.
+    pub fn pin(&self) -> [u8; 32] {
+        self.inner.pin
+    }
+
+    fn queues(&self, conn: &str) -> OpResult<(Queue, Queue)> {
+        let (out, inb) = queue_names(conn);
+        let limits = self.inner.settings.queue_limits();
+        Ok((
+            self.inner.store.queue(&out, limits)?,
+            self.inner.store.queue(&inb, limits)?,
+        ))
+    }
+
+    /// Creates a pending connection and returns its invitation code.
+    pub async fn initiate(&self, req: InitiateRequest) -> OpResult<String> {
+        let url = self.public_url().ok_or_else(|| {
+            OpError::new(
+                Kind::Config,
+                "no public URL: set --public-url (node.public_url), or run initiate while the node runs",
+            )
+        })?;
+        let ttl = req.expires.unwrap_or(self.inner.settings.node.invitation_ttl);
+        let code = self.inner.registry.initiate(&req, &url, ttl, self.inner.pin)?;
+        self.queues(&req.name)?;
+        self.inner.store.flush().await?;
+        info!(connection = %req.name, "connection initiated; invitation issued");
+        Ok(code)
+    }
+
+    /// Every connection with its live state.
+    pub fn connections(&self) -> OpResult<Vec<ConnectionStatus>> {
+        let records = self.inner.registry.list()?;
+        let mut out = Vec::with_capacity(records.len());
+        for rec in records {
+            let (outbox, inbox) = self.queues(&rec.name)?;
+            let link = self.link(&rec.name);
+            let mut status = rec.status(outbox.stats(), inbox.stats());
+            if let Some(link) = link {
+                let live = Health::get(&link.health.last_contact_ms);
+                if live > 0 {
+                    status.last_contact_ms = Some(live);
+                }
+                status.last_error = link.health.last_error();
+            }
+            out.push(status);
+        }
+        Ok(out)
+    }
+
+    /// Deactivates, activates or revokes a connection.
+    pub async fn set_state(&self, name: &str, action: Action) -> OpResult<ConnectionStatus> {
+        let rec = self.inner.registry.set_state(name, action)?;
+        self.inner.store.flush().await?;
+        if let Some(link) = self.link(name) {
+            if rec.revoked {
+                link.revoked.store(true, Ordering::SeqCst);
+            }
+            link.active_tx.send_replace(rec.delivering());
+        }
+        info!(connection = %name, state = rec.state_name(), "connection state changed");
+        let (outbox, inbox) = self.queues(name)?;
+        Ok(rec.status(outbox.stats(), inbox.stats()))
+    }
+
+    /// The live link of `name`, if serving.
+    pub fn link(&self, name: &str) -> Option<Arc<Link>> {
+        self.inner
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Creates (once) the live link of an accepted connection and starts its webhook worker.
+    pub fn ensure_link(&self, rec: &ConnectionRecord) -> OpResult<Arc<Link>> {
+        let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = links.get(&rec.name) {
+            return Ok(l.clone());
+        }
+        let (outbox, inbox) = self.queues(&rec.name)?;
+        let (active_tx, active_rx) = watch::channel(rec.delivering());
+        let link = Arc::new(Link {
+            name: rec.name.clone(),
+            outbox,
+            inbox: inbox.clone(),
+            health: Arc::new(Health::default()),
+            active_tx,
+            revoked: AtomicBool::new(rec.revoked),
+        });
+        links.insert(rec.name.clone(), link.clone());
+        let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(rt), Some(url)) = (runtime.as_ref(), rec.deliver_to.clone()) {
+            let hook = Webhook {
+                url,
+                connection: rec.name.clone(),
+                project: Some(rec.project.clone()),
+            };
+            let span = tracing::info_span!("deliver", connection = %rec.name, side = "node");
+            rt.tracker.spawn(
+                deliver::run(
+                    inbox,
+                    hook,
+                    rt.webhook_client.clone(),
+                    self.inner.settings.delivery.clone(),
+                    active_rx,
+                    link.health.clone(),
+                    rt.token.child_token(),
+                )
+                .instrument(span),
+            );
+        }
+        Ok(link)
+    }
+
+    /// Serves agents on `agent_listener` (TLS with `tls`) and the local API on `api_listener`
+    /// until `token` is cancelled; then drains and flushes.
+    pub async fn serve(
+        &self,
+        agent_listener: TcpListener,
+        api_listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        token: CancellationToken,
+    ) -> OpResult<()> {
+        let tracker = TaskTracker::new();
+        let webhook_tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let client = http::Client::webhook(webhook_tls, self.inner.settings.delivery.timeout);
+        *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(Runtime {
+            tracker: tracker.clone(),
+            token: token.clone(),
+            webhook_client: client,
+        });
+        if self.public_url().is_none() {
+            let addr = agent_listener
+                .local_addr()
+                .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+            *self.inner.public_url.lock().unwrap_or_else(|p| p.into_inner()) = Some(derived_url(addr));
+        }
+        for rec in self.inner.registry.list()? {
+            if rec.accepted() {
+                self.ensure_link(&rec)?;
+            }
+        }
+        let node = self.clone();
+        let t = token.clone();
+        tracker.spawn(http::serve(
+            agent_listener,
+            http::ServerOptions {
+                tls: Some(tls),
+                max_connections: self.inner.settings.node.max_connections,
+                name: "agents",
+            },
+            move |req, _peer| server::handle(node.clone(), req, t.clone()),
+            token.clone(),
+        ));
+        let intake = crate::intake::Intake {
+            store: self.inner.store.clone(),
+            target: Arc::new(self.clone()),
+            max_payload: self.inner.settings.queue.max_payload_bytes as usize,
+            token: self.inner.settings.node.api_token.clone(),
+            shutdown: token.clone(),
+        };
+        tracker.spawn(http::serve(
+            api_listener,
+            http::ServerOptions {
+                tls: None,
+                max_connections: 1024,
+                name: "api",
+            },
+            move |req, _peer| crate::intake::handle(intake.clone(), req),
+            token.clone(),
+        ));
+        tracker.spawn(prune_idempotency_keys(self.clone(), token.clone()));
+        token.cancelled().await;
+        tracker.close();
+        tracker.wait().await;
+        self.inner.store.flush().await?;
+        Ok(())
+    }
+}
+
+/// Drops old intake idempotency keys once an hour.
+async fn prune_idempotency_keys(node: Node, token: CancellationToken) {
+    let ttl = node.inner.settings.queue.idempotency_ttl;
+    loop {
+        if let Ok(list) = node.inner.registry.list() {
+            let cutoff = crate::status::now_ms().saturating_sub(ttl.as_millis() as u64);
+            for rec in list {
+                if let Ok((outbox, _)) = node.queues(&rec.name) {
+                    let _ = outbox.prune_idempotency_keys(cutoff);
+                }
+            }
+        }
+        if !crate::retry::sleep(std::time::Duration::from_secs(3600), &token).await {
+            return;
+        }
+    }
+}
+
+/// `https://ADDR` for a bound listener, with a wildcard address replaced by loopback.
+pub fn derived_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        ip => ip.to_string(),
+    };
+    format!("https://{ip}:{}", addr.port())
+}
+
+impl IntakeTarget for Node {
+    fn outbox(&self, name: &str) -> Result<Queue, Refusal> {
+        let rec = self.inner.registry.get(name).map_err(|e| Refusal {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: codes::STORAGE,
+            message: e.to_string(),
+        })?;
+        let Some(rec) = rec else {
+            return Err(Refusal {
+                status: StatusCode::NOT_FOUND,
+                code: codes::UNKNOWN_CONNECTION,
+                message: format!("no connection named {name:?}"),
+            });
+        };
+        if rec.revoked {
+            return Err(Refusal {
+                status: StatusCode::CONFLICT,
+                code: codes::CONNECTION_STATE,
+                message: format!("connection {name:?} is revoked; it takes no new messages"),
+            });
+        }
+        self.queues(name).map(|(o, _)| o).map_err(|e| Refusal {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: codes::STORAGE,
+            message: e.message,
+        })
+    }
+
+    fn ready(&self) -> Result<String, String> {
+        self.inner.store.check().map_err(|e| e.to_string())?;
+        Ok("serving".into())
+    }
+
+    fn metrics(&self) -> String {
+        let statuses = self.connections().unwrap_or_default();
+        let links: Vec<Option<Arc<Link>>> = statuses.iter().map(|s| self.link(&s.name)).collect();
+        let healths: Vec<Option<Arc<Health>>> = links.iter().map(|l| l.as_ref().map(|l| l.health.clone())).collect();
+        crate::metrics::render("node", &statuses, &healths)
+    }
+}

@@ -1,0 +1,440 @@
+//! The node's persistent registry: connections, their invitations and credentials. Secrets are
+//! kept only as SHA-256 hashes and compared in constant time.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto;
+use crate::error::{Kind, OpError, OpResult};
+use crate::invite::Invitation;
+use crate::protocol::{codes, RedeemRequest, RedeemResponse, PROTOCOL_VERSION};
+use crate::queue::{QueueStats, Store, Table};
+use crate::status::{now_ms, ConnectionStatus};
+
+/// Wrong secrets after which an invitation is locked.
+pub const MAX_FAILED_ATTEMPTS: u32 = 5;
+/// Credential prefix, so a leaked one is recognisable.
+const CREDENTIAL_PREFIX: &str = "rlycred1_";
+
+/// The public side's "initiate connection" form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitiateRequest {
+    /// Connection name.
+    pub name: String,
+    /// This (public) instance's short name.
+    pub local_name: String,
+    /// The destination (private) instance's short name.
+    pub remote_name: String,
+    /// Description.
+    pub description: String,
+    /// Configuration mode; only `script` for now.
+    pub mode: String,
+    /// Project for incoming sync on the public side.
+    pub project: String,
+    /// Invitation lifetime (default from settings).
+    #[serde(with = "humantime_serde", default)]
+    pub expires: Option<Duration>,
+    /// Webhook for payloads from the agent.
+    pub deliver_to: Option<String>,
+}
+
+/// Operator actions on a connection.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Pause delivery both ways; messages keep queuing.
+    Deactivate,
+    /// Resume delivery.
+    Activate,
+    /// Kill the credential for good.
+    Revoke,
+}
+
+/// The invitation part of a connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvitationRecord {
+    /// Public id (hex).
+    pub id: String,
+    /// SHA-256 of the one-time secret (hex).
+    pub secret_sha256: String,
+    /// Expiry (unix seconds).
+    pub expires_at: u64,
+    /// Wrong secrets so far.
+    pub failed_attempts: u32,
+    /// The client nonce of the successful redemption.
+    pub redeemed_nonce: Option<String>,
+    /// When it was redeemed (unix ms).
+    pub redeemed_at_ms: Option<u64>,
+}
+
+/// The agent side as it reported itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteInfo {
+    /// Instance short name.
+    pub instance: String,
+    /// Host name.
+    pub host: String,
+}
+
+/// One connection as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// Connection name.
+    pub name: String,
+    /// Public instance short name.
+    pub local_name: String,
+    /// Private instance short name as the public admin typed it.
+    pub remote_name: String,
+    /// Description.
+    pub description: String,
+    /// Mode.
+    pub mode: String,
+    /// Project for incoming sync.
+    pub project: String,
+    /// Webhook for the agent's payloads.
+    pub deliver_to: Option<String>,
+    /// Created (unix ms).
+    pub created_at_ms: u64,
+    /// Invitation.
+    pub invitation: InvitationRecord,
+    /// The agent, once accepted.
+    pub remote: Option<RemoteInfo>,
+    /// SHA-256 of the current credential (hex), once accepted.
+    pub credential_sha256: Option<String>,
+    /// Paused by the administrator.
+    pub deactivated: bool,
+    /// Revoked for good.
+    pub revoked: bool,
+}
+
+impl ConnectionRecord {
+    /// Accepted by an agent.
+    pub fn accepted(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Messages flow.
+    pub fn delivering(&self) -> bool {
+        self.accepted() && !self.deactivated && !self.revoked
+    }
+
+    /// `pending`, `active`, `deactivated` or `revoked`.
+    pub fn state_name(&self) -> &'static str {
+        if self.revoked {
+            "revoked"
+        } else if !self.accepted() {
+            "pending"
+        } else if self.deactivated {
+            "deactivated"
+        } else {
+            "active"
+        }
+    }
+
+    /// As `relay node connections` shows it.
+    pub fn status(&self, outbound: QueueStats, inbound: QueueStats) -> ConnectionStatus {
+        ConnectionStatus {
+            name: self.name.clone(),
+            state: self.state_name().to_owned(),
+            local: self.local_name.clone(),
+            remote: match &self.remote {
+                Some(r) => format!("{} ({})", r.instance, r.host),
+                None => "unknown".to_owned(),
+            },
+            description: self.description.clone(),
+            mode: self.mode.clone(),
+            project: self.project.clone(),
+            deliver_to: self.deliver_to.clone(),
+            last_contact_ms: self.invitation.redeemed_at_ms,
+            outbound,
+            inbound,
+            last_error: None,
+            invitation_expires_at: (!self.accepted() && !self.revoked).then_some(self.invitation.expires_at),
+        }
+    }
+}
+
+/// What a credential maps to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CredentialRecord {
+    connection: String,
+}
+
+/// A refusal of the agent-facing API: status, stable code, message.
+#[derive(Debug, Clone)]
+pub struct Denied {
+    /// HTTP status.
+    pub status: u16,
+    /// Stable code.
+    pub code: &'static str,
+    /// Message for the agent's operator.
+    pub message: String,
+}
+
+fn denied(status: u16, code: &'static str, message: impl Into<String>) -> Denied {
+    Denied {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+/// The registry tables. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    connections: Table,
+    invitations: Table,
+    credentials: Table,
+    // Read-modify-write of records happens under this lock (never held across an await).
+    write: Arc<Mutex<()>>,
+}
+
+impl Registry {
+    /// Opens the tables.
+    pub fn open(store: &Store) -> OpResult<Registry> {
+        Ok(Registry {
+            connections: store.table("node-connections")?,
+            invitations: store.table("node-invitations")?,
+            credentials: store.table("node-credentials")?,
+            write: Arc::new(Mutex::new(())),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection by name.
+    pub fn get(&self, name: &str) -> OpResult<Option<ConnectionRecord>> {
+        Ok(self.connections.get(name)?)
+    }
+
+    /// Every connection, by name.
+    pub fn list(&self) -> OpResult<Vec<ConnectionRecord>> {
+        Ok(self.connections.list()?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Validates the form, stores a pending connection and returns the invitation code.
+    pub fn initiate(&self, req: &InitiateRequest, url: &str, ttl: Duration, pin: [u8; 32]) -> OpResult<String> {
+        let invalid = |m: String| OpError::new(Kind::Invalid, m);
+        crate::names::check_connection_name(&req.name).map_err(invalid)?;
+        crate::names::check_label("--local-name", &req.local_name, false).map_err(invalid)?;
+        crate::names::check_label("--remote-name", &req.remote_name, false).map_err(invalid)?;
+        crate::names::check_label("--project", &req.project, false).map_err(invalid)?;
+        if req.description.len() > 4096 {
+            return Err(invalid("--description must be at most 4096 bytes".into()));
+        }
+        if req.mode != "script" {
+            return Err(invalid(format!(
+                "configuration mode {:?} is not supported; the only mode is \"script\"",
+                req.mode
+            )));
+        }
+        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(30 * 24 * 3600) {
+            return Err(invalid("--expires must be between 1m and 30d".into()));
+        }
+        if let Some(url) = &req.deliver_to {
+            crate::config::check_webhook_url(url).map_err(invalid)?;
+        }
+        let expires_at = now_ms() / 1000 + ttl.as_secs();
+        let invitation =
+            Invitation::new(url, expires_at, Some(pin)).map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let _guard = self.lock();
+        if self.connections.get::<ConnectionRecord>(&req.name)?.is_some() {
+            return Err(OpError::new(
+                Kind::Conflict,
+                format!("a connection named {:?} already exists", req.name),
+            ));
+        }
+        let record = ConnectionRecord {
+            name: req.name.clone(),
+            local_name: req.local_name.clone(),
+            remote_name: req.remote_name.clone(),
+            description: req.description.clone(),
+            mode: req.mode.clone(),
+            project: req.project.clone(),
+            deliver_to: req.deliver_to.clone(),
+            created_at_ms: now_ms(),
+            invitation: InvitationRecord {
+                id: invitation.id_hex(),
+                secret_sha256: crypto::hex(&crypto::sha256(&invitation.secret)),
+                expires_at,
+                failed_attempts: 0,
+                redeemed_nonce: None,
+                redeemed_at_ms: None,
+            },
+            remote: None,
+            credential_sha256: None,
+            deactivated: false,
+            revoked: false,
+        };
+        self.connections.put(&req.name, &record)?;
+        self.invitations.put(&invitation.id_hex(), &req.name)?;
+        Ok(invitation.encode())
+    }
+
+    /// Redeems an invitation: checks lockout, secret (constant time), expiry and single use,
+    /// then issues a fresh credential. The caller flushes before answering.
+    pub fn redeem(&self, req: &RedeemRequest) -> Result<(ConnectionRecord, RedeemResponse), Denied> {
+        let storage = |e: crate::queue::QueueError| denied(507, codes::STORAGE, e.to_string());
+        let unknown = || {
+            denied(
+                404,
+                codes::UNKNOWN_INVITATION,
+                "the node knows no such invitation; ask its administrator for a new one",
+            )
+        };
+        if req.invitation_id.len() != 32 || req.client_nonce.is_empty() || req.client_nonce.len() > 128 {
+            return Err(denied(400, codes::BAD_REQUEST, "malformed redeem request"));
+        }
+        crate::names::check_label("instance name", &req.instance_name, false)
+            .and_then(|_| crate::names::check_label("host", &req.host, true))
+            .map_err(|m| denied(400, codes::BAD_REQUEST, m))?;
+        let _guard = self.lock();
+        let name: String = self
+            .invitations
+            .get(&req.invitation_id)
+            .map_err(storage)?
+            .ok_or_else(unknown)?;
+        let mut rec: ConnectionRecord = self.connections.get(&name).map_err(storage)?.ok_or_else(unknown)?;
+        if rec.revoked {
+            return Err(denied(
+                403,
+                codes::REVOKED,
+                "this connection was revoked by the node administrator",
+            ));
+        }
+        if rec.invitation.failed_attempts >= MAX_FAILED_ATTEMPTS {
+            return Err(denied(
+                403,
+                codes::LOCKED,
+                format!(
+                    "the invitation is locked after {MAX_FAILED_ATTEMPTS} wrong secrets; ask the node administrator for a new invitation"
+                ),
+            ));
+        }
+        let stored = crypto::from_hex(&rec.invitation.secret_sha256).unwrap_or_default();
+        if !crypto::ct_eq(&crypto::sha256(&req.secret), &stored) {
+            rec.invitation.failed_attempts += 1;
+            self.connections.put(&name, &rec).map_err(storage)?;
+            let left = MAX_FAILED_ATTEMPTS - rec.invitation.failed_attempts;
+            let message = if left == 0 {
+                format!("the invitation secret is wrong; the invitation is now locked after {MAX_FAILED_ATTEMPTS} wrong secrets")
+            } else {
+                format!("the invitation secret is wrong ({left} attempts left before the invitation locks)")
+            };
+            let code = if left == 0 { codes::LOCKED } else { codes::WRONG_SECRET };
+            return Err(denied(403, code, message));
+        }
+        if let Some(nonce) = &rec.invitation.redeemed_nonce {
+            if !crypto::ct_eq(nonce.as_bytes(), req.client_nonce.as_bytes()) {
+                return Err(denied(
+                    409,
+                    codes::ALREADY_REDEEMED,
+                    "this invitation was already redeemed; each code works once: ask the node administrator for a new invitation",
+                ));
+            }
+            // Same nonce: the agent lost our answer. Fall through and re-issue.
+        } else if now_ms() / 1000 >= rec.invitation.expires_at {
+            return Err(denied(
+                410,
+                codes::EXPIRED,
+                "this invitation has expired; ask the node administrator for a new invitation",
+            ));
+        }
+        let credential = format!(
+            "{CREDENTIAL_PREFIX}{}",
+            crypto::base32_encode(&crypto::random_bytes::<32>())
+        );
+        let cred_hash = crypto::hex(&crypto::sha256(credential.as_bytes()));
+        if let Some(old) = rec.credential_sha256.take() {
+            self.credentials.remove(&old).map_err(storage)?;
+        }
+        rec.credential_sha256 = Some(cred_hash.clone());
+        rec.invitation.redeemed_nonce = Some(req.client_nonce.clone());
+        rec.invitation.redeemed_at_ms.get_or_insert(now_ms());
+        rec.remote = Some(RemoteInfo {
+            instance: req.instance_name.clone(),
+            host: req.host.clone(),
+        });
+        self.credentials
+            .put(
+                &cred_hash,
+                &CredentialRecord {
+                    connection: name.clone(),
+                },
+            )
+            .map_err(storage)?;
+        self.connections.put(&name, &rec).map_err(storage)?;
+        let resp = RedeemResponse {
+            version: PROTOCOL_VERSION,
+            connection: rec.name.clone(),
+            node_instance: rec.local_name.clone(),
+            remote_instance: rec.remote_name.clone(),
+            description: rec.description.clone(),
+            mode: rec.mode.clone(),
+            project: rec.project.clone(),
+            credential,
+        };
+        Ok((rec, resp))
+    }
+
+    /// The connection a credential belongs to; revoked and unknown credentials are refused
+    /// with distinct codes so the agent can tell its operator which.
+    pub fn authenticate(&self, credential: Option<&str>) -> Result<ConnectionRecord, Denied> {
+        let Some(credential) = credential else {
+            return Err(denied(401, codes::UNAUTHORIZED, "missing credential"));
+        };
+        let hash = crypto::hex(&crypto::sha256(credential.as_bytes()));
+        let storage = |e: crate::queue::QueueError| denied(507, codes::STORAGE, e.to_string());
+        let rec: Option<CredentialRecord> = self.credentials.get(&hash).map_err(storage)?;
+        let Some(rec) = rec else {
+            return Err(denied(
+                401,
+                codes::UNAUTHORIZED,
+                "the node does not know this credential (the connection was deleted or the node's data was reset)",
+            ));
+        };
+        let conn: ConnectionRecord = self
+            .connections
+            .get(&rec.connection)
+            .map_err(storage)?
+            .ok_or_else(|| denied(401, codes::UNAUTHORIZED, "the connection no longer exists on the node"))?;
+        if conn.revoked {
+            return Err(denied(
+                401,
+                codes::REVOKED,
+                format!("connection {:?} was revoked by the node administrator", conn.name),
+            ));
+        }
+        Ok(conn)
+    }
+
+    /// Applies an operator action.
+    pub fn set_state(&self, name: &str, action: Action) -> OpResult<ConnectionRecord> {
+        let _guard = self.lock();
+        let mut rec: ConnectionRecord = self
+            .connections
+            .get(name)?
+            .ok_or_else(|| OpError::new(Kind::NotFound, format!("no connection named {name:?}")))?;
+        if rec.revoked {
+            return Err(OpError::new(
+                Kind::Conflict,
+                format!("connection {name:?} is revoked; initiate a new connection instead"),
+            ));
+        }
+        match action {
+            Action::Deactivate => rec.deactivated = true,
+            Action::Activate => rec.deactivated = false,
+            Action::Revoke => {
+                rec.revoked = true;
+                // The credential record stays, pointing at a revoked connection, so the agent
+                // learns "revoked" rather than "unknown credential".
+            }
+        }
+        self.connections.put(name, &rec)?;
+        Ok(rec)
+    }
+}

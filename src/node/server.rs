@@ -1,0 +1,272 @@
+//! The agent-facing HTTPS API of the node: redeem an invitation, long-poll for messages, push
+//! a batch. Bodies are bincode ([`crate::protocol`]); errors are JSON.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::registry::Denied;
+use super::Node;
+use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
+use crate::protocol::{
+    self, codes, LinkState, PollRequest, PollResponse, PushRequest, PushResponse, RedeemRequest, WireMessage,
+};
+use crate::queue::Message;
+use crate::status::Health;
+
+fn deny(d: Denied) -> Response<Body> {
+    let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);
+    http::error(status, d.code, d.message)
+}
+
+fn bincode_reply<T: serde::Serialize>(value: &T) -> Response<Body> {
+    http::bytes(StatusCode::OK, protocol::CONTENT_TYPE, protocol::encode(value))
+}
+
+fn bad_request(e: impl std::fmt::Display) -> Response<Body> {
+    http::error(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.to_string())
+}
+
+async fn body(req: IncomingRequest, limit: usize) -> Result<(http::HeaderMap, bytes::Bytes), Response<Body>> {
+    let (parts, body) = req.into_parts();
+    match http::read_body(body, limit).await {
+        Ok(b) => Ok((parts.headers, b)),
+        Err(http::BodyError::TooLarge { limit }) => Err(http::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::TOO_LARGE,
+            format!("request body larger than {limit} bytes"),
+        )),
+        Err(e) => Err(bad_request(e)),
+    }
+}
+
+/// Routes one agent request.
+pub async fn handle(node: Node, req: IncomingRequest, token: CancellationToken) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::POST, protocol::REDEEM_PATH) => redeem(node, req).await,
+        (&Method::POST, protocol::POLL_PATH) => poll(node, req, token).await,
+        (&Method::POST, protocol::PUSH_PATH) => push(node, req).await,
+        (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
+        _ => http::error(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            format!("no such endpoint: {path}"),
+        ),
+    }
+}
+
+async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
+    let (_, raw) = match body(req, protocol::MAX_REDEEM_BYTES).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let request: RedeemRequest = match protocol::decode("redeem request", &raw) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    if let Err(e) = protocol::check_version(request.version) {
+        return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
+    }
+    let result = node.registry().redeem(&request);
+    // Failed attempts count towards the lockout, so they are made durable too.
+    if let Err(e) = node.store().flush().await {
+        return crate::intake::queue_error_response(&e);
+    }
+    match result {
+        Ok((rec, resp)) => {
+            info!(connection = %rec.name, agent = %request.instance_name, host = %request.host, "invitation redeemed; connection active");
+            if let Err(e) = node.ensure_link(&rec) {
+                warn!(error = %e, "cannot start the connection's link");
+            }
+            if let Some(link) = node.link(&rec.name) {
+                link.active_tx.send_replace(rec.delivering());
+                link.health.contact();
+            }
+            bincode_reply(&resp)
+        }
+        Err(d) => {
+            warn!(invitation = %request.invitation_id, code = d.code, "redeem refused");
+            deny(d)
+        }
+    }
+}
+
+fn authenticate(node: &Node, headers: &http::HeaderMap) -> Result<std::sync::Arc<super::Link>, Response<Body>> {
+    let rec = node.registry().authenticate(http::bearer(headers)).map_err(deny)?;
+    node.ensure_link(&rec)
+        .map_err(|e| http::error(StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE, e.message))
+}
+
+fn revoked(name: &str) -> Response<Body> {
+    http::error(
+        StatusCode::UNAUTHORIZED,
+        codes::REVOKED,
+        format!("connection {name:?} was revoked by the node administrator"),
+    )
+}
+
+async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Response<Body> {
+    let (headers, raw) = match body(req, protocol::MAX_POLL_REQUEST_BYTES).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let link = match authenticate(&node, &headers) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let request: PollRequest = match protocol::decode("poll request", &raw) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    if let Err(e) = protocol::check_version(request.version) {
+        return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
+    }
+    link.health.contact();
+    // The cursor acknowledges everything up to it: the agent holds those durably.
+    if let Err(e) = link.outbox.remove_through(request.after) {
+        return crate::intake::queue_error_response(&e);
+    }
+    let wait =
+        Duration::from_millis(request.wait_ms.min(protocol::MAX_POLL_WAIT_MS)).min(node.settings().node.poll_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut active_rx = link.active_tx.subscribe();
+    loop {
+        if link.revoked.load(Ordering::SeqCst) {
+            return revoked(&link.name);
+        }
+        let active = *active_rx.borrow_and_update();
+        let durable = link.outbox.durable_seq();
+        if active && durable > request.after {
+            let messages = match link.outbox.read_after(
+                request.after,
+                protocol::MAX_BATCH_MESSAGES,
+                protocol::BATCH_TARGET_BYTES,
+            ) {
+                Ok(m) => m,
+                Err(e) => return crate::intake::queue_error_response(&e),
+            };
+            if !messages.is_empty() {
+                Health::add(&link.health.sent, messages.len() as u64);
+                return bincode_reply(&PollResponse {
+                    version: protocol::PROTOCOL_VERSION,
+                    state: LinkState::Active,
+                    messages: messages.into_iter().map(to_wire).collect(),
+                });
+            }
+        }
+        let state = if active {
+            LinkState::Active
+        } else {
+            LinkState::Deactivated
+        };
+        let empty = || {
+            bincode_reply(&PollResponse {
+                version: protocol::PROTOCOL_VERSION,
+                state,
+                messages: Vec::new(),
+            })
+        };
+        tokio::select! {
+            _ = token.cancelled() => return empty(),
+            _ = tokio::time::sleep_until(deadline) => return empty(),
+            _ = link.outbox.wait_durable_after(durable.max(request.after)), if active => {}
+            r = active_rx.changed() => if r.is_err() { return empty() },
+        }
+    }
+}
+
+async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
+    let max_payload = node.settings().queue.max_payload_bytes as usize;
+    let (headers, raw) = match body(req, protocol::max_batch_bytes(max_payload)).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let link = match authenticate(&node, &headers) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let request: PushRequest = match protocol::decode("push request", &raw) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    if let Err(e) = protocol::check_version(request.version) {
+        return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
+    }
+    if let Err(problem) = check_batch(&request.messages, max_payload) {
+        return bad_request(problem);
+    }
+    link.health.contact();
+    let messages: Vec<Message> = request.messages.into_iter().map(from_wire).collect();
+    let before = link.inbox.last_seq();
+    let high_water = match link.inbox.append_remote(&messages) {
+        Ok(h) => h,
+        Err(e) => return crate::intake::queue_error_response(&e),
+    };
+    if let Err(e) = node.store().flush().await {
+        return crate::intake::queue_error_response(&e);
+    }
+    Health::add(&link.health.received, high_water.saturating_sub(before));
+    let state = if *link.active_tx.borrow() {
+        LinkState::Active
+    } else {
+        LinkState::Deactivated
+    };
+    bincode_reply(&PushResponse {
+        version: protocol::PROTOCOL_VERSION,
+        high_water,
+        state,
+    })
+}
+
+/// A batch must be in strictly increasing sequence order, each message within limits.
+pub fn check_batch(messages: &[WireMessage], max_payload: usize) -> Result<(), String> {
+    if messages.len() > protocol::MAX_BATCH_MESSAGES {
+        return Err(format!(
+            "batch of {} messages exceeds {}",
+            messages.len(),
+            protocol::MAX_BATCH_MESSAGES
+        ));
+    }
+    let mut last = 0;
+    for m in messages {
+        if m.seq <= last {
+            return Err(format!("sequence numbers must increase (saw {} after {last})", m.seq));
+        }
+        last = m.seq;
+        if m.body.len() > max_payload {
+            return Err(format!(
+                "message {} is larger than the node's limit of {max_payload} bytes",
+                m.seq
+            ));
+        }
+        if m.id.is_empty() || m.id.len() > 128 || m.content_type.len() > 255 {
+            return Err(format!("message {} has a malformed id or content type", m.seq));
+        }
+    }
+    Ok(())
+}
+
+/// Queue message → wire message.
+pub fn to_wire(m: Message) -> WireMessage {
+    WireMessage {
+        seq: m.seq,
+        id: m.id,
+        content_type: m.content_type,
+        enqueued_at_ms: m.enqueued_at_ms,
+        body: m.body.to_vec(),
+    }
+}
+
+/// Wire message → queue message.
+pub fn from_wire(m: WireMessage) -> Message {
+    Message {
+        seq: m.seq,
+        id: m.id,
+        content_type: m.content_type,
+        enqueued_at_ms: m.enqueued_at_ms,
+        body: m.body.into(),
+    }
+}

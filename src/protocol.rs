@@ -1,0 +1,341 @@
+//! Wire types between agent and node, their limits and version: the only module that knows
+//! bincode.
+//!
+//! Every request and response body on the agent-facing listener is a bincode-encoded value of
+//! one of these types, carrying [`PROTOCOL_VERSION`] first so either end can refuse a peer it
+//! does not understand. Errors travel as JSON [`ErrorBody`] so they stay readable with curl.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the wire format; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Content type of bincode bodies.
+pub const CONTENT_TYPE: &str = "application/x-relay-bincode";
+/// Header naming the protocol version on every request.
+pub const VERSION_HEADER: &str = "relay-protocol";
+
+/// Path: redeem an invitation.
+pub const REDEEM_PATH: &str = "/v1/redeem";
+/// Path: long-poll for messages.
+pub const POLL_PATH: &str = "/v1/poll";
+/// Path: push a batch of messages.
+pub const PUSH_PATH: &str = "/v1/push";
+
+/// Largest redeem request body.
+pub const MAX_REDEEM_BYTES: usize = 16 * 1024;
+/// Largest poll request body.
+pub const MAX_POLL_REQUEST_BYTES: usize = 4 * 1024;
+/// Most messages in one batch.
+pub const MAX_BATCH_MESSAGES: usize = 512;
+/// Payload bytes above which a batch is cut (a single larger message still travels alone).
+pub const BATCH_TARGET_BYTES: usize = 4 * 1024 * 1024;
+/// Longest wait a node grants a long-poll, whatever the agent asks.
+pub const MAX_POLL_WAIT_MS: u64 = 120_000;
+/// Overhead allowed on top of payload bytes in a batch (ids, content types, framing).
+pub const BATCH_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Upper bound of an encoded batch, given the largest payload accepted.
+pub fn max_batch_bytes(max_payload: usize) -> usize {
+    BATCH_TARGET_BYTES.max(max_payload) + max_payload + BATCH_OVERHEAD_BYTES
+}
+
+/// One queued payload on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireMessage {
+    /// Sender's per-connection sequence number.
+    pub seq: u64,
+    /// Stable id (the webhook's `Idempotency-Key`).
+    pub id: String,
+    /// Content type as submitted.
+    pub content_type: String,
+    /// When the sender accepted it (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// The payload.
+    #[serde(with = "serde_bytes_vec")]
+    pub body: Vec<u8>,
+}
+
+/// The agent redeems an invitation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RedeemRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Public invitation id (hex).
+    pub invitation_id: String,
+    /// The one-time secret from the code.
+    pub secret: Vec<u8>,
+    /// Random per redemption attempt; a retry with the same nonce re-issues the credential.
+    pub client_nonce: String,
+    /// The agent's instance short name.
+    pub instance_name: String,
+    /// The agent's host name.
+    pub host: String,
+}
+
+/// The node accepted a redemption.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RedeemResponse {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Connection name on the node.
+    pub connection: String,
+    /// The node side's instance short name.
+    pub node_instance: String,
+    /// What the node calls the agent's instance.
+    pub remote_instance: String,
+    /// Description.
+    pub description: String,
+    /// Configuration mode (`script`).
+    pub mode: String,
+    /// Public side's project for incoming sync.
+    pub project: String,
+    /// Long-lived credential for this connection (≥ 256 bits).
+    pub credential: String,
+}
+
+/// The agent asks for messages after its high-water mark, which acknowledges everything up to
+/// it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PollRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Highest sequence number the agent has made durable.
+    pub after: u64,
+    /// How long the node may hold the request when nothing is queued.
+    pub wait_ms: u64,
+}
+
+/// What the node says about the connection in every poll answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum LinkState {
+    /// Messages flow.
+    Active,
+    /// The node's administrator paused delivery; messages keep queuing.
+    Deactivated,
+}
+
+/// Messages for the agent (possibly none, when the wait passed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PollResponse {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Connection state on the node.
+    pub state: LinkState,
+    /// Messages in sequence order.
+    pub messages: Vec<WireMessage>,
+}
+
+/// The agent sends a batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Messages in sequence order.
+    pub messages: Vec<WireMessage>,
+}
+
+/// The node made the batch durable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushResponse {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Highest sequence number the node holds durably from this agent.
+    pub high_water: u64,
+    /// Connection state on the node.
+    pub state: LinkState,
+}
+
+/// JSON error body, on both the agent-facing and the local API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Human-readable message.
+    pub error: String,
+    /// Stable machine-readable code (see [`codes`]).
+    pub code: String,
+}
+
+/// Stable error codes.
+pub mod codes {
+    /// The credential was revoked by the node's administrator.
+    pub const REVOKED: &str = "revoked";
+    /// The credential is unknown.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The invitation id is unknown.
+    pub const UNKNOWN_INVITATION: &str = "unknown_invitation";
+    /// The secret does not match.
+    pub const WRONG_SECRET: &str = "wrong_secret";
+    /// Too many wrong secrets.
+    pub const LOCKED: &str = "invitation_locked";
+    /// The invitation has expired.
+    pub const EXPIRED: &str = "invitation_expired";
+    /// The invitation was already redeemed.
+    pub const ALREADY_REDEEMED: &str = "already_redeemed";
+    /// Peer speaks another protocol version.
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    /// Body could not be decoded.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// Body too large.
+    pub const TOO_LARGE: &str = "payload_too_large";
+    /// Queue full by count.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// Queue full by bytes.
+    pub const QUEUE_FULL_BYTES: &str = "queue_full_bytes";
+    /// Storage failed.
+    pub const STORAGE: &str = "storage_failed";
+    /// No such connection.
+    pub const UNKNOWN_CONNECTION: &str = "unknown_connection";
+    /// No such route.
+    pub const NOT_FOUND: &str = "not_found";
+    /// Method not allowed.
+    pub const METHOD: &str = "method_not_allowed";
+    /// Missing or wrong bearer token on the local API.
+    pub const TOKEN: &str = "unauthorized";
+    /// The connection cannot take messages in its state.
+    pub const CONNECTION_STATE: &str = "connection_state";
+    /// Shutting down.
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+}
+
+/// Why a body could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Not valid bincode for the expected type.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// Which type was expected.
+        what: &'static str,
+        /// Decoder's message.
+        detail: String,
+    },
+    /// Another protocol version.
+    #[error("peer speaks protocol version {0}; this relay speaks {PROTOCOL_VERSION}")]
+    Version(u16),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    // Explicit limit: a hostile length prefix cannot make the decoder allocate more than this.
+    bincode::config::standard().with_limit::<{ 256 * 1024 * 1024 }>()
+}
+
+/// Encodes a wire value.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain structs into a Vec cannot fail except on the size limit, which the batch
+    // limits keep us far below.
+    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+}
+
+/// Decodes a wire value, refusing trailing bytes.
+pub fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, ProtocolError> {
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| ProtocolError::Malformed {
+            what,
+            detail: e.to_string(),
+        })?;
+    if used != bytes.len() {
+        return Err(ProtocolError::Malformed {
+            what,
+            detail: format!("{} trailing bytes", bytes.len() - used),
+        });
+    }
+    Ok(value)
+}
+
+/// Checks a decoded version field.
+pub fn check_version(version: u16) -> Result<(), ProtocolError> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ProtocolError::Version(version))
+    }
+}
+
+/// Serialises `Vec<u8>` as one byte string instead of a sequence of numbers.
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn batch(n: usize) -> PushRequest {
+        PushRequest {
+            version: PROTOCOL_VERSION,
+            messages: (0..n as u64)
+                .map(|i| WireMessage {
+                    seq: i + 1,
+                    id: format!("id-{i}"),
+                    content_type: "application/json".into(),
+                    enqueued_at_ms: 1_700_000_000_000 + i,
+                    body: vec![i as u8; 1024],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn batch_round_trip_is_compact() {
+        let b = batch(10);
+        let raw = encode(&b);
+        assert!(raw.len() < 10 * (1024 + 64), "{} bytes", raw.len());
+        assert_eq!(decode::<PushRequest>("batch", &raw).unwrap(), b);
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut raw = encode(&batch(1));
+        raw.push(0);
+        assert!(decode::<PushRequest>("batch", &raw).is_err());
+    }
+
+    #[test]
+    fn hostile_length_prefix_does_not_allocate() {
+        // version 1, then a message count claiming u64::MAX entries.
+        let raw = [1u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode::<PushRequest>("batch", &raw).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<PushRequest>("batch", &raw);
+            let _ = decode::<PollResponse>("poll", &raw);
+            let _ = decode::<RedeemRequest>("redeem", &raw);
+        }
+
+        #[test]
+        fn poll_round_trip(after in any::<u64>(), wait in any::<u64>()) {
+            let p = PollRequest { version: PROTOCOL_VERSION, after, wait_ms: wait };
+            prop_assert_eq!(decode::<PollRequest>("poll", &encode(&p)).unwrap(), p);
+        }
+    }
+}

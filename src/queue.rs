@@ -1,0 +1,916 @@
+//! Durable FIFO queues and small record tables over sled: the only module that touches sled.
+//!
+//! One [`Store`] per data directory holds every queue. A queue is one sled tree whose keys are
+//! `m` + sequence number (big-endian, so sled's order is FIFO order), `i` + idempotency key,
+//! `d` + sequence number for dead letters and `s` for the counters; one tree lets a single
+//! atomic batch change a message and the counters together.
+//!
+//! Writes land in memory first. [`Store::flush`] is group commit: every caller waiting at the
+//! same moment shares one fsync. Readers only see messages up to a queue's *durable* sequence
+//! number, advanced after a flush, so nothing that could vanish in a crash is ever handed on.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Errors from the store and its queues; the intake maps them to HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue holds its maximum number of messages.
+    #[error("queue {queue} is full: {count} messages queued (limit {limit}); retry later")]
+    FullCount {
+        /// Queue name.
+        queue: String,
+        /// Messages queued now.
+        count: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// The queue holds its maximum number of bytes.
+    #[error("queue {queue} is full: {bytes} bytes queued (limit {limit}); retry later")]
+    FullBytes {
+        /// Queue name.
+        queue: String,
+        /// Bytes queued now.
+        bytes: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// The database failed (disk full, I/O error); the store stays failed until restart.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// Another process holds the database.
+    #[error("the data directory {0} is in use by another relay process")]
+    Locked(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in {0}")]
+    Corrupt(String),
+}
+
+impl From<sled::Error> for QueueError {
+    fn from(e: sled::Error) -> Self {
+        QueueError::Storage(e.to_string())
+    }
+}
+
+/// Bounds of one queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum messages queued.
+    pub max_messages: u64,
+    /// Maximum payload bytes queued.
+    pub max_bytes: u64,
+}
+
+/// A message as queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Per-queue sequence number, from 1.
+    pub seq: u64,
+    /// Stable message id, used as `Idempotency-Key` downstream.
+    pub id: String,
+    /// Content type as submitted.
+    pub content_type: String,
+    /// When it was first accepted (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// The payload.
+    pub body: Bytes,
+}
+
+/// A message waiting for a sequence number.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Stable message id.
+    pub id: String,
+    /// Content type.
+    pub content_type: String,
+    /// When it was accepted (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// The payload.
+    pub body: Bytes,
+}
+
+/// Result of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Sequence number given to the message.
+    pub seq: u64,
+    /// Message id.
+    pub id: String,
+    /// True when an earlier request with the same idempotency key already queued it.
+    pub duplicate: bool,
+}
+
+/// A message an endpoint refused for good.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// Sequence number.
+    pub seq: u64,
+    /// Message id.
+    pub id: String,
+    /// Content type.
+    pub content_type: String,
+    /// Payload size.
+    pub bytes: u64,
+    /// When it was accepted (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// When it was dead-lettered (unix milliseconds).
+    pub dead_at_ms: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// A snapshot of a queue's counters.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages queued.
+    pub depth: u64,
+    /// Payload bytes queued.
+    pub bytes: u64,
+    /// Highest sequence number appended.
+    pub last_seq: u64,
+    /// Accept time of the oldest queued message (unix milliseconds).
+    pub oldest_enqueued_ms: Option<u64>,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+}
+
+const STATE_KEY: &[u8] = b"s";
+const MSG_PREFIX: u8 = b'm';
+const IDEM_PREFIX: u8 = b'i';
+const DEAD_PREFIX: u8 = b'd';
+const RECORD_VERSION: u8 = 1;
+
+/// Counters persisted with every change.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    last_seq: u64,
+    count: u64,
+    bytes: u64,
+    dead: u64,
+}
+
+impl Counters {
+    fn encode(&self) -> [u8; 33] {
+        let mut out = [0u8; 33];
+        out[0] = RECORD_VERSION;
+        out[1..9].copy_from_slice(&self.last_seq.to_be_bytes());
+        out[9..17].copy_from_slice(&self.count.to_be_bytes());
+        out[17..25].copy_from_slice(&self.bytes.to_be_bytes());
+        out[25..33].copy_from_slice(&self.dead.to_be_bytes());
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<Counters> {
+        if raw.len() != 33 || raw[0] != RECORD_VERSION {
+            return None;
+        }
+        let word = |i: usize| u64::from_be_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
+        Some(Counters {
+            last_seq: word(1),
+            count: word(9),
+            bytes: word(17),
+            dead: word(25),
+        })
+    }
+}
+
+fn key(prefix: u8, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seq_of(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?))
+}
+
+/// Stored message layout: version, enqueued_at, id, content type, body.
+fn encode_message(id: &str, content_type: &str, enqueued_at_ms: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 8 + 4 + id.len() + content_type.len() + body.len());
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&enqueued_at_ms.to_be_bytes());
+    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&(content_type.len() as u16).to_be_bytes());
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn decode_message(seq: u64, raw: &sled::IVec) -> Option<Message> {
+    let b: &[u8] = raw;
+    if b.first() != Some(&RECORD_VERSION) {
+        return None;
+    }
+    let enqueued_at_ms = u64::from_be_bytes(b.get(1..9)?.try_into().ok()?);
+    let mut pos = 9;
+    let mut field = || -> Option<String> {
+        let len = u16::from_be_bytes(b.get(pos..pos + 2)?.try_into().ok()?) as usize;
+        let s = std::str::from_utf8(b.get(pos + 2..pos + 2 + len)?).ok()?.to_owned();
+        pos += 2 + len;
+        Some(s)
+    };
+    let id = field()?;
+    let content_type = field()?;
+    Some(Message {
+        seq,
+        id,
+        content_type,
+        enqueued_at_ms,
+        body: Bytes::copy_from_slice(b.get(pos..)?),
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type FlushReply = oneshot::Sender<Result<(), QueueError>>;
+
+struct StoreInner {
+    db: sled::Db,
+    queues: Mutex<HashMap<String, Weak<QueueShared>>>,
+    flush_tx: mpsc::UnboundedSender<FlushReply>,
+    failure: Mutex<Option<String>>,
+}
+
+/// The database of one data directory. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain counters behind, still valid.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`. Must run inside a Tokio runtime: it
+    /// starts the group-commit task.
+    pub fn open(dir: &Path, cache_capacity: u64) -> Result<Store, QueueError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    QueueError::Locked(dir.display().to_string())
+                }
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
+                    QueueError::Locked(dir.display().to_string())
+                }
+                other => QueueError::Storage(format!("opening {}: {other}", dir.display())),
+            })?;
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(StoreInner {
+            db,
+            queues: Mutex::new(HashMap::new()),
+            flush_tx,
+            failure: Mutex::new(None),
+        });
+        tokio::spawn(run_flusher(Arc::downgrade(&inner), flush_rx));
+        Ok(Store { inner })
+    }
+
+    /// Makes every write so far durable. Concurrent callers share one fsync.
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        self.check()?;
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .flush_tx
+            .send(tx)
+            .map_err(|_| QueueError::Storage("the flusher has stopped".into()))?;
+        rx.await
+            .map_err(|_| QueueError::Storage("the flusher has stopped".into()))?
+    }
+
+    /// `Err` once the database has failed; it stays failed until the process restarts.
+    pub fn check(&self) -> Result<(), QueueError> {
+        match lock(&self.inner.failure).as_ref() {
+            Some(reason) => Err(QueueError::Storage(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The queue called `name`, created empty on first use.
+    pub fn queue(&self, name: &str, limits: Limits) -> Result<Queue, QueueError> {
+        let mut queues = lock(&self.inner.queues);
+        if let Some(shared) = queues.get(name).and_then(Weak::upgrade) {
+            lock(&shared.state).limits = limits;
+            return Ok(Queue { shared });
+        }
+        let tree = self.inner.db.open_tree(format!("queue/{name}"))?;
+        let counters = match tree.get(STATE_KEY)? {
+            Some(raw) => Counters::decode(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?,
+            None => Counters::default(),
+        };
+        let (durable_tx, _) = watch::channel(counters.last_seq);
+        let shared = Arc::new(QueueShared {
+            name: name.to_owned(),
+            tree,
+            store: Arc::downgrade(&self.inner),
+            state: Mutex::new(QueueState { counters, limits }),
+            durable_tx,
+        });
+        queues.insert(name.to_owned(), Arc::downgrade(&shared));
+        Ok(Queue { shared })
+    }
+
+    /// Removes a queue and everything in it.
+    pub fn drop_queue(&self, name: &str) -> Result<(), QueueError> {
+        lock(&self.inner.queues).remove(name);
+        self.inner.db.drop_tree(format!("queue/{name}"))?;
+        Ok(())
+    }
+
+    /// A table of JSON records called `name`.
+    pub fn table(&self, name: &str) -> Result<Table, QueueError> {
+        Ok(Table {
+            name: name.to_owned(),
+            tree: self.inner.db.open_tree(format!("table/{name}"))?,
+        })
+    }
+}
+
+fn fail(inner: &StoreInner, reason: String) -> QueueError {
+    let mut failure = lock(&inner.failure);
+    if failure.is_none() {
+        tracing::error!(error = %reason, "storage failed; refusing new work until restart");
+        *failure = Some(reason.clone());
+    }
+    QueueError::Storage(reason)
+}
+
+async fn run_flusher(store: Weak<StoreInner>, mut rx: mpsc::UnboundedReceiver<FlushReply>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiters.push(more);
+        }
+        let Some(inner) = store.upgrade() else { return };
+        // Everything appended before this point is covered by the flush below.
+        let marks: Vec<(Arc<QueueShared>, u64)> = lock(&inner.queues)
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|q| {
+                let last = lock(&q.state).counters.last_seq;
+                (q, last)
+            })
+            .collect();
+        let db = inner.db.clone();
+        let result = match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(fail(&inner, format!("flush: {e}"))),
+            Err(e) => Err(fail(&inner, format!("flush task: {e}"))),
+        };
+        if result.is_ok() {
+            for (q, mark) in marks {
+                q.durable_tx.send_if_modified(|d| {
+                    let moved = mark > *d;
+                    if moved {
+                        *d = mark;
+                    }
+                    moved
+                });
+            }
+        }
+        for w in waiters {
+            let _ = w.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(QueueError::Storage(e.to_string())),
+            });
+        }
+    }
+}
+
+struct QueueState {
+    counters: Counters,
+    limits: Limits,
+}
+
+struct QueueShared {
+    name: String,
+    tree: sled::Tree,
+    store: Weak<StoreInner>,
+    state: Mutex<QueueState>,
+    /// Highest sequence number known to be on disk.
+    durable_tx: watch::Sender<u64>,
+}
+
+/// One durable FIFO. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Queue {
+    shared: Arc<QueueShared>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("name", &self.shared.name).finish()
+    }
+}
+
+impl Queue {
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn storage(&self, e: sled::Error) -> QueueError {
+        match self.shared.store.upgrade() {
+            Some(inner) => fail(&inner, e.to_string()),
+            None => QueueError::Storage(e.to_string()),
+        }
+    }
+
+    fn check(&self) -> Result<(), QueueError> {
+        match self.shared.store.upgrade() {
+            Some(inner) => Store { inner }.check(),
+            None => Err(QueueError::Storage("the store is closed".into())),
+        }
+    }
+
+    fn apply(&self, batch: sled::Batch) -> Result<(), QueueError> {
+        self.shared.tree.apply_batch(batch).map_err(|e| self.storage(e))
+    }
+
+    fn check_room(&self, c: &Counters, limits: &Limits, n: u64, bytes: u64) -> Result<(), QueueError> {
+        if c.count + n > limits.max_messages {
+            return Err(QueueError::FullCount {
+                queue: self.shared.name.clone(),
+                count: c.count,
+                limit: limits.max_messages,
+            });
+        }
+        if c.bytes + bytes > limits.max_bytes {
+            return Err(QueueError::FullBytes {
+                queue: self.shared.name.clone(),
+                bytes: c.bytes,
+                limit: limits.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends a locally submitted message, giving it the next sequence number. With an
+    /// idempotency key seen before, returns the first result and queues nothing. The message
+    /// is durable only after the next [`Store::flush`].
+    pub fn append(&self, msg: NewMessage, idempotency_key: Option<&str>) -> Result<Appended, QueueError> {
+        self.check()?;
+        let mut st = lock(&self.shared.state);
+        let idem_key = idempotency_key.map(|k| {
+            let mut v = vec![IDEM_PREFIX];
+            v.extend_from_slice(k.as_bytes());
+            v
+        });
+        if let Some(k) = &idem_key {
+            if let Some(raw) = self.shared.tree.get(k).map_err(|e| self.storage(e))? {
+                let seq = seq_of(&raw).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+                let id = std::str::from_utf8(raw.get(17..).unwrap_or_default())
+                    .map_err(|_| QueueError::Corrupt(self.shared.name.clone()))?
+                    .to_owned();
+                return Ok(Appended {
+                    seq,
+                    id,
+                    duplicate: true,
+                });
+            }
+        }
+        let size = msg.body.len() as u64;
+        let limits = st.limits;
+        self.check_room(&st.counters, &limits, 1, size)?;
+        let mut c = st.counters;
+        c.last_seq += 1;
+        c.count += 1;
+        c.bytes += size;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            &key(MSG_PREFIX, c.last_seq),
+            encode_message(&msg.id, &msg.content_type, msg.enqueued_at_ms, &msg.body),
+        );
+        if let Some(k) = idem_key {
+            // Layout: prefix byte, seq, accepted-at, id; the prefix keeps `seq_of` uniform.
+            let mut v = vec![IDEM_PREFIX];
+            v.extend_from_slice(&c.last_seq.to_be_bytes());
+            v.extend_from_slice(&now_ms().to_be_bytes());
+            v.extend_from_slice(msg.id.as_bytes());
+            batch.insert(k, v);
+        }
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        Ok(Appended {
+            seq: c.last_seq,
+            id: msg.id,
+            duplicate: false,
+        })
+    }
+
+    /// Appends messages that already carry the sender's sequence numbers, skipping every one at
+    /// or below the queue's high-water mark (a retried batch). Returns the new high-water mark.
+    /// Durable only after the next [`Store::flush`].
+    pub fn append_remote(&self, msgs: &[Message]) -> Result<u64, QueueError> {
+        self.check()?;
+        let mut st = lock(&self.shared.state);
+        let mut c = st.counters;
+        let fresh: Vec<&Message> = msgs.iter().filter(|m| m.seq > c.last_seq).collect();
+        if fresh.is_empty() {
+            return Ok(c.last_seq);
+        }
+        let bytes: u64 = fresh.iter().map(|m| m.body.len() as u64).sum();
+        let limits = st.limits;
+        self.check_room(&c, &limits, fresh.len() as u64, bytes)?;
+        let mut batch = sled::Batch::default();
+        for m in fresh {
+            if m.seq <= c.last_seq {
+                continue; // out of order inside one batch: keep FIFO by refusing to go back
+            }
+            if m.seq != c.last_seq + 1 {
+                tracing::warn!(queue = %self.shared.name, expected = c.last_seq + 1, got = m.seq, "sequence gap from peer");
+            }
+            batch.insert(
+                &key(MSG_PREFIX, m.seq),
+                encode_message(&m.id, &m.content_type, m.enqueued_at_ms, &m.body),
+            );
+            c.last_seq = m.seq;
+            c.count += 1;
+            c.bytes += m.body.len() as u64;
+        }
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        Ok(c.last_seq)
+    }
+
+    /// Highest sequence number appended (durable or not): the high-water mark.
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.shared.state).counters.last_seq
+    }
+
+    /// Highest sequence number known to be on disk.
+    pub fn durable_seq(&self) -> u64 {
+        *self.shared.durable_tx.borrow()
+    }
+
+    /// Resolves once a message with a sequence number above `after` is durable.
+    pub async fn wait_durable_after(&self, after: u64) {
+        let mut rx = self.shared.durable_tx.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(|d| *d > after).await;
+    }
+
+    /// Up to `max_count` durable messages with sequence numbers above `after`, stopping before
+    /// `max_bytes` is exceeded (but always at least one message when one exists).
+    pub fn read_after(&self, after: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Message>, QueueError> {
+        let durable = self.durable_seq();
+        if durable <= after {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        let range = key(MSG_PREFIX, after.saturating_add(1))..=key(MSG_PREFIX, durable);
+        for item in self.shared.tree.range(range) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let seq = seq_of(&k).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+            let msg = decode_message(seq, &v).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+            if !out.is_empty() && (out.len() >= max_count || total + msg.body.len() > max_bytes) {
+                break;
+            }
+            total += msg.body.len();
+            out.push(msg);
+        }
+        Ok(out)
+    }
+
+    /// The oldest durable message.
+    pub fn first(&self) -> Result<Option<Message>, QueueError> {
+        Ok(self.read_after(0, 1, usize::MAX)?.into_iter().next())
+    }
+
+    /// Removes every message with a sequence number up to and including `seq` (they reached
+    /// the next hop). Not flushed: after a crash they are handed on again, never lost.
+    pub fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
+        let mut st = lock(&self.shared.state);
+        let mut c = st.counters;
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for item in self.shared.tree.range(key(MSG_PREFIX, 0)..=key(MSG_PREFIX, seq)) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let size = decode_message(0, &v).map(|m| m.body.len() as u64).unwrap_or(0);
+            batch.remove(k);
+            c.count = c.count.saturating_sub(1);
+            c.bytes = c.bytes.saturating_sub(size);
+            removed += 1;
+        }
+        if removed == 0 {
+            return Ok(0);
+        }
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        Ok(removed)
+    }
+
+    /// Moves a message to the dead-letter list with the reason.
+    pub fn dead_letter(&self, msg: &Message, reason: &str) -> Result<(), QueueError> {
+        let mut st = lock(&self.shared.state);
+        let mut c = st.counters;
+        let record = DeadLetter {
+            seq: msg.seq,
+            id: msg.id.clone(),
+            content_type: msg.content_type.clone(),
+            bytes: msg.body.len() as u64,
+            enqueued_at_ms: msg.enqueued_at_ms,
+            dead_at_ms: now_ms(),
+            reason: reason.to_owned(),
+        };
+        let meta = serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
+        // Keep the payload so an operator can retry it: metadata length, metadata, message.
+        let mut value = (meta.len() as u32).to_be_bytes().to_vec();
+        value.extend_from_slice(&meta);
+        value.extend_from_slice(&encode_message(
+            &msg.id,
+            &msg.content_type,
+            msg.enqueued_at_ms,
+            &msg.body,
+        ));
+        let mut batch = sled::Batch::default();
+        let mk = key(MSG_PREFIX, msg.seq);
+        if self.shared.tree.get(mk).map_err(|e| self.storage(e))?.is_some() {
+            batch.remove(&mk);
+            c.count = c.count.saturating_sub(1);
+            c.bytes = c.bytes.saturating_sub(msg.body.len() as u64);
+        }
+        if self
+            .shared
+            .tree
+            .get(key(DEAD_PREFIX, msg.seq))
+            .map_err(|e| self.storage(e))?
+            .is_none()
+        {
+            c.dead += 1;
+        }
+        batch.insert(&key(DEAD_PREFIX, msg.seq), value);
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        Ok(())
+    }
+
+    /// Every dead letter, oldest first (metadata only).
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut out = Vec::new();
+        for item in self.shared.tree.scan_prefix([DEAD_PREFIX]) {
+            let (_, v) = item.map_err(|e| self.storage(e))?;
+            let len = v.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+            let meta = len.and_then(|l| v.get(4..4 + l as usize));
+            let record: DeadLetter = meta
+                .and_then(|m| serde_json::from_slice(m).ok())
+                .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Counters and the oldest message's age.
+    pub fn stats(&self) -> QueueStats {
+        let c = lock(&self.shared.state).counters;
+        let oldest = self
+            .shared
+            .tree
+            .scan_prefix([MSG_PREFIX])
+            .next()
+            .and_then(|r| r.ok())
+            .and_then(|(k, v)| decode_message(seq_of(&k)?, &v))
+            .map(|m| m.enqueued_at_ms);
+        QueueStats {
+            depth: c.count,
+            bytes: c.bytes,
+            last_seq: c.last_seq,
+            oldest_enqueued_ms: oldest,
+            dead_letters: c.dead,
+        }
+    }
+
+    /// Forgets idempotency keys accepted before `cutoff_ms`, so the key index stays bounded.
+    pub fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<usize, QueueError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.shared.tree.scan_prefix([IDEM_PREFIX]) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let at = v.get(9..17).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            if at.is_some_and(|at| at < cutoff_ms) {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.apply(batch)?;
+        }
+        Ok(n)
+    }
+}
+
+/// A table of JSON records keyed by string: connection registries and the like.
+#[derive(Clone)]
+pub struct Table {
+    name: String,
+    tree: sled::Tree,
+}
+
+impl Table {
+    /// The record at `key`.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, QueueError> {
+        match self.tree.get(key)? {
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| QueueError::Corrupt(format!("{}/{key}: {e}", self.name))),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `value` at `key` (durable after the next flush).
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), QueueError> {
+        let raw = serde_json::to_vec(value).map_err(|e| QueueError::Storage(e.to_string()))?;
+        self.tree.insert(key, raw)?;
+        Ok(())
+    }
+
+    /// Removes `key`.
+    pub fn remove(&self, key: &str) -> Result<(), QueueError> {
+        self.tree.remove(key)?;
+        Ok(())
+    }
+
+    /// Every record, in key order.
+    pub fn list<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, QueueError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value =
+                serde_json::from_slice(&v).map_err(|e| QueueError::Corrupt(format!("{}/{key}: {e}", self.name)))?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_messages: 10,
+        max_bytes: 1000,
+    };
+
+    fn msg(body: &str) -> NewMessage {
+        NewMessage {
+            id: crate::crypto::random_id(),
+            content_type: "text/plain".into(),
+            enqueued_at_ms: now_ms(),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_readable_before_flush_and_order_is_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        for i in 0..3 {
+            q.append(msg(&format!("m{i}")), None).unwrap();
+        }
+        assert!(q.read_after(0, 10, 1 << 20).unwrap().is_empty());
+        store.flush().await.unwrap();
+        let got = q.read_after(0, 10, 1 << 20).unwrap();
+        assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(got[2].body, "m2");
+        assert_eq!(q.remove_through(2).unwrap(), 2);
+        assert_eq!(q.first().unwrap().unwrap().seq, 3);
+        assert_eq!(q.stats().depth, 1);
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_messages_and_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let q = store.queue("c/out", LIMITS).unwrap();
+            q.append(msg("a"), None).unwrap();
+            q.append(msg("b"), None).unwrap();
+            store.flush().await.unwrap();
+            q.remove_through(1).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        assert_eq!(q.durable_seq(), 2);
+        assert_eq!(q.first().unwrap().unwrap().body, "b");
+        assert_eq!(q.append(msg("c"), None).unwrap().seq, 3);
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_queues_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        let first = q.append(msg("a"), Some("k1")).unwrap();
+        let again = q.append(msg("a"), Some("k1")).unwrap();
+        assert!(!first.duplicate);
+        assert!(again.duplicate);
+        assert_eq!((first.seq, &first.id), (again.seq, &again.id));
+        assert_eq!(q.stats().depth, 1);
+        assert_eq!(q.prune_idempotency_keys(now_ms() + 1).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn limits_refuse_without_dropping() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store
+            .queue(
+                "c/out",
+                Limits {
+                    max_messages: 2,
+                    max_bytes: 5,
+                },
+            )
+            .unwrap();
+        q.append(msg("aa"), None).unwrap();
+        assert!(matches!(q.append(msg("aaaa"), None), Err(QueueError::FullBytes { .. })));
+        q.append(msg("bb"), None).unwrap();
+        assert!(matches!(q.append(msg("c"), None), Err(QueueError::FullCount { .. })));
+        assert_eq!(q.stats().depth, 2);
+    }
+
+    #[tokio::test]
+    async fn remote_appends_are_deduplicated_by_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", LIMITS).unwrap();
+        let m = |seq: u64| Message {
+            seq,
+            id: format!("id{seq}"),
+            content_type: "a/b".into(),
+            enqueued_at_ms: 1,
+            body: Bytes::from_static(b"x"),
+        };
+        assert_eq!(q.append_remote(&[m(1), m(2)]).unwrap(), 2);
+        assert_eq!(q.append_remote(&[m(1), m(2), m(3)]).unwrap(), 3);
+        assert_eq!(q.stats().depth, 3);
+        store.flush().await.unwrap();
+        q.wait_durable_after(2).await;
+        let all = q.read_after(0, 10, 100).unwrap();
+        assert_eq!(
+            all.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["id1", "id2", "id3"]
+        );
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_kept_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", LIMITS).unwrap();
+        q.append(msg("bad"), None).unwrap();
+        q.append(msg("good"), None).unwrap();
+        store.flush().await.unwrap();
+        let bad = q.first().unwrap().unwrap();
+        q.dead_letter(&bad, "HTTP 400").unwrap();
+        let stats = q.stats();
+        assert_eq!((stats.depth, stats.dead_letters), (1, 1));
+        assert_eq!(q.dead_letters().unwrap()[0].reason, "HTTP 400");
+        assert_eq!(q.first().unwrap().unwrap().body, "good");
+    }
+
+    #[tokio::test]
+    async fn tables_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let t = store.table("t").unwrap();
+        t.put("a", &vec![1, 2]).unwrap();
+        assert_eq!(t.get::<Vec<i32>>("a").unwrap(), Some(vec![1, 2]));
+        assert_eq!(t.list::<Vec<i32>>().unwrap().len(), 1);
+        t.remove("a").unwrap();
+        assert_eq!(t.get::<Vec<i32>>("a").unwrap(), None);
+    }
+}

@@ -1,0 +1,172 @@
+//! What each side reports about its connections: live health counters and the status records
+//! printed by `relay status` and `relay node connections`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::queue::QueueStats;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Live counters of one connection, shared by its tasks.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Last successful exchange with the peer (unix ms, 0 = never).
+    pub last_contact_ms: AtomicU64,
+    /// Messages handed to the local webhook.
+    pub delivered: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Failed delivery or transport attempts.
+    pub failures: AtomicU64,
+    /// Reconnects to the peer.
+    pub reconnects: AtomicU64,
+    /// Messages sent to the peer.
+    pub sent: AtomicU64,
+    /// Messages received from the peer.
+    pub received: AtomicU64,
+    last_error: Mutex<Option<LastError>>,
+}
+
+/// The most recent problem, with when it happened.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastError {
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// What.
+    pub message: String,
+}
+
+impl Health {
+    /// Records a successful exchange with the peer.
+    pub fn contact(&self) {
+        self.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records a problem.
+    pub fn error(&self, message: impl Into<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
+            at_ms: now_ms(),
+            message: message.into(),
+        });
+    }
+
+    /// Forgets the last problem once things work again.
+    pub fn clear_error(&self) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The last problem.
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A counter's value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Adds to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One connection as `relay status` / `relay node connections` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectionStatus {
+    /// Connection name on this side.
+    pub name: String,
+    /// `pending`, `active`, `deactivated`, `revoked`.
+    pub state: String,
+    /// This side's instance name.
+    pub local: String,
+    /// The other side: instance name and host, or `unknown` while pending.
+    pub remote: String,
+    /// Description.
+    pub description: String,
+    /// Configuration mode.
+    pub mode: String,
+    /// Project for incoming sync on this side.
+    pub project: String,
+    /// Webhook for incoming payloads.
+    pub deliver_to: Option<String>,
+    /// Last exchange with the peer (unix ms).
+    pub last_contact_ms: Option<u64>,
+    /// Payloads waiting to go to the peer.
+    pub outbound: QueueStats,
+    /// Payloads received and waiting for the webhook.
+    pub inbound: QueueStats,
+    /// The most recent problem.
+    pub last_error: Option<LastError>,
+    /// Invitation expiry (unix s), while pending.
+    pub invitation_expires_at: Option<u64>,
+}
+
+/// Renders a duration since `then_ms` as "12s ago".
+pub fn ago(then_ms: u64, now_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(then_ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m{}s ago", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{}m ago", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{}h ago", secs / 86_400, (secs % 86_400) / 3600),
+    }
+}
+
+/// Human-readable table of connections.
+pub fn render(list: &[ConnectionStatus]) -> String {
+    use std::fmt::Write;
+    if list.is_empty() {
+        return "no connections\n".to_owned();
+    }
+    let now = now_ms();
+    let mut out = String::new();
+    for c in list {
+        let _ = writeln!(out, "{}  [{}]", c.name, c.state);
+        let _ = writeln!(out, "  local:        {}", c.local);
+        let _ = writeln!(out, "  remote:       {}", c.remote);
+        if !c.description.is_empty() {
+            let _ = writeln!(out, "  description:  {}", c.description);
+        }
+        let _ = writeln!(
+            out,
+            "  mode:         {}   project: {}",
+            c.mode,
+            if c.project.is_empty() { "-" } else { &c.project }
+        );
+        let _ = writeln!(
+            out,
+            "  deliver to:   {}",
+            c.deliver_to.as_deref().unwrap_or("(none: incoming payloads are held)")
+        );
+        let contact = c.last_contact_ms.map(|t| ago(t, now)).unwrap_or_else(|| "never".into());
+        let _ = writeln!(out, "  last contact: {contact}");
+        for (label, q) in [("outbound", &c.outbound), ("inbound", &c.inbound)] {
+            let oldest = q
+                .oldest_enqueued_ms
+                .map(|t| format!(", oldest {}", ago(t, now)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {label:<9}     {} queued ({} bytes){oldest}, {} dead letters",
+                q.depth, q.bytes, q.dead_letters
+            );
+        }
+        if let Some(exp) = c.invitation_expires_at {
+            let _ = writeln!(out, "  invitation:   expires at unix time {exp}");
+        }
+        if let Some(e) = &c.last_error {
+            let _ = writeln!(out, "  last error:   {} ({})", e.message, ago(e.at_ms, now));
+        }
+    }
+    out
+}

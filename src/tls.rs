@@ -1,0 +1,277 @@
+//! TLS configurations: the node's certificate (configured, or self-signed on first start),
+//! the agent's pinned verifier, and the web-roots client for https webhooks. The one place
+//! that builds rustls configurations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+
+use crate::x509;
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Reading or writing a certificate or key file failed.
+    #[error("{path}: {detail}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Generating or parsing a certificate failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// The node's server identity: the configuration to serve and the pin to put in codes.
+pub struct ServerIdentity {
+    /// rustls configuration offering h2 and http/1.1.
+    pub config: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the served certificate's SubjectPublicKeyInfo.
+    pub pin: [u8; 32],
+}
+
+/// Loads `cert`/`key` when given; otherwise the self-signed certificate in `tls_dir`, created
+/// on first use for `hosts` (plus localhost).
+pub fn server_identity(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    tls_dir: &Path,
+    hosts: &[String],
+) -> Result<ServerIdentity, TlsError> {
+    let (cert_path, key_path) = match (cert, key) {
+        (Some(c), Some(k)) => (c.to_owned(), k.to_owned()),
+        _ => {
+            let c = tls_dir.join("node.crt");
+            let k = tls_dir.join("node.key");
+            if !c.exists() || !k.exists() {
+                generate_self_signed(tls_dir, &c, &k, hosts)?;
+            }
+            (c, k)
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(|e| file_err(&cert_path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&cert_path, e))?;
+    let first = chain
+        .first()
+        .ok_or_else(|| file_err(&cert_path, "no certificate in the file"))?;
+    let pin = x509::spki_sha256(first).map_err(|e| file_err(&cert_path, e))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", cert_path.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(ServerIdentity {
+        config: Arc::new(config),
+        pin,
+    })
+}
+
+fn generate_self_signed(dir: &Path, cert_path: &Path, key_path: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let mut names: Vec<String> = hosts.to_vec();
+    for default in ["localhost", "127.0.0.1", "::1"] {
+        if !names.iter().any(|n| n == default) {
+            names.push(default.to_owned());
+        }
+    }
+    let key_pair = rcgen::KeyPair::generate().map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(names).map_err(|e| TlsError::Certificate(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "relay node (self-signed)");
+    let cert = params
+        .self_signed(&key_pair)
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    crate::fsutil::write_private(key_path, key_pair.serialize_pem().as_bytes()).map_err(|e| file_err(key_path, e))?;
+    crate::fsutil::write_atomic(cert_path, cert.pem().as_bytes()).map_err(|e| file_err(cert_path, e))?;
+    Ok(())
+}
+
+/// The presented certificate's public key is not the pinned one.
+#[derive(Debug)]
+pub struct PinMismatch {
+    /// Pin from the invitation.
+    pub expected: [u8; 32],
+    /// Pin of the presented certificate.
+    pub presented: [u8; 32],
+    /// Presented certificate's subject.
+    pub subject: String,
+    /// Presented certificate's issuer.
+    pub issuer: String,
+}
+
+impl std::fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "certificate pin mismatch: the server presented a certificate for \"{}\" issued by \"{}\" with key {}, \
+             but the invitation pins {}; refusing to talk to it (a different node, or something intercepting the connection)",
+            self.subject,
+            self.issuer,
+            x509::format_pin(&self.presented),
+            x509::format_pin(&self.expected)
+        )
+    }
+}
+
+impl std::error::Error for PinMismatch {}
+
+/// Trusts exactly one public key, and still has rustls check every handshake signature.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The pin names the key itself, so the host name and CA chain add nothing.
+        let info = x509::parse_certificate(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let presented = crate::crypto::sha256(&info.spki_der);
+        if crate::crypto::ct_eq(&presented, &self.pin) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(PinMismatch {
+                expected: self.pin,
+                presented,
+                subject: info.subject,
+                issuer: info.issuer,
+            })),
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Client configuration for talking to a node: the pin when the invitation carried one,
+/// otherwise the public web roots.
+pub fn node_client_config(pin: Option<[u8; 32]>) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let config = match pin {
+        Some(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+            .with_no_client_auth(),
+        None => builder.with_root_certificates(web_roots()).with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+/// Client configuration for https webhooks: the public web roots.
+pub fn webhook_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(web_roots())
+        .with_no_client_auth())
+}
+
+fn web_roots() -> rustls::RootCertStore {
+    rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_identity_is_created_once_and_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = server_identity(None, None, dir.path(), &["relay.example".into()]).unwrap();
+        let b = server_identity(None, None, dir.path(), &[]).unwrap();
+        assert_eq!(a.pin, b.pin, "the certificate is kept across restarts");
+        let key = dir.path().join("node.key");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn configured_certificate_is_served_and_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["node.example".into()])
+            .unwrap()
+            .self_signed(&key_pair)
+            .unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key_pair.serialize_pem()).unwrap();
+        let id = server_identity(Some(&c), Some(&k), &dir.path().join("tls"), &[]).unwrap();
+        assert_eq!(id.pin, crate::crypto::sha256(&key_pair.public_key_der()));
+        assert!(!dir.path().join("tls").exists());
+    }
+
+    #[test]
+    fn missing_files_name_the_path() {
+        let err = server_identity(
+            Some(Path::new("/nonexistent/c.pem")),
+            Some(Path::new("/nonexistent/k.pem")),
+            Path::new("/tmp"),
+            &[],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("/nonexistent/c.pem"), "{err}");
+    }
+}
