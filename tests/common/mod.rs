@@ -1,0 +1,244 @@
+//! Helpers for the end-to-end tests: start the real binary on ephemeral ports with temporary
+//! data directories, run CLI commands, and wait for conditions with deadlines (never sleeps
+//! as synchronisation).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use relay::admin::{self, Info, Request};
+use relay::status::ConnectionStatus;
+
+/// How long any condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Settings every spawned process gets: quick retries so recovery is observed fast.
+pub const FAST: &[(&str, &str)] = &[
+    ("RELAY_LOG", "info"),
+    ("RELAY_DELIVERY__BACKOFF_INITIAL", "50ms"),
+    ("RELAY_DELIVERY__BACKOFF_MAX", "500ms"),
+    ("RELAY_AGENT__POLL_WAIT", "5s"),
+    ("RELAY_AGENT__REQUEST_TIMEOUT", "10s"),
+];
+
+/// Path of the built binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_relay")
+}
+
+fn command(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RELAY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("--data-dir").arg(data_dir).args(args);
+    for (k, v) in FAST.iter().chain(env) {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A daemon started from the binary.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    /// Its admin info (addresses).
+    pub info: Info,
+}
+
+impl Daemon {
+    /// Starts `relay ARGS` and waits until its admin socket answers.
+    pub async fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = data_dir.with_extension(format!("{}.log", unique()));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut child = command(data_dir, args, env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn relay");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let info = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("relay {args:?} exited early with {status}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            if let Ok(Some(v)) = admin::call(data_dir, &Request::Info).await {
+                let info: Info = serde_json::from_value(v).unwrap();
+                if info.pid == child.id() {
+                    break info;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "relay {args:?} did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Daemon {
+            child,
+            data_dir: data_dir.to_owned(),
+            log,
+            info,
+        }
+    }
+
+    /// The local API (node) or intake (agent) base URL.
+    pub fn api(&self) -> String {
+        format!("http://{}", self.info.api.as_deref().unwrap())
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM; the exit status within the deadline.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        self.wait_exit().await
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "process did not exit:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs `relay ARGS` to completion (off the async runtime's threads).
+pub async fn cli(data_dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut cmd = command(data_dir, args, env);
+    let input = stdin.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn relay");
+        if let Some(text) = input {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a CLI command that must succeed; returns stdout.
+pub async fn cli_ok(data_dir: &Path, args: &[&str]) -> String {
+    let o = cli(data_dir, args, &[], None).await;
+    assert!(o.status.success(), "relay {args:?} failed: {}\n{}", o.status, stderr(&o));
+    stdout(&o)
+}
+
+/// Polls `probe` every 20 ms until it yields a value; panics after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Statuses through the CLI (`relay node connections --json` or `relay status --json`).
+pub async fn statuses(data_dir: &Path, node: bool) -> Vec<ConnectionStatus> {
+    let args: &[&str] = if node { &["node", "connections", "--json"] } else { &["status", "--json"] };
+    serde_json::from_str(&cli_ok(data_dir, args).await).unwrap()
+}
+
+/// `relay node initiate` with a standard form; returns the code.
+pub async fn initiate(node_dir: &Path, name: &str, deliver_to: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "node",
+        "initiate",
+        "--local-name",
+        "ado-services",
+        "--remote-name",
+        "ado-server",
+        "--name",
+        name,
+        "--project",
+        "Fabrikam",
+        "--description",
+        "Services to Server",
+        "--deliver-to",
+        deliver_to,
+    ];
+    args.extend_from_slice(extra);
+    let out = cli_ok(node_dir, &args).await;
+    let code = out.trim().to_owned();
+    assert!(code.starts_with("rlyinv1_") && !code.contains('\n'), "{out:?}");
+    code
+}
+
+/// A plain HTTP client for local APIs.
+pub fn client() -> relay::http::Client {
+    relay::http::Client::webhook(relay::tls::webhook_client_config().unwrap(), Duration::from_secs(10))
+}
+
+/// POSTs a payload to a local API; returns (status, JSON body).
+pub async fn post(
+    client: &relay::http::Client,
+    api: &str,
+    conn: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, serde_json::Value), String> {
+    let url = format!("{api}/v1/connections/{conn}/messages");
+    let req = relay::http::request(relay::http::Method::POST, &url, headers, body).map_err(|e| e.to_string())?;
+    let reply = client
+        .send(req, Duration::from_secs(30), 1 << 20)
+        .await
+        .map_err(|e| e.to_string())?;
+    let json = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
+    Ok((reply.status.as_u16(), json))
+}
