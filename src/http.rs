@@ -353,7 +353,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        let s = err.to_string();
+        let s = crate::tls::describe(err).unwrap_or_else(|| err.to_string());
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }

@@ -142,6 +142,19 @@ impl std::fmt::Display for PinMismatch {
 
 impl std::error::Error for PinMismatch {}
 
+/// A readable account of a TLS certificate error (rustls prints custom errors with `Debug`).
+pub fn describe(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    // io::Error hides the wrapped error from `source()`, and may wrap another io::Error.
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        return describe(io.get_ref()?);
+    }
+    match err.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => Some(other.0.to_string()),
+        rustls::Error::InvalidCertificate(e) => Some(format!("the server's certificate was refused: {e:?}")),
+        _ => None,
+    }
+}
+
 /// Trusts exactly one public key, and still has rustls check every handshake signature.
 #[derive(Debug)]
 struct PinVerifier {

@@ -130,15 +130,10 @@ pub fn queue_names(conn: &str) -> (String, String) {
 /// Why a redemption failed.
 fn accept_error(e: http::ClientError, url: &str) -> OpError {
     let text = e.to_string();
-    if text.contains("certificate pin mismatch") {
-        let detail = text
-            .split("certificate pin mismatch: ")
-            .nth(1)
-            .unwrap_or(&text)
-            .to_owned();
+    if let Some(at) = text.find("certificate pin mismatch") {
         return OpError::new(
             Kind::Invitation,
-            format!("refusing {url}: it is not the node that issued this invitation: {detail}"),
+            format!("refusing {url}: it is not the node that issued this invitation: {}", &text[at..]),
         );
     }
     OpError::new(Kind::Unreachable, format!("cannot reach the node at {url}: {text}"))
