@@ -149,7 +149,6 @@ pub async fn run(
         match outcome {
             Outcome::Delivered => {
                 backoff.reset();
-                health.clear_error();
                 Health::add(&health.delivered, 1);
                 if let Err(e) = queue.remove_through(msg.seq) {
                     health.error(format!("removing a delivered message: {e}"));

@@ -59,12 +59,8 @@ impl Health {
         });
     }
 
-    /// Forgets the last problem once things work again.
-    pub fn clear_error(&self) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// The last problem.
+    /// The last problem; kept after recovery (with its time) so an operator can see what
+    /// happened while nobody was looking.
     pub fn last_error(&self) -> Option<LastError> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -1,0 +1,123 @@
+//! The local API's refusals, each a JSON error: unknown connection 404, oversized 413, full
+//! queue 429 (count) or 507 (bytes), a repeated idempotency key queued once, bearer tokens.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{client, post};
+use relay::config::{Secret, Settings};
+use relay::node::InitiateRequest;
+use tokio_util::sync::CancellationToken;
+
+fn settings(dir: &std::path::Path) -> Settings {
+    let mut s = Settings {
+        data_dir: dir.to_owned(),
+        ..Settings::default()
+    };
+    s.node.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.node.api_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.queue.max_payload_bytes = 1024;
+    s.queue.max_messages = 4;
+    s.queue.max_bytes = 2048;
+    s
+}
+
+async fn initiate(node: &relay::node::Node, name: &str) {
+    node.initiate(InitiateRequest {
+        name: name.into(),
+        local_name: "public".into(),
+        remote_name: "private".into(),
+        description: String::new(),
+        mode: "script".into(),
+        project: "P".into(),
+        expires: Some(Duration::from_secs(3600)),
+        deliver_to: None,
+    })
+    .await
+    .unwrap();
+}
+
+async fn get(api: &str, path: &str) -> (u16, String) {
+    let req = relay::http::request(relay::http::Method::GET, &format!("{api}{path}"), &[], Vec::new()).unwrap();
+    let r = client().send(req, Duration::from_secs(10), 1 << 20).await.unwrap();
+    (r.status.as_u16(), String::from_utf8_lossy(&r.body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_specific_json_errors_and_nothing_accepted_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let node = relay::daemon::start_node(settings(tmp.path()), token.clone()).await.unwrap();
+    initiate(&node.side, "conn").await;
+    let api = format!("http://{}", node.info.api.clone().unwrap());
+    let http = client();
+
+    let (s, e) = post(&http, &api, "nope", b"x".to_vec(), &[]).await.unwrap();
+    assert_eq!((s, e["code"].as_str()), (404, Some("unknown_connection")), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("nope"));
+
+    let (s, e) = post(&http, &api, "conn", vec![b'x'; 1025], &[]).await.unwrap();
+    assert_eq!((s, e["code"].as_str()), (413, Some("payload_too_large")), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("1024"));
+
+    let (s, e) = post(&http, &api, "conn", b"x".to_vec(), &[("idempotency-key", "has space")]).await.unwrap();
+    assert_eq!((s, e["code"].as_str()), (400, Some("bad_request")), "{e}");
+
+    // The same idempotency key twice: one message, the first answer repeated.
+    let key = [("idempotency-key", "wi-42-rev-7")];
+    let (s1, first) = post(&http, &api, "conn", b"a".to_vec(), &key).await.unwrap();
+    let (s2, again) = post(&http, &api, "conn", b"a".to_vec(), &key).await.unwrap();
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(first, again);
+    assert_eq!(node.side.connections().unwrap()[0].outbound.depth, 1);
+
+    for _ in 0..2 {
+        let (s, e) = post(&http, &api, "conn", vec![b'k'; 1000], &[]).await.unwrap();
+        assert_eq!(s, 202, "{e}");
+    }
+    // 2001 bytes queued of 2048: 100 more do not fit.
+    let (s, e) = post(&http, &api, "conn", vec![b'k'; 100], &[]).await.unwrap();
+    assert_eq!((s, e["code"].as_str()), (507, Some("queue_full_bytes")), "{e}");
+    let (s, _) = post(&http, &api, "conn", b"b".to_vec(), &[]).await.unwrap();
+    assert_eq!(s, 202);
+    // Four messages of four: the count limit answers 429.
+    let (s, e) = post(&http, &api, "conn", b"c".to_vec(), &[]).await.unwrap();
+    assert_eq!((s, e["code"].as_str()), (429, Some("queue_full")), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("full"));
+
+    let stats = node.side.connections().unwrap()[0].outbound;
+    assert_eq!((stats.depth, stats.bytes, stats.last_seq), (4, 2002, 4), "nothing accepted was dropped");
+
+    assert_eq!(get(&api, "/healthz").await.0, 200);
+    assert_eq!(get(&api, "/readyz").await.0, 200);
+    let (s, metrics) = get(&api, "/metrics").await;
+    assert_eq!(s, 200);
+    assert!(metrics.contains("relay_queue_depth{connection=\"conn\",direction=\"outbound\"} 4"), "{metrics}");
+    assert_eq!(get(&api, "/nowhere").await.0, 404);
+    assert_eq!(get(&api, "/v1/connections/conn/messages").await.0, 405);
+
+    token.cancel();
+    node.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_token_is_required() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(tmp.path());
+    s.node.api_token = Some(Secret::new("s3cret-token"));
+    let token = CancellationToken::new();
+    let node = relay::daemon::start_node(s, token.clone()).await.unwrap();
+    initiate(&node.side, "conn").await;
+    let api = format!("http://{}", node.info.api.clone().unwrap());
+    let http = client();
+    let (s, e) = post(&http, &api, "conn", b"x".to_vec(), &[]).await.unwrap();
+    assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")));
+    let (s, _) = post(&http, &api, "conn", b"x".to_vec(), &[("authorization", "Bearer wrong")]).await.unwrap();
+    assert_eq!(s, 401);
+    let (s, _) = post(&http, &api, "conn", b"x".to_vec(), &[("authorization", "Bearer s3cret-token")]).await.unwrap();
+    assert_eq!(s, 202);
+    token.cancel();
+    node.task.await.unwrap().unwrap();
+}

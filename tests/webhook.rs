@@ -1,0 +1,115 @@
+//! Webhook failures: down (connection refused, then 503s) and back — delivered, same message
+//! id on every attempt; a 400 dead-letters that message and the next one still flows.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{client, post, wait_for, DEADLINE};
+use relay::agent::AcceptOptions;
+use relay::config::Settings;
+use relay::invite::Invitation;
+use relay::node::InitiateRequest;
+use relay::sink::Sink;
+use tokio_util::sync::CancellationToken;
+
+fn settings(dir: &std::path::Path) -> Settings {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut s = Settings {
+        data_dir: dir.to_owned(),
+        ..Settings::default()
+    };
+    s.node.listen = loopback;
+    s.node.api_listen = loopback;
+    s.agent.intake_listen = loopback;
+    s.delivery.backoff_initial = Duration::from_millis(20);
+    s.delivery.backoff_max = Duration::from_millis(200);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_down_then_back_and_permanent_rejections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let node = relay::daemon::start_node(settings(&tmp.path().join("node")), token.clone()).await.unwrap();
+    let agent = relay::daemon::start_agent(settings(&tmp.path().join("agent")), token.clone()).await.unwrap();
+
+    // The private application is down: its port refuses connections.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let code = node
+        .side
+        .initiate(InitiateRequest {
+            name: "c".into(),
+            local_name: "pub".into(),
+            remote_name: "priv".into(),
+            description: String::new(),
+            mode: "script".into(),
+            project: "P".into(),
+            expires: None,
+            deliver_to: None,
+        })
+        .await
+        .unwrap();
+    agent
+        .side
+        .accept(
+            &Invitation::decode(&code).unwrap(),
+            AcceptOptions {
+                deliver_to: Some(format!("http://{hook_addr}/hook")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let api = format!("http://{}", node.info.api.clone().unwrap());
+    let http = client();
+    for body in ["m0", "m1"] {
+        assert_eq!(post(&http, &api, "c", body.as_bytes().to_vec(), &[]).await.unwrap().0, 202);
+    }
+    let refused = wait_for("the agent to report the refused connection", || async {
+        let s = agent.side.status().unwrap();
+        s[0].last_error.clone().filter(|e| e.message.contains("unreachable"))
+    })
+    .await;
+    assert!(refused.message.contains(&hook_addr.to_string()), "{}", refused.message);
+    assert_eq!(agent.side.status().unwrap()[0].inbound.depth, 2, "kept while the webhook is down");
+
+    // Back, but answering 503 twice before it recovers.
+    let mut app = Sink::serve(tokio::net::TcpListener::bind(hook_addr).await.unwrap());
+    app.script(&[503, 503]);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(app.next(DEADLINE).await.expect("delivery attempt"));
+    }
+    assert_eq!(got.iter().map(|r| r.answered).collect::<Vec<_>>(), [503, 503, 200, 200]);
+    assert_eq!(got.iter().map(|r| r.body.clone()).collect::<Vec<_>>(), [b"m0".to_vec(), b"m0".to_vec(), b"m0".to_vec(), b"m1".to_vec()]);
+    let ids: Vec<_> = got.iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
+    assert!(ids[0] == ids[1] && ids[1] == ids[2] && ids[2] != ids[3], "retries keep the message id");
+
+    // A permanent refusal: dead-lettered, and the next message still arrives.
+    app.script(&[400]);
+    for body in ["bad", "good"] {
+        assert_eq!(post(&http, &api, "c", body.as_bytes().to_vec(), &[]).await.unwrap().0, 202);
+    }
+    let rejected = app.next(DEADLINE).await.unwrap();
+    assert_eq!((rejected.answered, rejected.body.as_slice()), (400, b"bad".as_slice()));
+    let next = app.next(DEADLINE).await.unwrap();
+    assert_eq!((next.answered, next.body.as_slice()), (200, b"good".as_slice()));
+    let status = wait_for("the dead letter to be counted", || async {
+        let s = agent.side.status().unwrap().remove(0);
+        (s.inbound.dead_letters == 1 && s.inbound.depth == 0).then_some(s)
+    })
+    .await;
+    assert!(status.last_error.unwrap().message.contains("dead-lettered"));
+    let rendered = relay::status::render(&agent.side.status().unwrap());
+    assert!(rendered.contains("1 dead letters"), "{rendered}");
+    assert!(app.rx.try_recv().is_err(), "the dead letter is not retried");
+
+    token.cancel();
+    node.task.await.unwrap().unwrap();
+    agent.task.await.unwrap().unwrap();
+}
