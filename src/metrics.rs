@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use crate::status::{now_ms, ConnectionStatus, Health};
 
+/// A counter series: name, help text, and how to read it from a connection's health.
+type Counter = (&'static str, &'static str, fn(&Health) -> u64);
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -50,7 +53,7 @@ pub fn render(role: &str, statuses: &[ConnectionStatus], healths: &[Option<Arc<H
             }
         }
     }
-    let counters: [(&str, &str, fn(&Health) -> u64); 6] = [
+    let counters: [Counter; 6] = [
         ("relay_messages_sent_total", "Messages handed to the peer.", |h| {
             Health::get(&h.sent)
         }),

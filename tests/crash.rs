@@ -105,7 +105,14 @@ async fn crash_and_recover(victim: Victim) {
     let (to_public, to_private) = (collect(public_app), collect(private_app));
 
     let node_args = |listen: &str, api: &str| {
-        vec!["node".to_owned(), "run".into(), "--listen".into(), listen.to_owned(), "--api-listen".into(), api.to_owned()]
+        vec![
+            "node".to_owned(),
+            "run".into(),
+            "--listen".into(),
+            listen.to_owned(),
+            "--api-listen".into(),
+            api.to_owned(),
+        ]
     };
     let args = node_args("127.0.0.1:0", "127.0.0.1:0");
     let mut node = Daemon::start(&node_dir, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await;

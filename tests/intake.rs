@@ -49,7 +49,9 @@ async fn get(api: &str, path: &str) -> (u16, String) {
 async fn refusals_are_specific_json_errors_and_nothing_accepted_is_lost() {
     let tmp = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let node = relay::daemon::start_node(settings(tmp.path()), token.clone()).await.unwrap();
+    let node = relay::daemon::start_node(settings(tmp.path()), token.clone())
+        .await
+        .unwrap();
     initiate(&node.side, "conn").await;
     let api = format!("http://{}", node.info.api.clone().unwrap());
     let http = client();
@@ -62,7 +64,9 @@ async fn refusals_are_specific_json_errors_and_nothing_accepted_is_lost() {
     assert_eq!((s, e["code"].as_str()), (413, Some("payload_too_large")), "{e}");
     assert!(e["error"].as_str().unwrap().contains("1024"));
 
-    let (s, e) = post(&http, &api, "conn", b"x".to_vec(), &[("idempotency-key", "has space")]).await.unwrap();
+    let (s, e) = post(&http, &api, "conn", b"x".to_vec(), &[("idempotency-key", "has space")])
+        .await
+        .unwrap();
     assert_eq!((s, e["code"].as_str()), (400, Some("bad_request")), "{e}");
 
     // The same idempotency key twice: one message, the first answer repeated.
@@ -88,13 +92,20 @@ async fn refusals_are_specific_json_errors_and_nothing_accepted_is_lost() {
     assert!(e["error"].as_str().unwrap().contains("full"));
 
     let stats = node.side.connections().unwrap()[0].outbound;
-    assert_eq!((stats.depth, stats.bytes, stats.last_seq), (4, 2002, 4), "nothing accepted was dropped");
+    assert_eq!(
+        (stats.depth, stats.bytes, stats.last_seq),
+        (4, 2002, 4),
+        "nothing accepted was dropped"
+    );
 
     assert_eq!(get(&api, "/healthz").await.0, 200);
     assert_eq!(get(&api, "/readyz").await.0, 200);
     let (s, metrics) = get(&api, "/metrics").await;
     assert_eq!(s, 200);
-    assert!(metrics.contains("relay_queue_depth{connection=\"conn\",direction=\"outbound\"} 4"), "{metrics}");
+    assert!(
+        metrics.contains("relay_queue_depth{connection=\"conn\",direction=\"outbound\"} 4"),
+        "{metrics}"
+    );
     assert_eq!(get(&api, "/nowhere").await.0, 404);
     assert_eq!(get(&api, "/v1/connections/conn/messages").await.0, 405);
 
@@ -114,9 +125,19 @@ async fn a_configured_token_is_required() {
     let http = client();
     let (s, e) = post(&http, &api, "conn", b"x".to_vec(), &[]).await.unwrap();
     assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")));
-    let (s, _) = post(&http, &api, "conn", b"x".to_vec(), &[("authorization", "Bearer wrong")]).await.unwrap();
+    let (s, _) = post(&http, &api, "conn", b"x".to_vec(), &[("authorization", "Bearer wrong")])
+        .await
+        .unwrap();
     assert_eq!(s, 401);
-    let (s, _) = post(&http, &api, "conn", b"x".to_vec(), &[("authorization", "Bearer s3cret-token")]).await.unwrap();
+    let (s, _) = post(
+        &http,
+        &api,
+        "conn",
+        b"x".to_vec(),
+        &[("authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 202);
     token.cancel();
     node.task.await.unwrap().unwrap();

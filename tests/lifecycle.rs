@@ -41,12 +41,20 @@ async fn initiate_accept_traffic_pause_revoke() {
     let mut private_app = Sink::start().await.unwrap();
     let http = client();
 
-    let mut node = Daemon::start(&node_dir, &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"], &[]).await;
+    let mut node = Daemon::start(
+        &node_dir,
+        &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await;
     let code = initiate(&node_dir, "ado-sync", &public_app.url, &["--expires", "2h"]).await;
 
     let pending = statuses(&node_dir, true).await;
     assert_eq!(pending.len(), 1);
-    assert_eq!((pending[0].state.as_str(), pending[0].remote.as_str()), ("pending", "unknown"));
+    assert_eq!(
+        (pending[0].state.as_str(), pending[0].remote.as_str()),
+        ("pending", "unknown")
+    );
     assert!(pending[0].invitation_expires_at.is_some());
 
     let mut agent = Daemon::start(
@@ -65,7 +73,14 @@ async fn initiate_accept_traffic_pause_revoke() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let printed = stdout(&out);
-    for expected in ["ado-sync", "ado-services", "ado-server", "Services to Server", "OnPrem", "Fabrikam"] {
+    for expected in [
+        "ado-sync",
+        "ado-services",
+        "ado-server",
+        "Services to Server",
+        "OnPrem",
+        "Fabrikam",
+    ] {
         assert!(printed.contains(expected), "accept output lacks {expected}: {printed}");
     }
     assert!(!printed.contains(&code) && !agent.log().contains(&code) && !node.log().contains(&code));
@@ -76,25 +91,39 @@ async fn initiate_accept_traffic_pause_revoke() {
 
     let active = statuses(&node_dir, true).await;
     assert_eq!(active[0].state, "active");
-    assert!(active[0].remote.starts_with("ado-server-prod ("), "{}", active[0].remote);
+    assert!(
+        active[0].remote.starts_with("ado-server-prod ("),
+        "{}",
+        active[0].remote
+    );
 
     // Traffic both ways, in order, with the contract headers.
     let ct = [("content-type", "application/vnd.workitem+json")];
     for i in 0..5 {
-        let (s, body) = post(&http, &node.api(), "ado-sync", format!("down-{i}").into_bytes(), &ct).await.unwrap();
+        let (s, body) = post(&http, &node.api(), "ado-sync", format!("down-{i}").into_bytes(), &ct)
+            .await
+            .unwrap();
         assert_eq!(s, 202, "{body}");
         assert_eq!(body["seq"], i + 1);
-        let (s, _) = post(&http, &agent.api(), "ado-sync", format!("up-{i}").into_bytes(), &ct).await.unwrap();
+        let (s, _) = post(&http, &agent.api(), "ado-sync", format!("up-{i}").into_bytes(), &ct)
+            .await
+            .unwrap();
         assert_eq!(s, 202);
     }
     check_contract(&receive(&mut private_app, 5).await, "down", 1, "ado-sync", "OnPrem");
     check_contract(&receive(&mut public_app, 5).await, "up", 1, "ado-sync", "Fabrikam");
 
     // Deactivate: both directions hold on the node; nothing reaches either webhook.
-    assert!(cli_ok(&node_dir, &["node", "deactivate", "ado-sync"]).await.contains("deactivated"));
+    assert!(cli_ok(&node_dir, &["node", "deactivate", "ado-sync"])
+        .await
+        .contains("deactivated"));
     for i in 5..7 {
-        post(&http, &node.api(), "ado-sync", format!("down-{i}").into_bytes(), &ct).await.unwrap();
-        post(&http, &agent.api(), "ado-sync", format!("up-{i}").into_bytes(), &ct).await.unwrap();
+        post(&http, &node.api(), "ado-sync", format!("down-{i}").into_bytes(), &ct)
+            .await
+            .unwrap();
+        post(&http, &agent.api(), "ado-sync", format!("up-{i}").into_bytes(), &ct)
+            .await
+            .unwrap();
     }
     wait_for("both directions held on the node", || async {
         let s = statuses(&node_dir, true).await;
@@ -107,28 +136,48 @@ async fn initiate_accept_traffic_pause_revoke() {
     .await;
     assert!(private_app.rx.try_recv().is_err() && public_app.rx.try_recv().is_err());
 
-    assert!(cli_ok(&node_dir, &["node", "activate", "ado-sync"]).await.contains("active"));
+    assert!(cli_ok(&node_dir, &["node", "activate", "ado-sync"])
+        .await
+        .contains("active"));
     let released = receive(&mut private_app, 2).await;
-    assert_eq!(released.iter().map(|r| r.body.clone()).collect::<Vec<_>>(), [b"down-5".to_vec(), b"down-6".to_vec()]);
+    assert_eq!(
+        released.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
+        [b"down-5".to_vec(), b"down-6".to_vec()]
+    );
     let released = receive(&mut public_app, 2).await;
-    assert_eq!(released.iter().map(|r| r.body.clone()).collect::<Vec<_>>(), [b"up-5".to_vec(), b"up-6".to_vec()]);
+    assert_eq!(
+        released.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
+        [b"up-5".to_vec(), b"up-6".to_vec()]
+    );
 
     // Revoke: the agent's only connection stops; the agent exits with the "revoked" code.
-    assert!(cli_ok(&node_dir, &["node", "revoke", "ado-sync"]).await.contains("revoked"));
+    assert!(cli_ok(&node_dir, &["node", "revoke", "ado-sync"])
+        .await
+        .contains("revoked"));
     let status = agent.wait_exit().await;
     assert_eq!(status.code(), Some(78), "{}", agent.log());
-    assert!(agent.log().contains("revoked by the node administrator"), "{}", agent.log());
+    assert!(
+        agent.log().contains("revoked by the node administrator"),
+        "{}",
+        agent.log()
+    );
     let after = statuses(&agent_dir, false).await;
     assert_eq!(after[0].state, "revoked");
     assert!(after[0].last_error.as_ref().unwrap().message.contains("revoked"));
-    let (s, body) = post(&http, &node.api(), "ado-sync", b"late".to_vec(), &[]).await.unwrap();
+    let (s, body) = post(&http, &node.api(), "ado-sync", b"late".to_vec(), &[])
+        .await
+        .unwrap();
     assert_eq!((s, body["code"].as_str()), (409, Some("connection_state")));
 
     // SIGTERM: drains and exits 0 promptly.
     let started = std::time::Instant::now();
     let status = node.terminate().await;
     assert!(status.success(), "{status}: {}", node.log());
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(node.log().contains("stopped cleanly"));
 }
 
@@ -138,32 +187,96 @@ async fn admin_commands_work_without_a_daemon_and_agent_exits_cleanly_on_sigterm
     let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
     let mut private_app = Sink::start().await.unwrap();
     // Offline initiate needs the public URL from configuration.
-    let o = cli(&node_dir, &["node", "initiate", "--local-name", "a", "--remote-name", "b", "--name", "c", "--project", "p"], &[], None).await;
+    let o = cli(
+        &node_dir,
+        &[
+            "node",
+            "initiate",
+            "--local-name",
+            "a",
+            "--remote-name",
+            "b",
+            "--name",
+            "c",
+            "--project",
+            "p",
+        ],
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
     assert!(stderr(&o).contains("public URL"), "{}", stderr(&o));
 
     // Reserve a port for the node, initiate offline with that URL, then start the node on it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("https://127.0.0.1:{port}");
     let env = [("RELAY_NODE__PUBLIC_URL", url.as_str())];
     let o = cli(
         &node_dir,
-        &["node", "initiate", "--local-name", "a", "--remote-name", "b", "--name", "c", "--project", "p", "--deliver-to", "http://127.0.0.1:9/x"],
+        &[
+            "node",
+            "initiate",
+            "--local-name",
+            "a",
+            "--remote-name",
+            "b",
+            "--name",
+            "c",
+            "--project",
+            "p",
+            "--deliver-to",
+            "http://127.0.0.1:9/x",
+        ],
         &env,
         None,
     )
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
     let code = stdout(&o).trim().to_owned();
-    let o = cli(&node_dir, &["node", "initiate", "--local-name", "a", "--remote-name", "b", "--name", "d", "--project", "p", "--mode", "basic"], &env, None).await;
+    let o = cli(
+        &node_dir,
+        &[
+            "node",
+            "initiate",
+            "--local-name",
+            "a",
+            "--remote-name",
+            "b",
+            "--name",
+            "d",
+            "--project",
+            "p",
+            "--mode",
+            "basic",
+        ],
+        &env,
+        None,
+    )
+    .await;
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("only mode is \"script\""), "{}", stderr(&o));
 
     let listen = format!("127.0.0.1:{port}");
-    let _node = Daemon::start(&node_dir, &["node", "run", "--listen", &listen, "--api-listen", "127.0.0.1:0"], &env).await;
+    let _node = Daemon::start(
+        &node_dir,
+        &["node", "run", "--listen", &listen, "--api-listen", "127.0.0.1:0"],
+        &env,
+    )
+    .await;
 
     // Accept offline from the environment, as a container would.
-    let o = cli(&agent_dir, &["accept", "--deliver-to", &private_app.url], &[("RELAY_INVITATION", code.as_str())], None).await;
+    let o = cli(
+        &agent_dir,
+        &["accept", "--deliver-to", &private_app.url],
+        &[("RELAY_INVITATION", code.as_str())],
+        None,
+    )
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     let s = statuses(&agent_dir, false).await;
     assert_eq!((s[0].name.as_str(), s[0].state.as_str()), ("c", "active"));
@@ -179,10 +292,20 @@ async fn admin_commands_work_without_a_daemon_and_agent_exits_cleanly_on_sigterm
     assert_eq!(got.header("content-type"), Some("application/json"));
 
     // `relay send` while the agent runs goes through its intake.
-    let o = cli(&agent_dir, &["send", "c", "-", "--content-type", "text/plain"], &[], Some("hello")).await;
+    let o = cli(
+        &agent_dir,
+        &["send", "c", "-", "--content-type", "text/plain"],
+        &[],
+        Some("hello"),
+    )
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     let o = cli(&agent_dir, &["send", "nope", "-"], &[], Some("x")).await;
-    assert!(!o.status.success() && stderr(&o).contains("no connection named"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("no connection named"),
+        "{}",
+        stderr(&o)
+    );
 
     let status = agent.terminate().await;
     assert!(status.success(), "{}", agent.log());

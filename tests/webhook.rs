@@ -32,8 +32,12 @@ fn settings(dir: &std::path::Path) -> Settings {
 async fn webhook_down_then_back_and_permanent_rejections() {
     let tmp = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let node = relay::daemon::start_node(settings(&tmp.path().join("node")), token.clone()).await.unwrap();
-    let agent = relay::daemon::start_agent(settings(&tmp.path().join("agent")), token.clone()).await.unwrap();
+    let node = relay::daemon::start_node(settings(&tmp.path().join("node")), token.clone())
+        .await
+        .unwrap();
+    let agent = relay::daemon::start_agent(settings(&tmp.path().join("agent")), token.clone())
+        .await
+        .unwrap();
 
     // The private application is down: its port refuses connections.
     let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -68,7 +72,10 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     let api = format!("http://{}", node.info.api.clone().unwrap());
     let http = client();
     for body in ["m0", "m1"] {
-        assert_eq!(post(&http, &api, "c", body.as_bytes().to_vec(), &[]).await.unwrap().0, 202);
+        assert_eq!(
+            post(&http, &api, "c", body.as_bytes().to_vec(), &[]).await.unwrap().0,
+            202
+        );
     }
     let refused = wait_for("the agent to report the refused connection", || async {
         let s = agent.side.status().unwrap();
@@ -76,7 +83,11 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     })
     .await;
     assert!(refused.message.contains(&hook_addr.to_string()), "{}", refused.message);
-    assert_eq!(agent.side.status().unwrap()[0].inbound.depth, 2, "kept while the webhook is down");
+    assert_eq!(
+        agent.side.status().unwrap()[0].inbound.depth,
+        2,
+        "kept while the webhook is down"
+    );
 
     // Back, but answering 503 twice before it recovers.
     let mut app = Sink::serve(tokio::net::TcpListener::bind(hook_addr).await.unwrap());
@@ -86,14 +97,26 @@ async fn webhook_down_then_back_and_permanent_rejections() {
         got.push(app.next(DEADLINE).await.expect("delivery attempt"));
     }
     assert_eq!(got.iter().map(|r| r.answered).collect::<Vec<_>>(), [503, 503, 200, 200]);
-    assert_eq!(got.iter().map(|r| r.body.clone()).collect::<Vec<_>>(), [b"m0".to_vec(), b"m0".to_vec(), b"m0".to_vec(), b"m1".to_vec()]);
-    let ids: Vec<_> = got.iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
-    assert!(ids[0] == ids[1] && ids[1] == ids[2] && ids[2] != ids[3], "retries keep the message id");
+    assert_eq!(
+        got.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
+        [b"m0".to_vec(), b"m0".to_vec(), b"m0".to_vec(), b"m1".to_vec()]
+    );
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    assert!(
+        ids[0] == ids[1] && ids[1] == ids[2] && ids[2] != ids[3],
+        "retries keep the message id"
+    );
 
     // A permanent refusal: dead-lettered, and the next message still arrives.
     app.script(&[400]);
     for body in ["bad", "good"] {
-        assert_eq!(post(&http, &api, "c", body.as_bytes().to_vec(), &[]).await.unwrap().0, 202);
+        assert_eq!(
+            post(&http, &api, "c", body.as_bytes().to_vec(), &[]).await.unwrap().0,
+            202
+        );
     }
     let rejected = app.next(DEADLINE).await.unwrap();
     assert_eq!((rejected.answered, rejected.body.as_slice()), (400, b"bad".as_slice()));

@@ -133,7 +133,10 @@ fn accept_error(e: http::ClientError, url: &str) -> OpError {
     if let Some(at) = text.find("certificate pin mismatch") {
         return OpError::new(
             Kind::Invitation,
-            format!("refusing {url}: it is not the node that issued this invitation: {}", &text[at..]),
+            format!(
+                "refusing {url}: it is not the node that issued this invitation: {}",
+                &text[at..]
+            ),
         );
     }
     OpError::new(Kind::Unreachable, format!("cannot reach the node at {url}: {text}"))

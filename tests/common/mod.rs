@@ -69,7 +69,10 @@ impl Daemon {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         let info = loop {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("relay {args:?} exited early with {status}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "relay {args:?} exited early with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             if let Ok(Some(v)) = admin::call(data_dir, &Request::Info).await {
                 let info: Info = serde_json::from_value(v).unwrap();
@@ -113,7 +116,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(tokio::time::Instant::now() < deadline, "process did not exit:\n{}", self.log());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "process did not exit:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -169,7 +176,12 @@ pub fn stderr(o: &Output) -> String {
 /// Runs a CLI command that must succeed; returns stdout.
 pub async fn cli_ok(data_dir: &Path, args: &[&str]) -> String {
     let o = cli(data_dir, args, &[], None).await;
-    assert!(o.status.success(), "relay {args:?} failed: {}\n{}", o.status, stderr(&o));
+    assert!(
+        o.status.success(),
+        "relay {args:?} failed: {}\n{}",
+        o.status,
+        stderr(&o)
+    );
     stdout(&o)
 }
 
@@ -191,7 +203,11 @@ where
 
 /// Statuses through the CLI (`relay node connections --json` or `relay status --json`).
 pub async fn statuses(data_dir: &Path, node: bool) -> Vec<ConnectionStatus> {
-    let args: &[&str] = if node { &["node", "connections", "--json"] } else { &["status", "--json"] };
+    let args: &[&str] = if node {
+        &["node", "connections", "--json"]
+    } else {
+        &["status", "--json"]
+    };
     serde_json::from_str(&cli_ok(data_dir, args).await).unwrap()
 }
 
