@@ -192,3 +192,41 @@ async fn a_lost_redeem_answer_is_retried_with_the_same_nonce() {
     assert_eq!(poll(a.credential).await.status, 401);
     assert_eq!(poll(b.credential).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_certificate_is_served_and_pinned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["relay.example.com".into()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "relay.example.com");
+    let cert = params.self_signed(&key_pair).unwrap();
+    let (cert_path, key_path) = (tmp.path().join("node.pem"), tmp.path().join("node.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+    let node_dir = tmp.path().join("node");
+    let node = Daemon::start(
+        &node_dir,
+        &[
+            "node",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let code = initiate(&node.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
+    let inv = Invitation::decode(&code).unwrap();
+    assert_eq!(inv.pin, Some(relay::crypto::sha256(&key_pair.public_key_der())));
+    assert!(!node_dir.join("tls").exists(), "no self-signed certificate is made");
+    let (status, err) = accept(&tmp.path().join("agent"), &code).await;
+    assert_eq!(status, Some(0), "{err}");
+}
