@@ -55,6 +55,8 @@ pub enum Command {
     Send(SendArgs),
     /// A node and an agent on loopback, end to end, narrated.
     Demo,
+    /// Throughput and latency on loopback, beside a direct baseline from the same run.
+    Bench(crate::bench::BenchOptions),
 }
 
 /// `relay node …`.
@@ -250,6 +252,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
         Command::Accept(a) => accept(&settings, a).await,
         Command::Send(a) => send(&settings, a).await,
         Command::Demo => crate::demo::run().await,
+        Command::Bench(o) => crate::bench::run(o).await,
     }
 }
 

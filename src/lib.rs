@@ -20,13 +20,15 @@
 //! - [`agent`]: accept, and the receive/send loops on the private side.
 //! - [`admin`]: the local admin socket; [`daemon`]: starting either side.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
-//!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`.
+//!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
+//!   [`bench`]: `relay bench`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -20,6 +20,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// Status answered.
     pub answered: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -84,6 +86,7 @@ impl Sink {
                         headers,
                         body,
                         answered: status,
+                        at: std::time::Instant::now(),
                     });
                     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
                     http::text(status, "")
