@@ -235,7 +235,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
                 mode: a.mode,
                 project: a.project,
                 expires: a.expires,
-                deliver_to: a.deliver_to.or_else(|| settings.node.deliver_to.clone()),
+                deliver_to: a.deliver_to,
             };
             let code: String = parse(admin_call(&settings, Role::Node, Request::Initiate { request }).await?)?;
             println!("{code}");
@@ -265,6 +265,11 @@ pub async fn admin_call(settings: &Settings, role: Role, req: Request) -> OpResu
     if let Some(v) = admin::call(&settings.data_dir, &req).await? {
         return Ok(v);
     }
+    // Only initiate and accept may start a fresh data directory; a typo in --data-dir must
+    // not silently create one.
+    if !matches!(req, Request::Initiate { .. } | Request::Accept { .. }) {
+        require_data(settings)?;
+    }
     let side = daemon::open_side(settings, role)?;
     let info = Info {
         role: match role {
@@ -275,6 +280,19 @@ pub async fn admin_call(settings: &Settings, role: Role, req: Request) -> OpResu
         ..Info::default()
     };
     admin::dispatch(&side, &info, req).await
+}
+
+fn require_data(settings: &Settings) -> OpResult<()> {
+    if daemon::recorded_role(&settings.data_dir).is_none() {
+        return Err(OpError::new(
+            Kind::Config,
+            format!(
+                "{} holds no relay data: check --data-dir (or RELAY_DATA_DIR); `relay node initiate` or `relay accept` creates it",
+                settings.data_dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
@@ -365,9 +383,11 @@ async fn accept(settings: &Settings, a: AcceptArgs) -> OpResult<()> {
         "  projects:    incoming here {:?}, incoming on the node {:?}",
         c.project, c.node_project
     );
-    match &c.deliver_to {
+    match c.deliver_to.as_ref().or(settings.agent.deliver_to.as_ref()) {
         Some(url) => println!("  deliver to:  {url}"),
-        None => println!("  deliver to:  (none: set --deliver-to; payloads from the node are held until then)"),
+        None => println!(
+            "  deliver to:  (none: set agent.deliver_to and restart; payloads from the node are held until then)"
+        ),
     }
     Ok(())
 }
@@ -400,7 +420,10 @@ async fn send(settings: &Settings, a: SendArgs) -> OpResult<()> {
             };
             send_http(&api, &a, body, token).await?
         }
-        None => send_local(settings, role, &a, body).await?,
+        None => {
+            require_data(settings)?;
+            send_local(settings, role, &a, body).await?
+        }
     };
     println!("{result}");
     Ok(())

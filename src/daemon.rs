@@ -51,10 +51,10 @@ pub fn open_store(settings: &Settings, role: Role) -> OpResult<Store> {
             return Err(OpError::new(
                 Kind::Config,
                 format!(
-                    "the data directory {} belongs to a {}; use another --data-dir for the {}",
+                    "the data directory {} belongs to {}; use another --data-dir for {}",
                     dir.display(),
-                    existing.trim(),
-                    role.as_str()
+                    article(existing.trim()),
+                    article(role.as_str())
                 ),
             ))
         }
@@ -66,12 +66,19 @@ pub fn open_store(settings: &Settings, role: Role) -> OpResult<Store> {
         QueueError::Locked(_) => OpError::new(
             Kind::Failed,
             format!(
-                "the data directory {} is in use by a running relay, but its admin socket does not answer",
+                "the data directory {} is in use by another relay process (a daemon whose admin socket did not answer, or another command)",
                 dir.display()
             ),
         ),
         other => OpError::new(Kind::Failed, other.to_string()),
     })
+}
+
+fn article(role: &str) -> String {
+    match role {
+        "agent" => "an agent".into(),
+        other => format!("a {other}"),
+    }
 }
 
 /// The role recorded in a data directory, if any.
@@ -123,7 +130,7 @@ pub fn open_side(settings: &Settings, role: Role) -> OpResult<Side> {
 async fn bind(addr: std::net::SocketAddr, what: &str) -> OpResult<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| OpError::new(Kind::Config, format!("cannot listen on {addr} ({what}): {e}")))
+        .map_err(|e| OpError::new(Kind::Failed, format!("cannot listen on {addr} ({what}): {e}")))
 }
 
 /// A started daemon.

@@ -15,7 +15,7 @@ fn init_logging(format: LogFormat, daemon: bool) {
     // Colour only on a terminal: journald, Docker and files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -341,6 +341,24 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets intake idempotency keys older than `ttl` in every open queue, once an hour,
+    /// until `token` is cancelled; keeps the key index bounded on both sides.
+    pub async fn prune_idempotency_keys(self, ttl: std::time::Duration, token: tokio_util::sync::CancellationToken) {
+        loop {
+            let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+            let queues: Vec<Arc<QueueShared>> = lock(&self.inner.queues).values().filter_map(Weak::upgrade).collect();
+            for shared in queues {
+                if let Err(e) = (Queue { shared }).prune_idempotency_keys(cutoff) {
+                    tracing::warn!(error = %e, "pruning idempotency keys failed");
+                }
+            }
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            }
+        }
+    }
+
     /// A table of JSON records called `name`.
     pub fn table(&self, name: &str) -> Result<Table, QueueError> {
         Ok(Table {

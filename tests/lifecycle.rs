@@ -89,6 +89,15 @@ async fn initiate_accept_traffic_pause_revoke() {
     let credential = std::fs::read_to_string(&cred).unwrap();
     assert!(!node.log().contains(credential.trim()));
 
+    // The agent confirms the connection at once, so it is ready without a full poll wait.
+    let readyz = format!("{}/readyz", agent.api());
+    wait_for("the agent's /readyz", || async {
+        let req = relay::http::request(relay::http::Method::GET, &readyz, &[], Vec::new()).unwrap();
+        let r = http.send(req, Duration::from_secs(5), 1 << 16).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+
     let active = statuses(&node_dir, true).await;
     assert_eq!(active[0].state, "active");
     assert!(
@@ -186,6 +195,12 @@ async fn admin_commands_work_without_a_daemon_and_agent_exits_cleanly_on_sigterm
     let tmp = tempfile::tempdir().unwrap();
     let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
     let mut private_app = Sink::start().await.unwrap();
+    // A mistyped data directory is reported, not created.
+    let typo = tmp.path().join("nodee");
+    let o = cli(&typo, &["node", "connections"], &[], None).await;
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("holds no relay data"), "{}", stderr(&o));
+    assert!(!typo.join("role").exists());
     // Offline initiate needs the public URL from configuration.
     let o = cli(
         &node_dir,

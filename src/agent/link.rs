@@ -91,7 +91,11 @@ pub fn spawn(
     tracker
         .spawn(receive_loop(ctx.clone(), inbox.clone()).instrument(tracing::info_span!("receive", connection = %name)));
     tracker.spawn(send_loop(ctx, outbox).instrument(tracing::info_span!("send", connection = %name)));
-    match conn.deliver_to.clone() {
+    match conn
+        .deliver_to
+        .clone()
+        .or_else(|| agent.settings().agent.deliver_to.clone())
+    {
         Some(url) => {
             let hook = Webhook {
                 url,
@@ -119,7 +123,7 @@ pub fn spawn(
             );
         }
         None => {
-            warn!(connection = %name, "no webhook configured (accept --deliver-to or agent.deliver_to): payloads from the node are kept in the queue");
+            warn!(connection = %name, "no webhook configured (set agent.deliver_to or RELAY_AGENT__DELIVER_TO and restart): payloads from the node are kept in the queue");
         }
     }
 }
@@ -212,6 +216,9 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
     let mut backoff = backoff(&ctx.agent);
     let wait = ctx.agent.settings().agent.poll_wait;
     let max_payload = ctx.agent.settings().queue.max_payload_bytes as usize;
+    // The first poll, and the first after a failure, asks for an immediate answer so the
+    // connection is known to work (status, /readyz) at once rather than after a full wait.
+    let mut confirm = true;
     loop {
         if token.is_cancelled() {
             return;
@@ -219,7 +226,7 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
         let request = PollRequest {
             version: protocol::PROTOCOL_VERSION,
             after: inbox.durable_seq(),
-            wait_ms: wait.as_millis() as u64,
+            wait_ms: if confirm { 0 } else { wait.as_millis() as u64 },
         };
         let result = tokio::select! {
             _ = token.cancelled() => return,
@@ -228,12 +235,14 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
         let reply = match result {
             Ok(r) => r,
             Err(f) => {
+                confirm = true;
                 if !ctx.failed(f, &mut backoff, &token).await {
                     return;
                 }
                 continue;
             }
         };
+        confirm = false;
         let resp: PollResponse = match protocol::decode("poll response", &reply.body) {
             Ok(r) => r,
             Err(e) => {

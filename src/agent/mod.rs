@@ -57,6 +57,9 @@ pub struct AgentConnection {
     pub accepted_at_ms: u64,
     /// Why the connection stopped for good, once the node revoked it.
     pub revoked: Option<String>,
+    /// When it stopped (unix ms).
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
 }
 
 impl AgentConnection {
@@ -267,12 +270,10 @@ impl Agent {
             mode: resp.mode.clone(),
             node_project: resp.project.clone(),
             project: opts.project.clone().unwrap_or_default(),
-            deliver_to: opts
-                .deliver_to
-                .clone()
-                .or_else(|| self.inner.settings.agent.deliver_to.clone()),
+            deliver_to: opts.deliver_to.clone(),
             accepted_at_ms: now_ms(),
             revoked: None,
+            revoked_at_ms: None,
         };
         let dir = self.inner.settings.data_dir.join("credentials");
         crate::fsutil::create_private_dir(&dir)
@@ -378,7 +379,7 @@ impl Agent {
                 .filter(|t| *t > 0);
             let last_error = match &conn.revoked {
                 Some(reason) => Some(crate::status::LastError {
-                    at_ms: 0,
+                    at_ms: conn.revoked_at_ms.unwrap_or(conn.accepted_at_ms),
                     message: reason.clone(),
                 }),
                 None => link.as_ref().and_then(|l| l.health.last_error()),
@@ -391,7 +392,10 @@ impl Agent {
                 description: conn.description.clone(),
                 mode: conn.mode.clone(),
                 project: conn.project.clone(),
-                deliver_to: conn.deliver_to.clone(),
+                deliver_to: conn
+                    .deliver_to
+                    .clone()
+                    .or_else(|| self.inner.settings.agent.deliver_to.clone()),
                 last_contact_ms: live_contact.or(Some(conn.accepted_at_ms)),
                 outbound: outbox.stats(),
                 inbound: inbox.stats(),
@@ -413,12 +417,12 @@ impl Agent {
 
     /// Marks a connection revoked (persisted) and stops its tasks; its queues stay.
     pub async fn mark_revoked(&self, name: &str, reason: &str) {
-        let message = format!(
-            "connection {name:?} stopped: {reason}. Its queues are kept; accept a new invitation (under another --name) to resume"
-        );
+        let message =
+            format!("stopped: {reason}. The queues are kept; accept a new invitation (under another --name) to resume");
         tracing::error!(connection = %name, "{message}");
         if let Ok(Some(mut conn)) = self.get(name) {
             conn.revoked = Some(message);
+            conn.revoked_at_ms = Some(now_ms());
             let _ = self.inner.connections.put(name, &conn);
             let _ = self.inner.store.flush().await;
         }
@@ -503,6 +507,8 @@ impl Agent {
             move |req, _peer| crate::intake::handle(intake.clone(), req),
             token.clone(),
         ));
+        let store = self.inner.store.clone();
+        tracker.spawn(store.prune_idempotency_keys(self.inner.settings.queue.idempotency_ttl, token.clone()));
         let revoked = tokio::select! {
             _ = token.cancelled() => false,
             _ = all_revoked.cancelled() => true,

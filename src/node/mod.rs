@@ -126,7 +126,7 @@ impl Node {
         let url = self.public_url().ok_or_else(|| {
             OpError::new(
                 Kind::Config,
-                "no public URL: set --public-url (node.public_url), or run initiate while the node runs",
+                "no public URL for invitation codes: set node.public_url (RELAY_NODE__PUBLIC_URL), or run initiate while `relay node run` runs",
             )
         })?;
         let ttl = req.expires.unwrap_or(self.inner.settings.node.invitation_ttl);
@@ -145,6 +145,9 @@ impl Node {
             let (outbox, inbox) = self.queues(&rec.name)?;
             let link = self.link(&rec.name);
             let mut status = rec.status(outbox.stats(), inbox.stats());
+            status.deliver_to = status
+                .deliver_to
+                .or_else(|| self.inner.settings.node.deliver_to.clone());
             if let Some(link) = link {
                 let live = Health::get(&link.health.last_contact_ms);
                 if live > 0 {
@@ -200,7 +203,11 @@ impl Node {
         });
         links.insert(rec.name.clone(), link.clone());
         let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(rt), Some(url)) = (runtime.as_ref(), rec.deliver_to.clone()) {
+        let url = rec
+            .deliver_to
+            .clone()
+            .or_else(|| self.inner.settings.node.deliver_to.clone());
+        if let (Some(rt), Some(url)) = (runtime.as_ref(), url) {
             let hook = Webhook {
                 url,
                 connection: rec.name.clone(),
@@ -280,30 +287,13 @@ impl Node {
             move |req, _peer| crate::intake::handle(intake.clone(), req),
             token.clone(),
         ));
-        tracker.spawn(prune_idempotency_keys(self.clone(), token.clone()));
+        let store = self.inner.store.clone();
+        tracker.spawn(store.prune_idempotency_keys(self.inner.settings.queue.idempotency_ttl, token.clone()));
         token.cancelled().await;
         tracker.close();
         tracker.wait().await;
         self.inner.store.flush().await?;
         Ok(())
-    }
-}
-
-/// Drops old intake idempotency keys once an hour.
-async fn prune_idempotency_keys(node: Node, token: CancellationToken) {
-    let ttl = node.inner.settings.queue.idempotency_ttl;
-    loop {
-        if let Ok(list) = node.inner.registry.list() {
-            let cutoff = crate::status::now_ms().saturating_sub(ttl.as_millis() as u64);
-            for rec in list {
-                if let Ok((outbox, _)) = node.queues(&rec.name) {
-                    let _ = outbox.prune_idempotency_keys(cutoff);
-                }
-            }
-        }
-        if !crate::retry::sleep(std::time::Duration::from_secs(3600), &token).await {
-            return;
-        }
     }
 }
 
