@@ -276,7 +276,10 @@ pub async fn run(opts: BenchOptions) -> OpResult<()> {
     );
     println!(
         "{:<44} {:>10.0}/s {:>10.0}/s {:>7.2}",
-        "backlog drain, in order vs sequential POSTs", backlog_rate, seq_rate, backlog_rate / seq_rate
+        "backlog drain, in order vs sequential POSTs",
+        backlog_rate,
+        seq_rate,
+        backlog_rate / seq_rate
     );
     println!(
         "{:<44} {:>10.0}/s {:>10.0}/s {:>7.2}   (target >= 0.50)",
