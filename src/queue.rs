@@ -107,7 +107,7 @@ pub struct Appended {
 }
 
 /// A message an endpoint refused for good.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct DeadLetter {
     /// Sequence number.
     pub seq: u64,
@@ -692,10 +692,10 @@ impl Queue {
         Ok(())
     }
 
-    /// Every dead letter, oldest first (metadata only).
-    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
+    /// The newest `limit` dead letters, oldest first (metadata only).
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let mut out = Vec::new();
-        for item in self.shared.tree.scan_prefix([DEAD_PREFIX]) {
+        for item in self.shared.tree.scan_prefix([DEAD_PREFIX]).rev().take(limit) {
             let (_, v) = item.map_err(|e| self.storage(e))?;
             let len = v.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
             let meta = len.and_then(|l| v.get(4..4 + l as usize));
@@ -704,6 +704,7 @@ impl Queue {
                 .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
             out.push(record);
         }
+        out.reverse();
         Ok(out)
     }
 
@@ -916,7 +917,7 @@ mod tests {
         q.dead_letter(&bad, "HTTP 400").unwrap();
         let stats = q.stats();
         assert_eq!((stats.depth, stats.dead_letters), (1, 1));
-        assert_eq!(q.dead_letters().unwrap()[0].reason, "HTTP 400");
+        assert_eq!(q.dead_letters(10).unwrap()[0].reason, "HTTP 400");
         assert_eq!(q.first().unwrap().unwrap().body, "good");
     }
 

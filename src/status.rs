@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::QueueStats;
+use crate::queue::{DeadLetter, QueueStats};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -105,7 +105,13 @@ pub struct ConnectionStatus {
     pub last_error: Option<LastError>,
     /// Invitation expiry (unix s), while pending.
     pub invitation_expires_at: Option<u64>,
+    /// The most recent dead letters (up to [`RECENT_DEAD_LETTERS`]), oldest first.
+    #[serde(default)]
+    pub recent_dead_letters: Vec<DeadLetter>,
 }
+
+/// How many dead letters a status shows in detail.
+pub const RECENT_DEAD_LETTERS: usize = 10;
 
 /// Renders a duration since `then_ms` as "12s ago".
 pub fn ago(then_ms: u64, now_ms: u64) -> String {
@@ -159,6 +165,17 @@ pub fn render(list: &[ConnectionStatus]) -> String {
         }
         if let Some(exp) = c.invitation_expires_at {
             let _ = writeln!(out, "  invitation:   expires at unix time {exp}");
+        }
+        for d in &c.recent_dead_letters {
+            let _ = writeln!(
+                out,
+                "  dead letter:  seq {} id {} ({} bytes, {}): {}",
+                d.seq,
+                d.id,
+                d.bytes,
+                ago(d.dead_at_ms, now),
+                d.reason
+            );
         }
         if let Some(e) = &c.last_error {
             let _ = writeln!(out, "  last error:   {} ({})", e.message, ago(e.at_ms, now));

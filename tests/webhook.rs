@@ -130,6 +130,13 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     assert!(status.last_error.unwrap().message.contains("dead-lettered"));
     let rendered = relay::status::render(&agent.side.status().unwrap());
     assert!(rendered.contains("1 dead letters"), "{rendered}");
+    let dead = &agent.side.status().unwrap()[0].recent_dead_letters;
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.contains("400"), "{}", dead[0].reason);
+    assert!(
+        rendered.contains(&format!("dead letter:  seq {} id {}", dead[0].seq, dead[0].id)),
+        "{rendered}"
+    );
     assert!(app.rx.try_recv().is_err(), "the dead letter is not retried");
 
     token.cancel();

@@ -401,6 +401,7 @@ impl Agent {
                 inbound: inbox.stats(),
                 last_error,
                 invitation_expires_at: None,
+                recent_dead_letters: inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?,
             });
         }
         Ok(out)

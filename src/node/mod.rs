@@ -148,6 +148,7 @@ impl Node {
             status.deliver_to = status
                 .deliver_to
                 .or_else(|| self.inner.settings.node.deliver_to.clone());
+            status.recent_dead_letters = inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?;
             if let Some(link) = link {
                 let live = Health::get(&link.health.last_contact_ms);
                 if live > 0 {

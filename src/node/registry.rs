@@ -152,6 +152,7 @@ impl ConnectionRecord {
             inbound,
             last_error: None,
             invitation_expires_at: (!self.accepted() && !self.revoked).then_some(self.invitation.expires_at),
+            recent_dead_letters: Vec::new(),
         }
     }
 }
