@@ -126,6 +126,45 @@ pub struct AgentSettings {
     /// Deadline for connecting and for a non-poll request to the node.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// HTTP CONNECT proxy for reaching the node, `http://[user:password@]host:port`; when
+    /// unset, `HTTPS_PROXY`/`ALL_PROXY` (either case) apply.
+    #[serde(default)]
+    pub proxy: Option<Secret>,
+    /// Hosts reached without the configured proxy (`NO_PROXY` syntax); when `proxy` is
+    /// unset, `NO_PROXY` applies.
+    #[serde(default)]
+    pub no_proxy: Option<String>,
+    /// How the node's certificate is trusted.
+    #[serde(default)]
+    pub trust: TrustMode,
+    /// PEM bundle of CA certificates: required with `trust = "ca"`, added to the system roots
+    /// with `trust = "system"`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How the agent decides the node is the node.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustMode {
+    /// The SPKI pin from the invitation (default): no CA involved.
+    #[default]
+    Pin,
+    /// Certificates chaining to the CAs in `agent.ca_file` (a private CA, or a TLS-inspecting
+    /// proxy's CA).
+    Ca,
+    /// The operating system's trusted CAs (plus `agent.ca_file`, if set).
+    System,
+}
+
+impl std::fmt::Display for TrustMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrustMode::Pin => "pin",
+            TrustMode::Ca => "ca",
+            TrustMode::System => "system",
+        })
+    }
 }
 
 /// `[queue]`.
@@ -236,6 +275,10 @@ impl Default for AgentSettings {
             api_token: None,
             poll_wait: default_poll_wait(),
             request_timeout: default_request_timeout(),
+            proxy: None,
+            no_proxy: None,
+            trust: TrustMode::default(),
+            ca_file: None,
         }
     }
 }
@@ -388,10 +431,29 @@ impl Settings {
                 "required when agent.intake_listen is not a loopback address",
             );
         }
+        if let Some(proxy) = &self.agent.proxy {
+            if let Err(problem) = crate::http::check_proxy_url(proxy.expose()) {
+                return invalid("agent.proxy", &problem);
+            }
+        }
+        if self.agent.trust == TrustMode::Ca && self.agent.ca_file.is_none() {
+            return invalid("agent.ca_file", "required when agent.trust = \"ca\"");
+        }
         if self.node.max_connections == 0 {
             return invalid("node.max_connections", "must be at least 1");
         }
         Ok(())
+    }
+
+    /// The agent's route to its nodes.
+    pub fn proxy_config(&self) -> crate::http::ProxyConfig {
+        match &self.agent.proxy {
+            Some(url) => crate::http::ProxyConfig::Url {
+                url: url.expose().to_owned(),
+                no_proxy: self.agent.no_proxy.clone(),
+            },
+            None => crate::http::ProxyConfig::FromEnvironment,
+        }
     }
 
     /// Queue bounds as the queue module wants them.
@@ -503,6 +565,26 @@ mod tests {
         .unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.node.api_token.unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn proxy_and_trust_settings_are_checked() {
+        let err = load(None, env(&[("RELAY_AGENT__PROXY", "https://p:3128")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.proxy") && err.contains("http://"), "{err}");
+        let s = load(None, env(&[("RELAY_AGENT__PROXY", "http://u:hunter2@p:3128")]), &[]).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let err = load(None, env(&[("RELAY_AGENT__TRUST", "ca")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.ca_file"), "{err}");
+        let err = load(None, env(&[("RELAY_AGENT__TRUST", "anything")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trust"), "{err}");
+        let s = load(None, env(&[("RELAY_AGENT__TRUST", "system")]), &[]).unwrap();
+        assert_eq!(s.agent.trust, TrustMode::System);
     }
 
     #[test]

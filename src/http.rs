@@ -256,42 +256,303 @@ pub enum ClientError {
     Build(String),
 }
 
+/// Which proxy, if any, the agent's connections to the node go through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ProxyConfig {
+    /// `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` from the environment (either case).
+    #[default]
+    FromEnvironment,
+    /// An explicit `http://[user:password@]host:port` proxy, with an optional no-proxy list.
+    Url {
+        /// The proxy URL (may carry credentials).
+        url: String,
+        /// Hosts reached directly, `NO_PROXY` syntax.
+        no_proxy: Option<String>,
+    },
+    /// Always connect directly (webhooks on the local network).
+    Direct,
+}
+
+/// How a destination is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A direct TCP connection.
+    Direct,
+    /// An HTTP CONNECT tunnel through this proxy (shown without credentials).
+    Proxy {
+        /// `scheme://host:port` of the proxy.
+        proxy: String,
+        /// Whether credentials are sent.
+        authenticated: bool,
+    },
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Direct => f.write_str("direct"),
+            Route::Proxy {
+                proxy,
+                authenticated: true,
+            } => write!(f, "via proxy {proxy} (with basic auth)"),
+            Route::Proxy { proxy, .. } => write!(f, "via proxy {proxy}"),
+        }
+    }
+}
+
+/// A proxy URL without any credentials, for messages.
+fn redact(uri: &Uri) -> String {
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let host = uri.host().unwrap_or("?");
+    match uri.port_u16() {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    }
+}
+
+/// Checks a configured proxy URL: `http://[user:password@]host:port`.
+pub fn check_proxy_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url.parse().map_err(|_| "the proxy URL is not a valid URL".to_owned())?;
+    if uri.scheme_str() != Some("http") {
+        return Err("the proxy URL must start with http:// (relay speaks HTTP CONNECT to the proxy)".into());
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the proxy URL has no host".into());
+    }
+    Ok(())
+}
+
+/// Why the proxy did not open a tunnel; names the proxy, never its credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// 407 from the proxy.
+    #[error(
+        "the proxy {proxy} answered 407 Proxy Authentication Required{}",
+        if *.sent_credentials { ": it refused the user and password in the proxy URL" } else { ": put a user and password in the proxy URL (http://user:password@host:port, in agent.proxy or HTTPS_PROXY)" }
+    )]
+    AuthRequired {
+        /// The proxy.
+        proxy: String,
+        /// Whether credentials were sent.
+        sent_credentials: bool,
+    },
+    /// The proxy could not be reached.
+    #[error("cannot connect to the proxy {proxy}: {detail}")]
+    Unreachable {
+        /// The proxy.
+        proxy: String,
+        /// Why.
+        detail: String,
+    },
+    /// The proxy refused or failed the CONNECT.
+    #[error("the proxy {proxy} did not open a tunnel to {target}: {detail}")]
+    Refused {
+        /// The proxy.
+        proxy: String,
+        /// Where the tunnel should have gone.
+        target: String,
+        /// What happened.
+        detail: String,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TcpIo = TokioIo<tokio::net::TcpStream>;
+
+/// A connector that dials directly or through an HTTP CONNECT proxy, per destination.
+#[derive(Clone)]
+pub struct ProxyConnector {
+    direct: hyper_util::client::legacy::connect::HttpConnector,
+    matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
+}
+
+impl ProxyConnector {
+    /// A connector following `config`.
+    pub fn new(direct: hyper_util::client::legacy::connect::HttpConnector, config: &ProxyConfig) -> ProxyConnector {
+        use hyper_util::client::proxy::matcher::Matcher;
+        let matcher = match config {
+            ProxyConfig::FromEnvironment => Matcher::from_env(),
+            ProxyConfig::Url { url, no_proxy } => Matcher::builder()
+                .https(url.clone())
+                .no(no_proxy.clone().unwrap_or_default())
+                .build(),
+            ProxyConfig::Direct => Matcher::builder().build(),
+        };
+        ProxyConnector {
+            direct,
+            matcher: Arc::new(matcher),
+        }
+    }
+
+    /// How `dst` would be reached.
+    pub fn route(&self, dst: &Uri) -> Route {
+        match self.matcher.intercept(dst) {
+            Some(i) => Route::Proxy {
+                proxy: redact(i.uri()),
+                authenticated: i.basic_auth().is_some(),
+            },
+            None => Route::Direct,
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for ProxyConnector {
+    type Response = TcpIo;
+    type Error = BoxError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<TcpIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        // HttpConnector is always ready; readiness is per call.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let Some(intercept) = self.matcher.intercept(&dst) else {
+            let mut direct = self.direct.clone();
+            return Box::pin(async move { direct.call(dst).await.map_err(Into::into) });
+        };
+        let proxy = redact(intercept.uri());
+        let proxy_uri = intercept.uri().clone();
+        let auth = intercept.basic_auth().cloned();
+        let target = format!("{}:{}", dst.host().unwrap_or(""), dst.port_u16().unwrap_or(443));
+        let mut direct = self.direct.clone();
+        Box::pin(async move {
+            let io = direct.call(proxy_uri).await.map_err(|e| {
+                Box::new(ProxyError::Unreachable {
+                    proxy: proxy.clone(),
+                    detail: error_chain(&e),
+                }) as BoxError
+            })?;
+            let tcp = connect_tunnel(io.into_inner(), &target, auth.as_ref())
+                .await
+                .map_err(|problem| Box::new(problem.into_error(proxy, target, auth.is_some())) as BoxError)?;
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}
+
+/// What went wrong in the CONNECT exchange.
+enum TunnelProblem {
+    Io(std::io::Error),
+    Status(u16, String),
+    Malformed(&'static str),
+}
+
+impl TunnelProblem {
+    fn into_error(self, proxy: String, target: String, sent_credentials: bool) -> ProxyError {
+        let detail = match self {
+            TunnelProblem::Status(407, _) => {
+                return ProxyError::AuthRequired {
+                    proxy,
+                    sent_credentials,
+                }
+            }
+            TunnelProblem::Status(code @ (401 | 403), reason) if sent_credentials => {
+                format!("it answered {code} {reason}; check the user and password in the proxy URL")
+            }
+            TunnelProblem::Status(code, reason) => format!("it answered {code} {reason}"),
+            TunnelProblem::Io(e) => e.to_string(),
+            TunnelProblem::Malformed(what) => what.to_owned(),
+        };
+        ProxyError::Refused { proxy, target, detail }
+    }
+}
+
+/// Asks the proxy on `tcp` for a tunnel to `target` (HTTP CONNECT) and returns the stream
+/// once it answers 200. Hand-rolled rather than hyper-util's `Tunnel` so the operator learns
+/// the proxy's actual status.
+async fn connect_tunnel(
+    mut tcp: tokio::net::TcpStream,
+    target: &str,
+    auth: Option<&HeaderValue>,
+) -> Result<tokio::net::TcpStream, TunnelProblem> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
+    if let Some(auth) = auth {
+        request.extend_from_slice(b"Proxy-Authorization: ");
+        request.extend_from_slice(auth.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"\r\n");
+    tcp.write_all(&request).await.map_err(TunnelProblem::Io)?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let end = loop {
+        let n = tcp.read(&mut chunk).await.map_err(TunnelProblem::Io)?;
+        if n == 0 {
+            return Err(TunnelProblem::Malformed(
+                "the proxy closed the connection before answering",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return Err(TunnelProblem::Malformed("the proxy's answer headers are too long"));
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let status_line = head.lines().next().unwrap_or("");
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, code) = (
+        parts.next().unwrap_or(""),
+        parts.next().and_then(|c| c.parse::<u16>().ok()),
+    );
+    let reason = parts.next().unwrap_or("").trim().to_owned();
+    let Some(code) = code.filter(|_| version.starts_with("HTTP/1.")) else {
+        return Err(TunnelProblem::Malformed("the proxy did not answer with HTTP"));
+    };
+    if code != 200 {
+        return Err(TunnelProblem::Status(code, reason));
+    }
+    if end != buf.len() {
+        // Nothing may follow the proxy's answer before our TLS handshake starts.
+        return Err(TunnelProblem::Malformed("the proxy sent data after its answer"));
+    }
+    Ok(tcp)
+}
+
 /// An HTTP(S) client with connection reuse (keep-alive, and h2 where the server offers it)
 /// and a deadline on every call, since hyper-util's client has none of its own.
 #[derive(Clone)]
 pub struct Client {
-    inner: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Body,
-    >,
+    inner: hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<ProxyConnector>, Body>,
+    connector: ProxyConnector,
 }
 
 impl Client {
-    /// A client that speaks https only, with `tls` deciding whom to trust.
-    pub fn https_only(tls: rustls::ClientConfig, connect_timeout: Duration) -> Client {
-        Client::build(tls, connect_timeout, true)
+    /// A client that speaks https only, with `tls` deciding whom to trust, through the proxy
+    /// `proxy` says.
+    pub fn https_only(tls: rustls::ClientConfig, connect_timeout: Duration, proxy: &ProxyConfig) -> Client {
+        Client::build(tls, connect_timeout, true, proxy)
     }
 
-    /// A client for webhooks: http, or https against the public web roots.
+    /// A client for webhooks: http, or https against `tls`; always direct.
     pub fn webhook(tls: rustls::ClientConfig, connect_timeout: Duration) -> Client {
-        Client::build(tls, connect_timeout, false)
+        Client::build(tls, connect_timeout, false, &ProxyConfig::Direct)
     }
 
-    fn build(tls: rustls::ClientConfig, connect_timeout: Duration, https_only: bool) -> Client {
+    fn build(tls: rustls::ClientConfig, connect_timeout: Duration, https_only: bool, proxy: &ProxyConfig) -> Client {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(30)));
+        let connector = ProxyConnector::new(http, proxy);
         let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
-        let connector = if https_only {
-            builder.https_only().enable_http1().enable_http2().wrap_connector(http)
+        let https = if https_only {
+            builder
+                .https_only()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(connector.clone())
         } else {
             builder
                 .https_or_http()
                 .enable_http1()
                 .enable_http2()
-                .wrap_connector(http)
+                .wrap_connector(connector.clone())
         };
         let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -299,8 +560,16 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(50))
             .http2_keep_alive_interval(Some(Duration::from_secs(20)))
             .http2_keep_alive_timeout(Duration::from_secs(20))
-            .build(connector);
-        Client { inner }
+            .build(https);
+        Client { inner, connector }
+    }
+
+    /// How `url` would be reached: directly or through which proxy.
+    pub fn route(&self, url: &str) -> Route {
+        match url.parse::<Uri>() {
+            Ok(uri) => self.connector.route(&uri),
+            Err(_) => Route::Direct,
+        }
     }
 
     /// Sends a request and reads the whole response within `deadline`.

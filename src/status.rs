@@ -105,6 +105,12 @@ pub struct ConnectionStatus {
     pub last_error: Option<LastError>,
     /// Invitation expiry (unix s), while pending.
     pub invitation_expires_at: Option<u64>,
+    /// How the peer's certificate is trusted (agent).
+    #[serde(default)]
+    pub trust: Option<String>,
+    /// How the peer is reached: direct or via which proxy (agent).
+    #[serde(default)]
+    pub route: Option<String>,
     /// The most recent dead letters (up to [`RECENT_DEAD_LETTERS`]), oldest first.
     #[serde(default)]
     pub recent_dead_letters: Vec<DeadLetter>,
@@ -150,6 +156,12 @@ pub fn render(list: &[ConnectionStatus]) -> String {
             "  deliver to:   {}",
             c.deliver_to.as_deref().unwrap_or("(none: incoming payloads are held)")
         );
+        if let Some(trust) = &c.trust {
+            let _ = writeln!(out, "  trust:        {trust}");
+        }
+        if let Some(route) = &c.route {
+            let _ = writeln!(out, "  route:        {route}");
+        }
         let contact = c.last_contact_ms.map(|t| ago(t, now)).unwrap_or_else(|| "never".into());
         let _ = writeln!(out, "  last contact: {contact}");
         for (label, q) in [("outbound", &c.outbound), ("inbound", &c.inbound)] {

@@ -11,6 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
+use crate::config::TrustMode;
 use crate::x509;
 
 /// Why TLS could not be set up.
@@ -131,7 +132,8 @@ impl std::fmt::Display for PinMismatch {
         write!(
             f,
             "certificate pin mismatch: the server presented a certificate for \"{}\" issued by \"{}\" with key {}, \
-             but the invitation pins {}; refusing to talk to it (a different node, or something intercepting the connection)",
+             but the invitation pins {}; refusing to talk to it (a different node, or something intercepting the connection: \
+             if a TLS-inspecting firewall sits in between, set agent.trust = \"ca\" and agent.ca_file to its CA)",
             self.subject,
             self.issuer,
             x509::format_pin(&self.presented),
@@ -211,21 +213,178 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
-/// Client configuration for talking to a node: the pin when the invitation carried one,
-/// otherwise the public web roots.
-pub fn node_client_config(pin: Option<[u8; 32]>) -> Result<rustls::ClientConfig, TlsError> {
+/// Client configuration for talking to a node, per the trust mode: the invitation's pin (or,
+/// when it carried none, the system roots), the CAs in `ca_file`, or the system roots.
+pub fn node_client_config(
+    pin: Option<[u8; 32]>,
+    trust: TrustMode,
+    ca_file: Option<&Path>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let config = match pin {
-        Some(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
-            .with_no_client_auth(),
-        None => builder.with_root_certificates(web_roots()).with_no_client_auth(),
+    let verifier: Arc<dyn ServerCertVerifier> = match (trust, pin) {
+        (TrustMode::Pin, Some(pin)) => Arc::new(PinVerifier { pin, provider }),
+        (TrustMode::Ca, _) => {
+            let path = ca_file.ok_or_else(|| TlsError::Config("agent.trust = \"ca\" needs agent.ca_file".into()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            add_pem_bundle(&mut roots, path)?;
+            DescribingVerifier::shared(
+                roots,
+                format!("a certificate issued by a CA in {}", path.display()),
+                provider,
+            )?
+        }
+        (TrustMode::System, _) | (TrustMode::Pin, None) => {
+            let mut roots = system_roots()?;
+            let mut expected = "a certificate issued by a CA the system trusts".to_owned();
+            if let Some(path) = ca_file {
+                add_pem_bundle(&mut roots, path)?;
+                expected = format!("{expected} or by a CA in {}", path.display());
+            }
+            DescribingVerifier::shared(roots, expected, provider)?
+        }
     };
-    Ok(config)
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// One line for status and doctor: how this agent trusts its node.
+pub fn describe_trust(pin: Option<[u8; 32]>, trust: TrustMode, ca_file: Option<&Path>) -> String {
+    match (trust, pin, ca_file) {
+        (TrustMode::Pin, Some(pin), _) => format!("pin {}", x509::format_pin(&pin)),
+        (TrustMode::Ca, _, Some(path)) => format!("ca {}", path.display()),
+        (TrustMode::Ca, _, None) => "ca (agent.ca_file missing)".to_owned(),
+        (_, _, Some(path)) => format!("system roots + {}", path.display()),
+        _ => "system roots".to_owned(),
+    }
+}
+
+fn add_pem_bundle(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate in the file"));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| file_err(path, e))?;
+    }
+    Ok(())
+}
+
+fn system_roots() -> Result<rustls::RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(TlsError::Config(
+            "no trusted CA certificates found on this system (install ca-certificates, or use agent.trust = \"ca\" with agent.ca_file)".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// The presented certificate does not chain to the trusted CAs.
+#[derive(Debug)]
+pub struct TrustFailure {
+    /// What would have been accepted.
+    pub expected: String,
+    /// Presented certificate's subject.
+    pub subject: String,
+    /// Presented certificate's issuer.
+    pub issuer: String,
+    /// SHA-256 of the presented certificate (DER).
+    pub fingerprint: [u8; 32],
+    /// rustls' reason.
+    pub reason: String,
+}
+
+impl std::fmt::Display for TrustFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "certificate not trusted: the server presented \"{}\" issued by \"{}\" (certificate SHA-256 {}) but expected {} ({}); \
+             if a TLS-inspecting firewall sits in between, put its CA in agent.ca_file",
+            self.subject,
+            self.issuer,
+            crate::crypto::hex(&self.fingerprint),
+            self.expected,
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for TrustFailure {}
+
+/// WebPKI verification that, on failure, says what was presented and what was expected.
+#[derive(Debug)]
+struct DescribingVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: String,
+}
+
+impl DescribingVerifier {
+    fn shared(
+        roots: rustls::RootCertStore,
+        expected: String,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Arc::new(DescribingVerifier { inner, expected }))
+    }
+}
+
+impl ServerCertVerifier for DescribingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(|e| {
+                let info = x509::parse_certificate(end_entity).ok();
+                rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(TrustFailure {
+                    expected: format!("{} for {}", self.expected, server_name.to_str()),
+                    subject: info.as_ref().map(|i| i.subject.clone()).unwrap_or_default(),
+                    issuer: info.map(|i| i.issuer).unwrap_or_default(),
+                    fingerprint: crate::crypto::sha256(end_entity),
+                    reason: e.to_string(),
+                }))))
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Client configuration for https webhooks: the public web roots.

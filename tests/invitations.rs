@@ -133,8 +133,9 @@ async fn a_lost_redeem_answer_is_retried_with_the_same_nonce() {
     let code = initiate(&node.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
     let inv = Invitation::decode(&code).unwrap();
     let client = relay::http::Client::https_only(
-        relay::tls::node_client_config(inv.pin).unwrap(),
+        relay::tls::node_client_config(inv.pin, relay::config::TrustMode::Pin, None).unwrap(),
         std::time::Duration::from_secs(5),
+        &relay::http::ProxyConfig::Direct,
     );
     let redeem = |nonce: &str| {
         let body = protocol::encode(&RedeemRequest {

@@ -55,19 +55,20 @@ pub fn spawn(
             return;
         }
     };
-    let pin = conn
-        .pin
-        .as_deref()
-        .and_then(crate::crypto::from_hex)
-        .and_then(|p| <[u8; 32]>::try_from(p).ok());
-    let tls = match crate::tls::node_client_config(pin) {
+    let pin = conn.pin_bytes();
+    let trust = &agent.settings().agent;
+    let tls = match crate::tls::node_client_config(pin, trust.trust, trust.ca_file.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             handle.health.error(e.to_string());
             return;
         }
     };
-    let client = http::Client::https_only(tls, agent.settings().agent.request_timeout);
+    let client = http::Client::https_only(
+        tls,
+        agent.settings().agent.request_timeout,
+        &agent.settings().proxy_config(),
+    );
     let (outbox_name, inbox_name) = super::queue_names(&conn.name);
     let limits = agent.settings().queue_limits();
     let (outbox, inbox) = match (

@@ -63,6 +63,14 @@ pub struct AgentConnection {
 }
 
 impl AgentConnection {
+    /// The pinned SPKI hash, when the invitation carried one.
+    pub fn pin_bytes(&self) -> Option<[u8; 32]> {
+        self.pin
+            .as_deref()
+            .and_then(crypto::from_hex)
+            .and_then(|p| <[u8; 32]>::try_from(p).ok())
+    }
+
     fn state_name(&self, paused: bool) -> &'static str {
         if self.revoked.is_some() {
             "revoked"
@@ -133,7 +141,10 @@ pub fn queue_names(conn: &str) -> (String, String) {
 /// Why a redemption failed.
 fn accept_error(e: http::ClientError, url: &str) -> OpError {
     let text = e.to_string();
-    if let Some(at) = text.find("certificate pin mismatch") {
+    if let Some(at) = text
+        .find("certificate pin mismatch")
+        .or_else(|| text.find("certificate not trusted"))
+    {
         return OpError::new(
             Kind::Invitation,
             format!(
@@ -308,10 +319,11 @@ impl Agent {
     }
 
     async fn redeem(&self, invitation: &Invitation, request: &RedeemRequest) -> OpResult<RedeemResponse> {
-        let tls =
-            crate::tls::node_client_config(invitation.pin).map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let a = &self.inner.settings.agent;
+        let tls = crate::tls::node_client_config(invitation.pin, a.trust, a.ca_file.as_deref())
+            .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let timeout = self.inner.settings.agent.request_timeout;
-        let client = http::Client::https_only(tls, timeout);
+        let client = http::Client::https_only(tls, timeout, &self.inner.settings.proxy_config());
         let url = format!("{}{}", invitation.url, protocol::REDEEM_PATH);
         let body = protocol::encode(request);
         let mut backoff = crate::retry::Backoff::new(Duration::from_millis(300), Duration::from_secs(3));
@@ -402,9 +414,27 @@ impl Agent {
                 last_error,
                 invitation_expires_at: None,
                 recent_dead_letters: inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?,
+                trust: Some(self.trust_of(&conn)),
+                route: Some(self.route_to(&conn.node_url).to_string()),
             });
         }
         Ok(out)
+    }
+
+    /// How this agent trusts the node of `conn`.
+    pub fn trust_of(&self, conn: &AgentConnection) -> String {
+        let a = &self.inner.settings.agent;
+        crate::tls::describe_trust(conn.pin_bytes(), a.trust, a.ca_file.as_deref())
+    }
+
+    /// How the agent reaches `url`: directly or through which proxy.
+    pub fn route_to(&self, url: &str) -> http::Route {
+        match crate::tls::webhook_client_config() {
+            Ok(tls) => {
+                http::Client::https_only(tls, Duration::from_secs(1), &self.inner.settings.proxy_config()).route(url)
+            }
+            Err(_) => http::Route::Direct,
+        }
     }
 
     fn link(&self, name: &str) -> Option<Arc<LinkHandle>> {

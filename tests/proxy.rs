@@ -1,0 +1,256 @@
+//! Reaching the node through a corporate HTTP CONNECT proxy (a real tinyproxy on loopback),
+//! with and without basic auth; `NO_PROXY`; clear errors naming the proxy, never its
+//! password.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use relay::sink::Sink;
+
+struct Tinyproxy {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Tinyproxy {
+    async fn start(dir: &Path, basic_auth: Option<(&str, &str)>) -> Tinyproxy {
+        let bin = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("tinyproxy is needed for this test: apt-get install tinyproxy (.ci/run installs it)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // The proxy drops to an unprivileged user when started as root; it must still write its log.
+        std::fs::create_dir_all(dir).unwrap();
+        for d in [dir.parent().unwrap(), dir] {
+            let mode = if d == dir { 0o777 } else { 0o755 };
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        }
+        let log = dir.join("tinyproxy.log");
+        let mut conf = format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\nAllow 127.0.0.1\nLogLevel Info\nDisableViaHeader Yes\nLogFile \"{}\"\n",
+            log.display()
+        );
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if root {
+            conf.push_str("User nobody\nGroup nogroup\n");
+        }
+        if let Some((user, password)) = basic_auth {
+            conf.push_str(&format!("BasicAuth {user} {password}\n"));
+        }
+        let conf_path = dir.join("tinyproxy.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("tinyproxy to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+        })
+        .await;
+        Tinyproxy { child, port, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn node(dir: &Path) -> Daemon {
+    Daemon::start(
+        dir,
+        &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await
+}
+
+fn node_port(node: &Daemon) -> String {
+    node.info.listen.clone().unwrap().rsplit(':').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_proxy_from_the_environment_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let proxy = Tinyproxy::start(&tmp.path().join("proxy"), None).await;
+    let node = node(&tmp.path().join("node")).await;
+    let mut public_app = Sink::start().await.unwrap();
+    let mut private_app = Sink::start().await.unwrap();
+    let code = initiate(&node.data_dir, "c", &public_app.url, &[]).await;
+    let agent_dir = tmp.path().join("agent");
+    let env = [("HTTPS_PROXY", proxy.url()), ("NO_PROXY", String::new())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let o = cli(
+        &agent_dir,
+        &["accept", &code, "--deliver-to", &private_app.url],
+        &env,
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+
+    let http = client();
+    assert_eq!(
+        post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(
+        post(&http, &agent.api(), "c", b"up".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"down");
+    assert_eq!(public_app.next(DEADLINE).await.unwrap().body, b"up");
+
+    let connect = format!("CONNECT 127.0.0.1:{}", node_port(&node));
+    assert!(
+        proxy.log().contains(&connect),
+        "the proxy carried the traffic:\n{}",
+        proxy.log()
+    );
+    let o = cli(&agent_dir, &["status"], &env, None).await;
+    assert!(
+        stdout(&o).contains(&format!("route:        via proxy {}", proxy.url())),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_authentication_and_its_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let proxy = Tinyproxy::start(&tmp.path().join("proxy"), Some(("relay", "pr0xy-pass"))).await;
+    let node = node(&tmp.path().join("node")).await;
+    let mut private_app = Sink::start().await.unwrap();
+    let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
+    let port = proxy.port;
+
+    // No credentials: a 407 that names the proxy and says what to do.
+    let no_auth = format!("http://127.0.0.1:{port}");
+    let o = cli(
+        &tmp.path().join("a1"),
+        &["accept", &code],
+        &[("RELAY_AGENT__PROXY", &no_auth)],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("407") && err.contains(&no_auth) && err.contains("user and password"),
+        "{err}\n{}",
+        proxy.log()
+    );
+
+    // Wrong credentials: refused, and the password never appears.
+    let wrong = format!("http://relay:not-the-pass@127.0.0.1:{port}");
+    let o = cli(
+        &tmp.path().join("a2"),
+        &["accept", &code],
+        &[("HTTPS_PROXY", &wrong)],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    // tinyproxy answers a wrong password with 401, other proxies with 407: both are explained.
+    assert!(
+        err.contains(&no_auth) && (err.contains("407") || err.contains("401")),
+        "{err}"
+    );
+    assert!(err.contains("user and password"), "{err}");
+    assert!(!err.contains("not-the-pass"), "{err}");
+
+    // The right credentials in the configuration key: accepted and running through the proxy.
+    let right = format!("http://relay:pr0xy-pass@127.0.0.1:{port}");
+    let agent_dir = tmp.path().join("a3");
+    let env = [("RELAY_AGENT__PROXY", right.as_str())];
+    let o = cli(
+        &agent_dir,
+        &["accept", &code, "--deliver-to", &private_app.url],
+        &env,
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    assert_eq!(
+        post(&client(), &node.api(), "c", b"via-auth".to_vec(), &[])
+            .await
+            .unwrap()
+            .0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"via-auth");
+    assert!(!agent.log().contains("pr0xy-pass"));
+    let o = cli(&agent_dir, &["status", "--json"], &env, None).await;
+    assert!(
+        !stdout(&o).contains("pr0xy-pass") && stdout(&o).contains("with basic auth"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_proxy_bypasses_and_a_dead_proxy_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = node(&tmp.path().join("node")).await;
+    let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead_url = format!("http://127.0.0.1:{dead}");
+
+    let o = cli(
+        &tmp.path().join("a1"),
+        &["accept", &code],
+        &[("https_proxy", &dead_url)],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("cannot connect to the proxy {dead_url}")),
+        "{err}"
+    );
+
+    let o = cli(
+        &tmp.path().join("a2"),
+        &["accept", &code],
+        &[("HTTPS_PROXY", &dead_url), ("NO_PROXY", "localhost,127.0.0.1")],
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "NO_PROXY goes direct: {}", stderr(&o));
+    let _ = Duration::ZERO;
+}
