@@ -141,6 +141,9 @@ pub struct AgentSettings {
     /// with `trust = "system"`.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `/readyz` fails when a connection has not reached its node for longer than this.
+    #[serde(default = "default_ready_max_silence", with = "humantime_serde")]
+    pub ready_max_silence: Duration,
 }
 
 /// How the agent decides the node is the node.
@@ -186,6 +189,9 @@ pub struct QueueSettings {
     /// How long an intake `Idempotency-Key` is remembered.
     #[serde(default = "default_idempotency_ttl", with = "humantime_serde")]
     pub idempotency_ttl: Duration,
+    /// `/readyz` fails when an active connection's oldest queued message is older than this.
+    #[serde(default = "default_ready_max_age", with = "humantime_serde")]
+    pub ready_max_age: Duration,
 }
 
 /// `[delivery]`.
@@ -242,6 +248,12 @@ fn default_cache() -> u64 {
 fn default_idempotency_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+fn default_ready_max_silence() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_ready_max_age() -> Duration {
+    Duration::from_secs(15 * 60)
+}
 fn default_backoff_initial() -> Duration {
     Duration::from_millis(200)
 }
@@ -279,6 +291,7 @@ impl Default for AgentSettings {
             no_proxy: None,
             trust: TrustMode::default(),
             ca_file: None,
+            ready_max_silence: default_ready_max_silence(),
         }
     }
 }
@@ -291,6 +304,7 @@ impl Default for QueueSettings {
             max_bytes: default_max_bytes(),
             cache_bytes: default_cache(),
             idempotency_ttl: default_idempotency_ttl(),
+            ready_max_age: default_ready_max_age(),
         }
     }
 }
@@ -394,6 +408,9 @@ impl Settings {
         }
         if self.agent.poll_wait.is_zero() || self.agent.poll_wait > Duration::from_secs(120) {
             return invalid("agent.poll_wait", "must be between 1ms and 120s");
+        }
+        if self.agent.ready_max_silence <= self.agent.poll_wait {
+            return invalid("agent.ready_max_silence", "must be longer than agent.poll_wait");
         }
         if self.delivery.backoff_initial.is_zero() || self.delivery.backoff_max < self.delivery.backoff_initial {
             return invalid(

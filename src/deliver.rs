@@ -142,14 +142,17 @@ pub async fn run(
                 continue;
             }
         };
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             _ = token.cancelled() => return, // still queued; delivered after restart
             o = attempt(&client, &hook, &msg, settings.timeout) => o,
         };
+        health.webhook_latency.observe(started.elapsed());
         match outcome {
             Outcome::Delivered => {
                 backoff.reset();
                 Health::add(&health.delivered, 1);
+                Health::add(&health.bytes_delivered, msg.body.len() as u64);
                 if let Err(e) = queue.remove_through(msg.seq) {
                     health.error(format!("removing a delivered message: {e}"));
                 }

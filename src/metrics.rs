@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use crate::status::{now_ms, ConnectionStatus, Health};
+use crate::status::{now_ms, ConnectionStatus, Health, Histogram, LATENCY_BUCKETS};
 
 /// A counter series: name, help text, and how to read it from a connection's health.
 type Counter = (&'static str, &'static str, fn(&Health) -> u64);
@@ -53,7 +53,7 @@ pub fn render(role: &str, statuses: &[ConnectionStatus], healths: &[Option<Arc<H
             }
         }
     }
-    let counters: [Counter; 6] = [
+    let counters: [Counter; 9] = [
         ("relay_messages_sent_total", "Messages handed to the peer.", |h| {
             Health::get(&h.sent)
         }),
@@ -76,12 +76,49 @@ pub fn render(role: &str, statuses: &[ConnectionStatus], healths: &[Option<Arc<H
         ("relay_reconnects_total", "Reconnects to the peer.", |h| {
             Health::get(&h.reconnects)
         }),
+        ("relay_bytes_sent_total", "Payload bytes handed to the peer.", |h| {
+            Health::get(&h.bytes_sent)
+        }),
+        (
+            "relay_bytes_received_total",
+            "Payload bytes received from the peer.",
+            |h| Health::get(&h.bytes_received),
+        ),
+        (
+            "relay_bytes_delivered_total",
+            "Payload bytes delivered to the webhook.",
+            |h| Health::get(&h.bytes_delivered),
+        ),
     ];
     for (name, help, get) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (s, h) in statuses.iter().zip(healths) {
             let v = h.as_ref().map(|h| get(h)).unwrap_or(0);
             let _ = writeln!(out, "{name}{{connection=\"{}\"}} {v}", escape(&s.name));
+        }
+    }
+    let histograms: [(&str, &str, fn(&Health) -> &Histogram); 2] = [
+        (
+            "relay_peer_round_trip_seconds",
+            "Round trip of exchanges with the peer that did not wait (pushes, answered polls).",
+            |h| &h.round_trip,
+        ),
+        ("relay_webhook_seconds", "Duration of webhook requests.", |h| {
+            &h.webhook_latency
+        }),
+    ];
+    for (name, help, get) in histograms {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (s, h) in statuses.iter().zip(healths) {
+            let Some(h) = h else { continue };
+            let conn = escape(&s.name);
+            let (cumulative, count, sum) = get(h).snapshot();
+            for (le, c) in LATENCY_BUCKETS.iter().zip(&cumulative) {
+                let _ = writeln!(out, "{name}_bucket{{connection=\"{conn}\",le=\"{le}\"}} {c}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{connection=\"{conn}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{connection=\"{conn}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{connection=\"{conn}\"}} {count}");
         }
     }
     let _ = writeln!(

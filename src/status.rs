@@ -33,7 +33,59 @@ pub struct Health {
     pub sent: AtomicU64,
     /// Messages received from the peer.
     pub received: AtomicU64,
+    /// Payload bytes sent to the peer.
+    pub bytes_sent: AtomicU64,
+    /// Payload bytes received from the peer.
+    pub bytes_received: AtomicU64,
+    /// Payload bytes delivered to the webhook.
+    pub bytes_delivered: AtomicU64,
+    /// Round trips of exchanges with the peer that did not wait (pushes, polls answered with
+    /// messages or asked to answer at once).
+    pub round_trip: Histogram,
+    /// Webhook request durations.
+    pub webhook_latency: Histogram,
     last_error: Mutex<Option<LastError>>,
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// A lock-free latency histogram (Prometheus style: cumulative on output).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts, total count and sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        let mut running = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                running += b.load(Ordering::Relaxed);
+                running
+            })
+            .collect();
+        (
+            cumulative,
+            self.count.load(Ordering::Relaxed),
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
 }
 
 /// The most recent problem, with when it happened.
@@ -118,6 +170,25 @@ pub struct ConnectionStatus {
 
 /// How many dead letters a status shows in detail.
 pub const RECENT_DEAD_LETTERS: usize = 10;
+
+/// Readiness problems of a connection's queues: the oldest message older than `max_age`.
+pub fn stale_queues(s: &ConnectionStatus, max_age: std::time::Duration) -> Vec<String> {
+    let now = now_ms();
+    [("outbound", &s.outbound), ("inbound", &s.inbound)]
+        .into_iter()
+        .filter_map(|(dir, q)| {
+            let oldest = q.oldest_enqueued_ms?;
+            (now.saturating_sub(oldest) > max_age.as_millis() as u64).then(|| {
+                format!(
+                    "{}: oldest {dir} message queued {} (limit {})",
+                    s.name,
+                    ago(oldest, now),
+                    humantime::format_duration(max_age)
+                )
+            })
+        })
+        .collect()
+}
 
 /// Renders a duration since `then_ms` as "12s ago".
 pub fn ago(then_ms: u64, now_ms: u64) -> String {

@@ -14,6 +14,12 @@ use relay::node::InitiateRequest;
 use relay::sink::Sink;
 use tokio_util::sync::CancellationToken;
 
+async fn get(http: &relay::http::Client, url: &str) -> (u16, String) {
+    let req = relay::http::request(relay::http::Method::GET, url, &[], Vec::new()).unwrap();
+    let r = http.send(req, Duration::from_secs(5), 1 << 20).await.unwrap();
+    (r.status.as_u16(), String::from_utf8_lossy(&r.body).into_owned())
+}
+
 fn settings(dir: &std::path::Path) -> Settings {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut s = Settings {
@@ -35,9 +41,10 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     let node = relay::daemon::start_node(settings(&tmp.path().join("node")), token.clone())
         .await
         .unwrap();
-    let agent = relay::daemon::start_agent(settings(&tmp.path().join("agent")), token.clone())
-        .await
-        .unwrap();
+    let mut agent_settings = settings(&tmp.path().join("agent"));
+    agent_settings.queue.ready_max_age = Duration::from_millis(300);
+    let agent = relay::daemon::start_agent(agent_settings, token.clone()).await.unwrap();
+    let agent_api = format!("http://{}", agent.info.api.clone().unwrap());
 
     // The private application is down: its port refuses connections.
     let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -88,6 +95,13 @@ async fn webhook_down_then_back_and_permanent_rejections() {
         2,
         "kept while the webhook is down"
     );
+    // Stuck messages make the agent not ready, and say why.
+    let why = wait_for("/readyz to fail on the stuck queue", || async {
+        let (status, body) = get(&http, &format!("{agent_api}/readyz")).await;
+        (status == 503 && body.contains("oldest inbound message")).then_some(body)
+    })
+    .await;
+    assert!(why.contains("limit 300ms"), "{why}");
 
     // Back, but answering 503 twice before it recovers.
     let mut app = Sink::serve(tokio::net::TcpListener::bind(hook_addr).await.unwrap());
@@ -109,6 +123,19 @@ async fn webhook_down_then_back_and_permanent_rejections() {
         ids[0] == ids[1] && ids[1] == ids[2] && ids[2] != ids[3],
         "retries keep the message id"
     );
+    wait_for("/readyz to recover", || async {
+        (get(&http, &format!("{agent_api}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    let (_, metrics) = get(&http, &format!("{agent_api}/metrics")).await;
+    for series in [
+        "relay_webhook_seconds_count{connection=\"c\"} ",
+        "relay_bytes_delivered_total{connection=\"c\"} 4",
+        "relay_messages_delivered_total{connection=\"c\"} 2",
+        "relay_peer_round_trip_seconds_bucket{connection=\"c\",le=\"+Inf\"}",
+    ] {
+        assert!(metrics.contains(series), "missing {series}:\n{metrics}");
+    }
 
     // A permanent refusal: dead-lettered, and the next message still arrives.
     app.script(&[400]);

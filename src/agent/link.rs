@@ -229,6 +229,7 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
             after: inbox.durable_seq(),
             wait_ms: if confirm { 0 } else { wait.as_millis() as u64 },
         };
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             _ = token.cancelled() => return,
             r = ctx.call(protocol::POLL_PATH, protocol::encode(&request), wait + POLL_MARGIN, protocol::max_batch_bytes(max_payload)) => r,
@@ -243,6 +244,9 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
                 continue;
             }
         };
+        if request.wait_ms == 0 {
+            ctx.handle.health.round_trip.observe(started.elapsed());
+        }
         confirm = false;
         let resp: PollResponse = match protocol::decode("poll response", &reply.body) {
             Ok(r) => r,
@@ -261,6 +265,7 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
             ctx.healthy(&mut backoff);
             continue;
         }
+        let bytes_received: u64 = resp.messages.iter().map(|m| m.body.len() as u64).sum();
         let messages: Vec<_> = resp.messages.into_iter().map(crate::node::server::from_wire).collect();
         let before = inbox.last_seq();
         let stored = inbox.append_remote(&messages).and(Ok(()));
@@ -271,6 +276,7 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
         match stored {
             Ok(()) => {
                 Health::add(&ctx.handle.health.received, inbox.last_seq().saturating_sub(before));
+                Health::add(&ctx.handle.health.bytes_received, bytes_received);
                 ctx.healthy(&mut backoff);
             }
             Err(e) => {
@@ -323,10 +329,15 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
             version: protocol::PROTOCOL_VERSION,
             messages: batch.into_iter().map(crate::node::server::to_wire).collect(),
         };
+        let bytes: u64 = request.messages.iter().map(|m| m.body.len() as u64).sum();
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             _ = token.cancelled() => return,
             r = ctx.call(protocol::PUSH_PATH, protocol::encode(&request), timeout, 64 * 1024) => r,
         };
+        if result.is_ok() {
+            ctx.handle.health.round_trip.observe(started.elapsed());
+        }
         let resp: PushResponse = match result
             .and_then(|r| protocol::decode("push response", &r.body).map_err(|e| Failure::Retry(e.to_string(), None)))
         {
@@ -351,6 +362,7 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
             );
         } else {
             Health::add(&ctx.handle.health.sent, count);
+            Health::add(&ctx.handle.health.bytes_sent, bytes);
         }
         ctx.healthy(&mut backoff);
     }

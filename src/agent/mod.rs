@@ -584,24 +584,32 @@ impl IntakeTarget for Agent {
 
     fn ready(&self) -> Result<String, String> {
         self.inner.store.check().map_err(|e| e.to_string())?;
-        let stale_after = self.inner.settings.agent.poll_wait * 2 + self.inner.settings.agent.request_timeout;
-        let now = now_ms();
+        let silence = self.inner.settings.agent.ready_max_silence.as_millis() as u64;
+        let statuses = self.status().map_err(|e| e.message)?;
         let mut problems = Vec::new();
-        let conns = self.list().map_err(|e| e.message)?;
-        for conn in conns.iter().filter(|c| c.revoked.is_none()) {
+        for s in statuses.iter().filter(|s| s.state != "revoked") {
             let contact = self
-                .link(&conn.name)
+                .link(&s.name)
                 .map(|l| Health::get(&l.health.last_contact_ms))
                 .unwrap_or(0);
-            if contact == 0 || now.saturating_sub(contact) > stale_after.as_millis() as u64 {
-                problems.push(format!("{}: no contact with the node", conn.name));
+            if contact == 0 {
+                problems.push(format!("{}: not connected to the node yet", s.name));
+            } else if now_ms().saturating_sub(contact) > silence {
+                problems.push(format!(
+                    "{}: no contact with the node for {}",
+                    s.name,
+                    crate::status::ago(contact, now_ms())
+                ));
+            }
+            if s.state == "active" {
+                problems.extend(crate::status::stale_queues(s, self.inner.settings.queue.ready_max_age));
             }
         }
-        if conns.iter().all(|c| c.revoked.is_some()) && !conns.is_empty() {
+        if !statuses.is_empty() && statuses.iter().all(|s| s.state == "revoked") {
             problems.push("every connection is revoked".into());
         }
         if problems.is_empty() {
-            Ok(format!("{} connection(s) delivering", conns.len()))
+            Ok(format!("{} connection(s) delivering", statuses.len()))
         } else {
             Err(problems.join("; "))
         }

@@ -339,7 +339,17 @@ impl IntakeTarget for Node {
 
     fn ready(&self) -> Result<String, String> {
         self.inner.store.check().map_err(|e| e.to_string())?;
-        Ok("serving".into())
+        let statuses = self.connections().map_err(|e| e.message)?;
+        let problems: Vec<String> = statuses
+            .iter()
+            .filter(|s| s.state == "active")
+            .flat_map(|s| crate::status::stale_queues(s, self.inner.settings.queue.ready_max_age))
+            .collect();
+        if problems.is_empty() {
+            Ok(format!("serving {} connection(s)", statuses.len()))
+        } else {
+            Err(problems.join("; "))
+        }
     }
 
     fn metrics(&self) -> String {

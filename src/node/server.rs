@@ -153,6 +153,10 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             };
             if !messages.is_empty() {
                 Health::add(&link.health.sent, messages.len() as u64);
+                Health::add(
+                    &link.health.bytes_sent,
+                    messages.iter().map(|m| m.body.len() as u64).sum(),
+                );
                 return bincode_reply(&PollResponse {
                     version: protocol::PROTOCOL_VERSION,
                     state: LinkState::Active,
@@ -203,6 +207,7 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     }
     link.health.contact();
     let messages: Vec<Message> = request.messages.into_iter().map(from_wire).collect();
+    let bytes: u64 = messages.iter().map(|m| m.body.len() as u64).sum();
     let before = link.inbox.last_seq();
     let high_water = match link.inbox.append_remote(&messages) {
         Ok(h) => h,
@@ -212,6 +217,7 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
         return crate::intake::queue_error_response(&e);
     }
     Health::add(&link.health.received, high_water.saturating_sub(before));
+    Health::add(&link.health.bytes_received, bytes);
     let state = if *link.active_tx.borrow() {
         LinkState::Active
     } else {
