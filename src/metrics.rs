@@ -8,6 +8,9 @@ use crate::status::{now_ms, ConnectionStatus, Health, Histogram, LATENCY_BUCKETS
 /// A counter series: name, help text, and how to read it from a connection's health.
 type Counter = (&'static str, &'static str, fn(&Health) -> u64);
 
+/// A histogram series: name, help text, and which histogram of a connection's health.
+type HistogramSeries = (&'static str, &'static str, fn(&Health) -> &Histogram);
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -97,7 +100,7 @@ pub fn render(role: &str, statuses: &[ConnectionStatus], healths: &[Option<Arc<H
             let _ = writeln!(out, "{name}{{connection=\"{}\"}} {v}", escape(&s.name));
         }
     }
-    let histograms: [(&str, &str, fn(&Health) -> &Histogram); 2] = [
+    let histograms: [HistogramSeries; 2] = [
         (
             "relay_peer_round_trip_seconds",
             "Round trip of exchanges with the peer that did not wait (pushes, answered polls).",
