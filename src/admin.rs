@@ -28,6 +28,8 @@ pub enum Request {
     Info,
     /// Connection statuses.
     Status,
+    /// Agent: the accepted connections as stored (no credentials).
+    AgentConnections,
     /// Node: create a pending connection.
     Initiate {
         /// The form.
@@ -80,6 +82,7 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
         (_, Request::Info) => Ok(to_json(info)),
         (Side::Node(n), Request::Status) => Ok(to_json(&n.connections()?)),
         (Side::Agent(a), Request::Status) => Ok(to_json(&a.status()?)),
+        (Side::Agent(a), Request::AgentConnections) => Ok(to_json(&a.list()?)),
         (Side::Node(n), Request::Initiate { request }) => Ok(serde_json::Value::String(n.initiate(request).await?)),
         (Side::Node(n), Request::SetState { name, action }) => Ok(to_json(&n.set_state(&name, action).await?)),
         (Side::Agent(a), Request::Accept { code, options }) => {

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Info, Request, Side};
-use crate::agent::{AcceptOptions, Accepted};
+use crate::agent::{AcceptOptions, Accepted, AgentConnection};
 use crate::config::{LogFormat, Settings};
 use crate::daemon::{self, Role};
 use crate::error::{Kind, OpError, OpResult};
@@ -53,6 +53,10 @@ pub enum Command {
     Status(JsonArg),
     /// Queue a payload on a connection through the local intake.
     Send(SendArgs),
+    /// Check each connection step by step: DNS, TCP (direct or proxy), TLS, credential, clock, webhook.
+    Doctor(JsonArg),
+    /// Print the host:port list the agent contacts, for a firewall change request.
+    Egress(JsonArg),
     /// A node and an agent on loopback, end to end, narrated.
     Demo,
     /// Throughput and latency on loopback, beside a direct baseline from the same run.
@@ -251,6 +255,18 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
         Command::Node(NodeCommand::Revoke(n)) => set_state(&settings, n.name, Action::Revoke).await,
         Command::Accept(a) => accept(&settings, a).await,
         Command::Send(a) => send(&settings, a).await,
+        Command::Doctor(a) => doctor(&settings, a.json).await,
+        Command::Egress(a) => {
+            let conns: Vec<AgentConnection> =
+                parse(admin_call(&settings, Role::Agent, Request::AgentConnections).await?)?;
+            let list = crate::doctor::egress(&settings, &conns);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else {
+                print!("{}", crate::doctor::render_egress(&list));
+            }
+            Ok(())
+        }
         Command::Demo => crate::demo::run().await,
         Command::Bench(o) => crate::bench::run(o).await,
     }
@@ -310,6 +326,42 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
         tracing::info!("stopped cleanly");
     }
     result
+}
+
+async fn doctor(settings: &Settings, json: bool) -> OpResult<()> {
+    let conns: Vec<AgentConnection> = parse(admin_call(settings, Role::Agent, Request::AgentConnections).await?)?;
+    let mut reports = Vec::new();
+    for conn in &conns {
+        let path = settings
+            .data_dir
+            .join("credentials")
+            .join(format!("{}.cred", conn.name));
+        let credential = std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| format!("cannot read {}: {e} (run as the service's user)", path.display()));
+        reports.push(crate::doctor::diagnose(settings, conn, credential).await);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
+    } else {
+        print!("{}", crate::doctor::render(&reports));
+    }
+    let failed: usize = reports
+        .iter()
+        .map(|r| {
+            r.checks
+                .iter()
+                .filter(|c| c.outcome == crate::doctor::Outcome::Fail)
+                .count()
+        })
+        .sum();
+    if failed > 0 {
+        return Err(OpError::new(Kind::Failed, format!("{failed} check(s) failed")));
+    }
+    if conns.is_empty() {
+        return Err(OpError::new(Kind::Failed, "nothing to check: no accepted connection"));
+    }
+    Ok(())
 }
 
 async fn print_statuses(settings: &Settings, role: Role, json: bool) -> OpResult<()> {

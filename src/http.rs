@@ -228,9 +228,21 @@ pub struct Reply {
 impl Reply {
     /// `Retry-After` in seconds, when the peer sent one.
     pub fn retry_after(&self) -> Option<Duration> {
-        header(&self.headers, "retry-after")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs)
+        let value = header(&self.headers, "retry-after")?.trim();
+        if let Ok(secs) = value.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        // The other form is an HTTP date.
+        let at = httpdate::parse_http_date(value).ok()?;
+        Some(
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+
+    /// The peer's clock from its `Date` header.
+    pub fn date(&self) -> Option<std::time::SystemTime> {
+        httpdate::parse_http_date(header(&self.headers, "date")?).ok()
     }
 
     /// The JSON error body, when the peer sent one.

@@ -19,6 +19,7 @@
 //! - [`node`]: registry, agent-facing API and delivery on the public side.
 //! - [`agent`]: accept, and the receive/send loops on the private side.
 //! - [`admin`]: the local admin socket; [`daemon`]: starting either side.
+//! - [`doctor`]: `relay doctor` and `relay egress`.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
 //!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
 //!   [`bench`]: `relay bench`.
@@ -35,6 +36,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod deliver;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod fsutil;
 pub mod http;

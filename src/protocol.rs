@@ -20,6 +20,8 @@ pub const REDEEM_PATH: &str = "/v1/redeem";
 pub const POLL_PATH: &str = "/v1/poll";
 /// Path: push a batch of messages.
 pub const PUSH_PATH: &str = "/v1/push";
+/// Path: check a credential without moving any message (`relay doctor`).
+pub const CHECK_PATH: &str = "/v1/check";
 
 /// Largest redeem request body.
 pub const MAX_REDEEM_BYTES: usize = 16 * 1024;
@@ -142,6 +144,17 @@ pub struct PushResponse {
     /// Highest sequence number the node holds durably from this agent.
     pub high_water: u64,
     /// Connection state on the node.
+    pub state: LinkState,
+}
+
+/// The node's answer to a credential check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckResponse {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The connection the credential belongs to, on the node.
+    pub connection: String,
+    /// Its state.
     pub state: LinkState,
 }
 

@@ -252,6 +252,47 @@ pub fn node_client_config(
         .with_no_client_auth())
 }
 
+/// Performs a TLS handshake with the node over `tcp` as the agent would, and describes what
+/// the node presented; on failure, the verifier's explanation.
+pub async fn handshake(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    pin: Option<[u8; 32]>,
+    trust: TrustMode,
+    ca_file: Option<&Path>,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    let mut config = node_client_config(pin, trust, ca_file).map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(crate::http::error_chain(&e)),
+        Err(_) => return Err(format!("no TLS handshake within {timeout:?}")),
+    };
+    let (_, conn) = stream.get_ref();
+    let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+    let alpn = conn
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_else(|| "http/1.1".into());
+    let seen = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| x509::parse_certificate(c).ok())
+        .map(|i| {
+            format!(
+                "presented \"{}\" issued by \"{}\", key {}",
+                i.subject,
+                i.issuer,
+                x509::format_pin(&crate::crypto::sha256(&i.spki_der))
+            )
+        })
+        .unwrap_or_else(|| "presented a certificate".into());
+    Ok(format!("{seen}; {version}, {alpn}"))
+}
+
 /// One line for status and doctor: how this agent trusts its node.
 pub fn describe_trust(pin: Option<[u8; 32]>, trust: TrustMode, ca_file: Option<&Path>) -> String {
     match (trust, pin, ca_file) {

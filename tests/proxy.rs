@@ -141,6 +141,22 @@ async fn through_a_proxy_from_the_environment_both_ways() {
         "{}",
         stdout(&o)
     );
+    let o = cli(&agent_dir, &["egress"], &env, None).await;
+    let proxy_addr = format!("127.0.0.1:{}", proxy.port);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with(&proxy_addr) && l.contains("HTTP CONNECT proxy")),
+        "{}",
+        stdout(&o)
+    );
+    let o = cli(&agent_dir, &["doctor"], &env, None).await;
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("[ ok ] tcp         via proxy {}", proxy.url())),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,7 @@ pub async fn handle(node: Node, req: IncomingRequest, token: CancellationToken) 
         (&Method::POST, protocol::REDEEM_PATH) => redeem(node, req).await,
         (&Method::POST, protocol::POLL_PATH) => poll(node, req, token).await,
         (&Method::POST, protocol::PUSH_PATH) => push(node, req).await,
+        (&Method::POST, protocol::CHECK_PATH) => check(node, req).await,
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
         _ => http::error(
             StatusCode::NOT_FOUND,
@@ -183,6 +184,24 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             r = active_rx.changed() => if r.is_err() { return empty() },
         }
     }
+}
+
+/// Confirms a credential and reports the connection's state; moves no message.
+async fn check(node: Node, req: IncomingRequest) -> Response<Body> {
+    let link = match authenticate(&node, req.headers()) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let state = if *link.active_tx.borrow() {
+        LinkState::Active
+    } else {
+        LinkState::Deactivated
+    };
+    bincode_reply(&protocol::CheckResponse {
+        version: protocol::PROTOCOL_VERSION,
+        connection: link.name.clone(),
+        state,
+    })
 }
 
 async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
