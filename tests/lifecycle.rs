@@ -188,6 +188,26 @@ async fn initiate_accept_traffic_pause_revoke() {
         started.elapsed()
     );
     assert!(node.log().contains("stopped cleanly"));
+
+    // A full run never shows the code or the credential: not in logs, status or errors.
+    let status_text = stdout(&cli(&agent_dir, &["status", "--json"], &[], None).await);
+    let node_text = stdout(&cli(&node_dir, &["node", "connections", "--json"], &[], None).await);
+    for (what, text) in [
+        ("agent log", agent.log()),
+        ("node log", node.log()),
+        ("status", status_text),
+        ("connections", node_text),
+    ] {
+        assert!(!text.contains(&code), "the invitation code leaked into the {what}");
+        assert!(
+            !text.contains(credential.trim()),
+            "the credential leaked into the {what}"
+        );
+        assert!(
+            !text.contains(&code[8..40]),
+            "part of the invitation code leaked into the {what}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
