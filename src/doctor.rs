@@ -290,7 +290,12 @@ async fn credential_and_clock(settings: &Settings, conn: &AgentConnection, crede
                 Ok(ahead) => ("+", ahead),
                 Err(behind) => ("-", behind.duration()),
             };
-            let detail = format!("this host's clock is {sign}{:.1} s from the node's", skew.as_secs_f64());
+            // The Date header counts whole seconds, so anything under one second is agreement.
+            let detail = if skew < Duration::from_secs(1) {
+                "this host's clock agrees with the node's to within 1 s".to_owned()
+            } else {
+                format!("this host's clock is {sign}{:.0} s from the node's", skew.as_secs_f64())
+            };
             if skew <= MAX_CLOCK_SKEW + Duration::from_secs(1) {
                 report.push("clock", Outcome::Ok, detail);
             } else {
