@@ -32,7 +32,7 @@ async fn doctor_passes_then_names_each_failure() {
         "[ ok ] tls         trust pin sha256/".to_owned(),
         "presented \"CN=relay node (self-signed)\"".to_owned(),
         "[ ok ] credential  accepted for connection \"ado-sync\" on the node (active)".to_owned(),
-        "[ ok ] clock       this host's clock is".to_owned(),
+        "[ ok ] clock       this host's clock".to_owned(),
         "[ ok ] webhook".to_owned(),
     ] {
         assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
