@@ -391,9 +391,7 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
             out.push(e);
         }
     };
-    let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
-    direct.enforce_http(false);
-    let connector = ProxyConnector::new(direct, &settings.proxy_config());
+    let connector = ProxyConnector::for_config(&settings.proxy_config());
     for conn in conns.iter().filter(|c| c.revoked.is_none()) {
         let Ok(uri) = conn.node_url.parse::<Uri>() else {
             continue;

@@ -396,6 +396,18 @@ impl ProxyConnector {
         }
     }
 
+    /// A connector with default socket options, for asking about routes.
+    pub fn for_config(config: &ProxyConfig) -> ProxyConnector {
+        let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
+        direct.enforce_http(false);
+        ProxyConnector::new(direct, config)
+    }
+
+    /// How `url` would be reached (direct when it does not parse).
+    pub fn route_to(&self, url: &str) -> Route {
+        url.parse::<Uri>().map(|u| self.route(&u)).unwrap_or(Route::Direct)
+    }
+
     /// How `dst` would be reached.
     pub fn route(&self, dst: &Uri) -> Route {
         match self.matcher.intercept(dst) {
@@ -530,7 +542,6 @@ async fn connect_tunnel(
 #[derive(Clone)]
 pub struct Client {
     inner: hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<ProxyConnector>, Body>,
-    connector: ProxyConnector,
 }
 
 impl Client {
@@ -558,13 +569,13 @@ impl Client {
                 .https_only()
                 .enable_http1()
                 .enable_http2()
-                .wrap_connector(connector.clone())
+                .wrap_connector(connector)
         } else {
             builder
                 .https_or_http()
                 .enable_http1()
                 .enable_http2()
-                .wrap_connector(connector.clone())
+                .wrap_connector(connector)
         };
         let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -573,15 +584,7 @@ impl Client {
             .http2_keep_alive_interval(Some(Duration::from_secs(20)))
             .http2_keep_alive_timeout(Duration::from_secs(20))
             .build(https);
-        Client { inner, connector }
-    }
-
-    /// How `url` would be reached: directly or through which proxy.
-    pub fn route(&self, url: &str) -> Route {
-        match url.parse::<Uri>() {
-            Ok(uri) => self.connector.route(&uri),
-            Err(_) => Route::Direct,
-        }
+        Client { inner }
     }
 
     /// Sends a request and reads the whole response within `deadline`.

@@ -429,12 +429,7 @@ impl Agent {
 
     /// How the agent reaches `url`: directly or through which proxy.
     pub fn route_to(&self, url: &str) -> http::Route {
-        match crate::tls::webhook_client_config() {
-            Ok(tls) => {
-                http::Client::https_only(tls, Duration::from_secs(1), &self.inner.settings.proxy_config()).route(url)
-            }
-            Err(_) => http::Route::Direct,
-        }
+        http::ProxyConnector::for_config(&self.inner.settings.proxy_config()).route_to(url)
     }
 
     fn link(&self, name: &str) -> Option<Arc<LinkHandle>> {
