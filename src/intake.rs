@@ -47,6 +47,38 @@ pub struct Intake {
     pub shutdown: CancellationToken,
 }
 
+/// Serves the local API for `target` on `listener` until `token` is cancelled, and prunes
+/// old idempotency keys meanwhile; both tasks run on `tracker`.
+pub fn spawn(
+    tracker: &tokio_util::task::TaskTracker,
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    target: Arc<dyn IntakeTarget>,
+    store: Store,
+    settings: &crate::config::Settings,
+    api_token: Option<Secret>,
+    token: CancellationToken,
+) {
+    let intake = Intake {
+        store: store.clone(),
+        target,
+        max_payload: settings.queue.max_payload_bytes as usize,
+        token: api_token,
+        shutdown: token.clone(),
+    };
+    tracker.spawn(http::serve(
+        listener,
+        http::ServerOptions {
+            tls: None,
+            max_connections: 1024,
+            name,
+        },
+        move |req, _peer| handle(intake.clone(), req),
+        token.clone(),
+    ));
+    tracker.spawn(store.prune_idempotency_keys(settings.queue.idempotency_ttl, token));
+}
+
 /// Maps a queue error to an HTTP reply: full by count 429 (retry later), full by bytes or a
 /// failed disk 507.
 pub fn queue_error_response(e: &QueueError) -> Response<Body> {

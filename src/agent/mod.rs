@@ -516,25 +516,16 @@ impl Agent {
         for conn in &connections {
             self.start_link(conn);
         }
-        let intake = crate::intake::Intake {
-            store: self.inner.store.clone(),
-            target: Arc::new(self.clone()),
-            max_payload: self.inner.settings.queue.max_payload_bytes as usize,
-            token: self.inner.settings.agent.api_token.clone(),
-            shutdown: token.clone(),
-        };
-        tracker.spawn(http::serve(
+        crate::intake::spawn(
+            &tracker,
             intake_listener,
-            http::ServerOptions {
-                tls: None,
-                max_connections: 1024,
-                name: "intake",
-            },
-            move |req, _peer| crate::intake::handle(intake.clone(), req),
+            "intake",
+            Arc::new(self.clone()),
+            self.inner.store.clone(),
+            &self.inner.settings,
+            self.inner.settings.agent.api_token.clone(),
             token.clone(),
-        ));
-        let store = self.inner.store.clone();
-        tracker.spawn(store.prune_idempotency_keys(self.inner.settings.queue.idempotency_ttl, token.clone()));
+        );
         let revoked = tokio::select! {
             _ = token.cancelled() => false,
             _ = all_revoked.cancelled() => true,

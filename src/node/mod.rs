@@ -271,25 +271,16 @@ impl Node {
             move |req, _peer| server::handle(node.clone(), req, t.clone()),
             token.clone(),
         ));
-        let intake = crate::intake::Intake {
-            store: self.inner.store.clone(),
-            target: Arc::new(self.clone()),
-            max_payload: self.inner.settings.queue.max_payload_bytes as usize,
-            token: self.inner.settings.node.api_token.clone(),
-            shutdown: token.clone(),
-        };
-        tracker.spawn(http::serve(
+        crate::intake::spawn(
+            &tracker,
             api_listener,
-            http::ServerOptions {
-                tls: None,
-                max_connections: 1024,
-                name: "api",
-            },
-            move |req, _peer| crate::intake::handle(intake.clone(), req),
+            "api",
+            Arc::new(self.clone()),
+            self.inner.store.clone(),
+            &self.inner.settings,
+            self.inner.settings.node.api_token.clone(),
             token.clone(),
-        ));
-        let store = self.inner.store.clone();
-        tracker.spawn(store.prune_idempotency_keys(self.inner.settings.queue.idempotency_ttl, token.clone()));
+        );
         token.cancelled().await;
         tracker.close();
         tracker.wait().await;
