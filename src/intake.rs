@@ -47,36 +47,46 @@ pub struct Intake {
     pub shutdown: CancellationToken,
 }
 
-/// Serves the local API for `target` on `listener` until `token` is cancelled, and prunes
-/// old idempotency keys meanwhile; both tasks run on `tracker`.
-pub fn spawn(
-    tracker: &tokio_util::task::TaskTracker,
-    listener: tokio::net::TcpListener,
-    name: &'static str,
-    target: Arc<dyn IntakeTarget>,
-    store: Store,
-    settings: &crate::config::Settings,
-    api_token: Option<Secret>,
-    token: CancellationToken,
-) {
-    let intake = Intake {
-        store: store.clone(),
-        target,
-        max_payload: settings.queue.max_payload_bytes as usize,
-        token: api_token,
-        shutdown: token.clone(),
-    };
-    tracker.spawn(http::serve(
-        listener,
-        http::ServerOptions {
-            tls: None,
-            max_connections: 1024,
-            name,
-        },
-        move |req, _peer| handle(intake.clone(), req),
-        token.clone(),
-    ));
-    tracker.spawn(store.prune_idempotency_keys(settings.queue.idempotency_ttl, token));
+impl Intake {
+    /// The intake of `target`, with the limits and token of `settings`.
+    pub fn new(
+        target: Arc<dyn IntakeTarget>,
+        store: Store,
+        settings: &crate::config::Settings,
+        api_token: Option<Secret>,
+        shutdown: CancellationToken,
+    ) -> Intake {
+        Intake {
+            store,
+            target,
+            max_payload: settings.queue.max_payload_bytes as usize,
+            token: api_token,
+            shutdown,
+        }
+    }
+
+    /// Serves the local API on `listener` until shutdown, and prunes idempotency keys older
+    /// than `idempotency_ttl` meanwhile; both tasks run on `tracker`.
+    pub fn spawn(
+        self,
+        tracker: &tokio_util::task::TaskTracker,
+        listener: tokio::net::TcpListener,
+        name: &'static str,
+        idempotency_ttl: std::time::Duration,
+    ) {
+        let (store, token) = (self.store.clone(), self.shutdown.clone());
+        tracker.spawn(http::serve(
+            listener,
+            http::ServerOptions {
+                tls: None,
+                max_connections: 1024,
+                name,
+            },
+            move |req, _peer| handle(self.clone(), req),
+            token.clone(),
+        ));
+        tracker.spawn(store.prune_idempotency_keys(idempotency_ttl, token));
+    }
 }
 
 /// Maps a queue error to an HTTP reply: full by count 429 (retry later), full by bytes or a

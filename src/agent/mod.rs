@@ -516,15 +516,18 @@ impl Agent {
         for conn in &connections {
             self.start_link(conn);
         }
-        crate::intake::spawn(
-            &tracker,
-            intake_listener,
-            "intake",
+        crate::intake::Intake::new(
             Arc::new(self.clone()),
             self.inner.store.clone(),
             &self.inner.settings,
             self.inner.settings.agent.api_token.clone(),
             token.clone(),
+        )
+        .spawn(
+            &tracker,
+            intake_listener,
+            "intake",
+            self.inner.settings.queue.idempotency_ttl,
         );
         let revoked = tokio::select! {
             _ = token.cancelled() => false,

@@ -271,16 +271,14 @@ impl Node {
             move |req, _peer| server::handle(node.clone(), req, t.clone()),
             token.clone(),
         ));
-        crate::intake::spawn(
-            &tracker,
-            api_listener,
-            "api",
+        crate::intake::Intake::new(
             Arc::new(self.clone()),
             self.inner.store.clone(),
             &self.inner.settings,
             self.inner.settings.node.api_token.clone(),
             token.clone(),
-        );
+        )
+        .spawn(&tracker, api_listener, "api", self.inner.settings.queue.idempotency_ttl);
         token.cancelled().await;
         tracker.close();
         tracker.wait().await;
