@@ -605,6 +605,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_configurations_parse() {
+        for name in ["node.toml", "agent.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+            let s = load(Some(&path), env(&[]), &[]).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+            assert_eq!(s.data_dir, PathBuf::from("/var/lib/relay"), "config/{name}");
+        }
+    }
+
+    #[test]
     fn webhook_urls_are_checked() {
         assert!(check_webhook_url("http://127.0.0.1:9/x").is_ok());
         assert!(check_webhook_url("ftp://a").is_err());
