@@ -19,6 +19,7 @@
 //! - [`node`]: registry, agent-facing API and delivery on the public side.
 //! - [`agent`]: accept, and the receive/send loops on the private side.
 //! - [`admin`]: the local admin socket; [`daemon`]: starting either side.
+//! - [`notify`]: systemd readiness, status, watchdog and journal detection.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
 //!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
 //!   [`bench`]: `relay bench`.
@@ -43,6 +44,7 @@ pub mod invite;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod notify;
 pub mod protocol;
 pub mod queue;
 pub mod retry;
