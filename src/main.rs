@@ -27,15 +27,18 @@ fn init_logging(format: LogFormat, daemon: bool) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text if journal => builder
             .event_format(JournalPriority(
-                tracing_subscriber::fmt::format().without_time().with_ansi(false),
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_level(false)
+                    .with_ansi(false),
             ))
             .init(),
         LogFormat::Text => builder.init(),
     }
 }
 
-/// Prefixes each line with its syslog priority (`<3>` error … `<7>` debug), which journald
-/// strips and records, so `journalctl -p warning` works.
+/// Starts each line with its syslog priority (`<3>` error … `<7>` debug), which journald
+/// strips and records, so `journalctl -p warning` works; then the level and the event.
 struct JournalPriority<F>(F);
 
 impl<S, N, F> FormatEvent<S, N> for JournalPriority<F>
@@ -50,13 +53,15 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let priority = match *event.metadata().level() {
+        let level = *event.metadata().level();
+        let priority = match level {
             tracing::Level::ERROR => 3,
             tracing::Level::WARN => 4,
             tracing::Level::INFO => 6,
             _ => 7,
         };
-        write!(writer, "<{priority}>")?;
+        // The level unpadded: the inner format would right-align it, leaving a leading space.
+        write!(writer, "<{priority}>{level} ")?;
         self.0.format_event(ctx, writer, event)
     }
 }
