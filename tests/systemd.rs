@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use relay::sink::Sink;
 use std::path::Path;
-use std::time::Duration;
 use tokio::net::UnixDatagram;
 
 const NODE_RUN: &[&str] = &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"];
