@@ -553,7 +553,17 @@ async fn send_http(
 
 /// A daemon's listen address as this host dials it: an unspecified address means loopback.
 fn local_host(api: &str) -> String {
-    api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    match api.parse::<SocketAddr>() {
+        Ok(mut addr) if addr.ip().is_unspecified() => {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+            addr.to_string()
+        }
+        _ => api.to_owned(),
+    }
 }
 
 /// `relay health`: asks the daemon of the data directory for its local API address, then
@@ -619,4 +629,17 @@ async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>
     )?;
     store.flush().await?;
     Ok(serde_json::json!({ "id": appended.id, "seq": appended.seq }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_are_dialled_on_loopback() {
+        assert_eq!(local_host("0.0.0.0:8081"), "127.0.0.1:8081");
+        assert_eq!(local_host("[::]:8081"), "[::1]:8081");
+        assert_eq!(local_host("10.0.0.0:8081"), "10.0.0.0:8081");
+        assert_eq!(local_host("127.0.0.1:9"), "127.0.0.1:9");
+    }
 }
