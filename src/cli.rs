@@ -17,8 +17,9 @@ use crate::invite::Invitation;
 use crate::node::{Action, InitiateRequest};
 use crate::status::ConnectionStatus;
 
-const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure; 2 bad arguments; \
-3 invitation refused (malformed, expired, reused, locked, wrong certificate); \
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure (for `health`: not healthy, or no daemon runs); \
+2 bad arguments; 3 invitation refused (malformed, expired, reused, locked, wrong certificate), \
+also when `run` is given one in RELAY_INVITATION or RELAY_INVITATION_FILE; \
 78 bad configuration, or every connection revoked (do not restart).";
 
 /// relay: private, outbound-only, durable connections between issue trackers.
@@ -45,10 +46,13 @@ pub enum Command {
     /// Public side: serve agents and manage connections.
     #[command(subcommand)]
     Node(NodeCommand),
-    /// Redeem an invitation code (CODE, "-" for stdin, or RELAY_INVITATION).
+    /// Redeem an invitation code (CODE, "-" for stdin, RELAY_INVITATION or RELAY_INVITATION_FILE).
     Accept(AcceptArgs),
-    /// Run the agent: every accepted connection and the local intake API.
+    /// Run the agent: every accepted connection and the local intake API. With
+    /// RELAY_INVITATION or RELAY_INVITATION_FILE set, first accept that invitation once.
     Run(RunArgs),
+    /// Ask the running daemon whether it is alive (or ready); exit 0 if so. For health checks.
+    Health(HealthArgs),
     /// Per connection: state, remote, last contact, queues, dead letters, last error.
     Status(JsonArg),
     /// Queue a payload on a connection through the local intake.
@@ -147,7 +151,8 @@ pub struct InitiateArgs {
 /// `relay accept`.
 #[derive(Debug, Args)]
 pub struct AcceptArgs {
-    /// The invitation code, or "-" to read it from stdin.
+    /// The invitation code, or "-" to read it from stdin. Without it: RELAY_INVITATION, then
+    /// the file named by RELAY_INVITATION_FILE.
     #[arg(env = "RELAY_INVITATION", hide_env_values = true)]
     pub code: Option<String>,
     /// Webhook for payloads from the node.
@@ -159,6 +164,14 @@ pub struct AcceptArgs {
     /// Local name of the connection (default: the node's).
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// `relay health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Check `/readyz` (connected and delivering) instead of `/healthz` (alive).
+    #[arg(long)]
+    pub ready: bool,
 }
 
 /// `relay run`.
@@ -267,6 +280,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
             }
             Ok(())
         }
+        Command::Health(a) => health(&settings, a.ready).await,
         Command::Demo => crate::demo::run().await,
         Command::Bench(o) => crate::bench::run(o).await,
     }
@@ -312,16 +326,36 @@ fn require_data(settings: &Settings) -> OpResult<()> {
 }
 
 async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
+    use crate::notify::Notifier;
     let token = CancellationToken::new();
     crate::shutdown::cancel_on_signals(token.clone())
         .map_err(|e| OpError::new(Kind::Failed, format!("cannot install signal handlers: {e}")))?;
-    let task = match role {
-        Role::Node => daemon::start_node(settings, token).await?.task,
-        Role::Agent => daemon::start_agent(settings, token).await?.task,
+    // READY=1 goes out once the listeners are bound and the database is open.
+    let (task, notifier) = match role {
+        Role::Node => {
+            let running = daemon::start_node(settings, token.clone()).await?;
+            let node = running.side.clone();
+            (running.task, Notifier::start(move || node.connections(), token))
+        }
+        Role::Agent => {
+            // Decode before touching the data directory: a bad code fails fast.
+            let invitation = invitation_from_env()?;
+            let agent = daemon::open_agent(&settings)?;
+            if let Some((invitation, source)) = invitation {
+                if agent.accept_once(&invitation, &source, &token).await?.is_none() {
+                    tracing::info!("stopped before the invitation was accepted");
+                    return Ok(());
+                }
+            }
+            let running = daemon::serve_agent(agent, token.clone()).await?;
+            let agent = running.side.clone();
+            (running.task, Notifier::start(move || agent.status(), token))
+        }
     };
     let result = task
         .await
         .map_err(|e| OpError::new(Kind::Failed, format!("the daemon task failed: {e}")))?;
+    notifier.stop();
     if result.is_ok() {
         tracing::info!("stopped cleanly");
     }
@@ -380,8 +414,52 @@ async fn set_state(settings: &Settings, name: String, action: Action) -> OpResul
     Ok(())
 }
 
-/// Reads the invitation from the argument, stdin ("-") or RELAY_INVITATION, and checks it
-/// offline (prefix, checksum, https, expiry) before any network call.
+/// Environment variable with the invitation code.
+const INVITATION_ENV: &str = "RELAY_INVITATION";
+/// Environment variable naming a file with the invitation code (a Docker or systemd secret).
+const INVITATION_FILE_ENV: &str = "RELAY_INVITATION_FILE";
+
+/// Reads an invitation code from a file, whitespace trimmed. The message never quotes the
+/// content.
+fn read_invitation_file(path: &std::path::Path) -> OpResult<String> {
+    let mut code = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 * 1024).read_to_string(&mut code))
+        .map_err(|e| {
+            OpError::new(
+                Kind::Config,
+                format!(
+                    "cannot read the invitation code from {} ({INVITATION_FILE_ENV}): {e}",
+                    path.display()
+                ),
+            )
+        })?;
+    Ok(code.trim().to_owned())
+}
+
+/// The invitation a container hands `relay run`: RELAY_INVITATION, else the file named by
+/// RELAY_INVITATION_FILE; decoded (not yet checked for expiry: a later start must still
+/// recognise an invitation accepted long ago). Also says where it came from, for messages.
+fn invitation_from_env() -> OpResult<Option<(Invitation, String)>> {
+    let (code, source) = match std::env::var(INVITATION_ENV) {
+        Ok(code) if !code.trim().is_empty() => (code, INVITATION_ENV.to_owned()),
+        _ => match std::env::var_os(INVITATION_FILE_ENV) {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                let source = format!("{INVITATION_FILE_ENV} ({})", path.display());
+                (read_invitation_file(&path)?, source)
+            }
+            None => return Ok(None),
+        },
+    };
+    let invitation = Invitation::decode(&code)
+        .map_err(|e| OpError::new(Kind::Invitation, format!("the invitation in {source} is unusable: {e}")))?;
+    Ok(Some((invitation, source)))
+}
+
+/// Reads the invitation from the argument, stdin ("-"), RELAY_INVITATION or the file named by
+/// RELAY_INVITATION_FILE, and checks it offline (prefix, checksum, https, expiry) before any
+/// network call.
 fn read_code(arg: Option<String>) -> OpResult<Invitation> {
     let code = match arg.as_deref() {
         Some("-") => {
@@ -393,12 +471,15 @@ fn read_code(arg: Option<String>) -> OpResult<Invitation> {
             s
         }
         Some(c) => c.to_owned(),
-        None => {
-            return Err(OpError::new(
-                Kind::Invalid,
-                "no invitation code: pass it as an argument, \"-\" to read stdin, or set RELAY_INVITATION",
-            ))
-        }
+        None => match std::env::var_os(INVITATION_FILE_ENV) {
+            Some(path) => read_invitation_file(&PathBuf::from(path))?,
+            None => {
+                return Err(OpError::new(
+                    Kind::Invalid,
+                    "no invitation code: pass it as an argument, \"-\" to read stdin, or set RELAY_INVITATION or RELAY_INVITATION_FILE",
+                ))
+            }
+        },
     };
     let invitation = Invitation::decode(&code).map_err(|e| OpError::new(Kind::Invitation, e.to_string()))?;
     invitation
@@ -488,8 +569,7 @@ async fn send_http(
     token: Option<crate::config::Secret>,
 ) -> OpResult<serde_json::Value> {
     use crate::http;
-    let host = api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]");
-    let url = format!("http://{host}/v1/connections/{}/messages", a.connection);
+    let url = format!("http://{}/v1/connections/{}/messages", local_host(api), a.connection);
     let auth = token.map(|t| format!("Bearer {}", t.expose()));
     let mut headers = vec![("content-type", a.content_type.as_str())];
     if let Some(k) = &a.idempotency_key {
@@ -523,6 +603,58 @@ async fn send_http(
     }
 }
 
+/// A daemon's listen address as this host dials it: an unspecified address means loopback.
+fn local_host(api: &str) -> String {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    match api.parse::<SocketAddr>() {
+        Ok(mut addr) if addr.ip().is_unspecified() => {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+            addr.to_string()
+        }
+        _ => api.to_owned(),
+    }
+}
+
+/// `relay health`: asks the daemon of the data directory for its local API address, then
+/// GETs `/healthz` (or `/readyz`) there and prints the answer. Needs no curl in a container.
+async fn health(settings: &Settings, ready: bool) -> OpResult<()> {
+    use crate::http;
+    let info: Info = match admin::call(&settings.data_dir, &Request::Info).await? {
+        Some(v) => parse(v)?,
+        None => {
+            return Err(OpError::new(
+                Kind::Failed,
+                format!(
+                    "no relay daemon is running for {} (its admin socket does not answer); check --data-dir or RELAY_DATA_DIR",
+                    settings.data_dir.display()
+                ),
+            ))
+        }
+    };
+    let api = info
+        .api
+        .ok_or_else(|| OpError::new(Kind::Failed, "the running daemon reports no local API"))?;
+    let path = if ready { "readyz" } else { "healthz" };
+    let url = format!("http://{}/{path}", local_host(&api));
+    let req = http::request(http::Method::GET, &url, &[], Vec::new())
+        .map_err(|e| OpError::new(Kind::Failed, format!("{url}: {e}")))?;
+    let tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let reply = http::Client::webhook(tls, Duration::from_secs(5))
+        .send(req, Duration::from_secs(10), 64 * 1024)
+        .await
+        .map_err(|e| OpError::new(Kind::Failed, format!("{url}: {e}")))?;
+    let answer = String::from_utf8_lossy(&reply.body);
+    println!("{}", answer.trim_end());
+    if reply.status == http::StatusCode::OK {
+        Ok(())
+    } else {
+        Err(OpError::new(Kind::Failed, format!("{url} answered {}", reply.status)))
+    }
+}
+
 async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>) -> OpResult<serde_json::Value> {
     use crate::intake::IntakeTarget;
     let side = daemon::open_side(settings, role)?;
@@ -549,4 +681,17 @@ async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>
     )?;
     store.flush().await?;
     Ok(serde_json::json!({ "id": appended.id, "seq": appended.seq }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_are_dialled_on_loopback() {
+        assert_eq!(local_host("0.0.0.0:8081"), "127.0.0.1:8081");
+        assert_eq!(local_host("[::]:8081"), "[::1]:8081");
+        assert_eq!(local_host("10.0.0.0:8081"), "10.0.0.0:8081");
+        assert_eq!(local_host("127.0.0.1:9"), "127.0.0.1:9");
+    }
 }

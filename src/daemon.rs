@@ -187,12 +187,22 @@ pub async fn start_node(settings: Settings, token: CancellationToken) -> OpResul
 
 /// Starts an agent: intake listener, admin socket, every accepted connection.
 pub async fn start_agent(settings: Settings, token: CancellationToken) -> OpResult<Running<Agent>> {
-    let store = open_store(&settings, Role::Agent)?;
+    serve_agent(open_agent(&settings)?, token).await
+}
+
+/// Claims and opens an agent's data directory without serving yet, so that `relay run` can
+/// accept a container's invitation before it starts the connections.
+pub fn open_agent(settings: &Settings) -> OpResult<Agent> {
+    Agent::open(open_store(settings, Role::Agent)?, settings.clone())
+}
+
+/// Serves an opened agent: intake listener, admin socket, every accepted connection.
+pub async fn serve_agent(agent: Agent, token: CancellationToken) -> OpResult<Running<Agent>> {
+    let settings = agent.settings().clone();
     let intake = bind(settings.agent.intake_listen, "agent.intake_listen").await?;
     let addr = intake
         .local_addr()
         .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
-    let agent = Agent::open(store, settings.clone())?;
     let info = Info {
         role: "agent".into(),
         listen: None,

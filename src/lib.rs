@@ -20,6 +20,7 @@
 //! - [`agent`]: accept, and the receive/send loops on the private side.
 //! - [`admin`]: the local admin socket; [`daemon`]: starting either side.
 //! - [`doctor`]: `relay doctor` and `relay egress`.
+//! - [`notify`]: systemd readiness, status, watchdog and journal detection.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
 //!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
 //!   [`bench`]: `relay bench`.
@@ -45,6 +46,7 @@ pub mod invite;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod notify;
 pub mod protocol;
 pub mod queue;
 pub mod retry;

@@ -6,20 +6,63 @@ use clap::Parser;
 use relay::cli::Cli;
 use relay::config::LogFormat;
 use relay::error::EXIT_CONFIG;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 fn init_logging(format: LogFormat, daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
+    // journald stamps and prioritises each line itself: no time, no colour, a priority prefix.
+    let journal = format == LogFormat::Text && relay::notify::stderr_is_journal();
     // Colour only on a terminal: journald, Docker and files get plain text.
+    let ansi = !journal && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
+        LogFormat::Text if journal => builder
+            .event_format(JournalPriority(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_level(false)
+                    .with_ansi(false),
+            ))
+            .init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// Starts each line with its syslog priority (`<3>` error … `<7>` debug), which journald
+/// strips and records, so `journalctl -p warning` works; then the level and the event.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = *event.metadata().level();
+        let priority = match level {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        // The level unpadded: the inner format would right-align it, leaving a leading space.
+        write!(writer, "<{priority}>{level} ")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 

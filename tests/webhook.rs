@@ -84,9 +84,11 @@ async fn webhook_down_then_back_and_permanent_rejections() {
             202
         );
     }
-    let refused = wait_for("the agent to report the refused connection", || async {
-        let s = agent.side.status().unwrap();
-        s[0].last_error.clone().filter(|e| e.message.contains("unreachable"))
+    // Both messages reach the agent and stay queued while the webhook refuses connections.
+    let refused = wait_for("the agent to hold both messages and report the refusal", || async {
+        let s = agent.side.status().unwrap().remove(0);
+        s.last_error
+            .filter(|e| e.message.contains("unreachable") && s.inbound.depth == 2)
     })
     .await;
     assert!(refused.message.contains(&hook_addr.to_string()), "{}", refused.message);

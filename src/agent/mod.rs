@@ -60,6 +60,10 @@ pub struct AgentConnection {
     /// When it stopped (unix ms).
     #[serde(default)]
     pub revoked_at_ms: Option<u64>,
+    /// The public id of the invitation it was accepted from (hex), so a container that is
+    /// given the same invitation on every start knows it was accepted already.
+    #[serde(default)]
+    pub invitation_id: Option<String>,
 }
 
 impl AgentConnection {
@@ -132,6 +136,9 @@ struct AgentInner {
 pub struct Agent {
     inner: Arc<AgentInner>,
 }
+
+/// How often `relay run` tries to redeem a container's invitation before it gives up.
+const START_ACCEPT_ATTEMPTS: u32 = 5;
 
 /// Queue names of a connection on the agent.
 pub fn queue_names(conn: &str) -> (String, String) {
@@ -285,6 +292,7 @@ impl Agent {
             accepted_at_ms: now_ms(),
             revoked: None,
             revoked_at_ms: None,
+            invitation_id: Some(id.clone()),
         };
         let dir = self.inner.settings.data_dir.join("credentials");
         crate::fsutil::create_private_dir(&dir)
@@ -302,6 +310,65 @@ impl Agent {
         info!(connection = %name, node = %conn.node_url, "invitation accepted; connection active");
         self.start_link(&conn);
         Ok(Accepted { connection: conn })
+    }
+
+    /// The connection accepted from `invitation` earlier, if any.
+    pub fn accepted_from(&self, invitation: &Invitation) -> OpResult<Option<AgentConnection>> {
+        let id = invitation.id_hex();
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|c| c.invitation_id.as_deref() == Some(id.as_str())))
+    }
+
+    /// Accepts `invitation` (named by `source` in messages, e.g. `RELAY_INVITATION`) unless
+    /// a connection came from it already: a container is given the same invitation on every
+    /// start, and the code works once. The connection uses `agent.deliver_to` as configured at
+    /// each start. A node that cannot be reached is retried a few times with backoff; after
+    /// that the error goes to the supervisor, which restarts the process. `Ok(None)` when
+    /// `token` was cancelled first.
+    pub async fn accept_once(
+        &self,
+        invitation: &Invitation,
+        source: &str,
+        token: &CancellationToken,
+    ) -> OpResult<Option<AgentConnection>> {
+        if let Some(conn) = self.accepted_from(invitation)? {
+            info!(connection = %conn.name, "the invitation in {source} was accepted before; not redeeming it again");
+            return Ok(Some(conn));
+        }
+        let settings = &self.inner.settings;
+        let mut backoff = crate::retry::Backoff::new(settings.delivery.backoff_initial, settings.delivery.backoff_max);
+        let mut attempt = 1;
+        loop {
+            let result = tokio::select! {
+                r = self.accept(invitation, AcceptOptions::default()) => r,
+                // Safe to abandon: the redeem nonce is on disk, so a later start retries it.
+                _ = token.cancelled() => return Ok(None),
+            };
+            let e = match result {
+                Ok(accepted) => return Ok(Some(accepted.connection)),
+                Err(e) => e,
+            };
+            let prefix = format!("cannot accept the invitation in {source}");
+            match e.kind {
+                Kind::Unreachable | Kind::Failed if attempt < START_ACCEPT_ATTEMPTS => {
+                    let delay = backoff.next_delay(None);
+                    let shown = Duration::from_millis(delay.as_millis() as u64);
+                    warn!(
+                        error = %e,
+                        "{prefix} (attempt {attempt} of {START_ACCEPT_ATTEMPTS}); retrying in {shown:?}"
+                    );
+                    if !crate::retry::sleep(delay, token).await {
+                        return Ok(None);
+                    }
+                    attempt += 1;
+                }
+                // A name clash does not go away by restarting: say so with the exit code.
+                Kind::Conflict => return Err(OpError::new(Kind::Config, format!("{prefix}: {}", e.message))),
+                kind => return Err(OpError::new(kind, format!("{prefix}: {}", e.message))),
+            }
+        }
     }
 
     fn check_name_free(&self, name: &str) -> OpResult<()> {

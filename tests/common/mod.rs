@@ -28,12 +28,14 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_relay")
 }
 
-fn command(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(bin());
+/// Variables a service manager sets; a test sets them only on purpose.
+const SERVICE_MANAGER_VARS: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"];
+
+fn prepare(mut cmd: Command, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     for (k, _) in std::env::vars() {
-        // Settings and proxies come only from what each test says.
+        // Settings, proxies and service-manager variables come only from what each test says.
         let proxy = ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"].contains(&k.to_ascii_uppercase().as_str());
-        if k.starts_with("RELAY_") || proxy {
+        if k.starts_with("RELAY_") || proxy || SERVICE_MANAGER_VARS.contains(&k.as_str()) {
             cmd.env_remove(k);
         }
     }
@@ -42,6 +44,25 @@ fn command(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
         cmd.env(k, v);
     }
     cmd
+}
+
+/// `relay --data-dir DIR ARGS` with the [`FAST`] settings and `env`, and no `RELAY_…` or
+/// service-manager variables inherited from the test's environment.
+pub fn command(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    prepare(Command::new(bin()), data_dir, args, env)
+}
+
+/// Like [`command`], run as `sh -c 'SCRIPT; exec relay …'`: for variables that must hold the
+/// process's own pid (`$$` survives the `exec`), as systemd's `WATCHDOG_PID` does.
+pub fn command_via_shell(script: &str, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("{script}; exec \"$0\" \"$@\"")).arg(bin());
+    prepare(cmd, data_dir, args, env)
+}
+
+/// A fresh path for a daemon's stderr, beside its data directory.
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension(format!("{}.log", unique()))
 }
 
 /// A daemon started from the binary.
@@ -59,10 +80,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `relay ARGS` and waits until its admin socket answers.
     pub async fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_command(command(data_dir, args, env), data_dir, log_path(data_dir)).await
+    }
+
+    /// Spawns `cmd` (from [`command`]) with stderr to `log` and waits until its admin socket
+    /// answers with its pid.
+    pub async fn start_command(mut cmd: Command, data_dir: &Path, log: PathBuf) -> Daemon {
         std::fs::create_dir_all(data_dir).unwrap();
-        let log = data_dir.with_extension(format!("{}.log", unique()));
+        let args = format!("{cmd:?}");
+        // Truncates an existing file in place, so its inode (JOURNAL_STREAM) stays the same.
         let stderr = std::fs::File::create(&log).unwrap();
-        let mut child = command(data_dir, args, env)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -72,7 +100,7 @@ impl Daemon {
         let info = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
-                    "relay {args:?} exited early with {status}:\n{}",
+                    "{args} exited early with {status}:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
@@ -82,7 +110,7 @@ impl Daemon {
                     break info;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "relay {args:?} did not come up");
+            assert!(tokio::time::Instant::now() < deadline, "{args} did not come up");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         Daemon {
