@@ -242,6 +242,17 @@ struct StoreInner {
     queues: Mutex<HashMap<String, Weak<QueueShared>>>,
     flush_tx: std::sync::mpsc::Sender<FlushReply>,
     failure: Mutex<Option<String>>,
+    failed_tx: watch::Sender<bool>,
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        if lock(&self.failure).is_some() {
+            // sled flushes when its last handle drops, and after a disk failure that flush
+            // waits forever. Keeping one handle alive skips it; the process is exiting.
+            std::mem::forget(self.db.clone());
+        }
+    }
 }
 
 /// The database of one data directory. Cheap to clone.
@@ -284,6 +295,7 @@ impl Store {
             queues: Mutex::new(HashMap::new()),
             flush_tx,
             failure: Mutex::new(None),
+            failed_tx: watch::channel(false).0,
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -303,6 +315,14 @@ impl Store {
             .map_err(|_| QueueError::Storage("the flusher has stopped".into()))?;
         rx.await
             .map_err(|_| QueueError::Storage("the flusher has stopped".into()))?
+    }
+
+    /// Resolves with the reason once the database has failed (disk full, I/O error). sled
+    /// cannot recover in-process, so the daemon stops and its supervisor restarts it.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.inner.failed_tx.subscribe();
+        let _ = rx.wait_for(|f| *f).await;
+        lock(&self.inner.failure).clone().unwrap_or_default()
     }
 
     /// `Err` once the database has failed; it stays failed until the process restarts.
@@ -374,8 +394,9 @@ impl Store {
 fn fail(inner: &StoreInner, reason: String) -> QueueError {
     let mut failure = lock(&inner.failure);
     if failure.is_none() {
-        tracing::error!(error = %reason, "storage failed; refusing new work until restart");
+        tracing::error!(error = %reason, "storage failed; refusing new work and stopping");
         *failure = Some(reason.clone());
+        inner.failed_tx.send_replace(true);
     }
     QueueError::Storage(reason)
 }

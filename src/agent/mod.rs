@@ -596,13 +596,17 @@ impl Agent {
             "intake",
             self.inner.settings.queue.idempotency_ttl,
         );
-        let revoked = tokio::select! {
-            _ = token.cancelled() => false,
-            _ = all_revoked.cancelled() => true,
+        let (revoked, storage_failure) = tokio::select! {
+            _ = token.cancelled() => (false, None),
+            _ = all_revoked.cancelled() => (true, None),
+            reason = self.inner.store.failed() => (false, Some(reason)),
         };
         token.cancel();
         tracker.close();
         tracker.wait().await;
+        if let Some(reason) = storage_failure {
+            return Err(crate::node::storage_stop(&reason));
+        }
         self.inner.store.flush().await?;
         if revoked {
             return Err(OpError::new(

@@ -279,12 +279,30 @@ impl Node {
             token.clone(),
         )
         .spawn(&tracker, api_listener, "api", self.inner.settings.queue.idempotency_ttl);
-        token.cancelled().await;
+        let storage_failure = tokio::select! {
+            _ = token.cancelled() => None,
+            reason = self.inner.store.failed() => Some(reason),
+        };
+        token.cancel();
         tracker.close();
         tracker.wait().await;
+        if let Some(reason) = storage_failure {
+            return Err(storage_stop(&reason));
+        }
         self.inner.store.flush().await?;
         Ok(())
     }
+}
+
+/// The error a daemon stops with after its database failed.
+pub fn storage_stop(reason: &str) -> OpError {
+    OpError::new(
+        Kind::Failed,
+        format!(
+            "storage failed ({reason}); stopped so the supervisor can restart relay once the disk is fixed. \
+             Everything accepted before the failure is still queued"
+        ),
+    )
 }
 
 /// `https://ADDR` for a bound listener, with a wildcard address replaced by loopback.
