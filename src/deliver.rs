@@ -14,6 +14,10 @@ use crate::queue::{Message, Queue};
 use crate::retry::Backoff;
 use crate::status::Health;
 
+/// How long an in-flight webhook request may finish after shutdown begins (inside the
+/// daemon's drain deadline).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// Where and how one connection's incoming payloads are delivered.
 #[derive(Debug, Clone)]
 pub struct Webhook {
@@ -120,6 +124,7 @@ pub async fn run(
     loop {
         // Paused connections keep their queue; wait to be resumed.
         tokio::select! {
+            biased;
             _ = token.cancelled() => return,
             r = active.wait_for(|a| *a) => if r.is_err() { return },
         }
@@ -128,6 +133,7 @@ pub async fn run(
             Ok(Some(m)) => m,
             Ok(None) => {
                 tokio::select! {
+                    biased;
                     _ = token.cancelled() => return,
                     _ = queue.wait_durable_after(durable) => continue,
                     _ = active.changed() => continue,
@@ -143,9 +149,18 @@ pub async fn run(
             }
         };
         let started = std::time::Instant::now();
+        let delivery = attempt(&client, &hook, &msg, settings.timeout);
+        tokio::pin!(delivery);
         let outcome = tokio::select! {
-            _ = token.cancelled() => return, // still queued; delivered after restart
-            o = attempt(&client, &hook, &msg, settings.timeout) => o,
+            o = &mut delivery => o,
+            _ = token.cancelled() => {
+                // Shutting down: let a request already on its way finish briefly, so the
+                // webhook does not see it again after the restart.
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery).await {
+                    Ok(o) => o,
+                    Err(_) => return, // still queued; delivered again after the restart
+                }
+            }
         };
         health.webhook_latency.observe(started.elapsed());
         match outcome {
@@ -176,6 +191,7 @@ pub async fn run(
                 }
                 health.error(reason);
                 tokio::select! {
+                    biased;
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }

@@ -69,10 +69,12 @@ where
     let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
     loop {
         let permit = tokio::select! {
+            biased;
             _ = token.cancelled() => break,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let (stream, peer) = tokio::select! {
+            biased;
             _ = token.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,

@@ -376,6 +376,7 @@ impl Store {
                 }
             }
             tokio::select! {
+                biased;
                 _ = token.cancelled() => return,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
             }

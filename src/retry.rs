@@ -47,6 +47,7 @@ impl Backoff {
 /// Sleeps for `delay`; false when `token` was cancelled first.
 pub async fn sleep(delay: Duration, token: &CancellationToken) -> bool {
     tokio::select! {
+        biased;
         _ = token.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
     }

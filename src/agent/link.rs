@@ -231,6 +231,7 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
         };
         let started = std::time::Instant::now();
         let result = tokio::select! {
+            biased;
             _ = token.cancelled() => return,
             r = ctx.call(protocol::POLL_PATH, protocol::encode(&request), wait + POLL_MARGIN, protocol::max_batch_bytes(max_payload)) => r,
         };
@@ -319,6 +320,7 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
         };
         if batch.is_empty() {
             tokio::select! {
+                biased;
                 _ = token.cancelled() => return,
                 _ = outbox.wait_durable_after(durable) => continue,
             }
@@ -332,6 +334,7 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
         let bytes: u64 = request.messages.iter().map(|m| m.body.len() as u64).sum();
         let started = std::time::Instant::now();
         let result = tokio::select! {
+            biased;
             _ = token.cancelled() => return,
             r = ctx.call(protocol::PUSH_PATH, protocol::encode(&request), timeout, 64 * 1024) => r,
         };

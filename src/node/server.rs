@@ -178,6 +178,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             })
         };
         tokio::select! {
+            biased;
             _ = token.cancelled() => return empty(),
             _ = tokio::time::sleep_until(deadline) => return empty(),
             _ = link.outbox.wait_durable_after(durable.max(request.after)), if active => {}
