@@ -42,6 +42,13 @@ pub enum Request {
         /// Action.
         action: Action,
     },
+    /// List, retry or drop a connection's dead letters.
+    DeadLetters {
+        /// Connection.
+        connection: String,
+        /// What to do.
+        action: DeadLetterAction,
+    },
     /// Agent: redeem an invitation.
     Accept {
         /// The invitation code (travels only over the owner-only socket).
@@ -49,6 +56,79 @@ pub enum Request {
         /// Options.
         options: AcceptOptions,
     },
+}
+
+/// An operator action on dead letters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterAction {
+    /// Show them.
+    List,
+    /// Put these (or all) back into the queue for delivery.
+    Retry {
+        /// Sequence numbers; empty with `all`.
+        seqs: Vec<u64>,
+        /// Every dead letter.
+        all: bool,
+    },
+    /// Delete these (or all) for good.
+    Drop {
+        /// Sequence numbers; empty with `all`.
+        seqs: Vec<u64>,
+        /// Every dead letter.
+        all: bool,
+    },
+}
+
+/// What a dead-letter action did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetterOutcome {
+    /// Dead letters now (after the action).
+    pub dead_letters: Vec<crate::queue::DeadLetter>,
+    /// Sequence numbers acted on.
+    pub done: Vec<u64>,
+    /// Sequence numbers that were not dead letters.
+    pub missing: Vec<u64>,
+}
+
+/// At most this many dead letters are listed or acted on at once.
+const DEAD_LETTER_BATCH: usize = 10_000;
+
+async fn dead_letters(side: &Side, connection: &str, action: DeadLetterAction) -> OpResult<DeadLetterOutcome> {
+    let (queue, store) = match side {
+        Side::Node(n) => (n.inbox(connection)?, n.store().clone()),
+        Side::Agent(a) => (a.inbox(connection)?, a.store().clone()),
+    };
+    let mut outcome = DeadLetterOutcome::default();
+    let (seqs, all, retry) = match action {
+        DeadLetterAction::List => (Vec::new(), false, false),
+        DeadLetterAction::Retry { seqs, all } => (seqs, all, true),
+        DeadLetterAction::Drop { seqs, all } => (seqs, all, false),
+    };
+    let targets = if all {
+        queue
+            .dead_letters(DEAD_LETTER_BATCH)?
+            .into_iter()
+            .map(|d| d.seq)
+            .collect()
+    } else {
+        seqs
+    };
+    for seq in targets {
+        let found = if retry {
+            queue.retry_dead_letter(seq)?
+        } else {
+            queue.drop_dead_letter(seq)?
+        };
+        if found {
+            outcome.done.push(seq);
+        } else {
+            outcome.missing.push(seq);
+        }
+    }
+    store.flush().await?;
+    outcome.dead_letters = queue.dead_letters(DEAD_LETTER_BATCH)?;
+    Ok(outcome)
 }
 
 /// What a running daemon is and where it listens.
@@ -83,6 +163,9 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
         (Side::Node(n), Request::Status) => Ok(to_json(&n.connections()?)),
         (Side::Agent(a), Request::Status) => Ok(to_json(&a.status()?)),
         (Side::Agent(a), Request::AgentConnections) => Ok(to_json(&a.list()?)),
+        (side, Request::DeadLetters { connection, action }) => {
+            Ok(to_json(&dead_letters(side, &connection, action).await?))
+        }
         (Side::Node(n), Request::Initiate { request }) => Ok(serde_json::Value::String(n.initiate(request).await?)),
         (Side::Node(n), Request::SetState { name, action }) => Ok(to_json(&n.set_state(&name, action).await?)),
         (Side::Agent(a), Request::Accept { code, options }) => {

@@ -57,6 +57,9 @@ pub enum Command {
     Status(JsonArg),
     /// Queue a payload on a connection through the local intake.
     Send(SendArgs),
+    /// List, retry or drop the payloads a webhook refused for good.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetterCommand),
     /// Check each connection step by step: DNS, TCP (direct or proxy), TLS, credential, clock, webhook.
     Doctor(JsonArg),
     /// Print the host:port list the agent contacts, for a firewall change request.
@@ -82,6 +85,36 @@ pub enum NodeCommand {
     Activate(NameArg),
     /// Kill the connection's credential for good.
     Revoke(NameArg),
+}
+
+/// `relay dead-letters …` (works on a node's or an agent's data directory).
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Show a connection's dead letters: sequence number, id, size, age, the webhook's answer.
+    List {
+        /// Connection name.
+        connection: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver dead letters again (same message id, so receivers can still drop repeats).
+    Retry(DeadLetterTargets),
+    /// Delete dead letters for good.
+    Drop(DeadLetterTargets),
+}
+
+/// Which dead letters.
+#[derive(Debug, Args)]
+pub struct DeadLetterTargets {
+    /// Connection name.
+    pub connection: String,
+    /// Sequence numbers (from `relay dead-letters list`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub seqs: Vec<u64>,
+    /// Every dead letter of the connection.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// `--json`.
@@ -268,6 +301,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
         Command::Node(NodeCommand::Revoke(n)) => set_state(&settings, n.name, Action::Revoke).await,
         Command::Accept(a) => accept(&settings, a).await,
         Command::Send(a) => send(&settings, a).await,
+        Command::DeadLetters(c) => dead_letter_command(&settings, c).await,
         Command::Doctor(a) => doctor(&settings, a.json).await,
         Command::Egress(a) => {
             let conns: Vec<AgentConnection> =
@@ -360,6 +394,85 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
         tracing::info!("stopped cleanly");
     }
     result
+}
+
+async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) -> OpResult<()> {
+    use crate::admin::{DeadLetterAction, DeadLetterOutcome};
+    let (connection, action, json, verb) = match command {
+        DeadLetterCommand::List { connection, json } => (connection, DeadLetterAction::List, json, ""),
+        DeadLetterCommand::Retry(t) => (
+            t.connection,
+            DeadLetterAction::Retry {
+                seqs: t.seqs,
+                all: t.all,
+            },
+            false,
+            "queued again for delivery",
+        ),
+        DeadLetterCommand::Drop(t) => (
+            t.connection,
+            DeadLetterAction::Drop {
+                seqs: t.seqs,
+                all: t.all,
+            },
+            false,
+            "dropped",
+        ),
+    };
+    let role = daemon::recorded_role(&settings.data_dir).unwrap_or(Role::Agent);
+    let outcome: DeadLetterOutcome = parse(
+        admin_call(
+            settings,
+            role,
+            Request::DeadLetters {
+                connection: connection.clone(),
+                action,
+            },
+        )
+        .await?,
+    )?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome.dead_letters).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    if !verb.is_empty() {
+        let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+        if !outcome.done.is_empty() {
+            println!(
+                "{} dead letter(s) {verb}: seq {}",
+                outcome.done.len(),
+                list(&outcome.done)
+            );
+        }
+        if !outcome.missing.is_empty() {
+            println!("not dead letters of {connection:?}: seq {}", list(&outcome.missing));
+        }
+    }
+    let now = crate::status::now_ms();
+    if outcome.dead_letters.is_empty() {
+        println!("{connection}: no dead letters");
+    }
+    for d in &outcome.dead_letters {
+        println!(
+            "seq {:<8} id {}  {:>8} bytes  {:<10} dead {}: {}",
+            d.seq,
+            d.id,
+            d.bytes,
+            d.content_type,
+            crate::status::ago(d.dead_at_ms, now),
+            d.reason
+        );
+    }
+    if !outcome.missing.is_empty() {
+        return Err(OpError::new(
+            Kind::NotFound,
+            "some sequence numbers were not dead letters",
+        ));
+    }
+    Ok(())
 }
 
 async fn doctor(settings: &Settings, json: bool) -> OpResult<()> {

@@ -121,6 +121,7 @@ pub async fn run(
     token: CancellationToken,
 ) {
     let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+    let mut kicks = queue.kicks();
     loop {
         // Paused connections keep their queue; wait to be resumed.
         tokio::select! {
@@ -137,6 +138,7 @@ pub async fn run(
                     _ = token.cancelled() => return,
                     _ = queue.wait_durable_after(durable) => continue,
                     _ = active.changed() => continue,
+                    _ = kicks.changed() => continue,
                 }
             }
             Err(e) => {

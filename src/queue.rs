@@ -352,6 +352,7 @@ impl Store {
             store: Arc::downgrade(&self.inner),
             state: Mutex::new(QueueState { counters, limits }),
             durable_tx,
+            kicks: watch::channel(0).0,
         });
         queues.insert(name.to_owned(), Arc::downgrade(&shared));
         Ok(Queue { shared })
@@ -476,6 +477,8 @@ struct QueueShared {
     state: Mutex<QueueState>,
     /// Highest sequence number known to be on disk.
     durable_tx: watch::Sender<u64>,
+    /// Bumped when a message reappears below the durable mark (a retried dead letter).
+    kicks: watch::Sender<u64>,
 }
 
 /// One durable FIFO. Cheap to clone; clones share state.
@@ -689,6 +692,67 @@ impl Queue {
         self.apply(batch)?;
         st.counters = c;
         Ok(removed)
+    }
+
+    /// A receiver that changes whenever a message reappears in the queue without the durable
+    /// mark moving (an operator retried a dead letter); consumers wait on it beside
+    /// [`Queue::wait_durable_after`].
+    pub fn kicks(&self) -> watch::Receiver<u64> {
+        self.shared.kicks.subscribe()
+    }
+
+    /// Puts dead letter `seq` back into the queue at its own sequence number, ahead of
+    /// everything queued after it; `false` when there is no such dead letter. Durable after
+    /// the next [`Store::flush`].
+    pub fn retry_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
+        self.check()?;
+        let mut st = lock(&self.shared.state);
+        let dk = key(DEAD_PREFIX, seq);
+        let Some(raw) = self.shared.tree.get(dk).map_err(|e| self.storage(e))? else {
+            return Ok(false);
+        };
+        let len = raw.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+        let stored = len
+            .and_then(|l| raw.get(4 + l as usize..))
+            .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+        let size = decode_message(seq, &sled::IVec::from(stored))
+            .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?
+            .body
+            .len() as u64;
+        let limits = st.limits;
+        self.check_room(&st.counters, &limits, 1, size)?;
+        let mut c = st.counters;
+        c.count += 1;
+        c.bytes += size;
+        c.dead = c.dead.saturating_sub(1);
+        // The sequence number is kept: an inbox's numbers belong to the sending peer.
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(MSG_PREFIX, seq), stored);
+        batch.remove(&dk);
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        drop(st);
+        self.shared.kicks.send_modify(|k| *k += 1);
+        Ok(true)
+    }
+
+    /// Deletes dead letter `seq` for good; `false` when there is no such dead letter.
+    pub fn drop_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
+        self.check()?;
+        let mut st = lock(&self.shared.state);
+        let dk = key(DEAD_PREFIX, seq);
+        if self.shared.tree.get(dk).map_err(|e| self.storage(e))?.is_none() {
+            return Ok(false);
+        }
+        let mut c = st.counters;
+        c.dead = c.dead.saturating_sub(1);
+        let mut batch = sled::Batch::default();
+        batch.remove(&dk);
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        Ok(true)
     }
 
     /// Moves a message to the dead-letter list with the reason.
@@ -964,6 +1028,35 @@ mod tests {
         assert_eq!((stats.depth, stats.dead_letters), (1, 1));
         assert_eq!(q.dead_letters(10).unwrap()[0].reason, "HTTP 400");
         assert_eq!(q.first().unwrap().unwrap().body, "good");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_can_be_retried_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", LIMITS).unwrap();
+        for body in ["a", "b", "c"] {
+            q.append(msg(body), None).unwrap();
+        }
+        store.flush().await.unwrap();
+        let a = q.first().unwrap().unwrap();
+        q.dead_letter(&a, "HTTP 422").unwrap();
+        let b = q.first().unwrap().unwrap();
+        q.dead_letter(&b, "HTTP 400").unwrap();
+        let mut kicks = q.kicks();
+        kicks.borrow_and_update();
+        assert!(q.retry_dead_letter(a.seq).unwrap());
+        assert!(kicks.has_changed().unwrap(), "consumers are woken");
+        let again = q.first().unwrap().unwrap();
+        assert_eq!(
+            (again.seq, again.id.as_str(), again.body.as_ref()),
+            (a.seq, a.id.as_str(), b"a".as_ref())
+        );
+        assert!(q.drop_dead_letter(b.seq).unwrap());
+        assert!(!q.drop_dead_letter(b.seq).unwrap());
+        assert!(!q.retry_dead_letter(999).unwrap());
+        let s = q.stats();
+        assert_eq!((s.depth, s.dead_letters, s.last_seq), (2, 0, 3));
     }
 
     #[tokio::test]

@@ -168,6 +168,38 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     );
     assert!(app.rx.try_recv().is_err(), "the dead letter is not retried");
 
+    // The operator sees the dead letter, and retries it once the receiver is fixed: it
+    // arrives again with the same message id.
+    let agent_dir = tmp.path().join("agent");
+    let listed = common::cli_ok(&agent_dir, &["dead-letters", "list", "c"]).await;
+    assert!(
+        listed.contains(&format!("id {}", dead[0].id)) && listed.contains("400"),
+        "{listed}"
+    );
+    let out = common::cli_ok(&agent_dir, &["dead-letters", "retry", "c", "--all"]).await;
+    assert!(out.contains("1 dead letter(s) queued again for delivery"), "{out}");
+    assert!(out.contains("c: no dead letters"), "{out}");
+    let again = app.next(DEADLINE).await.unwrap();
+    assert_eq!(again.body, b"bad");
+    assert_eq!(again.header("idempotency-key"), Some(dead[0].id.as_str()));
+
+    // Another refusal, dropped for good this time.
+    app.script(&[422]);
+    assert_eq!(post(&http, &api, "c", b"worse".to_vec(), &[]).await.unwrap().0, 202);
+    assert_eq!(app.next(DEADLINE).await.unwrap().answered, 422);
+    let seq = wait_for("the second dead letter", || async {
+        agent.side.status().unwrap()[0]
+            .recent_dead_letters
+            .first()
+            .map(|d| d.seq)
+    })
+    .await;
+    let o = common::cli(&agent_dir, &["dead-letters", "drop", "c", "999999"], &[], None).await;
+    assert_eq!(o.status.code(), Some(1), "an unknown sequence number is an error");
+    let out = common::cli_ok(&agent_dir, &["dead-letters", "drop", "c", &seq.to_string()]).await;
+    assert!(out.contains(&format!("1 dead letter(s) dropped: seq {seq}")), "{out}");
+    assert_eq!(agent.side.status().unwrap()[0].inbound.dead_letters, 0);
+
     token.cancel();
     node.task.await.unwrap().unwrap();
     agent.task.await.unwrap().unwrap();

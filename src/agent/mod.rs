@@ -218,6 +218,14 @@ impl Agent {
         ))
     }
 
+    /// The queue of payloads from the node on `name`, waiting for the webhook.
+    pub fn inbox(&self, name: &str) -> OpResult<Queue> {
+        if self.get(name)?.is_none() {
+            return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
+        }
+        Ok(self.queues(name)?.1)
+    }
+
     /// Every connection.
     pub fn list(&self) -> OpResult<Vec<AgentConnection>> {
         Ok(self.inner.connections.list()?.into_iter().map(|(_, v)| v).collect())

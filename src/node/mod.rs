@@ -137,6 +137,14 @@ impl Node {
         Ok(code)
     }
 
+    /// The queue of payloads from the agent of `name`, waiting for the webhook.
+    pub fn inbox(&self, name: &str) -> OpResult<Queue> {
+        if self.inner.registry.get(name)?.is_none() {
+            return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
+        }
+        Ok(self.queues(name)?.1)
+    }
+
     /// Every connection with its live state.
     pub fn connections(&self) -> OpResult<Vec<ConnectionStatus>> {
         let records = self.inner.registry.list()?;
