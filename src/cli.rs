@@ -653,6 +653,22 @@ async fn send(settings: &Settings, a: SendArgs) -> OpResult<()> {
             format!("the payload is larger than the limit of {limit} bytes (queue.max_payload_bytes)"),
         ));
     }
+    // The same checks as the local API, so nothing unsendable reaches a queue.
+    if !crate::protocol::valid_content_type(&a.content_type) {
+        return Err(OpError::new(
+            Kind::Invalid,
+            "--content-type must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    if a.idempotency_key
+        .as_deref()
+        .is_some_and(|k| !crate::intake::valid_idempotency_key(k))
+    {
+        return Err(OpError::new(
+            Kind::Invalid,
+            "--idempotency-key must be 1 to 255 visible ASCII characters",
+        ));
+    }
     let role = daemon::recorded_role(&settings.data_dir).unwrap_or(Role::Agent);
     let result = match admin::call(&settings.data_dir, &Request::Info).await? {
         Some(info) => {

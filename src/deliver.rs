@@ -93,10 +93,10 @@ pub async fn attempt(client: &http::Client, hook: &Webhook, msg: &Message, timeo
     }
     let req = match http::request(Method::POST, &hook.url, &headers, msg.body.clone()) {
         Ok(r) => r,
+        // A message that cannot become a request never will: set it aside.
         Err(e) => {
-            return Outcome::Retry {
+            return Outcome::Reject {
                 reason: format!("cannot build the webhook request: {e}"),
-                after: None,
             }
         }
     };
@@ -170,7 +170,8 @@ pub async fn run(
                 backoff.reset();
                 Health::add(&health.delivered, 1);
                 Health::add(&health.bytes_delivered, msg.body.len() as u64);
-                if let Err(e) = queue.remove_through(msg.seq) {
+                // Exactly this message: a retried dead letter may sit below it.
+                if let Err(e) = queue.remove(msg.seq) {
                     health.error(format!("removing a delivered message: {e}"));
                 }
             }

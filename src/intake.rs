@@ -26,6 +26,10 @@ pub struct Refusal {
 pub trait IntakeTarget: Send + Sync + 'static {
     /// The queue that carries a local submission on connection `name` to the peer.
     fn outbox(&self, name: &str) -> Result<Queue, Refusal>;
+    /// The largest payload the other side accepts on connection `name`, when known.
+    fn max_payload(&self, _name: &str) -> Option<usize> {
+        None
+    }
     /// `Ok` when the process is connected and delivering.
     fn ready(&self) -> Result<String, String>;
     /// Prometheus text exposition.
@@ -105,7 +109,8 @@ pub fn queue_error_response(e: &QueueError) -> Response<Body> {
     }
 }
 
-fn valid_idempotency_key(k: &str) -> bool {
+/// An `Idempotency-Key` relay accepts: 1–255 visible ASCII characters.
+pub fn valid_idempotency_key(k: &str) -> bool {
     !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
@@ -166,25 +171,32 @@ async fn submit(intake: Intake, name: &str, req: IncomingRequest) -> Response<Bo
     let content_type = http::header(req.headers(), "content-type")
         .unwrap_or("application/octet-stream")
         .to_owned();
-    if content_type.len() > 255 {
+    if !crate::protocol::valid_content_type(&content_type) {
         return http::error(
             StatusCode::BAD_REQUEST,
             codes::BAD_REQUEST,
-            "Content-Type longer than 255 bytes",
+            "Content-Type must be 1 to 255 visible ASCII characters",
         );
     }
     let outbox = match intake.target.outbox(name) {
         Ok(q) => q,
         Err(r) => return http::error(r.status, r.code, r.message),
     };
-    let body: Bytes = match http::read_body(req.into_body(), intake.max_payload).await {
+    let peer_limit = intake.target.max_payload(name).filter(|l| *l < intake.max_payload);
+    let limit = peer_limit.unwrap_or(intake.max_payload);
+    let body: Bytes = match http::read_body(req.into_body(), limit).await {
         Ok(b) => b,
         Err(http::BodyError::TooLarge { limit }) => {
+            let whose = if peer_limit.is_some() {
+                "the other side's queue.max_payload_bytes"
+            } else {
+                "queue.max_payload_bytes"
+            };
             return http::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::TOO_LARGE,
-                format!("payload larger than the limit of {limit} bytes (queue.max_payload_bytes)"),
-            )
+                format!("payload larger than the limit of {limit} bytes ({whose})"),
+            );
         }
         Err(e) => return http::error(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.to_string()),
     };

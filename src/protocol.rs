@@ -125,6 +125,8 @@ pub struct PollResponse {
     pub state: LinkState,
     /// Messages in sequence order.
     pub messages: Vec<WireMessage>,
+    /// The largest payload the node accepts, so the agent refuses larger ones at its intake.
+    pub max_payload_bytes: u64,
 }
 
 /// The agent sends a batch.
@@ -207,6 +209,49 @@ pub mod codes {
     pub const CONNECTION_STATE: &str = "connection_state";
     /// Shutting down.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+}
+
+/// A content type relay accepts: 1–255 visible ASCII characters or spaces (it becomes an
+/// HTTP header on the way out).
+pub fn valid_content_type(ct: &str) -> bool {
+    !ct.is_empty() && ct.len() <= 255 && ct.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
+
+/// A message id relay accepts: 1–128 of `A–Z a–z 0–9 - _ .`.
+pub fn valid_message_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A batch must be in strictly increasing sequence order, each message within limits and
+/// with an id and content type that can travel as HTTP headers.
+pub fn check_messages(messages: &[WireMessage], max_payload: usize) -> Result<(), String> {
+    if messages.len() > MAX_BATCH_MESSAGES {
+        return Err(format!(
+            "batch of {} messages exceeds {MAX_BATCH_MESSAGES}",
+            messages.len()
+        ));
+    }
+    let mut last = 0;
+    for m in messages {
+        if m.seq <= last {
+            return Err(format!("sequence numbers must increase (saw {} after {last})", m.seq));
+        }
+        last = m.seq;
+        if m.body.len() > max_payload {
+            return Err(format!(
+                "message {} is larger than the limit of {max_payload} bytes",
+                m.seq
+            ));
+        }
+        if !valid_message_id(&m.id) || !valid_content_type(&m.content_type) {
+            return Err(format!("message {} has a malformed id or content type", m.seq));
+        }
+    }
+    Ok(())
 }
 
 /// Why a body could not be decoded.

@@ -596,17 +596,19 @@ impl Queue {
         self.check()?;
         let mut st = lock(&self.shared.state);
         let mut c = st.counters;
-        let fresh: Vec<&Message> = msgs.iter().filter(|m| m.seq > c.last_seq).collect();
-        if fresh.is_empty() {
-            return Ok(c.last_seq);
-        }
-        let bytes: u64 = fresh.iter().map(|m| m.body.len() as u64).sum();
         let limits = st.limits;
-        self.check_room(&c, &limits, fresh.len() as u64, bytes)?;
         let mut batch = sled::Batch::default();
-        for m in fresh {
+        let mut stored = 0usize;
+        for m in msgs {
             if m.seq <= c.last_seq {
-                continue; // out of order inside one batch: keep FIFO by refusing to go back
+                continue; // already held (a retried batch), or out of order: never go back
+            }
+            // Take the prefix that fits; the peer offers the rest again after our mark.
+            if let Err(full) = self.check_room(&c, &limits, 1, m.body.len() as u64) {
+                if stored == 0 {
+                    return Err(full);
+                }
+                break;
             }
             if m.seq != c.last_seq + 1 {
                 tracing::warn!(queue = %self.shared.name, expected = c.last_seq + 1, got = m.seq, "sequence gap from peer");
@@ -618,11 +620,35 @@ impl Queue {
             c.last_seq = m.seq;
             c.count += 1;
             c.bytes += m.body.len() as u64;
+            stored += 1;
+        }
+        if stored == 0 {
+            return Ok(c.last_seq);
         }
         batch.insert(STATE_KEY, &c.encode()[..]);
         self.apply(batch)?;
         st.counters = c;
         Ok(c.last_seq)
+    }
+
+    /// Removes the message `seq` alone (delivered to the webhook). Not flushed: after a crash
+    /// it is delivered again, never lost.
+    pub fn remove(&self, seq: u64) -> Result<bool, QueueError> {
+        let mut st = lock(&self.shared.state);
+        let k = key(MSG_PREFIX, seq);
+        let Some(v) = self.shared.tree.get(k).map_err(|e| self.storage(e))? else {
+            return Ok(false);
+        };
+        let mut c = st.counters;
+        let size = decode_message(seq, &v).map(|m| m.body.len() as u64).unwrap_or(0);
+        c.count = c.count.saturating_sub(1);
+        c.bytes = c.bytes.saturating_sub(size);
+        let mut batch = sled::Batch::default();
+        batch.remove(&k);
+        batch.insert(STATE_KEY, &c.encode()[..]);
+        self.apply(batch)?;
+        st.counters = c;
+        Ok(true)
     }
 
     /// Highest sequence number appended (durable or not): the high-water mark.
@@ -1012,6 +1038,41 @@ mod tests {
             all.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
             ["id1", "id2", "id3"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_remote_batch_larger_than_the_room_stores_the_prefix_that_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store
+            .queue(
+                "c/in",
+                Limits {
+                    max_messages: 3,
+                    max_bytes: 1000,
+                },
+            )
+            .unwrap();
+        let m = |seq: u64| Message {
+            seq,
+            id: format!("id{seq}"),
+            content_type: "a/b".into(),
+            enqueued_at_ms: 1,
+            body: Bytes::from_static(b"x"),
+        };
+        let batch: Vec<Message> = (1..=5).map(m).collect();
+        assert_eq!(q.append_remote(&batch).unwrap(), 3, "the prefix that fits");
+        assert!(
+            matches!(q.append_remote(&batch), Err(QueueError::FullCount { .. })),
+            "nothing new fits: full, and nothing lost"
+        );
+        store.flush().await.unwrap();
+        assert!(q.remove(2).unwrap());
+        assert!(!q.remove(2).unwrap());
+        assert_eq!(q.append_remote(&batch).unwrap(), 4);
+        assert!(matches!(q.append_remote(&batch), Err(QueueError::FullCount { .. })));
+        let seqs: Vec<u64> = q.read_after(0, 10, 1 << 20).unwrap().iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 3]);
     }
 
     #[tokio::test]

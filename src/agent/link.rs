@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::{Agent, AgentConnection, LinkHandle};
 use crate::deliver::{self, Webhook};
@@ -47,6 +47,24 @@ pub fn spawn(
     tracker: &TaskTracker,
     webhook_client: http::Client,
 ) {
+    let (outbox_name, inbox_name) = super::queue_names(&conn.name);
+    let limits = agent.settings().queue_limits();
+    let (outbox, inbox) = match (
+        agent.store().queue(&outbox_name, limits),
+        agent.store().queue(&inbox_name, limits),
+    ) {
+        (Ok(o), Ok(i)) => (o, i),
+        (Err(e), _) | (_, Err(e)) => {
+            handle.health.error(e.to_string());
+            return;
+        }
+    };
+    let name = conn.name.clone();
+    spawn_delivery(&agent, &conn, &handle, tracker, webhook_client, inbox.clone());
+    if conn.revoked.is_some() {
+        // Revoked: no more exchanges with the node, but what it already sent is delivered.
+        return;
+    }
     let credential = match agent.credential(&conn.name) {
         Ok(c) => c.expose().to_owned(),
         Err(e) => {
@@ -69,18 +87,6 @@ pub fn spawn(
         agent.settings().agent.request_timeout,
         &agent.settings().proxy_config(),
     );
-    let (outbox_name, inbox_name) = super::queue_names(&conn.name);
-    let limits = agent.settings().queue_limits();
-    let (outbox, inbox) = match (
-        agent.store().queue(&outbox_name, limits),
-        agent.store().queue(&inbox_name, limits),
-    ) {
-        (Ok(o), Ok(i)) => (o, i),
-        (Err(e), _) | (_, Err(e)) => {
-            handle.health.error(e.to_string());
-            return;
-        }
-    };
     let ctx = Ctx {
         agent: agent.clone(),
         conn: conn.clone(),
@@ -88,48 +94,55 @@ pub fn spawn(
         client,
         credential,
     };
-    let name = conn.name.clone();
-    tracker
-        .spawn(receive_loop(ctx.clone(), inbox.clone()).instrument(tracing::info_span!("receive", connection = %name)));
+    tracker.spawn(receive_loop(ctx.clone(), inbox).instrument(tracing::info_span!("receive", connection = %name)));
     tracker.spawn(send_loop(ctx, outbox).instrument(tracing::info_span!("send", connection = %name)));
-    match conn
+}
+
+/// Starts the webhook worker for what the node sent, if a webhook is configured.
+fn spawn_delivery(
+    agent: &Agent,
+    conn: &AgentConnection,
+    handle: &Arc<LinkHandle>,
+    tracker: &TaskTracker,
+    webhook_client: http::Client,
+    inbox: Queue,
+) {
+    let name = conn.name.clone();
+    let Some(url) = conn
         .deliver_to
         .clone()
         .or_else(|| agent.settings().agent.deliver_to.clone())
-    {
-        Some(url) => {
-            let hook = Webhook {
-                url,
-                connection: conn.name.clone(),
-                project: Some(conn.project.clone()),
-            };
-            // The agent delivers whatever it received; pausing happens on the node.
-            let (active_tx, active_rx) = watch::channel(true);
-            let token = handle.token.clone();
-            tracker.spawn(
-                async move {
-                    deliver::run(
-                        inbox,
-                        hook,
-                        webhook_client,
-                        agent.settings().delivery.clone(),
-                        active_rx,
-                        handle.health.clone(),
-                        token,
-                    )
-                    .await;
-                    drop(active_tx);
-                }
-                .instrument(tracing::info_span!("deliver", connection = %name, side = "agent")),
-            );
+    else {
+        warn!(connection = %name, "no webhook configured (set agent.deliver_to or RELAY_AGENT__DELIVER_TO and restart): payloads from the node are kept in the queue");
+        return;
+    };
+    let hook = Webhook {
+        url,
+        connection: name.clone(),
+        project: Some(conn.project.clone()),
+    };
+    // The agent delivers whatever it received; pausing happens on the node.
+    let (active_tx, active_rx) = watch::channel(true);
+    let settings = agent.settings().delivery.clone();
+    let (health, token) = (handle.health.clone(), handle.deliver_token.clone());
+    tracker.spawn(
+        async move {
+            deliver::run(inbox, hook, webhook_client, settings, active_rx, health, token).await;
+            drop(active_tx);
         }
-        None => {
-            warn!(connection = %name, "no webhook configured (set agent.deliver_to or RELAY_AGENT__DELIVER_TO and restart): payloads from the node are kept in the queue");
-        }
-    }
+        .instrument(tracing::info_span!("deliver", connection = %name, side = "agent")),
+    );
 }
 
 impl Ctx {
+    /// The node's payload limit, once a poll answer told us.
+    fn node_max_payload(&self) -> Option<usize> {
+        match self.handle.node_max_payload.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n as usize),
+        }
+    }
+
     async fn call(&self, path: &str, body: Vec<u8>, deadline: Duration, max_body: usize) -> Result<Reply, Failure> {
         let url = format!("{}{}", self.conn.node_url, path);
         let auth = format!("Bearer {}", self.credential);
@@ -233,7 +246,7 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
         let result = tokio::select! {
             biased;
             _ = token.cancelled() => return,
-            r = ctx.call(protocol::POLL_PATH, protocol::encode(&request), wait + POLL_MARGIN, protocol::max_batch_bytes(max_payload)) => r,
+            r = ctx.call(protocol::POLL_PATH, protocol::encode(&request), wait + POLL_MARGIN, protocol::max_batch_bytes(max_payload.max(ctx.node_max_payload().unwrap_or(0)))) => r,
         };
         let reply = match result {
             Ok(r) => r,
@@ -262,6 +275,16 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
             }
         };
         ctx.note_state(resp.state);
+        ctx.handle
+            .node_max_payload
+            .store(resp.max_payload_bytes, Ordering::Relaxed);
+        if let Err(problem) = protocol::check_messages(&resp.messages, usize::MAX) {
+            let reason = format!("the node sent a malformed batch: {problem}");
+            if !ctx.failed(Failure::Retry(reason, None), &mut backoff, &token).await {
+                return;
+            }
+            continue;
+        }
         if resp.messages.is_empty() {
             ctx.healthy(&mut backoff);
             continue;
@@ -318,6 +341,23 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
                 continue;
             }
         };
+        // A payload the node will never take would block everything behind it.
+        if let Some(limit) = ctx.node_max_payload() {
+            if let Some(big) = batch.iter().find(|m| m.body.len() > limit) {
+                let reason = format!(
+                    "{} bytes is more than the node accepts ({limit} bytes, its queue.max_payload_bytes)",
+                    big.body.len()
+                );
+                warn!(id = %big.id, seq = big.seq, %reason, "dead-lettering an outbound message");
+                ctx.handle
+                    .health
+                    .error(format!("outbound message {} dead-lettered: {reason}", big.id));
+                if let Err(e) = outbox.dead_letter(big, &reason) {
+                    ctx.handle.health.error(format!("dead-lettering: {e}"));
+                }
+                continue;
+            }
+        }
         if batch.is_empty() {
             tokio::select! {
                 biased;
@@ -358,10 +398,11 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
         }
         if resp.high_water < last {
             // The node holds less than we sent (it should not happen); resend from there.
-            warn!(
+            // The node's queue had room for part of the batch; the rest goes next.
+            debug!(
                 high_water = resp.high_water,
                 sent_through = last,
-                "node acknowledged fewer messages than sent"
+                "node took part of the batch"
             );
         } else {
             Health::add(&ctx.handle.health.sent, count);

@@ -110,8 +110,13 @@ pub struct LinkHandle {
     pub health: Arc<Health>,
     /// The node said "deactivated" in its last answer.
     pub paused: AtomicBool,
-    /// Stops this connection's tasks.
+    /// The node's largest accepted payload (0 until a poll answer says).
+    pub node_max_payload: std::sync::atomic::AtomicU64,
+    /// Stops this connection's exchanges with the node.
     pub token: CancellationToken,
+    /// Stops its webhook worker (at shutdown only: a revoked connection still delivers what
+    /// it holds).
+    pub deliver_token: CancellationToken,
 }
 
 struct Runtime {
@@ -541,10 +546,20 @@ impl Agent {
         }
     }
 
+    /// Payloads revoked connections still hold for a webhook that can take them.
+    fn revoked_backlog(&self) -> u64 {
+        let has_webhook =
+            |c: &AgentConnection| c.deliver_to.is_some() || self.inner.settings.agent.deliver_to.is_some();
+        self.list()
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c.revoked.is_some() && has_webhook(c))
+            .filter_map(|c| self.queues(&c.name).ok())
+            .map(|(_, inbox)| inbox.stats().depth)
+            .sum()
+    }
+
     fn start_link(&self, conn: &AgentConnection) {
-        if conn.revoked.is_some() {
-            return;
-        }
         let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
         let Some(rt) = runtime.as_ref() else { return };
         let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
@@ -554,8 +569,13 @@ impl Agent {
         let handle = Arc::new(LinkHandle {
             health: Arc::new(Health::default()),
             paused: AtomicBool::new(false),
+            node_max_payload: std::sync::atomic::AtomicU64::new(0),
             token: rt.token.child_token(),
+            deliver_token: rt.token.child_token(),
         });
+        if conn.revoked.is_some() {
+            handle.token.cancel();
+        }
         links.insert(conn.name.clone(), handle.clone());
         link::spawn(
             self.clone(),
@@ -580,10 +600,14 @@ impl Agent {
         });
         let connections = self.list()?;
         if !connections.is_empty() && connections.iter().all(|c| c.revoked.is_some()) {
-            return Err(OpError::new(
-                Kind::Revoked,
-                "every connection of this agent was revoked by its node; accept a new invitation",
-            ));
+            if self.revoked_backlog() == 0 {
+                return Err(OpError::new(
+                    Kind::Revoked,
+                    "every connection of this agent was revoked by its node; accept a new invitation",
+                ));
+            }
+            // Deliver what the revoked connections still hold, then stop.
+            all_revoked.cancel();
         }
         if connections.is_empty() {
             warn!("no accepted connection yet: run `relay accept CODE`; the agent picks it up without a restart");
@@ -604,11 +628,24 @@ impl Agent {
             "intake",
             self.inner.settings.queue.idempotency_ttl,
         );
-        let (revoked, storage_failure) = tokio::select! {
+        let (mut revoked, mut storage_failure) = tokio::select! {
+            biased;
             _ = token.cancelled() => (false, None),
-            _ = all_revoked.cancelled() => (true, None),
             reason = self.inner.store.failed() => (false, Some(reason)),
+            _ = all_revoked.cancelled() => (true, None),
         };
+        if revoked {
+            // Payloads the node handed over before revoking are still delivered first.
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            while self.revoked_backlog() > 0 {
+                tokio::select! {
+                    biased;
+                    _ = token.cancelled() => { revoked = false; break }
+                    reason = self.inner.store.failed() => { storage_failure = Some(reason); break }
+                    _ = tick.tick() => {}
+                }
+            }
+        }
         token.cancel();
         tracker.close();
         tracker.wait().await;
@@ -648,6 +685,11 @@ impl IntakeTarget for Agent {
             });
         }
         self.queues(name).map(|(o, _)| o).map_err(storage)
+    }
+
+    fn max_payload(&self, name: &str) -> Option<usize> {
+        let node = self.link(name)?.node_max_payload.load(Ordering::Relaxed);
+        (node > 0).then_some(node as usize)
     }
 
     fn ready(&self) -> Result<String, String> {

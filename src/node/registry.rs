@@ -117,7 +117,9 @@ impl ConnectionRecord {
 
     /// Messages flow.
     pub fn delivering(&self) -> bool {
-        self.accepted() && !self.deactivated && !self.revoked
+        // A revoked connection still hands what it already holds to the webhook; only its
+        // credential stops working.
+        self.accepted() && !self.deactivated
     }
 
     /// `pending`, `active`, `deactivated` or `revoked`.

@@ -160,6 +160,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
                 );
                 return bincode_reply(&PollResponse {
                     version: protocol::PROTOCOL_VERSION,
+                    max_payload_bytes: node.settings().queue.max_payload_bytes,
                     state: LinkState::Active,
                     messages: messages.into_iter().map(to_wire).collect(),
                 });
@@ -173,6 +174,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
         let empty = || {
             bincode_reply(&PollResponse {
                 version: protocol::PROTOCOL_VERSION,
+                max_payload_bytes: node.settings().queue.max_payload_bytes,
                 state,
                 messages: Vec::new(),
             })
@@ -222,7 +224,7 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     if let Err(e) = protocol::check_version(request.version) {
         return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
     }
-    if let Err(problem) = check_batch(&request.messages, max_payload) {
+    if let Err(problem) = protocol::check_messages(&request.messages, max_payload) {
         return bad_request(problem);
     }
     link.health.contact();
@@ -248,34 +250,6 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
         high_water,
         state,
     })
-}
-
-/// A batch must be in strictly increasing sequence order, each message within limits.
-pub fn check_batch(messages: &[WireMessage], max_payload: usize) -> Result<(), String> {
-    if messages.len() > protocol::MAX_BATCH_MESSAGES {
-        return Err(format!(
-            "batch of {} messages exceeds {}",
-            messages.len(),
-            protocol::MAX_BATCH_MESSAGES
-        ));
-    }
-    let mut last = 0;
-    for m in messages {
-        if m.seq <= last {
-            return Err(format!("sequence numbers must increase (saw {} after {last})", m.seq));
-        }
-        last = m.seq;
-        if m.body.len() > max_payload {
-            return Err(format!(
-                "message {} is larger than the node's limit of {max_payload} bytes",
-                m.seq
-            ));
-        }
-        if m.id.is_empty() || m.id.len() > 128 || m.content_type.len() > 255 {
-            return Err(format!("message {} has a malformed id or content type", m.seq));
-        }
-    }
-    Ok(())
 }
 
 /// Queue message → wire message.
