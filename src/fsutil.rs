@@ -4,8 +4,13 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// Creates `dir` (and parents) readable by the owner alone.
+/// Creates `dir` (and parents) readable by the owner alone. A directory that already exists
+/// keeps its permissions: it may be shared (a mistyped `--data-dir /tmp`), and the files
+/// relay puts in it are private themselves.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }

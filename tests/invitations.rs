@@ -24,12 +24,9 @@ async fn node(dir: &std::path::Path) -> Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_codes_fail_before_any_network_call() {
     let tmp = tempfile::tempdir().unwrap();
-    // Nothing listens at this URL: any network attempt would report "cannot reach".
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens at this URL (a port held but not listening): any network attempt
+    // would report "cannot reach".
+    let (_held, port) = closed_port();
     let good = Invitation::new(&format!("https://127.0.0.1:{port}"), u64::MAX / 2, Some([7; 32]))
         .unwrap()
         .encode();

@@ -239,11 +239,7 @@ async fn no_proxy_bypasses_and_a_dead_proxy_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let node = node(&tmp.path().join("node")).await;
     let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_held, dead) = closed_port();
     let dead_url = format!("http://127.0.0.1:{dead}");
 
     let o = cli(

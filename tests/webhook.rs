@@ -46,10 +46,11 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     let agent = relay::daemon::start_agent(agent_settings, token.clone()).await.unwrap();
     let agent_api = format!("http://{}", agent.info.api.clone().unwrap());
 
-    // The private application is down: its port refuses connections.
-    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // The private application is down: its port is held but not listening, so connections
+    // are refused; later the same socket starts listening.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let hook_addr = reserved.local_addr().unwrap();
-    drop(reserved);
     let code = node
         .side
         .initiate(InitiateRequest {
@@ -106,7 +107,7 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     assert!(why.contains("limit 300ms"), "{why}");
 
     // Back, but answering 503 twice before it recovers.
-    let mut app = Sink::serve(tokio::net::TcpListener::bind(hook_addr).await.unwrap());
+    let mut app = Sink::serve(reserved.listen(64).unwrap());
     app.script(&[503, 503]);
     let mut got = Vec::new();
     for _ in 0..4 {

@@ -173,6 +173,10 @@ impl Node {
     pub async fn set_state(&self, name: &str, action: Action) -> OpResult<ConnectionStatus> {
         let rec = self.inner.registry.set_state(name, action)?;
         self.inner.store.flush().await?;
+        // Make sure a link exists, so a redeem racing with this change cannot miss it.
+        if rec.accepted() {
+            let _ = self.ensure_link(&rec);
+        }
         if let Some(link) = self.link(name) {
             if rec.revoked {
                 link.revoked.store(true, Ordering::SeqCst);
@@ -216,6 +220,9 @@ impl Node {
             .deliver_to
             .clone()
             .or_else(|| self.inner.settings.node.deliver_to.clone());
+        if url.is_none() && runtime.is_some() {
+            tracing::warn!(connection = %rec.name, "no webhook configured (initiate --deliver-to, or node.deliver_to): payloads from the agent are kept in the queue");
+        }
         if let (Some(rt), Some(url)) = (runtime.as_ref(), url) {
             let hook = Webhook {
                 url,

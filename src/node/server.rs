@@ -32,9 +32,23 @@ fn bad_request(e: impl std::fmt::Display) -> Response<Body> {
     http::error(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.to_string())
 }
 
+/// How long a peer may take to send a request body; a trickling upload would otherwise hold
+/// its connection slot forever.
+const BODY_DEADLINE: Duration = Duration::from_secs(300);
+
 async fn body(req: IncomingRequest, limit: usize) -> Result<(http::HeaderMap, bytes::Bytes), Response<Body>> {
     let (parts, body) = req.into_parts();
-    match http::read_body(body, limit).await {
+    let read = match tokio::time::timeout(BODY_DEADLINE, http::read_body(body, limit)).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(http::error(
+                StatusCode::REQUEST_TIMEOUT,
+                codes::BAD_REQUEST,
+                format!("request body not received within {BODY_DEADLINE:?}"),
+            ))
+        }
+    };
+    match read {
         Ok(b) => Ok((parts.headers, b)),
         Err(http::BodyError::TooLarge { limit }) => Err(http::error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -75,9 +89,16 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
         return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
     }
     let result = node.registry().redeem(&request);
-    // Failed attempts count towards the lockout, so they are made durable too.
-    if let Err(e) = node.store().flush().await {
-        return crate::intake::queue_error_response(&e);
+    // A redemption and a counted wrong secret change the registry (the lockout must survive a
+    // restart); other refusals change nothing and cost no disk write.
+    let changed = match &result {
+        Ok(_) => true,
+        Err(d) => d.code == codes::WRONG_SECRET || d.code == codes::LOCKED,
+    };
+    if changed {
+        if let Err(e) = node.store().flush().await {
+            return crate::intake::queue_error_response(&e);
+        }
     }
     match result {
         Ok((rec, resp)) => {
@@ -86,7 +107,10 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
                 warn!(error = %e, "cannot start the connection's link");
             }
             if let Some(link) = node.link(&rec.name) {
-                link.active_tx.send_replace(rec.delivering());
+                // Read the state again: an operator may have changed it meanwhile.
+                if let Ok(Some(fresh)) = node.registry().get(&rec.name) {
+                    link.active_tx.send_replace(fresh.delivering());
+                }
                 link.health.contact();
             }
             bincode_reply(&resp)
@@ -113,12 +137,13 @@ fn revoked(name: &str) -> Response<Body> {
 }
 
 async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Response<Body> {
-    let (headers, raw) = match body(req, protocol::MAX_POLL_REQUEST_BYTES).await {
-        Ok(b) => b,
+    // The credential is in the headers: refuse strangers before reading any body.
+    let link = match authenticate(&node, req.headers()) {
+        Ok(l) => l,
         Err(r) => return r,
     };
-    let link = match authenticate(&node, &headers) {
-        Ok(l) => l,
+    let (_, raw) = match body(req, protocol::MAX_POLL_REQUEST_BYTES).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let request: PollRequest = match protocol::decode("poll request", &raw) {
@@ -129,6 +154,21 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
         return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
     }
     link.health.contact();
+    // A cursor beyond anything this node ever sent means the two sides disagree (a node
+    // restored from an old backup, or a copied agent data directory): acknowledging it would
+    // silently drop new messages, so refuse and say so.
+    if request.after > link.outbox.last_seq() {
+        return http::error(
+            StatusCode::CONFLICT,
+            codes::CONNECTION_STATE,
+            format!(
+                "the agent has received up to message {} but this node has only sent up to {}: \
+                 was the node's data directory restored from a backup? Initiate a new connection",
+                request.after,
+                link.outbox.last_seq()
+            ),
+        );
+    }
     // The cursor acknowledges everything up to it: the agent holds those durably.
     if let Err(e) = link.outbox.remove_through(request.after) {
         return crate::intake::queue_error_response(&e);
@@ -209,12 +249,12 @@ async fn check(node: Node, req: IncomingRequest) -> Response<Body> {
 
 async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     let max_payload = node.settings().queue.max_payload_bytes as usize;
-    let (headers, raw) = match body(req, protocol::max_batch_bytes(max_payload)).await {
-        Ok(b) => b,
+    let link = match authenticate(&node, req.headers()) {
+        Ok(l) => l,
         Err(r) => return r,
     };
-    let link = match authenticate(&node, &headers) {
-        Ok(l) => l,
+    let (_, raw) = match body(req, protocol::max_batch_bytes(max_payload)).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let request: PushRequest = match protocol::decode("push request", &raw) {

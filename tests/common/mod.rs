@@ -266,6 +266,15 @@ pub async fn initiate(node_dir: &Path, name: &str, deliver_to: &str, extra: &[&s
     code
 }
 
+/// A loopback port that refuses connections for as long as the returned socket lives: bound,
+/// never listening, so no other test or outgoing connection can take it meanwhile.
+pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 /// A plain HTTP client for local APIs.
 pub fn client() -> relay::http::Client {
     relay::http::Client::webhook(relay::tls::webhook_client_config().unwrap(), Duration::from_secs(10))
