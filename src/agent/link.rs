@@ -20,6 +20,13 @@ use crate::status::Health;
 
 /// Extra time beyond the poll wait before a silent connection counts as dead (half-open).
 const POLL_MARGIN: Duration = Duration::from_secs(15);
+/// The slowest link a transfer deadline allows for (256 KiB/s, about 2 Mbit/s).
+const SLOWEST_LINK_BYTES_PER_SEC: u64 = 256 * 1024;
+
+/// Time to move `bytes` over the slowest link we plan for.
+fn transfer_time(bytes: usize) -> Duration {
+    Duration::from_millis(bytes as u64 * 1000 / SLOWEST_LINK_BYTES_PER_SEC)
+}
 
 /// Everything the loops of one connection share.
 #[derive(Clone)]
@@ -242,11 +249,15 @@ async fn receive_loop(ctx: Ctx, inbox: Queue) {
             after: inbox.durable_seq(),
             wait_ms: if confirm { 0 } else { wait.as_millis() as u64 },
         };
+        let max_reply = protocol::max_batch_bytes(max_payload.max(ctx.node_max_payload().unwrap_or(0)));
+        // Room to receive the largest possible batch on a slow link; a dead connection is
+        // still noticed sooner by HTTP/2 keep-alive pings.
+        let poll_deadline = Duration::from_millis(request.wait_ms) + POLL_MARGIN + transfer_time(max_reply);
         let started = std::time::Instant::now();
         let result = tokio::select! {
             biased;
             _ = token.cancelled() => return,
-            r = ctx.call(protocol::POLL_PATH, protocol::encode(&request), wait + POLL_MARGIN, protocol::max_batch_bytes(max_payload.max(ctx.node_max_payload().unwrap_or(0)))) => r,
+            r = ctx.call(protocol::POLL_PATH, protocol::encode(&request), poll_deadline, max_reply) => r,
         };
         let reply = match result {
             Ok(r) => r,
@@ -372,11 +383,13 @@ async fn send_loop(ctx: Ctx, outbox: Queue) {
             messages: batch.into_iter().map(crate::node::server::to_wire).collect(),
         };
         let bytes: u64 = request.messages.iter().map(|m| m.body.len() as u64).sum();
+        let body = protocol::encode(&request);
+        let size = body.len();
         let started = std::time::Instant::now();
         let result = tokio::select! {
             biased;
             _ = token.cancelled() => return,
-            r = ctx.call(protocol::PUSH_PATH, protocol::encode(&request), timeout, 64 * 1024) => r,
+            r = ctx.call(protocol::PUSH_PATH, body, timeout + transfer_time(size), 64 * 1024) => r,
         };
         if result.is_ok() {
             ctx.handle.health.round_trip.observe(started.elapsed());
