@@ -3,65 +3,19 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use common::{client, post, wait_for, DEADLINE};
-use relay::agent::AcceptOptions;
-use relay::config::Settings;
-use relay::invite::Invitation;
-use relay::node::{Action, InitiateRequest};
+use common::{client, connect, in_process, post, wait_for, DEADLINE};
+use relay::node::Action;
 use relay::sink::Sink;
 use tokio_util::sync::CancellationToken;
-
-fn settings(dir: &std::path::Path) -> Settings {
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut s = Settings {
-        data_dir: dir.to_owned(),
-        ..Settings::default()
-    };
-    s.node.listen = loopback;
-    s.node.api_listen = loopback;
-    s.agent.intake_listen = loopback;
-    s.delivery.backoff_initial = Duration::from_millis(20);
-    s.delivery.backoff_max = Duration::from_millis(200);
-    s
-}
-
-async fn connect(node: &relay::node::Node, agent: &relay::agent::Agent, hook: &str) {
-    let code = node
-        .initiate(InitiateRequest {
-            name: "c".into(),
-            local_name: "pub".into(),
-            remote_name: "priv".into(),
-            description: String::new(),
-            mode: "script".into(),
-            project: "P".into(),
-            expires: None,
-            deliver_to: None,
-        })
-        .await
-        .unwrap();
-    agent
-        .accept(
-            &Invitation::decode(&code).unwrap(),
-            AcceptOptions {
-                deliver_to: Some(hook.to_owned()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_agent_queue_takes_big_batches_piecewise_and_node_limits_reach_the_intake() {
     let tmp = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let mut node_settings = settings(&tmp.path().join("node"));
+    let mut node_settings = in_process(&tmp.path().join("node"));
     node_settings.queue.max_payload_bytes = 1000;
     let node = relay::daemon::start_node(node_settings, token.clone()).await.unwrap();
-    let mut agent_settings = settings(&tmp.path().join("agent"));
+    let mut agent_settings = in_process(&tmp.path().join("agent"));
     agent_settings.queue.max_messages = 3;
     let agent = relay::daemon::start_agent(agent_settings, token.clone()).await.unwrap();
     let mut app = Sink::start().await.unwrap();
@@ -108,11 +62,11 @@ async fn a_small_agent_queue_takes_big_batches_piecewise_and_node_limits_reach_t
 async fn revoking_still_delivers_what_was_handed_over() {
     let tmp = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let node = relay::daemon::start_node(settings(&tmp.path().join("node")), token.clone())
+    let node = relay::daemon::start_node(in_process(&tmp.path().join("node")), token.clone())
         .await
         .unwrap();
     let agent_token = CancellationToken::new();
-    let agent = relay::daemon::start_agent(settings(&tmp.path().join("agent")), agent_token.clone())
+    let agent = relay::daemon::start_agent(in_process(&tmp.path().join("agent")), agent_token.clone())
         .await
         .unwrap();
     // The private application is down while the payloads arrive.

@@ -3,14 +3,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{client, post, wait_for, DEADLINE};
-use relay::agent::AcceptOptions;
-use relay::config::Settings;
-use relay::invite::Invitation;
-use relay::node::InitiateRequest;
+use common::{client, connect, in_process, post, wait_for, DEADLINE};
 use relay::sink::Sink;
 use tokio_util::sync::CancellationToken;
 
@@ -20,28 +15,14 @@ async fn get(http: &relay::http::Client, url: &str) -> (u16, String) {
     (r.status.as_u16(), String::from_utf8_lossy(&r.body).into_owned())
 }
 
-fn settings(dir: &std::path::Path) -> Settings {
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut s = Settings {
-        data_dir: dir.to_owned(),
-        ..Settings::default()
-    };
-    s.node.listen = loopback;
-    s.node.api_listen = loopback;
-    s.agent.intake_listen = loopback;
-    s.delivery.backoff_initial = Duration::from_millis(20);
-    s.delivery.backoff_max = Duration::from_millis(200);
-    s
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_down_then_back_and_permanent_rejections() {
     let tmp = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let node = relay::daemon::start_node(settings(&tmp.path().join("node")), token.clone())
+    let node = relay::daemon::start_node(in_process(&tmp.path().join("node")), token.clone())
         .await
         .unwrap();
-    let mut agent_settings = settings(&tmp.path().join("agent"));
+    let mut agent_settings = in_process(&tmp.path().join("agent"));
     agent_settings.queue.ready_max_age = Duration::from_millis(300);
     let agent = relay::daemon::start_agent(agent_settings, token.clone()).await.unwrap();
     let agent_api = format!("http://{}", agent.info.api.clone().unwrap());
@@ -51,31 +32,7 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     let reserved = tokio::net::TcpSocket::new_v4().unwrap();
     reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let hook_addr = reserved.local_addr().unwrap();
-    let code = node
-        .side
-        .initiate(InitiateRequest {
-            name: "c".into(),
-            local_name: "pub".into(),
-            remote_name: "priv".into(),
-            description: String::new(),
-            mode: "script".into(),
-            project: "P".into(),
-            expires: None,
-            deliver_to: None,
-        })
-        .await
-        .unwrap();
-    agent
-        .side
-        .accept(
-            &Invitation::decode(&code).unwrap(),
-            AcceptOptions {
-                deliver_to: Some(format!("http://{hook_addr}/hook")),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    connect(&node.side, &agent.side, &format!("http://{hook_addr}/hook")).await;
 
     let api = format!("http://{}", node.info.api.clone().unwrap());
     let http = client();

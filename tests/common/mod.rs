@@ -275,6 +275,50 @@ pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
     (socket, port)
 }
 
+/// Settings for a node or an agent run inside the test process: loopback listeners on
+/// ephemeral ports, quick retries.
+pub fn in_process(dir: &Path) -> relay::config::Settings {
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut s = relay::config::Settings {
+        data_dir: dir.to_owned(),
+        ..relay::config::Settings::default()
+    };
+    s.node.listen = loopback;
+    s.node.api_listen = loopback;
+    s.agent.intake_listen = loopback;
+    s.delivery.backoff_initial = Duration::from_millis(20);
+    s.delivery.backoff_max = Duration::from_millis(200);
+    s
+}
+
+/// Initiates connection "c" on an in-process node and accepts it on an in-process agent
+/// that delivers to `hook`.
+pub async fn connect(node: &relay::node::Node, agent: &relay::agent::Agent, hook: &str) {
+    let code = node
+        .initiate(relay::node::InitiateRequest {
+            name: "c".into(),
+            local_name: "pub".into(),
+            remote_name: "priv".into(),
+            description: String::new(),
+            mode: "script".into(),
+            project: "P".into(),
+            expires: None,
+            deliver_to: None,
+        })
+        .await
+        .unwrap();
+    agent
+        .accept(
+            &relay::invite::Invitation::decode(&code).unwrap(),
+            relay::agent::AcceptOptions {
+                deliver_to: Some(hook.to_owned()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
 /// A plain HTTP client for local APIs.
 pub fn client() -> relay::http::Client {
     relay::http::Client::webhook(relay::tls::webhook_client_config().unwrap(), Duration::from_secs(10))
