@@ -2,8 +2,11 @@
 //!
 //! One [`Store`] per data directory holds every queue. A queue is one sled tree whose keys are
 //! `m` + sequence number (big-endian, so sled's order is FIFO order), `i` + idempotency key,
-//! `d` + sequence number for dead letters and `s` for the counters; one tree lets a single
-//! atomic batch change a message and the counters together.
+//! `d` + sequence number for dead letters and `s` for the high-water mark. Every write is a
+//! single-key insert or remove, never a multi-key batch: in sled 0.34 a batch takes a global
+//! lock that a running flush holds off, which would serialise appends behind the disk.
+//! Multi-key changes are ordered so a crash in between leaves a message twice (delivered
+//! again, same id), never lost; counters live in memory and are rebuilt on open.
 //!
 //! Writes land in memory first. [`Store::flush`] is group commit: every caller waiting at the
 //! same moment shares one fsync. Readers only see messages up to a queue's *durable* sequence
@@ -146,7 +149,7 @@ const IDEM_PREFIX: u8 = b'i';
 const DEAD_PREFIX: u8 = b'd';
 const RECORD_VERSION: u8 = 1;
 
-/// Counters persisted with every change.
+/// A queue's counters, kept in memory and rebuilt from the tree when it is opened.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
     last_seq: u64,
@@ -155,29 +158,27 @@ struct Counters {
     dead: u64,
 }
 
-impl Counters {
-    fn encode(&self) -> [u8; 33] {
-        let mut out = [0u8; 33];
-        out[0] = RECORD_VERSION;
-        out[1..9].copy_from_slice(&self.last_seq.to_be_bytes());
-        out[9..17].copy_from_slice(&self.count.to_be_bytes());
-        out[17..25].copy_from_slice(&self.bytes.to_be_bytes());
-        out[25..33].copy_from_slice(&self.dead.to_be_bytes());
-        out
-    }
+/// The persisted high-water mark: version byte, then the last sequence number.
+fn encode_high_water(last_seq: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = RECORD_VERSION;
+    out[1..].copy_from_slice(&last_seq.to_be_bytes());
+    out
+}
 
-    fn decode(raw: &[u8]) -> Option<Counters> {
-        if raw.len() != 33 || raw[0] != RECORD_VERSION {
-            return None;
-        }
-        let word = |i: usize| u64::from_be_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
-        Some(Counters {
-            last_seq: word(1),
-            count: word(9),
-            bytes: word(17),
-            dead: word(25),
-        })
+fn decode_high_water(raw: &[u8]) -> Option<u64> {
+    if raw.first() != Some(&RECORD_VERSION) {
+        return None;
     }
+    Some(u64::from_be_bytes(raw.get(1..9)?.try_into().ok()?))
+}
+
+/// Payload length of a stored message, from its header alone.
+fn stored_body_len(raw: &[u8]) -> usize {
+    let field = |pos: usize| raw.get(pos..pos + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
+    let Some(id_len) = field(9) else { return 0 };
+    let Some(ct_len) = field(11 + id_len) else { return 0 };
+    raw.len().saturating_sub(13 + id_len + ct_len)
 }
 
 fn key(prefix: u8, seq: u64) -> [u8; 9] {
@@ -341,16 +342,36 @@ impl Store {
             return Ok(Queue { shared });
         }
         let tree = self.inner.db.open_tree(format!("queue/{name}"))?;
-        let counters = match tree.get(STATE_KEY)? {
-            Some(raw) => Counters::decode(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?,
-            None => Counters::default(),
+        let persisted_hw = match tree.get(STATE_KEY)? {
+            Some(raw) => decode_high_water(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?,
+            None => 0,
         };
+        // Counters live in memory (updating a record with every message would need sled's
+        // batches); one pass over the queue rebuilds them.
+        let mut counters = Counters {
+            last_seq: persisted_hw,
+            ..Counters::default()
+        };
+        for item in tree.scan_prefix([MSG_PREFIX]) {
+            let (k, v) = item?;
+            counters.count += 1;
+            counters.bytes += stored_body_len(&v) as u64;
+            counters.last_seq = counters.last_seq.max(seq_of(&k).unwrap_or(0));
+        }
+        for item in tree.scan_prefix([DEAD_PREFIX]).keys() {
+            counters.dead += 1;
+            counters.last_seq = counters.last_seq.max(seq_of(&item?).unwrap_or(0));
+        }
         let (durable_tx, _) = watch::channel(counters.last_seq);
         let shared = Arc::new(QueueShared {
             name: name.to_owned(),
             tree,
             store: Arc::downgrade(&self.inner),
-            state: Mutex::new(QueueState { counters, limits }),
+            state: Mutex::new(QueueState {
+                counters,
+                limits,
+                persisted_hw,
+            }),
             durable_tx,
             kicks: watch::channel(0).0,
         });
@@ -468,6 +489,8 @@ fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply
 struct QueueState {
     counters: Counters,
     limits: Limits,
+    /// The high-water mark last written to the tree.
+    persisted_hw: u64,
 }
 
 struct QueueShared {
@@ -513,8 +536,17 @@ impl Queue {
         }
     }
 
-    fn apply(&self, batch: sled::Batch) -> Result<(), QueueError> {
-        self.shared.tree.apply_batch(batch).map_err(|e| self.storage(e))
+    /// Persists the high-water mark before anything is removed, so a sequence number is never
+    /// handed out twice even when the queue empties (the peer deduplicates by it).
+    fn persist_high_water(&self, st: &mut QueueState) -> Result<(), QueueError> {
+        if st.persisted_hw < st.counters.last_seq {
+            self.shared
+                .tree
+                .insert(STATE_KEY, &encode_high_water(st.counters.last_seq)[..])
+                .map_err(|e| self.storage(e))?;
+            st.persisted_hw = st.counters.last_seq;
+        }
+        Ok(())
     }
 
     fn check_room(&self, c: &Counters, limits: &Limits, n: u64, bytes: u64) -> Result<(), QueueError> {
@@ -562,92 +594,87 @@ impl Queue {
         let size = msg.body.len() as u64;
         let limits = st.limits;
         self.check_room(&st.counters, &limits, 1, size)?;
-        let mut c = st.counters;
-        c.last_seq += 1;
-        c.count += 1;
-        c.bytes += size;
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            &key(MSG_PREFIX, c.last_seq),
-            encode_message(&msg.id, &msg.content_type, msg.enqueued_at_ms, &msg.body),
-        );
+        let seq = st.counters.last_seq + 1;
+        // Single-key writes only: sled's multi-key batches take a global lock that a running
+        // flush holds off, which would serialise every append behind the disk.
+        self.shared
+            .tree
+            .insert(
+                key(MSG_PREFIX, seq),
+                encode_message(&msg.id, &msg.content_type, msg.enqueued_at_ms, &msg.body),
+            )
+            .map_err(|e| self.storage(e))?;
+        st.counters.last_seq = seq;
+        st.counters.count += 1;
+        st.counters.bytes += size;
         if let Some(k) = idem_key {
-            // Layout: prefix byte, seq, accepted-at, id; the prefix keeps `seq_of` uniform.
+            // Written after the message, so whenever the key is on disk the message is too.
             let mut v = vec![IDEM_PREFIX];
-            v.extend_from_slice(&c.last_seq.to_be_bytes());
+            v.extend_from_slice(&seq.to_be_bytes());
             v.extend_from_slice(&now_ms().to_be_bytes());
             v.extend_from_slice(msg.id.as_bytes());
-            batch.insert(k, v);
+            self.shared.tree.insert(k, v).map_err(|e| self.storage(e))?;
         }
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
         Ok(Appended {
-            seq: c.last_seq,
+            seq,
             id: msg.id,
             duplicate: false,
         })
     }
 
     /// Appends messages that already carry the sender's sequence numbers, skipping every one at
-    /// or below the queue's high-water mark (a retried batch). Returns the new high-water mark.
-    /// Durable only after the next [`Store::flush`].
+    /// or below the queue's high-water mark (a retried batch), and storing the prefix that
+    /// fits the queue's bounds. Returns the new high-water mark; `Err` when nothing fits.
+    /// Durable after the next [`Store::flush`]; sled's log keeps writes in order, so a crash
+    /// leaves a prefix, which the sender offers again.
     pub fn append_remote(&self, msgs: &[Message]) -> Result<u64, QueueError> {
         self.check()?;
         let mut st = lock(&self.shared.state);
-        let mut c = st.counters;
         let limits = st.limits;
-        let mut batch = sled::Batch::default();
         let mut stored = 0usize;
         for m in msgs {
-            if m.seq <= c.last_seq {
+            if m.seq <= st.counters.last_seq {
                 continue; // already held (a retried batch), or out of order: never go back
             }
-            // Take the prefix that fits; the peer offers the rest again after our mark.
-            if let Err(full) = self.check_room(&c, &limits, 1, m.body.len() as u64) {
+            if let Err(full) = self.check_room(&st.counters, &limits, 1, m.body.len() as u64) {
                 if stored == 0 {
                     return Err(full);
                 }
                 break;
             }
-            if m.seq != c.last_seq + 1 {
-                tracing::warn!(queue = %self.shared.name, expected = c.last_seq + 1, got = m.seq, "sequence gap from peer");
+            if m.seq != st.counters.last_seq + 1 {
+                tracing::warn!(queue = %self.shared.name, expected = st.counters.last_seq + 1, got = m.seq, "sequence gap from peer");
             }
-            batch.insert(
-                &key(MSG_PREFIX, m.seq),
-                encode_message(&m.id, &m.content_type, m.enqueued_at_ms, &m.body),
-            );
-            c.last_seq = m.seq;
-            c.count += 1;
-            c.bytes += m.body.len() as u64;
+            self.shared
+                .tree
+                .insert(
+                    key(MSG_PREFIX, m.seq),
+                    encode_message(&m.id, &m.content_type, m.enqueued_at_ms, &m.body),
+                )
+                .map_err(|e| self.storage(e))?;
+            st.counters.last_seq = m.seq;
+            st.counters.count += 1;
+            st.counters.bytes += m.body.len() as u64;
             stored += 1;
         }
-        if stored == 0 {
-            return Ok(c.last_seq);
-        }
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
-        Ok(c.last_seq)
+        Ok(st.counters.last_seq)
     }
 
     /// Removes the message `seq` alone (delivered to the webhook). Not flushed: after a crash
     /// it is delivered again, never lost.
     pub fn remove(&self, seq: u64) -> Result<bool, QueueError> {
         let mut st = lock(&self.shared.state);
-        let k = key(MSG_PREFIX, seq);
-        let Some(v) = self.shared.tree.get(k).map_err(|e| self.storage(e))? else {
+        self.persist_high_water(&mut st)?;
+        let Some(v) = self
+            .shared
+            .tree
+            .remove(key(MSG_PREFIX, seq))
+            .map_err(|e| self.storage(e))?
+        else {
             return Ok(false);
         };
-        let mut c = st.counters;
-        let size = decode_message(seq, &v).map(|m| m.body.len() as u64).unwrap_or(0);
-        c.count = c.count.saturating_sub(1);
-        c.bytes = c.bytes.saturating_sub(size);
-        let mut batch = sled::Batch::default();
-        batch.remove(&k);
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
+        st.counters.count = st.counters.count.saturating_sub(1);
+        st.counters.bytes = st.counters.bytes.saturating_sub(stored_body_len(&v) as u64);
         Ok(true)
     }
 
@@ -700,23 +727,25 @@ impl Queue {
     /// the next hop). Not flushed: after a crash they are handed on again, never lost.
     pub fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
         let mut st = lock(&self.shared.state);
-        let mut c = st.counters;
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        for item in self.shared.tree.range(key(MSG_PREFIX, 0)..=key(MSG_PREFIX, seq)) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let size = decode_message(0, &v).map(|m| m.body.len() as u64).unwrap_or(0);
-            batch.remove(k);
-            c.count = c.count.saturating_sub(1);
-            c.bytes = c.bytes.saturating_sub(size);
-            removed += 1;
-        }
-        if removed == 0 {
+        let keys: Vec<sled::IVec> = self
+            .shared
+            .tree
+            .range(key(MSG_PREFIX, 0)..=key(MSG_PREFIX, seq))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.storage(e))?;
+        if keys.is_empty() {
             return Ok(0);
         }
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
+        self.persist_high_water(&mut st)?;
+        let mut removed = 0;
+        for k in keys {
+            if let Some(v) = self.shared.tree.remove(k).map_err(|e| self.storage(e))? {
+                st.counters.count = st.counters.count.saturating_sub(1);
+                st.counters.bytes = st.counters.bytes.saturating_sub(stored_body_len(&v) as u64);
+                removed += 1;
+            }
+        }
         Ok(removed)
     }
 
@@ -741,23 +770,19 @@ impl Queue {
         let stored = len
             .and_then(|l| raw.get(4 + l as usize..))
             .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
-        let size = decode_message(seq, &sled::IVec::from(stored))
-            .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?
-            .body
-            .len() as u64;
+        let size = stored_body_len(stored) as u64;
         let limits = st.limits;
         self.check_room(&st.counters, &limits, 1, size)?;
-        let mut c = st.counters;
-        c.count += 1;
-        c.bytes += size;
-        c.dead = c.dead.saturating_sub(1);
-        // The sequence number is kept: an inbox's numbers belong to the sending peer.
-        let mut batch = sled::Batch::default();
-        batch.insert(&key(MSG_PREFIX, seq), stored);
-        batch.remove(&dk);
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
+        // The sequence number is kept: an inbox's numbers belong to the sending peer. The
+        // message goes in before the dead letter goes out, so a crash between keeps both.
+        self.shared
+            .tree
+            .insert(key(MSG_PREFIX, seq), stored)
+            .map_err(|e| self.storage(e))?;
+        self.shared.tree.remove(dk).map_err(|e| self.storage(e))?;
+        st.counters.count += 1;
+        st.counters.bytes += size;
+        st.counters.dead = st.counters.dead.saturating_sub(1);
         drop(st);
         self.shared.kicks.send_modify(|k| *k += 1);
         Ok(true)
@@ -767,24 +792,23 @@ impl Queue {
     pub fn drop_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
         self.check()?;
         let mut st = lock(&self.shared.state);
-        let dk = key(DEAD_PREFIX, seq);
-        if self.shared.tree.get(dk).map_err(|e| self.storage(e))?.is_none() {
+        if self
+            .shared
+            .tree
+            .remove(key(DEAD_PREFIX, seq))
+            .map_err(|e| self.storage(e))?
+            .is_none()
+        {
             return Ok(false);
         }
-        let mut c = st.counters;
-        c.dead = c.dead.saturating_sub(1);
-        let mut batch = sled::Batch::default();
-        batch.remove(&dk);
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
+        st.counters.dead = st.counters.dead.saturating_sub(1);
         Ok(true)
     }
 
     /// Moves a message to the dead-letter list with the reason.
     pub fn dead_letter(&self, msg: &Message, reason: &str) -> Result<(), QueueError> {
         let mut st = lock(&self.shared.state);
-        let mut c = st.counters;
+        self.persist_high_water(&mut st)?;
         let record = DeadLetter {
             seq: msg.seq,
             id: msg.id.clone(),
@@ -804,26 +828,25 @@ impl Queue {
             msg.enqueued_at_ms,
             &msg.body,
         ));
-        let mut batch = sled::Batch::default();
-        let mk = key(MSG_PREFIX, msg.seq);
-        if self.shared.tree.get(mk).map_err(|e| self.storage(e))?.is_some() {
-            batch.remove(&mk);
-            c.count = c.count.saturating_sub(1);
-            c.bytes = c.bytes.saturating_sub(msg.body.len() as u64);
-        }
-        if self
+        // The dead letter goes in before the message goes out: a crash between keeps both,
+        // and the message is simply refused again.
+        let previous = self
             .shared
             .tree
-            .get(key(DEAD_PREFIX, msg.seq))
-            .map_err(|e| self.storage(e))?
-            .is_none()
-        {
-            c.dead += 1;
+            .insert(key(DEAD_PREFIX, msg.seq), value)
+            .map_err(|e| self.storage(e))?;
+        if previous.is_none() {
+            st.counters.dead += 1;
         }
-        batch.insert(&key(DEAD_PREFIX, msg.seq), value);
-        batch.insert(STATE_KEY, &c.encode()[..]);
-        self.apply(batch)?;
-        st.counters = c;
+        if let Some(v) = self
+            .shared
+            .tree
+            .remove(key(MSG_PREFIX, msg.seq))
+            .map_err(|e| self.storage(e))?
+        {
+            st.counters.count = st.counters.count.saturating_sub(1);
+            st.counters.bytes = st.counters.bytes.saturating_sub(stored_body_len(&v) as u64);
+        }
         Ok(())
     }
 
@@ -865,18 +888,14 @@ impl Queue {
 
     /// Forgets idempotency keys accepted before `cutoff_ms`, so the key index stays bounded.
     pub fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<usize, QueueError> {
-        let mut batch = sled::Batch::default();
         let mut n = 0;
         for item in self.shared.tree.scan_prefix([IDEM_PREFIX]) {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let at = v.get(9..17).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
             if at.is_some_and(|at| at < cutoff_ms) {
-                batch.remove(k);
+                self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
                 n += 1;
             }
-        }
-        if n > 0 {
-            self.apply(batch)?;
         }
         Ok(n)
     }
@@ -980,6 +999,29 @@ mod tests {
         assert_eq!(q.durable_seq(), 2);
         assert_eq!(q.first().unwrap().unwrap().body, "b");
         assert_eq!(q.append(msg("c"), None).unwrap().seq, 3);
+    }
+
+    #[tokio::test]
+    async fn an_emptied_queue_never_reuses_a_sequence_number_and_counters_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let q = store.queue("c/out", LIMITS).unwrap();
+            for body in ["a", "bb", "ccc"] {
+                q.append(msg(body), None).unwrap();
+            }
+            store.flush().await.unwrap();
+            let first = q.first().unwrap().unwrap();
+            q.dead_letter(&first, "HTTP 400").unwrap();
+            q.remove_through(3).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        let s = q.stats();
+        assert_eq!((s.depth, s.bytes, s.dead_letters, s.last_seq), (0, 0, 1, 3));
+        assert_eq!(q.append(msg("d"), None).unwrap().seq, 4);
+        assert_eq!(q.stats().bytes, 1);
     }
 
     #[tokio::test]
