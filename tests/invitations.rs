@@ -12,15 +12,6 @@ async fn accept(agent_dir: &std::path::Path, code: &str) -> (Option<i32>, String
     (o.status.code(), stderr(&o))
 }
 
-async fn node(dir: &std::path::Path) -> Daemon {
-    Daemon::start(
-        dir,
-        &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
-        &[],
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_codes_fail_before_any_network_call() {
     let tmp = tempfile::tempdir().unwrap();
@@ -72,8 +63,8 @@ async fn malformed_codes_fail_before_any_network_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_code_and_wrong_pin_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let node_a = node(&tmp.path().join("node-a")).await;
-    let node_b = node(&tmp.path().join("node-b")).await;
+    let node_a = start_node(&tmp.path().join("node-a"), None).await;
+    let node_b = start_node(&tmp.path().join("node-b"), None).await;
     let code = initiate(&node_a.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
 
     // Same id and secret, but sent to a node with another certificate: the pin refuses it.
@@ -96,7 +87,7 @@ async fn reused_code_and_wrong_pin_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secrets_lock_the_invitation() {
     let tmp = tempfile::tempdir().unwrap();
-    let node = node(&tmp.path().join("node")).await;
+    let node = start_node(&tmp.path().join("node"), None).await;
     let code = initiate(&node.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
     let agent_dir = tmp.path().join("agent");
     let genuine = Invitation::decode(&code).unwrap();
@@ -126,7 +117,7 @@ async fn wrong_secrets_lock_the_invitation() {
 async fn a_lost_redeem_answer_is_retried_with_the_same_nonce() {
     use relay::protocol::{self, RedeemRequest, RedeemResponse};
     let tmp = tempfile::tempdir().unwrap();
-    let node = node(&tmp.path().join("node")).await;
+    let node = start_node(&tmp.path().join("node"), None).await;
     let code = initiate(&node.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
     let inv = Invitation::decode(&code).unwrap();
     let client = relay::http::Client::https_only(
@@ -204,23 +195,7 @@ async fn a_configured_certificate_is_served_and_pinned() {
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
     let node_dir = tmp.path().join("node");
-    let node = Daemon::start(
-        &node_dir,
-        &[
-            "node",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            cert_path.to_str().unwrap(),
-            "--tls-key",
-            key_path.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await;
+    let node = start_node(&node_dir, Some((&cert_path, &key_path))).await;
     let code = initiate(&node.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
     let inv = Invitation::decode(&code).unwrap();
     assert_eq!(inv.pin, Some(relay::crypto::sha256(&key_pair.public_key_der())));

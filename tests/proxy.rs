@@ -83,15 +83,6 @@ impl Drop for Tinyproxy {
     }
 }
 
-async fn node(dir: &Path) -> Daemon {
-    Daemon::start(
-        dir,
-        &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
-        &[],
-    )
-    .await
-}
-
 fn node_port(node: &Daemon) -> String {
     node.info.listen.clone().unwrap().rsplit(':').next().unwrap().to_owned()
 }
@@ -100,7 +91,7 @@ fn node_port(node: &Daemon) -> String {
 async fn through_a_proxy_from_the_environment_both_ways() {
     let tmp = tempfile::tempdir().unwrap();
     let proxy = Tinyproxy::start(&tmp.path().join("proxy"), None).await;
-    let node = node(&tmp.path().join("node")).await;
+    let node = start_node(&tmp.path().join("node"), None).await;
     let mut public_app = Sink::start().await.unwrap();
     let mut private_app = Sink::start().await.unwrap();
     let code = initiate(&node.data_dir, "c", &public_app.url, &[]).await;
@@ -163,7 +154,7 @@ async fn through_a_proxy_from_the_environment_both_ways() {
 async fn proxy_authentication_and_its_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let proxy = Tinyproxy::start(&tmp.path().join("proxy"), Some(("relay", "pr0xy-pass"))).await;
-    let node = node(&tmp.path().join("node")).await;
+    let node = start_node(&tmp.path().join("node"), None).await;
     let mut private_app = Sink::start().await.unwrap();
     let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
     let port = proxy.port;
@@ -237,7 +228,7 @@ async fn proxy_authentication_and_its_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_proxy_bypasses_and_a_dead_proxy_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let node = node(&tmp.path().join("node")).await;
+    let node = start_node(&tmp.path().join("node"), None).await;
     let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
     let (_held, dead) = closed_port();
     let dead_url = format!("http://127.0.0.1:{dead}");

@@ -37,24 +37,7 @@ async fn node_with(dir: &Path, pki: &Pki) -> Daemon {
     let (c, k) = (dir.join("node.pem"), dir.join("node.key"));
     std::fs::write(&c, &pki.cert_pem).unwrap();
     std::fs::write(&k, &pki.key_pem).unwrap();
-    let data = dir.join("data");
-    Daemon::start(
-        &data,
-        &[
-            "node",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            c.to_str().unwrap(),
-            "--tls-key",
-            k.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await
+    start_node(&dir.join("data"), Some((&c, &k))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

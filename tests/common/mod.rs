@@ -174,6 +174,17 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Starts `relay node run` on ephemeral loopback ports, serving the PEM certificate and key
+/// given (or its self-signed one when `tls` is `None`).
+pub async fn start_node(data_dir: &Path, tls: Option<(&Path, &Path)>) -> Daemon {
+    let mut args = vec!["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"];
+    let paths = tls.map(|(c, k)| (c.display().to_string(), k.display().to_string()));
+    if let Some((c, k)) = &paths {
+        args.extend(["--tls-cert", c.as_str(), "--tls-key", k.as_str()]);
+    }
+    Daemon::start(data_dir, &args, &[]).await
+}
+
 /// Runs `relay ARGS` to completion (off the async runtime's threads).
 pub async fn cli(data_dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
     let mut cmd = command(data_dir, args, env);
