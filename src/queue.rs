@@ -379,13 +379,6 @@ impl Store {
         Ok(Queue { shared })
     }
 
-    /// Removes a queue and everything in it.
-    pub fn drop_queue(&self, name: &str) -> Result<(), QueueError> {
-        lock(&self.inner.queues).remove(name);
-        self.inner.db.drop_tree(format!("queue/{name}"))?;
-        Ok(())
-    }
-
     /// Forgets intake idempotency keys older than `ttl` in every open queue, once an hour,
     /// until `token` is cancelled; keeps the key index bounded on both sides.
     pub async fn prune_idempotency_keys(self, ttl: std::time::Duration, token: tokio_util::sync::CancellationToken) {
@@ -955,6 +948,17 @@ mod tests {
         max_bytes: 1000,
     };
 
+    /// A one-byte message as a peer sends it.
+    fn remote(seq: u64) -> Message {
+        Message {
+            seq,
+            id: format!("id{seq}"),
+            content_type: "a/b".into(),
+            enqueued_at_ms: 1,
+            body: Bytes::from_static(b"x"),
+        }
+    }
+
     fn msg(body: &str) -> NewMessage {
         NewMessage {
             id: crate::crypto::random_id(),
@@ -1063,15 +1067,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let q = store.queue("c/in", LIMITS).unwrap();
-        let m = |seq: u64| Message {
-            seq,
-            id: format!("id{seq}"),
-            content_type: "a/b".into(),
-            enqueued_at_ms: 1,
-            body: Bytes::from_static(b"x"),
-        };
-        assert_eq!(q.append_remote(&[m(1), m(2)]).unwrap(), 2);
-        assert_eq!(q.append_remote(&[m(1), m(2), m(3)]).unwrap(), 3);
+        assert_eq!(q.append_remote(&[remote(1), remote(2)]).unwrap(), 2);
+        assert_eq!(q.append_remote(&[remote(1), remote(2), remote(3)]).unwrap(), 3);
         assert_eq!(q.stats().depth, 3);
         store.flush().await.unwrap();
         q.wait_durable_after(2).await;
@@ -1095,14 +1092,7 @@ mod tests {
                 },
             )
             .unwrap();
-        let m = |seq: u64| Message {
-            seq,
-            id: format!("id{seq}"),
-            content_type: "a/b".into(),
-            enqueued_at_ms: 1,
-            body: Bytes::from_static(b"x"),
-        };
-        let batch: Vec<Message> = (1..=5).map(m).collect();
+        let batch: Vec<Message> = (1..=5).map(remote).collect();
         assert_eq!(q.append_remote(&batch).unwrap(), 3, "the prefix that fits");
         assert!(
             matches!(q.append_remote(&batch), Err(QueueError::FullCount { .. })),

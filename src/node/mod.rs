@@ -333,6 +333,18 @@ pub fn derived_url(addr: SocketAddr) -> String {
 
 impl IntakeTarget for Node {
     fn outbox(&self, name: &str) -> Result<Queue, Refusal> {
+        let revoked = || Refusal {
+            status: StatusCode::CONFLICT,
+            code: codes::CONNECTION_STATE,
+            message: format!("connection {name:?} is revoked; it takes no new messages"),
+        };
+        // Every submission comes here: a live link answers without reading the registry.
+        if let Some(link) = self.link(name) {
+            if link.revoked.load(Ordering::SeqCst) {
+                return Err(revoked());
+            }
+            return Ok(link.outbox.clone());
+        }
         let rec = self.inner.registry.get(name).map_err(|e| Refusal {
             status: StatusCode::INSUFFICIENT_STORAGE,
             code: codes::STORAGE,
@@ -346,11 +358,7 @@ impl IntakeTarget for Node {
             });
         };
         if rec.revoked {
-            return Err(Refusal {
-                status: StatusCode::CONFLICT,
-                code: codes::CONNECTION_STATE,
-                message: format!("connection {name:?} is revoked; it takes no new messages"),
-            });
+            return Err(revoked());
         }
         self.queues(name).map(|(o, _)| o).map_err(|e| Refusal {
             status: StatusCode::INSUFFICIENT_STORAGE,
