@@ -209,6 +209,10 @@ pub mod codes {
     pub const CONNECTION_STATE: &str = "connection_state";
     /// Shutting down.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// A push reuses sequence numbers the node already holds for other messages (an agent data
+    /// directory restored from a backup or copied): nothing was stored, and the agent must not
+    /// remove anything.
+    pub const SEQUENCE_CONFLICT: &str = "sequence_conflict";
 }
 
 /// A content type relay accepts: 1–255 visible ASCII characters or spaces (it becomes an
