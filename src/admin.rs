@@ -5,6 +5,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -17,8 +19,14 @@ use crate::error::{Kind, OpError, OpResult};
 use crate::invite::Invitation;
 use crate::node::{Action, InitiateRequest, Node};
 
-/// Largest request or answer line.
+/// Largest answer line.
 const MAX_LINE: u64 = 4 * 1024 * 1024;
+/// Largest request line (the biggest is an initiate form: a few short strings).
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client may take to send its request, and to take its answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most admin connections handled at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 16;
 
 /// An operator request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,10 +216,12 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Binds the admin socket (replacing a stale one: we hold the database lock, so no other
-/// daemon can be using it).
+/// daemon can be using it). The process umask (0077, see [`crate::fsutil::private_umask`])
+/// makes it owner-only from the moment it exists; the chmod after only states the mode.
 pub fn bind(data_dir: &Path) -> OpResult<UnixListener> {
     let path = socket_path(data_dir);
     let _ = std::fs::remove_file(&path);
+    crate::fsutil::private_umask();
     let listener = UnixListener::bind(&path).map_err(|e| {
         OpError::new(
             Kind::Failed,
@@ -223,9 +233,24 @@ pub fn bind(data_dir: &Path) -> OpResult<UnixListener> {
     Ok(listener)
 }
 
+/// Whether a peer with user id `peer` may use the daemon running as `me`: the same user, or
+/// root (who could read the database anyway).
+pub fn peer_allowed(peer: u32, me: u32) -> bool {
+    peer == me || peer == 0
+}
+
 /// Serves admin requests until `token` is cancelled.
 pub async fn serve(listener: UnixListener, side: Side, info: Info, token: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let me = crate::fsutil::effective_uid();
     loop {
+        let permit = tokio::select! {
+            _ = token.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let stream = tokio::select! {
             _ = token.cancelled() => return,
             r = listener.accept() => match r {
@@ -239,28 +264,62 @@ pub async fn serve(listener: UnixListener, side: Side, info: Info, token: Cancel
         let side = side.clone();
         let info = info.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, side, info).await {
+            let _permit = permit;
+            if let Err(e) = handle(stream, side, info, me).await {
                 warn!(error = %e, "admin request failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, side: Side, info: Info) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, side: Side, info: Info, me: u32) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
+    if !peer_allowed(peer.uid(), me) {
+        warn!(peer_uid = peer.uid(), peer_pid = ?peer.pid(), "admin socket: refused a connection from another user");
+        let refusal = Answer::Err(OpError::new(
+            Kind::Failed,
+            format!(
+                "the daemon's admin socket takes commands only from its own user (uid {me}) or root, not uid {}",
+                peer.uid()
+            ),
+        ));
+        return send_answer(&mut write, &refusal).await;
+    }
     let mut line = String::new();
-    BufReader::new(read.take(MAX_LINE)).read_line(&mut line).await?;
-    let answer = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => match dispatch(&side, &info, req).await {
-            Ok(v) => Answer::Ok(v),
-            Err(e) => Answer::Err(e),
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    let read_request = reader.read_line(&mut line);
+    let answer = match tokio::time::timeout(IO_TIMEOUT, read_request).await {
+        Err(_) => Answer::Err(OpError::new(
+            Kind::Invalid,
+            format!("no complete admin request within {}s", IO_TIMEOUT.as_secs()),
+        )),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) if !line.ends_with('\n') => Answer::Err(OpError::new(
+            Kind::Invalid,
+            format!("admin request incomplete or larger than {MAX_REQUEST} bytes"),
+        )),
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match dispatch(&side, &info, req).await {
+                Ok(v) => Answer::Ok(v),
+                Err(e) => Answer::Err(e),
+            },
+            Err(e) => Answer::Err(OpError::new(Kind::Invalid, format!("malformed admin request: {e}"))),
         },
-        Err(e) => Answer::Err(OpError::new(Kind::Invalid, format!("malformed admin request: {e}"))),
     };
-    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    send_answer(&mut write, &answer).await
+}
+
+async fn send_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: &Answer) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(answer).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    let send = async {
+        write.write_all(&out).await?;
+        write.shutdown().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, send)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the admin client did not take its answer"))?
 }
 
 /// Sends `req` to the daemon of `data_dir`. `Ok(None)` when no daemon listens there.

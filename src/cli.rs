@@ -576,12 +576,21 @@ fn invitation_from_env() -> OpResult<Option<(Invitation, String)>> {
 fn read_code(arg: Option<String>) -> OpResult<Invitation> {
     let code = match arg.as_deref() {
         Some("-") => {
-            let mut s = String::new();
+            let mut bytes = Vec::new();
             std::io::stdin()
                 .take(64 * 1024)
-                .read_to_string(&mut s)
+                .read_to_end(&mut bytes)
                 .map_err(|e| OpError::new(Kind::Invalid, format!("cannot read the code from stdin: {e}")))?;
-            s
+            // Bytes that are no text are a malformed code (exit 3), not a usage error.
+            String::from_utf8(bytes).map_err(|e| {
+                OpError::new(
+                    Kind::Invitation,
+                    format!(
+                        "the invitation code on stdin is not text (byte {} is not UTF-8); paste the one-line rlyinv1_ code",
+                        e.utf8_error().valid_up_to()
+                    ),
+                )
+            })?
         }
         Some(c) => c.to_owned(),
         None => match std::env::var_os(INVITATION_FILE_ENV) {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Environment variables that carry something other than a setting.
+/// `RELAY_…` environment variables that carry something other than a setting; read where they
+/// are used, never as settings.
 const NOT_SETTINGS: &[&str] = &["RELAY_LOG", "RELAY_CONFIG", "RELAY_INVITATION", "RELAY_INVITATION_FILE"];
 
 /// A secret that never prints.
@@ -332,7 +333,7 @@ impl Default for Settings {
     }
 }
 
-/// A bad setting, named by its key.
+/// A bad setting, named by its key and, where it came from one, its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file or environment could not be read or parsed.
@@ -346,26 +347,150 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// A value from a named source (a file and key, a variable or a flag) is wrong.
+    #[error("configuration: {origin}: {problem}")]
+    At {
+        /// Where the value came from, e.g. `environment variable RELAY_NODE__POLL_WAIT`.
+        origin: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// What a `RELAY_…` environment variable is to the settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvVar {
+    /// Sets the setting with this dotted key.
+    Setting(String),
+    /// Carries something else (`RELAY_LOG`, `RELAY_INVITATION`, …), read where it is used.
+    Reserved,
+    /// Is no setting and names no section (`RELAY_PORT`, which Kubernetes injects for a
+    /// Service named relay): ignored.
+    Unrelated,
+    /// Names a section but no key in it (`RELAY_NODE__POLL_WIAT`): a typo, refused. Kubernetes
+    /// never produces the `__` separator, so only an operator writes these.
+    Misspelt(String),
+}
+
+/// Classifies the environment variable `name` (case-sensitive prefix `RELAY_`).
+pub fn classify_env(name: &str) -> EnvVar {
+    let Some(rest) = name.strip_prefix("RELAY_") else {
+        return EnvVar::Unrelated;
+    };
+    if NOT_SETTINGS.contains(&name) {
+        return EnvVar::Reserved;
+    }
+    let key = rest.to_ascii_lowercase().replace("__", ".");
+    let keys = keys::known();
+    // A map-valued setting takes any key below it.
+    let mut prefix = key.as_str();
+    loop {
+        if keys.leaves.contains(prefix) {
+            return EnvVar::Setting(key);
+        }
+        match prefix.rfind('.') {
+            Some(i) => prefix = &prefix[..i],
+            None => break,
+        }
+    }
+    let mut prefix = key.as_str();
+    while let Some(i) = prefix.rfind('.') {
+        prefix = &prefix[..i];
+        if keys.sections.contains(prefix) {
+            return EnvVar::Misspelt(key);
+        }
+    }
+    EnvVar::Unrelated
+}
+
+/// The `RELAY_…` variables in `env` that are no setting and are ignored, for a debug line
+/// once logging is up (settings are loaded before it).
+pub fn ignored_env(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    env.into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("RELAY_") && classify_env(k) == EnvVar::Unrelated)
+        .collect()
+}
+
+/// Where the value of each key came from, to name it in errors.
+struct Origins {
+    file: Option<(PathBuf, config::Config)>,
+    vars: HashMap<String, String>,
+    flags: Vec<String>,
+}
+
+impl Origins {
+    /// The source of `key`'s effective value (flags over variables over the file), if any.
+    fn of(&self, key: &str) -> Option<String> {
+        if self.flags.iter().any(|k| k == key) {
+            let flag = key.rsplit('.').next().unwrap_or(key).replace('_', "-");
+            return Some(format!("flag --{flag} ({key})"));
+        }
+        if let Some(var) = self.vars.get(key) {
+            return Some(format!("environment variable {var} (`{key}`)"));
+        }
+        let (path, file) = self.file.as_ref()?;
+        // The key, or the section holding it (an unknown key is reported at its section).
+        file.get::<config::Value>(key)
+            .is_ok()
+            .then(|| format!("{}, key `{key}`", path.display()))
+    }
+
+    /// `problem` about `key`, named by its source when it has one.
+    fn error(&self, key: &str, problem: String) -> ConfigError {
+        match self.of(key) {
+            Some(origin) => ConfigError::At { origin, problem },
+            None => ConfigError::Load(format!("key `{key}`: {problem}")),
+        }
+    }
 }
 
 /// Loads settings from `file` (when given), then `RELAY_…` variables from `env`, then
-/// `overrides` (dotted key → value, from flags), and validates them.
+/// `overrides` (dotted key → value, from flags), and validates them. `RELAY_…` variables that
+/// are no setting are left out (see [`ignored_env`]); a misspelt one is refused by name.
 pub fn load(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &[(&str, String)],
 ) -> Result<Settings, ConfigError> {
     let mut builder = config::Config::builder();
+    let mut origins = Origins {
+        file: None,
+        vars: HashMap::new(),
+        flags: overrides.iter().map(|(k, _)| (*k).to_owned()).collect(),
+    };
     if let Some(path) = file {
         if !path.exists() {
             return Err(ConfigError::Load(format!("{} does not exist", path.display())));
         }
-        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        let source = config::File::from(path).format(config::FileFormat::Toml);
+        let alone = config::Config::builder()
+            .add_source(source.clone())
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        origins.file = Some((path.to_owned(), alone));
+        builder = builder.add_source(source);
     }
-    let vars: HashMap<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("RELAY_") && !NOT_SETTINGS.contains(&k.as_str()))
-        .collect();
+    let mut vars: HashMap<String, String> = HashMap::new();
+    for (name, value) in env {
+        match classify_env(&name) {
+            EnvVar::Setting(key) => {
+                origins.vars.insert(key, name.clone());
+                vars.insert(name, value);
+            }
+            EnvVar::Misspelt(key) => {
+                let section = key.rsplit_once('.').map_or("", |(s, _)| s).to_owned();
+                return Err(ConfigError::At {
+                    origin: format!("environment variable {name} (`{key}`)"),
+                    problem: format!(
+                        "no such setting `{key}` in [{section}] (known: {})",
+                        keys::known().in_section(&section).join(", ")
+                    ),
+                });
+            }
+            EnvVar::Reserved | EnvVar::Unrelated => {}
+        }
+    }
     builder = builder.add_source(
         config::Environment::with_prefix("RELAY")
             .prefix_separator("_")
@@ -377,12 +502,173 @@ pub fn load(
             .set_override(*key, value.clone())
             .map_err(|e| ConfigError::Load(e.to_string()))?;
     }
-    let settings: Settings = builder
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigError::Load(e.to_string()))?;
-    settings.validate()?;
+    let config = builder.build().map_err(|e| ConfigError::Load(e.to_string()))?;
+    let settings: Settings = config.try_deserialize().map_err(|e| match located(&e) {
+        Some((key, problem)) => origins.error(&key, problem),
+        None => ConfigError::Load(e.to_string()),
+    })?;
+    settings.validate().map_err(|e| match e {
+        ConfigError::Invalid { key, problem } if origins.of(key).is_some() => origins.error(key, problem),
+        other => other,
+    })?;
     Ok(settings)
+}
+
+/// The key a deserialisation error is about, and the problem without the crate's own
+/// location text (which says "the environment" rather than the variable).
+fn located(e: &config::ConfigError) -> Option<(String, String)> {
+    match e {
+        config::ConfigError::Type {
+            key: Some(key),
+            unexpected,
+            expected,
+            ..
+        } => Some((key.clone(), format!("invalid type: {unexpected}, expected {expected}"))),
+        config::ConfigError::At {
+            key: Some(key), error, ..
+        } => Some((key.clone(), error.to_string())),
+        _ => None,
+    }
+}
+
+/// The settings' keys, read from the `Deserialize` implementations themselves, so that a key
+/// added to a struct is known to the environment handling without a second list.
+mod keys {
+    use std::collections::BTreeSet;
+    use std::sync::OnceLock;
+
+    use serde::de::{self, value::Error, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+    use serde::Deserialize;
+
+    /// Dotted keys of values (`node.poll_wait`) and of sections (`node`).
+    pub struct Keys {
+        pub leaves: BTreeSet<String>,
+        pub sections: BTreeSet<String>,
+    }
+
+    impl Keys {
+        /// The keys directly in `section`, without it.
+        pub fn in_section(&self, section: &str) -> Vec<String> {
+            let prefix = format!("{section}.");
+            self.leaves
+                .iter()
+                .chain(&self.sections)
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .filter(|k| !k.contains('.'))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Every key of [`super::Settings`], computed once.
+    pub fn known() -> &'static Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            let mut keys = Keys {
+                leaves: BTreeSet::new(),
+                sections: BTreeSet::new(),
+            };
+            let mut pending: Vec<Vec<&'static str>> = vec![Vec::new()];
+            while let Some(path) = pending.pop() {
+                let Some(fields) = fields_at(&path) else {
+                    keys.leaves.insert(path.join("."));
+                    continue;
+                };
+                if !path.is_empty() {
+                    keys.sections.insert(path.join("."));
+                }
+                for field in fields {
+                    let mut child = path.clone();
+                    child.push(field);
+                    pending.push(child);
+                }
+            }
+            keys
+        })
+    }
+
+    /// The field names of the struct at `path`, or `None` when a plain value is there.
+    fn fields_at(path: &[&'static str]) -> Option<&'static [&'static str]> {
+        let mut found = None;
+        let _ = super::Settings::deserialize(Probe {
+            path,
+            found: &mut found,
+        });
+        found
+    }
+
+    /// A deserializer that walks down `path` and records the fields of the struct there;
+    /// everything else is an error (the walk stops, which is all it needs).
+    struct Probe<'a> {
+        path: &'a [&'static str],
+        found: &'a mut Option<&'static [&'static str]>,
+    }
+
+    impl<'de> de::Deserializer<'de> for Probe<'_> {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(de::Error::custom("a value"))
+        }
+
+        fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            visitor.visit_some(self)
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> Result<V::Value, Error> {
+            visitor.visit_newtype_struct(self)
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            match self.path.split_first() {
+                None => {
+                    *self.found = Some(fields);
+                    Err(de::Error::custom("found"))
+                }
+                Some((first, rest)) => visitor.visit_map(One {
+                    key: Some(first),
+                    value: Some(Probe {
+                        path: rest,
+                        found: self.found,
+                    }),
+                }),
+            }
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            unit unit_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    /// A map of one entry: the next field on the path, whose value is probed further.
+    struct One<'a> {
+        key: Option<&'static str>,
+        value: Option<Probe<'a>>,
+    }
+
+    impl<'de> MapAccess<'de> for One<'_> {
+        type Error = Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+            match self.key.take() {
+                Some(k) => seed.deserialize(k.into_deserializer()).map(Some),
+                None => Ok(None),
+            }
+        }
+
+        fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, Error> {
+            match self.value.take() {
+                Some(probe) => seed.deserialize(probe),
+                None => Err(de::Error::custom("no value")),
+            }
+        }
+    }
 }
 
 impl Settings {
@@ -611,6 +897,63 @@ mod tests {
             let s = load(Some(&path), env(&[]), &[]).unwrap_or_else(|e| panic!("config/{name}: {e}"));
             assert_eq!(s.data_dir, PathBuf::from("/var/lib/relay"), "config/{name}");
         }
+    }
+
+    #[test]
+    fn keys_are_read_from_the_settings_types() {
+        let keys = keys::known();
+        for key in ["data_dir", "node.poll_wait", "agent.proxy", "queue.max_bytes", "delivery.timeout"] {
+            assert!(keys.leaves.contains(key), "{key} in {:?}", keys.leaves);
+        }
+        assert!(keys.sections.contains("node") && !keys.leaves.contains("node"));
+        assert!(keys.in_section("node").contains(&"poll_wait".to_owned()));
+    }
+
+    #[test]
+    fn relay_variables_are_classified() {
+        assert_eq!(classify_env("RELAY_NODE__POLL_WAIT"), EnvVar::Setting("node.poll_wait".into()));
+        assert_eq!(classify_env("RELAY_DATA_DIR"), EnvVar::Setting("data_dir".into()));
+        assert_eq!(classify_env("RELAY_LOG"), EnvVar::Reserved);
+        // What Kubernetes injects for Services named relay and relay-node.
+        for k in ["RELAY_PORT", "RELAY_SERVICE_HOST", "RELAY_PORT_8443_TCP_ADDR", "RELAY_NODE_SERVICE_PORT", "RELAY_NODE"] {
+            assert_eq!(classify_env(k), EnvVar::Unrelated, "{k}");
+        }
+        assert_eq!(classify_env("RELAY_NODE__POLL_WIAT"), EnvVar::Misspelt("node.poll_wiat".into()));
+    }
+
+    #[test]
+    fn unrelated_relay_variables_are_ignored_and_listed() {
+        let vars = env(&[
+            ("RELAY_PORT", "tcp://10.0.0.7:8443"),
+            ("RELAY_SERVICE_HOST", "10.0.0.7"),
+            ("RELAY_NODE__POLL_WAIT", "3s"),
+        ]);
+        let s = load(None, vars.clone(), &[]).unwrap();
+        assert_eq!(s.node.poll_wait, Duration::from_secs(3));
+        assert_eq!(ignored_env(vars), vec!["RELAY_PORT".to_owned(), "RELAY_SERVICE_HOST".to_owned()]);
+    }
+
+    #[test]
+    fn errors_name_their_source() {
+        let err = load(None, env(&[("RELAY_NODE__POLL_WAIT", "soon")]), &[]).unwrap_err().to_string();
+        assert!(err.contains("environment variable RELAY_NODE__POLL_WAIT"), "{err}");
+        let err = load(None, env(&[("RELAY_NODE__PUBLIC_URL", "http://a")]), &[]).unwrap_err().to_string();
+        assert!(err.contains("RELAY_NODE__PUBLIC_URL") && err.contains("https"), "{err}");
+        let err = load(None, env(&[("RELAY_NODE__POLL_WIAT", "3s")]), &[]).unwrap_err().to_string();
+        assert!(err.contains("RELAY_NODE__POLL_WIAT") && err.contains("poll_wait"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "[node]\npoll_wait = \"later\"\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("relay.toml") && err.contains("node.poll_wait"), "{err}");
+        // The variable overrides the file, so it is the one named.
+        let err = load(Some(&file), env(&[("RELAY_NODE__POLL_WAIT", "never")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RELAY_NODE__POLL_WAIT") && !err.contains("relay.toml"), "{err}");
+        let err = load(None, env(&[]), &[("node.public_url", "http://a".into())]).unwrap_err().to_string();
+        assert!(err.contains("--public-url"), "{err}");
     }
 
     #[test]

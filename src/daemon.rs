@@ -36,15 +36,22 @@ impl Role {
 /// other role, and opens its database.
 pub fn open_store(settings: &Settings, role: Role) -> OpResult<Store> {
     let dir = &settings.data_dir;
-    crate::fsutil::create_private_dir(dir).map_err(|e| {
-        OpError::new(
-            Kind::Config,
-            format!(
-                "cannot use the data directory {}: {e} (set --data-dir or RELAY_DATA_DIR)",
-                dir.display()
-            ),
-        )
-    })?;
+    // Also here, not only in `main`: in-process daemons (tests, `relay demo`) get it too.
+    crate::fsutil::private_umask();
+    match crate::fsutil::prepare_private_dir(dir) {
+        Ok(crate::fsutil::DirState::Tightened { from }) => tracing::info!(
+            data_dir = %dir.display(),
+            "the data directory was open to other users (mode {from:04o}); made it private (0700)"
+        ),
+        Ok(_) => {}
+        Err(e @ crate::fsutil::DirError::Io { .. }) => {
+            return Err(OpError::new(
+                Kind::Config,
+                format!("{e} (set --data-dir or RELAY_DATA_DIR)"),
+            ))
+        }
+        Err(e) => return Err(OpError::new(Kind::Config, e.to_string())),
+    }
     let marker = dir.join("role");
     match std::fs::read_to_string(&marker) {
         Ok(existing) if existing.trim() != role.as_str() => {

@@ -114,6 +114,24 @@ pub fn valid_idempotency_key(k: &str) -> bool {
     !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// The value of header `name` when `valid` accepts it; `Err` carries a detail for the error
+/// message (which byte is not ASCII), possibly empty.
+fn ascii_header(req: &IncomingRequest, name: &str, valid: fn(&str) -> bool) -> Result<Option<String>, String> {
+    let Some(value) = req.headers().get(name) else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    if let Some(at) = bytes.iter().position(|b| !b.is_ascii()) {
+        return Err(format!(" (byte {at} is 0x{:02x}, not ASCII)", bytes[at]));
+    }
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    if valid(&text) {
+        Ok(Some(text))
+    } else {
+        Err(String::new())
+    }
+}
+
 /// Handles one request on the local API.
 pub async fn handle(intake: Intake, req: IncomingRequest) -> Response<Body> {
     let path = req.uri().path().to_owned();
@@ -158,26 +176,28 @@ async fn submit(intake: Intake, name: &str, req: IncomingRequest) -> Response<Bo
             "shutting down; retry shortly",
         );
     }
-    let idempotency_key = match http::header(req.headers(), "idempotency-key") {
-        Some(k) if !valid_idempotency_key(k) => {
+    // Read as bytes: `to_str` yields nothing for a value with bytes >= 0x80 (which hyper lets
+    // through), and taking that as "no header" would queue a repeat twice or relabel the payload.
+    let idempotency_key = match ascii_header(&req, "Idempotency-Key", valid_idempotency_key) {
+        Ok(k) => k,
+        Err(problem) => {
             return http::error(
                 StatusCode::BAD_REQUEST,
                 codes::BAD_REQUEST,
-                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                format!("Idempotency-Key must be 1 to 255 visible ASCII characters{problem}"),
             )
         }
-        other => other.map(str::to_owned),
     };
-    let content_type = http::header(req.headers(), "content-type")
-        .unwrap_or("application/octet-stream")
-        .to_owned();
-    if !crate::protocol::valid_content_type(&content_type) {
-        return http::error(
-            StatusCode::BAD_REQUEST,
-            codes::BAD_REQUEST,
-            "Content-Type must be 1 to 255 visible ASCII characters",
-        );
-    }
+    let content_type = match ascii_header(&req, "Content-Type", crate::protocol::valid_content_type) {
+        Ok(ct) => ct.unwrap_or_else(|| "application/octet-stream".to_owned()),
+        Err(problem) => {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                codes::BAD_REQUEST,
+                format!("Content-Type must be 1 to 255 visible ASCII characters or spaces{problem}"),
+            )
+        }
+    };
     let outbox = match intake.target.outbox(name) {
         Ok(q) => q,
         Err(r) => return http::error(r.status, r.code, r.message),

@@ -10,10 +10,29 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
+/// The log filter from `RELAY_LOG`, or `default`; a value that is no filter is said on stderr
+/// (logging is not up yet) rather than dropped without a word.
+fn log_filter(value: Option<std::ffi::OsString>, default: &str) -> tracing_subscriber::EnvFilter {
+    let fallback = || tracing_subscriber::EnvFilter::new(default);
+    let Some(value) = value else {
+        return fallback();
+    };
+    let Some(text) = value.to_str() else {
+        eprintln!("relay: RELAY_LOG is not valid UTF-8; using the default ({default})");
+        return fallback();
+    };
+    match tracing_subscriber::EnvFilter::try_new(text) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("relay: RELAY_LOG {text:?} is not a valid filter: {e}; using the default ({default})");
+            fallback()
+        }
+    }
+}
+
 fn init_logging(format: LogFormat, daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = log_filter(std::env::var_os("RELAY_LOG"), default);
     use std::io::IsTerminal;
     // journald stamps and prioritises each line itself: no time, no colour, a priority prefix.
     let journal = format == LogFormat::Text && relay::notify::stderr_is_journal();
@@ -67,6 +86,9 @@ where
 }
 
 fn main() -> ExitCode {
+    // Before anything is created: database files, keys and the admin socket are private even
+    // when started under `umask 000`.
+    relay::fsutil::private_umask();
     let cli = Cli::parse();
     let settings = match cli.settings() {
         Ok(s) => s,
@@ -76,6 +98,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(settings.log_format, cli.is_daemon());
+    for name in relay::config::ignored_env(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default())))) {
+        tracing::debug!(variable = %name, "ignoring {name}: it is not a relay setting");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

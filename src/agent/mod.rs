@@ -715,11 +715,18 @@ impl IntakeTarget for Agent {
                 problems.extend(crate::status::stale_queues(s, self.inner.settings.queue.ready_max_age));
             }
         }
-        if !statuses.is_empty() && statuses.iter().all(|s| s.state == "revoked") {
+        // An agent that delivers nothing is not ready, whatever else holds: an orchestrator
+        // must neither route to it nor consider it healthy before `relay accept`.
+        if statuses.is_empty() {
+            problems.push("no accepted connection (run relay accept)".into());
+        } else if statuses.iter().all(|s| s.state == "revoked") {
             problems.push("every connection is revoked".into());
+        } else if !statuses.iter().any(|s| s.state == "active") {
+            problems.push("no active connection (every one is deactivated or revoked by the node)".into());
         }
         if problems.is_empty() {
-            Ok(format!("{} connection(s) delivering", statuses.len()))
+            let active = statuses.iter().filter(|s| s.state == "active").count();
+            Ok(format!("{active} connection(s) delivering"))
         } else {
             Err(problems.join("; "))
         }
