@@ -142,3 +142,92 @@ async fn a_configured_token_is_required() {
     token.cancel();
     node.task.await.unwrap().unwrap();
 }
+
+/// Sends one raw HTTP/1.1 request (`head` without the final blank line) with `body`, and
+/// returns the status and the JSON body of the answer.
+async fn raw_post(api: &str, head: &[u8], body: &[u8]) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = api.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = head.to_vec();
+    req.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    req.extend_from_slice(body);
+    stream.write_all(&req).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_bytes_beyond_ascii_are_refused_naming_the_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let node = relay::daemon::start_node(settings(tmp.path()), token.clone())
+        .await
+        .unwrap();
+    initiate(&node.side, "conn").await;
+    let api = format!("http://{}", node.info.api.clone().unwrap());
+    let start = b"POST /v1/connections/conn/messages HTTP/1.1\r\nHost: relay\r\n".to_vec();
+
+    // A key with a byte >= 0x80, twice: once it was taken for "no key" and queued twice.
+    let mut head = start.clone();
+    head.extend_from_slice(b"Idempotency-Key: wi-42-\xff-rev\r\n");
+    for _ in 0..2 {
+        let (s, e) = raw_post(&api, &head, b"a").await;
+        assert_eq!((s, e["code"].as_str()), (400, Some("bad_request")), "{e}");
+        let msg = e["error"].as_str().unwrap();
+        assert!(msg.contains("Idempotency-Key") && msg.contains("0xff"), "{msg}");
+    }
+    // Once it became application/octet-stream without a word.
+    let mut head = start.clone();
+    head.extend_from_slice(b"Content-Type: text/pl\xe9in\r\n");
+    let (s, e) = raw_post(&api, &head, b"b").await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("bad_request")), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("Content-Type"), "{e}");
+    assert_eq!(node.side.connections().unwrap()[0].outbound.depth, 0, "nothing queued");
+
+    // The same request in plain ASCII goes through, once.
+    let mut head = start.clone();
+    head.extend_from_slice(b"Idempotency-Key: wi-42-rev\r\nContent-Type: text/plain\r\n");
+    for _ in 0..2 {
+        assert_eq!(raw_post(&api, &head, b"c").await.0, 202);
+    }
+    assert_eq!(node.side.connections().unwrap()[0].outbound.depth, 1);
+    token.cancel();
+    node.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_not_ready_before_a_connection_is_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let agent = relay::daemon::start_agent(common::in_process(&tmp.path().join("agent")), token.clone())
+        .await
+        .unwrap();
+    let intake = format!("http://{}", agent.info.api.clone().unwrap());
+    let (s, body) = get(&intake, "/readyz").await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("not ready: no accepted connection (run relay accept)"), "{body}");
+
+    let node = relay::daemon::start_node(common::in_process(&tmp.path().join("node")), token.clone())
+        .await
+        .unwrap();
+    common::connect(&node.side, &agent.side, "http://127.0.0.1:9/unused").await;
+    common::wait_for("the agent's /readyz", || async {
+        let (s, body) = get(&intake, "/readyz").await;
+        (s == 200).then_some(assert!(body.contains("1 connection(s) delivering"), "{body}"))
+    })
+    .await;
+    token.cancel();
+    agent.task.await.unwrap().unwrap();
+    node.task.await.unwrap().unwrap();
+}
