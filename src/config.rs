@@ -902,7 +902,13 @@ mod tests {
     #[test]
     fn keys_are_read_from_the_settings_types() {
         let keys = keys::known();
-        for key in ["data_dir", "node.poll_wait", "agent.proxy", "queue.max_bytes", "delivery.timeout"] {
+        for key in [
+            "data_dir",
+            "node.poll_wait",
+            "agent.proxy",
+            "queue.max_bytes",
+            "delivery.timeout",
+        ] {
             assert!(keys.leaves.contains(key), "{key} in {:?}", keys.leaves);
         }
         assert!(keys.sections.contains("node") && !keys.leaves.contains("node"));
@@ -911,14 +917,26 @@ mod tests {
 
     #[test]
     fn relay_variables_are_classified() {
-        assert_eq!(classify_env("RELAY_NODE__POLL_WAIT"), EnvVar::Setting("node.poll_wait".into()));
+        assert_eq!(
+            classify_env("RELAY_NODE__POLL_WAIT"),
+            EnvVar::Setting("node.poll_wait".into())
+        );
         assert_eq!(classify_env("RELAY_DATA_DIR"), EnvVar::Setting("data_dir".into()));
         assert_eq!(classify_env("RELAY_LOG"), EnvVar::Reserved);
         // What Kubernetes injects for Services named relay and relay-node.
-        for k in ["RELAY_PORT", "RELAY_SERVICE_HOST", "RELAY_PORT_8443_TCP_ADDR", "RELAY_NODE_SERVICE_PORT", "RELAY_NODE"] {
+        for k in [
+            "RELAY_PORT",
+            "RELAY_SERVICE_HOST",
+            "RELAY_PORT_8443_TCP_ADDR",
+            "RELAY_NODE_SERVICE_PORT",
+            "RELAY_NODE",
+        ] {
             assert_eq!(classify_env(k), EnvVar::Unrelated, "{k}");
         }
-        assert_eq!(classify_env("RELAY_NODE__POLL_WIAT"), EnvVar::Misspelt("node.poll_wiat".into()));
+        assert_eq!(
+            classify_env("RELAY_NODE__POLL_WIAT"),
+            EnvVar::Misspelt("node.poll_wiat".into())
+        );
     }
 
     #[test]
@@ -930,17 +948,29 @@ mod tests {
         ]);
         let s = load(None, vars.clone(), &[]).unwrap();
         assert_eq!(s.node.poll_wait, Duration::from_secs(3));
-        assert_eq!(ignored_env(vars), vec!["RELAY_PORT".to_owned(), "RELAY_SERVICE_HOST".to_owned()]);
+        assert_eq!(
+            ignored_env(vars),
+            vec!["RELAY_PORT".to_owned(), "RELAY_SERVICE_HOST".to_owned()]
+        );
     }
 
     #[test]
     fn errors_name_their_source() {
-        let err = load(None, env(&[("RELAY_NODE__POLL_WAIT", "soon")]), &[]).unwrap_err().to_string();
+        let err = load(None, env(&[("RELAY_NODE__POLL_WAIT", "soon")]), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("environment variable RELAY_NODE__POLL_WAIT"), "{err}");
-        let err = load(None, env(&[("RELAY_NODE__PUBLIC_URL", "http://a")]), &[]).unwrap_err().to_string();
+        let err = load(None, env(&[("RELAY_NODE__PUBLIC_URL", "http://a")]), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("RELAY_NODE__PUBLIC_URL") && err.contains("https"), "{err}");
-        let err = load(None, env(&[("RELAY_NODE__POLL_WIAT", "3s")]), &[]).unwrap_err().to_string();
-        assert!(err.contains("RELAY_NODE__POLL_WIAT") && err.contains("poll_wait"), "{err}");
+        let err = load(None, env(&[("RELAY_NODE__POLL_WIAT", "3s")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("RELAY_NODE__POLL_WIAT") && err.contains("poll_wait"),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("relay.toml");
@@ -951,8 +981,13 @@ mod tests {
         let err = load(Some(&file), env(&[("RELAY_NODE__POLL_WAIT", "never")]), &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("RELAY_NODE__POLL_WAIT") && !err.contains("relay.toml"), "{err}");
-        let err = load(None, env(&[]), &[("node.public_url", "http://a".into())]).unwrap_err().to_string();
+        assert!(
+            err.contains("RELAY_NODE__POLL_WAIT") && !err.contains("relay.toml"),
+            "{err}"
+        );
+        let err = load(None, env(&[]), &[("node.public_url", "http://a".into())])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--public-url"), "{err}");
     }
 

@@ -201,7 +201,11 @@ mod tests {
     #[test]
     fn another_users_open_directory_is_refused_with_a_fix() {
         if effective_uid() != 0 {
-            eprintln!("SKIPPED another_users_open_directory_is_refused_with_a_fix: needs root to chown");
+            // Past the harness's capture of `eprintln!`, so a passing run shows the skip.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED another_users_open_directory_is_refused_with_a_fix: needs root to chown"
+            );
             return;
         }
         let root = tempfile::tempdir().unwrap();
@@ -210,7 +214,10 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
         let err = prepare_private_dir(&dir).unwrap_err().to_string();
-        assert!(err.contains("mode 0755") && err.contains("chown 0") && err.contains("chmod 700"), "{err}");
+        assert!(
+            err.contains("mode 0755") && err.contains("chown 0") && err.contains("chmod 700"),
+            "{err}"
+        );
         assert_eq!(mode(&dir), 0o755, "left alone");
     }
 
@@ -229,7 +236,10 @@ mod tests {
         assert_eq!(std::fs::read(&crt).unwrap(), vec![b'c'; 4096]);
         assert_eq!(mode(&key), 0o600);
         assert_eq!(mode(&crt), 0o644);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
     }
 }

@@ -98,7 +98,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(settings.log_format, cli.is_daemon());
-    for name in relay::config::ignored_env(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default())))) {
+    for name in relay::config::ignored_env(
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default()))),
+    ) {
         tracing::debug!(variable = %name, "ignoring {name}: it is not a relay setting");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

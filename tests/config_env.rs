@@ -57,7 +57,11 @@ fn every_environment_fixture_loads_or_fails_as_it_says() {
         }
         // What is ignored is exactly what is neither a setting nor reserved.
         for var in relay::config::ignored_env(case.vars.clone()) {
-            assert_eq!(relay::config::classify_env(&var), relay::config::EnvVar::Unrelated, "{name}: {var}");
+            assert_eq!(
+                relay::config::classify_env(&var),
+                relay::config::EnvVar::Unrelated,
+                "{name}: {var}"
+            );
         }
     }
     assert!(seen >= 8, "fixtures found in {}: {seen}", dir.display());

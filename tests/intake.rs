@@ -216,7 +216,10 @@ async fn an_agent_is_not_ready_before_a_connection_is_accepted() {
     let intake = format!("http://{}", agent.info.api.clone().unwrap());
     let (s, body) = get(&intake, "/readyz").await;
     assert_eq!(s, 503, "{body}");
-    assert!(body.contains("not ready: no accepted connection (run relay accept)"), "{body}");
+    assert!(
+        body.contains("not ready: no accepted connection (run relay accept)"),
+        "{body}"
+    );
 
     let node = relay::daemon::start_node(common::in_process(&tmp.path().join("node")), token.clone())
         .await

@@ -22,6 +22,13 @@ fn is_root() -> bool {
     relay::fsutil::effective_uid() == 0
 }
 
+/// Says that `test` was skipped, where a passing run shows it (the harness captures
+/// `eprintln!`).
+fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// Runs `cmd` to completion with `input` on stdin (off the runtime's threads).
 async fn run(mut cmd: std::process::Command, input: &[u8]) -> Output {
     let input = input.to_vec();
@@ -81,7 +88,10 @@ async fn under_umask_000_in_a_0755_directory_the_data_stays_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_others_can_read_and_relay_cannot_tighten_is_refused_with_a_fix() {
     if !is_root() {
-        eprintln!("SKIPPED a_data_directory_others_can_read_and_relay_cannot_tighten_is_refused_with_a_fix: needs root to chown the directory to another user");
+        skipped(
+            "a_data_directory_others_can_read_and_relay_cannot_tighten_is_refused_with_a_fix",
+            "needs root to give the directory to another user",
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -92,7 +102,10 @@ async fn a_data_directory_others_can_read_and_relay_cannot_tighten_is_refused_wi
     let out = run(command(&dir, NODE_RUN, &[]), b"").await;
     assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("open to other users (mode 0755") && err.contains("chmod 700"), "{err}");
+    assert!(
+        err.contains("open to other users (mode 0755") && err.contains("chmod 700"),
+        "{err}"
+    );
     assert_eq!(mode(&dir), 0o755, "not someone else's to change");
     assert!(!dir.join("db").exists(), "nothing written");
 }
@@ -100,7 +113,10 @@ async fn a_data_directory_others_can_read_and_relay_cannot_tighten_is_refused_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_socket_refuses_other_users() {
     if !is_root() {
-        eprintln!("SKIPPED the_admin_socket_refuses_other_users: needs root to run a client as another user");
+        skipped(
+            "the_admin_socket_refuses_other_users",
+            "needs root to run a client as another user",
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -139,7 +155,9 @@ async fn admin_connections_are_bounded_and_time_out() {
         idle.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
     }
     // An operator's command still gets through once the idlers are cut.
-    let info = relay::admin::call(tmp.path(), &relay::admin::Request::Info).await.unwrap();
+    let info = relay::admin::call(tmp.path(), &relay::admin::Request::Info)
+        .await
+        .unwrap();
     assert!(info.is_some());
     for mut stream in idle {
         let mut answer = String::new();
@@ -174,12 +192,24 @@ async fn relay_variables_that_are_no_setting_are_ignored_with_a_debug_line() {
         ("RELAY_SERVICE_HOST", "10.96.0.17"),
     ];
     let node = Daemon::start(&dir, NODE_RUN, &env).await;
-    assert!(node.log().contains("ignoring RELAY_PORT: it is not a relay setting"), "{}", node.log());
+    assert!(
+        node.log().contains("ignoring RELAY_PORT: it is not a relay setting"),
+        "{}",
+        node.log()
+    );
     drop(node);
 
-    let out = run(command(&dir, &["node", "connections"], &[("RELAY_NODE__POLL_WAIT", "soon")]), b"").await;
+    let out = run(
+        command(&dir, &["node", "connections"], &[("RELAY_NODE__POLL_WAIT", "soon")]),
+        b"",
+    )
+    .await;
     assert_eq!(out.status.code(), Some(78));
-    assert!(stderr(&out).contains("environment variable RELAY_NODE__POLL_WAIT"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("environment variable RELAY_NODE__POLL_WAIT"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
