@@ -426,7 +426,16 @@ impl Origins {
             let flag = key.rsplit('.').next().unwrap_or(key).replace('_', "-");
             return Some(format!("flag --{flag} ({key})"));
         }
-        if let Some(var) = self.vars.get(key) {
+        // The variable of the key, or of a key below it (`RELAY_NODE__LISTEN__X` makes
+        // `node.listen` a table, and the error is about `node.listen`).
+        let below = format!("{key}.");
+        let var = self.vars.get(key).or_else(|| {
+            self.vars
+                .iter()
+                .find(|(k, _)| k.starts_with(&below))
+                .map(|(_, var)| var)
+        });
+        if let Some(var) = var {
             return Some(format!("environment variable {var} (`{key}`)"));
         }
         let (path, file) = self.file.as_ref()?;

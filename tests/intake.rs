@@ -225,11 +225,12 @@ async fn an_agent_is_not_ready_before_a_connection_is_accepted() {
         .await
         .unwrap();
     common::connect(&node.side, &agent.side, "http://127.0.0.1:9/unused").await;
-    common::wait_for("the agent's /readyz", || async {
+    let body = common::wait_for("the agent's /readyz", || async {
         let (s, body) = get(&intake, "/readyz").await;
-        (s == 200).then_some(assert!(body.contains("1 connection(s) delivering"), "{body}"))
+        (s == 200).then_some(body)
     })
     .await;
+    assert!(body.contains("1 connection(s) delivering"), "{body}");
     token.cancel();
     agent.task.await.unwrap().unwrap();
     node.task.await.unwrap().unwrap();
