@@ -275,8 +275,14 @@ pub async fn serve(listener: UnixListener, side: Side, info: Info, token: Cancel
 async fn handle(stream: UnixStream, side: Side, info: Info, me: u32) -> std::io::Result<()> {
     let peer = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
+    // The request is read (bounded) even from a refused peer, so that the refusal is an
+    // answer it can read rather than a broken pipe under its request.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    let read_request = reader.read_line(&mut line);
     if !peer_allowed(peer.uid(), me) {
         warn!(peer_uid = peer.uid(), peer_pid = ?peer.pid(), "admin socket: refused a connection from another user");
+        let _ = tokio::time::timeout(IO_TIMEOUT, read_request).await;
         let refusal = Answer::Err(OpError::new(
             Kind::Failed,
             format!(
@@ -286,9 +292,6 @@ async fn handle(stream: UnixStream, side: Side, info: Info, me: u32) -> std::io:
         ));
         return send_answer(&mut write, &refusal).await;
     }
-    let mut line = String::new();
-    let mut reader = BufReader::new(read.take(MAX_REQUEST));
-    let read_request = reader.read_line(&mut line);
     let answer = match tokio::time::timeout(IO_TIMEOUT, read_request).await {
         Err(_) => Answer::Err(OpError::new(
             Kind::Invalid,

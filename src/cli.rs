@@ -261,7 +261,8 @@ impl Cli {
 
     /// Loads the settings this invocation runs with.
     pub fn settings(&self) -> OpResult<Settings> {
-        crate::config::load(self.config.as_deref(), std::env::vars(), &self.overrides())
+        crate::config::process_env()
+            .and_then(|env| crate::config::load(self.config.as_deref(), env, &self.overrides()))
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))
     }
 

@@ -412,6 +412,29 @@ pub fn ignored_env(env: impl IntoIterator<Item = (String, String)>) -> Vec<Strin
         .collect()
 }
 
+/// This process's environment for [`load`]. Unlike `std::env::vars`, bytes that are not
+/// UTF-8 do not panic: such a variable is skipped unless it is a setting, which is refused
+/// by name.
+pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => vars.push((name, value)),
+            Err(_) if matches!(classify_env(&name), EnvVar::Setting(_)) => {
+                return Err(ConfigError::At {
+                    origin: format!("environment variable {name}"),
+                    problem: "the value is not valid UTF-8".into(),
+                })
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(vars)
+}
+
 /// Where the value of each key came from, to name it in errors.
 struct Origins {
     file: Option<(PathBuf, config::Config)>,

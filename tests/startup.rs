@@ -232,3 +232,25 @@ async fn bytes_that_are_no_text_on_stdin_are_a_malformed_code() {
     assert!(stderr(&out).contains("not text"), "{}", stderr(&out));
     assert!(!dir.exists(), "nothing created for a malformed code");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_bytes_that_are_not_utf8_are_skipped_or_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    // Not relay's: no panic, no word.
+    let mut cmd = command(tmp.path(), &["status"], &[]);
+    cmd.env("UNRELATED", bytes);
+    let out = run(cmd, b"").await;
+    assert!(stderr(&out).contains("holds no relay data"), "{}", stderr(&out));
+    // A setting: refused by name, exit 78.
+    let mut cmd = command(tmp.path(), &["status"], &[]);
+    cmd.env("RELAY_AGENT__INSTANCE_NAME", bytes);
+    let out = run(cmd, b"").await;
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("environment variable RELAY_AGENT__INSTANCE_NAME: the value is not valid UTF-8"),
+        "{}",
+        stderr(&out)
+    );
+}
