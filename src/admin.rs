@@ -25,6 +25,9 @@ const MAX_LINE: u64 = 4 * 1024 * 1024;
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request, and to take its answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the CLI waits for a daemon's answer: above the slowest request (an accept that
+/// redeems over the network), below forever for a daemon that hangs.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most admin connections handled at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
 
@@ -349,11 +352,25 @@ pub async fn call(data_dir: &Path, req: &Request) -> OpResult<Option<serde_json:
     let (read, mut write) = stream.into_split();
     let mut out = serde_json::to_vec(req).map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
     out.push(b'\n');
-    write.write_all(&out).await.map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_LINE))
-        .read_line(&mut line)
+    let silent = |what: &str, limit: Duration| {
+        OpError::new(
+            Kind::Failed,
+            format!(
+                "the daemon did not {what} on its admin socket {} within {}s",
+                path.display(),
+                limit.as_secs()
+            ),
+        )
+    };
+    tokio::time::timeout(IO_TIMEOUT, write.write_all(&out))
         .await
+        .map_err(|_| silent("take the request", IO_TIMEOUT))?
+        .map_err(io)?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_LINE));
+    tokio::time::timeout(ANSWER_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| silent("answer", ANSWER_TIMEOUT))?
         .map_err(io)?;
     match serde_json::from_str::<Answer>(&line) {
         Ok(Answer::Ok(v)) => Ok(Some(v)),

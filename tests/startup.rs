@@ -254,3 +254,25 @@ async fn environment_bytes_that_are_not_utf8_are_skipped_or_named() {
         stderr(&out)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_daemon_that_never_answers_does_not_hang_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A stand-in daemon: accepts, reads nothing, answers nothing.
+    let listener = tokio::net::UnixListener::bind(relay::admin::socket_path(tmp.path())).unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let err = relay::admin::call(tmp.path(), &relay::admin::Request::Info)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("did not answer") && err.message.contains("300s"),
+        "{}",
+        err.message
+    );
+    hold.abort();
+}
