@@ -1,5 +1,7 @@
 //! The `relay` binary: parse, set up logging, run, map the outcome to an exit code.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
