@@ -207,6 +207,27 @@ pub struct DeliverySettings {
     /// Longest retry delay (before jitter).
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// How the certificates of https webhooks are trusted.
+    #[serde(default)]
+    pub trust: WebhookTrust,
+    /// PEM bundle of CA certificates for https webhooks: required with `trust = "ca"`, added
+    /// to the roots otherwise.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How an https webhook's certificate is checked.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookTrust {
+    /// The operating system's trusted CAs (default; the built-in web roots on a system that
+    /// has none), plus `delivery.ca_file` if set.
+    #[default]
+    System,
+    /// The built-in public web roots, plus `delivery.ca_file` if set.
+    Web,
+    /// Only the CAs in `delivery.ca_file` (an internal CA).
+    Ca,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -315,6 +336,8 @@ impl Default for DeliverySettings {
             timeout: default_request_timeout(),
             backoff_initial: default_backoff_initial(),
             backoff_max: default_backoff_max(),
+            trust: WebhookTrust::default(),
+            ca_file: None,
         }
     }
 }
@@ -455,6 +478,9 @@ impl Settings {
         }
         if self.agent.trust == TrustMode::Ca && self.agent.ca_file.is_none() {
             return invalid("agent.ca_file", "required when agent.trust = \"ca\"");
+        }
+        if self.delivery.trust == WebhookTrust::Ca && self.delivery.ca_file.is_none() {
+            return invalid("delivery.ca_file", "required when delivery.trust = \"ca\"");
         }
         if self.node.max_connections == 0 {
             return invalid("node.max_connections", "must be at least 1");

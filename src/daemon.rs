@@ -174,7 +174,7 @@ pub async fn start_node(settings: Settings, token: CancellationToken) -> OpResul
         info.clone(),
         token.clone(),
     ));
-    tracing::info!(listen = %listen, api = %api_addr, public_url = %info.public_url.as_deref().unwrap_or(""), pin = %crate::x509::format_pin(&identity.pin), "node serving");
+    tracing::info!(listen = %listen, api = %api_addr, public_url = %info.public_url.as_deref().unwrap_or(""), pin = %crate::tls::format_pin(&identity.pin), "node serving");
     let n = node.clone();
     let socket = admin::socket_path(&settings.data_dir);
     let task = tokio::spawn(async move {

@@ -1,6 +1,7 @@
 //! TLS configurations: the node's certificate (configured, or self-signed on first start),
-//! the agent's pinned verifier, and the web-roots client for https webhooks. The one place
-//! that builds rustls configurations.
+//! the agent's pinned verifier, and the client for https webhooks. The one place that builds
+//! rustls configurations, and the only module that reads certificates (rustls-webpki for the
+//! pinned key, x509-parser for the names shown to operators).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use crate::config::TrustMode;
-use crate::x509;
+use crate::config::{DeliverySettings, TrustMode, WebhookTrust};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,79 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
         path: path.to_owned(),
         detail: e.to_string(),
     }
+}
+
+/// Text in front of the hex of a pin, naming the hash so other hashes can be added later.
+pub const PIN_PREFIX: &str = "sha256/";
+
+/// Pin as text for humans: "sha256/" + lowercase hex.
+pub fn format_pin(pin: &[u8; 32]) -> String {
+    format!("{PIN_PREFIX}{}", crate::crypto::hex(pin))
+}
+
+/// The SPKI pin: SHA-256 of the certificate's DER SubjectPublicKeyInfo, SEQUENCE header
+/// included, read by the same webpki that checks the handshake. webpki hands back the key's
+/// content re-wrapped in a header of the shortest length form; it refuses any other length
+/// form, so these are exactly the bytes in the certificate.
+pub fn spki_pin(cert: &CertificateDer<'_>) -> Result<[u8; 32], webpki::Error> {
+    let parsed = webpki::EndEntityCert::try_from(cert)?;
+    Ok(crate::crypto::sha256(&parsed.subject_public_key_info()))
+}
+
+/// What an operator is shown of a certificate: who it names, who issued it, and when it is
+/// valid. Never used to decide trust.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertNames {
+    /// Subject, e.g. `CN=relay-node, O=Example`, in certificate order.
+    pub subject: String,
+    /// Issuer, rendered like `subject`.
+    pub issuer: String,
+    /// Start and end of validity, unix seconds.
+    pub valid: Option<(i64, i64)>,
+}
+
+impl CertNames {
+    /// Reads the names of a DER certificate; empty when it cannot be read, since the caller is
+    /// already reporting a more precise error.
+    pub fn of(cert: &[u8]) -> CertNames {
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+            return CertNames::default();
+        };
+        let validity = parsed.validity();
+        CertNames {
+            subject: printable(&parsed.subject().to_string()),
+            issuer: printable(&parsed.issuer().to_string()),
+            valid: Some((validity.not_before.timestamp(), validity.not_after.timestamp())),
+        }
+    }
+
+    /// `"; valid 2026-01-01T00:00:00Z to 2027-01-01T00:00:00Z (in 30 days)"`, or nothing when
+    /// unknown.
+    pub fn validity(&self) -> String {
+        let Some((from, until)) = self.valid else {
+            return String::new();
+        };
+        let at = |unix: i64| u64::try_from(unix).unwrap_or(0).saturating_mul(1000);
+        format!(
+            "; valid {} to {}",
+            crate::status::rfc3339(at(from)),
+            crate::status::when(at(until), crate::status::now_ms())
+        )
+    }
+}
+
+/// Escapes control characters, so a hostile certificate's names cannot act on a terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// The node's server identity: the configuration to serve and the pin to put in codes.
@@ -78,7 +151,7 @@ pub fn server_identity(
     let first = chain
         .first()
         .ok_or_else(|| file_err(&cert_path, "no certificate in the file"))?;
-    let pin = x509::spki_sha256(first).map_err(|e| file_err(&cert_path, e))?;
+    let pin = spki_pin(first).map_err(|e| file_err(&cert_path, format!("not a usable X.509 certificate: {e}")))?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -136,8 +209,8 @@ impl std::fmt::Display for PinMismatch {
              if a TLS-inspecting firewall sits in between, set agent.trust = \"ca\" and agent.ca_file to its CA)",
             self.subject,
             self.issuer,
-            x509::format_pin(&self.presented),
-            x509::format_pin(&self.expected)
+            format_pin(&self.presented),
+            format_pin(&self.expected)
         )
     }
 }
@@ -174,18 +247,18 @@ impl ServerCertVerifier for PinVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The pin names the key itself, so the host name and CA chain add nothing.
-        let info = x509::parse_certificate(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let presented = crate::crypto::sha256(&info.spki_der);
+        let presented =
+            spki_pin(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if crate::crypto::ct_eq(&presented, &self.pin) {
             return Ok(ServerCertVerified::assertion());
         }
+        let names = CertNames::of(end_entity);
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             rustls::OtherError(Arc::new(PinMismatch {
                 expected: self.pin,
                 presented,
-                subject: info.subject,
-                issuer: info.issuer,
+                subject: names.subject,
+                issuer: names.issuer,
             })),
         )))
     }
@@ -233,6 +306,7 @@ pub fn node_client_config(
             DescribingVerifier::shared(
                 roots,
                 format!("a certificate issued by a CA in {}", path.display()),
+                NODE_HINT,
                 provider,
             )?
         }
@@ -243,7 +317,7 @@ pub fn node_client_config(
                 add_pem_bundle(&mut roots, path)?;
                 expected = format!("{expected} or by a CA in {}", path.display());
             }
-            DescribingVerifier::shared(roots, expected, provider)?
+            DescribingVerifier::shared(roots, expected, NODE_HINT, provider)?
         }
     };
     Ok(builder
@@ -280,14 +354,16 @@ pub async fn handshake(
     let seen = conn
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| x509::parse_certificate(c).ok())
-        .map(|i| {
-            format!(
-                "presented \"{}\" issued by \"{}\", key {}",
-                i.subject,
-                i.issuer,
-                x509::format_pin(&crate::crypto::sha256(&i.spki_der))
-            )
+        .and_then(|c| {
+            let pin = spki_pin(c).ok()?;
+            let names = CertNames::of(c);
+            Some(format!(
+                "presented \"{}\" issued by \"{}\", key {}{}",
+                names.subject,
+                names.issuer,
+                format_pin(&pin),
+                names.validity()
+            ))
         })
         .unwrap_or_else(|| "presented a certificate".into());
     Ok(format!("{seen}; {version}, {alpn}"))
@@ -296,7 +372,7 @@ pub async fn handshake(
 /// One line for status and doctor: how this agent trusts its node.
 pub fn describe_trust(pin: Option<[u8; 32]>, trust: TrustMode, ca_file: Option<&Path>) -> String {
     match (trust, pin, ca_file) {
-        (TrustMode::Pin, Some(pin), _) => format!("pin {}", x509::format_pin(&pin)),
+        (TrustMode::Pin, Some(pin), _) => format!("pin {}", format_pin(&pin)),
         (TrustMode::Ca, _, Some(path)) => format!("ca {}", path.display()),
         (TrustMode::Ca, _, None) => "ca (agent.ca_file missing)".to_owned(),
         (_, _, Some(path)) => format!("system roots + {}", path.display()),
@@ -343,6 +419,8 @@ pub struct TrustFailure {
     pub fingerprint: [u8; 32],
     /// rustls' reason.
     pub reason: String,
+    /// Which setting would make it trusted.
+    pub hint: &'static str,
 }
 
 impl std::fmt::Display for TrustFailure {
@@ -350,12 +428,13 @@ impl std::fmt::Display for TrustFailure {
         write!(
             f,
             "certificate not trusted: the server presented \"{}\" issued by \"{}\" (certificate SHA-256 {}) but expected {} ({}); \
-             if a TLS-inspecting firewall sits in between, put its CA in agent.ca_file",
+             {}",
             self.subject,
             self.issuer,
             crate::crypto::hex(&self.fingerprint),
             self.expected,
-            self.reason
+            self.reason,
+            self.hint
         )
     }
 }
@@ -367,18 +446,26 @@ impl std::error::Error for TrustFailure {}
 struct DescribingVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     expected: String,
+    hint: &'static str,
 }
+
+/// What to change when the node's certificate is not trusted.
+const NODE_HINT: &str = "if a TLS-inspecting firewall sits in between, put its CA in agent.ca_file";
+/// What to change when a webhook's certificate is not trusted.
+const WEBHOOK_HINT: &str =
+    "if the webhook's certificate comes from an internal CA, set delivery.ca_file to that CA's PEM file";
 
 impl DescribingVerifier {
     fn shared(
         roots: rustls::RootCertStore,
         expected: String,
+        hint: &'static str,
         provider: Arc<CryptoProvider>,
     ) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Arc::new(DescribingVerifier { inner, expected }))
+        Ok(Arc::new(DescribingVerifier { inner, expected, hint }))
     }
 }
 
@@ -394,13 +481,15 @@ impl ServerCertVerifier for DescribingVerifier {
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .map_err(|e| {
-                let info = x509::parse_certificate(end_entity).ok();
+                let names = CertNames::of(end_entity);
+                let validity = names.validity();
                 rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(TrustFailure {
                     expected: format!("{} for {}", self.expected, server_name.to_str()),
-                    subject: info.as_ref().map(|i| i.subject.clone()).unwrap_or_default(),
-                    issuer: info.map(|i| i.issuer).unwrap_or_default(),
+                    subject: names.subject,
+                    issuer: names.issuer,
                     fingerprint: crate::crypto::sha256(end_entity),
-                    reason: e.to_string(),
+                    reason: format!("{e}{validity}"),
+                    hint: self.hint,
                 }))))
             })
     }
@@ -428,13 +517,64 @@ impl ServerCertVerifier for DescribingVerifier {
     }
 }
 
-/// Client configuration for https webhooks: the public web roots.
-pub fn webhook_client_config() -> Result<rustls::ClientConfig, TlsError> {
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
+/// Client configuration for https webhooks, per `delivery.trust`: the system's CAs (falling
+/// back to the built-in web roots on a system that has none), the built-in web roots, or only
+/// the CAs in `delivery.ca_file`; with `system` and `web`, `delivery.ca_file` adds to them.
+pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let ca_file = delivery.ca_file.as_deref();
+    let (mut roots, mut expected) = match delivery.trust {
+        WebhookTrust::System => match system_roots() {
+            Ok(roots) => (roots, "a certificate issued by a CA the system trusts".to_owned()),
+            Err(_) => {
+                // Minimal images ship no CA store; public webhooks should still work there.
+                tracing::warn!(
+                    "no trusted CA certificates found on this system; https webhooks are checked against \
+                     the built-in web roots (install ca-certificates, or set delivery.trust = \"web\")"
+                );
+                (web_roots(), "a certificate issued by a public web CA (built-in roots)".to_owned())
+            }
+        },
+        WebhookTrust::Web => (
+            web_roots(),
+            "a certificate issued by a public web CA (built-in roots)".to_owned(),
+        ),
+        WebhookTrust::Ca => {
+            let path = ca_file
+                .ok_or_else(|| TlsError::Config("delivery.trust = \"ca\" needs delivery.ca_file".into()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            add_pem_bundle(&mut roots, path)?;
+            (roots, format!("a certificate issued by a CA in {}", path.display()))
+        }
+    };
+    if delivery.trust != WebhookTrust::Ca {
+        if let Some(path) = ca_file {
+            add_pem_bundle(&mut roots, path)?;
+            expected = format!("{expected} or by a CA in {}", path.display());
+        }
+    }
+    let verifier = DescribingVerifier::shared(roots, expected, WEBHOOK_HINT, provider.clone())?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(web_roots())
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth())
+}
+
+/// One line for status and doctor: how https webhooks are trusted.
+pub fn describe_webhook_trust(delivery: &DeliverySettings) -> String {
+    let base = match delivery.trust {
+        WebhookTrust::System => "system roots",
+        WebhookTrust::Web => "web roots",
+        WebhookTrust::Ca => "ca",
+    };
+    match &delivery.ca_file {
+        Some(path) if delivery.trust == WebhookTrust::Ca => format!("ca {}", path.display()),
+        Some(path) => format!("{base} + {}", path.display()),
+        None if delivery.trust == WebhookTrust::Ca => "ca (delivery.ca_file missing)".to_owned(),
+        None => base.to_owned(),
+    }
 }
 
 fn web_roots() -> rustls::RootCertStore {
