@@ -586,6 +586,128 @@ fn web_roots() -> rustls::RootCertStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn key_pair(kind: u8) -> rcgen::KeyPair {
+        let algorithm = match kind % 3 {
+            0 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            1 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            _ => &rcgen::PKCS_ED25519,
+        };
+        rcgen::KeyPair::generate_for(algorithm).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// webpki and relay agree on the pinned key: for any names and key type, the pin is
+        /// the SHA-256 of the SPKI DER rcgen wrote, and the names read back as given.
+        #[test]
+        fn pin_is_the_sha256_of_the_spki_rcgen_wrote(
+            kind in any::<u8>(),
+            common_name in "[A-Za-z0-9 .-]{1,40}",
+            organization in proptest::option::of("[A-Za-z0-9 ]{1,20}"),
+            dns in proptest::collection::vec("[a-z][a-z0-9-]{0,20}(\\.[a-z][a-z0-9-]{0,10}){0,3}", 1..4),
+            signed_by_ca in any::<bool>(),
+        ) {
+            let key = key_pair(kind);
+            let mut params = rcgen::CertificateParams::new(dns).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(rcgen::DnType::CommonName, common_name.clone());
+            if let Some(o) = &organization {
+                params.distinguished_name.push(rcgen::DnType::OrganizationName, o.clone());
+            }
+            let (cert, issuer) = if signed_by_ca {
+                let ca_key = key_pair(kind.wrapping_add(1));
+                let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                ca.distinguished_name.push(rcgen::DnType::CommonName, "Test CA");
+                let ca_cert = ca.self_signed(&ca_key).unwrap();
+                (params.signed_by(&key, &ca_cert, &ca_key).unwrap(), "CN=Test CA".to_owned())
+            } else {
+                let cert = params.self_signed(&key).unwrap();
+                let name = CertNames::of(cert.der()).subject;
+                (cert, name)
+            };
+            let pin = spki_pin(cert.der()).unwrap();
+            prop_assert_eq!(pin, crate::crypto::sha256(&key.public_key_der()));
+            prop_assert_eq!(format_pin(&pin), format!("sha256/{}", crate::crypto::hex(&pin)));
+            let names = CertNames::of(cert.der());
+            prop_assert!(names.subject.contains(&format!("CN={common_name}")), "{}", names.subject);
+            if let Some(o) = &organization {
+                prop_assert!(names.subject.contains(&format!("O={o}")), "{}", names.subject);
+            }
+            prop_assert_eq!(&names.issuer, &issuer);
+            prop_assert!(names.validity().starts_with("; valid "));
+        }
+
+        /// Anything that is not a certificate is refused, never a panic or a pin.
+        #[test]
+        fn garbage_has_no_pin(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            prop_assert!(spki_pin(&CertificateDer::from(bytes.clone())).is_err());
+            let _ = CertNames::of(&bytes);
+        }
+    }
+
+    #[test]
+    fn names_escape_control_characters() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "evil\u{1b}[2J");
+        let cert = params.self_signed(&key).unwrap();
+        let names = CertNames::of(cert.der());
+        assert!(!names.subject.contains('\u{1b}'), "{}", names.subject);
+        assert!(names.subject.contains("CN=evil"), "{}", names.subject);
+    }
+
+    #[test]
+    fn a_pin_mismatch_names_both_keys_and_the_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "intercepting proxy");
+        let cert = params.self_signed(&key).unwrap();
+        let verifier = PinVerifier {
+            pin: [7; 32],
+            provider: provider(),
+        };
+        let err = verifier
+            .verify_server_cert(
+                cert.der(),
+                &[],
+                &ServerName::try_from("localhost").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        let text = describe(&err).unwrap();
+        assert!(text.contains("certificate pin mismatch"), "{text}");
+        assert!(text.contains("\"CN=intercepting proxy\" issued by \"CN=intercepting proxy\""), "{text}");
+        assert!(text.contains(&format_pin(&crate::crypto::sha256(&key.public_key_der()))), "{text}");
+        assert!(text.contains(&format_pin(&[7; 32])), "{text}");
+        let ok = PinVerifier {
+            pin: crate::crypto::sha256(&key.public_key_der()),
+            provider: provider(),
+        };
+        assert!(ok
+            .verify_server_cert(cert.der(), &[], &ServerName::try_from("x").unwrap(), &[], UnixTime::now())
+            .is_ok());
+    }
+
+    #[test]
+    fn webhook_trust_is_described_and_a_ca_needs_its_file() {
+        let mut d = DeliverySettings::default();
+        assert_eq!(describe_webhook_trust(&d), "system roots");
+        assert!(webhook_client_config(&d).is_ok(), "system roots, or the web roots as fallback");
+        d.trust = WebhookTrust::Ca;
+        let err = webhook_client_config(&d).err().unwrap().to_string();
+        assert!(err.contains("delivery.ca_file"), "{err}");
+        d.ca_file = Some("/nonexistent/ca.pem".into());
+        let err = webhook_client_config(&d).err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        assert_eq!(describe_webhook_trust(&d), "ca /nonexistent/ca.pem");
+        d.trust = WebhookTrust::Web;
+        assert_eq!(describe_webhook_trust(&d), "web roots + /nonexistent/ca.pem");
+    }
 
     #[test]
     fn self_signed_identity_is_created_once_and_pinned() {
