@@ -510,17 +510,30 @@ impl Settings {
 
 /// A webhook must be an absolute http(s) URL.
 pub fn check_webhook_url(url: &str) -> Result<(), String> {
-    let lower = url.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"))
-        .ok_or_else(|| format!("webhook URL {url:?} must start with http:// or https://"))?;
-    if rest.is_empty() || rest.starts_with('/') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    let must_be_http = || format!("webhook URL {url:?} must start with http:// or https://");
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("webhook URL {url:?} has no host or contains spaces"));
     }
-    url.parse::<hyper::Uri>()
-        .map(|_| ())
-        .map_err(|e| format!("webhook URL {url:?} is not valid: {e}"))
+    let uri: crate::http::Uri = url.parse().map_err(|e| {
+        if url.contains("://") {
+            format!("webhook URL {url:?} is not valid: {e}")
+        } else {
+            must_be_http()
+        }
+    })?;
+    if !uri
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
+    {
+        return Err(must_be_http());
+    }
+    if crate::http::host_port(&uri).0.is_empty() {
+        return Err(format!("webhook URL {url:?} has no host or contains spaces"));
+    }
+    if !crate::http::port_in_range(&uri) {
+        return Err(format!("webhook URL {url:?} has a port outside 1-65535"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -644,5 +657,31 @@ mod tests {
         assert!(check_webhook_url("http://127.0.0.1:9/x").is_ok());
         assert!(check_webhook_url("ftp://a").is_err());
         assert!(check_webhook_url("http://").is_err());
+        assert!(check_webhook_url("HTTPS://[::1]:8080/h").is_ok());
+        assert!(check_webhook_url("relay.example.com/x").unwrap_err().contains("must start with"));
+        assert!(check_webhook_url("http://a b/").is_err());
+        assert!(check_webhook_url("https://a:99999/").is_err());
+    }
+
+    #[test]
+    fn webhook_trust_keys_come_from_file_and_environment() {
+        let s = load(None, env(&[]), &[]).unwrap();
+        assert_eq!((s.delivery.trust, s.delivery.ca_file), (WebhookTrust::System, None));
+        let s = load(
+            None,
+            env(&[
+                ("RELAY_DELIVERY__TRUST", "ca"),
+                ("RELAY_DELIVERY__CA_FILE", "/etc/relay/webhook-ca.pem"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.delivery.trust, WebhookTrust::Ca);
+        assert_eq!(s.delivery.ca_file.as_deref(), Some(Path::new("/etc/relay/webhook-ca.pem")));
+        let s = load(None, env(&[("RELAY_DELIVERY__TRUST", "web")]), &[]).unwrap();
+        assert_eq!(s.delivery.trust, WebhookTrust::Web);
+        let err = load(None, env(&[("RELAY_DELIVERY__TRUST", "ca")]), &[]).unwrap_err().to_string();
+        assert!(err.contains("delivery.ca_file"), "{err}");
+        assert!(load(None, env(&[("RELAY_DELIVERY__TRUST", "pin")]), &[]).is_err());
     }
 }

@@ -108,13 +108,7 @@ fn node_identity(settings: &Settings) -> OpResult<crate::tls::ServerIdentity> {
 }
 
 fn url_host(url: &str) -> Option<String> {
-    let rest = url.split("://").nth(1)?;
-    let authority = rest.split('/').next()?;
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?.to_owned()
-    } else {
-        authority.split(':').next()?.to_owned()
-    };
+    let (host, _) = crate::http::host_port(&url.parse().ok()?);
     (!host.is_empty()).then_some(host)
 }
 
