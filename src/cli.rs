@@ -289,6 +289,11 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
             };
             let code: String = parse(admin_call(&settings, Role::Node, Request::Initiate { request }).await?)?;
             println!("{code}");
+            // stdout carries the code alone; when it stops working goes to the admin.
+            if let Ok(invitation) = Invitation::decode(&code) {
+                let (at, now) = (invitation.expires_at.saturating_mul(1000), crate::status::now_ms());
+                eprintln!("the invitation expires {}", crate::status::when(at, now));
+            }
             Ok(())
         }
         Command::Node(NodeCommand::Connections(a)) => print_statuses(&settings, Role::Node, a.json).await,
