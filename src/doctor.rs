@@ -322,6 +322,18 @@ async fn webhook_check(settings: &Settings, conn: &AgentConnection, report: &mut
     let (host, port) = http::host_port(&uri);
     let started = Instant::now();
     match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+        Ok(Ok(tcp)) if uri.scheme_str() == Some("https") => {
+            // An https webhook is checked with the trust delivery uses.
+            let trust = crate::tls::describe_webhook_trust(&settings.delivery);
+            match crate::tls::webhook_handshake(tcp, &host, &settings.delivery, STEP_TIMEOUT).await {
+                Ok(seen) => report.push(
+                    "webhook",
+                    Outcome::Ok,
+                    format!("{url}: trust {trust}: {seen} ({})", ms(started)),
+                ),
+                Err(e) => report.push("webhook", Outcome::Fail, format!("{url}: trust {trust}: {e}")),
+            }
+        }
         Ok(Ok(_)) => report.push(
             "webhook",
             Outcome::Ok,

@@ -171,7 +171,9 @@ pub fn relative(then_ms: u64, now_ms: u64) -> String {
         1..=59 => format!("{secs} s"),
         60..=3599 => format!("{} min", secs / 60),
         3600..=172_799 => format!("{} h", secs / 3600),
-        _ => format!("{} d", secs / 86_400),
+        172_800..=63_071_999 => format!("{} d", secs / 86_400),
+        // Julian years: close enough for "when does this certificate end".
+        _ => format!("{} y", secs / 31_557_600),
     };
     if future {
         format!("in {amount}")
@@ -272,6 +274,7 @@ mod tests {
         assert_eq!(relative(now - 5 * 60_000 - 999, now), "5 min ago");
         assert_eq!(relative(now - 12_000, now), "12 s ago");
         assert_eq!(relative(now + 3 * 86_400_000, now), "in 3 d");
+        assert_eq!(relative(now + 5 * 31_557_600_000, now), "in 5 y");
         assert_eq!(relative(now, now), "just now");
         assert_eq!(ago(now + 5_000, now), "just now", "a clock step never reads as the future");
         assert_eq!(when(now - 60_000, now), "2026-11-27T02:33:31Z (1 min ago)");

@@ -336,7 +336,28 @@ pub async fn handshake(
     ca_file: Option<&Path>,
     timeout: std::time::Duration,
 ) -> Result<String, String> {
-    let mut config = node_client_config(pin, trust, ca_file).map_err(|e| e.to_string())?;
+    let config = node_client_config(pin, trust, ca_file).map_err(|e| e.to_string())?;
+    handshake_with(config, tcp, host, timeout).await
+}
+
+/// Performs a TLS handshake with an https webhook over `tcp` as delivery would, with
+/// `delivery.trust`, and describes what it presented; on failure, the verifier's explanation.
+pub async fn webhook_handshake(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    delivery: &DeliverySettings,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    let config = webhook_client_config(delivery).map_err(|e| e.to_string())?;
+    handshake_with(config, tcp, host, timeout).await
+}
+
+async fn handshake_with(
+    mut config: rustls::ClientConfig,
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));

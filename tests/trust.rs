@@ -206,6 +206,20 @@ async fn https_webhook_behind_an_internal_ca_needs_delivery_ca_file() {
     assert_eq!(s, 202);
     assert_eq!(next_body(&mut received).await, "down-1");
 
+    // doctor checks an https webhook with the trust delivery uses.
+    let o = cli(&agent_dir, &["doctor"], &agent_env, None).await;
+    let report = stdout(&o);
+    assert!(
+        report.contains("webhook") && report.contains("issued by \"CN=Example Webhook CA\""),
+        "{report}"
+    );
+    let o = cli(&agent_dir, &["doctor"], &[], None).await;
+    let report = stdout(&o);
+    assert!(
+        report.contains("[FAIL] webhook") && report.contains("certificate not trusted"),
+        "{report}"
+    );
+
     // The node keeps the default trust (system roots): refused, saying what was presented,
     // what was expected and which setting fixes it; the message stays queued.
     let (s, _) = post(&http, &agent.api(), "c", b"up-1".to_vec(), &[]).await.unwrap();
