@@ -658,7 +658,9 @@ mod tests {
         assert!(check_webhook_url("ftp://a").is_err());
         assert!(check_webhook_url("http://").is_err());
         assert!(check_webhook_url("HTTPS://[::1]:8080/h").is_ok());
-        assert!(check_webhook_url("relay.example.com/x").unwrap_err().contains("must start with"));
+        assert!(check_webhook_url("relay.example.com/x")
+            .unwrap_err()
+            .contains("must start with"));
         assert!(check_webhook_url("http://a b/").is_err());
         assert!(check_webhook_url("https://a:99999/").is_err());
     }
@@ -677,10 +679,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.delivery.trust, WebhookTrust::Ca);
-        assert_eq!(s.delivery.ca_file.as_deref(), Some(Path::new("/etc/relay/webhook-ca.pem")));
+        assert_eq!(
+            s.delivery.ca_file.as_deref(),
+            Some(Path::new("/etc/relay/webhook-ca.pem"))
+        );
         let s = load(None, env(&[("RELAY_DELIVERY__TRUST", "web")]), &[]).unwrap();
         assert_eq!(s.delivery.trust, WebhookTrust::Web);
-        let err = load(None, env(&[("RELAY_DELIVERY__TRUST", "ca")]), &[]).unwrap_err().to_string();
+        let err = load(None, env(&[("RELAY_DELIVERY__TRUST", "ca")]), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("delivery.ca_file"), "{err}");
         assert!(load(None, env(&[("RELAY_DELIVERY__TRUST", "pin")]), &[]).is_err());
     }

@@ -278,7 +278,11 @@ pub fn validate_url(url: &str) -> Result<String, InviteError> {
         return Err(bad("it must not contain a backslash"));
     }
     // A user name or password in the URL would be sent around with every invitation.
-    if url[8..].split('/').next().is_some_and(|authority| authority.contains('@')) {
+    if url[8..]
+        .split('/')
+        .next()
+        .is_some_and(|authority| authority.contains('@'))
+    {
         return Err(bad("it must not contain a user name or password ('@')"));
     }
     let uri: crate::http::Uri = url

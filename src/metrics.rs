@@ -41,7 +41,9 @@ type CounterSeries = (&'static str, &'static str, fn(&Health) -> u64);
 type HistogramSeries = (&'static str, &'static str, fn(&Health) -> &Histogram);
 
 const COUNTERS: [CounterSeries; 9] = [
-    ("relay_messages_sent", "Messages handed to the peer.", |h| Health::get(&h.sent)),
+    ("relay_messages_sent", "Messages handed to the peer.", |h| {
+        Health::get(&h.sent)
+    }),
     ("relay_messages_received", "Messages received from the peer.", |h| {
         Health::get(&h.received)
     }),
@@ -54,16 +56,20 @@ const COUNTERS: [CounterSeries; 9] = [
     ("relay_failures", "Failed delivery or transport attempts.", |h| {
         Health::get(&h.failures)
     }),
-    ("relay_reconnects", "Reconnects to the peer.", |h| Health::get(&h.reconnects)),
+    ("relay_reconnects", "Reconnects to the peer.", |h| {
+        Health::get(&h.reconnects)
+    }),
     ("relay_bytes_sent", "Payload bytes handed to the peer.", |h| {
         Health::get(&h.bytes_sent)
     }),
     ("relay_bytes_received", "Payload bytes received from the peer.", |h| {
         Health::get(&h.bytes_received)
     }),
-    ("relay_bytes_delivered", "Payload bytes delivered to the webhook.", |h| {
-        Health::get(&h.bytes_delivered)
-    }),
+    (
+        "relay_bytes_delivered",
+        "Payload bytes delivered to the webhook.",
+        |h| Health::get(&h.bytes_delivered),
+    ),
 ];
 
 const HISTOGRAMS: [HistogramSeries; 2] = [

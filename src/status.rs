@@ -224,7 +224,10 @@ pub fn render(list: &[ConnectionStatus]) -> String {
         if let Some(route) = &c.route {
             let _ = writeln!(out, "  route:        {route}");
         }
-        let contact = c.last_contact_ms.map(|t| when(t, now)).unwrap_or_else(|| "never".into());
+        let contact = c
+            .last_contact_ms
+            .map(|t| when(t, now))
+            .unwrap_or_else(|| "never".into());
         let _ = writeln!(out, "  last contact: {contact}");
         for (label, q) in [("outbound", &c.outbound), ("inbound", &c.inbound)] {
             let oldest = q
@@ -238,11 +241,7 @@ pub fn render(list: &[ConnectionStatus]) -> String {
             );
         }
         if let Some(exp) = c.invitation_expires_at {
-            let _ = writeln!(
-                out,
-                "  invitation:   expires {}",
-                when(exp.saturating_mul(1000), now)
-            );
+            let _ = writeln!(out, "  invitation:   expires {}", when(exp.saturating_mul(1000), now));
         }
         for d in &c.recent_dead_letters {
             let _ = writeln!(
@@ -276,7 +275,11 @@ mod tests {
         assert_eq!(relative(now + 3 * 86_400_000, now), "in 3 d");
         assert_eq!(relative(now + 5 * 31_557_600_000, now), "in 5 y");
         assert_eq!(relative(now, now), "just now");
-        assert_eq!(ago(now + 5_000, now), "just now", "a clock step never reads as the future");
+        assert_eq!(
+            ago(now + 5_000, now),
+            "just now",
+            "a clock step never reads as the future"
+        );
         assert_eq!(when(now - 60_000, now), "2026-11-27T02:33:31Z (1 min ago)");
         assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
     }

@@ -553,7 +553,10 @@ pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::Clie
                     "no trusted CA certificates found on this system; https webhooks are checked against \
                      the built-in web roots (install ca-certificates, or set delivery.trust = \"web\")"
                 );
-                (web_roots(), "a certificate issued by a public web CA (built-in roots)".to_owned())
+                (
+                    web_roots(),
+                    "a certificate issued by a public web CA (built-in roots)".to_owned(),
+                )
             }
         },
         WebhookTrust::Web => (
@@ -561,8 +564,8 @@ pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::Clie
             "a certificate issued by a public web CA (built-in roots)".to_owned(),
         ),
         WebhookTrust::Ca => {
-            let path = ca_file
-                .ok_or_else(|| TlsError::Config("delivery.trust = \"ca\" needs delivery.ca_file".into()))?;
+            let path =
+                ca_file.ok_or_else(|| TlsError::Config("delivery.trust = \"ca\" needs delivery.ca_file".into()))?;
             let mut roots = rustls::RootCertStore::empty();
             add_pem_bundle(&mut roots, path)?;
             (roots, format!("a certificate issued by a CA in {}", path.display()))
@@ -674,7 +677,9 @@ mod tests {
     fn names_escape_control_characters() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "evil\u{1b}[2J");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "evil\u{1b}[2J");
         let cert = params.self_signed(&key).unwrap();
         let names = CertNames::of(cert.der());
         assert!(!names.subject.contains('\u{1b}'), "{}", names.subject);
@@ -685,7 +690,9 @@ mod tests {
     fn a_pin_mismatch_names_both_keys_and_the_certificate() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "intercepting proxy");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "intercepting proxy");
         let cert = params.self_signed(&key).unwrap();
         let verifier = PinVerifier {
             pin: [7; 32],
@@ -702,15 +709,27 @@ mod tests {
             .unwrap_err();
         let text = describe(&err).unwrap();
         assert!(text.contains("certificate pin mismatch"), "{text}");
-        assert!(text.contains("\"CN=intercepting proxy\" issued by \"CN=intercepting proxy\""), "{text}");
-        assert!(text.contains(&format_pin(&crate::crypto::sha256(&key.public_key_der()))), "{text}");
+        assert!(
+            text.contains("\"CN=intercepting proxy\" issued by \"CN=intercepting proxy\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format_pin(&crate::crypto::sha256(&key.public_key_der()))),
+            "{text}"
+        );
         assert!(text.contains(&format_pin(&[7; 32])), "{text}");
         let ok = PinVerifier {
             pin: crate::crypto::sha256(&key.public_key_der()),
             provider: provider(),
         };
         assert!(ok
-            .verify_server_cert(cert.der(), &[], &ServerName::try_from("x").unwrap(), &[], UnixTime::now())
+            .verify_server_cert(
+                cert.der(),
+                &[],
+                &ServerName::try_from("x").unwrap(),
+                &[],
+                UnixTime::now()
+            )
             .is_ok());
     }
 
@@ -718,7 +737,10 @@ mod tests {
     fn webhook_trust_is_described_and_a_ca_needs_its_file() {
         let mut d = DeliverySettings::default();
         assert_eq!(describe_webhook_trust(&d), "system roots");
-        assert!(webhook_client_config(&d).is_ok(), "system roots, or the web roots as fallback");
+        assert!(
+            webhook_client_config(&d).is_ok(),
+            "system roots, or the web roots as fallback"
+        );
         d.trust = WebhookTrust::Ca;
         let err = webhook_client_config(&d).err().unwrap().to_string();
         assert!(err.contains("delivery.ca_file"), "{err}");
