@@ -151,7 +151,16 @@ pub fn server_identity(
     let first = chain
         .first()
         .ok_or_else(|| file_err(&cert_path, "no certificate in the file"))?;
-    let pin = spki_pin(first).map_err(|e| file_err(&cert_path, format!("not a usable X.509 certificate: {e}")))?;
+    let pin = spki_pin(first).map_err(|e| {
+        let why = match e {
+            // Agents check certificates with the same library, so refuse it here, at start.
+            webpki::Error::UnsupportedCertVersion => {
+                "it is not an X.509 v3 certificate (sign it with extensions such as subjectAltName)".to_owned()
+            }
+            other => format!("it is not a usable X.509 certificate ({other})"),
+        };
+        file_err(&cert_path, why)
+    })?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -777,6 +786,26 @@ mod tests {
         let id = server_identity(Some(&c), Some(&k), &dir.path().join("tls"), &[]).unwrap();
         assert_eq!(id.pin, crate::crypto::sha256(&key_pair.public_key_der()));
         assert!(!dir.path().join("tls").exists());
+    }
+
+    #[test]
+    fn a_broken_certificate_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        // Valid PEM around bytes that are no certificate.
+        let body = data_encoding::BASE64.encode(b"garbage");
+        let pem = format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n");
+        std::fs::write(&c, pem).unwrap();
+        std::fs::write(&k, key_pair.serialize_pem()).unwrap();
+        let err = server_identity(Some(&c), Some(&k), dir.path(), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("c.pem") && err.contains("not a usable X.509 certificate"),
+            "{err}"
+        );
     }
 
     #[test]
