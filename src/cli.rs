@@ -467,7 +467,7 @@ async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) ->
             d.id,
             d.bytes,
             d.content_type,
-            crate::status::ago(d.dead_at_ms, now),
+            crate::status::when(d.dead_at_ms, now),
             d.reason
         );
     }

@@ -250,7 +250,7 @@ pub fn render(list: &[ConnectionStatus]) -> String {
                 d.seq,
                 d.id,
                 d.bytes,
-                ago(d.dead_at_ms, now),
+                when(d.dead_at_ms, now),
                 d.reason
             );
         }
