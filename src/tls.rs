@@ -88,7 +88,7 @@ impl CertNames {
         }
     }
 
-    /// `"; valid 2026-01-01T00:00:00Z to 2027-01-01T00:00:00Z (in 30 days)"`, or nothing when
+    /// `"; valid 2026-01-01T00:00:00Z to 2027-01-01T00:00:00Z (in 30 d)"`, or nothing when
     /// unknown.
     pub fn validity(&self) -> String {
         let Some((from, until)) = self.valid else {
@@ -105,16 +105,15 @@ impl CertNames {
 
 /// Escapes control characters, so a hostile certificate's names cannot act on a terminal.
 fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The node's server identity: the configuration to serve and the pin to put in codes.
