@@ -714,8 +714,7 @@ async fn send_http(
     }
     let req = http::request(http::Method::POST, &url, &headers, body)
         .map_err(|e| OpError::new(Kind::Invalid, e.to_string()))?;
-    let tls = crate::tls::webhook_client_config(&Default::default())
-        .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let tls = crate::tls::local_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
     let reply = http::Client::webhook(tls, Duration::from_secs(10))
         .send(req, Duration::from_secs(60), 1024 * 1024)
         .await
@@ -776,8 +775,7 @@ async fn health(settings: &Settings, ready: bool) -> OpResult<()> {
     let url = format!("http://{}/{path}", local_host(&api));
     let req = http::request(http::Method::GET, &url, &[], Vec::new())
         .map_err(|e| OpError::new(Kind::Failed, format!("{url}: {e}")))?;
-    let tls = crate::tls::webhook_client_config(&Default::default())
-        .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let tls = crate::tls::local_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
     let reply = http::Client::webhook(tls, Duration::from_secs(5))
         .send(req, Duration::from_secs(10), 64 * 1024)
         .await

@@ -73,10 +73,7 @@ async fn expect(sink: &mut Sink, who: &str, n: usize) -> OpResult<()> {
 pub async fn run() -> OpResult<()> {
     let dir = tempfile::tempdir().map_err(fail)?;
     let token = CancellationToken::new();
-    let client = http::Client::webhook(
-        crate::tls::webhook_client_config(&Default::default()).map_err(fail)?,
-        WAIT,
-    );
+    let client = http::Client::webhook(crate::tls::local_client_config().map_err(fail)?, WAIT);
 
     step(
         1,

@@ -594,6 +594,16 @@ pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::Clie
         .with_no_client_auth())
 }
 
+/// Client configuration for the local plain-http APIs the CLI, the demo and the benchmark
+/// talk to: https is not expected there, so no system trust store is read for it.
+pub fn local_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    webhook_client_config(&DeliverySettings {
+        trust: WebhookTrust::Web,
+        ca_file: None,
+        ..DeliverySettings::default()
+    })
+}
+
 /// One line for status and doctor: how https webhooks are trusted.
 pub fn describe_webhook_trust(delivery: &DeliverySettings) -> String {
     let base = match delivery.trust {
