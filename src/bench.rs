@@ -175,7 +175,7 @@ pub async fn run(opts: BenchOptions) -> OpResult<()> {
     let dir = tempfile::tempdir().map_err(fail)?;
     let token = CancellationToken::new();
     let client = http::Client::webhook(
-        crate::tls::webhook_client_config().map_err(fail)?,
+        crate::tls::local_client_config().map_err(fail)?,
         Duration::from_secs(10),
     );
     let n = opts.messages;

@@ -290,6 +290,11 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
             };
             let code: String = parse(admin_call(&settings, Role::Node, Request::Initiate { request }).await?)?;
             println!("{code}");
+            // stdout carries the code alone; when it stops working goes to the admin.
+            if let Ok(invitation) = Invitation::decode(&code) {
+                let (at, now) = (invitation.expires_at.saturating_mul(1000), crate::status::now_ms());
+                eprintln!("the invitation expires {}", crate::status::when(at, now));
+            }
             Ok(())
         }
         Command::Node(NodeCommand::Connections(a)) => print_statuses(&settings, Role::Node, a.json).await,
@@ -463,7 +468,7 @@ async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) ->
             d.id,
             d.bytes,
             d.content_type,
-            crate::status::ago(d.dead_at_ms, now),
+            crate::status::when(d.dead_at_ms, now),
             d.reason
         );
     }
@@ -719,7 +724,7 @@ async fn send_http(
     }
     let req = http::request(http::Method::POST, &url, &headers, body)
         .map_err(|e| OpError::new(Kind::Invalid, e.to_string()))?;
-    let tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let tls = crate::tls::local_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
     let reply = http::Client::webhook(tls, Duration::from_secs(10))
         .send(req, Duration::from_secs(60), 1024 * 1024)
         .await
@@ -780,7 +785,7 @@ async fn health(settings: &Settings, ready: bool) -> OpResult<()> {
     let url = format!("http://{}/{path}", local_host(&api));
     let req = http::request(http::Method::GET, &url, &[], Vec::new())
         .map_err(|e| OpError::new(Kind::Failed, format!("{url}: {e}")))?;
-    let tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+    let tls = crate::tls::local_client_config().map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
     let reply = http::Client::webhook(tls, Duration::from_secs(5))
         .send(req, Duration::from_secs(10), 64 * 1024)
         .await

@@ -208,6 +208,27 @@ pub struct DeliverySettings {
     /// Longest retry delay (before jitter).
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// How the certificates of https webhooks are trusted.
+    #[serde(default)]
+    pub trust: WebhookTrust,
+    /// PEM bundle of CA certificates for https webhooks: required with `trust = "ca"`, added
+    /// to the roots otherwise.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How an https webhook's certificate is checked.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookTrust {
+    /// The operating system's trusted CAs (default; the built-in web roots on a system that
+    /// has none), plus `delivery.ca_file` if set.
+    #[default]
+    System,
+    /// The built-in public web roots, plus `delivery.ca_file` if set.
+    Web,
+    /// Only the CAs in `delivery.ca_file` (an internal CA).
+    Ca,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -316,6 +337,8 @@ impl Default for DeliverySettings {
             timeout: default_request_timeout(),
             backoff_initial: default_backoff_initial(),
             backoff_max: default_backoff_max(),
+            trust: WebhookTrust::default(),
+            ca_file: None,
         }
     }
 }
@@ -774,6 +797,9 @@ impl Settings {
         if self.agent.trust == TrustMode::Ca && self.agent.ca_file.is_none() {
             return invalid("agent.ca_file", "required when agent.trust = \"ca\"");
         }
+        if self.delivery.trust == WebhookTrust::Ca && self.delivery.ca_file.is_none() {
+            return invalid("delivery.ca_file", "required when delivery.trust = \"ca\"");
+        }
         if self.node.max_connections == 0 {
             return invalid("node.max_connections", "must be at least 1");
         }
@@ -802,17 +828,30 @@ impl Settings {
 
 /// A webhook must be an absolute http(s) URL.
 pub fn check_webhook_url(url: &str) -> Result<(), String> {
-    let lower = url.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"))
-        .ok_or_else(|| format!("webhook URL {url:?} must start with http:// or https://"))?;
-    if rest.is_empty() || rest.starts_with('/') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    let must_be_http = || format!("webhook URL {url:?} must start with http:// or https://");
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("webhook URL {url:?} has no host or contains spaces"));
     }
-    url.parse::<hyper::Uri>()
-        .map(|_| ())
-        .map_err(|e| format!("webhook URL {url:?} is not valid: {e}"))
+    let uri: crate::http::Uri = url.parse().map_err(|e| {
+        if url.contains("://") {
+            format!("webhook URL {url:?} is not valid: {e}")
+        } else {
+            must_be_http()
+        }
+    })?;
+    if !uri
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
+    {
+        return Err(must_be_http());
+    }
+    if crate::http::host_port(&uri).0.is_empty() {
+        return Err(format!("webhook URL {url:?} has no host or contains spaces"));
+    }
+    if !crate::http::port_in_range(&uri) {
+        return Err(format!("webhook URL {url:?} has a port outside 1-65535"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1028,5 +1067,38 @@ mod tests {
         assert!(check_webhook_url("http://127.0.0.1:9/x").is_ok());
         assert!(check_webhook_url("ftp://a").is_err());
         assert!(check_webhook_url("http://").is_err());
+        assert!(check_webhook_url("HTTPS://[::1]:8080/h").is_ok());
+        assert!(check_webhook_url("relay.example.com/x")
+            .unwrap_err()
+            .contains("must start with"));
+        assert!(check_webhook_url("http://a b/").is_err());
+        assert!(check_webhook_url("https://a:99999/").is_err());
+    }
+
+    #[test]
+    fn webhook_trust_keys_come_from_file_and_environment() {
+        let s = load(None, env(&[]), &[]).unwrap();
+        assert_eq!((s.delivery.trust, s.delivery.ca_file), (WebhookTrust::System, None));
+        let s = load(
+            None,
+            env(&[
+                ("RELAY_DELIVERY__TRUST", "ca"),
+                ("RELAY_DELIVERY__CA_FILE", "/etc/relay/webhook-ca.pem"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.delivery.trust, WebhookTrust::Ca);
+        assert_eq!(
+            s.delivery.ca_file.as_deref(),
+            Some(Path::new("/etc/relay/webhook-ca.pem"))
+        );
+        let s = load(None, env(&[("RELAY_DELIVERY__TRUST", "web")]), &[]).unwrap();
+        assert_eq!(s.delivery.trust, WebhookTrust::Web);
+        let err = load(None, env(&[("RELAY_DELIVERY__TRUST", "ca")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.ca_file"), "{err}");
+        assert!(load(None, env(&[("RELAY_DELIVERY__TRUST", "pin")]), &[]).is_err());
     }
 }

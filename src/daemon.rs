@@ -115,13 +115,7 @@ fn node_identity(settings: &Settings) -> OpResult<crate::tls::ServerIdentity> {
 }
 
 fn url_host(url: &str) -> Option<String> {
-    let rest = url.split("://").nth(1)?;
-    let authority = rest.split('/').next()?;
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?.to_owned()
-    } else {
-        authority.split(':').next()?.to_owned()
-    };
+    let (host, _) = crate::http::host_port(&url.parse().ok()?);
     (!host.is_empty()).then_some(host)
 }
 
@@ -181,7 +175,7 @@ pub async fn start_node(settings: Settings, token: CancellationToken) -> OpResul
         info.clone(),
         token.clone(),
     ));
-    tracing::info!(listen = %listen, api = %api_addr, public_url = %info.public_url.as_deref().unwrap_or(""), pin = %crate::x509::format_pin(&identity.pin), "node serving");
+    tracing::info!(listen = %listen, api = %api_addr, public_url = %info.public_url.as_deref().unwrap_or(""), pin = %crate::tls::format_pin(&identity.pin), "node serving");
     let n = node.clone();
     let socket = admin::socket_path(&settings.data_dir);
     let task = tokio::spawn(async move {

@@ -73,7 +73,7 @@ async fn expect(sink: &mut Sink, who: &str, n: usize) -> OpResult<()> {
 pub async fn run() -> OpResult<()> {
     let dir = tempfile::tempdir().map_err(fail)?;
     let token = CancellationToken::new();
-    let client = http::Client::webhook(crate::tls::webhook_client_config().map_err(fail)?, WAIT);
+    let client = http::Client::webhook(crate::tls::local_client_config().map_err(fail)?, WAIT);
 
     step(
         1,
@@ -98,7 +98,7 @@ pub async fn run() -> OpResult<()> {
         node.info.public_url.clone().unwrap_or_default()
     );
     println!("    local API        http://{node_api}");
-    println!("    certificate pin  {}", crate::x509::format_pin(&node.side.pin()));
+    println!("    certificate pin  {}", crate::tls::format_pin(&node.side.pin()));
 
     step(3, "Public admin initiates the connection (relay node initiate)");
     let code = node

@@ -76,16 +76,6 @@ fn ms(since: Instant) -> String {
     format!("{:.1} ms", since.elapsed().as_secs_f64() * 1000.0)
 }
 
-fn host_port(uri: &Uri, default_port: u16) -> (String, u16) {
-    let host = uri
-        .host()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    (host, uri.port_u16().unwrap_or(default_port))
-}
-
 /// Checks one connection: DNS, TCP, TLS, credential, clock, webhook.
 pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: Result<String, String>) -> Report {
     let mut report = Report {
@@ -110,7 +100,7 @@ pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: R
             return report;
         }
     };
-    let (host, port) = host_port(&uri, 443);
+    let (host, port) = http::host_port(&uri);
     let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
     direct.enforce_http(false);
     direct.set_connect_timeout(Some(STEP_TIMEOUT));
@@ -122,7 +112,7 @@ pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: R
         Route::Direct => ((host.clone(), port), String::new()),
         Route::Proxy { proxy, .. } => {
             let p: Uri = proxy.parse().unwrap_or_default();
-            (host_port(&p, 80), format!(" (proxy; it resolves {host} itself)"))
+            (http::host_port(&p), format!(" (proxy; it resolves {host} itself)"))
         }
     };
     let started = Instant::now();
@@ -329,10 +319,21 @@ async fn webhook_check(settings: &Settings, conn: &AgentConnection, report: &mut
             return;
         }
     };
-    let default = if uri.scheme_str() == Some("https") { 443 } else { 80 };
-    let (host, port) = host_port(&uri, default);
+    let (host, port) = http::host_port(&uri);
     let started = Instant::now();
     match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+        Ok(Ok(tcp)) if uri.scheme_str() == Some("https") => {
+            // An https webhook is checked with the trust delivery uses.
+            let trust = crate::tls::describe_webhook_trust(&settings.delivery);
+            match crate::tls::webhook_handshake(tcp, &host, &settings.delivery, STEP_TIMEOUT).await {
+                Ok(seen) => report.push(
+                    "webhook",
+                    Outcome::Ok,
+                    format!("{url}: trust {trust}: {seen} ({})", ms(started)),
+                ),
+                Err(e) => report.push("webhook", Outcome::Fail, format!("{url}: trust {trust}: {e}")),
+            }
+        }
         Ok(Ok(_)) => report.push(
             "webhook",
             Outcome::Ok,
@@ -396,7 +397,7 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
         let Ok(uri) = conn.node_url.parse::<Uri>() else {
             continue;
         };
-        let (host, port) = host_port(&uri, 443);
+        let (host, port) = http::host_port(&uri);
         let node = fmt_host_port(&host, port);
         match connector.route(&uri) {
             Route::Direct => add(Egress {
@@ -406,7 +407,7 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
             }),
             Route::Proxy { proxy, .. } => {
                 let p: Uri = proxy.parse().unwrap_or_default();
-                let (ph, pp) = host_port(&p, 80);
+                let (ph, pp) = http::host_port(&p);
                 add(Egress {
                     destination: fmt_host_port(&ph, pp),
                     purpose: format!("HTTP CONNECT proxy to {node} for connection {:?}", conn.name),
@@ -416,8 +417,7 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
         }
         if let Some(url) = conn.deliver_to.clone().or_else(|| settings.agent.deliver_to.clone()) {
             if let Ok(w) = url.parse::<Uri>() {
-                let default = if w.scheme_str() == Some("https") { 443 } else { 80 };
-                let (h, p) = host_port(&w, default);
+                let (h, p) = http::host_port(&w);
                 add(Egress {
                     destination: fmt_host_port(&h, p),
                     purpose: format!("webhook of connection {:?}", conn.name),

@@ -647,3 +647,50 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+/// Where a URL points: its host (an IPv6 address without brackets; empty when it has none)
+/// and its port, 443 for https and 80 otherwise when none is written. With `http::Uri` this is
+/// the crate's one reading of URLs: configuration checks, doctor, egress and the node's
+/// certificate names all go through it.
+pub fn host_port(uri: &Uri) -> (String, u16) {
+    let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+    let default = if uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    (host.to_owned(), uri.port_u16().unwrap_or(default))
+}
+
+/// False when the URL writes a port outside 1-65535, or a ':' with none: the parser reads any
+/// run of digits as a port.
+pub fn port_in_range(uri: &Uri) -> bool {
+    let Some(authority) = uri.authority() else {
+        return true;
+    };
+    match authority.as_str().strip_prefix(authority.host()) {
+        Some("") | None => true,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .is_some_and(|port| matches!(port.parse::<u16>(), Ok(1..))),
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_of_urls() {
+        let hp = |url: &str| host_port(&url.parse().unwrap());
+        assert_eq!(hp("https://a.example:8443/x"), ("a.example".into(), 8443));
+        assert_eq!(hp("HTTPS://a.example/x"), ("a.example".into(), 443));
+        assert_eq!(hp("https://[::1]:8443"), ("::1".into(), 8443));
+        assert_eq!(hp("http://10.0.0.1"), ("10.0.0.1".into(), 80));
+        assert_eq!(hp("http://user:pw@proxy:3128"), ("proxy".into(), 3128));
+        assert_eq!(hp("/relative").0, "");
+        let ok = |url: &str| port_in_range(&url.parse().unwrap());
+        assert!(ok("https://a") && ok("https://a:1") && ok("https://[::1]:65535/x"));
+        assert!(!ok("https://a:0") && !ok("https://a:65536") && !ok("https://a:/"));
+    }
+}

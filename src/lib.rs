@@ -9,9 +9,9 @@
 //!
 //! - [`cli`]: argument parsing and the commands; `main` only calls it.
 //! - [`config`]: settings from file, `RELAY_…` environment and flags, validated.
-//! - [`invite`]: the invitation code, a pure codec. [`x509`]: the certificate facts it pins.
+//! - [`invite`]: the invitation code, a pure codec.
 //! - [`protocol`]: wire types, limits and version between agent and node (bincode).
-//! - [`tls`]: server identity, the pinned client verifier, web roots for webhooks.
+//! - [`tls`]: server identity, the pinned client verifier, webhook trust, certificate facts.
 //! - [`queue`]: durable FIFO queues and record tables over sled, with group commit.
 //! - [`http`]: the bounded server loop and the client with deadlines.
 //! - [`intake`]: the local API (`POST /v1/connections/{name}/messages`, health, metrics).
@@ -54,4 +54,3 @@ pub mod shutdown;
 pub mod sink;
 pub mod status;
 pub mod tls;
-pub mod x509;

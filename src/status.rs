@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::metrics::Histogram;
 use crate::queue::{DeadLetter, QueueStats};
 
 /// Milliseconds since the Unix epoch.
@@ -45,47 +46,6 @@ pub struct Health {
     /// Webhook request durations.
     pub webhook_latency: Histogram,
     last_error: Mutex<Option<LastError>>,
-}
-
-/// Upper bounds (seconds) of the latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
-
-/// A lock-free latency histogram (Prometheus style: cumulative on output).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// Cumulative bucket counts, total count and sum in seconds.
-    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
-        let mut running = 0;
-        let cumulative = self
-            .buckets
-            .iter()
-            .map(|b| {
-                running += b.load(Ordering::Relaxed);
-                running
-            })
-            .collect();
-        (
-            cumulative,
-            self.count.load(Ordering::Relaxed),
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        )
-    }
 }
 
 /// The most recent problem, with when it happened.
@@ -190,15 +150,46 @@ pub fn stale_queues(s: &ConnectionStatus, max_age: std::time::Duration) -> Vec<S
         .collect()
 }
 
-/// Renders a duration since `then_ms` as "12s ago".
-pub fn ago(then_ms: u64, now_ms: u64) -> String {
-    let secs = now_ms.saturating_sub(then_ms) / 1000;
-    match secs {
-        0..=59 => format!("{secs}s ago"),
-        60..=3599 => format!("{}m{}s ago", secs / 60, secs % 60),
-        3600..=86_399 => format!("{}h{}m ago", secs / 3600, (secs % 3600) / 60),
-        _ => format!("{}d{}h ago", secs / 86_400, (secs % 86_400) / 3600),
+/// A unix-ms instant as RFC 3339 in UTC, to the second: `2026-12-02T17:48:09Z`.
+pub fn rfc3339(unix_ms: u64) -> String {
+    // RFC 3339 ends with year 9999, and times can come from untrusted codes.
+    const LAST_MS: u64 = 253_402_300_799_000;
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.min(LAST_MS));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// How far `then_ms` is from `now_ms`, in the largest unit that fits: "in 23 h", "5 min ago",
+/// "12 s ago", "just now".
+pub fn relative(then_ms: u64, now_ms: u64) -> String {
+    let (secs, future) = if then_ms > now_ms {
+        ((then_ms - now_ms) / 1000, true)
+    } else {
+        ((now_ms - then_ms) / 1000, false)
+    };
+    let amount = match secs {
+        0 => return "just now".to_owned(),
+        1..=59 => format!("{secs} s"),
+        60..=3599 => format!("{} min", secs / 60),
+        3600..=172_799 => format!("{} h", secs / 3600),
+        172_800..=63_071_999 => format!("{} d", secs / 86_400),
+        // Julian years: close enough for "when does this certificate end".
+        _ => format!("{} y", secs / 31_557_600),
+    };
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
     }
+}
+
+/// An instant for humans: RFC 3339 and how far it is, `2026-12-02T17:48:09Z (5 min ago)`.
+pub fn when(then_ms: u64, now_ms: u64) -> String {
+    format!("{} ({})", rfc3339(then_ms), relative(then_ms, now_ms))
+}
+
+/// How long ago `then_ms` was, as "12 s ago" (see [`relative`]).
+pub fn ago(then_ms: u64, now_ms: u64) -> String {
+    relative(then_ms.min(now_ms), now_ms)
 }
 
 /// Human-readable table of connections.
@@ -233,7 +224,10 @@ pub fn render(list: &[ConnectionStatus]) -> String {
         if let Some(route) = &c.route {
             let _ = writeln!(out, "  route:        {route}");
         }
-        let contact = c.last_contact_ms.map(|t| ago(t, now)).unwrap_or_else(|| "never".into());
+        let contact = c
+            .last_contact_ms
+            .map(|t| when(t, now))
+            .unwrap_or_else(|| "never".into());
         let _ = writeln!(out, "  last contact: {contact}");
         for (label, q) in [("outbound", &c.outbound), ("inbound", &c.inbound)] {
             let oldest = q
@@ -247,7 +241,7 @@ pub fn render(list: &[ConnectionStatus]) -> String {
             );
         }
         if let Some(exp) = c.invitation_expires_at {
-            let _ = writeln!(out, "  invitation:   expires at unix time {exp}");
+            let _ = writeln!(out, "  invitation:   expires {}", when(exp.saturating_mul(1000), now));
         }
         for d in &c.recent_dead_letters {
             let _ = writeln!(
@@ -256,13 +250,65 @@ pub fn render(list: &[ConnectionStatus]) -> String {
                 d.seq,
                 d.id,
                 d.bytes,
-                ago(d.dead_at_ms, now),
+                when(d.dead_at_ms, now),
                 d.reason
             );
         }
         if let Some(e) = &c.last_error {
-            let _ = writeln!(out, "  last error:   {} ({})", e.message, ago(e.at_ms, now));
+            let _ = writeln!(out, "  last error:   {} ({})", e.message, when(e.at_ms, now));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_rfc3339_and_a_relative_phrase() {
+        let now = 1_795_746_871_000;
+        assert_eq!(rfc3339(now), "2026-11-27T02:34:31Z");
+        assert_eq!(relative(now + 23 * 3_600_000 + 5_000, now), "in 23 h");
+        assert_eq!(relative(now - 5 * 60_000 - 999, now), "5 min ago");
+        assert_eq!(relative(now - 12_000, now), "12 s ago");
+        assert_eq!(relative(now + 3 * 86_400_000, now), "in 3 d");
+        assert_eq!(relative(now + 5 * 31_557_600_000, now), "in 5 y");
+        assert_eq!(relative(now, now), "just now");
+        assert_eq!(
+            ago(now + 5_000, now),
+            "just now",
+            "a clock step never reads as the future"
+        );
+        assert_eq!(when(now - 60_000, now), "2026-11-27T02:33:31Z (1 min ago)");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn status_says_times_never_unix_seconds() {
+        let now = now_ms();
+        let status = ConnectionStatus {
+            name: "c".into(),
+            state: "pending".into(),
+            local: "pub".into(),
+            remote: "unknown".into(),
+            description: String::new(),
+            mode: "script".into(),
+            project: String::new(),
+            deliver_to: None,
+            last_contact_ms: Some(now - 90_000),
+            outbound: QueueStats::default(),
+            inbound: QueueStats::default(),
+            last_error: None,
+            invitation_expires_at: Some(now / 1000 + 23 * 3600 + 60),
+            trust: None,
+            route: None,
+            recent_dead_letters: Vec::new(),
+        };
+        let text = render(&[status]);
+        assert!(!text.contains("unix time"), "{text}");
+        assert!(text.contains("(in 23 h)"), "{text}");
+        assert!(text.contains("(1 min ago)"), "{text}");
+        assert!(text.contains(&rfc3339(now - 90_000)), "{text}");
+    }
 }

@@ -1,6 +1,7 @@
 //! TLS configurations: the node's certificate (configured, or self-signed on first start),
-//! the agent's pinned verifier, and the web-roots client for https webhooks. The one place
-//! that builds rustls configurations.
+//! the agent's pinned verifier, and the client for https webhooks. The one place that builds
+//! rustls configurations, and the only module that reads certificates (rustls-webpki for the
+//! pinned key, x509-parser for the names shown to operators).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use crate::config::TrustMode;
-use crate::x509;
+use crate::config::{DeliverySettings, TrustMode, WebhookTrust};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,78 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
         path: path.to_owned(),
         detail: e.to_string(),
     }
+}
+
+/// Text in front of the hex of a pin, naming the hash so other hashes can be added later.
+pub const PIN_PREFIX: &str = "sha256/";
+
+/// Pin as text for humans: "sha256/" + lowercase hex.
+pub fn format_pin(pin: &[u8; 32]) -> String {
+    format!("{PIN_PREFIX}{}", crate::crypto::hex(pin))
+}
+
+/// The SPKI pin: SHA-256 of the certificate's DER SubjectPublicKeyInfo, SEQUENCE header
+/// included, read by the same webpki that checks the handshake. webpki hands back the key's
+/// content re-wrapped in a header of the shortest length form; it refuses any other length
+/// form, so these are exactly the bytes in the certificate.
+pub fn spki_pin(cert: &CertificateDer<'_>) -> Result<[u8; 32], webpki::Error> {
+    let parsed = webpki::EndEntityCert::try_from(cert)?;
+    Ok(crate::crypto::sha256(&parsed.subject_public_key_info()))
+}
+
+/// What an operator is shown of a certificate: who it names, who issued it, and when it is
+/// valid. Never used to decide trust.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertNames {
+    /// Subject, e.g. `CN=relay-node, O=Example`, in certificate order.
+    pub subject: String,
+    /// Issuer, rendered like `subject`.
+    pub issuer: String,
+    /// Start and end of validity, unix seconds.
+    pub valid: Option<(i64, i64)>,
+}
+
+impl CertNames {
+    /// Reads the names of a DER certificate; empty when it cannot be read, since the caller is
+    /// already reporting a more precise error.
+    pub fn of(cert: &[u8]) -> CertNames {
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+            return CertNames::default();
+        };
+        let validity = parsed.validity();
+        CertNames {
+            subject: printable(&parsed.subject().to_string()),
+            issuer: printable(&parsed.issuer().to_string()),
+            valid: Some((validity.not_before.timestamp(), validity.not_after.timestamp())),
+        }
+    }
+
+    /// `"; valid 2026-01-01T00:00:00Z to 2027-01-01T00:00:00Z (in 30 d)"`, or nothing when
+    /// unknown.
+    pub fn validity(&self) -> String {
+        let Some((from, until)) = self.valid else {
+            return String::new();
+        };
+        let at = |unix: i64| u64::try_from(unix).unwrap_or(0).saturating_mul(1000);
+        format!(
+            "; valid {} to {}",
+            crate::status::rfc3339(at(from)),
+            crate::status::when(at(until), crate::status::now_ms())
+        )
+    }
+}
+
+/// Escapes control characters, so a hostile certificate's names cannot act on a terminal.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The node's server identity: the configuration to serve and the pin to put in codes.
@@ -78,7 +150,16 @@ pub fn server_identity(
     let first = chain
         .first()
         .ok_or_else(|| file_err(&cert_path, "no certificate in the file"))?;
-    let pin = x509::spki_sha256(first).map_err(|e| file_err(&cert_path, e))?;
+    let pin = spki_pin(first).map_err(|e| {
+        let why = match e {
+            // Agents check certificates with the same library, so refuse it here, at start.
+            webpki::Error::UnsupportedCertVersion => {
+                "it is not an X.509 v3 certificate (sign it with extensions such as subjectAltName)".to_owned()
+            }
+            other => format!("it is not a usable X.509 certificate ({other})"),
+        };
+        file_err(&cert_path, why)
+    })?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -136,8 +217,8 @@ impl std::fmt::Display for PinMismatch {
              if a TLS-inspecting firewall sits in between, set agent.trust = \"ca\" and agent.ca_file to its CA)",
             self.subject,
             self.issuer,
-            x509::format_pin(&self.presented),
-            x509::format_pin(&self.expected)
+            format_pin(&self.presented),
+            format_pin(&self.expected)
         )
     }
 }
@@ -174,18 +255,18 @@ impl ServerCertVerifier for PinVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The pin names the key itself, so the host name and CA chain add nothing.
-        let info = x509::parse_certificate(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let presented = crate::crypto::sha256(&info.spki_der);
+        let presented =
+            spki_pin(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if crate::crypto::ct_eq(&presented, &self.pin) {
             return Ok(ServerCertVerified::assertion());
         }
+        let names = CertNames::of(end_entity);
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             rustls::OtherError(Arc::new(PinMismatch {
                 expected: self.pin,
                 presented,
-                subject: info.subject,
-                issuer: info.issuer,
+                subject: names.subject,
+                issuer: names.issuer,
             })),
         )))
     }
@@ -233,6 +314,7 @@ pub fn node_client_config(
             DescribingVerifier::shared(
                 roots,
                 format!("a certificate issued by a CA in {}", path.display()),
+                NODE_HINT,
                 provider,
             )?
         }
@@ -243,7 +325,7 @@ pub fn node_client_config(
                 add_pem_bundle(&mut roots, path)?;
                 expected = format!("{expected} or by a CA in {}", path.display());
             }
-            DescribingVerifier::shared(roots, expected, provider)?
+            DescribingVerifier::shared(roots, expected, NODE_HINT, provider)?
         }
     };
     Ok(builder
@@ -262,7 +344,28 @@ pub async fn handshake(
     ca_file: Option<&Path>,
     timeout: std::time::Duration,
 ) -> Result<String, String> {
-    let mut config = node_client_config(pin, trust, ca_file).map_err(|e| e.to_string())?;
+    let config = node_client_config(pin, trust, ca_file).map_err(|e| e.to_string())?;
+    handshake_with(config, tcp, host, timeout).await
+}
+
+/// Performs a TLS handshake with an https webhook over `tcp` as delivery would, with
+/// `delivery.trust`, and describes what it presented; on failure, the verifier's explanation.
+pub async fn webhook_handshake(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    delivery: &DeliverySettings,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    let config = webhook_client_config(delivery).map_err(|e| e.to_string())?;
+    handshake_with(config, tcp, host, timeout).await
+}
+
+async fn handshake_with(
+    mut config: rustls::ClientConfig,
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -280,14 +383,16 @@ pub async fn handshake(
     let seen = conn
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| x509::parse_certificate(c).ok())
-        .map(|i| {
-            format!(
-                "presented \"{}\" issued by \"{}\", key {}",
-                i.subject,
-                i.issuer,
-                x509::format_pin(&crate::crypto::sha256(&i.spki_der))
-            )
+        .and_then(|c| {
+            let pin = spki_pin(c).ok()?;
+            let names = CertNames::of(c);
+            Some(format!(
+                "presented \"{}\" issued by \"{}\", key {}{}",
+                names.subject,
+                names.issuer,
+                format_pin(&pin),
+                names.validity()
+            ))
         })
         .unwrap_or_else(|| "presented a certificate".into());
     Ok(format!("{seen}; {version}, {alpn}"))
@@ -296,7 +401,7 @@ pub async fn handshake(
 /// One line for status and doctor: how this agent trusts its node.
 pub fn describe_trust(pin: Option<[u8; 32]>, trust: TrustMode, ca_file: Option<&Path>) -> String {
     match (trust, pin, ca_file) {
-        (TrustMode::Pin, Some(pin), _) => format!("pin {}", x509::format_pin(&pin)),
+        (TrustMode::Pin, Some(pin), _) => format!("pin {}", format_pin(&pin)),
         (TrustMode::Ca, _, Some(path)) => format!("ca {}", path.display()),
         (TrustMode::Ca, _, None) => "ca (agent.ca_file missing)".to_owned(),
         (_, _, Some(path)) => format!("system roots + {}", path.display()),
@@ -343,6 +448,8 @@ pub struct TrustFailure {
     pub fingerprint: [u8; 32],
     /// rustls' reason.
     pub reason: String,
+    /// Which setting would make it trusted.
+    pub hint: &'static str,
 }
 
 impl std::fmt::Display for TrustFailure {
@@ -350,12 +457,13 @@ impl std::fmt::Display for TrustFailure {
         write!(
             f,
             "certificate not trusted: the server presented \"{}\" issued by \"{}\" (certificate SHA-256 {}) but expected {} ({}); \
-             if a TLS-inspecting firewall sits in between, put its CA in agent.ca_file",
+             {}",
             self.subject,
             self.issuer,
             crate::crypto::hex(&self.fingerprint),
             self.expected,
-            self.reason
+            self.reason,
+            self.hint
         )
     }
 }
@@ -367,18 +475,26 @@ impl std::error::Error for TrustFailure {}
 struct DescribingVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     expected: String,
+    hint: &'static str,
 }
+
+/// What to change when the node's certificate is not trusted.
+const NODE_HINT: &str = "if a TLS-inspecting firewall sits in between, put its CA in agent.ca_file";
+/// What to change when a webhook's certificate is not trusted.
+const WEBHOOK_HINT: &str =
+    "if the webhook's certificate comes from an internal CA, set delivery.ca_file to that CA's PEM file";
 
 impl DescribingVerifier {
     fn shared(
         roots: rustls::RootCertStore,
         expected: String,
+        hint: &'static str,
         provider: Arc<CryptoProvider>,
     ) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Arc::new(DescribingVerifier { inner, expected }))
+        Ok(Arc::new(DescribingVerifier { inner, expected, hint }))
     }
 }
 
@@ -394,13 +510,15 @@ impl ServerCertVerifier for DescribingVerifier {
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .map_err(|e| {
-                let info = x509::parse_certificate(end_entity).ok();
+                let names = CertNames::of(end_entity);
+                let validity = names.validity();
                 rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(TrustFailure {
                     expected: format!("{} for {}", self.expected, server_name.to_str()),
-                    subject: info.as_ref().map(|i| i.subject.clone()).unwrap_or_default(),
-                    issuer: info.map(|i| i.issuer).unwrap_or_default(),
+                    subject: names.subject,
+                    issuer: names.issuer,
                     fingerprint: crate::crypto::sha256(end_entity),
-                    reason: e.to_string(),
+                    reason: format!("{e}{validity}"),
+                    hint: self.hint,
                 }))))
             })
     }
@@ -428,13 +546,77 @@ impl ServerCertVerifier for DescribingVerifier {
     }
 }
 
-/// Client configuration for https webhooks: the public web roots.
-pub fn webhook_client_config() -> Result<rustls::ClientConfig, TlsError> {
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
+/// Client configuration for https webhooks, per `delivery.trust`: the system's CAs (falling
+/// back to the built-in web roots on a system that has none), the built-in web roots, or only
+/// the CAs in `delivery.ca_file`; with `system` and `web`, `delivery.ca_file` adds to them.
+pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let ca_file = delivery.ca_file.as_deref();
+    let (mut roots, mut expected) = match delivery.trust {
+        WebhookTrust::System => match system_roots() {
+            Ok(roots) => (roots, "a certificate issued by a CA the system trusts".to_owned()),
+            Err(_) => {
+                // Minimal images ship no CA store; public webhooks should still work there.
+                tracing::warn!(
+                    "no trusted CA certificates found on this system; https webhooks are checked against \
+                     the built-in web roots (install ca-certificates, or set delivery.trust = \"web\")"
+                );
+                (
+                    web_roots(),
+                    "a certificate issued by a public web CA (built-in roots)".to_owned(),
+                )
+            }
+        },
+        WebhookTrust::Web => (
+            web_roots(),
+            "a certificate issued by a public web CA (built-in roots)".to_owned(),
+        ),
+        WebhookTrust::Ca => {
+            let path =
+                ca_file.ok_or_else(|| TlsError::Config("delivery.trust = \"ca\" needs delivery.ca_file".into()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            add_pem_bundle(&mut roots, path)?;
+            (roots, format!("a certificate issued by a CA in {}", path.display()))
+        }
+    };
+    if delivery.trust != WebhookTrust::Ca {
+        if let Some(path) = ca_file {
+            add_pem_bundle(&mut roots, path)?;
+            expected = format!("{expected} or by a CA in {}", path.display());
+        }
+    }
+    let verifier = DescribingVerifier::shared(roots, expected, WEBHOOK_HINT, provider.clone())?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(web_roots())
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth())
+}
+
+/// Client configuration for the local plain-http APIs the CLI, the demo and the benchmark
+/// talk to: https is not expected there, so no system trust store is read for it.
+pub fn local_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    webhook_client_config(&DeliverySettings {
+        trust: WebhookTrust::Web,
+        ca_file: None,
+        ..DeliverySettings::default()
+    })
+}
+
+/// One line for status and doctor: how https webhooks are trusted.
+pub fn describe_webhook_trust(delivery: &DeliverySettings) -> String {
+    let base = match delivery.trust {
+        WebhookTrust::System => "system roots",
+        WebhookTrust::Web => "web roots",
+        WebhookTrust::Ca => "ca",
+    };
+    match &delivery.ca_file {
+        Some(path) if delivery.trust == WebhookTrust::Ca => format!("ca {}", path.display()),
+        Some(path) => format!("{base} + {}", path.display()),
+        None if delivery.trust == WebhookTrust::Ca => "ca (delivery.ca_file missing)".to_owned(),
+        None => base.to_owned(),
+    }
 }
 
 fn web_roots() -> rustls::RootCertStore {
@@ -446,6 +628,147 @@ fn web_roots() -> rustls::RootCertStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn key_pair(kind: u8) -> rcgen::KeyPair {
+        let algorithm = match kind % 3 {
+            0 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            1 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            _ => &rcgen::PKCS_ED25519,
+        };
+        rcgen::KeyPair::generate_for(algorithm).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// webpki and relay agree on the pinned key: for any names and key type, the pin is
+        /// the SHA-256 of the SPKI DER rcgen wrote, and the names read back as given.
+        #[test]
+        fn pin_is_the_sha256_of_the_spki_rcgen_wrote(
+            kind in any::<u8>(),
+            common_name in "[A-Za-z0-9 .-]{1,40}",
+            organization in proptest::option::of("[A-Za-z0-9 ]{1,20}"),
+            dns in proptest::collection::vec("[a-z][a-z0-9-]{0,20}(\\.[a-z][a-z0-9-]{0,10}){0,3}", 1..4),
+            signed_by_ca in any::<bool>(),
+        ) {
+            let key = key_pair(kind);
+            let mut params = rcgen::CertificateParams::new(dns).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(rcgen::DnType::CommonName, common_name.clone());
+            if let Some(o) = &organization {
+                params.distinguished_name.push(rcgen::DnType::OrganizationName, o.clone());
+            }
+            let (cert, issuer) = if signed_by_ca {
+                let ca_key = key_pair(kind.wrapping_add(1));
+                let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                ca.distinguished_name.push(rcgen::DnType::CommonName, "Test CA");
+                let ca_cert = ca.self_signed(&ca_key).unwrap();
+                (params.signed_by(&key, &ca_cert, &ca_key).unwrap(), "CN=Test CA".to_owned())
+            } else {
+                let cert = params.self_signed(&key).unwrap();
+                let name = CertNames::of(cert.der()).subject;
+                (cert, name)
+            };
+            let pin = spki_pin(cert.der()).unwrap();
+            prop_assert_eq!(pin, crate::crypto::sha256(&key.public_key_der()));
+            prop_assert_eq!(format_pin(&pin), format!("sha256/{}", crate::crypto::hex(&pin)));
+            let names = CertNames::of(cert.der());
+            prop_assert!(names.subject.contains(&format!("CN={common_name}")), "{}", names.subject);
+            if let Some(o) = &organization {
+                prop_assert!(names.subject.contains(&format!("O={o}")), "{}", names.subject);
+            }
+            prop_assert_eq!(&names.issuer, &issuer);
+            prop_assert!(names.validity().starts_with("; valid "));
+        }
+
+        /// Anything that is not a certificate is refused, never a panic or a pin.
+        #[test]
+        fn garbage_has_no_pin(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            prop_assert!(spki_pin(&CertificateDer::from(bytes.clone())).is_err());
+            let _ = CertNames::of(&bytes);
+        }
+    }
+
+    #[test]
+    fn names_escape_control_characters() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "evil\u{1b}[2J");
+        let cert = params.self_signed(&key).unwrap();
+        let names = CertNames::of(cert.der());
+        assert!(!names.subject.contains('\u{1b}'), "{}", names.subject);
+        assert!(names.subject.contains("CN=evil"), "{}", names.subject);
+    }
+
+    #[test]
+    fn a_pin_mismatch_names_both_keys_and_the_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "intercepting proxy");
+        let cert = params.self_signed(&key).unwrap();
+        let verifier = PinVerifier {
+            pin: [7; 32],
+            provider: provider(),
+        };
+        let err = verifier
+            .verify_server_cert(
+                cert.der(),
+                &[],
+                &ServerName::try_from("localhost").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        let text = describe(&err).unwrap();
+        assert!(text.contains("certificate pin mismatch"), "{text}");
+        assert!(
+            text.contains("\"CN=intercepting proxy\" issued by \"CN=intercepting proxy\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format_pin(&crate::crypto::sha256(&key.public_key_der()))),
+            "{text}"
+        );
+        assert!(text.contains(&format_pin(&[7; 32])), "{text}");
+        let ok = PinVerifier {
+            pin: crate::crypto::sha256(&key.public_key_der()),
+            provider: provider(),
+        };
+        assert!(ok
+            .verify_server_cert(
+                cert.der(),
+                &[],
+                &ServerName::try_from("x").unwrap(),
+                &[],
+                UnixTime::now()
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn webhook_trust_is_described_and_a_ca_needs_its_file() {
+        let mut d = DeliverySettings::default();
+        assert_eq!(describe_webhook_trust(&d), "system roots");
+        assert!(
+            webhook_client_config(&d).is_ok(),
+            "system roots, or the web roots as fallback"
+        );
+        d.trust = WebhookTrust::Ca;
+        let err = webhook_client_config(&d).err().unwrap().to_string();
+        assert!(err.contains("delivery.ca_file"), "{err}");
+        d.ca_file = Some("/nonexistent/ca.pem".into());
+        let err = webhook_client_config(&d).err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        assert_eq!(describe_webhook_trust(&d), "ca /nonexistent/ca.pem");
+        d.trust = WebhookTrust::Web;
+        assert_eq!(describe_webhook_trust(&d), "web roots + /nonexistent/ca.pem");
+    }
 
     #[test]
     fn self_signed_identity_is_created_once_and_pinned() {
@@ -472,6 +795,26 @@ mod tests {
         let id = server_identity(Some(&c), Some(&k), &dir.path().join("tls"), &[]).unwrap();
         assert_eq!(id.pin, crate::crypto::sha256(&key_pair.public_key_der()));
         assert!(!dir.path().join("tls").exists());
+    }
+
+    #[test]
+    fn a_broken_certificate_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        // Valid PEM around bytes that are no certificate.
+        let body = data_encoding::BASE64.encode(b"garbage");
+        let pem = format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n");
+        std::fs::write(&c, pem).unwrap();
+        std::fs::write(&k, key_pair.serialize_pem()).unwrap();
+        let err = server_identity(Some(&c), Some(&k), dir.path(), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("c.pem") && err.contains("not a usable X.509 certificate"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -590,7 +590,8 @@ impl Agent {
     /// is cancelled. Returns `Err(Revoked)` when revocations leave no connection running.
     pub async fn run(&self, intake_listener: TcpListener, token: CancellationToken) -> OpResult<()> {
         let tracker = TaskTracker::new();
-        let webhook_tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
+            .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let all_revoked = CancellationToken::new();
         *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(Runtime {
             tracker: tracker.clone(),

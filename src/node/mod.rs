@@ -256,7 +256,8 @@ impl Node {
         token: CancellationToken,
     ) -> OpResult<()> {
         let tracker = TaskTracker::new();
-        let webhook_tls = crate::tls::webhook_client_config().map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
+            .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let client = http::Client::webhook(webhook_tls, self.inner.settings.delivery.timeout);
         *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(Runtime {
             tracker: tracker.clone(),

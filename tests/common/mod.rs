@@ -332,7 +332,7 @@ pub async fn connect(node: &relay::node::Node, agent: &relay::agent::Agent, hook
 
 /// A plain HTTP client for local APIs.
 pub fn client() -> relay::http::Client {
-    relay::http::Client::webhook(relay::tls::webhook_client_config().unwrap(), Duration::from_secs(10))
+    relay::http::Client::webhook(relay::tls::local_client_config().unwrap(), Duration::from_secs(10))
 }
 
 /// POSTs a payload to a local API; returns (status, JSON body).
