@@ -231,6 +231,14 @@ impl Agent {
         Ok(self.queues(name)?.1)
     }
 
+    /// The queue of payloads for the node on `name`.
+    pub fn outbound_queue(&self, name: &str) -> OpResult<Queue> {
+        if self.get(name)?.is_none() {
+            return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
+        }
+        Ok(self.queues(name)?.0)
+    }
+
     /// Every connection.
     pub fn list(&self) -> OpResult<Vec<AgentConnection>> {
         Ok(self.inner.connections.list()?.into_iter().map(|(_, v)| v).collect())

@@ -147,6 +147,14 @@ impl Node {
         Ok(self.queues(name)?.1)
     }
 
+    /// The queue of payloads for the agent of `name`.
+    pub fn outbound_queue(&self, name: &str) -> OpResult<Queue> {
+        if self.inner.registry.get(name)?.is_none() {
+            return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
+        }
+        Ok(self.queues(name)?.0)
+    }
+
     /// Every connection with its live state.
     pub fn connections(&self) -> OpResult<Vec<ConnectionStatus>> {
         let records = self.inner.registry.list()?;
