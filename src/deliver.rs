@@ -269,7 +269,10 @@ mod tests {
         assert_eq!(classify(url, StatusCode::OK, None, b""), Outcome::Delivered);
         assert_eq!(classify(url, StatusCode::NO_CONTENT, None, b""), Outcome::Delivered);
         // The status line decides: a 2xx with an error-looking body is delivered.
-        assert_eq!(classify(url, StatusCode::OK, None, b"{\"error\":1}"), Outcome::Delivered);
+        assert_eq!(
+            classify(url, StatusCode::OK, None, b"{\"error\":1}"),
+            Outcome::Delivered
+        );
         for s in [408u16, 429, 500, 502, 503, 504, 301] {
             let o = classify(url, status(s), None, b"");
             assert!(matches!(o, Outcome::Retry { .. }), "{s}: {o:?}");

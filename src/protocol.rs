@@ -456,7 +456,12 @@ mod tests {
             messages: (0..MAX_BATCH_MESSAGES as u64).map(|i| widest(i, each)).collect(),
         };
         let raw = encode(&many).unwrap();
-        assert!(raw.len() <= max_batch_bytes(each), "{} > {}", raw.len(), max_batch_bytes(each));
+        assert!(
+            raw.len() <= max_batch_bytes(each),
+            "{} > {}",
+            raw.len(),
+            max_batch_bytes(each)
+        );
         // One message above the target travels alone.
         let big = BATCH_TARGET_BYTES + 1000;
         let alone = PollResponse {

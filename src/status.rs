@@ -131,7 +131,11 @@ impl Health {
 
     /// Clears the hold of `what`; true when there was one.
     pub fn release(&self, what: &'static str) -> bool {
-        self.holds.lock().unwrap_or_else(|p| p.into_inner()).remove(what).is_some()
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(what)
+            .is_some()
     }
 
     /// Why work is held, if it is.

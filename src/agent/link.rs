@@ -71,7 +71,11 @@ pub trait NodeApi: Send + Sync + 'static {
 
     /// Pushes a batch; the answer's `high_water` is the highest sequence number the node holds
     /// durably from this agent.
-    fn push(&self, request: PushRequest, deadline: Duration) -> impl Future<Output = Result<PushResponse, Failure>> + Send;
+    fn push(
+        &self,
+        request: PushRequest,
+        deadline: Duration,
+    ) -> impl Future<Output = Result<PushResponse, Failure>> + Send;
 }
 
 /// The node over HTTPS, as agents reach it.
@@ -148,7 +152,11 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
 }
 
 /// Decodes an answer and checks its protocol version.
-fn decode<T: serde::de::DeserializeOwned>(what: &'static str, reply: &Reply, version: impl Fn(&T) -> u16) -> Result<T, Failure> {
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    reply: &Reply,
+    version: impl Fn(&T) -> u16,
+) -> Result<T, Failure> {
     let value: T = protocol::decode(what, &reply.body).map_err(|e| Failure::Retry(e.to_string(), None))?;
     protocol::check_version(version(&value)).map_err(|e| Failure::Retry(e.to_string(), None))?;
     Ok(value)
@@ -293,7 +301,6 @@ fn spawn_delivery(
     );
 }
 
-
 impl<N: NodeApi> Ctx<N> {
     /// The node's payload limit, once a poll answer told us.
     fn node_max_payload(&self) -> Option<usize> {
@@ -305,7 +312,13 @@ impl<N: NodeApi> Ctx<N> {
 
     /// Handles a failure of the loop whose hold is `own` ([`HOLD_POLL`] or [`HOLD_PUSH`]):
     /// waits out the backoff (false when the loop must stop).
-    async fn failed(&self, own: &'static str, failure: Failure, backoff: &mut Backoff, token: &CancellationToken) -> bool {
+    async fn failed(
+        &self,
+        own: &'static str,
+        failure: Failure,
+        backoff: &mut Backoff,
+        token: &CancellationToken,
+    ) -> bool {
         let health = &self.handle.health;
         let (reason, after) = match failure {
             Failure::Revoked(reason) => {
@@ -446,7 +459,10 @@ async fn receive_loop<N: NodeApi>(ctx: Ctx<N>, inbox: Queue) {
             .store(resp.max_payload_bytes, Ordering::Relaxed);
         if let Err(problem) = protocol::check_messages(&resp.messages, usize::MAX) {
             let reason = format!("the node sent a malformed batch: {problem}");
-            if !ctx.failed(HOLD_POLL, Failure::Retry(reason, None), &mut backoff, &token).await {
+            if !ctx
+                .failed(HOLD_POLL, Failure::Retry(reason, None), &mut backoff, &token)
+                .await
+            {
                 return;
             }
             continue;
@@ -584,7 +600,10 @@ async fn send_loop<N: NodeApi>(ctx: Ctx<N>, outbox: Queue) {
                 "the node answered a push of messages {first} to {last} with high-water mark {}: nothing stored",
                 resp.high_water
             );
-            if !ctx.failed(HOLD_PUSH, Failure::Retry(reason, None), &mut backoff, &token).await {
+            if !ctx
+                .failed(HOLD_PUSH, Failure::Retry(reason, None), &mut backoff, &token)
+                .await
+            {
                 return;
             }
             continue;
@@ -597,7 +616,11 @@ async fn send_loop<N: NodeApi>(ctx: Ctx<N>, outbox: Queue) {
         Health::add(&ctx.handle.health.bytes_sent, taken.map(|(_, b)| b).sum());
         if confirmed < last {
             // The node's queue had room for part of the batch; the rest goes next.
-            debug!(high_water = resp.high_water, sent_through = last, "node took part of the batch");
+            debug!(
+                high_water = resp.high_water,
+                sent_through = last,
+                "node took part of the batch"
+            );
         }
         ctx.healthy(&mut backoff, HOLD_PUSH);
     }

@@ -189,7 +189,8 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
     // message would be refused by it on every poll, so it is dead-lettered here instead, and
     // the intake refuses such payloads from now on.
     let agent_limit = http::header(&headers, protocol::MAX_PAYLOAD_HEADER).and_then(|v| v.trim().parse::<u64>().ok());
-    link.agent_max_payload.store(agent_limit.unwrap_or(0), Ordering::Relaxed);
+    link.agent_max_payload
+        .store(agent_limit.unwrap_or(0), Ordering::Relaxed);
     loop {
         if link.revoked.load(Ordering::SeqCst) {
             return revoked(&link.name);

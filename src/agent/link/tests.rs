@@ -67,7 +67,12 @@ impl FakeNode {
 }
 
 impl NodeApi for FakeNode {
-    async fn poll(&self, request: PollRequest, _deadline: Duration, _max_reply: usize) -> Result<PollResponse, Failure> {
+    async fn poll(
+        &self,
+        request: PollRequest,
+        _deadline: Duration,
+        _max_reply: usize,
+    ) -> Result<PollResponse, Failure> {
         let answer = {
             let mut st = self.state();
             st.polls.push((Instant::now(), request));
@@ -92,7 +97,10 @@ impl NodeApi for FakeNode {
                 .iter()
                 .find(|m| st.held.get(&m.seq).is_some_and(|id| *id != m.id));
             if let Some(m) = conflict {
-                return Err(Failure::Conflict(format!("message {} is another message on the node", m.seq)));
+                return Err(Failure::Conflict(format!(
+                    "message {} is another message on the node",
+                    m.seq
+                )));
             }
             st.script.pop_front()
         };
@@ -237,11 +245,18 @@ async fn a_restored_directory_removes_nothing_holds_loudly_and_retries_with_back
     assert_eq!(s.outbox.stats().depth, 3, "nothing removed");
     let holds = s.ctx.handle.health.holds();
     assert_eq!(holds.len(), 1, "{holds:?}");
-    assert!(holds[0].contains("probably restored from a backup or copied"), "{}", holds[0]);
+    assert!(
+        holds[0].contains("probably restored from a backup or copied"),
+        "{}",
+        holds[0]
+    );
     assert!(s.agent.ready().unwrap_err().contains("restored from a backup"));
     assert!(s.agent.get("c").unwrap().unwrap().revoked.is_none());
     let gaps = s.push_gaps();
-    assert!(gaps.iter().all(|g| *g >= Duration::from_millis(50)), "never a hot loop: {gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(50)),
+        "never a hot loop: {gaps:?}"
+    );
     assert!(gaps[4] > gaps[0], "the backoff grows: {gaps:?}");
 
     // An operator sorts it out on the node: the next push goes through and the hold clears.
@@ -262,18 +277,28 @@ async fn an_unknown_credential_is_retried_with_capped_backoff_and_never_saved_as
     let gaps = s.push_gaps();
     let cap = Duration::from_secs(3); // backoff_max plus its jitter
     assert!(gaps.iter().all(|g| *g <= cap), "capped: {gaps:?}");
-    assert!(gaps[gaps.len() - 1] >= Duration::from_secs(1), "grown to the cap: {gaps:?}");
+    assert!(
+        gaps[gaps.len() - 1] >= Duration::from_secs(1),
+        "grown to the cap: {gaps:?}"
+    );
     assert!(!s.ctx.handle.token.is_cancelled(), "still running");
-    assert!(s.agent.get("c").unwrap().unwrap().revoked.is_none(), "not saved as revoked");
+    assert!(
+        s.agent.get("c").unwrap().unwrap().revoked.is_none(),
+        "not saved as revoked"
+    );
     let holds = s.ctx.handle.health.holds();
-    assert!(holds[0].contains("does not know this connection's credential"), "{holds:?}");
+    assert!(
+        holds[0].contains("does not know this connection's credential"),
+        "{holds:?}"
+    );
     assert!(holds[0].contains("only a revocation stops this agent"), "{holds:?}");
     assert!(s.agent.ready().is_err());
 
     // The node's data is put back: the credential works again.
     s.node.state().refuse = None;
     s.until("the message to arrive", |st| st.held.len() == 1).await;
-    s.until("the hold to clear", |_| s.ctx.handle.health.holds().is_empty()).await;
+    s.until("the hold to clear", |_| s.ctx.handle.health.holds().is_empty())
+        .await;
     task.abort();
 }
 
@@ -364,7 +389,11 @@ async fn polls_confirm_at_once_then_wait_and_a_silent_node_is_dropped_at_the_dea
     let st = s.node.state();
     let wait = s.agent.settings().agent.poll_wait;
     let waits: Vec<u64> = st.polls.iter().map(|p| p.1.wait_ms).collect();
-    assert_eq!(waits, [0, wait.as_millis() as u64, 0], "confirm, wait, confirm after the failure");
+    assert_eq!(
+        waits,
+        [0, wait.as_millis() as u64, 0],
+        "confirm, wait, confirm after the failure"
+    );
     let max_reply = protocol::max_batch_bytes(s.agent.settings().queue.max_payload_bytes as usize);
     let deadline = wait + POLL_MARGIN + transfer_time(max_reply);
     let silent = st.polls[2].0 - st.polls[1].0;
@@ -406,8 +435,14 @@ fn only_revoked_is_final() {
         .into(),
     };
     assert_eq!(refusal(&reply(401, codes::REVOKED)), Failure::Revoked("why".into()));
-    assert_eq!(refusal(&reply(401, codes::UNAUTHORIZED)), Failure::Unauthorized("why".into()));
+    assert_eq!(
+        refusal(&reply(401, codes::UNAUTHORIZED)),
+        Failure::Unauthorized("why".into())
+    );
     assert_eq!(refusal(&reply(401, "")), Failure::Unauthorized("why".into()));
-    assert_eq!(refusal(&reply(409, codes::SEQUENCE_CONFLICT)), Failure::Conflict("why".into()));
+    assert_eq!(
+        refusal(&reply(409, codes::SEQUENCE_CONFLICT)),
+        Failure::Conflict("why".into())
+    );
     assert!(matches!(refusal(&reply(503, codes::STORAGE)), Failure::Retry(..)));
 }
