@@ -31,7 +31,7 @@ fn bincode_reply<T: serde::Serialize>(value: &T) -> Response<Body> {
         // with an empty body the agent would misread.
         Err(e) => {
             tracing::error!(error = %e, "cannot encode an answer to the agent");
-            http::error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE, e.to_string())
+            http::error(StatusCode::INTERNAL_SERVER_ERROR, codes::TOO_LARGE, e.to_string())
         }
     }
 }
