@@ -224,9 +224,12 @@ impl Hook {
 async fn a_big_2xx_answer_is_delivered_once_and_a_webhook_refusing_everyone_holds_delivery() {
     let tmp = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let node = relay::daemon::start_node(in_process(&tmp.path().join("node")), token.clone())
-        .await
-        .unwrap();
+    // The public application's webhook is gone (410) from the start.
+    let mut node_hook = Hook::start().await;
+    node_hook.answer(410, 0);
+    let mut node_settings = in_process(&tmp.path().join("node"));
+    node_settings.node.deliver_to = Some(node_hook.url.clone());
+    let node = relay::daemon::start_node(node_settings, token.clone()).await.unwrap();
     let agent = relay::daemon::start_agent(in_process(&tmp.path().join("agent")), token.clone())
         .await
         .unwrap();
@@ -270,6 +273,19 @@ async fn a_big_2xx_answer_is_delivered_once_and_a_webhook_refusing_everyone_hold
     let s = agent.side.status().unwrap().remove(0);
     assert_eq!((s.inbound.dead_letters, s.inbound.depth), (0, 2), "{s:?}");
     assert!(s.last_error.unwrap().message.contains("404 Not Found"));
+
+    // The same on the node, for the other direction.
+    let intake = agent_api.clone();
+    assert_eq!(post(&http, &intake, "c", b"to-public".to_vec(), &[]).await.unwrap().0, 202);
+    assert_eq!(node_hook.next().await, b"to-public");
+    let why = wait_for("the node's /readyz to say why", || async {
+        let (status, body) = get(&http, &format!("{api}/readyz")).await;
+        (status == 503 && body.contains("answers 410 Gone to every message")).then_some(body)
+    })
+    .await;
+    assert!(why.contains(&node_hook.url), "{why}");
+    let s = node.side.connections().unwrap().remove(0);
+    assert_eq!((s.inbound.dead_letters, s.inbound.depth), (0, 1), "{s:?}");
 
     // deliver_to fixed: both arrive in order, and the hold clears.
     hook.answer(200, 0);

@@ -480,6 +480,19 @@ async fn receive_loop<N: NodeApi>(ctx: Ctx<N>, inbox: Queue) {
             warn!(%reason, "sequence gap from the node");
             ctx.handle.health.error(reason);
         }
+        // A node that ignores the advertised limit (an older one) can send what never fits:
+        // that blocks the connection until an operator acts, so say it loudly.
+        let room = ctx.agent.settings().queue.max_bytes;
+        if let Some(m) = resp.messages.iter().find(|m| m.seq > before && m.body.len() as u64 > room) {
+            let reason = format!(
+                "message {} from the node ({} bytes) can never fit this agent's queue (queue.max_bytes {room}):                  raise queue.max_bytes, or drop it on the node with `relay dead-letters`",
+                m.seq,
+                m.body.len()
+            );
+            if ctx.handle.health.hold(HOLD_POLL, reason.clone()) {
+                error!(%reason, "a message from the node does not fit");
+            }
+        }
         let bytes_received: u64 = resp.messages.iter().map(|m| m.body.len() as u64).sum();
         let messages: Vec<_> = resp.messages.into_iter().map(crate::node::server::from_wire).collect();
         let stored = inbox.append_remote(&messages).and(Ok(()));
