@@ -485,7 +485,8 @@ async fn receive_loop<N: NodeApi>(ctx: Ctx<N>, inbox: Queue) {
         let room = ctx.agent.settings().queue.max_bytes;
         if let Some(m) = resp.messages.iter().find(|m| m.seq > before && m.body.len() as u64 > room) {
             let reason = format!(
-                "message {} from the node ({} bytes) can never fit this agent's queue (queue.max_bytes {room}):                  raise queue.max_bytes, or drop it on the node with `relay dead-letters`",
+                "message {} from the node ({} bytes) can never fit this agent's queue (queue.max_bytes {room}): \
+                 raise queue.max_bytes, or upgrade the node so it sets such messages aside as dead letters",
                 m.seq,
                 m.body.len()
             );
