@@ -276,7 +276,10 @@ async fn a_big_2xx_answer_is_delivered_once_and_a_webhook_refusing_everyone_hold
 
     // The same on the node, for the other direction.
     let intake = agent_api.clone();
-    assert_eq!(post(&http, &intake, "c", b"to-public".to_vec(), &[]).await.unwrap().0, 202);
+    assert_eq!(
+        post(&http, &intake, "c", b"to-public".to_vec(), &[]).await.unwrap().0,
+        202
+    );
     assert_eq!(node_hook.next().await, b"to-public");
     let why = wait_for("the node's /readyz to say why", || async {
         let (status, body) = get(&http, &format!("{api}/readyz")).await;

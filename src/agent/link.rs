@@ -483,7 +483,11 @@ async fn receive_loop<N: NodeApi>(ctx: Ctx<N>, inbox: Queue) {
         // A node that ignores the advertised limit (an older one) can send what never fits:
         // that blocks the connection until an operator acts, so say it loudly.
         let room = ctx.agent.settings().queue.max_bytes;
-        if let Some(m) = resp.messages.iter().find(|m| m.seq > before && m.body.len() as u64 > room) {
+        if let Some(m) = resp
+            .messages
+            .iter()
+            .find(|m| m.seq > before && m.body.len() as u64 > room)
+        {
             let reason = format!(
                 "message {} from the node ({} bytes) can never fit this agent's queue (queue.max_bytes {room}): \
                  raise queue.max_bytes, or upgrade the node so it sets such messages aside as dead letters",
