@@ -59,6 +59,9 @@ pub enum Request {
         connection: String,
         /// What to do.
         action: DeadLetterAction,
+        /// Which queue's: inbound (refused by this side's webhook) by default.
+        #[serde(default)]
+        direction: Direction,
     },
     /// Agent: redeem an invitation.
     Accept {
@@ -91,11 +94,33 @@ pub enum DeadLetterAction {
     },
 }
 
+/// Which of a connection's two queues a dead-letter command is about.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Payloads received from the other side that this side's webhook refused.
+    #[default]
+    In,
+    /// Payloads for the other side that it cannot take (larger than its payload limit).
+    Out,
+    /// Both (listing, or `--all`).
+    Both,
+}
+
+impl Direction {
+    fn covers(self, other: Direction) -> bool {
+        self == Direction::Both || self == other
+    }
+}
+
 /// What a dead-letter action did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeadLetterOutcome {
-    /// Dead letters now (after the action).
+    /// Inbound dead letters now (after the action), when the command covered them.
     pub dead_letters: Vec<crate::queue::DeadLetter>,
+    /// Outbound dead letters now, when the command covered them.
+    #[serde(default)]
+    pub outbound: Vec<crate::queue::DeadLetter>,
     /// Sequence numbers acted on.
     pub done: Vec<u64>,
     /// Sequence numbers that were not dead letters.
@@ -105,40 +130,64 @@ pub struct DeadLetterOutcome {
 /// At most this many dead letters are listed or acted on at once.
 const DEAD_LETTER_BATCH: usize = 10_000;
 
-async fn dead_letters(side: &Side, connection: &str, action: DeadLetterAction) -> OpResult<DeadLetterOutcome> {
-    let (queue, store) = match side {
-        Side::Node(n) => (n.inbox(connection)?, n.store().clone()),
-        Side::Agent(a) => (a.inbox(connection)?, a.store().clone()),
+async fn dead_letters(
+    side: &Side,
+    connection: &str,
+    direction: Direction,
+    action: DeadLetterAction,
+) -> OpResult<DeadLetterOutcome> {
+    let (inbox, outbox, store) = match side {
+        Side::Node(n) => (n.inbox(connection)?, n.outbound_queue(connection)?, n.store().clone()),
+        Side::Agent(a) => (a.inbox(connection)?, a.outbound_queue(connection)?, a.store().clone()),
     };
     let mut outcome = DeadLetterOutcome::default();
     let (seqs, all, retry) = match action {
-        DeadLetterAction::List => (Vec::new(), false, false),
-        DeadLetterAction::Retry { seqs, all } => (seqs, all, true),
-        DeadLetterAction::Drop { seqs, all } => (seqs, all, false),
+        DeadLetterAction::List => (Vec::new(), true, None),
+        DeadLetterAction::Retry { seqs, all } => (seqs, all, Some(true)),
+        DeadLetterAction::Drop { seqs, all } => (seqs, all, Some(false)),
     };
-    let targets = if all {
-        queue
-            .dead_letters(DEAD_LETTER_BATCH)?
-            .into_iter()
-            .map(|d| d.seq)
-            .collect()
-    } else {
-        seqs
-    };
-    for seq in targets {
-        let found = if retry {
-            queue.retry_dead_letter(seq)?
-        } else {
-            queue.drop_dead_letter(seq)?
+    if retry.is_some() && !all && direction == Direction::Both {
+        return Err(OpError::new(
+            Kind::Invalid,
+            "sequence numbers are counted per direction: say --direction in or --direction out",
+        ));
+    }
+    for (dir, queue) in [(Direction::In, &inbox), (Direction::Out, &outbox)] {
+        let Some(retry) = retry.filter(|_| direction.covers(dir)) else {
+            continue;
         };
-        if found {
-            outcome.done.push(seq);
+        let targets = if all {
+            queue
+                .dead_letters(DEAD_LETTER_BATCH)?
+                .into_iter()
+                .map(|d| d.seq)
+                .collect()
         } else {
-            outcome.missing.push(seq);
+            seqs.clone()
+        };
+        for seq in targets {
+            let found = match (retry, dir) {
+                // An inbox's numbers are the sender's: the message goes back at its own.
+                (true, Direction::In) => queue.retry_dead_letter(seq)?,
+                // This side numbers its outbox, and the peer has passed the old number: the
+                // message goes to the end under a new one, with its own id.
+                (true, _) => queue.requeue_dead_letter(seq)?.is_some(),
+                (false, _) => queue.drop_dead_letter(seq)?,
+            };
+            if found {
+                outcome.done.push(seq);
+            } else {
+                outcome.missing.push(seq);
+            }
         }
     }
     store.flush().await?;
-    outcome.dead_letters = queue.dead_letters(DEAD_LETTER_BATCH)?;
+    if direction.covers(Direction::In) {
+        outcome.dead_letters = inbox.dead_letters(DEAD_LETTER_BATCH)?;
+    }
+    if direction.covers(Direction::Out) {
+        outcome.outbound = outbox.dead_letters(DEAD_LETTER_BATCH)?;
+    }
     Ok(outcome)
 }
 
@@ -174,9 +223,14 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
         (Side::Node(n), Request::Status) => Ok(to_json(&n.connections()?)),
         (Side::Agent(a), Request::Status) => Ok(to_json(&a.status()?)),
         (Side::Agent(a), Request::AgentConnections) => Ok(to_json(&a.list()?)),
-        (side, Request::DeadLetters { connection, action }) => {
-            Ok(to_json(&dead_letters(side, &connection, action).await?))
-        }
+        (
+            side,
+            Request::DeadLetters {
+                connection,
+                action,
+                direction,
+            },
+        ) => Ok(to_json(&dead_letters(side, &connection, direction, action).await?)),
         (Side::Node(n), Request::Initiate { request }) => Ok(serde_json::Value::String(n.initiate(request).await?)),
         (Side::Node(n), Request::SetState { name, action }) => Ok(to_json(&n.set_state(&name, action).await?)),
         (Side::Agent(a), Request::Accept { code, options }) => {

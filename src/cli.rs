@@ -57,7 +57,7 @@ pub enum Command {
     Status(JsonArg),
     /// Queue a payload on a connection through the local intake.
     Send(SendArgs),
-    /// List, retry or drop the payloads a webhook refused for good.
+    /// List, retry or drop the payloads a webhook refused for good, or the other side cannot take.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetterCommand),
     /// Check each connection step by step: DNS, TCP (direct or proxy), TLS, credential, clock, webhook.
@@ -90,10 +90,14 @@ pub enum NodeCommand {
 /// `relay dead-letters …` (works on a node's or an agent's data directory).
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
-    /// Show a connection's dead letters: sequence number, id, size, age, the webhook's answer.
+    /// Show a connection's dead letters: sequence number, id, size, age, and why (the
+    /// webhook's answer, or the other side's payload limit).
     List {
         /// Connection name.
         connection: String,
+        /// Which: `in` (refused by this side's webhook), `out` (too big for the other side), or both.
+        #[arg(long, value_enum, default_value = "both")]
+        direction: DirectionArg,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -115,6 +119,31 @@ pub struct DeadLetterTargets {
     /// Every dead letter of the connection.
     #[arg(long)]
     pub all: bool,
+    /// Which: `in` (refused by this side's webhook), `out` (too big for the other side: retried
+    /// under a new sequence number, e.g. after its limit was raised), or `both` with `--all`.
+    #[arg(long, value_enum, default_value = "in")]
+    pub direction: DirectionArg,
+}
+
+/// `--direction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirectionArg {
+    /// Received payloads this side's webhook refused.
+    In,
+    /// Payloads for the other side that it cannot take.
+    Out,
+    /// Both.
+    Both,
+}
+
+impl From<DirectionArg> for admin::Direction {
+    fn from(d: DirectionArg) -> Self {
+        match d {
+            DirectionArg::In => admin::Direction::In,
+            DirectionArg::Out => admin::Direction::Out,
+            DirectionArg::Both => admin::Direction::Both,
+        }
+    }
 }
 
 /// `--json`.
@@ -403,15 +432,20 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
 }
 
 async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) -> OpResult<()> {
-    use crate::admin::{DeadLetterAction, DeadLetterOutcome};
-    let (connection, action, json, verb) = match command {
-        DeadLetterCommand::List { connection, json } => (connection, DeadLetterAction::List, json, ""),
+    use crate::admin::{DeadLetterAction, DeadLetterOutcome, Direction};
+    let (connection, action, direction, json, verb) = match command {
+        DeadLetterCommand::List {
+            connection,
+            direction,
+            json,
+        } => (connection, DeadLetterAction::List, direction, json, ""),
         DeadLetterCommand::Retry(t) => (
             t.connection,
             DeadLetterAction::Retry {
                 seqs: t.seqs,
                 all: t.all,
             },
+            t.direction,
             false,
             "queued again for delivery",
         ),
@@ -421,10 +455,12 @@ async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) ->
                 seqs: t.seqs,
                 all: t.all,
             },
+            t.direction,
             false,
             "dropped",
         ),
     };
+    let direction = Direction::from(direction);
     let role = daemon::recorded_role(&settings.data_dir).unwrap_or(Role::Agent);
     let outcome: DeadLetterOutcome = parse(
         admin_call(
@@ -433,15 +469,30 @@ async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) ->
             Request::DeadLetters {
                 connection: connection.clone(),
                 action,
+                direction,
             },
         )
         .await?,
     )?;
+    let sections = [
+        (Direction::In, "inbound", &outcome.dead_letters),
+        (Direction::Out, "outbound", &outcome.outbound),
+    ];
+    let shown = sections
+        .iter()
+        .filter(|(d, _, _)| direction == Direction::Both || direction == *d);
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&outcome.dead_letters).unwrap_or_default()
-        );
+        let mut all = Vec::new();
+        for (_, label, list) in shown {
+            for d in list.iter() {
+                let mut v = serde_json::to_value(d).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("direction".into(), serde_json::Value::from(*label));
+                }
+                all.push(v);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
         return Ok(());
     }
     if !verb.is_empty() {
@@ -458,19 +509,29 @@ async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) ->
         }
     }
     let now = crate::status::now_ms();
-    if outcome.dead_letters.is_empty() {
-        println!("{connection}: no dead letters");
-    }
-    for d in &outcome.dead_letters {
-        println!(
-            "seq {:<8} id {}  {:>8} bytes  {:<10} dead {}: {}",
-            d.seq,
-            d.id,
-            d.bytes,
-            d.content_type,
-            crate::status::when(d.dead_at_ms, now),
-            d.reason
-        );
+    for (_, label, list) in shown {
+        // One direction reads as before; both say which is which.
+        let label = if direction == Direction::Both {
+            format!("{label} ")
+        } else {
+            String::new()
+        };
+        if list.is_empty() {
+            println!("{connection}: no {label}dead letters");
+        } else if !label.is_empty() {
+            println!("{connection}: {label}dead letters");
+        }
+        for d in list.iter() {
+            println!(
+                "seq {:<8} id {}  {:>8} bytes  {:<10} dead {}: {}",
+                d.seq,
+                d.id,
+                d.bytes,
+                d.content_type,
+                crate::status::when(d.dead_at_ms, now),
+                d.reason
+            );
+        }
     }
     if !outcome.missing.is_empty() {
         return Err(OpError::new(

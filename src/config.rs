@@ -735,7 +735,8 @@ impl Settings {
                 problem: problem.to_owned(),
             })
         };
-        if self.queue.max_payload_bytes == 0 || self.queue.max_payload_bytes > 256 * 1024 * 1024 {
+        // The protocol's bound keeps every batch within what a peer decodes.
+        if self.queue.max_payload_bytes == 0 || self.queue.max_payload_bytes > crate::protocol::MAX_PAYLOAD_BYTES {
             return invalid("queue.max_payload_bytes", "must be between 1 and 268435456");
         }
         if self.queue.max_messages == 0 {

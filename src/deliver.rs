@@ -1,5 +1,6 @@
 //! The webhook worker: hands one queue's messages, in order, to a local webhook; retries what
-//! may succeed later and dead-letters what the receiver refuses for good.
+//! may succeed later, dead-letters what the receiver refuses for good, and holds delivery
+//! while the webhook refuses everyone (a wrong path or an expired token).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,12 @@ use crate::status::Health;
 /// How long an in-flight webhook request may finish after shutdown begins (inside the
 /// daemon's drain deadline).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How much of a webhook's answer is read, for an error reason; the rest is dropped unread.
+const REASON_BYTES: usize = 4 * 1024;
+/// Shown at most of the answer in a reason.
+const REASON_SHOWN: usize = 200;
+/// The key of the webhook's hold in [`Health`].
+const HOLD: &str = "webhook";
 
 /// Where and how one connection's incoming payloads are delivered.
 #[derive(Debug, Clone)]
@@ -46,19 +53,55 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// The receiver refuses every message (misconfigured): hold delivery and retry later.
+    Hold {
+        /// Why, and what to check.
+        reason: String,
+        /// `Retry-After`.
+        after: Option<Duration>,
+    },
 }
 
-/// Classifies a webhook's answer: 2xx delivered; 408, 429, 5xx (and redirects, which relay
-/// does not follow) retried; every other status refused for good.
-pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
-    let snippet: String = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
+/// Statuses that say the webhook refuses everyone, not this message: a wrong path or method,
+/// a missing or expired token.
+const REFUSES_EVERYONE: [StatusCode; 5] = [
+    StatusCode::UNAUTHORIZED,
+    StatusCode::FORBIDDEN,
+    StatusCode::NOT_FOUND,
+    StatusCode::METHOD_NOT_ALLOWED,
+    StatusCode::GONE,
+];
+
+/// Classifies the answer of the webhook at `url`, on the status line alone: 2xx delivered
+/// (whatever the body); 408, 429, 5xx (and redirects, which relay does not follow) retried;
+/// 401, 403, 404, 405, 410 hold delivery; every other status refuses this message for good.
+pub fn classify(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        return Outcome::Delivered;
+    }
+    let shown = String::from_utf8_lossy(&body[..body.len().min(REASON_SHOWN)]);
+    let snippet = shown.trim();
     let reason = if snippet.is_empty() {
         format!("webhook answered {status}")
     } else {
         format!("webhook answered {status}: {snippet}")
     };
-    if status.is_success() {
-        Outcome::Delivered
+    if REFUSES_EVERYONE.contains(&status) {
+        let check = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "check deliver_to and the credentials it expects",
+            _ => "check deliver_to",
+        };
+        let said = if snippet.is_empty() {
+            String::new()
+        } else {
+            format!(" ({snippet})")
+        };
+        Outcome::Hold {
+            reason: format!(
+                "webhook {url} answers {status} to every message{said}: {check}; delivery is held, nothing is dead-lettered"
+            ),
+            after: retry_after,
+        }
     } else if status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
@@ -100,8 +143,8 @@ pub async fn attempt(client: &http::Client, hook: &Webhook, msg: &Message, timeo
             }
         }
     };
-    match client.send(req, timeout, 64 * 1024).await {
-        Ok(reply) => classify(reply.status, reply.retry_after(), &reply.body),
+    match client.send_head(req, timeout, REASON_BYTES).await {
+        Ok(reply) => classify(&hook.url, reply.status, reply.retry_after(), &reply.body),
         Err(e) => Outcome::Retry {
             reason: format!("webhook {} unreachable: {e}", hook.url),
             after: None,
@@ -165,6 +208,9 @@ pub async fn run(
             }
         };
         health.webhook_latency.observe(started.elapsed());
+        if !matches!(outcome, Outcome::Hold { .. }) && health.release(HOLD) {
+            info!(connection = %hook.connection, "the webhook answers again; delivery resumes");
+        }
         match outcome {
             Outcome::Delivered => {
                 backoff.reset();
@@ -193,10 +239,19 @@ pub async fn run(
                     info!(connection = %hook.connection, %reason, retry_in = ?delay, "webhook delivery failed; retrying");
                 }
                 health.error(reason);
-                tokio::select! {
-                    biased;
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                if !crate::retry::sleep(delay, &token).await {
+                    return;
+                }
+            }
+            Outcome::Hold { reason, after } => {
+                // Nothing is wrong with this message: keep it first and ask again later.
+                Health::add(&health.failures, 1);
+                let delay = backoff.next_delay(after);
+                if health.hold(HOLD, reason.clone()) {
+                    tracing::error!(connection = %hook.connection, %reason, retry_in = ?delay, "webhook refuses every message; holding delivery");
+                }
+                if !crate::retry::sleep(delay, &token).await {
+                    return;
                 }
             }
         }
@@ -209,20 +264,40 @@ mod tests {
 
     #[test]
     fn classification_follows_the_contract() {
-        assert_eq!(classify(StatusCode::OK, None, b""), Outcome::Delivered);
-        assert_eq!(classify(StatusCode::NO_CONTENT, None, b""), Outcome::Delivered);
+        let url = "http://127.0.0.1:9/hook";
+        let status = |s: u16| StatusCode::from_u16(s).unwrap();
+        assert_eq!(classify(url, StatusCode::OK, None, b""), Outcome::Delivered);
+        assert_eq!(classify(url, StatusCode::NO_CONTENT, None, b""), Outcome::Delivered);
+        // The status line decides: a 2xx with an error-looking body is delivered.
+        assert_eq!(
+            classify(url, StatusCode::OK, None, b"{\"error\":1}"),
+            Outcome::Delivered
+        );
         for s in [408u16, 429, 500, 502, 503, 504, 301] {
-            let o = classify(StatusCode::from_u16(s).unwrap(), None, b"");
+            let o = classify(url, status(s), None, b"");
             assert!(matches!(o, Outcome::Retry { .. }), "{s}: {o:?}");
         }
-        for s in [400u16, 401, 403, 404, 409, 413, 422] {
-            let o = classify(StatusCode::from_u16(s).unwrap(), None, b"nope");
+        for s in [400u16, 409, 413, 415, 422, 418, 451] {
+            let o = classify(url, status(s), None, b"nope");
             assert!(
                 matches!(o, Outcome::Reject { ref reason } if reason.contains("nope")),
                 "{s}: {o:?}"
             );
         }
-        let o = classify(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3)), b"");
+        // These refuse everyone: delivery holds, nothing is dead-lettered.
+        for s in [401u16, 403, 404, 405, 410] {
+            let o = classify(url, status(s), Some(Duration::from_secs(2)), b"");
+            let Outcome::Hold { reason, after } = o else {
+                panic!("{s}: {o:?}")
+            };
+            assert!(
+                reason.starts_with(&format!("webhook {url} answers {} to every message", status(s))),
+                "{reason}"
+            );
+            assert!(reason.contains("check deliver_to"), "{reason}");
+            assert_eq!(after, Some(Duration::from_secs(2)));
+        }
+        let o = classify(url, StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3)), b"");
         assert_eq!(
             o,
             Outcome::Retry {

@@ -614,6 +614,41 @@ impl Client {
             Err(_) => Err(ClientError::Timeout(deadline)),
         }
     }
+
+    /// Sends a request and returns once the status line and headers arrived within
+    /// `deadline`, with at most `keep` bytes of the body (for an error reason). The rest of
+    /// the body is dropped unread, and a body that breaks off or stalls after the status line
+    /// is no error: a caller that decides on the status alone (webhook delivery) must not fail
+    /// an answer the receiver already gave.
+    pub async fn send_head(&self, req: Request<Body>, deadline: Duration, keep: usize) -> Result<Reply, ClientError> {
+        let started = tokio::time::Instant::now();
+        let resp = match tokio::time::timeout(deadline, self.inner.request(req)).await {
+            Ok(r) => r.map_err(|e| ClientError::Transport(error_chain(&e)))?,
+            Err(_) => return Err(ClientError::Timeout(deadline)),
+        };
+        let (parts, mut body) = resp.into_parts();
+        let mut prefix = bytes::BytesMut::new();
+        let read_prefix = async {
+            while prefix.len() < keep {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            let take = data.len().min(keep - prefix.len());
+                            prefix.extend_from_slice(&data[..take]);
+                        }
+                    }
+                    // The end, or a body cut off: what arrived is all the reason we get.
+                    Some(Err(_)) | None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(started + deadline, read_prefix).await;
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: prefix.freeze(),
+        })
+    }
 }
 
 /// Builds a request with a body.

@@ -13,6 +13,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const CONTENT_TYPE: &str = "application/x-relay-bincode";
 /// Header naming the protocol version on every request.
 pub const VERSION_HEADER: &str = "relay-protocol";
+/// Header on every poll: the largest payload the agent stores (its `queue.max_payload_bytes`),
+/// so the node never sends a message the agent cannot take. A header rather than a field keeps
+/// the wire format, and so [`PROTOCOL_VERSION`], unchanged; a node that does not know it
+/// ignores it.
+pub const MAX_PAYLOAD_HEADER: &str = "relay-max-payload";
 
 /// Path: redeem an invitation.
 pub const REDEEM_PATH: &str = "/v1/redeem";
@@ -33,13 +38,34 @@ pub const MAX_BATCH_MESSAGES: usize = 512;
 pub const BATCH_TARGET_BYTES: usize = 4 * 1024 * 1024;
 /// Longest wait a node grants a long-poll, whatever the agent asks.
 pub const MAX_POLL_WAIT_MS: u64 = 120_000;
-/// Overhead allowed on top of payload bytes in a batch (ids, content types, framing).
-pub const BATCH_OVERHEAD_BYTES: usize = 64 * 1024;
+/// The largest `queue.max_payload_bytes` a configuration may set.
+pub const MAX_PAYLOAD_BYTES: u64 = 256 * 1024 * 1024;
+/// Longest message id ([`valid_message_id`]).
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest content type ([`valid_content_type`]).
+pub const MAX_CONTENT_TYPE_BYTES: usize = 255;
+/// Encoded size of one message beyond its payload, at most: id and content type at their
+/// longest, and a varint (≤ 9 bytes) for each of seq, time and the three lengths.
+const MESSAGE_OVERHEAD_BYTES: usize = MAX_ID_BYTES + MAX_CONTENT_TYPE_BYTES + 5 * 9;
+/// Overhead allowed on top of payload bytes in a batch: every message at its largest
+/// overhead, plus the envelope (version, count, state, high-water mark).
+pub const BATCH_OVERHEAD_BYTES: usize = MAX_BATCH_MESSAGES * MESSAGE_OVERHEAD_BYTES + 1024;
 
-/// Upper bound of an encoded batch, given the largest payload accepted.
-pub fn max_batch_bytes(max_payload: usize) -> usize {
-    BATCH_TARGET_BYTES.max(max_payload) + max_payload + BATCH_OVERHEAD_BYTES
+/// Upper bound of an encoded batch, given the largest payload accepted. A batch is cut at
+/// [`BATCH_TARGET_BYTES`] of payload unless its first message alone is larger (and then it
+/// travels alone), so its payload never exceeds the larger of the two.
+pub const fn max_batch_bytes(max_payload: usize) -> usize {
+    let payload = if max_payload > BATCH_TARGET_BYTES {
+        max_payload
+    } else {
+        BATCH_TARGET_BYTES
+    };
+    payload + BATCH_OVERHEAD_BYTES
 }
+
+/// The decoder's (and encoder's) size limit: the largest batch the largest allowed payload
+/// limit can produce, so no configuration can build a batch its peer refuses to decode.
+pub const MAX_ENCODED_BYTES: usize = max_batch_bytes(MAX_PAYLOAD_BYTES as usize);
 
 /// One queued payload on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -218,13 +244,13 @@ pub mod codes {
 /// A content type relay accepts: 1–255 visible ASCII characters or spaces (it becomes an
 /// HTTP header on the way out).
 pub fn valid_content_type(ct: &str) -> bool {
-    !ct.is_empty() && ct.len() <= 255 && ct.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+    !ct.is_empty() && ct.len() <= MAX_CONTENT_TYPE_BYTES && ct.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
 /// A message id relay accepts: 1–128 of `A–Z a–z 0–9 - _ .`.
 pub fn valid_message_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= MAX_ID_BYTES
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -272,18 +298,42 @@ pub enum ProtocolError {
     /// Another protocol version.
     #[error("peer speaks protocol version {0}; this relay speaks {PROTOCOL_VERSION}")]
     Version(u16),
+    /// A value could not be encoded (larger than [`MAX_ENCODED_BYTES`]).
+    #[error("cannot encode {what}: {detail}")]
+    Encode {
+        /// Which type.
+        what: &'static str,
+        /// Encoder's message.
+        detail: String,
+    },
 }
 
 fn bincode_config() -> impl bincode::config::Config {
     // Explicit limit: a hostile length prefix cannot make the decoder allocate more than this.
-    bincode::config::standard().with_limit::<{ 256 * 1024 * 1024 }>()
+    bincode::config::standard().with_limit::<MAX_ENCODED_BYTES>()
 }
 
-/// Encodes a wire value.
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Encoding plain structs into a Vec cannot fail except on the size limit, which the batch
-    // limits keep us far below.
-    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+/// Encodes a wire value; fails (rather than sending an empty body) when it is larger than
+/// the peer could decode.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
+    encode_within(value, MAX_ENCODED_BYTES)
+}
+
+fn encode_within<T: Serialize>(value: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
+    let what = std::any::type_name::<T>().rsplit("::").next().unwrap_or("value");
+    let raw = bincode::serde::encode_to_vec(value, bincode_config()).map_err(|e| ProtocolError::Encode {
+        what,
+        detail: e.to_string(),
+    })?;
+    // bincode applies its limit when decoding only: check here, so the peer never receives a
+    // body it would refuse.
+    if raw.len() > limit {
+        return Err(ProtocolError::Encode {
+            what,
+            detail: format!("{} bytes is more than the {limit} bytes a peer decodes", raw.len()),
+        });
+    }
+    Ok(raw)
 }
 
 /// Decodes a wire value, refusing trailing bytes.
@@ -367,14 +417,14 @@ mod tests {
     #[test]
     fn batch_round_trip_is_compact() {
         let b = batch(10);
-        let raw = encode(&b);
+        let raw = encode(&b).unwrap();
         assert!(raw.len() < 10 * (1024 + 64), "{} bytes", raw.len());
         assert_eq!(decode::<PushRequest>("batch", &raw).unwrap(), b);
     }
 
     #[test]
     fn trailing_bytes_are_refused() {
-        let mut raw = encode(&batch(1));
+        let mut raw = encode(&batch(1)).unwrap();
         raw.push(0);
         assert!(decode::<PushRequest>("batch", &raw).is_err());
     }
@@ -384,6 +434,55 @@ mod tests {
         // version 1, then a message count claiming u64::MAX entries.
         let raw = [1u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
         assert!(decode::<PushRequest>("batch", &raw).is_err());
+    }
+
+    /// The largest message a batch can carry, with every field at its longest.
+    fn widest(seq: u64, body: usize) -> WireMessage {
+        WireMessage {
+            seq: u64::MAX - 1000 + seq,
+            id: "i".repeat(MAX_ID_BYTES),
+            content_type: "t".repeat(MAX_CONTENT_TYPE_BYTES),
+            enqueued_at_ms: u64::MAX,
+            body: vec![7; body],
+        }
+    }
+
+    #[test]
+    fn the_widest_batches_fit_their_bound() {
+        // Many small messages up to the batch target, each with the longest id and type.
+        let each = BATCH_TARGET_BYTES / MAX_BATCH_MESSAGES;
+        let many = PushRequest {
+            version: PROTOCOL_VERSION,
+            messages: (0..MAX_BATCH_MESSAGES as u64).map(|i| widest(i, each)).collect(),
+        };
+        let raw = encode(&many).unwrap();
+        assert!(
+            raw.len() <= max_batch_bytes(each),
+            "{} > {}",
+            raw.len(),
+            max_batch_bytes(each)
+        );
+        // One message above the target travels alone.
+        let big = BATCH_TARGET_BYTES + 1000;
+        let alone = PollResponse {
+            version: PROTOCOL_VERSION,
+            state: LinkState::Active,
+            messages: vec![widest(0, big)],
+            max_payload_bytes: u64::MAX,
+        };
+        let raw = encode(&alone).unwrap();
+        assert!(raw.len() <= max_batch_bytes(big));
+        assert_eq!(decode::<PollResponse>("poll", &raw).unwrap(), alone);
+    }
+
+    // A configuration at the largest payload limit still produces batches the decoder takes.
+    const _: () = assert!(max_batch_bytes(MAX_PAYLOAD_BYTES as usize) <= MAX_ENCODED_BYTES);
+
+    #[test]
+    fn encoding_beyond_the_limit_fails_loudly() {
+        let err = encode_within(&batch(2), 1000).unwrap_err();
+        assert!(err.to_string().starts_with("cannot encode PushRequest: "), "{err}");
+        assert!(encode_within(&batch(2), 10_000).is_ok());
     }
 
     proptest! {
@@ -397,7 +496,7 @@ mod tests {
         #[test]
         fn poll_round_trip(after in any::<u64>(), wait in any::<u64>()) {
             let p = PollRequest { version: PROTOCOL_VERSION, after, wait_ms: wait };
-            prop_assert_eq!(decode::<PollRequest>("poll", &encode(&p)).unwrap(), p);
+            prop_assert_eq!(decode::<PollRequest>("poll", &encode(&p).unwrap()).unwrap(), p);
         }
     }
 }

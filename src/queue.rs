@@ -781,6 +781,38 @@ impl Queue {
         Ok(true)
     }
 
+    /// Puts dead letter `seq` back at the END of a queue this side numbers (an outbox), under
+    /// a new sequence number and its own message id; `None` when there is no such dead letter.
+    /// Its old number is at or below the peer's high-water mark, so the peer would skip it
+    /// there. The message goes in before the dead letter goes out: a crash between keeps both.
+    /// Durable after the next [`Store::flush`].
+    pub fn requeue_dead_letter(&self, seq: u64) -> Result<Option<u64>, QueueError> {
+        self.check()?;
+        let mut st = lock(&self.shared.state);
+        let dk = key(DEAD_PREFIX, seq);
+        let Some(raw) = self.shared.tree.get(dk).map_err(|e| self.storage(e))? else {
+            return Ok(None);
+        };
+        let len = raw.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+        let stored = len
+            .and_then(|l| raw.get(4 + l as usize..))
+            .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+        let size = stored_body_len(stored) as u64;
+        let limits = st.limits;
+        self.check_room(&st.counters, &limits, 1, size)?;
+        let new_seq = st.counters.last_seq + 1;
+        self.shared
+            .tree
+            .insert(key(MSG_PREFIX, new_seq), stored)
+            .map_err(|e| self.storage(e))?;
+        st.counters.last_seq = new_seq;
+        st.counters.count += 1;
+        st.counters.bytes += size;
+        self.shared.tree.remove(dk).map_err(|e| self.storage(e))?;
+        st.counters.dead = st.counters.dead.saturating_sub(1);
+        Ok(Some(new_seq))
+    }
+
     /// Deletes dead letter `seq` for good; `false` when there is no such dead letter.
     pub fn drop_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
         self.check()?;

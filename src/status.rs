@@ -46,6 +46,9 @@ pub struct Health {
     /// Webhook request durations.
     pub webhook_latency: Histogram,
     last_error: Mutex<Option<LastError>>,
+    /// Conditions that hold this connection's work until they clear, by what holds it
+    /// (e.g. "webhook", "credential"): shown by status and `/readyz`.
+    holds: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 /// The most recent problem, with when it happened.
@@ -75,6 +78,34 @@ impl Health {
     /// happened while nobody was looking.
     pub fn last_error(&self) -> Option<LastError> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Holds work for `reason` (also the last error); true when that is news (not held, or
+    /// held for another reason), so callers log once per change.
+    pub fn hold(&self, what: &'static str, reason: impl Into<String>) -> bool {
+        let reason = reason.into();
+        self.error(reason.clone());
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.insert(what, reason.clone()).as_ref() != Some(&reason)
+    }
+
+    /// Clears the hold of `what`; true when there was one.
+    pub fn release(&self, what: &'static str) -> bool {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(what)
+            .is_some()
+    }
+
+    /// Why work is held, if it is.
+    pub fn holds(&self) -> Vec<String> {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A counter's value.

@@ -133,7 +133,8 @@ async fn a_lost_redeem_answer_is_retried_with_the_same_nonce() {
             client_nonce: nonce.to_owned(),
             instance_name: "agent".into(),
             host: "host".into(),
-        });
+        })
+        .unwrap();
         let req =
             relay::http::request(relay::http::Method::POST, &format!("{}/v1/redeem", inv.url), &[], body).unwrap();
         let client = client.clone();
@@ -161,7 +162,8 @@ async fn a_lost_redeem_answer_is_retried_with_the_same_nonce() {
             version: protocol::PROTOCOL_VERSION,
             after: 0,
             wait_ms: 1,
-        });
+        })
+        .unwrap();
         let auth = format!("Bearer {cred}");
         let req = relay::http::request(
             relay::http::Method::POST,

@@ -162,3 +162,147 @@ async fn webhook_down_then_back_and_permanent_rejections() {
     node.task.await.unwrap().unwrap();
     agent.task.await.unwrap().unwrap();
 }
+
+/// A webhook whose every answer is the current `(status, body bytes)`; records what arrives.
+struct Hook {
+    url: String,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    answer: std::sync::Arc<std::sync::Mutex<(u16, usize)>>,
+    _token: tokio_util::sync::DropGuard,
+}
+
+impl Hook {
+    async fn start() -> Hook {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((200, 0)));
+        let token = CancellationToken::new();
+        let a = answer.clone();
+        tokio::spawn(relay::http::serve(
+            listener,
+            relay::http::ServerOptions {
+                tls: None,
+                max_connections: 64,
+                name: "hook",
+            },
+            move |req, _| {
+                let (tx, a) = (tx.clone(), a.clone());
+                async move {
+                    let body = relay::http::read_body(req.into_body(), 1 << 20)
+                        .await
+                        .unwrap_or_default();
+                    let _ = tx.send(body.to_vec());
+                    let (status, size) = *a.lock().unwrap();
+                    relay::http::bytes(
+                        relay::http::StatusCode::from_u16(status).unwrap(),
+                        "text/plain",
+                        vec![b'x'; size],
+                    )
+                }
+            },
+            token.clone(),
+        ));
+        Hook {
+            url,
+            rx,
+            answer,
+            _token: token.drop_guard(),
+        }
+    }
+
+    fn answer(&self, status: u16, size: usize) {
+        *self.answer.lock().unwrap() = (status, size);
+    }
+
+    async fn next(&mut self) -> Vec<u8> {
+        tokio::time::timeout(DEADLINE, self.rx.recv()).await.unwrap().unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_2xx_answer_is_delivered_once_and_a_webhook_refusing_everyone_holds_delivery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    // The public application's webhook is gone (410) from the start.
+    let mut node_hook = Hook::start().await;
+    node_hook.answer(410, 0);
+    let mut node_settings = in_process(&tmp.path().join("node"));
+    node_settings.node.deliver_to = Some(node_hook.url.clone());
+    let node = relay::daemon::start_node(node_settings, token.clone()).await.unwrap();
+    let agent = relay::daemon::start_agent(in_process(&tmp.path().join("agent")), token.clone())
+        .await
+        .unwrap();
+    let agent_api = format!("http://{}", agent.info.api.clone().unwrap());
+    let mut hook = Hook::start().await;
+    connect(&node.side, &agent.side, &hook.url).await;
+    let api = format!("http://{}", node.info.api.clone().unwrap());
+    let http = client();
+
+    // 200 with 100 KiB of body: delivered, once, and the next message follows.
+    hook.answer(200, 100 * 1024);
+    for body in ["big-answer", "next"] {
+        assert_eq!(post(&http, &api, "c", body.into(), &[]).await.unwrap().0, 202);
+    }
+    assert_eq!(hook.next().await, b"big-answer");
+    assert_eq!(hook.next().await, b"next", "delivered once, not again");
+    wait_for("both to leave the queue", || async {
+        let s = agent.side.status().unwrap().remove(0);
+        (s.inbound.depth == 0).then_some(())
+    })
+    .await;
+
+    // 404 to everything (a wrong path): delivery holds, nothing is dead-lettered, and status
+    // and /readyz say why.
+    hook.answer(404, 10 * 1024);
+    for body in ["held-1", "held-2"] {
+        assert_eq!(post(&http, &api, "c", body.into(), &[]).await.unwrap().0, 202);
+    }
+    assert_eq!(hook.next().await, b"held-1");
+    assert_eq!(
+        hook.next().await,
+        b"held-1",
+        "the same message is asked again, not dead-lettered"
+    );
+    let why = wait_for("/readyz to say why delivery holds", || async {
+        let (status, body) = get(&http, &format!("{agent_api}/readyz")).await;
+        (status == 503 && body.contains("answers 404 Not Found to every message")).then_some(body)
+    })
+    .await;
+    assert!(why.contains(&hook.url) && why.contains("check deliver_to"), "{why}");
+    let s = agent.side.status().unwrap().remove(0);
+    assert_eq!((s.inbound.dead_letters, s.inbound.depth), (0, 2), "{s:?}");
+    assert!(s.last_error.unwrap().message.contains("404 Not Found"));
+
+    // The same on the node, for the other direction.
+    let intake = agent_api.clone();
+    assert_eq!(
+        post(&http, &intake, "c", b"to-public".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(node_hook.next().await, b"to-public");
+    let why = wait_for("the node's /readyz to say why", || async {
+        let (status, body) = get(&http, &format!("{api}/readyz")).await;
+        (status == 503 && body.contains("answers 410 Gone to every message")).then_some(body)
+    })
+    .await;
+    assert!(why.contains(&node_hook.url), "{why}");
+    let s = node.side.connections().unwrap().remove(0);
+    assert_eq!((s.inbound.dead_letters, s.inbound.depth), (0, 1), "{s:?}");
+
+    // deliver_to fixed: both arrive in order, and the hold clears.
+    hook.answer(200, 0);
+    let mut seen = Vec::new();
+    while seen.last().map(Vec::as_slice) != Some(b"held-2".as_slice()) {
+        seen.push(hook.next().await);
+    }
+    // Attempts already on their way when it was fixed answered 404; then each once, in order.
+    assert!(seen[..seen.len() - 1].iter().all(|b| b == b"held-1"), "{seen:?}");
+    wait_for("/readyz to recover", || async {
+        (get(&http, &format!("{agent_api}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    token.cancel();
+    node.task.await.unwrap().unwrap();
+    agent.task.await.unwrap().unwrap();
+}

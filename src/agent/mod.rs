@@ -231,6 +231,14 @@ impl Agent {
         Ok(self.queues(name)?.1)
     }
 
+    /// The queue of payloads for the node on `name`.
+    pub fn outbound_queue(&self, name: &str) -> OpResult<Queue> {
+        if self.get(name)?.is_none() {
+            return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
+        }
+        Ok(self.queues(name)?.0)
+    }
+
     /// Every connection.
     pub fn list(&self) -> OpResult<Vec<AgentConnection>> {
         Ok(self.inner.connections.list()?.into_iter().map(|(_, v)| v).collect())
@@ -405,7 +413,7 @@ impl Agent {
         let timeout = self.inner.settings.agent.request_timeout;
         let client = http::Client::https_only(tls, timeout, &self.inner.settings.proxy_config());
         let url = format!("{}{}", invitation.url, protocol::REDEEM_PATH);
-        let body = protocol::encode(request);
+        let body = protocol::encode(request).map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
         let mut backoff = crate::retry::Backoff::new(Duration::from_millis(300), Duration::from_secs(3));
         let mut attempt = 0;
         let reply = loop {
@@ -699,10 +707,16 @@ impl IntakeTarget for Agent {
         let statuses = self.status().map_err(|e| e.message)?;
         let mut problems = Vec::new();
         for s in statuses.iter().filter(|s| s.state != "revoked") {
-            let contact = self
-                .link(&s.name)
+            let link = self.link(&s.name);
+            let contact = link
+                .as_ref()
                 .map(|l| Health::get(&l.health.last_contact_ms))
                 .unwrap_or(0);
+            // What holds the connection (unknown credential, sequence conflict, a webhook that
+            // refuses everyone) says why it is not delivering.
+            if let Some(l) = &link {
+                problems.extend(l.health.holds().into_iter().map(|h| format!("{}: {h}", s.name)));
+            }
             if contact == 0 {
                 problems.push(format!("{}: not connected to the node yet", s.name));
             } else if now_ms().saturating_sub(contact) > silence {

@@ -7,7 +7,7 @@ pub mod server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
@@ -40,6 +40,8 @@ pub struct Link {
     pub active_tx: watch::Sender<bool>,
     /// Set once revoked; parked polls see it when `active_tx` changes.
     pub revoked: AtomicBool,
+    /// The largest payload the agent takes, as its last poll said (0: not known).
+    pub agent_max_payload: AtomicU64,
 }
 
 struct Runtime {
@@ -145,6 +147,14 @@ impl Node {
         Ok(self.queues(name)?.1)
     }
 
+    /// The queue of payloads for the agent of `name`.
+    pub fn outbound_queue(&self, name: &str) -> OpResult<Queue> {
+        if self.inner.registry.get(name)?.is_none() {
+            return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
+        }
+        Ok(self.queues(name)?.0)
+    }
+
     /// Every connection with its live state.
     pub fn connections(&self) -> OpResult<Vec<ConnectionStatus>> {
         let records = self.inner.registry.list()?;
@@ -213,6 +223,7 @@ impl Node {
             health: Arc::new(Health::default()),
             active_tx,
             revoked: AtomicBool::new(rec.revoked),
+            agent_max_payload: AtomicU64::new(0),
         });
         links.insert(rec.name.clone(), link.clone());
         let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
@@ -368,14 +379,25 @@ impl IntakeTarget for Node {
         })
     }
 
+    fn max_payload(&self, name: &str) -> Option<usize> {
+        let agent = self.link(name)?.agent_max_payload.load(Ordering::Relaxed);
+        (agent > 0).then_some(agent as usize)
+    }
+
     fn ready(&self) -> Result<String, String> {
         self.inner.store.check().map_err(|e| e.to_string())?;
         let statuses = self.connections().map_err(|e| e.message)?;
-        let problems: Vec<String> = statuses
+        let mut problems: Vec<String> = statuses
             .iter()
             .filter(|s| s.state == "active")
             .flat_map(|s| crate::status::stale_queues(s, self.inner.settings.queue.ready_max_age))
             .collect();
+        // A webhook that refuses everyone holds delivery: say why.
+        for s in &statuses {
+            if let Some(link) = self.link(&s.name) {
+                problems.extend(link.health.holds().into_iter().map(|h| format!("{}: {h}", s.name)));
+            }
+        }
         if problems.is_empty() {
             Ok(format!("serving {} connection(s)", statuses.len()))
         } else {

@@ -25,7 +25,15 @@ fn deny(d: Denied) -> Response<Body> {
 }
 
 fn bincode_reply<T: serde::Serialize>(value: &T) -> Response<Body> {
-    http::bytes(StatusCode::OK, protocol::CONTENT_TYPE, protocol::encode(value))
+    match protocol::encode(value) {
+        Ok(raw) => http::bytes(StatusCode::OK, protocol::CONTENT_TYPE, raw),
+        // The limits are built so this cannot happen; if it does, say so rather than answer
+        // with an empty body the agent would misread.
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an answer to the agent");
+            http::error(StatusCode::INTERNAL_SERVER_ERROR, codes::TOO_LARGE, e.to_string())
+        }
+    }
 }
 
 fn bad_request(e: impl std::fmt::Display) -> Response<Body> {
@@ -142,7 +150,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
         Ok(l) => l,
         Err(r) => return r,
     };
-    let (_, raw) = match body(req, protocol::MAX_POLL_REQUEST_BYTES).await {
+    let (headers, raw) = match body(req, protocol::MAX_POLL_REQUEST_BYTES).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -177,6 +185,12 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
         Duration::from_millis(request.wait_ms.min(protocol::MAX_POLL_WAIT_MS)).min(node.settings().node.poll_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut active_rx = link.active_tx.subscribe();
+    // The largest payload the agent takes (an agent that does not say takes any): a larger
+    // message would be refused by it on every poll, so it is dead-lettered here instead, and
+    // the intake refuses such payloads from now on.
+    let agent_limit = http::header(&headers, protocol::MAX_PAYLOAD_HEADER).and_then(|v| v.trim().parse::<u64>().ok());
+    link.agent_max_payload
+        .store(agent_limit.unwrap_or(0), Ordering::Relaxed);
     loop {
         if link.revoked.load(Ordering::SeqCst) {
             return revoked(&link.name);
@@ -192,6 +206,27 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
                 Ok(m) => m,
                 Err(e) => return crate::intake::queue_error_response(&e),
             };
+            let (messages, too_big): (Vec<Message>, Vec<Message>) = messages
+                .into_iter()
+                .partition(|m| agent_limit.is_none_or(|limit| m.body.len() as u64 <= limit));
+            for m in &too_big {
+                let reason = format!(
+                    "{} bytes is more than the agent accepts ({} bytes, its queue.max_payload_bytes)",
+                    m.body.len(),
+                    agent_limit.unwrap_or_default()
+                );
+                warn!(connection = %link.name, id = %m.id, seq = m.seq, %reason, "dead-lettering an outbound message");
+                Health::add(&link.health.dead_lettered, 1);
+                link.health
+                    .error(format!("outbound message {} dead-lettered: {reason}", m.id));
+                if let Err(e) = link.outbox.dead_letter(m, &reason) {
+                    return crate::intake::queue_error_response(&e);
+                }
+            }
+            if messages.is_empty() && !too_big.is_empty() {
+                // Everything read was set aside: read on.
+                continue;
+            }
             if !messages.is_empty() {
                 Health::add(&link.health.sent, messages.len() as u64);
                 Health::add(
