@@ -622,13 +622,23 @@ impl Store {
     /// The queue called `name`, created empty on first use. Opening reads the counters record
     /// and the messages appended after it, never the whole queue.
     pub fn queue(&self, name: &str, limits: Limits) -> Result<Queue, QueueError> {
-        let mut queues = lock(&self.inner.queues);
-        if let Some(shared) = queues.get(name) {
-            lock(&shared.state).limits = limits;
-            return Ok(Queue { shared: shared.clone() });
+        let known = |queues: &HashMap<String, Arc<QueueShared>>| {
+            queues.get(name).map(|shared| {
+                lock(&shared.state).limits = limits;
+                Queue { shared: shared.clone() }
+            })
+        };
+        if let Some(q) = known(&lock(&self.inner.queues)) {
+            return Ok(q);
         }
+        // Recovered without the map's lock, which the flush thread takes before every flush.
+        // Two first uses at once both recover (the same answer); the first to register wins.
         let tree = self.inner.db.open_tree(format!("queue/{name}"))?;
         let recovered = recover(&tree, name)?;
+        let mut queues = lock(&self.inner.queues);
+        if let Some(q) = known(&queues) {
+            return Ok(q);
+        }
         let counters = recovered.counters;
         let (durable_tx, _) = watch::channel(counters.last_seq);
         let needs_recount = recovered.recount.is_some();
