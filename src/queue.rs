@@ -196,6 +196,8 @@ const CLEAN: u8 = 1;
 /// never sends a batch before the previous one is answered, so a true retry is never older
 /// than two batches.
 pub const RECENT_IDS: u64 = 2 * crate::protocol::MAX_BATCH_MESSAGES as u64;
+/// Messages `remove_through` removes per step, holding the queue's lock only that long.
+const REMOVE_STEP: usize = 256;
 /// Keys a background recount reads per step, holding the queue's lock only that long.
 const RECOUNT_CHUNK: usize = 64;
 
@@ -847,7 +849,10 @@ fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply
             let mut st = lock(&q.state);
             if st.dirty && !st.closed {
                 match q.tree.insert(COUNTERS_KEY, &encode_counters(&st.counters, false)[..]) {
-                    Ok(_) => st.dirty = false,
+                    Ok(_) => {
+                        st.dirty = false;
+                        st.persisted_hw = st.counters.last_seq;
+                    }
                     Err(e) => result = Err(fail(&inner, format!("saving queue counters: {e}"))),
                 }
             }
@@ -1110,7 +1115,7 @@ impl Queue {
         let mut st = self.writable()?;
         let high_water = st.counters.last_seq;
         for m in msgs.iter().take_while(|m| m.seq <= high_water) {
-            let held = if high_water - m.seq < RECENT_IDS {
+            let mut held = if high_water - m.seq < RECENT_IDS {
                 self.shared
                     .tree
                     .get(key(RECENT_PREFIX, m.seq))
@@ -1119,6 +1124,16 @@ impl Queue {
             } else {
                 None
             };
+            if held.is_none() {
+                // Still queued (or taken before ids were remembered): the message itself says.
+                held = self
+                    .shared
+                    .tree
+                    .get(key(MSG_PREFIX, m.seq))
+                    .map_err(|e| self.storage(e))?
+                    .and_then(|raw| decode_message(m.seq, &raw))
+                    .map(|stored| stored.id);
+            }
             if held.as_deref() != Some(m.id.as_str()) {
                 return Err(QueueError::SequenceConflict {
                     queue: self.shared.name.clone(),
@@ -1257,13 +1272,26 @@ impl Queue {
     /// the next hop) and records `seq` as acknowledged. Not flushed: after a crash they are
     /// handed on again, never lost. Reads only the keys it removes.
     pub fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
+        let mut removed = 0;
+        loop {
+            // In steps, the lock released between them: the flush thread takes it too.
+            let (n, more) = self.remove_through_step(seq, REMOVE_STEP)?;
+            removed += n;
+            if !more {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Removes up to `max` messages at or below `seq`; true when more may be left.
+    fn remove_through_step(&self, seq: u64, max: usize) -> Result<(u64, bool), QueueError> {
         let mut st = self.writable()?;
         if seq > st.counters.acked {
             st.counters.acked = seq.min(st.counters.last_seq);
             st.dirty = true;
         }
         let mut removed = 0;
-        loop {
+        while removed < max as u64 {
             // Removed keys are gone from the tree, so each lookup finds the next one at once.
             let next = self
                 .shared
@@ -1272,7 +1300,9 @@ impl Queue {
                 .next()
                 .transpose()
                 .map_err(|e| self.storage(e))?;
-            let Some((k, _)) = next else { break };
+            let Some((k, _)) = next else {
+                return Ok((removed, false));
+            };
             if removed == 0 {
                 self.persist_high_water(&mut st)?;
             }
@@ -1281,7 +1311,7 @@ impl Queue {
                 removed += 1;
             }
         }
-        Ok(removed)
+        Ok((removed, true))
     }
 
     /// A receiver that changes whenever a message reappears in the queue without the durable
@@ -1897,6 +1927,8 @@ mod tests {
         for chunk in (1..=n).collect::<Vec<_>>().chunks(512) {
             q.append_remote(&chunk.iter().map(|&s| remote(s)).collect::<Vec<_>>()).unwrap();
         }
+        assert!(q.append_remote(&[remote(1)]).is_ok(), "still queued: the message itself says");
+        q.remove_through(n).unwrap();
         match q.append_remote(&[remote(1)]) {
             Err(QueueError::SequenceConflict { held_id: None, high_water, .. }) => assert_eq!(high_water, n),
             other => panic!("expected a conflict, got {other:?}"),
