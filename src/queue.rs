@@ -296,7 +296,11 @@ fn decode_counters(raw: &[u8]) -> Option<(Counters, bool)> {
     if raw.first() != Some(&RECORD_VERSION) || raw.len() != 50 {
         return None;
     }
-    let f = |i: usize| raw.get(2 + 8 * i..10 + 8 * i).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    let f = |i: usize| {
+        raw.get(2 + 8 * i..10 + 8 * i)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
     let c = Counters {
         last_seq: f(0)?,
         sums: Sums {
@@ -500,8 +504,18 @@ fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
         };
         // A new queue, or one written before counters were persisted: one full count, once.
         let mut sums = Sums::default();
-        let (m, rm) = tally(tree, List::Messages, key(MSG_PREFIX, 0)..=key(MSG_PREFIX, u64::MAX), &mut sums)?;
-        let (d, rd) = tally(tree, List::Dead, key(DEAD_PREFIX, 0)..=key(DEAD_PREFIX, u64::MAX), &mut sums)?;
+        let (m, rm) = tally(
+            tree,
+            List::Messages,
+            key(MSG_PREFIX, 0)..=key(MSG_PREFIX, u64::MAX),
+            &mut sums,
+        )?;
+        let (d, rd) = tally(
+            tree,
+            List::Dead,
+            key(DEAD_PREFIX, 0)..=key(DEAD_PREFIX, u64::MAX),
+            &mut sums,
+        )?;
         // Idempotency keys from before the expiry index get their entries, so they are pruned.
         for item in tree.scan_prefix([IDEM_PREFIX]) {
             let (k, v) = item?;
@@ -540,7 +554,10 @@ fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
     let above = |p| key(p, boundary.saturating_add(1))..=key(p, u64::MAX);
     let (m, rm) = tally(tree, List::Messages, above(MSG_PREFIX), &mut tail)?;
     let (d, rd) = tally(tree, List::Dead, above(DEAD_PREFIX), &mut tail)?;
-    let legacy_hw = tree.get(LEGACY_STATE_KEY)?.and_then(|raw| decode_high_water(&raw)).unwrap_or(0);
+    let legacy_hw = tree
+        .get(LEGACY_STATE_KEY)?
+        .and_then(|raw| decode_high_water(&raw))
+        .unwrap_or(0);
     let counters = Counters {
         last_seq: boundary.max(m).max(d).max(legacy_hw),
         sums: record.sums.plus(tail),
@@ -706,7 +723,9 @@ impl Store {
     /// still writes everything else, the worst case for counters recovered on the next open).
     #[cfg(test)]
     fn close_uncleanly(self) {
-        self.inner.clean_close.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .clean_close
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A table of JSON records called `name`.
@@ -1307,7 +1326,12 @@ impl Queue {
                 self.persist_high_water(&mut st)?;
             }
             if let Some(v) = self.shared.tree.remove(&k).map_err(|e| self.storage(e))? {
-                st.change(List::Messages, seq_of(&k).unwrap_or(0), false, stored_body_len(&v) as u64);
+                st.change(
+                    List::Messages,
+                    seq_of(&k).unwrap_or(0),
+                    false,
+                    stored_body_len(&v) as u64,
+                );
                 removed += 1;
             }
         }
@@ -1840,13 +1864,22 @@ mod tests {
             store.close_uncleanly();
         }
         let store = reopen(dir.path());
-        store.inner.auto_recount.store(false, std::sync::atomic::Ordering::Relaxed);
+        store
+            .inner
+            .auto_recount
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let q = store.queue("c/out", ROOMY).unwrap();
         let read_at_open = q.keys_read_for_counters();
-        assert!(read_at_open <= 10, "opening read {read_at_open} keys, only the tail of 10 appends");
+        assert!(
+            read_at_open <= 10,
+            "opening read {read_at_open} keys, only the tail of 10 appends"
+        );
         let s = q.stats();
         assert_eq!(s.last_seq, 1010, "appends after the record are counted exactly");
-        assert!(s.depth >= 310 && s.bytes >= 300 * 3 + 50, "an estimate never under-counts: {s:?}");
+        assert!(
+            s.depth >= 310 && s.bytes >= 300 * 3 + 50,
+            "an estimate never under-counts: {s:?}"
+        );
         // The recount the open starts in the background, started by hand here to measure it.
         let weak = Arc::downgrade(&q.shared);
         std::thread::spawn(move || recount(weak));
@@ -1854,7 +1887,10 @@ mod tests {
             .await
             .unwrap();
         let s = q.stats();
-        assert_eq!((s.depth, s.bytes, s.dead_letters, s.dead_letter_bytes), (310, 300 * 3 + 50, 1, 3));
+        assert_eq!(
+            (s.depth, s.bytes, s.dead_letters, s.dead_letter_bytes),
+            (310, 300 * 3 + 50, 1, 3)
+        );
         assert_eq!(q.append(msg("n"), None).unwrap().seq, 1011);
     }
 
@@ -1925,15 +1961,26 @@ mod tests {
         let q = store.queue("c/in", ROOMY).unwrap();
         let n = RECENT_IDS + 300;
         for chunk in (1..=n).collect::<Vec<_>>().chunks(512) {
-            q.append_remote(&chunk.iter().map(|&s| remote(s)).collect::<Vec<_>>()).unwrap();
+            q.append_remote(&chunk.iter().map(|&s| remote(s)).collect::<Vec<_>>())
+                .unwrap();
         }
-        assert!(q.append_remote(&[remote(1)]).is_ok(), "still queued: the message itself says");
+        assert!(
+            q.append_remote(&[remote(1)]).is_ok(),
+            "still queued: the message itself says"
+        );
         q.remove_through(n).unwrap();
         match q.append_remote(&[remote(1)]) {
-            Err(QueueError::SequenceConflict { held_id: None, high_water, .. }) => assert_eq!(high_water, n),
+            Err(QueueError::SequenceConflict {
+                held_id: None,
+                high_water,
+                ..
+            }) => assert_eq!(high_water, n),
             other => panic!("expected a conflict, got {other:?}"),
         }
-        assert!(q.append_remote(&[remote(n - RECENT_IDS + 1)]).is_ok(), "the window's oldest");
+        assert!(
+            q.append_remote(&[remote(n - RECENT_IDS + 1)]).is_ok(),
+            "the window's oldest"
+        );
         let kept = q.shared.tree.scan_prefix([RECENT_PREFIX]).count() as u64;
         assert_eq!(kept, RECENT_IDS);
     }
@@ -2038,7 +2085,12 @@ mod tests {
     impl Model {
         fn sums(&self) -> (u64, u64, u64, u64) {
             let b = |m: &std::collections::BTreeMap<u64, Message>| m.values().map(|m| m.body.len() as u64).sum();
-            (self.msgs.len() as u64, b(&self.msgs), self.dead.len() as u64, b(&self.dead))
+            (
+                self.msgs.len() as u64,
+                b(&self.msgs),
+                self.dead.len() as u64,
+                b(&self.dead),
+            )
         }
 
         fn fits(&self, len: usize) -> bool {
@@ -2161,7 +2213,10 @@ mod tests {
                     drop(closing);
                 }
                 *store = reopen(&dir.join("db"));
-                store.inner.auto_recount.store(false, std::sync::atomic::Ordering::Relaxed);
+                store
+                    .inner
+                    .auto_recount
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 *q = store.queue("c/q", MODEL_LIMITS).unwrap();
                 if clean {
                     assert_eq!(q.keys_read_for_counters(), 0);
@@ -2222,7 +2277,10 @@ mod tests {
         let new = batch.iter().filter(|m| m.seq > hw).count();
         match result {
             Ok(r) => {
-                assert!(r.stored == would || (estimating && r.stored < would), "{r:?} vs {would}");
+                assert!(
+                    r.stored == would || (estimating && r.stored < would),
+                    "{r:?} vs {would}"
+                );
                 for m in batch.iter().filter(|m| m.seq > hw).take(r.stored as usize) {
                     model.msgs.insert(m.seq, m.clone());
                     model.remote_ids.insert(m.seq, m.id.clone());

@@ -88,8 +88,12 @@ async fn a_restored_agent_directory_is_refused_with_409_and_loses_nothing() {
     send(&agent.api(), &names("up", 1..=5)).await;
     send(&node.api(), &names("down", 1..=2)).await;
     let settled = |up: usize, down: usize| {
-        let (to_public, to_private, node_dir, agent_dir) =
-            (to_public.clone(), to_private.clone(), node_dir.clone(), agent_dir.clone());
+        let (to_public, to_private, node_dir, agent_dir) = (
+            to_public.clone(),
+            to_private.clone(),
+            node_dir.clone(),
+            agent_dir.clone(),
+        );
         async move {
             let n = statuses(&node_dir, true).await;
             let a = statuses(&agent_dir, false).await;
