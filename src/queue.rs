@@ -1895,6 +1895,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_queue_is_recovered_once_per_process_and_each_flush_saves_its_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 22).unwrap();
+            let q = store.queue("c/out", ROOMY).unwrap();
+            for _ in 0..500 {
+                q.append(sized(2), None).unwrap();
+            }
+            drop(q);
+            // Every later use (intake, status, metrics) finds the open queue: nothing re-read.
+            let again = store.queue("c/out", ROOMY).unwrap();
+            assert_eq!(again.keys_read_for_counters(), 0);
+            assert_eq!(again.stats().depth, 500);
+            store.flush().await.unwrap();
+            store.close_uncleanly();
+        }
+        let store = reopen(dir.path());
+        store
+            .inner
+            .auto_recount
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let q = store.queue("c/out", ROOMY).unwrap();
+        assert_eq!(
+            q.keys_read_for_counters(),
+            0,
+            "the record written with the flush covers all 500"
+        );
+        let s = q.stats();
+        assert_eq!((s.depth, s.bytes, s.last_seq), (500, 1000, 500));
+    }
+
+    #[tokio::test]
     async fn dead_letters_count_against_the_bounds() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
