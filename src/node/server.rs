@@ -181,7 +181,9 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             request.after,
             request.after + 1
         );
-        error!(connection = %link.name, %message, "the agent's receive position went back");
+        if is_new_error(&link, &message) {
+            error!(connection = %link.name, %message, "the agent's receive position went back");
+        }
         link.health.error(message);
     }
     // The cursor acknowledges everything up to it: the agent holds those durably.
@@ -291,7 +293,9 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
             // Storing nothing keeps both sides' messages; the agent keeps its own until an
             // operator decides (a new connection, or a data directory that matches the node).
             let message = format!("push refused: {e}");
-            error!(connection = %link.name, %message, "an agent reused sequence numbers");
+            if is_new_error(&link, &message) {
+                error!(connection = %link.name, %message, "an agent reused sequence numbers");
+            }
             link.health.error(message.clone());
             return http::error(StatusCode::CONFLICT, codes::SEQUENCE_CONFLICT, message);
         }
@@ -299,8 +303,11 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     };
     if let Some(gap) = appended.gap {
         let message = format!(
-            "the agent sent message {} where {} was expected: messages {}..{} never arrived (its data directory may have been restored or copied)",
-            gap.got, gap.expected, gap.expected, gap.got
+            "the agent sent message {} where {} was expected: messages {}..={} never arrived (its data directory may have been restored or copied)",
+            gap.got,
+            gap.expected,
+            gap.expected,
+            gap.got - 1
         );
         warn!(connection = %link.name, %message, "sequence gap from the agent");
         link.health.error(message);
@@ -321,6 +328,12 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
         high_water,
         state,
     })
+}
+
+/// False when `message` is already the link's last error: an agent retrying the same
+/// refused request is logged once, not at every retry (it stays in the status).
+fn is_new_error(link: &super::Link, message: &str) -> bool {
+    link.health.last_error().map(|e| e.message).as_deref() != Some(message)
 }
 
 /// Queue message → wire message.
