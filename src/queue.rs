@@ -1363,10 +1363,15 @@ impl Queue {
         self.write_record(&mut st, Some((List::Messages, size)))?;
         // The sequence number is kept: an inbox's numbers belong to the sending peer. The
         // message goes in before the dead letter goes out, so a crash between keeps both.
-        self.shared
+        let previous = self
+            .shared
             .tree
             .insert(key(MSG_PREFIX, seq), stored)
             .map_err(|e| self.storage(e))?;
+        if let Some(p) = previous {
+            // Left by a crash while it was being dead-lettered: one message, not two.
+            st.change(List::Messages, seq, false, stored_body_len(&p) as u64);
+        }
         st.change(List::Messages, seq, true, size);
         self.shared.tree.remove(dk).map_err(|e| self.storage(e))?;
         st.change(List::Dead, seq, false, size);
