@@ -1,12 +1,20 @@
 //! Durable FIFO queues and small record tables over sled: the only module that touches sled.
 //!
 //! One [`Store`] per data directory holds every queue. A queue is one sled tree whose keys are
-//! `m` + sequence number (big-endian, so sled's order is FIFO order), `i` + idempotency key,
-//! `d` + sequence number for dead letters and `s` for the high-water mark. Every write is a
-//! single-key insert or remove, never a multi-key batch: in sled 0.34 a batch takes a global
-//! lock that a running flush holds off, which would serialise appends behind the disk.
-//! Multi-key changes are ordered so a crash in between leaves a message twice (delivered
-//! again, same id), never lost; counters live in memory and are rebuilt on open.
+//! `m` + sequence number (big-endian, so sled's order is FIFO order), `d` + sequence number
+//! for dead letters, `i` + idempotency key (with `t` + accept time, its expiry index), `r` +
+//! sequence number for the ids of a peer's newest messages, and `c` for the counters record.
+//! Every write is a single-key insert or remove, never a multi-key batch: in sled 0.34 a batch
+//! takes a global lock that a running flush holds off, which would serialise appends behind
+//! the disk. Multi-key changes are ordered so a crash in between leaves a message twice
+//! (delivered again, same id), never lost.
+//!
+//! Counters live in memory. The flush thread writes a queue's counters record just before a
+//! flush when they changed, and a clean close writes an exact one, so opening a queue never
+//! reads its messages: after an unclean stop the counters are the last record plus the
+//! messages appended after it (a tail range, exact), and removals made after the record are
+//! counted until a background recount, in small steps, corrects them. Counters may
+//! over-count for that while; they never under-count.
 //!
 //! Writes land in memory first. [`Store::flush`] is group commit: every caller waiting at the
 //! same moment shares one fsync. Readers only see messages up to a queue's *durable* sequence
@@ -24,25 +32,49 @@ use tokio::sync::{oneshot, watch};
 /// Errors from the store and its queues; the intake maps them to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// The queue holds its maximum number of messages.
-    #[error("queue {queue} is full: {count} messages queued (limit {limit}); retry later")]
+    /// The queue holds its maximum number of messages (dead letters included).
+    #[error("queue {queue} is full: {count} messages queued, {dead_letters} of them dead letters (limit {limit}); retry later, and retry or drop dead letters")]
     FullCount {
         /// Queue name.
         queue: String,
-        /// Messages queued now.
+        /// Messages and dead letters held now.
         count: u64,
+        /// Dead letters among them.
+        dead_letters: u64,
         /// Configured limit.
         limit: u64,
     },
-    /// The queue holds its maximum number of bytes.
-    #[error("queue {queue} is full: {bytes} bytes queued (limit {limit}); retry later")]
+    /// The queue holds its maximum number of bytes (dead letters included).
+    #[error("queue {queue} is full: {bytes} bytes queued, {dead_letter_bytes} of them in dead letters (limit {limit}); retry later, and retry or drop dead letters")]
     FullBytes {
         /// Queue name.
         queue: String,
-        /// Bytes queued now.
+        /// Payload bytes held now, dead letters included.
         bytes: u64,
+        /// Bytes in dead letters among them.
+        dead_letter_bytes: u64,
         /// Configured limit.
         limit: u64,
+    },
+    /// A peer sent a message under a sequence number this queue already used for another
+    /// message: the peer's data directory was restored from a backup or copied.
+    #[error(
+        "sequence conflict in {queue}: the peer sent message {seq} with id {sent_id}, but {}; \
+         this side holds messages up to {high_water}. The peer's data directory was probably \
+         restored from a backup or copied; nothing from this batch was stored",
+        match held_id { Some(h) => format!("this side took id {h} under that number"), None => "that number is older than the retries this side accepts".to_owned() }
+    )]
+    SequenceConflict {
+        /// Queue name.
+        queue: String,
+        /// The conflicting sequence number.
+        seq: u64,
+        /// The id the peer sent under it.
+        sent_id: String,
+        /// The id this side stored under it, when it still remembers.
+        held_id: Option<String>,
+        /// This side's high-water mark.
+        high_water: u64,
     },
     /// The database failed (disk full, I/O error); the store stays failed until restart.
     #[error("storage failed: {0}")]
@@ -141,29 +173,145 @@ pub struct QueueStats {
     pub oldest_enqueued_ms: Option<u64>,
     /// Dead letters kept.
     pub dead_letters: u64,
+    /// Payload bytes in dead letters.
+    #[serde(default)]
+    pub dead_letter_bytes: u64,
 }
 
-const STATE_KEY: &[u8] = b"s";
+/// The counters record: see [`encode_counters`].
+const COUNTERS_KEY: &[u8] = b"c";
+/// The high-water mark of databases written before the counters record existed.
+const LEGACY_STATE_KEY: &[u8] = b"s";
 const MSG_PREFIX: u8 = b'm';
 const IDEM_PREFIX: u8 = b'i';
 const DEAD_PREFIX: u8 = b'd';
+/// `r` + sequence number → message id, for the newest messages taken from a peer: tells a
+/// retried batch from a sender that reuses sequence numbers for other messages.
+const RECENT_PREFIX: u8 = b'r';
 const RECORD_VERSION: u8 = 1;
+/// Flag in the counters record: written by a clean close, so exact.
+const CLEAN: u8 = 1;
 
-/// A queue's counters, kept in memory and rebuilt from the tree when it is opened.
-#[derive(Debug, Clone, Copy, Default)]
-struct Counters {
-    last_seq: u64,
+/// How many of a peer's newest sequence numbers an inbox remembers the ids of. A sender
+/// never sends a batch before the previous one is answered, so a true retry is never older
+/// than two batches.
+pub const RECENT_IDS: u64 = 2 * crate::protocol::MAX_BATCH_MESSAGES as u64;
+/// Messages `remove_through` removes per step, holding the queue's lock only that long.
+const REMOVE_STEP: usize = 256;
+/// Keys a background recount reads per step, holding the queue's lock only that long.
+const RECOUNT_CHUNK: usize = 64;
+
+/// Message and dead-letter totals of a queue, or of a range of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Sums {
     count: u64,
     bytes: u64,
     dead: u64,
+    dead_bytes: u64,
 }
 
-/// The persisted high-water mark: version byte, then the last sequence number.
-fn encode_high_water(last_seq: u64) -> [u8; 9] {
-    let mut out = [0u8; 9];
+/// Which list a key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum List {
+    Messages,
+    Dead,
+}
+
+impl Sums {
+    fn add(&mut self, list: List, bytes: u64) {
+        match list {
+            List::Messages => {
+                self.count += 1;
+                self.bytes += bytes;
+            }
+            List::Dead => {
+                self.dead += 1;
+                self.dead_bytes += bytes;
+            }
+        }
+    }
+
+    fn sub(&mut self, list: List, bytes: u64) {
+        match list {
+            List::Messages => {
+                self.count = self.count.saturating_sub(1);
+                self.bytes = self.bytes.saturating_sub(bytes);
+            }
+            List::Dead => {
+                self.dead = self.dead.saturating_sub(1);
+                self.dead_bytes = self.dead_bytes.saturating_sub(bytes);
+            }
+        }
+    }
+
+    fn plus(self, o: Sums) -> Sums {
+        Sums {
+            count: self.count + o.count,
+            bytes: self.bytes + o.bytes,
+            dead: self.dead + o.dead,
+            dead_bytes: self.dead_bytes + o.dead_bytes,
+        }
+    }
+
+    fn minus(self, o: Sums) -> Sums {
+        Sums {
+            count: self.count.saturating_sub(o.count),
+            bytes: self.bytes.saturating_sub(o.bytes),
+            dead: self.dead.saturating_sub(o.dead),
+            dead_bytes: self.dead_bytes.saturating_sub(o.dead_bytes),
+        }
+    }
+}
+
+/// A queue's counters, kept in memory and persisted in the counters record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counters {
+    last_seq: u64,
+    sums: Sums,
+    /// Highest sequence number the next hop acknowledged (a cursor passed to `remove_through`).
+    acked: u64,
+}
+
+/// The counters record: version, flags, last_seq, count, bytes, dead, dead bytes, acked.
+fn encode_counters(c: &Counters, clean: bool) -> [u8; 50] {
+    let mut out = [0u8; 50];
     out[0] = RECORD_VERSION;
-    out[1..].copy_from_slice(&last_seq.to_be_bytes());
+    out[1] = if clean { CLEAN } else { 0 };
+    let fields = [
+        c.last_seq,
+        c.sums.count,
+        c.sums.bytes,
+        c.sums.dead,
+        c.sums.dead_bytes,
+        c.acked,
+    ];
+    for (i, f) in fields.iter().enumerate() {
+        out[2 + 8 * i..10 + 8 * i].copy_from_slice(&f.to_be_bytes());
+    }
     out
+}
+
+/// The counters and the clean flag.
+fn decode_counters(raw: &[u8]) -> Option<(Counters, bool)> {
+    if raw.first() != Some(&RECORD_VERSION) || raw.len() != 50 {
+        return None;
+    }
+    let f = |i: usize| {
+        raw.get(2 + 8 * i..10 + 8 * i)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    let c = Counters {
+        last_seq: f(0)?,
+        sums: Sums {
+            count: f(1)?,
+            bytes: f(2)?,
+            dead: f(3)?,
+            dead_bytes: f(4)?,
+        },
+        acked: f(5)?,
+    };
+    Some((c, raw[1] & CLEAN != 0))
 }
 
 fn decode_high_water(raw: &[u8]) -> Option<u64> {
@@ -179,6 +327,20 @@ fn stored_body_len(raw: &[u8]) -> usize {
     let Some(id_len) = field(9) else { return 0 };
     let Some(ct_len) = field(11 + id_len) else { return 0 };
     raw.len().saturating_sub(13 + id_len + ct_len)
+}
+
+/// The stored message inside a dead-letter value (after its metadata).
+fn dead_letter_message(raw: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?) as usize;
+    raw.get(4 + len..)
+}
+
+/// Payload length of the value stored under a key of `list`.
+fn value_bytes(list: List, raw: &[u8]) -> u64 {
+    match list {
+        List::Messages => stored_body_len(raw) as u64,
+        List::Dead => dead_letter_message(raw).map(stored_body_len).unwrap_or(0) as u64,
+    }
 }
 
 fn key(prefix: u8, seq: u64) -> [u8; 9] {
@@ -240,10 +402,15 @@ type FlushReply = oneshot::Sender<Result<(), QueueError>>;
 
 struct StoreInner {
     db: sled::Db,
-    queues: Mutex<HashMap<String, Weak<QueueShared>>>,
+    /// Strong handles: a queue is opened (and its counters recovered) once per process.
+    queues: Mutex<HashMap<String, Arc<QueueShared>>>,
     flush_tx: std::sync::mpsc::Sender<FlushReply>,
     failure: Mutex<Option<String>>,
     failed_tx: watch::Sender<bool>,
+    /// Cleared by tests to stop as a crash would: without the final exact counters.
+    clean_close: std::sync::atomic::AtomicBool,
+    /// Cleared by tests that step recounts by hand.
+    auto_recount: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for StoreInner {
@@ -252,6 +419,24 @@ impl Drop for StoreInner {
             // sled flushes when its last handle drops, and after a disk failure that flush
             // waits forever. Keeping one handle alive skips it; the process is exiting.
             std::mem::forget(self.db.clone());
+            return;
+        }
+        if !self.clean_close.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // A clean close: exact counters, marked so the next open trusts them as they are.
+        // Queue handles that outlive the store refuse writes from here on.
+        let queues: Vec<Arc<QueueShared>> = lock(&self.queues).values().cloned().collect();
+        for q in queues {
+            let mut st = lock(&q.state);
+            st.closed = true;
+            let exact = st.recount.is_none();
+            if let Err(e) = q.tree.insert(COUNTERS_KEY, &encode_counters(&st.counters, exact)[..]) {
+                tracing::warn!(queue = %q.name, error = %e, "cannot save the queue's counters; they are recounted on the next start");
+            }
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "final flush failed");
         }
     }
 }
@@ -271,6 +456,123 @@ impl std::fmt::Debug for Store {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain counters behind, still valid.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts the keys of `list` in `range`, adding them to `sums`; returns the highest sequence
+/// number seen and how many keys were read.
+fn tally<R: std::ops::RangeBounds<[u8; 9]>>(
+    tree: &sled::Tree,
+    list: List,
+    range: R,
+    sums: &mut Sums,
+) -> Result<(u64, u64), QueueError> {
+    let (mut last, mut read) = (0, 0);
+    for item in tree.range(range) {
+        let (k, v) = item?;
+        sums.add(list, value_bytes(list, &v));
+        last = last.max(seq_of(&k).unwrap_or(0));
+        read += 1;
+    }
+    Ok((last, read))
+}
+
+fn prefix_of(list: List) -> u8 {
+    match list {
+        List::Messages => MSG_PREFIX,
+        List::Dead => DEAD_PREFIX,
+    }
+}
+
+/// What opening a queue recovered from its tree.
+struct Recovered {
+    counters: Counters,
+    /// Set when removals since the last counters record may be counted still: the range
+    /// they can be in is recounted in the background.
+    recount: Option<Recount>,
+    /// Keys read while opening.
+    read: u64,
+}
+
+/// Recovers a queue's counters without reading its messages: the last counters record,
+/// plus the messages appended after it (a tail range, exact). Removals after the record are
+/// still counted, an over-estimate a background recount corrects.
+fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
+    let Some(raw) = tree.get(COUNTERS_KEY)? else {
+        let legacy_hw = match tree.get(LEGACY_STATE_KEY)? {
+            Some(raw) => decode_high_water(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?,
+            None => 0,
+        };
+        // A new queue, or one written before counters were persisted: one full count, once.
+        let mut sums = Sums::default();
+        let (m, rm) = tally(
+            tree,
+            List::Messages,
+            key(MSG_PREFIX, 0)..=key(MSG_PREFIX, u64::MAX),
+            &mut sums,
+        )?;
+        let (d, rd) = tally(
+            tree,
+            List::Dead,
+            key(DEAD_PREFIX, 0)..=key(DEAD_PREFIX, u64::MAX),
+            &mut sums,
+        )?;
+        // Idempotency keys from before the expiry index get their entries, so they are pruned.
+        for item in tree.scan_prefix([IDEM_PREFIX]) {
+            let (k, v) = item?;
+            if let (Some(seq), Some(at)) = (v.get(1..9), v.get(9..17)) {
+                let mut t = vec![IDEM_TIME_PREFIX];
+                t.extend_from_slice(at);
+                t.extend_from_slice(seq);
+                tree.insert(t, &k[1..])?;
+            }
+        }
+        let counters = Counters {
+            last_seq: legacy_hw.max(m).max(d),
+            sums,
+            acked: 0,
+        };
+        tree.insert(COUNTERS_KEY, &encode_counters(&counters, false)[..])?;
+        return Ok(Recovered {
+            counters,
+            recount: None,
+            read: rm + rd,
+        });
+    };
+    let (record, clean) = decode_counters(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?;
+    if clean {
+        // Mark it used before anything else changes: any later write that reaches the disk
+        // comes after this one in sled's log, so a crash never leaves a stale "clean" record.
+        tree.insert(COUNTERS_KEY, &encode_counters(&record, false)[..])?;
+        return Ok(Recovered {
+            counters: record,
+            recount: None,
+            read: 0,
+        });
+    }
+    let boundary = record.last_seq;
+    let mut tail = Sums::default();
+    let above = |p| key(p, boundary.saturating_add(1))..=key(p, u64::MAX);
+    let (m, rm) = tally(tree, List::Messages, above(MSG_PREFIX), &mut tail)?;
+    let (d, rd) = tally(tree, List::Dead, above(DEAD_PREFIX), &mut tail)?;
+    let legacy_hw = tree
+        .get(LEGACY_STATE_KEY)?
+        .and_then(|raw| decode_high_water(&raw))
+        .unwrap_or(0);
+    let counters = Counters {
+        last_seq: boundary.max(m).max(d).max(legacy_hw),
+        sums: record.sums.plus(tail),
+        acked: record.acked,
+    };
+    Ok(Recovered {
+        counters,
+        recount: Some(Recount {
+            boundary,
+            next: [1, 1],
+            scanned: Sums::default(),
+            estimate: record.sums,
+        }),
+        read: rm + rd,
+    })
 }
 
 impl Store {
@@ -297,6 +599,8 @@ impl Store {
             flush_tx,
             failure: Mutex::new(None),
             failed_tx: watch::channel(false).0,
+            clean_close: std::sync::atomic::AtomicBool::new(true),
+            auto_recount: std::sync::atomic::AtomicBool::new(true),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -334,35 +638,29 @@ impl Store {
         }
     }
 
-    /// The queue called `name`, created empty on first use.
+    /// The queue called `name`, created empty on first use. Opening reads the counters record
+    /// and the messages appended after it, never the whole queue.
     pub fn queue(&self, name: &str, limits: Limits) -> Result<Queue, QueueError> {
-        let mut queues = lock(&self.inner.queues);
-        if let Some(shared) = queues.get(name).and_then(Weak::upgrade) {
-            lock(&shared.state).limits = limits;
-            return Ok(Queue { shared });
+        let known = |queues: &HashMap<String, Arc<QueueShared>>| {
+            queues.get(name).map(|shared| {
+                lock(&shared.state).limits = limits;
+                Queue { shared: shared.clone() }
+            })
+        };
+        if let Some(q) = known(&lock(&self.inner.queues)) {
+            return Ok(q);
         }
+        // Recovered without the map's lock, which the flush thread takes before every flush.
+        // Two first uses at once both recover (the same answer); the first to register wins.
         let tree = self.inner.db.open_tree(format!("queue/{name}"))?;
-        let persisted_hw = match tree.get(STATE_KEY)? {
-            Some(raw) => decode_high_water(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?,
-            None => 0,
-        };
-        // Counters live in memory (updating a record with every message would need sled's
-        // batches); one pass over the queue rebuilds them.
-        let mut counters = Counters {
-            last_seq: persisted_hw,
-            ..Counters::default()
-        };
-        for item in tree.scan_prefix([MSG_PREFIX]) {
-            let (k, v) = item?;
-            counters.count += 1;
-            counters.bytes += stored_body_len(&v) as u64;
-            counters.last_seq = counters.last_seq.max(seq_of(&k).unwrap_or(0));
+        let recovered = recover(&tree, name)?;
+        let mut queues = lock(&self.inner.queues);
+        if let Some(q) = known(&queues) {
+            return Ok(q);
         }
-        for item in tree.scan_prefix([DEAD_PREFIX]).keys() {
-            counters.dead += 1;
-            counters.last_seq = counters.last_seq.max(seq_of(&item?).unwrap_or(0));
-        }
+        let counters = recovered.counters;
         let (durable_tx, _) = watch::channel(counters.last_seq);
+        let needs_recount = recovered.recount.is_some();
         let shared = Arc::new(QueueShared {
             name: name.to_owned(),
             tree,
@@ -370,12 +668,25 @@ impl Store {
             state: Mutex::new(QueueState {
                 counters,
                 limits,
-                persisted_hw,
+                persisted_hw: counters.last_seq,
+                dirty: false,
+                closed: false,
+                recount: recovered.recount,
             }),
             durable_tx,
             kicks: watch::channel(0).0,
+            keys_read: std::sync::atomic::AtomicU64::new(recovered.read),
+            recounted: watch::channel(!needs_recount).0,
         });
-        queues.insert(name.to_owned(), Arc::downgrade(&shared));
+        queues.insert(name.to_owned(), shared.clone());
+        drop(queues);
+        if needs_recount && self.inner.auto_recount.load(std::sync::atomic::Ordering::Relaxed) {
+            let q = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("relay-recount".into())
+                .spawn(move || recount(q))
+                .map_err(|e| QueueError::Storage(format!("cannot start the recount thread: {e}")))?;
+        }
         Ok(Queue { shared })
     }
 
@@ -384,10 +695,20 @@ impl Store {
     pub async fn prune_idempotency_keys(self, ttl: std::time::Duration, token: tokio_util::sync::CancellationToken) {
         loop {
             let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
-            let queues: Vec<Arc<QueueShared>> = lock(&self.inner.queues).values().filter_map(Weak::upgrade).collect();
+            let queues: Vec<Arc<QueueShared>> = lock(&self.inner.queues).values().cloned().collect();
             for shared in queues {
-                if let Err(e) = (Queue { shared }).prune_idempotency_keys(cutoff) {
-                    tracing::warn!(error = %e, "pruning idempotency keys failed");
+                let q = Queue { shared };
+                // Bounded steps, with a yield between, so a large key index never holds a
+                // runtime thread for long.
+                loop {
+                    match q.prune_idempotency_keys_step(cutoff, PRUNE_STEP) {
+                        Ok(n) if n == PRUNE_STEP => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pruning idempotency keys failed");
+                            break;
+                        }
+                    }
                 }
             }
             tokio::select! {
@@ -396,6 +717,15 @@ impl Store {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
             }
         }
+    }
+
+    /// Closes the store as a crash would, without the final exact counters records (sled
+    /// still writes everything else, the worst case for counters recovered on the next open).
+    #[cfg(test)]
+    fn close_uncleanly(self) {
+        self.inner
+            .clean_close
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A table of JSON records called `name`.
@@ -407,6 +737,11 @@ impl Store {
     }
 }
 
+/// Idempotency keys forgotten per step of the hourly prune.
+const PRUNE_STEP: usize = 1024;
+/// `t` + accept time + sequence number → idempotency key: the keys in the order they expire.
+const IDEM_TIME_PREFIX: u8 = b't';
+
 fn fail(inner: &StoreInner, reason: String) -> QueueError {
     let mut failure = lock(&inner.failure);
     if failure.is_none() {
@@ -415,6 +750,85 @@ fn fail(inner: &StoreInner, reason: String) -> QueueError {
         inner.failed_tx.send_replace(true);
     }
     QueueError::Storage(reason)
+}
+
+/// A background recount of the keys at or below `boundary` (the range the last counters
+/// record covered), in small steps under the queue's lock. Writes meanwhile keep `scanned`
+/// exact for the part already read and `estimate` for the whole range, so at the end the
+/// counters become exact: `counters - estimate + scanned`.
+#[derive(Debug, Clone, Copy)]
+struct Recount {
+    boundary: u64,
+    /// Next sequence number to read, per list (messages, dead letters).
+    next: [u64; 2],
+    scanned: Sums,
+    estimate: Sums,
+}
+
+fn list_index(list: List) -> usize {
+    match list {
+        List::Messages => 0,
+        List::Dead => 1,
+    }
+}
+
+fn recount(q: Weak<QueueShared>) {
+    // Only a weak handle between steps, so a closed store is not kept open by this thread.
+    while let Some(q) = q.upgrade() {
+        if !recount_step(&q, RECOUNT_CHUNK) {
+            return;
+        }
+        drop(q);
+        std::thread::yield_now();
+    }
+}
+
+/// Reads up to `chunk` keys of a pending recount, under the queue's lock; false once there is
+/// nothing left to do.
+fn recount_step(q: &QueueShared, chunk: usize) -> bool {
+    let mut st = lock(&q.state);
+    if st.closed {
+        return false;
+    }
+    let Some(mut r) = st.recount else { return false };
+    let list = if r.next[0] <= r.boundary {
+        List::Messages
+    } else if r.next[1] <= r.boundary {
+        List::Dead
+    } else {
+        st.counters.sums = st.counters.sums.minus(r.estimate).plus(r.scanned);
+        st.recount = None;
+        st.dirty = true;
+        drop(st);
+        q.recounted.send_replace(true);
+        tracing::debug!(queue = %q.name, "queue counters recounted");
+        return false;
+    };
+    let p = prefix_of(list);
+    let i = list_index(list);
+    let mut read = 0;
+    let mut next = r.boundary + 1;
+    for item in q.tree.range(key(p, r.next[i])..=key(p, r.boundary)) {
+        let (k, v) = match item {
+            Ok(kv) => kv,
+            Err(e) => {
+                tracing::warn!(queue = %q.name, error = %e, "recounting the queue failed; its counters stay over-estimated until restart");
+                return false;
+            }
+        };
+        let seq = seq_of(&k).unwrap_or(0);
+        if read == chunk {
+            next = seq;
+            break;
+        }
+        r.scanned.add(list, value_bytes(list, &v));
+        read += 1;
+    }
+    r.next[i] = next;
+    st.recount = Some(r);
+    drop(st);
+    q.keys_read.fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
+    true
 }
 
 /// Under load, how long a flush waits for more submitters to join it.
@@ -445,19 +859,32 @@ fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply
         }
         busy = waiters.len() > 1;
         let Some(inner) = store.upgrade() else { return };
-        // Everything appended before this point is covered by the flush below.
-        let marks: Vec<(Arc<QueueShared>, u64)> = lock(&inner.queues)
-            .values()
-            .filter_map(Weak::upgrade)
-            .map(|q| {
-                let last = lock(&q.state).counters.last_seq;
-                (q, last)
-            })
-            .collect();
-        let result = match inner.db.flush() {
-            Ok(_) => Ok(()),
-            Err(e) => Err(fail(&inner, format!("flush: {e}"))),
-        };
+        // Everything appended before this point is covered by the flush below, and so is one
+        // counters record per changed queue (a single-key write, like every other).
+        let queues: Vec<Arc<QueueShared>> = lock(&inner.queues).values().cloned().collect();
+        let mut marks = Vec::with_capacity(queues.len());
+        let mut result = Ok(());
+        for q in queues {
+            let mut st = lock(&q.state);
+            if st.dirty && !st.closed {
+                match q.tree.insert(COUNTERS_KEY, &encode_counters(&st.counters, false)[..]) {
+                    Ok(_) => {
+                        st.dirty = false;
+                        st.persisted_hw = st.counters.last_seq;
+                    }
+                    Err(e) => result = Err(fail(&inner, format!("saving queue counters: {e}"))),
+                }
+            }
+            let last = st.counters.last_seq;
+            drop(st);
+            marks.push((q, last));
+        }
+        if result.is_ok() {
+            result = match inner.db.flush() {
+                Ok(_) => Ok(()),
+                Err(e) => Err(fail(&inner, format!("flush: {e}"))),
+            };
+        }
         drop(inner);
         if result.is_ok() {
             for (q, mark) in marks {
@@ -482,8 +909,52 @@ fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply
 struct QueueState {
     counters: Counters,
     limits: Limits,
-    /// The high-water mark last written to the tree.
+    /// The high-water mark last written in a counters record.
     persisted_hw: u64,
+    /// Counters changed since the last counters record.
+    dirty: bool,
+    /// The store closed cleanly: its final record is written, so nothing may change now.
+    closed: bool,
+    /// A recount in progress after an unclean stop.
+    recount: Option<Recount>,
+}
+
+impl QueueState {
+    /// Applies one key's appearance (`add`) or disappearance to the counters, and to a
+    /// recount in progress.
+    fn change(&mut self, list: List, seq: u64, add: bool, bytes: u64) {
+        let apply = |s: &mut Sums| if add { s.add(list, bytes) } else { s.sub(list, bytes) };
+        apply(&mut self.counters.sums);
+        if let Some(r) = &mut self.recount {
+            if seq <= r.boundary {
+                apply(&mut r.estimate);
+                if seq < r.next[list_index(list)] {
+                    apply(&mut r.scanned);
+                }
+            }
+        }
+        self.dirty = true;
+    }
+}
+
+/// The outcome of [`Queue::append_remote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteAppended {
+    /// The queue's high-water mark afterwards.
+    pub high_water: u64,
+    /// Messages stored (new ones; retried ones are skipped).
+    pub stored: u64,
+    /// The first jump in sequence numbers: messages the sender numbered but never sent.
+    pub gap: Option<SequenceGap>,
+}
+
+/// Sequence numbers missing between what a queue held and what a peer sent next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceGap {
+    /// The number expected next.
+    pub expected: u64,
+    /// The number received instead.
+    pub got: u64,
 }
 
 struct QueueShared {
@@ -495,6 +966,10 @@ struct QueueShared {
     durable_tx: watch::Sender<u64>,
     /// Bumped when a message reappears below the durable mark (a retried dead letter).
     kicks: watch::Sender<u64>,
+    /// Keys read to recover counters (opening and recounting); tests check it stays small.
+    keys_read: std::sync::atomic::AtomicU64,
+    /// True once the counters are exact (no recount pending).
+    recounted: watch::Sender<bool>,
 }
 
 /// One durable FIFO. Cheap to clone; clones share state.
@@ -529,31 +1004,57 @@ impl Queue {
         }
     }
 
-    /// Persists the high-water mark before anything is removed, so a sequence number is never
-    /// handed out twice even when the queue empties (the peer deduplicates by it).
+    /// The queue's state for a write; refused once the store has closed.
+    fn writable(&self) -> Result<MutexGuard<'_, QueueState>, QueueError> {
+        let st = lock(&self.shared.state);
+        if st.closed {
+            return Err(QueueError::Storage("the store is closed".into()));
+        }
+        Ok(st)
+    }
+
+    /// Writes a counters record now (a single key). Before a removal it persists the
+    /// high-water mark, so a sequence number is never handed out twice even when the queue
+    /// empties (the peer deduplicates by it); before a key moves between the message and
+    /// dead-letter lists, `extra` makes the record over-count rather than under-count
+    /// whatever a crash in between leaves.
+    fn write_record(&self, st: &mut QueueState, extra: Option<(List, u64)>) -> Result<(), QueueError> {
+        let mut c = st.counters;
+        if let Some((list, bytes)) = extra {
+            c.sums.add(list, bytes);
+        }
+        self.shared
+            .tree
+            .insert(COUNTERS_KEY, &encode_counters(&c, false)[..])
+            .map_err(|e| self.storage(e))?;
+        st.persisted_hw = c.last_seq;
+        Ok(())
+    }
+
     fn persist_high_water(&self, st: &mut QueueState) -> Result<(), QueueError> {
         if st.persisted_hw < st.counters.last_seq {
-            self.shared
-                .tree
-                .insert(STATE_KEY, &encode_high_water(st.counters.last_seq)[..])
-                .map_err(|e| self.storage(e))?;
-            st.persisted_hw = st.counters.last_seq;
+            self.write_record(st, None)?;
         }
         Ok(())
     }
 
+    /// Refuses `n` more messages of `bytes` when the queue is full. Dead letters count: they
+    /// take the same disk, and they leave only by an operator's hand.
     fn check_room(&self, c: &Counters, limits: &Limits, n: u64, bytes: u64) -> Result<(), QueueError> {
-        if c.count + n > limits.max_messages {
+        let s = &c.sums;
+        if s.count + s.dead + n > limits.max_messages {
             return Err(QueueError::FullCount {
                 queue: self.shared.name.clone(),
-                count: c.count,
+                count: s.count + s.dead,
+                dead_letters: s.dead,
                 limit: limits.max_messages,
             });
         }
-        if c.bytes + bytes > limits.max_bytes {
+        if s.bytes + s.dead_bytes + bytes > limits.max_bytes {
             return Err(QueueError::FullBytes {
                 queue: self.shared.name.clone(),
-                bytes: c.bytes,
+                bytes: s.bytes + s.dead_bytes,
+                dead_letter_bytes: s.dead_bytes,
                 limit: limits.max_bytes,
             });
         }
@@ -565,7 +1066,7 @@ impl Queue {
     /// is durable only after the next [`Store::flush`].
     pub fn append(&self, msg: NewMessage, idempotency_key: Option<&str>) -> Result<Appended, QueueError> {
         self.check()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.writable()?;
         let idem_key = idempotency_key.map(|k| {
             let mut v = vec![IDEM_PREFIX];
             v.extend_from_slice(k.as_bytes());
@@ -598,14 +1099,19 @@ impl Queue {
             )
             .map_err(|e| self.storage(e))?;
         st.counters.last_seq = seq;
-        st.counters.count += 1;
-        st.counters.bytes += size;
+        st.change(List::Messages, seq, true, size);
         if let Some(k) = idem_key {
             // Written after the message, so whenever the key is on disk the message is too.
+            let at = now_ms();
             let mut v = vec![IDEM_PREFIX];
             v.extend_from_slice(&seq.to_be_bytes());
-            v.extend_from_slice(&now_ms().to_be_bytes());
+            v.extend_from_slice(&at.to_be_bytes());
             v.extend_from_slice(msg.id.as_bytes());
+            // The expiry index lets pruning read only the keys it forgets.
+            let mut t = vec![IDEM_TIME_PREFIX];
+            t.extend_from_slice(&at.to_be_bytes());
+            t.extend_from_slice(&seq.to_be_bytes());
+            self.shared.tree.insert(t, &k[1..]).map_err(|e| self.storage(e))?;
             self.shared.tree.insert(k, v).map_err(|e| self.storage(e))?;
         }
         Ok(Appended {
@@ -615,29 +1121,74 @@ impl Queue {
         })
     }
 
-    /// Appends messages that already carry the sender's sequence numbers, skipping every one at
-    /// or below the queue's high-water mark (a retried batch), and storing the prefix that
-    /// fits the queue's bounds. Returns the new high-water mark; `Err` when nothing fits.
-    /// Durable after the next [`Store::flush`]; sled's log keeps writes in order, so a crash
-    /// leaves a prefix, which the sender offers again.
-    pub fn append_remote(&self, msgs: &[Message]) -> Result<u64, QueueError> {
+    /// Appends messages that already carry the sender's sequence numbers (increasing), and
+    /// stores the prefix of the new ones that fits the queue's bounds; `Err` when no new one
+    /// fits. A message at or below the high-water mark is a retry only when this queue took
+    /// that very message (same id) at that number; anything else means the sender reuses
+    /// numbers for other messages (its data directory was restored or copied), and the whole
+    /// batch is refused with [`QueueError::SequenceConflict`], storing nothing. Durable after
+    /// the next [`Store::flush`]; sled's log keeps writes in order, so a crash leaves a
+    /// prefix, which the sender offers again.
+    pub fn append_remote(&self, msgs: &[Message]) -> Result<RemoteAppended, QueueError> {
         self.check()?;
-        let mut st = lock(&self.shared.state);
-        let limits = st.limits;
-        let mut stored = 0usize;
-        for m in msgs {
-            if m.seq <= st.counters.last_seq {
-                continue; // already held (a retried batch), or out of order: never go back
+        let mut st = self.writable()?;
+        let high_water = st.counters.last_seq;
+        for m in msgs.iter().take_while(|m| m.seq <= high_water) {
+            let mut held = if high_water - m.seq < RECENT_IDS {
+                self.shared
+                    .tree
+                    .get(key(RECENT_PREFIX, m.seq))
+                    .map_err(|e| self.storage(e))?
+                    .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            } else {
+                None
+            };
+            if held.is_none() {
+                // Still queued (or taken before ids were remembered): the message itself says.
+                held = self
+                    .shared
+                    .tree
+                    .get(key(MSG_PREFIX, m.seq))
+                    .map_err(|e| self.storage(e))?
+                    .and_then(|raw| decode_message(m.seq, &raw))
+                    .map(|stored| stored.id);
             }
-            if let Err(full) = self.check_room(&st.counters, &limits, 1, m.body.len() as u64) {
-                if stored == 0 {
+            if held.as_deref() != Some(m.id.as_str()) {
+                return Err(QueueError::SequenceConflict {
+                    queue: self.shared.name.clone(),
+                    seq: m.seq,
+                    sent_id: m.id.clone(),
+                    held_id: held,
+                    high_water,
+                });
+            }
+        }
+        let limits = st.limits;
+        let mut out = RemoteAppended {
+            high_water,
+            stored: 0,
+            gap: None,
+        };
+        for m in msgs.iter().filter(|m| m.seq > high_water) {
+            let size = m.body.len() as u64;
+            if let Err(full) = self.check_room(&st.counters, &limits, 1, size) {
+                if out.stored == 0 {
                     return Err(full);
                 }
                 break;
             }
-            if m.seq != st.counters.last_seq + 1 {
-                tracing::warn!(queue = %self.shared.name, expected = st.counters.last_seq + 1, got = m.seq, "sequence gap from peer");
+            if m.seq != st.counters.last_seq + 1 && out.gap.is_none() {
+                out.gap = Some(SequenceGap {
+                    expected: st.counters.last_seq + 1,
+                    got: m.seq,
+                });
             }
+            // The id goes in first: a crash between leaves an id for a number this queue does
+            // not hold yet, which the retry simply stores (and the id is rewritten).
+            self.shared
+                .tree
+                .insert(key(RECENT_PREFIX, m.seq), m.id.as_bytes())
+                .map_err(|e| self.storage(e))?;
             self.shared
                 .tree
                 .insert(
@@ -646,17 +1197,32 @@ impl Queue {
                 )
                 .map_err(|e| self.storage(e))?;
             st.counters.last_seq = m.seq;
-            st.counters.count += 1;
-            st.counters.bytes += m.body.len() as u64;
-            stored += 1;
+            st.change(List::Messages, m.seq, true, size);
+            out.stored += 1;
         }
-        Ok(st.counters.last_seq)
+        out.high_water = st.counters.last_seq;
+        if out.stored > 0 && out.high_water >= RECENT_IDS {
+            // Forget ids that fell out of the window: usually one per message; after a gap,
+            // whatever is left below it.
+            let stale: Vec<sled::IVec> = self
+                .shared
+                .tree
+                .range(key(RECENT_PREFIX, 0)..=key(RECENT_PREFIX, out.high_water - RECENT_IDS))
+                .keys()
+                .take(2 * RECENT_IDS as usize)
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.storage(e))?;
+            for k in stale {
+                self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
+            }
+        }
+        Ok(out)
     }
 
     /// Removes the message `seq` alone (delivered to the webhook). Not flushed: after a crash
     /// it is delivered again, never lost.
     pub fn remove(&self, seq: u64) -> Result<bool, QueueError> {
-        let mut st = lock(&self.shared.state);
+        let mut st = self.writable()?;
         self.persist_high_water(&mut st)?;
         let Some(v) = self
             .shared
@@ -666,14 +1232,19 @@ impl Queue {
         else {
             return Ok(false);
         };
-        st.counters.count = st.counters.count.saturating_sub(1);
-        st.counters.bytes = st.counters.bytes.saturating_sub(stored_body_len(&v) as u64);
+        st.change(List::Messages, seq, false, stored_body_len(&v) as u64);
         Ok(true)
     }
 
     /// Highest sequence number appended (durable or not): the high-water mark.
     pub fn last_seq(&self) -> u64 {
         lock(&self.shared.state).counters.last_seq
+    }
+
+    /// Highest sequence number the next hop acknowledged through [`Queue::remove_through`]
+    /// (as of the last counters record after a restart: never more than it was).
+    pub fn acked_through(&self) -> u64 {
+        lock(&self.shared.state).counters.acked
     }
 
     /// Highest sequence number known to be on disk.
@@ -717,29 +1288,54 @@ impl Queue {
     }
 
     /// Removes every message with a sequence number up to and including `seq` (they reached
-    /// the next hop). Not flushed: after a crash they are handed on again, never lost.
+    /// the next hop) and records `seq` as acknowledged. Not flushed: after a crash they are
+    /// handed on again, never lost. Reads only the keys it removes.
     pub fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
-        let mut st = lock(&self.shared.state);
-        let keys: Vec<sled::IVec> = self
-            .shared
-            .tree
-            .range(key(MSG_PREFIX, 0)..=key(MSG_PREFIX, seq))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.storage(e))?;
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        self.persist_high_water(&mut st)?;
         let mut removed = 0;
-        for k in keys {
-            if let Some(v) = self.shared.tree.remove(k).map_err(|e| self.storage(e))? {
-                st.counters.count = st.counters.count.saturating_sub(1);
-                st.counters.bytes = st.counters.bytes.saturating_sub(stored_body_len(&v) as u64);
+        loop {
+            // In steps, the lock released between them: the flush thread takes it too.
+            let (n, more) = self.remove_through_step(seq, REMOVE_STEP)?;
+            removed += n;
+            if !more {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Removes up to `max` messages at or below `seq`; true when more may be left.
+    fn remove_through_step(&self, seq: u64, max: usize) -> Result<(u64, bool), QueueError> {
+        let mut st = self.writable()?;
+        if seq > st.counters.acked {
+            st.counters.acked = seq.min(st.counters.last_seq);
+            st.dirty = true;
+        }
+        let mut removed = 0;
+        while removed < max as u64 {
+            // Removed keys are gone from the tree, so each lookup finds the next one at once.
+            let next = self
+                .shared
+                .tree
+                .range(key(MSG_PREFIX, 0)..=key(MSG_PREFIX, seq))
+                .next()
+                .transpose()
+                .map_err(|e| self.storage(e))?;
+            let Some((k, _)) = next else {
+                return Ok((removed, false));
+            };
+            if removed == 0 {
+                self.persist_high_water(&mut st)?;
+            }
+            if let Some(v) = self.shared.tree.remove(&k).map_err(|e| self.storage(e))? {
+                st.change(
+                    List::Messages,
+                    seq_of(&k).unwrap_or(0),
+                    false,
+                    stored_body_len(&v) as u64,
+                );
                 removed += 1;
             }
         }
-        Ok(removed)
+        Ok((removed, true))
     }
 
     /// A receiver that changes whenever a message reappears in the queue without the durable
@@ -751,31 +1347,34 @@ impl Queue {
 
     /// Puts dead letter `seq` back into the queue at its own sequence number, ahead of
     /// everything queued after it; `false` when there is no such dead letter. Durable after
-    /// the next [`Store::flush`].
+    /// the next [`Store::flush`]. It needs no room: a dead letter already counts against the
+    /// bounds.
     pub fn retry_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
         self.check()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.writable()?;
         let dk = key(DEAD_PREFIX, seq);
         let Some(raw) = self.shared.tree.get(dk).map_err(|e| self.storage(e))? else {
             return Ok(false);
         };
-        let len = raw.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
-        let stored = len
-            .and_then(|l| raw.get(4 + l as usize..))
-            .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+        let stored = dead_letter_message(&raw).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
         let size = stored_body_len(stored) as u64;
-        let limits = st.limits;
-        self.check_room(&st.counters, &limits, 1, size)?;
+        // Counted as a message before it becomes one, so counters recovered after a crash in
+        // between over-count; never under-count.
+        self.write_record(&mut st, Some((List::Messages, size)))?;
         // The sequence number is kept: an inbox's numbers belong to the sending peer. The
         // message goes in before the dead letter goes out, so a crash between keeps both.
-        self.shared
+        let previous = self
+            .shared
             .tree
             .insert(key(MSG_PREFIX, seq), stored)
             .map_err(|e| self.storage(e))?;
+        if let Some(p) = previous {
+            // Left by a crash while it was being dead-lettered: one message, not two.
+            st.change(List::Messages, seq, false, stored_body_len(&p) as u64);
+        }
+        st.change(List::Messages, seq, true, size);
         self.shared.tree.remove(dk).map_err(|e| self.storage(e))?;
-        st.counters.count += 1;
-        st.counters.bytes += size;
-        st.counters.dead = st.counters.dead.saturating_sub(1);
+        st.change(List::Dead, seq, false, size);
         drop(st);
         self.shared.kicks.send_modify(|k| *k += 1);
         Ok(true)
@@ -788,52 +1387,48 @@ impl Queue {
     /// Durable after the next [`Store::flush`].
     pub fn requeue_dead_letter(&self, seq: u64) -> Result<Option<u64>, QueueError> {
         self.check()?;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.writable()?;
         let dk = key(DEAD_PREFIX, seq);
         let Some(raw) = self.shared.tree.get(dk).map_err(|e| self.storage(e))? else {
             return Ok(None);
         };
-        let len = raw.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
-        let stored = len
-            .and_then(|l| raw.get(4 + l as usize..))
-            .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+        let stored = dead_letter_message(&raw).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
         let size = stored_body_len(stored) as u64;
-        let limits = st.limits;
-        self.check_room(&st.counters, &limits, 1, size)?;
+        // No room check: the dead letter already counts against the bounds.
         let new_seq = st.counters.last_seq + 1;
+        // Counted as a message before it becomes one, so counters recovered after a crash in
+        // between over-count; never under-count.
+        st.counters.last_seq = new_seq;
+        self.write_record(&mut st, Some((List::Messages, size)))?;
         self.shared
             .tree
             .insert(key(MSG_PREFIX, new_seq), stored)
             .map_err(|e| self.storage(e))?;
-        st.counters.last_seq = new_seq;
-        st.counters.count += 1;
-        st.counters.bytes += size;
+        st.change(List::Messages, new_seq, true, size);
         self.shared.tree.remove(dk).map_err(|e| self.storage(e))?;
-        st.counters.dead = st.counters.dead.saturating_sub(1);
+        st.change(List::Dead, seq, false, size);
         Ok(Some(new_seq))
     }
 
     /// Deletes dead letter `seq` for good; `false` when there is no such dead letter.
     pub fn drop_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
         self.check()?;
-        let mut st = lock(&self.shared.state);
-        if self
+        let mut st = self.writable()?;
+        let Some(v) = self
             .shared
             .tree
             .remove(key(DEAD_PREFIX, seq))
             .map_err(|e| self.storage(e))?
-            .is_none()
-        {
+        else {
             return Ok(false);
-        }
-        st.counters.dead = st.counters.dead.saturating_sub(1);
+        };
+        st.change(List::Dead, seq, false, value_bytes(List::Dead, &v));
         Ok(true)
     }
 
     /// Moves a message to the dead-letter list with the reason.
     pub fn dead_letter(&self, msg: &Message, reason: &str) -> Result<(), QueueError> {
-        let mut st = lock(&self.shared.state);
-        self.persist_high_water(&mut st)?;
+        let mut st = self.writable()?;
         let record = DeadLetter {
             seq: msg.seq,
             id: msg.id.clone(),
@@ -853,6 +1448,10 @@ impl Queue {
             msg.enqueued_at_ms,
             &msg.body,
         ));
+        let size = msg.body.len() as u64;
+        // Counted as a dead letter before it becomes one (and the high-water mark persisted
+        // before the message goes): a crash in between leaves counters that over-count.
+        self.write_record(&mut st, Some((List::Dead, size)))?;
         // The dead letter goes in before the message goes out: a crash between keeps both,
         // and the message is simply refused again.
         let previous = self
@@ -860,17 +1459,17 @@ impl Queue {
             .tree
             .insert(key(DEAD_PREFIX, msg.seq), value)
             .map_err(|e| self.storage(e))?;
-        if previous.is_none() {
-            st.counters.dead += 1;
+        if let Some(p) = previous {
+            st.change(List::Dead, msg.seq, false, value_bytes(List::Dead, &p));
         }
+        st.change(List::Dead, msg.seq, true, size);
         if let Some(v) = self
             .shared
             .tree
             .remove(key(MSG_PREFIX, msg.seq))
             .map_err(|e| self.storage(e))?
         {
-            st.counters.count = st.counters.count.saturating_sub(1);
-            st.counters.bytes = st.counters.bytes.saturating_sub(stored_body_len(&v) as u64);
+            st.change(List::Messages, msg.seq, false, stored_body_len(&v) as u64);
         }
         Ok(())
     }
@@ -891,38 +1490,73 @@ impl Queue {
         Ok(out)
     }
 
-    /// Counters and the oldest message's age.
+    /// Counters and the oldest message's age. Reads one key: the oldest message's header.
     pub fn stats(&self) -> QueueStats {
         let c = lock(&self.shared.state).counters;
         let oldest = self
             .shared
             .tree
-            .scan_prefix([MSG_PREFIX])
+            .range(key(MSG_PREFIX, 0)..=key(MSG_PREFIX, u64::MAX))
             .next()
             .and_then(|r| r.ok())
-            .and_then(|(k, v)| decode_message(seq_of(&k)?, &v))
-            .map(|m| m.enqueued_at_ms);
+            .and_then(|(_, v)| Some(u64::from_be_bytes(v.get(1..9)?.try_into().ok()?)));
         QueueStats {
-            depth: c.count,
-            bytes: c.bytes,
+            depth: c.sums.count,
+            bytes: c.sums.bytes,
             last_seq: c.last_seq,
             oldest_enqueued_ms: oldest,
-            dead_letters: c.dead,
+            dead_letters: c.sums.dead,
+            dead_letter_bytes: c.sums.dead_bytes,
         }
     }
 
+    /// Resolves once the counters are exact again after an unclean stop (at once when they
+    /// are); until then they may over-count removals made just before the stop.
+    pub async fn counters_exact(&self) {
+        let mut rx = self.shared.recounted.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Keys read so far to recover this queue's counters (opening and recounting).
+    pub fn keys_read_for_counters(&self) -> u64 {
+        self.shared.keys_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Forgets idempotency keys accepted before `cutoff_ms`, so the key index stays bounded.
+    /// Reads only the keys it forgets (an index by accept time).
     pub fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<usize, QueueError> {
-        let mut n = 0;
-        for item in self.shared.tree.scan_prefix([IDEM_PREFIX]) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let at = v.get(9..17).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-            if at.is_some_and(|at| at < cutoff_ms) {
-                self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
-                n += 1;
+        let mut total = 0;
+        loop {
+            let n = self.prune_idempotency_keys_step(cutoff_ms, PRUNE_STEP)?;
+            total += n;
+            if n < PRUNE_STEP {
+                return Ok(total);
             }
         }
-        Ok(n)
+    }
+
+    /// One step of [`Queue::prune_idempotency_keys`]: at most `max` keys.
+    fn prune_idempotency_keys_step(&self, cutoff_ms: u64, max: usize) -> Result<usize, QueueError> {
+        let mut lo = vec![IDEM_TIME_PREFIX];
+        lo.extend_from_slice(&0u64.to_be_bytes());
+        let mut hi = vec![IDEM_TIME_PREFIX];
+        hi.extend_from_slice(&cutoff_ms.to_be_bytes());
+        let due: Vec<(sled::IVec, sled::IVec)> = self
+            .shared
+            .tree
+            .range(lo..hi)
+            .take(max)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.storage(e))?;
+        for (t, idem) in &due {
+            let mut k = vec![IDEM_PREFIX];
+            k.extend_from_slice(idem);
+            // The key is removed before its index entry: a crash between leaves an index entry
+            // that the next prune removes, never a key that is never pruned.
+            self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
+            self.shared.tree.remove(t).map_err(|e| self.storage(e))?;
+        }
+        Ok(due.len())
     }
 }
 
@@ -1099,8 +1733,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let q = store.queue("c/in", LIMITS).unwrap();
-        assert_eq!(q.append_remote(&[remote(1), remote(2)]).unwrap(), 2);
-        assert_eq!(q.append_remote(&[remote(1), remote(2), remote(3)]).unwrap(), 3);
+        assert_eq!(q.append_remote(&[remote(1), remote(2)]).unwrap().high_water, 2);
+        let again = q.append_remote(&[remote(1), remote(2), remote(3)]).unwrap();
+        assert_eq!((again.high_water, again.stored, again.gap), (3, 1, None));
         assert_eq!(q.stats().depth, 3);
         store.flush().await.unwrap();
         q.wait_durable_after(2).await;
@@ -1125,7 +1760,7 @@ mod tests {
             )
             .unwrap();
         let batch: Vec<Message> = (1..=5).map(remote).collect();
-        assert_eq!(q.append_remote(&batch).unwrap(), 3, "the prefix that fits");
+        assert_eq!(q.append_remote(&batch).unwrap().high_water, 3, "the prefix that fits");
         assert!(
             matches!(q.append_remote(&batch), Err(QueueError::FullCount { .. })),
             "nothing new fits: full, and nothing lost"
@@ -1133,7 +1768,7 @@ mod tests {
         store.flush().await.unwrap();
         assert!(q.remove(2).unwrap());
         assert!(!q.remove(2).unwrap());
-        assert_eq!(q.append_remote(&batch).unwrap(), 4);
+        assert_eq!(q.append_remote(&batch).unwrap().high_water, 4);
         assert!(matches!(q.append_remote(&batch), Err(QueueError::FullCount { .. })));
         let seqs: Vec<u64> = q.read_after(0, 10, 1 << 20).unwrap().iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [1, 3]);
@@ -1194,5 +1829,555 @@ mod tests {
         assert_eq!(t.list::<Vec<i32>>().unwrap().len(), 1);
         t.remove("a").unwrap();
         assert_eq!(t.get::<Vec<i32>>("a").unwrap(), None);
+    }
+
+    /// Opens the store in `dir` again once the previous instance let go of it.
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, 1 << 22) {
+                Ok(s) => return s,
+                Err(QueueError::Locked(_)) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    }
+
+    fn sized(n: usize) -> NewMessage {
+        msg(&"x".repeat(n))
+    }
+
+    const ROOMY: Limits = Limits {
+        max_messages: 1 << 20,
+        max_bytes: 1 << 30,
+    };
+
+    #[tokio::test]
+    async fn opening_a_cleanly_closed_queue_reads_none_of_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 22).unwrap();
+            let q = store.queue("c/out", ROOMY).unwrap();
+            for i in 0..3000 {
+                q.append(sized(i % 7), None).unwrap();
+            }
+            let first = {
+                store.flush().await.unwrap();
+                q.first().unwrap().unwrap()
+            };
+            q.dead_letter(&first, "HTTP 400").unwrap();
+            q.remove_through(1000).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = reopen(dir.path());
+        let q = store.queue("c/out", ROOMY).unwrap();
+        assert_eq!(q.keys_read_for_counters(), 0, "opening read no message");
+        let s = q.stats();
+        let bytes: u64 = (1000..3000u64).map(|i| i % 7).sum();
+        assert_eq!((s.depth, s.bytes, s.dead_letters, s.last_seq), (2000, bytes, 1, 3000));
+        assert_eq!(q.append(msg("n"), None).unwrap().seq, 3001);
+    }
+
+    #[tokio::test]
+    async fn after_an_unclean_stop_opening_reads_only_the_tail_and_a_background_recount_corrects_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 22).unwrap();
+            let q = store.queue("c/out", ROOMY).unwrap();
+            for _ in 0..1000 {
+                q.append(sized(3), None).unwrap();
+            }
+            store.flush().await.unwrap();
+            q.remove_through(500).unwrap();
+            let m600 = q.read_after(599, 1, usize::MAX).unwrap().remove(0);
+            q.dead_letter(&m600, "HTTP 422").unwrap();
+            q.remove_through(700).unwrap();
+            for _ in 0..10 {
+                q.append(sized(5), None).unwrap();
+            }
+            // No flush, no clean close: the last counters record predates the removals above.
+            store.close_uncleanly();
+        }
+        let store = reopen(dir.path());
+        store
+            .inner
+            .auto_recount
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let q = store.queue("c/out", ROOMY).unwrap();
+        let read_at_open = q.keys_read_for_counters();
+        assert!(
+            read_at_open <= 10,
+            "opening read {read_at_open} keys, only the tail of 10 appends"
+        );
+        let s = q.stats();
+        assert_eq!(s.last_seq, 1010, "appends after the record are counted exactly");
+        assert!(
+            s.depth >= 310 && s.bytes >= 300 * 3 + 50,
+            "an estimate never under-counts: {s:?}"
+        );
+        // The recount the open starts in the background, started by hand here to measure it.
+        let weak = Arc::downgrade(&q.shared);
+        std::thread::spawn(move || recount(weak));
+        tokio::time::timeout(std::time::Duration::from_secs(20), q.counters_exact())
+            .await
+            .unwrap();
+        let s = q.stats();
+        assert_eq!(
+            (s.depth, s.bytes, s.dead_letters, s.dead_letter_bytes),
+            (310, 300 * 3 + 50, 1, 3)
+        );
+        assert_eq!(q.append(msg("n"), None).unwrap().seq, 1011);
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_recovered_once_per_process_and_each_flush_saves_its_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 22).unwrap();
+            let q = store.queue("c/out", ROOMY).unwrap();
+            for _ in 0..500 {
+                q.append(sized(2), None).unwrap();
+            }
+            drop(q);
+            // Every later use (intake, status, metrics) finds the open queue: nothing re-read.
+            let again = store.queue("c/out", ROOMY).unwrap();
+            assert_eq!(again.keys_read_for_counters(), 0);
+            assert_eq!(again.stats().depth, 500);
+            store.flush().await.unwrap();
+            store.close_uncleanly();
+        }
+        let store = reopen(dir.path());
+        store
+            .inner
+            .auto_recount
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let q = store.queue("c/out", ROOMY).unwrap();
+        assert_eq!(
+            q.keys_read_for_counters(),
+            0,
+            "the record written with the flush covers all 500"
+        );
+        let s = q.stats();
+        assert_eq!((s.depth, s.bytes, s.last_seq), (500, 1000, 500));
+    }
+
+    #[tokio::test]
+    async fn dead_letters_count_against_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let limits = Limits {
+            max_messages: 2,
+            max_bytes: 10,
+        };
+        let q = store.queue("c/in", limits).unwrap();
+        q.append(msg("aaaa"), None).unwrap();
+        q.append(msg("bb"), None).unwrap();
+        store.flush().await.unwrap();
+        let a = q.first().unwrap().unwrap();
+        q.dead_letter(&a, "HTTP 400").unwrap();
+        match q.append(msg("c"), None) {
+            Err(QueueError::FullCount {
+                count, dead_letters, ..
+            }) => assert_eq!((count, dead_letters), (2, 1)),
+            other => panic!("a dead letter still takes room: {other:?}"),
+        }
+        assert!(matches!(
+            q.append_remote(&[remote(3)]),
+            Err(QueueError::FullCount { .. })
+        ));
+        q.remove(2).unwrap();
+        match q.append(msg("1234567"), None) {
+            Err(QueueError::FullBytes { dead_letter_bytes, .. }) => assert_eq!(dead_letter_bytes, 4),
+            other => panic!("dead-letter bytes count: {other:?}"),
+        }
+        // Retrying needs no room: the dead letter is already counted.
+        q.append(msg("c"), None).unwrap();
+        assert!(q.retry_dead_letter(a.seq).unwrap());
+        let s = q.stats();
+        assert_eq!((s.depth, s.dead_letters, s.bytes), (2, 0, 5));
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_reuses_sequence_numbers_for_other_messages_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", ROOMY).unwrap();
+        q.append_remote(&[remote(1), remote(2), remote(3)]).unwrap();
+        store.flush().await.unwrap();
+        q.remove_through(3).unwrap();
+        let mut other = remote(3);
+        other.id = "restored".into();
+        match q.append_remote(&[other, remote(4)]) {
+            Err(e @ QueueError::SequenceConflict { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("id restored") && text.contains("id id3"), "{text}");
+                assert!(text.contains("restored from a backup or copied"), "{text}");
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(q.last_seq(), 3, "nothing of the batch was stored");
+        // A true retry (same ids, even after delivery) is still fine.
+        let again = q.append_remote(&[remote(2), remote(3), remote(4)]).unwrap();
+        assert_eq!((again.high_water, again.stored), (4, 1));
+    }
+
+    #[tokio::test]
+    async fn a_sequence_older_than_the_retry_window_conflicts_and_the_window_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 22).unwrap();
+        let q = store.queue("c/in", ROOMY).unwrap();
+        let n = RECENT_IDS + 300;
+        for chunk in (1..=n).collect::<Vec<_>>().chunks(512) {
+            q.append_remote(&chunk.iter().map(|&s| remote(s)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        assert!(
+            q.append_remote(&[remote(1)]).is_ok(),
+            "still queued: the message itself says"
+        );
+        q.remove_through(n).unwrap();
+        match q.append_remote(&[remote(1)]) {
+            Err(QueueError::SequenceConflict {
+                held_id: None,
+                high_water,
+                ..
+            }) => assert_eq!(high_water, n),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert!(
+            q.append_remote(&[remote(n - RECENT_IDS + 1)]).is_ok(),
+            "the window's oldest"
+        );
+        let kept = q.shared.tree.scan_prefix([RECENT_PREFIX]).count() as u64;
+        assert_eq!(kept, RECENT_IDS);
+    }
+
+    #[tokio::test]
+    async fn a_sequence_gap_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", ROOMY).unwrap();
+        assert_eq!(q.append_remote(&[remote(1), remote(2)]).unwrap().gap, None);
+        let got = q.append_remote(&[remote(5), remote(6)]).unwrap();
+        assert_eq!(got.gap, Some(SequenceGap { expected: 3, got: 5 }));
+        assert_eq!(got.high_water, 6);
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let q = store.queue("c/out", ROOMY).unwrap();
+            for _ in 0..5 {
+                q.append(msg("a"), None).unwrap();
+            }
+            store.flush().await.unwrap();
+            q.remove_through(3).unwrap();
+            assert_eq!(q.acked_through(), 3);
+            q.remove_through(2).unwrap();
+            assert_eq!(q.acked_through(), 3, "never goes back");
+            store.flush().await.unwrap();
+            store.close_uncleanly();
+        }
+        let store = reopen(dir.path());
+        assert_eq!(store.queue("c/out", ROOMY).unwrap().acked_through(), 3);
+    }
+
+    #[tokio::test]
+    async fn pruning_reads_only_expired_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", ROOMY).unwrap();
+        for i in 0..5 {
+            q.append(msg("a"), Some(&format!("k{i}"))).unwrap();
+        }
+        assert_eq!(q.prune_idempotency_keys(0).unwrap(), 0);
+        assert_eq!(q.prune_idempotency_keys(now_ms() + 1).unwrap(), 5);
+        assert_eq!(q.shared.tree.scan_prefix([IDEM_TIME_PREFIX]).count(), 0);
+        assert!(!q.append(msg("a"), Some("k1")).unwrap().duplicate, "forgotten");
+    }
+
+    /// Steps of the model-based test.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(usize),
+        AppendRemote { n: u64, gap: u64, len: usize },
+        ResendLastBatch,
+        Conflict(u64),
+        Remove(usize),
+        RemoveThrough(usize),
+        DeadLetter(usize),
+        Retry(usize),
+        Drop(usize),
+        Flush,
+        Reopen { clean: bool },
+        RecountStep,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0usize..20).prop_map(Op::Append),
+            3 => (1u64..5, prop_oneof![4 => Just(0u64), 1 => 1u64..3], 0usize..20)
+                .prop_map(|(n, gap, len)| Op::AppendRemote { n, gap, len }),
+            1 => Just(Op::ResendLastBatch),
+            1 => any::<u64>().prop_map(Op::Conflict),
+            2 => any::<usize>().prop_map(Op::Remove),
+            1 => any::<usize>().prop_map(Op::RemoveThrough),
+            1 => any::<usize>().prop_map(Op::DeadLetter),
+            1 => any::<usize>().prop_map(Op::Retry),
+            1 => any::<usize>().prop_map(Op::Drop),
+            2 => Just(Op::Flush),
+            1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+            2 => Just(Op::RecountStep),
+        ]
+    }
+
+    /// What the queue should hold.
+    #[derive(Default)]
+    struct Model {
+        msgs: std::collections::BTreeMap<u64, Message>,
+        dead: std::collections::BTreeMap<u64, Message>,
+        last_seq: u64,
+        remote_ids: std::collections::BTreeMap<u64, String>,
+        last_batch: Vec<Message>,
+    }
+
+    const MODEL_LIMITS: Limits = Limits {
+        max_messages: 12,
+        max_bytes: 120,
+    };
+
+    impl Model {
+        fn sums(&self) -> (u64, u64, u64, u64) {
+            let b = |m: &std::collections::BTreeMap<u64, Message>| m.values().map(|m| m.body.len() as u64).sum();
+            (
+                self.msgs.len() as u64,
+                b(&self.msgs),
+                self.dead.len() as u64,
+                b(&self.dead),
+            )
+        }
+
+        fn fits(&self, len: usize) -> bool {
+            let (c, b, d, db) = self.sums();
+            c + d < MODEL_LIMITS.max_messages && b + db + len as u64 <= MODEL_LIMITS.max_bytes
+        }
+    }
+
+    fn nth(m: &std::collections::BTreeMap<u64, Message>, i: usize) -> Option<u64> {
+        (!m.is_empty()).then(|| *m.keys().nth(i % m.len()).unwrap())
+    }
+
+    /// Runs one step on the queue and the model; `estimating` while a recount is pending
+    /// (the queue may then refuse for room the model has, never the other way round).
+    async fn step(store: &mut Store, q: &mut Queue, model: &mut Model, op: Op, dir: &Path) {
+        let estimating = q.shared.state.lock().unwrap().recount.is_some();
+        match op {
+            Op::Append(len) => {
+                let m = sized(len);
+                let fits = model.fits(len);
+                match q.append(m.clone(), None) {
+                    Ok(a) => {
+                        assert!(fits, "accepted beyond the bounds");
+                        assert_eq!(a.seq, model.last_seq + 1);
+                        model.last_seq = a.seq;
+                        model.msgs.insert(
+                            a.seq,
+                            Message {
+                                seq: a.seq,
+                                id: m.id,
+                                content_type: m.content_type,
+                                enqueued_at_ms: m.enqueued_at_ms,
+                                body: m.body,
+                            },
+                        );
+                    }
+                    Err(QueueError::FullCount { .. } | QueueError::FullBytes { .. }) => {
+                        assert!(!fits || estimating, "refused with room");
+                    }
+                    Err(e) => panic!("append: {e}"),
+                }
+            }
+            Op::AppendRemote { n, gap, len } => {
+                let start = model.last_seq + 1 + gap;
+                let batch: Vec<Message> = (start..start + n)
+                    .map(|seq| Message {
+                        seq,
+                        id: format!("r{seq}-{}", crate::crypto::random_id()),
+                        content_type: "a/b".into(),
+                        enqueued_at_ms: 7,
+                        body: Bytes::from(vec![b'r'; len]),
+                    })
+                    .collect();
+                remote_step(q, model, batch, estimating);
+            }
+            Op::ResendLastBatch => {
+                let batch = model.last_batch.clone();
+                remote_step(q, model, batch, estimating);
+            }
+            Op::Conflict(k) => {
+                if model.last_seq > 0 {
+                    let seq = 1 + k % model.last_seq;
+                    let mut m = remote(seq);
+                    m.id = "someone-else".into();
+                    assert!(matches!(
+                        q.append_remote(&[m]),
+                        Err(QueueError::SequenceConflict { .. })
+                    ));
+                }
+            }
+            Op::Remove(i) => {
+                if let Some(seq) = nth(&model.msgs, i) {
+                    assert!(q.remove(seq).unwrap());
+                    model.msgs.remove(&seq);
+                }
+            }
+            Op::RemoveThrough(i) => {
+                if let Some(seq) = nth(&model.msgs, i) {
+                    let expect = model.msgs.range(..=seq).count() as u64;
+                    assert_eq!(q.remove_through(seq).unwrap(), expect);
+                    model.msgs.retain(|&s, _| s > seq);
+                }
+            }
+            Op::DeadLetter(i) => {
+                if let Some(seq) = nth(&model.msgs, i) {
+                    let m = model.msgs.remove(&seq).unwrap();
+                    q.dead_letter(&m, "HTTP 400").unwrap();
+                    model.dead.insert(seq, m);
+                }
+            }
+            Op::Retry(i) => {
+                if let Some(seq) = nth(&model.dead, i) {
+                    assert!(q.retry_dead_letter(seq).unwrap());
+                    let m = model.dead.remove(&seq).unwrap();
+                    model.msgs.insert(seq, m);
+                }
+            }
+            Op::Drop(i) => {
+                if let Some(seq) = nth(&model.dead, i) {
+                    assert!(q.drop_dead_letter(seq).unwrap());
+                    model.dead.remove(&seq);
+                }
+            }
+            Op::Flush => {
+                store.flush().await.unwrap();
+                let got = q.read_after(0, usize::MAX, usize::MAX).unwrap();
+                let want: Vec<Message> = model.msgs.values().cloned().collect();
+                assert_eq!(got, want, "order and content of what is durable");
+                let dead: Vec<u64> = q.dead_letters(usize::MAX).unwrap().iter().map(|d| d.seq).collect();
+                assert_eq!(dead, model.dead.keys().copied().collect::<Vec<_>>());
+            }
+            Op::Reopen { clean } => {
+                // Stand-ins from another directory, so every handle on the real one goes.
+                let scratch = reopen(&dir.join("scratch"));
+                drop(std::mem::replace(q, scratch.queue("stand-in", MODEL_LIMITS).unwrap()));
+                let closing = std::mem::replace(store, scratch);
+                if !clean {
+                    closing.close_uncleanly();
+                } else {
+                    drop(closing);
+                }
+                *store = reopen(&dir.join("db"));
+                store
+                    .inner
+                    .auto_recount
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                *q = store.queue("c/q", MODEL_LIMITS).unwrap();
+                if clean {
+                    assert_eq!(q.keys_read_for_counters(), 0);
+                }
+                assert_eq!(q.last_seq(), model.last_seq, "sequence numbers survive");
+                // Everything written reached the disk (sled's own close), so all is there.
+                store.flush().await.unwrap();
+                let got = q.read_after(0, usize::MAX, usize::MAX).unwrap();
+                assert_eq!(got, model.msgs.values().cloned().collect::<Vec<_>>());
+            }
+            Op::RecountStep => {
+                recount_step(&q.shared, 3);
+            }
+        }
+        let s = q.stats();
+        let (c, b, d, db) = model.sums();
+        let got = (s.depth, s.bytes, s.dead_letters, s.dead_letter_bytes);
+        assert_eq!(s.last_seq, model.last_seq);
+        if q.shared.state.lock().unwrap().recount.is_some() {
+            assert!(
+                got.0 + got.2 >= c + d && got.1 + got.3 >= b + db && got.0 >= c && got.1 >= b,
+                "estimates may only over-count: {got:?} vs {:?}",
+                (c, b, d, db)
+            );
+        } else {
+            assert_eq!(got, (c, b, d, db), "exact counters");
+        }
+    }
+
+    fn remote_step(q: &Queue, model: &mut Model, batch: Vec<Message>, estimating: bool) {
+        if batch.is_empty() {
+            return;
+        }
+        let hw = model.last_seq;
+        let retry_ok = batch
+            .iter()
+            .filter(|m| m.seq <= hw)
+            .all(|m| model.remote_ids.get(&m.seq) == Some(&m.id));
+        let result = q.append_remote(&batch);
+        if !retry_ok {
+            assert!(matches!(result, Err(QueueError::SequenceConflict { .. })), "{result:?}");
+            return;
+        }
+        // What the model would store: the prefix of the new ones that fits.
+        let mut would = 0;
+        let mut sim = Model {
+            msgs: model.msgs.clone(),
+            dead: model.dead.clone(),
+            ..Model::default()
+        };
+        for m in batch.iter().filter(|m| m.seq > hw) {
+            if !sim.fits(m.body.len()) {
+                break;
+            }
+            sim.msgs.insert(m.seq, m.clone());
+            would += 1;
+        }
+        let new = batch.iter().filter(|m| m.seq > hw).count();
+        match result {
+            Ok(r) => {
+                assert!(
+                    r.stored == would || (estimating && r.stored < would),
+                    "{r:?} vs {would}"
+                );
+                for m in batch.iter().filter(|m| m.seq > hw).take(r.stored as usize) {
+                    model.msgs.insert(m.seq, m.clone());
+                    model.remote_ids.insert(m.seq, m.id.clone());
+                    model.last_seq = m.seq;
+                }
+                assert_eq!(r.high_water, model.last_seq);
+            }
+            Err(QueueError::FullCount { .. } | QueueError::FullBytes { .. }) => {
+                assert!(new > 0 && (would == 0 || estimating));
+            }
+            Err(e) => panic!("append_remote: {e}"),
+        }
+        model.last_batch = batch;
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+        #[test]
+        fn queue_follows_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let tmp = tempfile::tempdir().unwrap();
+                let mut store = Store::open(&tmp.path().join("db"), 1 << 20).unwrap();
+                store.inner.auto_recount.store(false, std::sync::atomic::Ordering::Relaxed);
+                let mut q = store.queue("c/q", MODEL_LIMITS).unwrap();
+                let mut model = Model::default();
+                for op in ops {
+                    step(&mut store, &mut q, &mut model, op, tmp.path()).await;
+                }
+            });
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::registry::Denied;
 use super::Node;
@@ -16,7 +16,7 @@ use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::{
     self, codes, LinkState, PollRequest, PollResponse, PushRequest, PushResponse, RedeemRequest, WireMessage,
 };
-use crate::queue::Message;
+use crate::queue::{Message, QueueError};
 use crate::status::Health;
 
 fn deny(d: Denied) -> Response<Body> {
@@ -177,6 +177,23 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             ),
         );
     }
+    // A cursor below what the agent already acknowledged means the agent went back (its data
+    // directory restored or copied): this node removed those messages, so they cannot be
+    // sent again. Say so loudly, and keep serving what the node still holds.
+    let acked = link.outbox.acked_through();
+    if request.after < acked {
+        let message = format!(
+            "the agent asks for messages after {} but had already acknowledged up to {acked}: its data \
+             directory was probably restored from a backup or copied. This node removed messages {}..={acked} \
+             once acknowledged and cannot send them again; it sends what it still holds",
+            request.after,
+            request.after + 1
+        );
+        if is_new_error(&link, &message) {
+            error!(connection = %link.name, %message, "the agent's receive position went back");
+        }
+        link.health.error(message);
+    }
     // The cursor acknowledges everything up to it: the agent holds those durably.
     if let Err(e) = link.outbox.remove_through(request.after) {
         return crate::intake::queue_error_response(&e);
@@ -305,15 +322,36 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     link.health.contact();
     let messages: Vec<Message> = request.messages.into_iter().map(from_wire).collect();
     let bytes: u64 = messages.iter().map(|m| m.body.len() as u64).sum();
-    let before = link.inbox.last_seq();
-    let high_water = match link.inbox.append_remote(&messages) {
-        Ok(h) => h,
+    let appended = match link.inbox.append_remote(&messages) {
+        Ok(a) => a,
+        Err(e @ QueueError::SequenceConflict { .. }) => {
+            // Storing nothing keeps both sides' messages; the agent keeps its own until an
+            // operator decides (a new connection, or a data directory that matches the node).
+            let message = format!("push refused: {e}");
+            if is_new_error(&link, &message) {
+                error!(connection = %link.name, %message, "an agent reused sequence numbers");
+            }
+            link.health.error(message.clone());
+            return http::error(StatusCode::CONFLICT, codes::SEQUENCE_CONFLICT, message);
+        }
         Err(e) => return crate::intake::queue_error_response(&e),
     };
+    if let Some(gap) = appended.gap {
+        let message = format!(
+            "the agent sent message {} where {} was expected: messages {}..={} never arrived (its data directory may have been restored or copied)",
+            gap.got,
+            gap.expected,
+            gap.expected,
+            gap.got - 1
+        );
+        warn!(connection = %link.name, %message, "sequence gap from the agent");
+        link.health.error(message);
+    }
     if let Err(e) = node.store().flush().await {
         return crate::intake::queue_error_response(&e);
     }
-    Health::add(&link.health.received, high_water.saturating_sub(before));
+    let high_water = appended.high_water;
+    Health::add(&link.health.received, appended.stored);
     Health::add(&link.health.bytes_received, bytes);
     let state = if *link.active_tx.borrow() {
         LinkState::Active
@@ -325,6 +363,12 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
         high_water,
         state,
     })
+}
+
+/// False when `message` is already the link's last error: an agent retrying the same
+/// refused request is logged once, not at every retry (it stays in the status).
+fn is_new_error(link: &super::Link, message: &str) -> bool {
+    link.health.last_error().map(|e| e.message).as_deref() != Some(message)
 }
 
 /// Queue message → wire message.

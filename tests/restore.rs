@@ -1,0 +1,168 @@
+//! An agent data directory restored from an older snapshot reuses sequence numbers the node
+//! already holds for other messages. The node refuses that push with 409 (storing nothing),
+//! says why, notices the agent's receive position went back, and keeps serving; the agent
+//! keeps its new messages, and nothing reaches the node's webhook twice under one number.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use relay::sink::{Received, Sink};
+
+/// Drains a sink into a shared list.
+fn collect(mut sink: Sink) -> Arc<Mutex<Vec<Received>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(r) = sink.rx.recv().await {
+            s.lock().unwrap().push(r);
+        }
+    });
+    seen
+}
+
+fn bodies(seen: &Mutex<Vec<Received>>) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.answered == 200)
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect()
+}
+
+/// Copies a stopped daemon's data directory, files and modes (sockets are left behind).
+fn copy_dir(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let kind = entry.file_type().unwrap();
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+async fn send(api: &str, bodies: &[String]) {
+    let http = client();
+    for b in bodies {
+        let (status, json) = post(&http, api, "c", b.clone().into_bytes(), &[]).await.unwrap();
+        assert_eq!(status, 202, "{json}");
+    }
+}
+
+fn names(prefix: &str, range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i}")).collect()
+}
+
+async fn start_agent(dir: &Path) -> Daemon {
+    Daemon::start(dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_agent_directory_is_refused_with_409_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (node_dir, agent_dir, snapshot) = (
+        tmp.path().join("node"),
+        tmp.path().join("agent"),
+        tmp.path().join("snapshot"),
+    );
+    let public_app = Sink::start().await.unwrap();
+    let private_app = Sink::start().await.unwrap();
+    let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
+    let (to_public, to_private) = (collect(public_app), collect(private_app));
+    let node = start_node(&node_dir, None).await;
+    let code = initiate(&node_dir, "c", &public_url, &[]).await;
+    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Until the snapshot: up-1..5 and down-1..2, all delivered and acknowledged.
+    let mut agent = start_agent(&agent_dir).await;
+    send(&agent.api(), &names("up", 1..=5)).await;
+    send(&node.api(), &names("down", 1..=2)).await;
+    let settled = |up: usize, down: usize| {
+        let (to_public, to_private, node_dir, agent_dir) = (
+            to_public.clone(),
+            to_private.clone(),
+            node_dir.clone(),
+            agent_dir.clone(),
+        );
+        async move {
+            let n = statuses(&node_dir, true).await;
+            let a = statuses(&agent_dir, false).await;
+            let ok = bodies(&to_public).contains(&format!("up-{up}"))
+                && bodies(&to_private).contains(&format!("down-{down}"))
+                && n[0].outbound.depth == 0
+                && a[0].outbound.depth == 0;
+            ok.then_some(())
+        }
+    };
+    wait_for("the first messages both ways", || settled(5, 2)).await;
+    assert!(agent.terminate().await.success());
+    copy_dir(&agent_dir, &snapshot);
+
+    // After the snapshot: up-6..10 and down-3..4, also delivered and acknowledged.
+    let mut agent = start_agent(&agent_dir).await;
+    send(&agent.api(), &names("up", 6..=10)).await;
+    send(&node.api(), &names("down", 3..=4)).await;
+    wait_for("the later messages both ways", || settled(10, 4)).await;
+    assert!(agent.terminate().await.success());
+    drop(agent);
+
+    // The operator restores the older snapshot and the agent starts again from it.
+    std::fs::remove_dir_all(&agent_dir).unwrap();
+    copy_dir(&snapshot, &agent_dir);
+    let agent = start_agent(&agent_dir).await;
+    let fresh = names("new", 1..=3);
+    send(&agent.api(), &fresh).await;
+    send(&node.api(), &names("down", 5..=5)).await;
+
+    // The node keeps serving what it holds despite the agent's gap.
+    wait_for("down-5 at the private webhook", || async {
+        bodies(&to_private).contains(&"down-5".to_owned()).then_some(())
+    })
+    .await;
+    // The node refused the push that reuses 6..8 and says why, on the node and at the agent.
+    let agent_error = wait_for("the agent to see the node's refusal", || async {
+        let a = statuses(&agent_dir, false).await;
+        let e = a[0].last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+        e.contains("409").then_some(e)
+    })
+    .await;
+    assert!(
+        agent_error.contains("sequence conflict") && agent_error.contains("restored from a backup or copied"),
+        "{agent_error}"
+    );
+    let a = statuses(&agent_dir, false).await;
+    assert_eq!(a[0].outbound.depth, 3, "the agent still holds its new messages");
+    let n = statuses(&node_dir, true).await;
+    assert_eq!(n[0].inbound.last_seq, 10, "the node stored nothing of the refused push");
+    let node_error = n[0].last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+    assert!(
+        node_error.contains("restored from a backup or copied"),
+        "the node's last error says why: {node_error}"
+    );
+    let log = node.log();
+    assert!(log.contains("an agent reused sequence numbers"), "{log}");
+    assert!(log.contains("the agent's receive position went back"), "{log}");
+
+    // Nothing new reached the node's webhook, and no number ever carried two messages.
+    let seen = to_public.lock().unwrap();
+    let mut by_seq: HashMap<String, String> = HashMap::new();
+    for r in seen.iter().filter(|r| r.answered == 200) {
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(!body.starts_with("new-"), "{body} was delivered under a reused number");
+        let seq = r.header("relay-seq").unwrap().to_owned();
+        let first = by_seq.entry(seq.clone()).or_insert_with(|| body.clone());
+        assert_eq!(first, &body, "sequence {seq} delivered with two payloads");
+    }
+    assert_eq!(by_seq.len(), 10);
+    drop(agent);
+}
