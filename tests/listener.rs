@@ -305,25 +305,29 @@ async fn a_real_agent_keeps_flowing_while_idlers_hold_every_unauthenticated_slot
     let http = client();
     let api = format!("http://{}", node.info.api.clone().unwrap());
     let intake = format!("http://{}", agent.info.api.clone().unwrap());
-    for i in 0..10 {
-        let body = format!("down{i}").into_bytes();
-        assert_eq!(post(&http, &api, "c", body, &[]).await.unwrap().0, 202);
-        let body = format!("up{i}").into_bytes();
-        assert_eq!(post(&http, &intake, "c", body, &[]).await.unwrap().0, 202);
+    // Round trips both ways for three of the idlers' cycles: the agent's connections are
+    // never cut or shed while idlers come and go around them.
+    let cut_before = cut.load(Ordering::SeqCst);
+    let flowing = Instant::now();
+    let (mut rounds, mut slowest) = (0, Duration::ZERO);
+    while flowing.elapsed() < Duration::from_secs(6) {
+        let round = Instant::now();
+        let down = format!("down{rounds}").into_bytes();
+        assert_eq!(post(&http, &api, "c", down.clone(), &[]).await.unwrap().0, 202);
+        let up = format!("up{rounds}").into_bytes();
+        assert_eq!(post(&http, &intake, "c", up.clone(), &[]).await.unwrap().0, 202);
+        assert_eq!(to_agent.next(DEADLINE).await.expect("node → agent flows").body, down);
+        assert_eq!(to_app.next(DEADLINE).await.expect("agent → node flows").body, up);
+        slowest = slowest.max(round.elapsed());
+        rounds += 1;
     }
-    for i in 0..10 {
-        let got = to_agent.next(DEADLINE).await.expect("node → agent flows");
-        assert_eq!(got.body, format!("down{i}").into_bytes());
-        let got = to_app.next(DEADLINE).await.expect("agent → node flows");
-        assert_eq!(got.body, format!("up{i}").into_bytes());
-    }
-    let flowed = started.elapsed();
+    let cut_during = cut.load(Ordering::SeqCst) - cut_before;
     eprintln!(
-        "accepted after {accepted:?}, 10 messages each way after {flowed:?}; meanwhile {} attacker connections cut, {} refused, {} holding",
-        cut.load(Ordering::SeqCst),
+        "accepted after {accepted:?}; then {rounds} round trips in 6 s, slowest {slowest:?}; meanwhile {cut_during} attacker connections cut, {} refused in all, {} holding at the end",
         refused.load(Ordering::SeqCst),
         held.load(Ordering::SeqCst)
     );
+    assert!(cut_during >= 8, "the idlers kept coming back while the agent flowed");
     assert!(
         held.load(Ordering::SeqCst) >= 4,
         "the attack was still on while the agent flowed"
