@@ -620,6 +620,85 @@ pub async fn read_body_paced(body: Incoming, limit: usize, pace: BodyPace) -> Re
     Ok(buf.freeze())
 }
 
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+
+    fn limits() -> ListenerLimits {
+        ListenerLimits::public(Duration::from_secs(10), 3, 2)
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_and_a_full_budget_sheds_its_oldest() {
+        let admission = Admission::new(limits(), 1);
+        let t0 = Instant::now();
+        let a1 = admission.admit(ip(1), t0).unwrap();
+        let _a2 = admission.admit(ip(1), t0).unwrap();
+        assert_eq!(admission.admit(ip(1), t0).err(), Some(Refused::PeerShare));
+        let _b1 = admission.admit(ip(2), t0).unwrap();
+        // Full, and everyone younger than the shed age: the newcomer waits its turn.
+        assert_eq!(admission.admit(ip(3), t0).err(), Some(Refused::Full));
+        // Once old enough, the oldest makes room.
+        let later = t0 + Duration::from_secs(1);
+        let _c1 = admission.admit(ip(3), later).unwrap();
+        assert!(a1.shed.is_cancelled());
+        assert_eq!(admission.counts(), (3, 0));
+        // The shed connection's own departure does not free anyone else's slot.
+        drop(a1);
+        assert_eq!(admission.counts(), (3, 0));
+        // Its peer may come back: it holds one of its two.
+        let _a3 = admission.admit(ip(1), later + Duration::from_secs(1)).unwrap();
+    }
+
+    #[test]
+    fn an_authenticated_connection_leaves_the_unauthenticated_budget_and_is_never_shed() {
+        let admission = Admission::new(limits(), 1);
+        let t0 = Instant::now();
+        let agent = admission.admit(ip(1), t0).unwrap();
+        assert!(admission.promote(&agent));
+        assert!(admission.promote(&agent), "promoting twice is harmless");
+        assert_eq!(admission.counts(), (0, 1));
+        assert_eq!(agent.idle_timeout(), IDLE_TIMEOUT);
+        // Its address's share is free again, and newcomers shed only the unauthenticated.
+        let later = t0 + Duration::from_secs(5);
+        let idlers: Vec<_> = (0..3).map(|i| admission.admit(ip(1 + i), t0).unwrap()).collect();
+        let _newcomer = admission.admit(ip(9), later).unwrap();
+        assert!(!agent.shed.is_cancelled());
+        assert!(idlers[0].shed.is_cancelled());
+        // The agents' budget is full: a second authenticated connection stays unauthenticated.
+        let second = admission.admit(ip(8), later).unwrap();
+        assert!(!admission.promote(&second));
+        assert_eq!(second.idle_timeout(), Duration::from_secs(10));
+        drop(agent);
+        assert_eq!(admission.counts().1, 0);
+        assert!(admission.promote(&second));
+    }
+
+    #[test]
+    fn ipv6_peers_share_a_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(peer_key(a), peer_key(b));
+        assert_ne!(peer_key(a), peer_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(peer_key(mapped), ip(7));
+    }
+
+    #[test]
+    fn an_unauthenticated_body_earns_time_by_arriving() {
+        let pace = BodyPace::unauthenticated(Duration::from_secs(10));
+        assert_eq!(pace.allowed(0), BODY_RATE_GRACE);
+        assert_eq!(pace.allowed(MIN_BODY_RATE * 3), BODY_RATE_GRACE + Duration::from_secs(3));
+        assert_eq!(pace.allowed(16 * 1024), Duration::from_secs(10), "capped by the deadline");
+        assert_eq!(BodyPace::AUTHENTICATED.allowed(0), BODY_DEADLINE);
+    }
+}
+
 /// A JSON response.
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
