@@ -4,6 +4,7 @@
 
 pub mod registry;
 pub mod server;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::registry::Denied;
+use super::throttle::{self, LogThrottle, Verdict};
 use super::Node;
 use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::{
@@ -84,6 +85,9 @@ pub async fn handle(node: Node, req: IncomingRequest, token: CancellationToken) 
     }
 }
 
+/// Refused redeems in the log.
+static REDEEM_REFUSALS: LogThrottle = LogThrottle::new(throttle::REFUSALS_PER_WINDOW, throttle::LOG_WINDOW);
+
 async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
     // Nobody is authenticated yet: a short deadline and a minimum rate.
     let pace = http::BodyPace::unauthenticated(node.settings().node.unauthenticated_body_timeout);
@@ -126,7 +130,21 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
             bincode_reply(&resp)
         }
         Err(d) => {
-            warn!(invitation = %request.invitation_id, code = d.code, "redeem refused");
+            // Anyone can send refused redeems: bounded lines, at a bounded rate.
+            if let Verdict::Log { suppressed } = REDEEM_REFUSALS.check(std::time::Instant::now()) {
+                if suppressed > 0 {
+                    warn!(
+                        suppressed,
+                        "{suppressed} more redeem refusals were not logged (at most {} a minute)",
+                        throttle::REFUSALS_PER_WINDOW
+                    );
+                }
+                warn!(
+                    invitation = %throttle::untrusted(&request.invitation_id, throttle::MAX_LOGGED_CHARS),
+                    code = d.code,
+                    "redeem refused"
+                );
+            }
             deny(d)
         }
     }
