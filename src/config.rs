@@ -506,8 +506,14 @@ impl Settings {
         }
         for (key, value) in [
             ("node.idle_timeout", self.node.idle_timeout),
-            ("node.unauthenticated_idle_timeout", self.node.unauthenticated_idle_timeout),
-            ("node.unauthenticated_body_timeout", self.node.unauthenticated_body_timeout),
+            (
+                "node.unauthenticated_idle_timeout",
+                self.node.unauthenticated_idle_timeout,
+            ),
+            (
+                "node.unauthenticated_body_timeout",
+                self.node.unauthenticated_body_timeout,
+            ),
         ] {
             if value.is_zero() || value > Duration::from_secs(3600) {
                 return invalid(key, "must be between 1ms and 1h");

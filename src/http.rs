@@ -114,7 +114,11 @@ impl ListenerLimits {
     /// A public listener: connections start unauthenticated, are closed after
     /// `unauthenticated_idle_timeout` without a request, and at most
     /// `max_unauthenticated` of them, `per_peer` from one peer, are held at once.
-    pub fn public(unauthenticated_idle_timeout: Duration, max_unauthenticated: usize, per_peer: usize) -> ListenerLimits {
+    pub fn public(
+        unauthenticated_idle_timeout: Duration,
+        max_unauthenticated: usize,
+        per_peer: usize,
+    ) -> ListenerLimits {
         ListenerLimits {
             authenticate: true,
             unauthenticated_idle_timeout,
@@ -341,9 +345,7 @@ tokio::task_local! {
 /// and is no longer shed for newcomers. True when the connection now counts as trusted.
 /// Called once per authenticated request; cheap after the first.
 pub fn mark_authenticated() -> bool {
-    CONNECTION
-        .try_with(|t| t.admission.promote(t))
-        .unwrap_or(false)
+    CONNECTION.try_with(|t| t.admission.promote(t)).unwrap_or(false)
 }
 
 /// Any stream a connection is served over.
@@ -693,8 +695,15 @@ mod server_tests {
     fn an_unauthenticated_body_earns_time_by_arriving() {
         let pace = BodyPace::unauthenticated(Duration::from_secs(10));
         assert_eq!(pace.allowed(0), BODY_RATE_GRACE);
-        assert_eq!(pace.allowed(MIN_BODY_RATE * 3), BODY_RATE_GRACE + Duration::from_secs(3));
-        assert_eq!(pace.allowed(16 * 1024), Duration::from_secs(10), "capped by the deadline");
+        assert_eq!(
+            pace.allowed(MIN_BODY_RATE * 3),
+            BODY_RATE_GRACE + Duration::from_secs(3)
+        );
+        assert_eq!(
+            pace.allowed(16 * 1024),
+            Duration::from_secs(10),
+            "capped by the deadline"
+        );
         assert_eq!(BodyPace::AUTHENTICATED.allowed(0), BODY_DEADLINE);
     }
 }

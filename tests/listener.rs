@@ -204,7 +204,10 @@ async fn every_kind_of_idler_is_cut_by_its_deadline() {
     for (i, kind) in KINDS.into_iter().enumerate() {
         let held = held.clone();
         tasks.push(tokio::spawn(async move {
-            (kind, attack(kind, addr, attacker_address(i as u8), pin, &held, give_up).await)
+            (
+                kind,
+                attack(kind, addr, attacker_address(i as u8), pin, &held, give_up).await,
+            )
         }));
     }
     let mut outcomes = Vec::new();
@@ -229,7 +232,11 @@ async fn every_kind_of_idler_is_cut_by_its_deadline() {
     let from = attacker_address(0);
     let mut kept = Vec::new();
     for _ in 0..2 {
-        kept.push(tls_from(addr, from, pin, b"http/1.1").await.expect("within the per-peer cap"));
+        kept.push(
+            tls_from(addr, from, pin, b"http/1.1")
+                .await
+                .expect("within the per-peer cap"),
+        );
     }
     let third = tokio::time::timeout(DEADLINE, tls_from(addr, from, pin, b"http/1.1")).await;
     assert!(

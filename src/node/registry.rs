@@ -587,7 +587,12 @@ mod tests {
         let f = fixture();
         let t0 = now_ms();
         let messages: Vec<String> = (0..MAX_FAILED_ATTEMPTS)
-            .map(|_| f.registry.redeem_at(&request(&f, "n1", b"wrong"), t0).unwrap_err().message)
+            .map(|_| {
+                f.registry
+                    .redeem_at(&request(&f, "n1", b"wrong"), t0)
+                    .unwrap_err()
+                    .message
+            })
             .collect();
         assert!(messages[0].contains("(4 attempts left"), "{}", messages[0]);
         assert!(messages[3].contains("(1 attempt left"), "{}", messages[3]);

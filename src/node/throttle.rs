@@ -15,10 +15,9 @@ pub const LOG_WINDOW: Duration = Duration::from_secs(60);
 /// characters escaped, and its length in bytes when it was cut.
 pub fn untrusted(text: &str, max: usize) -> String {
     let mut shown = String::new();
-    let mut chars = 0;
     let mut cut = false;
-    for c in text.chars() {
-        if chars == max {
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
             cut = true;
             break;
         }
@@ -27,7 +26,6 @@ pub fn untrusted(text: &str, max: usize) -> String {
         } else {
             shown.extend(c.escape_default());
         }
-        chars += 1;
     }
     if cut {
         format!("{shown}… ({} bytes)", text.len())
@@ -114,11 +112,10 @@ mod tests {
     fn a_flood_of_refusals_logs_n_lines_a_window_then_one_summary() {
         let throttle = LogThrottle::new(3, Duration::from_secs(60));
         let t0 = Instant::now();
-        let first: Vec<Verdict> = (0..1000).map(|i| throttle.check(t0 + Duration::from_millis(i))).collect();
-        assert_eq!(
-            first.iter().filter(|v| matches!(v, Verdict::Log { .. })).count(),
-            3
-        );
+        let first: Vec<Verdict> = (0..1000)
+            .map(|i| throttle.check(t0 + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(first.iter().filter(|v| matches!(v, Verdict::Log { .. })).count(), 3);
         assert!(first[..3].iter().all(|v| *v == Verdict::Log { suppressed: 0 }));
         // The next window's first line says how many went unlogged.
         assert_eq!(
