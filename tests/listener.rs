@@ -344,3 +344,43 @@ async fn a_real_agent_keeps_flowing_while_idlers_hold_every_unauthenticated_slot
     node.task.await.unwrap().unwrap();
     agent.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_redeems_leaves_a_few_short_log_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = common::start_node(&tmp.path().join("node"), None).await;
+    let code = common::initiate(&node.data_dir, "conn", "http://127.0.0.1:9/hook", &[]).await;
+    let invitation = relay::invite::Invitation::decode(&code).unwrap();
+    let tls = relay::tls::node_client_config(invitation.pin, relay::config::TrustMode::Pin, None).unwrap();
+    let http = relay::http::Client::https_only(tls, Duration::from_secs(10), &relay::http::ProxyConfig::Direct);
+    let flood = relay::protocol::RedeemRequest {
+        version: relay::protocol::PROTOCOL_VERSION,
+        invitation_id: "\u{1b}[2J".repeat(3000),
+        secret: vec![0; 32],
+        client_nonce: "n".into(),
+        instance_name: "x".into(),
+        host: "x".into(),
+    };
+    let body = relay::protocol::encode(&flood);
+    let url = format!("{}{}", invitation.url, relay::protocol::REDEEM_PATH);
+    for _ in 0..40 {
+        let req = relay::http::request(
+            relay::http::Method::POST,
+            &url,
+            &[("content-type", relay::protocol::CONTENT_TYPE)],
+            body.clone(),
+        )
+        .unwrap();
+        let reply = http.send(req, DEADLINE, 64 * 1024).await.unwrap();
+        assert_eq!(reply.status.as_u16(), 400);
+    }
+    // Every refusal was logged (or not) before its answer went out.
+    let log = node.log();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("redeem refused")).collect();
+    assert_eq!(refusals.len(), 10, "at most 10 refusals a minute in the log");
+    for line in &refusals {
+        assert!(line.len() < 400, "a bounded line: {line}");
+        assert!(!line.contains('\u{1b}'), "escaped: {line}");
+        assert!(line.contains("(12000 bytes)"), "says the length: {line}");
+    }
+}
