@@ -573,6 +573,46 @@ mod tests {
     }
 
     #[test]
+    fn listener_budgets_and_deadlines_are_settings() {
+        let s = load(None, env(&[]), &[]).unwrap();
+        assert_eq!(
+            s.node.unauthenticated_idle_timeout,
+            crate::http::UNAUTHENTICATED_IDLE_TIMEOUT
+        );
+        assert_eq!(
+            s.node.max_unauthenticated_per_peer,
+            crate::http::MAX_UNAUTHENTICATED_PER_PEER
+        );
+        let s = load(
+            None,
+            env(&[
+                ("RELAY_NODE__UNAUTHENTICATED_IDLE_TIMEOUT", "3s"),
+                ("RELAY_NODE__MAX_UNAUTHENTICATED_CONNECTIONS", "64"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.node.unauthenticated_idle_timeout, Duration::from_secs(3));
+        assert_eq!(s.node.max_unauthenticated_connections, 64);
+        for (var, value, key) in [
+            (
+                "RELAY_NODE__MAX_UNAUTHENTICATED_PER_PEER",
+                "0",
+                "node.max_unauthenticated_per_peer",
+            ),
+            (
+                "RELAY_NODE__UNAUTHENTICATED_BODY_TIMEOUT",
+                "0s",
+                "node.unauthenticated_body_timeout",
+            ),
+            ("RELAY_NODE__IDLE_TIMEOUT", "2h", "node.idle_timeout"),
+        ] {
+            let err = load(None, env(&[(var, value)]), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn file_env_and_flags_layer_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("relay.toml");
