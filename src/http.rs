@@ -691,6 +691,61 @@ mod server_tests {
         assert_eq!(peer_key(mapped), ip(7));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_closed_when_idle_never_while_a_request_is_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (started, release) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let (s, r) = (started.clone(), release.clone());
+        let token = CancellationToken::new();
+        let opts = ServerOptions {
+            tls: None,
+            max_connections: 4,
+            name: "test",
+        };
+        let limits = ListenerLimits::public(Duration::from_secs(10), 8, 8);
+        tokio::spawn(serve_with(
+            listener,
+            opts,
+            limits,
+            move |_req, _peer| {
+                let (s, r) = (s.clone(), r.clone());
+                async move {
+                    s.notify_one();
+                    r.notified().await;
+                    text(StatusCode::OK, "ok\n")
+                }
+            },
+            token.clone(),
+        ));
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        started.notified().await;
+        // An hour passes while the handler works: a request in flight is not idleness.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        release.notify_one();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.ends_with(b"ok\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed with a request in flight");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Then nothing: closed by the unauthenticated idle timeout after the answer.
+        let answered = Instant::now();
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+        let idle = answered.elapsed();
+        assert!(
+            idle >= Duration::from_secs(10) && idle <= Duration::from_secs(10) + CLOSE_GRACE,
+            "{idle:?}"
+        );
+        token.cancel();
+    }
+
     #[test]
     fn an_unauthenticated_body_earns_time_by_arriving() {
         let pace = BodyPace::unauthenticated(Duration::from_secs(10));
