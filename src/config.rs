@@ -100,9 +100,28 @@ pub struct NodeSettings {
     /// Bearer token for the local API (required when it listens beyond loopback).
     #[serde(default)]
     pub api_token: Option<Secret>,
-    /// Most simultaneous agent connections (parked polls included).
+    /// Most simultaneous authenticated agent connections (parked polls included); no
+    /// unauthenticated connection takes one of these.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most simultaneous connections that have not yet presented a valid credential (every
+    /// connection starts so; redeems stay so); when full, the oldest is shed for a newcomer.
+    #[serde(default = "default_max_unauthenticated_connections")]
+    pub max_unauthenticated_connections: usize,
+    /// Most unauthenticated connections from one IPv4 address or IPv6 /64.
+    #[serde(default = "default_max_unauthenticated_per_peer")]
+    pub max_unauthenticated_per_peer: usize,
+    /// An authenticated connection with no request in flight is closed after this.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// An unauthenticated connection with no request in flight (after the TLS handshake, and
+    /// between requests) is closed after this.
+    #[serde(default = "default_unauthenticated_idle_timeout", with = "humantime_serde")]
+    pub unauthenticated_idle_timeout: Duration,
+    /// The whole body of an unauthenticated request (a redeem) must arrive within this, and
+    /// at 1 KiB/s or faster after its first 2 s.
+    #[serde(default = "default_unauthenticated_body_timeout", with = "humantime_serde")]
+    pub unauthenticated_body_timeout: Duration,
 }
 
 /// `[agent]`.
@@ -255,6 +274,21 @@ fn default_request_timeout() -> Duration {
 fn default_max_connections() -> usize {
     16_384
 }
+fn default_max_unauthenticated_connections() -> usize {
+    crate::http::MAX_UNAUTHENTICATED
+}
+fn default_max_unauthenticated_per_peer() -> usize {
+    crate::http::MAX_UNAUTHENTICATED_PER_PEER
+}
+fn default_idle_timeout() -> Duration {
+    crate::http::IDLE_TIMEOUT
+}
+fn default_unauthenticated_idle_timeout() -> Duration {
+    crate::http::UNAUTHENTICATED_IDLE_TIMEOUT
+}
+fn default_unauthenticated_body_timeout() -> Duration {
+    crate::http::UNAUTHENTICATED_BODY_DEADLINE
+}
 fn default_max_payload() -> u64 {
     16 * 1024 * 1024
 }
@@ -296,6 +330,11 @@ impl Default for NodeSettings {
             deliver_to: None,
             api_token: None,
             max_connections: default_max_connections(),
+            max_unauthenticated_connections: default_max_unauthenticated_connections(),
+            max_unauthenticated_per_peer: default_max_unauthenticated_per_peer(),
+            idle_timeout: default_idle_timeout(),
+            unauthenticated_idle_timeout: default_unauthenticated_idle_timeout(),
+            unauthenticated_body_timeout: default_unauthenticated_body_timeout(),
         }
     }
 }
@@ -804,6 +843,27 @@ impl Settings {
         if self.node.max_connections == 0 {
             return invalid("node.max_connections", "must be at least 1");
         }
+        if self.node.max_unauthenticated_connections == 0 {
+            return invalid("node.max_unauthenticated_connections", "must be at least 1");
+        }
+        if self.node.max_unauthenticated_per_peer == 0 {
+            return invalid("node.max_unauthenticated_per_peer", "must be at least 1");
+        }
+        for (key, value) in [
+            ("node.idle_timeout", self.node.idle_timeout),
+            (
+                "node.unauthenticated_idle_timeout",
+                self.node.unauthenticated_idle_timeout,
+            ),
+            (
+                "node.unauthenticated_body_timeout",
+                self.node.unauthenticated_body_timeout,
+            ),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(3600) {
+                return invalid(key, "must be between 1ms and 1h");
+            }
+        }
         Ok(())
     }
 
@@ -868,6 +928,46 @@ mod tests {
         let s = load(None, env(&[]), &[]).unwrap();
         assert_eq!(s.node.poll_wait, Duration::from_secs(25));
         assert_eq!(s.queue.max_payload_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn listener_budgets_and_deadlines_are_settings() {
+        let s = load(None, env(&[]), &[]).unwrap();
+        assert_eq!(
+            s.node.unauthenticated_idle_timeout,
+            crate::http::UNAUTHENTICATED_IDLE_TIMEOUT
+        );
+        assert_eq!(
+            s.node.max_unauthenticated_per_peer,
+            crate::http::MAX_UNAUTHENTICATED_PER_PEER
+        );
+        let s = load(
+            None,
+            env(&[
+                ("RELAY_NODE__UNAUTHENTICATED_IDLE_TIMEOUT", "3s"),
+                ("RELAY_NODE__MAX_UNAUTHENTICATED_CONNECTIONS", "64"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.node.unauthenticated_idle_timeout, Duration::from_secs(3));
+        assert_eq!(s.node.max_unauthenticated_connections, 64);
+        for (var, value, key) in [
+            (
+                "RELAY_NODE__MAX_UNAUTHENTICATED_PER_PEER",
+                "0",
+                "node.max_unauthenticated_per_peer",
+            ),
+            (
+                "RELAY_NODE__UNAUTHENTICATED_BODY_TIMEOUT",
+                "0s",
+                "node.unauthenticated_body_timeout",
+            ),
+            ("RELAY_NODE__IDLE_TIMEOUT", "2h", "node.idle_timeout"),
+        ] {
+            let err = load(None, env(&[(var, value)]), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

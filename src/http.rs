@@ -2,10 +2,12 @@
 //! loop, bounded body reading, JSON replies, and a client with deadlines. The one place that
 //! knows hyper, hyper-util and hyper-rustls.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +18,10 @@ use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 pub use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::protocol::ErrorBody;
@@ -26,28 +31,347 @@ pub type Body = Full<Bytes>;
 /// An incoming request.
 pub type IncomingRequest = Request<Incoming>;
 
+// Limits and deadlines of every listener, side by side. The node's public listener takes its
+// budgets and the unauthenticated deadlines from `[node]` settings whose defaults are these.
+
 /// How long a peer may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a peer may take to send request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a trusted connection (one that presented a valid credential, or any connection
+/// of a local API) may sit with no request in flight. Longer than the clients' own pool idle
+/// timeout, so the client normally closes first and never sends into a closing socket.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an unauthenticated connection may sit with no request in flight: from the end of
+/// the handshake (h2 pings and settings do not count), and between requests.
+pub const UNAUTHENTICATED_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unauthenticated connections a public listener holds at once; when full, the oldest is
+/// shed for a newcomer.
+pub const MAX_UNAUTHENTICATED: usize = 512;
+/// Unauthenticated connections one peer (an IPv4 address, an IPv6 /64) may hold at once.
+pub const MAX_UNAUTHENTICATED_PER_PEER: usize = 16;
+/// An unauthenticated connection younger than this is not shed for a newcomer (the newcomer
+/// is refused instead): a real client presents its credential on its first request, well
+/// within it, and an attacker cannot flush a real client out by reconnecting quickly. A
+/// listener with a short idle timeout uses a tenth of it, so idlers that reconnect in step
+/// leave most of each cycle open to newcomers.
+pub const SHED_MIN_AGE: Duration = Duration::from_secs(1);
+/// How long a connection closed for idleness gets to finish what it is sending.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How long open connections get to finish when shutting down.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// The whole request body of an authenticated request (batches over slow links).
+pub const BODY_DEADLINE: Duration = Duration::from_secs(300);
+/// The whole request body of an unauthenticated request (a redeem is at most 16 KiB).
+pub const UNAUTHENTICATED_BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// After [`BODY_RATE_GRACE`], an unauthenticated body must have arrived at this average rate
+/// (bytes per second): a trickle is cut long before the deadline.
+pub const MIN_BODY_RATE: u64 = 1024;
+/// The start an unauthenticated body gets before [`MIN_BODY_RATE`] applies.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(2);
+
+/// The budgets and deadlines of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Connections start unauthenticated and move to the trusted budget once a request on
+    /// them presents a valid credential ([`mark_authenticated`]). When false (local APIs),
+    /// every connection is trusted from the start, and the listener stops accepting while
+    /// `max_connections` are open.
+    pub authenticate: bool,
+    /// TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Request headers.
+    pub header_timeout: Duration,
+    /// Trusted connections with no request in flight.
+    pub idle_timeout: Duration,
+    /// Unauthenticated connections with no request in flight.
+    pub unauthenticated_idle_timeout: Duration,
+    /// Unauthenticated connections at once (the first to be shed).
+    pub max_unauthenticated: usize,
+    /// Unauthenticated connections per peer.
+    pub max_unauthenticated_per_peer: usize,
+    /// Unauthenticated connections younger than this are not shed.
+    pub shed_min_age: Duration,
+}
+
+impl Default for ListenerLimits {
+    /// A local API's listener: every connection trusted.
+    fn default() -> Self {
+        ListenerLimits {
+            authenticate: false,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            unauthenticated_idle_timeout: UNAUTHENTICATED_IDLE_TIMEOUT,
+            max_unauthenticated: MAX_UNAUTHENTICATED,
+            max_unauthenticated_per_peer: MAX_UNAUTHENTICATED_PER_PEER,
+            shed_min_age: SHED_MIN_AGE,
+        }
+    }
+}
+
+impl ListenerLimits {
+    /// A public listener: connections start unauthenticated, are closed after
+    /// `unauthenticated_idle_timeout` without a request, and at most
+    /// `max_unauthenticated` of them, `per_peer` from one peer, are held at once.
+    pub fn public(
+        unauthenticated_idle_timeout: Duration,
+        max_unauthenticated: usize,
+        per_peer: usize,
+    ) -> ListenerLimits {
+        ListenerLimits {
+            authenticate: true,
+            unauthenticated_idle_timeout,
+            max_unauthenticated,
+            max_unauthenticated_per_peer: per_peer,
+            shed_min_age: SHED_MIN_AGE.min(unauthenticated_idle_timeout / 10),
+            ..ListenerLimits::default()
+        }
+    }
+}
 
 /// Options of one listener.
 #[derive(Clone)]
 pub struct ServerOptions {
     /// Serve TLS with this configuration.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Most simultaneous connections; more wait in the kernel's accept queue.
+    /// Most simultaneous trusted connections. On a local API, more wait in the kernel's
+    /// accept queue; on a public listener, an authenticated connection beyond it stays in the
+    /// unauthenticated budget.
     pub max_connections: usize,
     /// Name used in logs.
     pub name: &'static str,
 }
 
-/// Serves `handler` on `listener` until `token` is cancelled, then drains open connections
-/// for a few seconds. The handler sees the peer's address.
+/// Where one connection stands in its listener's budgets.
+struct Entry {
+    peer: IpAddr,
+    opened: Instant,
+    shed: CancellationToken,
+}
+
+#[derive(Default)]
+struct Pools {
+    /// Unauthenticated connections by id, so oldest first.
+    unauthenticated: BTreeMap<u64, Entry>,
+    per_peer: HashMap<IpAddr, usize>,
+    trusted: usize,
+}
+
+impl Pools {
+    fn remove_unauthenticated(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.unauthenticated.remove(&id)?;
+        if let Some(n) = self.per_peer.get_mut(&entry.peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&entry.peer);
+            }
+        }
+        Some(entry)
+    }
+}
+
+/// Why a new connection was not admitted.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    /// Its peer already holds its share of unauthenticated connections.
+    PeerShare,
+    /// Every unauthenticated slot is taken by connections too young to shed.
+    Full,
+}
+
+/// The two budgets of a public listener: unauthenticated connections (capped per peer, the
+/// first to be shed) and trusted ones, which unauthenticated traffic never displaces.
+struct Admission {
+    limits: ListenerLimits,
+    max_trusted: usize,
+    next_id: AtomicU64,
+    pools: Mutex<Pools>,
+}
+
+/// One connection's place in the budgets; leaving it releases the place.
+struct Ticket {
+    id: u64,
+    admission: Arc<Admission>,
+    trusted: AtomicBool,
+    shed: CancellationToken,
+    /// Requests being handled on the connection; idle means zero.
+    in_flight: watch::Sender<usize>,
+}
+
+/// The peer key budgets count by: IPv4 addresses, IPv6 /64 networks (one host often has a
+/// whole /64).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+impl Admission {
+    fn new(limits: ListenerLimits, max_trusted: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            limits,
+            max_trusted,
+            next_id: AtomicU64::new(0),
+            pools: Mutex::new(Pools::default()),
+        })
+    }
+
+    fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ticket(self: &Arc<Self>, id: u64, trusted: bool, shed: CancellationToken) -> Arc<Ticket> {
+        Arc::new(Ticket {
+            id,
+            admission: self.clone(),
+            trusted: AtomicBool::new(trusted),
+            shed,
+            in_flight: watch::channel(0).0,
+        })
+    }
+
+    /// A trusted connection (local APIs; the accept loop bounds them).
+    fn admit_trusted(self: &Arc<Self>) -> Arc<Ticket> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pools().trusted += 1;
+        self.ticket(id, true, CancellationToken::new())
+    }
+
+    /// A new unauthenticated connection from `peer`, at `now`: refused when its peer holds its
+    /// share; when the budget is full, the oldest unauthenticated connection is shed for it,
+    /// unless that one is younger than the listener's `shed_min_age`.
+    fn admit(self: &Arc<Self>, peer: IpAddr, now: Instant) -> Result<Arc<Ticket>, Refused> {
+        let peer = peer_key(peer);
+        let mut pools = self.pools();
+        if pools.per_peer.get(&peer).copied().unwrap_or(0) >= self.limits.max_unauthenticated_per_peer {
+            return Err(Refused::PeerShare);
+        }
+        if pools.unauthenticated.len() >= self.limits.max_unauthenticated {
+            let oldest = pools
+                .unauthenticated
+                .iter()
+                .next()
+                .filter(|(_, e)| now.saturating_duration_since(e.opened) >= self.limits.shed_min_age)
+                .map(|(id, _)| *id)
+                .ok_or(Refused::Full)?;
+            if let Some(entry) = pools.remove_unauthenticated(oldest) {
+                entry.shed.cancel();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shed = CancellationToken::new();
+        pools.unauthenticated.insert(
+            id,
+            Entry {
+                peer,
+                opened: now,
+                shed: shed.clone(),
+            },
+        );
+        *pools.per_peer.entry(peer).or_insert(0) += 1;
+        drop(pools);
+        Ok(self.ticket(id, false, shed))
+    }
+
+    /// Moves a connection to the trusted budget, when there is room; true when it is trusted.
+    fn promote(&self, ticket: &Ticket) -> bool {
+        let mut pools = self.pools();
+        if ticket.trusted.load(Ordering::SeqCst) {
+            return true;
+        }
+        if ticket.shed.is_cancelled() || pools.trusted >= self.max_trusted {
+            return false;
+        }
+        pools.remove_unauthenticated(ticket.id);
+        pools.trusted += 1;
+        ticket.trusted.store(true, Ordering::SeqCst);
+        true
+    }
+
+    /// (unauthenticated, trusted) connections held now.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let pools = self.pools();
+        (pools.unauthenticated.len(), pools.trusted)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut pools = self.admission.pools();
+        if self.trusted.load(Ordering::SeqCst) {
+            pools.trusted -= 1;
+        } else {
+            pools.remove_unauthenticated(self.id);
+        }
+    }
+}
+
+impl Ticket {
+    fn idle_timeout(&self) -> Duration {
+        if self.trusted.load(Ordering::SeqCst) {
+            self.admission.limits.idle_timeout
+        } else {
+            self.admission.limits.unauthenticated_idle_timeout
+        }
+    }
+}
+
+/// A request in flight on a connection, for as long as its handler runs.
+struct InFlight(Arc<Ticket>);
+
+impl InFlight {
+    fn enter(ticket: Arc<Ticket>) -> InFlight {
+        ticket.in_flight.send_modify(|n| *n += 1);
+        InFlight(ticket)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+tokio::task_local! {
+    /// The connection of the request being handled.
+    static CONNECTION: Arc<Ticket>;
+}
+
+/// Tells the listener that the request being handled presented a valid credential: its
+/// connection moves to the trusted budget (when there is room), gets the longer idle timeout
+/// and is no longer shed for newcomers. True when the connection now counts as trusted.
+/// Called once per authenticated request; cheap after the first.
+pub fn mark_authenticated() -> bool {
+    CONNECTION.try_with(|t| t.admission.promote(t)).unwrap_or(false)
+}
+
+/// Any stream a connection is served over.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Serves `handler` on a local API's `listener` until `token` is cancelled, then drains open
+/// connections for a few seconds. The handler sees the peer's address.
 pub async fn serve<H, F>(listener: TcpListener, opts: ServerOptions, handler: H, token: CancellationToken)
 where
+    H: Fn(IncomingRequest, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_with(listener, opts, ListenerLimits::default(), handler, token).await
+}
+
+/// Like [`serve`], with `limits`: for a public listener, [`ListenerLimits::public`] and its
+/// settings. Each connection is closed once idle past its idle timeout, shed when it is the
+/// oldest unauthenticated one and a newcomer needs its slot, or drained on shutdown.
+pub async fn serve_with<H, F>(
+    listener: TcpListener,
+    opts: ServerOptions,
+    limits: ListenerLimits,
+    handler: H,
+    token: CancellationToken,
+) where
     H: Fn(IncomingRequest, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -55,7 +379,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     builder
         .http2()
@@ -65,13 +389,18 @@ where
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let acceptor = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let admission = Admission::new(limits, opts.max_connections);
+    // A local API stops accepting while full; a public listener decides per connection.
+    let permits = (!limits.authenticate).then(|| Arc::new(tokio::sync::Semaphore::new(opts.max_connections)));
+    let connections = TaskTracker::new();
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = token.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        let permit = match &permits {
+            Some(permits) => tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
+            },
+            None => None,
         };
         let (stream, peer) = tokio::select! {
             biased;
@@ -86,23 +415,36 @@ where
                 }
             },
         };
+        let ticket = if limits.authenticate {
+            match admission.admit(peer.ip(), Instant::now()) {
+                Ok(t) => t,
+                Err(why) => {
+                    debug!(listener = opts.name, %peer, reason = ?why, "connection refused: no unauthenticated slot");
+                    continue;
+                }
+            }
+        } else {
+            admission.admit_trusted()
+        };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
         let handler = handler.clone();
+        let token = token.clone();
         let span = tracing::debug_span!("conn", listener = opts.name, %peer);
-        tokio::spawn(
+        connections.spawn(
             async move {
                 let _permit = permit;
-                let service = hyper::service::service_fn(move |req| {
-                    let fut = handler(req, peer);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let result = match acceptor {
+                let io: Box<dyn Io> = match acceptor {
                     Some(acceptor) => {
-                        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => tls,
+                        let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
+                        let done = tokio::select! {
+                            r = handshake => r,
+                            _ = ticket.shed.cancelled() => return,
+                            _ = token.cancelled() => return,
+                        };
+                        match done {
+                            Ok(Ok(tls)) => Box::new(tls),
                             Ok(Err(e)) => {
                                 debug!(error = %e, "TLS handshake failed");
                                 return;
@@ -111,14 +453,56 @@ where
                                 debug!("TLS handshake timed out");
                                 return;
                             }
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(tls), service);
-                        watcher.watch(conn).await
+                        }
                     }
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
+                    None => Box::new(stream),
+                };
+                let on_conn = ticket.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let in_flight = InFlight::enter(on_conn.clone());
+                    let fut = CONNECTION.scope(on_conn.clone(), handler(req, peer));
+                    async move {
+                        let resp = fut.await;
+                        drop(in_flight);
+                        Ok::<_, Infallible>(resp)
                     }
+                });
+                let conn = builder.serve_connection(TokioIo::new(io), service);
+                tokio::pin!(conn);
+                let mut in_flight = ticket.in_flight.subscribe();
+                let result = loop {
+                    enum Event<R> {
+                        Ended(R),
+                        Changed,
+                        Idle(Duration),
+                        Shed,
+                        Stop,
+                    }
+                    let idle = *in_flight.borrow_and_update() == 0;
+                    let wait = ticket.idle_timeout();
+                    let event = tokio::select! {
+                        r = conn.as_mut() => Event::Ended(r),
+                        _ = in_flight.changed() => Event::Changed,
+                        _ = tokio::time::sleep(wait), if idle => Event::Idle(wait),
+                        _ = ticket.shed.cancelled() => Event::Shed,
+                        _ = token.cancelled() => Event::Stop,
+                    };
+                    let grace = match event {
+                        Event::Ended(r) => break r,
+                        Event::Changed => continue,
+                        Event::Idle(wait) => {
+                            debug!("no request for {wait:?}; closing the connection");
+                            CLOSE_GRACE
+                        }
+                        Event::Shed => {
+                            debug!("oldest unauthenticated connection; shed for a newcomer");
+                            break Ok(());
+                        }
+                        Event::Stop => DRAIN_DEADLINE,
+                    };
+                    // Finish what is in flight (h2: GOAWAY), then drop the socket regardless.
+                    conn.as_mut().graceful_shutdown();
+                    break tokio::time::timeout(grace, conn.as_mut()).await.unwrap_or(Ok(()));
                 };
                 if let Err(e) = result {
                     debug!(error = %e, "connection ended with an error");
@@ -128,7 +512,11 @@ where
         );
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+    connections.close();
+    if tokio::time::timeout(DRAIN_DEADLINE + CLOSE_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
         warn!(
             listener = opts.name,
             "connections still open after the drain deadline; closing them"
@@ -145,21 +533,233 @@ pub enum BodyError {
         /// The limit.
         limit: usize,
     },
+    /// Not received in time, or slower than the minimum rate.
+    #[error("body not received in time ({received} bytes after {elapsed:?})")]
+    TooSlow {
+        /// Bytes received.
+        received: usize,
+        /// Time taken until it was cut.
+        elapsed: Duration,
+    },
     /// The peer went away or sent garbage.
     #[error("reading body: {0}")]
     Read(String),
 }
 
+/// How fast a request body must arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPace {
+    /// The whole body within this.
+    pub deadline: Duration,
+    /// After `grace`, at least this average rate in bytes per second (0: no minimum).
+    pub min_rate: u64,
+    /// The start before `min_rate` applies.
+    pub grace: Duration,
+}
+
+impl BodyPace {
+    /// Authenticated requests: a generous deadline, no minimum rate.
+    pub const AUTHENTICATED: BodyPace = BodyPace {
+        deadline: BODY_DEADLINE,
+        min_rate: 0,
+        grace: BODY_DEADLINE,
+    };
+
+    /// Unauthenticated requests: the whole body within `deadline`, at [`MIN_BODY_RATE`]
+    /// after [`BODY_RATE_GRACE`].
+    pub fn unauthenticated(deadline: Duration) -> BodyPace {
+        BodyPace {
+            deadline,
+            min_rate: MIN_BODY_RATE,
+            grace: BODY_RATE_GRACE,
+        }
+    }
+
+    /// How long a body that has sent `received` bytes may take in all so far.
+    pub fn allowed(&self, received: u64) -> Duration {
+        if self.min_rate == 0 {
+            return self.deadline;
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+        (self.grace + earned).min(self.deadline)
+    }
+}
+
 /// Reads a whole request body, refusing more than `limit` bytes (early, from Content-Length,
-/// when the client declared it).
+/// when the client declared it), with the authenticated deadline.
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    read_body_paced(body, limit, BodyPace::AUTHENTICATED).await
+}
+
+/// Reads a whole request body of at most `limit` bytes, cut when it falls behind `pace`.
+pub async fn read_body_paced(body: Incoming, limit: usize, pace: BodyPace) -> Result<Bytes, BodyError> {
     if body.size_hint().lower() > limit as u64 {
         return Err(BodyError::TooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
-        Err(e) => Err(BodyError::Read(e.to_string())),
+    let start = Instant::now();
+    let mut body = std::pin::pin!(Limited::new(body, limit));
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let until = start + pace.allowed(buf.len() as u64);
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => {
+                return Err(BodyError::TooSlow {
+                    received: buf.len(),
+                    elapsed: start.elapsed(),
+                })
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(BodyError::TooLarge { limit })
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+
+    fn limits() -> ListenerLimits {
+        ListenerLimits::public(Duration::from_secs(10), 3, 2)
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_and_a_full_budget_sheds_its_oldest() {
+        let admission = Admission::new(limits(), 1);
+        let t0 = Instant::now();
+        let a1 = admission.admit(ip(1), t0).unwrap();
+        let _a2 = admission.admit(ip(1), t0).unwrap();
+        assert_eq!(admission.admit(ip(1), t0).err(), Some(Refused::PeerShare));
+        let _b1 = admission.admit(ip(2), t0).unwrap();
+        // Full, and everyone younger than the shed age: the newcomer waits its turn.
+        assert_eq!(admission.admit(ip(3), t0).err(), Some(Refused::Full));
+        // Once old enough, the oldest makes room.
+        let later = t0 + Duration::from_secs(1);
+        let _c1 = admission.admit(ip(3), later).unwrap();
+        assert!(a1.shed.is_cancelled());
+        assert_eq!(admission.counts(), (3, 0));
+        // The shed connection's own departure does not free anyone else's slot.
+        drop(a1);
+        assert_eq!(admission.counts(), (3, 0));
+        // Its peer may come back: it holds one of its two.
+        let _a3 = admission.admit(ip(1), later + Duration::from_secs(1)).unwrap();
+    }
+
+    #[test]
+    fn an_authenticated_connection_leaves_the_unauthenticated_budget_and_is_never_shed() {
+        let admission = Admission::new(limits(), 1);
+        let t0 = Instant::now();
+        let agent = admission.admit(ip(1), t0).unwrap();
+        assert!(admission.promote(&agent));
+        assert!(admission.promote(&agent), "promoting twice is harmless");
+        assert_eq!(admission.counts(), (0, 1));
+        assert_eq!(agent.idle_timeout(), IDLE_TIMEOUT);
+        // Its address's share is free again, and newcomers shed only the unauthenticated.
+        let later = t0 + Duration::from_secs(5);
+        let idlers: Vec<_> = (0..3).map(|i| admission.admit(ip(1 + i), t0).unwrap()).collect();
+        let _newcomer = admission.admit(ip(9), later).unwrap();
+        assert!(!agent.shed.is_cancelled());
+        assert!(idlers[0].shed.is_cancelled());
+        // The agents' budget is full: a second authenticated connection stays unauthenticated.
+        let second = admission.admit(ip(8), later).unwrap();
+        assert!(!admission.promote(&second));
+        assert_eq!(second.idle_timeout(), Duration::from_secs(10));
+        drop(agent);
+        assert_eq!(admission.counts().1, 0);
+        assert!(admission.promote(&second));
+    }
+
+    #[test]
+    fn ipv6_peers_share_a_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(peer_key(a), peer_key(b));
+        assert_ne!(peer_key(a), peer_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(peer_key(mapped), ip(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_closed_when_idle_never_while_a_request_is_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (started, release) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let (s, r) = (started.clone(), release.clone());
+        let token = CancellationToken::new();
+        let opts = ServerOptions {
+            tls: None,
+            max_connections: 4,
+            name: "test",
+        };
+        let limits = ListenerLimits::public(Duration::from_secs(10), 8, 8);
+        tokio::spawn(serve_with(
+            listener,
+            opts,
+            limits,
+            move |_req, _peer| {
+                let (s, r) = (s.clone(), r.clone());
+                async move {
+                    s.notify_one();
+                    r.notified().await;
+                    text(StatusCode::OK, "ok\n")
+                }
+            },
+            token.clone(),
+        ));
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        started.notified().await;
+        // An hour passes while the handler works: a request in flight is not idleness.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        release.notify_one();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.ends_with(b"ok\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed with a request in flight");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Then nothing: closed by the unauthenticated idle timeout after the answer.
+        let answered = Instant::now();
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+        let idle = answered.elapsed();
+        assert!(
+            idle >= Duration::from_secs(10) && idle <= Duration::from_secs(10) + CLOSE_GRACE,
+            "{idle:?}"
+        );
+        token.cancel();
+    }
+
+    #[test]
+    fn an_unauthenticated_body_earns_time_by_arriving() {
+        let pace = BodyPace::unauthenticated(Duration::from_secs(10));
+        assert_eq!(pace.allowed(0), BODY_RATE_GRACE);
+        assert_eq!(
+            pace.allowed(MIN_BODY_RATE * 3),
+            BODY_RATE_GRACE + Duration::from_secs(3)
+        );
+        assert_eq!(
+            pace.allowed(16 * 1024),
+            Duration::from_secs(10),
+            "capped by the deadline"
+        );
+        assert_eq!(BodyPace::AUTHENTICATED.allowed(0), BODY_DEADLINE);
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod registry;
 pub mod server;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -288,13 +289,14 @@ impl Node {
         }
         let node = self.clone();
         let t = token.clone();
-        tracker.spawn(http::serve(
+        tracker.spawn(http::serve_with(
             agent_listener,
             http::ServerOptions {
                 tls: Some(tls),
                 max_connections: self.inner.settings.node.max_connections,
                 name: "agents",
             },
+            listener_limits(&self.inner.settings.node),
             move |req, _peer| server::handle(node.clone(), req, t.clone()),
             token.clone(),
         ));
@@ -318,6 +320,19 @@ impl Node {
         }
         self.inner.store.flush().await?;
         Ok(())
+    }
+}
+
+/// The public listener's budgets and deadlines: every connection starts unauthenticated and
+/// moves to the agents' budget (`max_connections`) once it presents a valid credential.
+fn listener_limits(node: &crate::config::NodeSettings) -> http::ListenerLimits {
+    http::ListenerLimits {
+        idle_timeout: node.idle_timeout,
+        ..http::ListenerLimits::public(
+            node.unauthenticated_idle_timeout,
+            node.max_unauthenticated_connections,
+            node.max_unauthenticated_per_peer,
+        )
     }
 }
 

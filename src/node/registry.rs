@@ -15,6 +15,11 @@ use crate::status::{now_ms, ConnectionStatus};
 
 /// Wrong secrets after which an invitation is locked.
 pub const MAX_FAILED_ATTEMPTS: u32 = 5;
+/// How long after a redemption the same client nonce may redeem again (the agent lost the
+/// answer and retries); only until the credential is first used. Later, or once the agent
+/// has authenticated, a retry is "already redeemed": it must not outlive the expiry nor
+/// replace a credential in use.
+pub const REDEEM_RETRY_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Credential prefix, so a leaked one is recognisable.
 const CREDENTIAL_PREFIX: &str = "rlycred1_";
 
@@ -103,6 +108,10 @@ pub struct ConnectionRecord {
     pub remote: Option<RemoteInfo>,
     /// SHA-256 of the current credential (hex), once accepted.
     pub credential_sha256: Option<String>,
+    /// When an agent first authenticated with the current credential (unix ms); from then on
+    /// the invitation cannot be redeemed again, not even with the same nonce.
+    #[serde(default)]
+    pub credential_first_used_ms: Option<u64>,
     /// Paused by the administrator.
     pub deactivated: bool,
     /// Revoked for good.
@@ -272,6 +281,7 @@ impl Registry {
             },
             remote: None,
             credential_sha256: None,
+            credential_first_used_ms: None,
             deactivated: false,
             revoked: false,
         };
@@ -283,6 +293,11 @@ impl Registry {
     /// Redeems an invitation: checks lockout, secret (constant time), expiry and single use,
     /// then issues a fresh credential. The caller flushes before answering.
     pub fn redeem(&self, req: &RedeemRequest) -> Result<(ConnectionRecord, RedeemResponse), Denied> {
+        self.redeem_at(req, now_ms())
+    }
+
+    /// [`Registry::redeem`] as of `now` (unix ms).
+    pub fn redeem_at(&self, req: &RedeemRequest, now: u64) -> Result<(ConnectionRecord, RedeemResponse), Denied> {
         let storage = |e: crate::queue::QueueError| denied(507, codes::STORAGE, e.to_string());
         let unknown = || {
             denied(
@@ -328,21 +343,28 @@ impl Registry {
             let message = if left == 0 {
                 format!("the invitation secret is wrong; the invitation is now locked after {MAX_FAILED_ATTEMPTS} wrong secrets")
             } else {
-                format!("the invitation secret is wrong ({left} attempts left before the invitation locks)")
+                format!(
+                    "the invitation secret is wrong ({left} {} left before the invitation locks)",
+                    if left == 1 { "attempt" } else { "attempts" }
+                )
             };
             let code = if left == 0 { codes::LOCKED } else { codes::WRONG_SECRET };
             return Err(denied(403, code, message));
         }
         if let Some(nonce) = &rec.invitation.redeemed_nonce {
-            if !crypto::ct_eq(nonce.as_bytes(), req.client_nonce.as_bytes()) {
+            let same = crypto::ct_eq(nonce.as_bytes(), req.client_nonce.as_bytes());
+            let redeemed_at = rec.invitation.redeemed_at_ms.unwrap_or(0);
+            let recent = now.saturating_sub(redeemed_at) <= REDEEM_RETRY_WINDOW.as_millis() as u64;
+            if !same || !recent || rec.credential_first_used_ms.is_some() {
                 return Err(denied(
                     409,
                     codes::ALREADY_REDEEMED,
                     "this invitation was already redeemed; each code works once: ask the node administrator for a new invitation",
                 ));
             }
-            // Same nonce: the agent lost our answer. Fall through and re-issue.
-        } else if now_ms() / 1000 >= rec.invitation.expires_at {
+            // Same nonce, soon after, credential never used: the agent lost our answer.
+            // Fall through and re-issue.
+        } else if now / 1000 >= rec.invitation.expires_at {
             return Err(denied(
                 410,
                 codes::EXPIRED,
@@ -359,7 +381,7 @@ impl Registry {
         }
         rec.credential_sha256 = Some(cred_hash.clone());
         rec.invitation.redeemed_nonce = Some(req.client_nonce.clone());
-        rec.invitation.redeemed_at_ms.get_or_insert(now_ms());
+        rec.invitation.redeemed_at_ms.get_or_insert(now);
         rec.remote = Some(RemoteInfo {
             instance: req.instance_name.clone(),
             host: req.host.clone(),
@@ -414,7 +436,33 @@ impl Registry {
                 format!("connection {:?} was revoked by the node administrator", conn.name),
             ));
         }
+        if conn.credential_first_used_ms.is_none() {
+            return self.record_first_use(conn, &hash).map_err(storage);
+        }
         Ok(conn)
+    }
+
+    /// Notes the first authentication with a credential, once: from then on its invitation
+    /// cannot be redeemed again. Flushed with the next write (a crash before that only
+    /// leaves the short retry window open).
+    fn record_first_use(
+        &self,
+        conn: ConnectionRecord,
+        hash: &str,
+    ) -> Result<ConnectionRecord, crate::queue::QueueError> {
+        let _guard = self.lock();
+        // Read again under the lock: a retried redeem may have replaced the credential.
+        let Some(mut fresh) = self.connections.get::<ConnectionRecord>(&conn.name)? else {
+            return Ok(conn);
+        };
+        if fresh.credential_sha256.as_deref() != Some(hash) {
+            return Ok(conn);
+        }
+        if fresh.credential_first_used_ms.is_none() {
+            fresh.credential_first_used_ms = Some(now_ms());
+            self.connections.put(&fresh.name, &fresh)?;
+        }
+        Ok(fresh)
     }
 
     /// Applies an operator action.
@@ -441,5 +489,113 @@ impl Registry {
         }
         self.connections.put(name, &rec)?;
         Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        registry: Registry,
+        invitation: Invitation,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let registry = Registry::open(&store).unwrap();
+        let form = InitiateRequest {
+            name: "c".into(),
+            local_name: "pub".into(),
+            remote_name: "priv".into(),
+            description: String::new(),
+            mode: "script".into(),
+            project: "P".into(),
+            expires: None,
+            deliver_to: None,
+        };
+        let code = registry
+            .initiate(&form, "https://node.example:8443", Duration::from_secs(3600), [1; 32])
+            .unwrap();
+        let invitation = Invitation::decode(&code).unwrap();
+        Fixture {
+            _dir: dir,
+            registry,
+            invitation,
+        }
+    }
+
+    fn request(f: &Fixture, nonce: &str, secret: &[u8]) -> RedeemRequest {
+        RedeemRequest {
+            version: PROTOCOL_VERSION,
+            invitation_id: f.invitation.id_hex(),
+            secret: secret.to_vec(),
+            client_nonce: nonce.into(),
+            instance_name: "agent".into(),
+            host: "host".into(),
+        }
+    }
+
+    const MINUTE_MS: u64 = 60_000;
+
+    #[test]
+    fn a_lost_answer_is_retried_only_shortly_after_and_before_first_use() {
+        let f = fixture();
+        let t0 = now_ms();
+        let secret = f.invitation.secret;
+        let (_, first) = f.registry.redeem_at(&request(&f, "n1", &secret), t0).unwrap();
+        // Another nonce is someone else: refused at once.
+        let other = f.registry.redeem_at(&request(&f, "n2", &secret), t0 + 1).unwrap_err();
+        assert_eq!(other.code, codes::ALREADY_REDEEMED);
+        // The same nonce inside the window re-issues; the first credential is gone.
+        let inside = t0 + REDEEM_RETRY_WINDOW.as_millis() as u64 - MINUTE_MS;
+        let (_, again) = f.registry.redeem_at(&request(&f, "n1", &secret), inside).unwrap();
+        assert_ne!(again.credential, first.credential);
+        assert_eq!(
+            f.registry.authenticate(Some(&first.credential)).unwrap_err().code,
+            codes::UNAUTHORIZED
+        );
+        // Past the window, measured from the first redemption: already redeemed.
+        let outside = t0 + REDEEM_RETRY_WINDOW.as_millis() as u64 + 1;
+        let late = f.registry.redeem_at(&request(&f, "n1", &secret), outside).unwrap_err();
+        assert_eq!(late.code, codes::ALREADY_REDEEMED);
+        assert_eq!(late.status, 409);
+        // The live credential survived the refused retry.
+        f.registry.authenticate(Some(&again.credential)).unwrap();
+    }
+
+    #[test]
+    fn once_the_credential_was_used_no_retry_replaces_it() {
+        let f = fixture();
+        let t0 = now_ms();
+        let secret = f.invitation.secret;
+        let (_, resp) = f.registry.redeem_at(&request(&f, "n1", &secret), t0).unwrap();
+        let used = f.registry.authenticate(Some(&resp.credential)).unwrap();
+        let first_use = used.credential_first_used_ms.expect("first use recorded");
+        // Recorded once: later authentications leave it as it was.
+        let again = f.registry.authenticate(Some(&resp.credential)).unwrap();
+        assert_eq!(again.credential_first_used_ms, Some(first_use));
+        let retry = f.registry.redeem_at(&request(&f, "n1", &secret), t0 + 1).unwrap_err();
+        assert_eq!(retry.code, codes::ALREADY_REDEEMED);
+        f.registry.authenticate(Some(&resp.credential)).unwrap();
+    }
+
+    #[test]
+    fn the_lockout_countdown_speaks_proper_english() {
+        let f = fixture();
+        let t0 = now_ms();
+        let messages: Vec<String> = (0..MAX_FAILED_ATTEMPTS)
+            .map(|_| {
+                f.registry
+                    .redeem_at(&request(&f, "n1", b"wrong"), t0)
+                    .unwrap_err()
+                    .message
+            })
+            .collect();
+        assert!(messages[0].contains("(4 attempts left"), "{}", messages[0]);
+        assert!(messages[3].contains("(1 attempt left"), "{}", messages[3]);
+        assert!(messages[4].contains("now locked"), "{}", messages[4]);
     }
 }

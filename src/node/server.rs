@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::registry::Denied;
+use super::throttle::{self, LogThrottle, Verdict};
 use super::Node;
 use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::{
@@ -40,28 +41,36 @@ fn bad_request(e: impl std::fmt::Display) -> Response<Body> {
     http::error(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.to_string())
 }
 
-/// How long a peer may take to send a request body; a trickling upload would otherwise hold
-/// its connection slot forever.
-const BODY_DEADLINE: Duration = Duration::from_secs(300);
-
+/// Reads an authenticated request's body (the credential was checked from the headers).
 async fn body(req: IncomingRequest, limit: usize) -> Result<(http::HeaderMap, bytes::Bytes), Response<Body>> {
+    body_paced(req, limit, http::BodyPace::AUTHENTICATED).await
+}
+
+/// Reads a body that must keep `pace`: a trickling upload would otherwise hold its
+/// connection slot.
+async fn body_paced(
+    req: IncomingRequest,
+    limit: usize,
+    pace: http::BodyPace,
+) -> Result<(http::HeaderMap, bytes::Bytes), Response<Body>> {
     let (parts, body) = req.into_parts();
-    let read = match tokio::time::timeout(BODY_DEADLINE, http::read_body(body, limit)).await {
-        Ok(r) => r,
-        Err(_) => {
-            return Err(http::error(
-                StatusCode::REQUEST_TIMEOUT,
-                codes::BAD_REQUEST,
-                format!("request body not received within {BODY_DEADLINE:?}"),
-            ))
-        }
-    };
-    match read {
+    match http::read_body_paced(body, limit, pace).await {
         Ok(b) => Ok((parts.headers, b)),
         Err(http::BodyError::TooLarge { limit }) => Err(http::error(
             StatusCode::PAYLOAD_TOO_LARGE,
             codes::TOO_LARGE,
             format!("request body larger than {limit} bytes"),
+        )),
+        Err(e @ http::BodyError::TooSlow { .. }) => Err(http::error(
+            StatusCode::REQUEST_TIMEOUT,
+            codes::BAD_REQUEST,
+            match pace.min_rate {
+                0 => format!("request {e}: the whole body must arrive within {:?}", pace.deadline),
+                rate => format!(
+                    "request {e}: the whole body must arrive within {:?}, at {rate} bytes/s or faster after the first {:?}",
+                    pace.deadline, pace.grace
+                ),
+            },
         )),
         Err(e) => Err(bad_request(e)),
     }
@@ -84,8 +93,13 @@ pub async fn handle(node: Node, req: IncomingRequest, token: CancellationToken) 
     }
 }
 
+/// Refused redeems in the log.
+static REDEEM_REFUSALS: LogThrottle = LogThrottle::new(throttle::REFUSALS_PER_WINDOW, throttle::LOG_WINDOW);
+
 async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
-    let (_, raw) = match body(req, protocol::MAX_REDEEM_BYTES).await {
+    // Nobody is authenticated yet: a short deadline and a minimum rate.
+    let pace = http::BodyPace::unauthenticated(node.settings().node.unauthenticated_body_timeout);
+    let (_, raw) = match body_paced(req, protocol::MAX_REDEEM_BYTES, pace).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -124,7 +138,21 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
             bincode_reply(&resp)
         }
         Err(d) => {
-            warn!(invitation = %request.invitation_id, code = d.code, "redeem refused");
+            // Anyone can send refused redeems: bounded lines, at a bounded rate.
+            if let Verdict::Log { suppressed } = REDEEM_REFUSALS.check(std::time::Instant::now()) {
+                if suppressed > 0 {
+                    warn!(
+                        suppressed,
+                        "{suppressed} more redeem refusals were not logged (at most {} a minute)",
+                        throttle::REFUSALS_PER_WINDOW
+                    );
+                }
+                warn!(
+                    invitation = %throttle::untrusted(&request.invitation_id, throttle::MAX_LOGGED_CHARS),
+                    code = d.code,
+                    "redeem refused"
+                );
+            }
             deny(d)
         }
     }
@@ -132,6 +160,8 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
 
 fn authenticate(node: &Node, headers: &http::HeaderMap) -> Result<std::sync::Arc<super::Link>, Response<Body>> {
     let rec = node.registry().authenticate(http::bearer(headers)).map_err(deny)?;
+    // A valid credential moves this connection out of the unauthenticated budget.
+    http::mark_authenticated();
     node.ensure_link(&rec)
         .map_err(|e| http::error(StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE, e.message))
 }
