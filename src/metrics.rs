@@ -214,6 +214,7 @@ mod tests {
             trust: None,
             route: None,
             recent_dead_letters: Vec::new(),
+            holds: Vec::new(),
         }
     }
 

@@ -223,6 +223,7 @@ mod tests {
             last_error: None,
             invitation_expires_at: None,
             recent_dead_letters: Vec::new(),
+            holds: Vec::new(),
             trust: None,
             route: None,
         }

@@ -157,6 +157,10 @@ pub struct ConnectionStatus {
     /// The most recent dead letters (up to [`RECENT_DEAD_LETTERS`]), oldest first.
     #[serde(default)]
     pub recent_dead_letters: Vec<DeadLetter>,
+    /// What holds work on this connection and why (an unknown credential, a sequence conflict,
+    /// a webhook that refuses everyone); empty while everything flows.
+    #[serde(default)]
+    pub holds: Vec<String>,
 }
 
 /// How many dead letters a status shows in detail.
@@ -285,6 +289,9 @@ pub fn render(list: &[ConnectionStatus]) -> String {
                 d.reason
             );
         }
+        for h in &c.holds {
+            let _ = writeln!(out, "  held:         {h}");
+        }
         if let Some(e) = &c.last_error {
             let _ = writeln!(out, "  last error:   {} ({})", e.message, when(e.at_ms, now));
         }
@@ -335,6 +342,7 @@ mod tests {
             trust: None,
             route: None,
             recent_dead_letters: Vec::new(),
+            holds: Vec::new(),
         };
         let text = render(&[status]);
         assert!(!text.contains("unix time"), "{text}");

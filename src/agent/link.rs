@@ -339,8 +339,8 @@ impl<N: NodeApi> Ctx<N> {
             Failure::Conflict(detail) => {
                 let direction = if own == HOLD_POLL { "receiving" } else { "sending" };
                 let reason = format!(
-                    "the node and this agent disagree on sequence numbers ({detail}): the agent's data directory was \
-                     probably restored from a backup or copied. Nothing is removed; {direction} is held and retried \
+                    "the node refused with 409 sequence conflict, this agent and the node disagree on sequence \
+                     numbers ({detail}): the agent's data directory was probably restored from a backup or copied. Nothing is removed; {direction} is held and retried \
                      until an operator fixes it (initiate and accept a new connection)"
                 );
                 if health.hold(own, reason.clone()) {

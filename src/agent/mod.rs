@@ -504,6 +504,7 @@ impl Agent {
                 recent_dead_letters: inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?,
                 trust: Some(self.trust_of(&conn)),
                 route: Some(self.route_to(&conn.node_url).to_string()),
+                holds: link.as_ref().map(|l| l.health.holds()).unwrap_or_default(),
             });
         }
         Ok(out)

@@ -174,6 +174,7 @@ impl Node {
                     status.last_contact_ms = Some(live);
                 }
                 status.last_error = link.health.last_error();
+                status.holds = link.health.holds();
             }
             out.push(status);
         }

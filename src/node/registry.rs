@@ -164,6 +164,7 @@ impl ConnectionRecord {
             last_error: None,
             invitation_expires_at: (!self.accepted() && !self.revoked).then_some(self.invitation.expires_at),
             recent_dead_letters: Vec::new(),
+            holds: Vec::new(),
             trust: None,
             route: None,
         }
