@@ -1,0 +1,935 @@
+//! The rules of the simulated collection: creating and updating work items from JSON Patch
+//! documents (rev increments, computed `System.*` fields, tags, states, relations), the change
+//! feed behind the reporting revisions API, comments and attachments. No HTTP here; every
+//! refusal is an [`ApiError`] the server turns into a response.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{json, Map, Value};
+
+use crate::clock;
+use crate::error::ApiError;
+use crate::model::*;
+use crate::profile::Profile;
+
+/// Options of one write, from the query string and the caller.
+#[derive(Debug, Clone)]
+pub struct WriteOpts {
+    /// `validateOnly=true`: check and answer, store nothing.
+    pub validate_only: bool,
+    /// `bypassRules=true`: skip state rules, allow setting created/changed by/date.
+    pub bypass_rules: bool,
+    /// `suppressNotifications=true`: no service hook events.
+    pub suppress_notifications: bool,
+    /// Who writes.
+    pub actor: Identity,
+}
+
+/// Something service hooks publish.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// `workitem.created`, `workitem.updated` or `workitem.commented`.
+    pub kind: &'static str,
+    /// The work item.
+    pub id: u64,
+    /// Its revision after the change.
+    pub rev: u32,
+    /// Comment text for `workitem.commented`.
+    pub comment: Option<String>,
+}
+
+/// One page of the change feed: `(position, id, rev)` in change order.
+#[derive(Debug, Clone)]
+pub struct FeedPage {
+    /// Entries of this page.
+    pub entries: Vec<(u64, u64, u32)>,
+    /// Position to continue from (the last entry's, or the start when empty).
+    pub last_position: u64,
+    /// No entry after this page (now).
+    pub is_last: bool,
+}
+
+/// The whole collection.
+#[derive(Debug)]
+pub struct Store {
+    /// The version profile in force.
+    pub profile: Profile,
+    /// Collection (organisation) name.
+    pub collection: String,
+    /// `http(s)://host:port/collection`, for URLs in answers.
+    pub base_url: String,
+    /// Projects.
+    pub projects: Vec<Project>,
+    /// Field catalogue by lower-case reference name.
+    pub fields: BTreeMap<String, FieldDef>,
+    /// Work items by id.
+    pub items: BTreeMap<u64, WorkItem>,
+    /// Every revision in change order: (id, rev). Position = index + 1.
+    pub feed: Vec<(u64, u32)>,
+    /// Uploaded attachments by lower-case id.
+    pub attachments: HashMap<String, Attachment>,
+    /// Events waiting for service hook delivery.
+    pub events: Vec<Event>,
+    /// Edits a test wants made "by a human" right after the next read of an item.
+    pub after_read: HashMap<u64, (Identity, Vec<Value>)>,
+    next_id: u64,
+    next_comment_id: u64,
+    next_link_id: u64,
+    last_ms: i64,
+}
+
+/// A random GUID string.
+pub fn new_guid() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    // A failing system RNG would only make ids less random; fall back to the clock.
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        b[..8].copy_from_slice(&clock::now_ms().to_le_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = data_encoding::HEXLOWER.encode(&b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+fn patch_error(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("VssPropertyValidationException", message)
+}
+
+/// The refusal of a failed `test` operation: 412, as the service answers a stale `/rev`.
+pub fn test_failed(detail: String) -> ApiError {
+    ApiError::new(
+        412,
+        "WorkItemRevisionMismatchException",
+        format!(
+            "TF26071: This work item has been changed by someone else since you opened it. You \
+             will need to refresh it and discard your changes. ({detail})"
+        ),
+    )
+}
+
+/// Normalises a tag list as the service stores it: split on `;`, trimmed, duplicates
+/// (case-insensitive) dropped, sorted case-insensitively, joined with `"; "`.
+pub fn normalise_tags(s: &str) -> String {
+    let mut tags: Vec<String> = Vec::new();
+    for t in s.split(';').map(str::trim).filter(|t| !t.is_empty()) {
+        if !tags.iter().any(|x| x.eq_ignore_ascii_case(t)) {
+            tags.push(t.to_string());
+        }
+    }
+    tags.sort_by_key(|t| t.to_lowercase());
+    tags.join("; ")
+}
+
+impl Store {
+    /// An empty collection.
+    pub fn new(profile: Profile, collection: String, base_url: String) -> Store {
+        let fields = builtin_fields().into_iter().map(|f| (f.reference.to_lowercase(), f)).collect();
+        Store {
+            profile,
+            collection,
+            base_url,
+            projects: Vec::new(),
+            fields,
+            items: BTreeMap::new(),
+            feed: Vec::new(),
+            attachments: HashMap::new(),
+            events: Vec::new(),
+            after_read: HashMap::new(),
+            next_id: 1,
+            next_comment_id: 1,
+            next_link_id: 1,
+            last_ms: 0,
+        }
+    }
+
+    /// A strictly increasing clock, so revisions have distinct, ordered changed dates.
+    fn tick(&mut self) -> i64 {
+        let now = clock::now_ms().max(self.last_ms + 1);
+        self.last_ms = now;
+        now
+    }
+
+    /// Adds a project (Agile types); an existing name answers the existing project.
+    pub fn add_project(&mut self, name: &str) -> Project {
+        if let Some(p) = self.project(name) {
+            return p.clone();
+        }
+        let p = Project { id: new_guid(), name: name.to_string(), types: agile_types() };
+        self.projects.push(p.clone());
+        p
+    }
+
+    /// Adds a field to the catalogue (e.g. `Custom.ExternalKey`).
+    pub fn add_field(&mut self, reference: &str, kind: Kind) {
+        let name = reference.rsplit('.').next().unwrap_or(reference).to_string();
+        self.fields.insert(
+            reference.to_lowercase(),
+            FieldDef { reference: reference.to_string(), name, kind, read_only: false },
+        );
+    }
+
+    /// A project by name (case-insensitive) or id.
+    pub fn project(&self, key: &str) -> Option<&Project> {
+        self.projects.iter().find(|p| p.name.eq_ignore_ascii_case(key) || p.id.eq_ignore_ascii_case(key))
+    }
+
+    /// A project or the service's refusal.
+    pub fn require_project(&self, key: &str) -> Result<&Project, ApiError> {
+        self.project(key).ok_or_else(|| {
+            ApiError::new(
+                404,
+                "ProjectDoesNotExistWithNameException",
+                format!(
+                    "TF200016: The following project does not exist: {key}. Verify that the name \
+                     of the project is correct and that the project exists on the specified \
+                     Azure DevOps Server."
+                ),
+            )
+        })
+    }
+
+    /// The catalogue entry of a field (case-insensitive reference name).
+    pub fn field(&self, name: &str) -> Option<&FieldDef> {
+        self.fields.get(&name.to_lowercase())
+    }
+
+    /// A live (not deleted) work item, optionally required to be in `project`.
+    pub fn item(&self, id: u64, project: Option<&str>) -> Result<&WorkItem, ApiError> {
+        let wi = self.items.get(&id).filter(|w| !w.deleted).ok_or_else(|| ApiError::work_item_missing(id))?;
+        if let Some(p) = project {
+            let p = self.require_project(p)?;
+            if p.id != wi.project_id {
+                return Err(ApiError::work_item_missing(id));
+            }
+        }
+        Ok(wi)
+    }
+
+    /// The URL of a work item as the API names it.
+    pub fn item_url(&self, id: u64) -> String {
+        format!("{}/_apis/wit/workItems/{id}", self.base_url)
+    }
+
+    /// Creates a work item of `type_name` in `project` from a JSON Patch document.
+    pub fn create(&mut self, project: &str, type_name: &str, ops: &[Value], o: &WriteOpts) -> Result<WorkItem, ApiError> {
+        let project = self.require_project(project)?.clone();
+        let Some(wit) = project.types.iter().find(|t| t.name.eq_ignore_ascii_case(type_name)) else {
+            return Err(ApiError::new(
+                404,
+                "WorkItemTypeNotFoundException",
+                format!(
+                    "VS402323: Work item type {type_name} does not exist in project {} or you do \
+                     not have permission to access it.",
+                    project.name
+                ),
+            ));
+        };
+        let now = self.tick();
+        let actor = o.actor.combined();
+        let mut fields = BTreeMap::new();
+        let stamp = Value::String(clock::format(now));
+        fields.insert("System.WorkItemType".into(), json!(wit.name));
+        fields.insert("System.TeamProject".into(), json!(project.name));
+        fields.insert("System.AreaPath".into(), json!(project.name));
+        fields.insert("System.IterationPath".into(), json!(project.name));
+        fields.insert("System.State".into(), json!(wit.states[0]));
+        fields.insert("System.Reason".into(), json!("New"));
+        fields.insert("System.CreatedDate".into(), stamp.clone());
+        fields.insert("System.CreatedBy".into(), json!(actor));
+        fields.insert("Microsoft.VSTS.Common.Priority".into(), json!(2));
+        fields.insert("Microsoft.VSTS.Common.StateChangeDate".into(), stamp);
+        fields.insert("System.CommentCount".into(), json!(0));
+        let empty = Revision { rev: 0, fields, relations: Vec::new(), changed_ms: now, comment: None };
+        let id = if o.validate_only { 0 } else { self.next_id };
+        let draft = self.apply(id, &project, wit, &empty, ops, o, true)?;
+        let mut wi = WorkItem {
+            id,
+            project_id: project.id.clone(),
+            revisions: Vec::new(),
+            comments: Vec::new(),
+            deleted: false,
+        };
+        let rev = self.finish(&mut wi, draft, now, o, true);
+        if o.validate_only {
+            wi.revisions.push(rev);
+            return Ok(wi);
+        }
+        self.next_id += 1;
+        let history = rev.fields.get("System.History").and_then(Value::as_str).map(str::to_string);
+        wi.revisions.push(rev);
+        self.stamp_relations(&mut wi);
+        if let Some(text) = history.filter(|_| self.profile.has_comments_api()) {
+            self.history_comment(&mut wi, text, o);
+        }
+        self.feed.push((id, 1));
+        self.items.insert(id, wi.clone());
+        if !o.suppress_notifications {
+            self.events.push(Event { kind: "workitem.created", id, rev: 1, comment: None });
+        }
+        Ok(wi)
+    }
+
+    /// Updates a work item from a JSON Patch document. A document that changes nothing
+    /// answers the item as it is, without a new revision.
+    pub fn update(&mut self, id: u64, project: Option<&str>, ops: &[Value], o: &WriteOpts) -> Result<WorkItem, ApiError> {
+        let wi = self.item(id, project)?.clone();
+        let project = self
+            .projects
+            .iter()
+            .find(|p| p.id == wi.project_id)
+            .cloned()
+            .ok_or_else(|| ApiError::work_item_missing(id))?;
+        let type_name = wi.latest().fields.get("System.WorkItemType").and_then(Value::as_str).unwrap_or("");
+        let wit = project
+            .types
+            .iter()
+            .find(|t| t.name == type_name)
+            .cloned()
+            .ok_or_else(|| ApiError::work_item_missing(id))?;
+        let draft = self.apply(id, &project, &wit, wi.latest(), ops, o, false)?;
+        let prev = wi.latest();
+        if draft.fields == prev.fields && draft.relations == prev.relations && !draft.fields.contains_key("System.History") {
+            return Ok(wi);
+        }
+        if o.validate_only {
+            let mut shown = wi.clone();
+            let rev = self.finish(&mut shown, draft, clock::now_ms(), o, false);
+            shown.revisions.push(rev);
+            return Ok(shown);
+        }
+        let now = self.tick();
+        let mut wi = wi;
+        let rev = self.finish(&mut wi, draft, now, o, false);
+        let n = rev.rev;
+        let history = rev.fields.get("System.History").and_then(Value::as_str).map(str::to_string);
+        wi.revisions.push(rev);
+        self.stamp_relations(&mut wi);
+        let mut comment = None;
+        if let Some(text) = history {
+            if self.profile.has_comments_api() {
+                self.history_comment(&mut wi, text.clone(), o);
+            }
+            comment = Some(text);
+        }
+        self.feed.push((id, n));
+        self.items.insert(id, wi);
+        if !o.suppress_notifications {
+            self.events.push(Event { kind: "workitem.updated", id, rev: n, comment: None });
+            if comment.is_some() {
+                self.events.push(Event { kind: "workitem.commented", id, rev: n, comment });
+            }
+        }
+        self.items.get(&id).cloned().ok_or_else(|| ApiError::work_item_missing(id))
+    }
+
+    /// A `System.History` write becomes a comment of the comments API too.
+    fn history_comment(&mut self, wi: &mut WorkItem, text: String, o: &WriteOpts) {
+        let rev = wi.rev();
+        let ms = wi.latest().changed_ms;
+        let c = Comment {
+            id: self.next_comment_id,
+            version: 1,
+            text: text.clone(),
+            format: "html",
+            created_by: o.actor.combined(),
+            created_ms: ms,
+            modified_by: o.actor.combined(),
+            modified_ms: ms,
+            deleted: false,
+            created_in_revision: rev,
+        };
+        self.next_comment_id += 1;
+        let count = wi.comments.iter().filter(|c| !c.deleted).count() as u64 + 1;
+        let last = wi.revisions.len() - 1;
+        let r = &mut wi.revisions[last];
+        r.fields.insert("System.CommentCount".into(), json!(count));
+        r.comment = Some(CommentRef {
+            comment_id: c.id,
+            version: 1,
+            created_in_revision: rev,
+            is_deleted: false,
+            text,
+        });
+        wi.comments.push(c);
+    }
+
+    /// Stamps the computed fields of a new revision.
+    fn finish(&mut self, wi: &mut WorkItem, mut draft: Revision, now: i64, o: &WriteOpts, created: bool) -> Revision {
+        let rev = wi.revisions.last().map(|r| r.rev).unwrap_or(0) + 1;
+        let stamp = json!(clock::format(now));
+        let f = &mut draft.fields;
+        let prev_state = wi.revisions.last().and_then(|r| r.fields.get("System.State").cloned());
+        if !created && prev_state.as_ref() != f.get("System.State") {
+            f.insert("Microsoft.VSTS.Common.StateChangeDate".into(), stamp.clone());
+        }
+        if !(o.bypass_rules && f.contains_key("System.ChangedDate") && draft_sets(f, "System.ChangedDate", wi)) {
+            f.insert("System.ChangedDate".into(), stamp.clone());
+        }
+        if !(o.bypass_rules && draft_sets(f, "System.ChangedBy", wi)) {
+            f.insert("System.ChangedBy".into(), json!(o.actor.combined()));
+        }
+        f.insert("System.AuthorizedDate".into(), stamp);
+        f.insert("System.Rev".into(), json!(rev));
+        f.insert("System.Id".into(), json!(wi.id));
+        f.insert("System.Watermark".into(), json!(self.feed.len() as u64 + 1));
+        draft.rev = rev;
+        draft.changed_ms = f
+            .get("System.ChangedDate")
+            .and_then(Value::as_str)
+            .and_then(clock::parse)
+            .map(|p| p.ms)
+            .unwrap_or(now);
+        draft
+    }
+
+    /// Applies `ops` to a copy of `base`, then checks the type's rules.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        id: u64,
+        project: &Project,
+        wit: &WorkItemType,
+        base: &Revision,
+        ops: &[Value],
+        o: &WriteOpts,
+        creating: bool,
+    ) -> Result<Revision, ApiError> {
+        let mut d = base.clone();
+        // History belongs to the revision that writes it, never carried forward.
+        d.fields.remove("System.History");
+        d.comment = None;
+        for op in ops {
+            let obj = op.as_object().ok_or_else(|| patch_error("Each operation of the JSON Patch document must be an object."))?;
+            let kind = obj.get("op").and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
+            let path = obj.get("path").and_then(Value::as_str).unwrap_or("");
+            let value = obj.get("value").cloned().unwrap_or(Value::Null);
+            let lpath = path.to_ascii_lowercase();
+            if lpath == "/rev" {
+                match kind.as_str() {
+                    "test" => {
+                        let want = value.as_u64().or_else(|| value.as_str().and_then(|s| s.parse().ok()));
+                        if want != Some(base.rev as u64) || creating {
+                            return Err(test_failed(format!(
+                                "test of /rev expected {value}, the work item is at revision {}",
+                                base.rev
+                            )));
+                        }
+                    }
+                    _ => return Err(patch_error(format!("The operation '{kind}' is not supported on path '{path}'."))),
+                }
+            } else if let Some(name) = path.strip_prefix("/fields/") {
+                let def = self.field(name).cloned().ok_or_else(|| ApiError::unknown_field(name))?;
+                let key = def.reference.clone();
+                match kind.as_str() {
+                    "test" => {
+                        let have = d.fields.get(&key).cloned().unwrap_or(Value::Null);
+                        if coerce(&def, &value).ok().flatten().unwrap_or(Value::Null) != have {
+                            return Err(test_failed(format!("test of {path} failed")));
+                        }
+                    }
+                    "add" | "replace" | "remove" => {
+                        let bypassable = o.bypass_rules && BYPASS_WRITABLE.contains(&key.as_str());
+                        if def.read_only && !bypassable {
+                            return Err(ApiError::bad_request(
+                                "WorkItemFieldInvalidException",
+                                format!("TF401326: Invalid field status 'ReadOnly' for field '{key}'."),
+                            ));
+                        }
+                        let v = if kind == "remove" { None } else { coerce(&def, &value)? };
+                        match v {
+                            Some(v) => d.fields.insert(key, v),
+                            None => d.fields.remove(&key),
+                        };
+                    }
+                    other => return Err(patch_error(format!("The operation '{other}' is not supported on path '{path}'."))),
+                }
+            } else if lpath == "/relations/-" {
+                if kind != "add" {
+                    return Err(patch_error(format!("The operation '{kind}' is not supported on path '{path}'.")));
+                }
+                let rel = self.relation(&value)?;
+                if d.relations.iter().any(|r| r.rel == rel.rel && r.url.eq_ignore_ascii_case(&rel.url)) {
+                    return Err(ApiError::bad_request(
+                        "WorkItemLinkAlreadyExistsException",
+                        format!("TF201035: The relation {} to {} already exists.", rel.rel, rel.url),
+                    ));
+                }
+                d.relations.push(rel);
+            } else if let Some(rest) = lpath.strip_prefix("/relations/") {
+                let (idx, attr) = match rest.split_once("/attributes/") {
+                    Some((i, a)) => (i, Some(path[path.len() - a.len()..].to_string())),
+                    None => (rest, None),
+                };
+                let idx: usize = idx.parse().map_err(|_| patch_error(format!("The path '{path}' is not valid.")))?;
+                if idx >= d.relations.len() {
+                    return Err(patch_error(format!(
+                        "The relation index {idx} is out of range: the work item has {} relations.",
+                        d.relations.len()
+                    )));
+                }
+                match (kind.as_str(), attr) {
+                    ("remove", None) => {
+                        d.relations.remove(idx);
+                    }
+                    ("replace", None) => {
+                        let rel = self.relation(&value)?;
+                        d.relations[idx] = rel;
+                    }
+                    ("add" | "replace", Some(a)) => {
+                        d.relations[idx].attributes.insert(a, value);
+                    }
+                    ("remove", Some(a)) => {
+                        d.relations[idx].attributes.remove(&a);
+                    }
+                    _ => return Err(patch_error(format!("The operation '{kind}' is not supported on path '{path}'."))),
+                }
+            } else if lpath == "/id" && kind == "test" {
+                if value.as_u64() != Some(id) {
+                    return Err(test_failed(format!("test of /id expected {value}")));
+                }
+            } else {
+                return Err(patch_error(format!("The path '{path}' is not valid for a work item.")));
+            }
+        }
+        self.check_rules(project, wit, base, &mut d, o)?;
+        Ok(d)
+    }
+
+    /// Type rules: title required, state allowed, paths inside the project, tags normalised.
+    fn check_rules(&self, project: &Project, wit: &WorkItemType, base: &Revision, d: &mut Revision, o: &WriteOpts) -> Result<(), ApiError> {
+        let title = d.fields.get("System.Title").and_then(Value::as_str).map(str::trim).unwrap_or("");
+        if title.is_empty() {
+            return Err(ApiError::rule("Title", "Required, InvalidEmpty"));
+        }
+        if let Some(tags) = d.fields.get(TAGS).and_then(Value::as_str).map(normalise_tags) {
+            if tags.is_empty() {
+                d.fields.remove(TAGS);
+            } else {
+                d.fields.insert(TAGS.into(), json!(tags));
+            }
+        }
+        match d.fields.get("System.State").and_then(Value::as_str).map(str::to_string) {
+            None => {
+                d.fields.insert("System.State".into(), json!(wit.states[0]));
+            }
+            Some(s) => match wit.states.iter().find(|x| x.eq_ignore_ascii_case(&s)) {
+                Some(canon) => {
+                    d.fields.insert("System.State".into(), json!(canon));
+                }
+                None if o.bypass_rules => {}
+                None => return Err(ApiError::rule("State", "LimitedToValues")),
+            },
+        }
+        let old_state = base.fields.get("System.State");
+        if base.rev > 0 && old_state != d.fields.get("System.State") && base.fields.get("System.Reason") == d.fields.get("System.Reason") {
+            let s = d.fields.get("System.State").cloned().unwrap_or(Value::Null);
+            d.fields.insert("System.Reason".into(), json!(format!("Moved to state {}", s.as_str().unwrap_or(""))));
+        }
+        for key in ["System.AreaPath", "System.IterationPath"] {
+            let v = d.fields.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+            if v.is_empty() {
+                d.fields.insert(key.into(), json!(project.name));
+                continue;
+            }
+            let root = v.split('\\').next().unwrap_or("");
+            if !root.eq_ignore_ascii_case(&project.name) {
+                return Err(ApiError::bad_request(
+                    "WorkItemTrackingTreeNodeNotFoundException",
+                    format!("TF401347: Invalid tree name given for work item {}, field '{key}'.", base.fields.get("System.Id").and_then(Value::as_u64).map(|i| i as i64).unwrap_or(-1)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a relation value of a patch.
+    fn relation(&self, value: &Value) -> Result<Relation, ApiError> {
+        let rel = value.get("rel").and_then(Value::as_str).unwrap_or("").to_string();
+        let url = value.get("url").and_then(Value::as_str).unwrap_or("").to_string();
+        if rel.is_empty() || url.is_empty() {
+            return Err(patch_error("A relation needs both 'rel' and 'url'."));
+        }
+        let mut attributes = value.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
+        match rel.as_str() {
+            "AttachedFile" => {
+                let id = attachment_id_from_url(&url).ok_or_else(|| patch_error(format!("The attachment URL '{url}' is not valid.")))?;
+                let a = self
+                    .attachments
+                    .get(&id.to_lowercase())
+                    .filter(|a| a.complete)
+                    .ok_or_else(|| ApiError::bad_request("AttachmentNotFoundException", format!("VS402328: The attachment {id} was not found.")))?;
+                attributes.entry("name").or_insert(json!(a.file_name));
+                attributes.insert("resourceSize".into(), json!(a.data.len()));
+                attributes.insert("resourceCreatedDate".into(), json!(clock::format(a.created_ms)));
+            }
+            "Hyperlink" | "ArtifactLink" => {}
+            r if r.starts_with("System.LinkTypes.") || r.starts_with("Microsoft.VSTS.") => {
+                let target = url
+                    .rsplit('/')
+                    .next()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| patch_error(format!("The work item URL '{url}' is not valid.")))?;
+                self.item(target, None)?;
+                attributes.entry("isLocked").or_insert(json!(false));
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "WorkItemLinkTypeNotFoundException",
+                    format!("VS402264: The link type {other} does not exist."),
+                ))
+            }
+        }
+        Ok(Relation { rel, url, attributes })
+    }
+
+    /// Adds the computed attributes a stored relation carries.
+    pub fn stamp_relations(&mut self, wi: &mut WorkItem) {
+        let last = wi.revisions.len() - 1;
+        let ms = wi.revisions[last].changed_ms;
+        for r in &mut wi.revisions[last].relations {
+            if (r.rel == "AttachedFile" || r.rel == "Hyperlink") && !r.attributes.contains_key("id") {
+                r.attributes.insert("id".into(), json!(self.next_link_id));
+                r.attributes.insert("authorizedDate".into(), json!(clock::format(ms)));
+                r.attributes.insert("resourceModifiedDate".into(), json!(clock::format(ms)));
+                r.attributes.insert("revisedDate".into(), json!(clock::END_OF_TIME));
+                self.next_link_id += 1;
+            }
+        }
+    }
+
+    /// The revision of a work item current at `as_of` (milliseconds).
+    pub fn as_of<'a>(&self, wi: &'a WorkItem, as_of: Option<i64>) -> Result<&'a Revision, ApiError> {
+        match as_of {
+            None => Ok(wi.latest()),
+            Some(t) => wi
+                .revisions
+                .iter()
+                .rev()
+                .find(|r| r.changed_ms <= t)
+                .ok_or_else(|| ApiError::work_item_missing(wi.id)),
+        }
+    }
+
+    /// A page of the change feed after `after` (a position), at most `max` entries, scoped to
+    /// a project and types, optionally only the latest revision of each item.
+    pub fn feed_page(&self, project_id: Option<&str>, types: &[String], after: u64, max: usize, latest_only: bool, since_ms: Option<i64>) -> FeedPage {
+        let mut entries = Vec::new();
+        let mut last_position = after;
+        let mut is_last = true;
+        for (i, &(id, rev)) in self.feed.iter().enumerate().skip(after as usize) {
+            let pos = i as u64 + 1;
+            let Some(wi) = self.items.get(&id) else { continue };
+            let r = &wi.revisions[(rev - 1) as usize];
+            let in_scope = project_id.is_none_or(|p| p == wi.project_id)
+                && (types.is_empty()
+                    || types.iter().any(|t| Some(t.as_str()) == r.fields.get("System.WorkItemType").and_then(Value::as_str)))
+                && since_ms.is_none_or(|s| r.changed_ms > s)
+                && (!latest_only || rev == wi.rev());
+            if !in_scope {
+                last_position = pos;
+                continue;
+            }
+            if entries.len() == max {
+                is_last = false;
+                break;
+            }
+            entries.push((pos, id, rev));
+            last_position = pos;
+        }
+        FeedPage { entries, last_position, is_last }
+    }
+
+    /// Adds a comment through the comments API: a new revision whose `System.History` is the
+    /// text, `System.CommentCount` + 1.
+    pub fn add_comment(&mut self, id: u64, project: Option<&str>, text: &str, format: &'static str, o: &WriteOpts) -> Result<Comment, ApiError> {
+        if text.trim().is_empty() {
+            return Err(ApiError::bad_request("ArgumentNullException", "The comment text must not be empty."));
+        }
+        let history = if format == "markdown" { render_markdown(text) } else { text.to_string() };
+        let ops = [json!({"op": "add", "path": "/fields/System.History", "value": history})];
+        let before = self.item(id, project)?.comments.len();
+        self.update(id, project, &ops, o)?;
+        let wi = self.items.get_mut(&id).ok_or_else(|| ApiError::work_item_missing(id))?;
+        let c = wi.comments.get_mut(before).ok_or_else(|| ApiError::work_item_missing(id))?;
+        c.text = text.to_string();
+        c.format = format;
+        let c = c.clone();
+        if let Some(r) = wi.revisions.last_mut().and_then(|r| r.comment.as_mut()) {
+            r.text = text.to_string();
+        }
+        Ok(c)
+    }
+
+    /// Edits or deletes a comment: its version + 1 and a new work item revision carrying the
+    /// comment reference.
+    pub fn change_comment(&mut self, id: u64, project: Option<&str>, comment_id: u64, text: Option<&str>, o: &WriteOpts) -> Result<Comment, ApiError> {
+        self.item(id, project)?;
+        let now = self.tick();
+        let wi = self.items.get_mut(&id).ok_or_else(|| ApiError::work_item_missing(id))?;
+        let c = wi
+            .comments
+            .iter_mut()
+            .find(|c| c.id == comment_id && !c.deleted)
+            .ok_or_else(|| comment_missing(comment_id))?;
+        match text {
+            Some(t) if t.trim().is_empty() => {
+                return Err(ApiError::bad_request("ArgumentNullException", "The comment text must not be empty."))
+            }
+            Some(t) => c.text = t.to_string(),
+            None => c.deleted = true,
+        }
+        c.version += 1;
+        c.modified_by = o.actor.combined();
+        c.modified_ms = now;
+        let c = c.clone();
+        let count = wi.comments.iter().filter(|c| !c.deleted).count();
+        let mut rev = wi.latest().clone();
+        rev.fields.remove("System.History");
+        rev.rev += 1;
+        rev.changed_ms = now;
+        rev.fields.insert("System.Rev".into(), json!(rev.rev));
+        rev.fields.insert("System.ChangedDate".into(), json!(clock::format(now)));
+        rev.fields.insert("System.AuthorizedDate".into(), json!(clock::format(now)));
+        rev.fields.insert("System.ChangedBy".into(), json!(o.actor.combined()));
+        rev.fields.insert("System.CommentCount".into(), json!(count));
+        rev.fields.insert("System.Watermark".into(), json!(self.feed.len() as u64 + 1));
+        rev.comment = Some(CommentRef {
+            comment_id,
+            version: c.version,
+            created_in_revision: c.created_in_revision,
+            is_deleted: c.deleted,
+            text: c.text.clone(),
+        });
+        let n = rev.rev;
+        wi.revisions.push(rev);
+        self.feed.push((id, n));
+        if !o.suppress_notifications {
+            self.events.push(Event { kind: "workitem.updated", id, rev: n, comment: None });
+        }
+        Ok(c)
+    }
+
+    /// Stores a simple upload, or starts a chunked one when `data` is `None`.
+    pub fn add_attachment(&mut self, file_name: &str, data: Option<Vec<u8>>) -> Attachment {
+        let a = Attachment {
+            id: new_guid(),
+            file_name: file_name.to_string(),
+            complete: data.is_some(),
+            data: data.unwrap_or_default(),
+            expected_len: None,
+            created_ms: self.tick(),
+        };
+        self.attachments.insert(a.id.clone(), a.clone());
+        a
+    }
+
+    /// Appends one chunk (`Content-Range: bytes start-end/total`) to a chunked upload; chunks
+    /// must arrive in order.
+    pub fn add_chunk(&mut self, id: &str, start: u64, end: u64, total: u64, bytes: &[u8]) -> Result<Attachment, ApiError> {
+        let a = self.attachments.get_mut(&id.to_lowercase()).ok_or_else(|| attachment_missing(id))?;
+        let bad = |m: String| ApiError::bad_request("InvalidChunkException", m);
+        if a.complete {
+            return Err(bad(format!("The attachment {id} is already complete.")));
+        }
+        if end < start || end - start + 1 != bytes.len() as u64 || end >= total {
+            return Err(bad(format!(
+                "The Content-Range bytes {start}-{end}/{total} does not match the {} bytes sent.",
+                bytes.len()
+            )));
+        }
+        if a.expected_len.is_some_and(|t| t != total) {
+            return Err(bad(format!("The total length {total} differs from the one given before.")));
+        }
+        if start != a.data.len() as u64 {
+            return Err(bad(format!("Expected the chunk starting at byte {}, got {start}.", a.data.len())));
+        }
+        a.expected_len = Some(total);
+        a.data.extend_from_slice(bytes);
+        a.complete = a.data.len() as u64 == total;
+        Ok(a.clone())
+    }
+
+    /// A complete attachment.
+    pub fn attachment(&self, id: &str) -> Result<&Attachment, ApiError> {
+        self.attachments.get(&id.to_lowercase()).filter(|a| a.complete).ok_or_else(|| attachment_missing(id))
+    }
+
+    /// Sends a work item to the recycle bin.
+    pub fn delete(&mut self, id: u64, project: Option<&str>) -> Result<(), ApiError> {
+        self.item(id, project)?;
+        if let Some(wi) = self.items.get_mut(&id) {
+            wi.deleted = true;
+        }
+        Ok(())
+    }
+}
+
+fn draft_sets(f: &BTreeMap<String, Value>, key: &str, wi: &WorkItem) -> bool {
+    f.get(key) != wi.revisions.last().and_then(|r| r.fields.get(key))
+}
+
+fn comment_missing(id: u64) -> ApiError {
+    ApiError::new(404, "CommentNotFoundException", format!("VS402612: Comment {id} was not found."))
+}
+
+fn attachment_missing(id: &str) -> ApiError {
+    ApiError::new(404, "AttachmentNotFoundException", format!("VS402328: The attachment {id} was not found."))
+}
+
+/// The id out of `…/_apis/wit/attachments/{id}[?fileName=…]`.
+pub fn attachment_id_from_url(url: &str) -> Option<String> {
+    let path = url.split('?').next()?;
+    let i = path.to_ascii_lowercase().find("/_apis/wit/attachments/")?;
+    let id = &path[i + "/_apis/wit/attachments/".len()..];
+    (!id.is_empty() && !id.contains('/')).then(|| id.to_string())
+}
+
+/// The simulator's markdown rendering: escaped text in paragraphs. Enough to tell rendered
+/// from raw; not a markdown engine.
+pub fn render_markdown(text: &str) -> String {
+    text.split("\n\n")
+        .map(|p| format!("<p>{}</p>", escape_html(p.trim())))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+/// Minimal HTML escaping.
+pub fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Converts a patch value to the stored form for the field's kind; `None` clears the field.
+pub fn coerce(def: &FieldDef, v: &Value) -> Result<Option<Value>, ApiError> {
+    let invalid = || ApiError::rule(&def.name, "InvalidType");
+    if v.is_null() {
+        return Ok(None);
+    }
+    let text = || match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    Ok(match def.kind {
+        Kind::String | Kind::TreePath | Kind::Html | Kind::PlainText => {
+            let s = text().ok_or_else(invalid)?;
+            if def.kind == Kind::String && s.chars().count() > 255 {
+                return Err(ApiError::rule(&def.name, "InvalidTooLong"));
+            }
+            if s.is_empty() {
+                None
+            } else {
+                Some(Value::String(s))
+            }
+        }
+        Kind::Integer => match v {
+            Value::Number(n) if n.is_i64() => Some(v.clone()),
+            Value::String(s) if s.trim().is_empty() => None,
+            Value::String(s) => Some(json!(s.trim().parse::<i64>().map_err(|_| invalid())?)),
+            _ => return Err(invalid()),
+        },
+        Kind::Double => match v {
+            Value::Number(_) => Some(v.clone()),
+            Value::String(s) if s.trim().is_empty() => None,
+            Value::String(s) => Some(json!(s.trim().parse::<f64>().map_err(|_| invalid())?)),
+            _ => return Err(invalid()),
+        },
+        Kind::Boolean => match v {
+            Value::Bool(_) => Some(v.clone()),
+            Value::String(s) => Some(json!(s.eq_ignore_ascii_case("true"))),
+            _ => return Err(invalid()),
+        },
+        Kind::DateTime => {
+            let s = text().ok_or_else(invalid)?;
+            let p = clock::parse(&s).ok_or_else(invalid)?;
+            Some(json!(clock::format(p.ms)))
+        }
+        Kind::Identity => {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Object(o) => o
+                    .get("uniqueName")
+                    .or_else(|| o.get("displayName"))
+                    .and_then(Value::as_str)
+                    .map(|u| match o.get("displayName").and_then(Value::as_str) {
+                        Some(d) if d != u => format!("{d} <{u}>"),
+                        _ => u.to_string(),
+                    })
+                    .ok_or_else(invalid)?,
+                _ => return Err(invalid()),
+            };
+            if s.trim().is_empty() {
+                None
+            } else {
+                Some(json!(Identity::parse(&s).combined()))
+            }
+        }
+    })
+}
+
+/// A JSON object from pairs, for the renderers.
+pub fn obj(pairs: Vec<(&str, Value)>) -> Value {
+    let mut m = Map::new();
+    for (k, v) in pairs {
+        m.insert(k.to_string(), v);
+    }
+    Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> WriteOpts {
+        WriteOpts {
+            validate_only: false,
+            bypass_rules: false,
+            suppress_notifications: false,
+            actor: Identity { display_name: "Ann".into(), unique_name: "ann@example.com".into() },
+        }
+    }
+
+    fn store() -> Store {
+        let mut s = Store::new(Profile::Services, "fabrikam".into(), "http://x/fabrikam".into());
+        s.add_project("Fabrikam");
+        s
+    }
+
+    #[test]
+    fn tags_are_normalised() {
+        assert_eq!(normalise_tags(" b;a ; B;;c "), "a; b; c");
+    }
+
+    #[test]
+    fn create_computes_system_fields_and_update_bumps_rev() {
+        let mut s = store();
+        let add = |p: &str, v: Value| json!({"op": "add", "path": p, "value": v});
+        let wi = s.create("fabrikam", "user story", &[add("/fields/System.Title", json!("T"))], &opts()).unwrap();
+        let f = &wi.latest().fields;
+        assert_eq!(f["System.State"], "New");
+        assert_eq!(f["System.WorkItemType"], "User Story");
+        assert_eq!(f["System.AreaPath"], "Fabrikam");
+        assert_eq!(f["System.CreatedBy"], "Ann <ann@example.com>");
+        let ops = [json!({"op": "test", "path": "/rev", "value": 1}), add("/fields/System.Tags", json!("y;x"))];
+        let wi = s.update(wi.id, None, &ops, &opts()).unwrap();
+        assert_eq!(wi.rev(), 2);
+        assert_eq!(wi.latest().fields["System.Tags"], "x; y");
+        let err = s.update(wi.id, None, &ops, &opts()).unwrap_err();
+        assert_eq!(err.status, 412);
+        let same = s.update(wi.id, None, &[add("/fields/System.Tags", json!("x; y"))], &opts()).unwrap();
+        assert_eq!(same.rev(), 2, "a patch that changes nothing makes no revision");
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let mut s = store();
+        let add = |p: &str, v: Value| json!({"op": "add", "path": p, "value": v});
+        assert_eq!(s.create("Fabrikam", "Bug", &[], &opts()).unwrap_err().message, "TF401320: Rule Error for field Title. Error code: Required, InvalidEmpty.");
+        let e = s.create("Fabrikam", "Bug", &[add("/fields/Custom.Nope", json!(1))], &opts()).unwrap_err();
+        assert_eq!(e.type_key, "WorkItemTrackingFieldDefinitionNotFoundException");
+        assert_eq!(s.create("Fabrikam", "Risk", &[], &opts()).unwrap_err().status, 404);
+        let e = s.create("Fabrikam", "Bug", &[add("/fields/System.Title", json!("t")), add("/fields/System.State", json!("Done"))], &opts()).unwrap_err();
+        assert!(e.message.contains("State"), "{e:?}");
+    }
+}
