@@ -266,6 +266,11 @@ impl SimHandle {
         lock(&self.shared.store).add_field(reference, kind);
     }
 
+    /// The version profile in force.
+    pub fn profile(&self) -> Profile {
+        lock(&self.shared.store).profile
+    }
+
     /// Switches the version profile.
     pub fn set_profile(&self, p: Profile) {
         lock(&self.shared.store).profile = p;

@@ -713,7 +713,9 @@ fn feed(s: &Store, c: &Call) -> R {
         .iter()
         .filter_map(|&(_, id, rev)| s.items.get(&id).map(|wi| render::reporting_revision(s, wi, rev, fields.as_deref(), long_text, identity_ref)))
         .collect();
-    let (tail_id, tail_rev) = page.entries.last().map(|&(_, id, rev)| (id, rev)).unwrap_or((0, 0));
+    // The token names the feed position reached (with its item and rev, as the service's
+    // three-part tokens do); only the position is read back.
+    let (tail_id, tail_rev) = (page.last_position as usize).checked_sub(1).and_then(|i| s.feed.get(i)).copied().unwrap_or((0, 0));
     let token = format!("{};{tail_id};{tail_rev}", page.last_position);
     let mut link = format!(
         "{}{}/_apis/wit/reporting/workItemRevisions?continuationToken={}",
