@@ -17,7 +17,11 @@ pub struct ApiError {
 impl ApiError {
     /// A refusal with any status.
     pub fn new(status: u16, type_key: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, type_key, message: message.into() }
+        ApiError {
+            status,
+            type_key,
+            message: message.into(),
+        }
     }
 
     /// 400 Bad Request.

@@ -79,7 +79,10 @@ impl Default for SimOptions {
             collection: None,
             projects: Vec::new(),
             pat: None,
-            user: Identity { display_name: "Sim User".into(), unique_name: "sim.user@example.com".into() },
+            user: Identity {
+                display_name: "Sim User".into(),
+                unique_name: "sim.user@example.com".into(),
+            },
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body: 160 * 1024 * 1024,
         }
@@ -154,8 +157,12 @@ fn tls_config() -> Result<(Arc<rustls::ServerConfig>, String), StartError> {
 impl Sim {
     /// Binds, starts serving and answers the handle.
     pub async fn start(opts: SimOptions) -> Result<SimHandle, StartError> {
-        let listener = TcpListener::bind(opts.listen).await.map_err(|e| StartError(format!("binding {}: {e}", opts.listen)))?;
-        let addr = listener.local_addr().map_err(|e| StartError(format!("reading the bound address: {e}")))?;
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| StartError(format!("binding {}: {e}", opts.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError(format!("reading the bound address: {e}")))?;
         let (tls, ca_pem) = if opts.tls {
             let (c, pem) = tls_config()?;
             (Some(tokio_rustls::TlsAcceptor::from(c)), Some(pem))
@@ -163,8 +170,15 @@ impl Sim {
             (None, None)
         };
         let scheme = if opts.tls { "https" } else { "http" };
-        let host = if opts.tls && addr.ip().is_loopback() { "localhost".to_string() } else { addr.ip().to_string() };
-        let collection = opts.collection.clone().unwrap_or_else(|| opts.profile.default_collection().to_string());
+        let host = if opts.tls && addr.ip().is_loopback() {
+            "localhost".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let collection = opts
+            .collection
+            .clone()
+            .unwrap_or_else(|| opts.profile.default_collection().to_string());
         let url = format!("{scheme}://{host}:{}/{collection}", addr.port());
         let mut store = Store::new(opts.profile, collection, url.clone());
         for p in &opts.projects {
@@ -173,7 +187,10 @@ impl Sim {
         let pat = opts.pat.clone().unwrap_or_else(random_pat);
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
-            pats: Mutex::new(vec![(pat.clone(), opts.user.clone()), (format!("{pat}-human"), server::human())]),
+            pats: Mutex::new(vec![
+                (pat.clone(), opts.user.clone()),
+                (format!("{pat}-human"), server::human()),
+            ]),
             faults: Mutex::new(server::Faults::default()),
             counters: Mutex::new(BTreeMap::new()),
             hooks: Mutex::new(Vec::new()),
@@ -185,12 +202,32 @@ impl Sim {
         });
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(listener, tls, shared.clone(), token.clone(), tracker.clone()));
-        Ok(SimHandle { url, addr, pat, ca_pem, shared, token, tracker })
+        tracker.spawn(accept_loop(
+            listener,
+            tls,
+            shared.clone(),
+            token.clone(),
+            tracker.clone(),
+        ));
+        Ok(SimHandle {
+            url,
+            addr,
+            pat,
+            ca_pem,
+            shared,
+            token,
+            tracker,
+        })
     }
 }
 
-async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, shared: Arc<Shared>, token: CancellationToken, tracker: TaskTracker) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -211,7 +248,9 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             let svc = hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
             match tls {
                 Some(acceptor) => {
-                    let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await else { return };
+                    let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await else {
+                        return;
+                    };
                     serve_conn(TokioIo::new(s), svc, token).await
                 }
                 None => serve_conn(TokioIo::new(stream), svc, token).await,
@@ -253,7 +292,10 @@ impl SimHandle {
 
     /// The `Authorization` header value for the main PAT.
     pub fn auth_header(&self) -> String {
-        format!("Basic {}", data_encoding::BASE64.encode(format!(":{}", self.pat).as_bytes()))
+        format!(
+            "Basic {}",
+            data_encoding::BASE64.encode(format!(":{}", self.pat).as_bytes())
+        )
     }
 
     /// Creates a project (Agile work item types) and answers its id.
@@ -298,7 +340,12 @@ impl SimHandle {
 
     /// A "human" applies `ops` to work item `id` now; answers the new rev.
     pub fn edit_as_human(&self, id: u64, ops: &[Value]) -> Result<u32, ApiError> {
-        let o = WriteOpts { validate_only: false, bypass_rules: false, suppress_notifications: false, actor: server::human() };
+        let o = WriteOpts {
+            validate_only: false,
+            bypass_rules: false,
+            suppress_notifications: false,
+            actor: server::human(),
+        };
         let mut s = lock(&self.shared.store);
         let wi = s.update(id, None, ops, &o)?;
         drop(s);
@@ -311,13 +358,23 @@ impl SimHandle {
 
     /// Subscribes a web hook; answers its id.
     pub fn subscribe(&self, url: &str, header: Option<(&str, &str)>, event_types: &[&str]) -> String {
-        let headers = header.map(|(k, v)| vec![(k.to_string(), v.to_string())]).unwrap_or_default();
-        server::subscribe(&self.shared, url, headers, event_types.iter().map(|s| s.to_string()).collect())
+        let headers = header
+            .map(|(k, v)| vec![(k.to_string(), v.to_string())])
+            .unwrap_or_default();
+        server::subscribe(
+            &self.shared,
+            url,
+            headers,
+            event_types.iter().map(|s| s.to_string()).collect(),
+        )
     }
 
     /// Hook POSTs answered 2xx, and failed.
     pub fn hook_deliveries(&self) -> (u64, u64) {
-        (self.shared.hook_delivered.load(Ordering::Relaxed), self.shared.hook_failed.load(Ordering::Relaxed))
+        (
+            self.shared.hook_delivered.load(Ordering::Relaxed),
+            self.shared.hook_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Requests per endpoint (`workitems.get`, `reporting.revisions`, `fault.429`, …).
@@ -334,19 +391,35 @@ impl SimHandle {
     pub fn item_ids(&self, project: Option<&str>) -> Vec<u64> {
         let s = lock(&self.shared.store);
         let pid = project.and_then(|p| s.project(p)).map(|p| p.id.clone());
-        s.items.values().filter(|w| !w.deleted && pid.as_ref().is_none_or(|p| *p == w.project_id)).map(|w| w.id).collect()
+        s.items
+            .values()
+            .filter(|w| !w.deleted && pid.as_ref().is_none_or(|p| *p == w.project_id))
+            .map(|w| w.id)
+            .collect()
     }
 
     /// The current fields and rev of a work item.
     pub fn item(&self, id: u64) -> Option<(u32, BTreeMap<String, Value>)> {
         let s = lock(&self.shared.store);
-        s.items.get(&id).filter(|w| !w.deleted).map(|w| (w.rev(), w.latest().fields.clone()))
+        s.items
+            .get(&id)
+            .filter(|w| !w.deleted)
+            .map(|w| (w.rev(), w.latest().fields.clone()))
     }
 
     /// The live comments' texts of a work item (comments API profiles).
     pub fn comment_texts(&self, id: u64) -> Vec<String> {
         let s = lock(&self.shared.store);
-        s.items.get(&id).map(|w| w.comments.iter().filter(|c| !c.deleted).map(|c| c.text.clone()).collect()).unwrap_or_default()
+        s.items
+            .get(&id)
+            .map(|w| {
+                w.comments
+                    .iter()
+                    .filter(|c| !c.deleted)
+                    .map(|c| c.text.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The bytes of an uploaded attachment.

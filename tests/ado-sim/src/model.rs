@@ -52,7 +52,12 @@ pub struct FieldDef {
 /// The built-in fields: the `System.*` core and the common `Microsoft.VSTS.*` ones.
 pub fn builtin_fields() -> Vec<FieldDef> {
     use Kind::*;
-    let f = |r: &str, n: &str, k, ro| FieldDef { reference: r.into(), name: n.into(), kind: k, read_only: ro };
+    let f = |r: &str, n: &str, k, ro| FieldDef {
+        reference: r.into(),
+        name: n.into(),
+        kind: k,
+        read_only: ro,
+    };
     vec![
         f("System.Id", "ID", Integer, true),
         f("System.Rev", "Rev", Integer, true),
@@ -78,17 +83,36 @@ pub fn builtin_fields() -> Vec<FieldDef> {
         f("Microsoft.VSTS.Common.Priority", "Priority", Integer, false),
         f("Microsoft.VSTS.Common.Severity", "Severity", String, false),
         f("Microsoft.VSTS.Common.ValueArea", "Value Area", String, false),
-        f("Microsoft.VSTS.Common.StateChangeDate", "State Change Date", DateTime, true),
-        f("Microsoft.VSTS.Common.AcceptanceCriteria", "Acceptance Criteria", Html, false),
+        f(
+            "Microsoft.VSTS.Common.StateChangeDate",
+            "State Change Date",
+            DateTime,
+            true,
+        ),
+        f(
+            "Microsoft.VSTS.Common.AcceptanceCriteria",
+            "Acceptance Criteria",
+            Html,
+            false,
+        ),
         f("Microsoft.VSTS.TCM.ReproSteps", "Repro Steps", Html, false),
         f("Microsoft.VSTS.Scheduling.StoryPoints", "Story Points", Double, false),
-        f("Microsoft.VSTS.Scheduling.RemainingWork", "Remaining Work", Double, false),
+        f(
+            "Microsoft.VSTS.Scheduling.RemainingWork",
+            "Remaining Work",
+            Double,
+            false,
+        ),
     ]
 }
 
 /// Fields whose value the server computes but `bypassRules` may set (migrations do).
-pub const BYPASS_WRITABLE: [&str; 4] =
-    ["System.CreatedDate", "System.CreatedBy", "System.ChangedDate", "System.ChangedBy"];
+pub const BYPASS_WRITABLE: [&str; 4] = [
+    "System.CreatedDate",
+    "System.CreatedBy",
+    "System.ChangedDate",
+    "System.ChangedBy",
+];
 
 /// The long-text fields the tags-style `;` normalisation must not touch, etc.
 pub const TAGS: &str = "System.Tags";
@@ -263,7 +287,10 @@ impl Identity {
                 display_name: s[..i].trim().to_string(),
                 unique_name: s[i + 1..s.len() - 1].trim().to_string(),
             },
-            _ => Identity { display_name: s.to_string(), unique_name: s.to_string() },
+            _ => Identity {
+                display_name: s.to_string(),
+                unique_name: s.to_string(),
+            },
         }
     }
 }

@@ -55,7 +55,10 @@ impl Requested {
             None => (s, None),
         };
         let (major, minor) = num.split_once('.').unwrap_or((num, "0"));
-        let version = Version { major: major.parse().ok()?, minor: minor.parse().ok()? };
+        let version = Version {
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        };
         let (preview, resource_version) = match rest {
             None => (false, None),
             Some(r) => {
@@ -68,14 +71,22 @@ impl Requested {
                 }
             }
         };
-        Some(Requested { version, preview, resource_version })
+        Some(Requested {
+            version,
+            preview,
+            resource_version,
+        })
     }
 }
 
 impl Profile {
     /// Every profile, newest first.
-    pub const ALL: [Profile; 4] =
-        [Profile::Services, Profile::Server2022, Profile::Server2020, Profile::Server2019];
+    pub const ALL: [Profile; 4] = [
+        Profile::Services,
+        Profile::Server2022,
+        Profile::Server2020,
+        Profile::Server2019,
+    ];
 
     /// The name used on the command line and in the control API.
     pub fn name(self) -> &'static str {
@@ -183,7 +194,9 @@ pub fn parse_latest_supported(message: &str) -> Option<Version> {
     const MARK: &str = "The latest REST API version this server supports is ";
     let start = message.find(MARK)? + MARK.len();
     let tail = &message[start..];
-    let end = tail.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(tail.len());
+    let end = tail
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(tail.len());
     let num = tail[..end].trim_end_matches('.');
     Requested::parse(num).map(|r| r.version)
 }
@@ -194,9 +207,7 @@ impl FromStr for Profile {
         Profile::ALL
             .into_iter()
             .find(|p| p.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                format!("unknown profile {s:?}: expected services, server-2022, server-2020 or server-2019")
-            })
+            .ok_or_else(|| format!("unknown profile {s:?}: expected services, server-2022, server-2020 or server-2019"))
     }
 }
 
@@ -213,7 +224,10 @@ mod tests {
     #[test]
     fn parses_versions_with_and_without_preview() {
         let r = Requested::parse("7.1-preview.4").unwrap();
-        assert_eq!((r.version.to_string(), r.preview, r.resource_version), ("7.1".into(), true, Some(4)));
+        assert_eq!(
+            (r.version.to_string(), r.preview, r.resource_version),
+            ("7.1".into(), true, Some(4))
+        );
         assert!(Requested::parse("7.0-preview").unwrap().preview);
         assert!(!Requested::parse("5.0").unwrap().preview);
         assert!(Requested::parse("seven").is_none());

@@ -74,7 +74,10 @@ pub fn work_item(store: &Store, wi: &WorkItem, r: &Revision, fields: Option<&[St
     match fields {
         Some(list) => {
             for name in list {
-                let canon = store.field(name).map(|d| d.reference.clone()).unwrap_or_else(|| name.clone());
+                let canon = store
+                    .field(name)
+                    .map(|d| d.reference.clone())
+                    .unwrap_or_else(|| name.clone());
                 if let Some(v) = r.fields.get(&canon) {
                     f.insert(canon.clone(), field_value(store, &canon, v));
                 }
@@ -117,7 +120,11 @@ pub fn work_item(store: &Store, wi: &WorkItem, r: &Revision, fields: Option<&[St
     }
     if fields.is_none() && expand != Expand::Fields {
         let project = store.projects.iter().find(|p| p.id == wi.project_id);
-        let type_name = r.fields.get("System.WorkItemType").and_then(Value::as_str).unwrap_or("");
+        let type_name = r
+            .fields
+            .get("System.WorkItemType")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         out.insert(
             "_links".into(),
             json!({
@@ -138,7 +145,14 @@ pub fn work_item(store: &Store, wi: &WorkItem, r: &Revision, fields: Option<&[St
 /// A revision of the reporting feed: `{id, rev, fields}` with identities as `Name <unique>`
 /// strings (or `{id, uniqueName}` with `includeIdentityRef`), long text only with
 /// `$expand=fields`, and `System.RevisedDate` (the next revision's date, or the end of time).
-pub fn reporting_revision(store: &Store, wi: &WorkItem, rev: u32, fields: Option<&[String]>, long_text: bool, identity_ref: bool) -> Value {
+pub fn reporting_revision(
+    store: &Store,
+    wi: &WorkItem,
+    rev: u32,
+    fields: Option<&[String]>,
+    long_text: bool,
+    identity_ref: bool,
+) -> Value {
     let r = &wi.revisions[(rev - 1) as usize];
     let revised = wi
         .revisions
@@ -150,7 +164,10 @@ pub fn reporting_revision(store: &Store, wi: &WorkItem, rev: u32, fields: Option
     all.remove("System.AuthorizedDate");
     let mut f = Map::new();
     let wanted: Vec<String> = match fields {
-        Some(list) => list.iter().map(|n| store.field(n).map(|d| d.reference.clone()).unwrap_or_else(|| n.clone())).collect(),
+        Some(list) => list
+            .iter()
+            .map(|n| store.field(n).map(|d| d.reference.clone()).unwrap_or_else(|| n.clone()))
+            .collect(),
         None => all.keys().cloned().collect(),
     };
     for k in wanted {
@@ -182,7 +199,11 @@ pub fn comment(store: &Store, wi_id: u64, c: &Comment, rendered: bool) -> Value 
         out.insert("format".into(), json!(c.format));
     }
     if rendered {
-        let html = if c.format == "markdown" { render_markdown(&c.text) } else { c.text.clone() };
+        let html = if c.format == "markdown" {
+            render_markdown(&c.text)
+        } else {
+            c.text.clone()
+        };
         out.insert("renderedText".into(), json!(html));
     }
     out.insert("createdBy".into(), identity_ref(store, &c.created_by));
@@ -192,7 +213,10 @@ pub fn comment(store: &Store, wi_id: u64, c: &Comment, rendered: bool) -> Value 
     out.insert("isDeleted".into(), json!(c.deleted));
     out.insert("mentions".into(), json!([]));
     out.insert("reactions".into(), json!([]));
-    out.insert("url".into(), json!(format!("{}/comments/{}", store.item_url(wi_id), c.id)));
+    out.insert(
+        "url".into(),
+        json!(format!("{}/comments/{}", store.item_url(wi_id), c.id)),
+    );
     Value::Object(out)
 }
 

@@ -98,7 +98,12 @@ struct Reply {
 
 impl Reply {
     fn json(status: u16, v: Value) -> Reply {
-        Reply { status, body: Bytes::from(v.to_string()), content_type: "application/json; charset=utf-8", headers: Vec::new() }
+        Reply {
+            status,
+            body: Bytes::from(v.to_string()),
+            content_type: "application/json; charset=utf-8",
+            headers: Vec::new(),
+        }
     }
     fn err(e: &ApiError) -> Reply {
         Reply::json(e.status, e.body())
@@ -115,7 +120,10 @@ fn decode(s: &str, plus: bool) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     Some(v) => {
                         out.push(v);
                         i += 3;
@@ -158,15 +166,22 @@ impl Query {
         self.get(k).is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
     fn list(&self, k: &str) -> Option<Vec<String>> {
-        self.get(k).map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        self.get(k).map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
     }
     fn num(&self, k: &str) -> Result<Option<u64>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| ApiError::bad_request("ArgumentException", format!("The value '{v}' of parameter {k} is not a valid number."))),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                ApiError::bad_request(
+                    "ArgumentException",
+                    format!("The value '{v}' of parameter {k} is not a valid number."),
+                )
+            }),
         }
     }
 }
@@ -184,11 +199,19 @@ struct Call {
 
 impl Call {
     fn json_body(&self) -> Result<Value, ApiError> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| ApiError::bad_request("VssRequestContentException", format!("The request body is not valid JSON: {e}")))
+        serde_json::from_slice(&self.body).map_err(|e| {
+            ApiError::bad_request(
+                "VssRequestContentException",
+                format!("The request body is not valid JSON: {e}"),
+            )
+        })
     }
     fn patch_body(&self) -> Result<Vec<Value>, ApiError> {
-        let ct = self.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = self
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !ct.to_ascii_lowercase().starts_with("application/json-patch+json") {
             return Err(ApiError::new(
                 415,
@@ -198,7 +221,10 @@ impl Call {
         }
         match self.json_body()? {
             Value::Array(a) => Ok(a),
-            _ => Err(ApiError::bad_request("VssPropertyValidationException", "You must pass a valid patch document in the body of the request.")),
+            _ => Err(ApiError::bad_request(
+                "VssPropertyValidationException",
+                "You must pass a valid patch document in the body of the request.",
+            )),
         }
     }
     fn opts(&self) -> WriteOpts {
@@ -210,12 +236,22 @@ impl Call {
         }
     }
     fn project(&self) -> Result<&str, ApiError> {
-        self.project.as_deref().ok_or_else(|| ApiError::new(404, "ProjectDoesNotExistWithNameException", "This API needs a project in the URL."))
+        self.project.as_deref().ok_or_else(|| {
+            ApiError::new(
+                404,
+                "ProjectDoesNotExistWithNameException",
+                "This API needs a project in the URL.",
+            )
+        })
     }
 }
 
 fn not_found(what: &str) -> ApiError {
-    ApiError::new(404, "RouteNotFoundException", format!("The resource {what} was not found on this server."))
+    ApiError::new(
+        404,
+        "RouteNotFoundException",
+        format!("The resource {what} was not found on this server."),
+    )
 }
 
 /// Answers one request.
@@ -226,7 +262,8 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
     };
     let mut resp = Response::new(Full::new(reply.body));
     *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
     for (k, v) in reply.headers {
         if let Ok(v) = HeaderValue::from_str(&v) {
             resp.headers_mut().insert(k, v);
@@ -245,14 +282,21 @@ fn authenticate(shared: &Shared, headers: &hyper::HeaderMap) -> Option<Identity>
     let raw = data_encoding::BASE64.decode(cred.trim().as_bytes()).ok()?;
     let raw = String::from_utf8(raw).ok()?;
     let (_user, pat) = raw.split_once(':')?;
-    lock(&shared.pats).iter().find(|(p, _)| p == pat).map(|(_, who)| who.clone())
+    lock(&shared.pats)
+        .iter()
+        .find(|(p, _)| p == pat)
+        .map(|(_, who)| who.clone())
 }
 
 async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = Query::parse(parts.uri.query());
-    let segs: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(|s| decode(s, false)).collect();
+    let segs: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| decode(s, false))
+        .collect();
     let Some(actor) = authenticate(shared, &parts.headers) else {
         bump(shared, "unauthorized");
         return Ok(Reply {
@@ -266,7 +310,13 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|_| ApiError::new(413, "RequestTooLargeException", format!("The request body exceeds {} bytes.", shared.max_body)))?;
+        .map_err(|_| {
+            ApiError::new(
+                413,
+                "RequestTooLargeException",
+                format!("The request body exceeds {} bytes.", shared.max_body),
+            )
+        })?;
     if segs.first().map(String::as_str) == Some("_sim") {
         bump(shared, "control");
         return control(shared, parts.method.as_str(), &segs[1..], &body);
@@ -282,7 +332,10 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         bump(shared, "unknown");
         return Err(not_found(&path));
     }
-    let apis = segs.iter().position(|s| s.eq_ignore_ascii_case("_apis")).ok_or_else(|| not_found(&path))?;
+    let apis = segs
+        .iter()
+        .position(|s| s.eq_ignore_ascii_case("_apis"))
+        .ok_or_else(|| not_found(&path))?;
     let project = segs.get(1).filter(|_| apis >= 2).cloned();
     let rest: Vec<String> = segs[apis + 1..].to_vec();
     let lower: Vec<String> = rest.iter().map(|s| s.to_lowercase()).collect();
@@ -291,11 +344,21 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
     bump(shared, &name);
     let version = query.get("api-version").map(str::to_string).or_else(|| {
         let accept = parts.headers.get(hyper::header::ACCEPT)?.to_str().ok()?;
-        accept.split(';').find_map(|p| p.trim().strip_prefix("api-version=").map(str::to_string))
+        accept
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("api-version=").map(str::to_string))
     });
     let preview_only = name.starts_with("comments.");
     profile.check(version.as_deref(), &method, preview_only)?;
-    let call = Call { method, project, rest, query, headers: parts.headers, body, actor };
+    let call = Call {
+        method,
+        project,
+        rest,
+        query,
+        headers: parts.headers,
+        body,
+        actor,
+    };
     route(shared, &name, &call)
 }
 
@@ -364,7 +427,11 @@ fn fault(shared: &Shared) -> Option<Reply> {
         let secs = f.unavailable_retry_after;
         drop(f);
         bump(shared, "fault.503");
-        let e = ApiError::new(503, "ServiceUnavailableException", "TF400898: The service is temporarily unavailable. Try again later.");
+        let e = ApiError::new(
+            503,
+            "ServiceUnavailableException",
+            "TF400898: The service is temporarily unavailable. Try again later.",
+        );
         let mut r = Reply::err(&e);
         r.headers = vec![("retry-after", secs.to_string())];
         return Some(r);
@@ -373,7 +440,12 @@ fn fault(shared: &Shared) -> Option<Reply> {
 }
 
 fn parse_id(s: &str) -> Result<u64, ApiError> {
-    s.parse().map_err(|_| ApiError::bad_request("ArgumentException", format!("The work item id '{s}' is not a valid number.")))
+    s.parse().map_err(|_| {
+        ApiError::bad_request(
+            "ArgumentException",
+            format!("The work item id '{s}' is not a valid number."),
+        )
+    })
 }
 
 fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
@@ -437,24 +509,50 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
             Ok(Reply::json(200, v))
         }
         "workitems.list" => {
-            let ids: Vec<u64> = c.query.list("ids").unwrap_or_default().iter().map(|i| parse_id(i)).collect::<Result<_, _>>()?;
+            let ids: Vec<u64> = c
+                .query
+                .list("ids")
+                .unwrap_or_default()
+                .iter()
+                .map(|i| parse_id(i))
+                .collect::<Result<_, _>>()?;
             let (fields, expand, as_of) = read_params(c)?;
-            let omit = c.query.get("errorPolicy").is_some_and(|p| p.eq_ignore_ascii_case("omit"));
+            let omit = c
+                .query
+                .get("errorPolicy")
+                .is_some_and(|p| p.eq_ignore_ascii_case("omit"));
             read_many(&mut s, project, &ids, fields.as_deref(), expand, as_of, omit)
         }
         "workitemsbatch" => {
             let b = c.json_body()?;
-            let ids: Vec<u64> = b.get("ids").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
-            let fields: Option<Vec<String>> = b.get("fields").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
-            let expand = Expand::parse(b.get("$expand").and_then(Value::as_str)).ok_or_else(|| ApiError::bad_request("ArgumentException", "The $expand value is not valid."))?;
+            let ids: Vec<u64> = b
+                .get("ids")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default();
+            let fields: Option<Vec<String>> = b
+                .get("fields")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
+            let expand = Expand::parse(b.get("$expand").and_then(Value::as_str))
+                .ok_or_else(|| ApiError::bad_request("ArgumentException", "The $expand value is not valid."))?;
             if fields.is_some() && expand != Expand::None {
                 return Err(expand_with_fields());
             }
             let as_of = match b.get("asOf").and_then(Value::as_str) {
-                Some(t) => Some(clock::parse(t).ok_or_else(|| ApiError::bad_request("ArgumentException", format!("The asOf value '{t}' is not a date.")))?.ms),
+                Some(t) => Some(
+                    clock::parse(t)
+                        .ok_or_else(|| {
+                            ApiError::bad_request("ArgumentException", format!("The asOf value '{t}' is not a date."))
+                        })?
+                        .ms,
+                ),
                 None => None,
             };
-            let omit = b.get("errorPolicy").and_then(Value::as_str).is_some_and(|p| p.eq_ignore_ascii_case("omit"));
+            let omit = b
+                .get("errorPolicy")
+                .and_then(Value::as_str)
+                .is_some_and(|p| p.eq_ignore_ascii_case("omit"));
             read_many(&mut s, project, &ids, fields.as_deref(), expand, as_of, omit)
         }
         "workitems.update" => {
@@ -475,15 +573,25 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
             let skip = c.query.num("$skip")?.unwrap_or(0) as usize;
             let top = c.query.num("$top")?.unwrap_or(200) as usize;
             let wi = s.item(id, project)?;
-            let v: Vec<Value> = wi.revisions.iter().skip(skip).take(top).map(|r| render::work_item(&s, wi, r, None, expand)).collect();
+            let v: Vec<Value> = wi
+                .revisions
+                .iter()
+                .skip(skip)
+                .take(top)
+                .map(|r| render::work_item(&s, wi, r, None, expand))
+                .collect();
             Ok(Reply::json(200, json!({"count": v.len(), "value": v})))
         }
         "wiql" => wiql_query(&s, c),
         "reporting.revisions" => feed(&s, c),
-        "comments.list" | "comments.get" | "comments.add" | "comments.update" | "comments.delete" | "comments.method" => comments(&mut s, name, c),
+        "comments.list" | "comments.get" | "comments.add" | "comments.update" | "comments.delete"
+        | "comments.method" => comments(&mut s, name, c),
         "attachments.create" => {
             let file = c.query.get("fileName").unwrap_or("attachment").to_string();
-            let chunked = c.query.get("uploadType").is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+            let chunked = c
+                .query
+                .get("uploadType")
+                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
             if !chunked && c.body.len() > s.profile.max_simple_attachment() {
                 return Err(ApiError::new(
                     413,
@@ -495,9 +603,16 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
             Ok(Reply::json(201, attachment_ref(&s, &a.id, &a.file_name)))
         }
         "attachments.chunk" => {
-            let range = c.headers.get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let range = c
+                .headers
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             let (start, end, total) = parse_content_range(range).ok_or_else(|| {
-                ApiError::bad_request("InvalidChunkException", format!("A chunk needs a Content-Range header like 'bytes 0-39999/50000', got '{range}'."))
+                ApiError::bad_request(
+                    "InvalidChunkException",
+                    format!("A chunk needs a Content-Range header like 'bytes 0-39999/50000', got '{range}'."),
+                )
             })?;
             let a = s.add_chunk(&c.rest[2], start, end, total, &c.body)?;
             Ok(Reply::json(201, attachment_ref(&s, &a.id, &a.file_name)))
@@ -505,12 +620,19 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
         "attachments.get" => {
             let a = s.attachment(&c.rest[2])?;
             let name = c.query.get("fileName").unwrap_or(&a.file_name).to_string();
-            let disposition = if c.query.flag("download") { "attachment" } else { "inline" };
+            let disposition = if c.query.flag("download") {
+                "attachment"
+            } else {
+                "inline"
+            };
             Ok(Reply {
                 status: 200,
                 body: Bytes::from(a.data.clone()),
                 content_type: "application/octet-stream",
-                headers: vec![("content-disposition", format!("{disposition}; filename=\"{}\"", name.replace('"', "")))],
+                headers: vec![(
+                    "content-disposition",
+                    format!("{disposition}; filename=\"{}\"", name.replace('"', "")),
+                )],
             })
         }
         _ => Err(not_found(&format!("_apis/{}", c.rest.join("/")))),
@@ -528,25 +650,46 @@ type ReadParams = (Option<Vec<String>>, Expand, Option<i64>);
 
 fn read_params(c: &Call) -> Result<ReadParams, ApiError> {
     let fields = c.query.list("fields");
-    let expand = Expand::parse(c.query.get("$expand")).ok_or_else(|| ApiError::bad_request("ArgumentException", "The $expand value is not valid."))?;
+    let expand = Expand::parse(c.query.get("$expand"))
+        .ok_or_else(|| ApiError::bad_request("ArgumentException", "The $expand value is not valid."))?;
     if fields.is_some() && expand != Expand::None {
         return Err(expand_with_fields());
     }
     let as_of = match c.query.get("asOf") {
-        Some(t) => Some(clock::parse(t).ok_or_else(|| ApiError::bad_request("ArgumentException", format!("The asOf value '{t}' is not a date.")))?.ms),
+        Some(t) => Some(
+            clock::parse(t)
+                .ok_or_else(|| {
+                    ApiError::bad_request("ArgumentException", format!("The asOf value '{t}' is not a date."))
+                })?
+                .ms,
+        ),
         None => None,
     };
     Ok((fields, expand, as_of))
 }
 
-fn read_many(s: &mut Store, project: Option<&str>, ids: &[u64], fields: Option<&[String]>, expand: Expand, as_of: Option<i64>, omit: bool) -> R {
+fn read_many(
+    s: &mut Store,
+    project: Option<&str>,
+    ids: &[u64],
+    fields: Option<&[String]>,
+    expand: Expand,
+    as_of: Option<i64>,
+    omit: bool,
+) -> R {
     if ids.is_empty() {
-        return Err(ApiError::bad_request("ArgumentNullException", "At least one work item id is required."));
+        return Err(ApiError::bad_request(
+            "ArgumentNullException",
+            "At least one work item id is required.",
+        ));
     }
     if ids.len() > BATCH_LIMIT {
         return Err(ApiError::bad_request(
             "ArgumentOutOfRangeException",
-            format!("VS403474: The number of work item ids ({}) exceeds the limit of {BATCH_LIMIT}.", ids.len()),
+            format!(
+                "VS403474: The number of work item ids ({}) exceeds the limit of {BATCH_LIMIT}.",
+                ids.len()
+            ),
         ));
     }
     if let Some(f) = fields {
@@ -570,7 +713,12 @@ fn read_many(s: &mut Store, project: Option<&str>, ids: &[u64], fields: Option<&
 fn after_read(s: &mut Store, ids: &[u64]) {
     for id in ids {
         if let Some((who, ops)) = s.after_read.remove(id) {
-            let o = WriteOpts { validate_only: false, bypass_rules: false, suppress_notifications: false, actor: who };
+            let o = WriteOpts {
+                validate_only: false,
+                bypass_rules: false,
+                suppress_notifications: false,
+                actor: who,
+            };
             // A failing armed edit is the test's own mistake; the read still answers.
             let _ = s.update(*id, None, &ops, &o);
         }
@@ -612,12 +760,18 @@ pub fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     let v = v.trim().strip_prefix("bytes")?.trim();
     let (range, total) = v.split_once('/')?;
     let (a, b) = range.split_once('-')?;
-    Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total.trim().parse().ok()?))
+    Some((
+        a.trim().parse().ok()?,
+        b.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    ))
 }
 
 fn wiql_query(s: &Store, c: &Call) -> R {
     let b = c.json_body()?;
-    let text = b.get("query").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("ArgumentNullException", "The body needs a 'query' with the WIQL text."))?;
+    let text = b.get("query").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_request("ArgumentNullException", "The body needs a 'query' with the WIQL text.")
+    })?;
     let q = wiql::parse(text)?;
     let project_name = match c.project.as_deref() {
         Some(p) => Some(s.require_project(p)?.name.clone()),
@@ -625,7 +779,13 @@ fn wiql_query(s: &Store, c: &Call) -> R {
     };
     let lookup = |n: &str| s.field(n).cloned();
     let now = clock::now_ms();
-    let ctx = wiql::Ctx { field: &lookup, project: project_name.as_deref(), me: &c.actor, now_ms: now, time_precision: c.query.flag("timePrecision") };
+    let ctx = wiql::Ctx {
+        field: &lookup,
+        project: project_name.as_deref(),
+        me: &c.actor,
+        now_ms: now,
+        time_precision: c.query.flag("timePrecision"),
+    };
     wiql::validate(&q, &ctx)?;
     let mut hits: Vec<&crate::model::WorkItem> = s
         .items
@@ -633,7 +793,9 @@ fn wiql_query(s: &Store, c: &Call) -> R {
         .filter(|w| !w.deleted)
         .filter(|w| {
             let f = &w.latest().fields;
-            q.filter.as_ref().is_none_or(|e| wiql::matches(e, &|k| f.get(k).cloned(), &ctx))
+            q.filter
+                .as_ref()
+                .is_none_or(|e| wiql::matches(e, &|k| f.get(k).cloned(), &ctx))
         })
         .collect();
     if hits.len() > WIQL_LIMIT {
@@ -671,12 +833,20 @@ fn feed(s: &Store, c: &Call) -> R {
     let body = if post { c.json_body()? } else { Value::Null };
     let list = |k: &str| -> Option<Vec<String>> {
         if post {
-            body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            body.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         } else {
             c.query.list(k)
         }
     };
-    let flag = |k: &str| if post { body.get(k).and_then(Value::as_bool).unwrap_or(false) } else { c.query.flag(k) };
+    let flag = |k: &str| {
+        if post {
+            body.get(k).and_then(Value::as_bool).unwrap_or(false)
+        } else {
+            c.query.flag(k)
+        }
+    };
     let fields = list("fields");
     if let Some(f) = &fields {
         for n in f {
@@ -690,19 +860,39 @@ fn feed(s: &Store, c: &Call) -> R {
     let token = c.query.get("continuationToken").or(c.query.get("watermark"));
     let start = c.query.get("startDateTime");
     if token.is_some() && start.is_some() {
-        return Err(ApiError::bad_request("ArgumentException", "VS402940: startDateTime cannot be used together with a continuationToken."));
+        return Err(ApiError::bad_request(
+            "ArgumentException",
+            "VS402940: startDateTime cannot be used together with a continuationToken.",
+        ));
     }
     let after = match token {
         None => 0,
-        Some(t) => t.split(';').next().and_then(|p| p.trim().parse::<u64>().ok()).ok_or_else(|| {
-            ApiError::bad_request("ArgumentException", format!("VS402941: The continuation token '{t}' is not valid."))
-        })?,
+        Some(t) => t
+            .split(';')
+            .next()
+            .and_then(|p| p.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "ArgumentException",
+                    format!("VS402941: The continuation token '{t}' is not valid."),
+                )
+            })?,
     };
     let since = match start {
-        Some(t) => Some(clock::parse(t).ok_or_else(|| ApiError::bad_request("ArgumentException", format!("The startDateTime '{t}' is not a date.")))?.ms),
+        Some(t) => Some(
+            clock::parse(t)
+                .ok_or_else(|| {
+                    ApiError::bad_request("ArgumentException", format!("The startDateTime '{t}' is not a date."))
+                })?
+                .ms,
+        ),
         None => None,
     };
-    let max = c.query.num("$maxPageSize")?.map(|n| (n as usize).clamp(1, FEED_PAGE)).unwrap_or(FEED_PAGE);
+    let max = c
+        .query
+        .num("$maxPageSize")?
+        .map(|n| (n as usize).clamp(1, FEED_PAGE))
+        .unwrap_or(FEED_PAGE);
     let project_id = match c.project.as_deref() {
         Some(p) => Some(s.require_project(p)?.id.clone()),
         None => None,
@@ -711,24 +901,41 @@ fn feed(s: &Store, c: &Call) -> R {
     let values: Vec<Value> = page
         .entries
         .iter()
-        .filter_map(|&(_, id, rev)| s.items.get(&id).map(|wi| render::reporting_revision(s, wi, rev, fields.as_deref(), long_text, identity_ref)))
+        .filter_map(|&(_, id, rev)| {
+            s.items
+                .get(&id)
+                .map(|wi| render::reporting_revision(s, wi, rev, fields.as_deref(), long_text, identity_ref))
+        })
         .collect();
     // The token names the feed position reached (with its item and rev, as the service's
     // three-part tokens do); only the position is read back.
-    let (tail_id, tail_rev) = (page.last_position as usize).checked_sub(1).and_then(|i| s.feed.get(i)).copied().unwrap_or((0, 0));
+    let (tail_id, tail_rev) = (page.last_position as usize)
+        .checked_sub(1)
+        .and_then(|i| s.feed.get(i))
+        .copied()
+        .unwrap_or((0, 0));
     let token = format!("{};{tail_id};{tail_rev}", page.last_position);
     let mut link = format!(
         "{}{}/_apis/wit/reporting/workItemRevisions?continuationToken={}",
         s.base_url,
-        c.project.as_deref().map(|p| format!("/{}", p.replace(' ', "%20"))).unwrap_or_default(),
+        c.project
+            .as_deref()
+            .map(|p| format!("/{}", p.replace(' ', "%20")))
+            .unwrap_or_default(),
         token.replace(';', "%3B")
     );
     for (k, v) in &c.query.0 {
         if k != "continuationtoken" && k != "watermark" && k != "startdatetime" {
-            link.push_str(&format!("&{k}={}", v.replace(' ', "%20").replace(';', "%3B").replace('&', "%26")));
+            link.push_str(&format!(
+                "&{k}={}",
+                v.replace(' ', "%20").replace(';', "%3B").replace('&', "%26")
+            ));
         }
     }
-    Ok(Reply::json(200, json!({"values": values, "nextLink": link, "continuationToken": token, "isLastBatch": page.is_last})))
+    Ok(Reply::json(
+        200,
+        json!({"values": values, "nextLink": link, "continuationToken": token, "isLastBatch": page.is_last}),
+    ))
 }
 
 fn comments(s: &mut Store, name: &str, c: &Call) -> R {
@@ -737,23 +944,36 @@ fn comments(s: &mut Store, name: &str, c: &Call) -> R {
     if !s.profile.has_comments_api() {
         return legacy_comments(s, name, c, id);
     }
-    let rendered = c.query.get("$expand").is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "renderedtext" | "renderedtextonly" | "all"));
+    let rendered = c.query.get("$expand").is_some_and(|e| {
+        matches!(
+            e.to_ascii_lowercase().as_str(),
+            "renderedtext" | "renderedtextonly" | "all"
+        )
+    });
     let include_deleted = c.query.flag("includeDeleted");
     let format = || -> Result<&'static str, ApiError> {
         match c.query.get("format").map(str::to_ascii_lowercase).as_deref() {
             _ if !s.profile.has_comment_format() => Ok("html"),
             None | Some("html") => Ok("html"),
             Some("markdown") => Ok("markdown"),
-            Some(other) => Err(ApiError::bad_request("ArgumentException", format!("The comment format '{other}' is not valid: use markdown or html."))),
+            Some(other) => Err(ApiError::bad_request(
+                "ArgumentException",
+                format!("The comment format '{other}' is not valid: use markdown or html."),
+            )),
         }
     };
     let text = || -> Result<String, ApiError> {
-        c.json_body()?.get("text").and_then(Value::as_str).map(str::to_string).ok_or_else(|| ApiError::bad_request("ArgumentNullException", "The body needs a 'text'."))
+        c.json_body()?
+            .get("text")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad_request("ArgumentNullException", "The body needs a 'text'."))
     };
     match name {
         "comments.list" => {
             let wi = s.item(id, project)?;
-            let mut list: Vec<&crate::model::Comment> = wi.comments.iter().filter(|x| include_deleted || !x.deleted).collect();
+            let mut list: Vec<&crate::model::Comment> =
+                wi.comments.iter().filter(|x| include_deleted || !x.deleted).collect();
             if let Some(ids) = c.query.list("ids") {
                 let want: Vec<u64> = ids.iter().filter_map(|i| i.parse().ok()).collect();
                 list.retain(|x| want.contains(&x.id));
@@ -764,11 +984,26 @@ fn comments(s: &mut Store, name: &str, c: &Call) -> R {
             }
             let total = list.len();
             let skip = match c.query.get("continuationToken") {
-                Some(t) => t.parse::<usize>().map_err(|_| ApiError::bad_request("ArgumentException", format!("The continuation token '{t}' is not valid.")))?,
+                Some(t) => t.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(
+                        "ArgumentException",
+                        format!("The continuation token '{t}' is not valid."),
+                    )
+                })?,
                 None => 0,
             };
-            let top = c.query.num("$top")?.map(|n| n as usize).unwrap_or(COMMENTS_PAGE).clamp(1, COMMENTS_PAGE);
-            let page: Vec<Value> = list.iter().skip(skip).take(top).map(|x| render::comment(s, id, x, rendered)).collect();
+            let top = c
+                .query
+                .num("$top")?
+                .map(|n| n as usize)
+                .unwrap_or(COMMENTS_PAGE)
+                .clamp(1, COMMENTS_PAGE);
+            let page: Vec<Value> = list
+                .iter()
+                .skip(skip)
+                .take(top)
+                .map(|x| render::comment(s, id, x, rendered))
+                .collect();
             let next = skip + page.len();
             let url = format!("{}/comments", s.item_url(id));
             let mut body = json!({"totalCount": total, "count": page.len(), "comments": page, "url": url});
@@ -785,7 +1020,13 @@ fn comments(s: &mut Store, name: &str, c: &Call) -> R {
                 .comments
                 .iter()
                 .find(|x| x.id == cid && (include_deleted || !x.deleted))
-                .ok_or_else(|| ApiError::new(404, "CommentNotFoundException", format!("VS402612: Comment {cid} was not found.")))?;
+                .ok_or_else(|| {
+                    ApiError::new(
+                        404,
+                        "CommentNotFoundException",
+                        format!("VS402612: Comment {cid} was not found."),
+                    )
+                })?;
             Ok(Reply::json(200, render::comment(s, id, x, rendered)))
         }
         "comments.add" => {
@@ -802,14 +1043,23 @@ fn comments(s: &mut Store, name: &str, c: &Call) -> R {
         "comments.delete" => {
             let cid = parse_id(&c.rest[4])?;
             s.change_comment(id, project, cid, None, &c.opts())?;
-            Ok(Reply { status: 200, body: Bytes::new(), content_type: "text/plain", headers: Vec::new() })
+            Ok(Reply {
+                status: 200,
+                body: Bytes::new(),
+                content_type: "text/plain",
+                headers: Vec::new(),
+            })
         }
         _ => Err(method_not_allowed(&c.method)),
     }
 }
 
 fn method_not_allowed(m: &str) -> ApiError {
-    ApiError::new(405, "HttpMethodNotSupportedException", format!("The requested resource does not support http method '{m}'."))
+    ApiError::new(
+        405,
+        "HttpMethodNotSupportedException",
+        format!("The requested resource does not support http method '{m}'."),
+    )
 }
 
 /// Server 2019: comments are the `System.History` entries, read-only.
@@ -833,9 +1083,17 @@ fn legacy_comments(s: &Store, name: &str, c: &Call, id: u64) -> R {
         }
         "comments.get" => {
             let rev = parse_id(&c.rest[4])? as u32;
-            let v = all.into_iter().find(|(r, _)| *r == rev).map(|(_, v)| v).ok_or_else(|| {
-                ApiError::new(404, "CommentNotFoundException", format!("VS402612: Work item {id} has no comment at revision {rev}."))
-            })?;
+            let v = all
+                .into_iter()
+                .find(|(r, _)| *r == rev)
+                .map(|(_, v)| v)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        404,
+                        "CommentNotFoundException",
+                        format!("VS402612: Work item {id} has no comment at revision {rev}."),
+                    )
+                })?;
             Ok(Reply::json(200, v))
         }
         _ => Err(method_not_allowed(&c.method)),
@@ -844,16 +1102,28 @@ fn legacy_comments(s: &Store, name: &str, c: &Call, id: u64) -> R {
 
 /// The control API for operators (`/_sim/…`), the same as the library handle offers.
 fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) -> R {
-    let b: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(body).map_err(|e| ApiError::bad_request("Control", format!("bad JSON: {e}")))? };
+    let b: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request("Control", format!("bad JSON: {e}")))?
+    };
     let r: Vec<&str> = rest.iter().map(String::as_str).collect();
     match (method, r.as_slice()) {
         ("POST", ["projects"]) => {
-            let name = b.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Control", "needs {\"name\": …}"))?;
+            let name = b
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad_request("Control", "needs {\"name\": …}"))?;
             let p = lock(&shared.store).add_project(name);
             Ok(Reply::json(200, json!({"id": p.id, "name": p.name})))
         }
         ("PUT", ["profile"]) => {
-            let p: Profile = b.get("profile").and_then(Value::as_str).unwrap_or("").parse().map_err(|e: String| ApiError::bad_request("Control", e))?;
+            let p: Profile = b
+                .get("profile")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .parse()
+                .map_err(|e: String| ApiError::bad_request("Control", e))?;
             lock(&shared.store).profile = p;
             Ok(Reply::json(200, json!({"profile": p.name()})))
         }
@@ -869,18 +1139,31 @@ fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) ->
             Ok(Reply::json(200, json!({"armed": count})))
         }
         ("POST", ["hooks"]) => {
-            let url = b.get("url").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Control", "needs {\"url\": …}"))?;
-            let headers = match (b.get("header").and_then(Value::as_str), b.get("value").and_then(Value::as_str)) {
+            let url = b
+                .get("url")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad_request("Control", "needs {\"url\": …}"))?;
+            let headers = match (
+                b.get("header").and_then(Value::as_str),
+                b.get("value").and_then(Value::as_str),
+            ) {
                 (Some(h), Some(v)) => vec![(h.to_string(), v.to_string())],
                 _ => Vec::new(),
             };
-            let types = b.get("eventTypes").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let types = b
+                .get("eventTypes")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
             let id = subscribe(shared, url, headers, types);
             Ok(Reply::json(200, json!({"id": id})))
         }
         ("GET", ["counters"]) => {
             let c = lock(&shared.counters).clone();
-            Ok(Reply::json(200, json!({"counters": c, "hooksDelivered": shared.hook_delivered.load(Ordering::Relaxed), "hooksFailed": shared.hook_failed.load(Ordering::Relaxed)})))
+            Ok(Reply::json(
+                200,
+                json!({"counters": c, "hooksDelivered": shared.hook_delivered.load(Ordering::Relaxed), "hooksFailed": shared.hook_failed.load(Ordering::Relaxed)}),
+            ))
         }
         ("GET", ["items"]) => {
             let s = lock(&shared.store);
@@ -892,7 +1175,10 @@ fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) ->
             Ok(Reply::json(200, json!({"count": v.len(), "value": v})))
         }
         ("POST", ["human-edit"]) => {
-            let id = b.get("id").and_then(Value::as_u64).ok_or_else(|| ApiError::bad_request("Control", "needs {\"id\": …, \"ops\": […]}"))?;
+            let id = b
+                .get("id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| ApiError::bad_request("Control", "needs {\"id\": …, \"ops\": […]}"))?;
             let ops = b.get("ops").and_then(Value::as_array).cloned().unwrap_or_default();
             let who = human();
             let mut s = lock(&shared.store);
@@ -900,7 +1186,12 @@ fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) ->
                 s.after_read.insert(id, (who, ops));
                 return Ok(Reply::json(200, json!({"armed": id})));
             }
-            let o = WriteOpts { validate_only: false, bypass_rules: false, suppress_notifications: false, actor: who };
+            let o = WriteOpts {
+                validate_only: false,
+                bypass_rules: false,
+                suppress_notifications: false,
+                actor: who,
+            };
             let wi = s.update(id, None, &ops, &o)?;
             Ok(Reply::json(200, json!({"id": id, "rev": wi.rev()})))
         }
@@ -910,13 +1201,21 @@ fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) ->
 
 /// The identity "human" edits are made as.
 pub fn human() -> Identity {
-    Identity { display_name: "Human Editor".into(), unique_name: "human.editor@example.com".into() }
+    Identity {
+        display_name: "Human Editor".into(),
+        unique_name: "human.editor@example.com".into(),
+    }
 }
 
 /// Adds a subscription and answers its id.
 pub fn subscribe(shared: &Shared, url: &str, headers: Vec<(String, String)>, event_types: Vec<String>) -> String {
     let id = store::new_guid();
-    lock(&shared.hooks).push(Subscription { id: id.clone(), url: url.to_string(), event_types, headers });
+    lock(&shared.hooks).push(Subscription {
+        id: id.clone(),
+        url: url.to_string(),
+        event_types,
+        headers,
+    });
     id
 }
 
@@ -934,10 +1233,18 @@ fn deliver_events(shared: &Arc<Shared>) {
         return;
     }
     for ev in events {
-        for sub in subs.iter().filter(|x| x.event_types.is_empty() || x.event_types.iter().any(|t| t == ev.kind)) {
-            let Some(payload) = hook_payload(&s, shared, sub, &ev) else { continue };
+        for sub in subs
+            .iter()
+            .filter(|x| x.event_types.is_empty() || x.event_types.iter().any(|t| t == ev.kind))
+        {
+            let Some(payload) = hook_payload(&s, shared, sub, &ev) else {
+                continue;
+            };
             let req = Request::post(sub.url.as_str()).header(CONTENT_TYPE, "application/json; charset=utf-8");
-            let req = sub.headers.iter().fold(req, |r, (k, v)| r.header(k.as_str(), v.as_str()));
+            let req = sub
+                .headers
+                .iter()
+                .fold(req, |r, (k, v)| r.header(k.as_str(), v.as_str()));
             let Ok(req) = req.body(Full::new(Bytes::from(payload.to_string()))) else {
                 shared.hook_failed.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -945,7 +1252,11 @@ fn deliver_events(shared: &Arc<Shared>) {
             let shared = shared.clone();
             tokio::spawn(async move {
                 let ok = matches!(shared.client.request(req).await, Ok(r) if r.status().is_success());
-                let counter = if ok { &shared.hook_delivered } else { &shared.hook_failed };
+                let counter = if ok {
+                    &shared.hook_delivered
+                } else {
+                    &shared.hook_failed
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
             });
         }
@@ -958,14 +1269,22 @@ fn hook_payload(s: &Store, shared: &Shared, sub: &Subscription, ev: &store::Even
     let r = wi.revisions.get((ev.rev - 1) as usize)?;
     let project = s.projects.iter().find(|p| p.id == wi.project_id)?;
     let title = r.fields.get("System.Title").and_then(Value::as_str).unwrap_or("");
-    let ty = r.fields.get("System.WorkItemType").and_then(Value::as_str).unwrap_or("");
+    let ty = r
+        .fields
+        .get("System.WorkItemType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let by = r.fields.get("System.ChangedBy").and_then(Value::as_str).unwrap_or("");
     let verb = match ev.kind {
         "workitem.created" => "created",
         "workitem.commented" => "commented on",
         _ => "updated",
     };
-    let text = format!("{ty} #{} ({title}) {verb} by {}", wi.id, crate::model::Identity::parse(by).display_name);
+    let text = format!(
+        "{ty} #{} ({title}) {verb} by {}",
+        wi.id,
+        crate::model::Identity::parse(by).display_name
+    );
     let item = render::work_item(s, wi, r, None, Expand::Relations);
     let resource = match ev.kind {
         "workitem.updated" => {

@@ -124,7 +124,10 @@ pub fn normalise_tags(s: &str) -> String {
 impl Store {
     /// An empty collection.
     pub fn new(profile: Profile, collection: String, base_url: String) -> Store {
-        let fields = builtin_fields().into_iter().map(|f| (f.reference.to_lowercase(), f)).collect();
+        let fields = builtin_fields()
+            .into_iter()
+            .map(|f| (f.reference.to_lowercase(), f))
+            .collect();
         Store {
             profile,
             collection,
@@ -155,7 +158,11 @@ impl Store {
         if let Some(p) = self.project(name) {
             return p.clone();
         }
-        let p = Project { id: new_guid(), name: name.to_string(), types: agile_types() };
+        let p = Project {
+            id: new_guid(),
+            name: name.to_string(),
+            types: agile_types(),
+        };
         self.projects.push(p.clone());
         p
     }
@@ -165,13 +172,20 @@ impl Store {
         let name = reference.rsplit('.').next().unwrap_or(reference).to_string();
         self.fields.insert(
             reference.to_lowercase(),
-            FieldDef { reference: reference.to_string(), name, kind, read_only: false },
+            FieldDef {
+                reference: reference.to_string(),
+                name,
+                kind,
+                read_only: false,
+            },
         );
     }
 
     /// A project by name (case-insensitive) or id.
     pub fn project(&self, key: &str) -> Option<&Project> {
-        self.projects.iter().find(|p| p.name.eq_ignore_ascii_case(key) || p.id.eq_ignore_ascii_case(key))
+        self.projects
+            .iter()
+            .find(|p| p.name.eq_ignore_ascii_case(key) || p.id.eq_ignore_ascii_case(key))
     }
 
     /// A project or the service's refusal.
@@ -196,7 +210,11 @@ impl Store {
 
     /// A live (not deleted) work item, optionally required to be in `project`.
     pub fn item(&self, id: u64, project: Option<&str>) -> Result<&WorkItem, ApiError> {
-        let wi = self.items.get(&id).filter(|w| !w.deleted).ok_or_else(|| ApiError::work_item_missing(id))?;
+        let wi = self
+            .items
+            .get(&id)
+            .filter(|w| !w.deleted)
+            .ok_or_else(|| ApiError::work_item_missing(id))?;
         if let Some(p) = project {
             let p = self.require_project(p)?;
             if p.id != wi.project_id {
@@ -212,7 +230,13 @@ impl Store {
     }
 
     /// Creates a work item of `type_name` in `project` from a JSON Patch document.
-    pub fn create(&mut self, project: &str, type_name: &str, ops: &[Value], o: &WriteOpts) -> Result<WorkItem, ApiError> {
+    pub fn create(
+        &mut self,
+        project: &str,
+        type_name: &str,
+        ops: &[Value],
+        o: &WriteOpts,
+    ) -> Result<WorkItem, ApiError> {
         let project = self.require_project(project)?.clone();
         let Some(wit) = project.types.iter().find(|t| t.name.eq_ignore_ascii_case(type_name)) else {
             return Err(ApiError::new(
@@ -240,7 +264,13 @@ impl Store {
         fields.insert("Microsoft.VSTS.Common.Priority".into(), json!(2));
         fields.insert("Microsoft.VSTS.Common.StateChangeDate".into(), stamp);
         fields.insert("System.CommentCount".into(), json!(0));
-        let empty = Revision { rev: 0, fields, relations: Vec::new(), changed_ms: now, comment: None };
+        let empty = Revision {
+            rev: 0,
+            fields,
+            relations: Vec::new(),
+            changed_ms: now,
+            comment: None,
+        };
         let id = if o.validate_only { 0 } else { self.next_id };
         let draft = self.apply(id, &project, wit, &empty, ops, o, true)?;
         let mut wi = WorkItem {
@@ -256,7 +286,11 @@ impl Store {
             return Ok(wi);
         }
         self.next_id += 1;
-        let history = rev.fields.get("System.History").and_then(Value::as_str).map(str::to_string);
+        let history = rev
+            .fields
+            .get("System.History")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         wi.revisions.push(rev);
         self.stamp_relations(&mut wi);
         if let Some(text) = history.filter(|_| self.profile.has_comments_api()) {
@@ -265,14 +299,25 @@ impl Store {
         self.feed.push((id, 1));
         self.items.insert(id, wi.clone());
         if !o.suppress_notifications {
-            self.events.push(Event { kind: "workitem.created", id, rev: 1, comment: None });
+            self.events.push(Event {
+                kind: "workitem.created",
+                id,
+                rev: 1,
+                comment: None,
+            });
         }
         Ok(wi)
     }
 
     /// Updates a work item from a JSON Patch document. A document that changes nothing
     /// answers the item as it is, without a new revision.
-    pub fn update(&mut self, id: u64, project: Option<&str>, ops: &[Value], o: &WriteOpts) -> Result<WorkItem, ApiError> {
+    pub fn update(
+        &mut self,
+        id: u64,
+        project: Option<&str>,
+        ops: &[Value],
+        o: &WriteOpts,
+    ) -> Result<WorkItem, ApiError> {
         let wi = self.item(id, project)?.clone();
         let project = self
             .projects
@@ -280,7 +325,12 @@ impl Store {
             .find(|p| p.id == wi.project_id)
             .cloned()
             .ok_or_else(|| ApiError::work_item_missing(id))?;
-        let type_name = wi.latest().fields.get("System.WorkItemType").and_then(Value::as_str).unwrap_or("");
+        let type_name = wi
+            .latest()
+            .fields
+            .get("System.WorkItemType")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let wit = project
             .types
             .iter()
@@ -289,7 +339,10 @@ impl Store {
             .ok_or_else(|| ApiError::work_item_missing(id))?;
         let draft = self.apply(id, &project, &wit, wi.latest(), ops, o, false)?;
         let prev = wi.latest();
-        if draft.fields == prev.fields && draft.relations == prev.relations && !draft.fields.contains_key("System.History") {
+        if draft.fields == prev.fields
+            && draft.relations == prev.relations
+            && !draft.fields.contains_key("System.History")
+        {
             return Ok(wi);
         }
         if o.validate_only {
@@ -302,7 +355,11 @@ impl Store {
         let mut wi = wi;
         let rev = self.finish(&mut wi, draft, now, o, false);
         let n = rev.rev;
-        let history = rev.fields.get("System.History").and_then(Value::as_str).map(str::to_string);
+        let history = rev
+            .fields
+            .get("System.History")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         wi.revisions.push(rev);
         self.stamp_relations(&mut wi);
         let mut comment = None;
@@ -315,12 +372,25 @@ impl Store {
         self.feed.push((id, n));
         self.items.insert(id, wi);
         if !o.suppress_notifications {
-            self.events.push(Event { kind: "workitem.updated", id, rev: n, comment: None });
+            self.events.push(Event {
+                kind: "workitem.updated",
+                id,
+                rev: n,
+                comment: None,
+            });
             if comment.is_some() {
-                self.events.push(Event { kind: "workitem.commented", id, rev: n, comment });
+                self.events.push(Event {
+                    kind: "workitem.commented",
+                    id,
+                    rev: n,
+                    comment,
+                });
             }
         }
-        self.items.get(&id).cloned().ok_or_else(|| ApiError::work_item_missing(id))
+        self.items
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::work_item_missing(id))
     }
 
     /// A `System.History` write becomes a comment of the comments API too.
@@ -400,7 +470,9 @@ impl Store {
         d.fields.remove("System.History");
         d.comment = None;
         for op in ops {
-            let obj = op.as_object().ok_or_else(|| patch_error("Each operation of the JSON Patch document must be an object."))?;
+            let obj = op
+                .as_object()
+                .ok_or_else(|| patch_error("Each operation of the JSON Patch document must be an object."))?;
             let kind = obj.get("op").and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
             let path = obj.get("path").and_then(Value::as_str).unwrap_or("");
             let value = obj.get("value").cloned().unwrap_or(Value::Null);
@@ -416,7 +488,11 @@ impl Store {
                             )));
                         }
                     }
-                    _ => return Err(patch_error(format!("The operation '{kind}' is not supported on path '{path}'."))),
+                    _ => {
+                        return Err(patch_error(format!(
+                            "The operation '{kind}' is not supported on path '{path}'."
+                        )))
+                    }
                 }
             } else if let Some(name) = path.strip_prefix("/fields/") {
                 let def = self.field(name).cloned().ok_or_else(|| ApiError::unknown_field(name))?;
@@ -442,14 +518,23 @@ impl Store {
                             None => d.fields.remove(&key),
                         };
                     }
-                    other => return Err(patch_error(format!("The operation '{other}' is not supported on path '{path}'."))),
+                    other => {
+                        return Err(patch_error(format!(
+                            "The operation '{other}' is not supported on path '{path}'."
+                        )))
+                    }
                 }
             } else if lpath == "/relations/-" {
                 if kind != "add" {
-                    return Err(patch_error(format!("The operation '{kind}' is not supported on path '{path}'.")));
+                    return Err(patch_error(format!(
+                        "The operation '{kind}' is not supported on path '{path}'."
+                    )));
                 }
                 let rel = self.relation(&value)?;
-                if d.relations.iter().any(|r| r.rel == rel.rel && r.url.eq_ignore_ascii_case(&rel.url)) {
+                if d.relations
+                    .iter()
+                    .any(|r| r.rel == rel.rel && r.url.eq_ignore_ascii_case(&rel.url))
+                {
                     return Err(ApiError::bad_request(
                         "WorkItemLinkAlreadyExistsException",
                         format!("TF201035: The relation {} to {} already exists.", rel.rel, rel.url),
@@ -461,7 +546,9 @@ impl Store {
                     Some((i, a)) => (i, Some(path[path.len() - a.len()..].to_string())),
                     None => (rest, None),
                 };
-                let idx: usize = idx.parse().map_err(|_| patch_error(format!("The path '{path}' is not valid.")))?;
+                let idx: usize = idx
+                    .parse()
+                    .map_err(|_| patch_error(format!("The path '{path}' is not valid.")))?;
                 if idx >= d.relations.len() {
                     return Err(patch_error(format!(
                         "The relation index {idx} is out of range: the work item has {} relations.",
@@ -482,7 +569,11 @@ impl Store {
                     ("remove", Some(a)) => {
                         d.relations[idx].attributes.remove(&a);
                     }
-                    _ => return Err(patch_error(format!("The operation '{kind}' is not supported on path '{path}'."))),
+                    _ => {
+                        return Err(patch_error(format!(
+                            "The operation '{kind}' is not supported on path '{path}'."
+                        )))
+                    }
                 }
             } else if lpath == "/id" && kind == "test" {
                 if value.as_u64() != Some(id) {
@@ -497,8 +588,20 @@ impl Store {
     }
 
     /// Type rules: title required, state allowed, paths inside the project, tags normalised.
-    fn check_rules(&self, project: &Project, wit: &WorkItemType, base: &Revision, d: &mut Revision, o: &WriteOpts) -> Result<(), ApiError> {
-        let title = d.fields.get("System.Title").and_then(Value::as_str).map(str::trim).unwrap_or("");
+    fn check_rules(
+        &self,
+        project: &Project,
+        wit: &WorkItemType,
+        base: &Revision,
+        d: &mut Revision,
+        o: &WriteOpts,
+    ) -> Result<(), ApiError> {
+        let title = d
+            .fields
+            .get("System.Title")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .unwrap_or("");
         if title.is_empty() {
             return Err(ApiError::rule("Title", "Required, InvalidEmpty"));
         }
@@ -522,9 +625,15 @@ impl Store {
             },
         }
         let old_state = base.fields.get("System.State");
-        if base.rev > 0 && old_state != d.fields.get("System.State") && base.fields.get("System.Reason") == d.fields.get("System.Reason") {
+        if base.rev > 0
+            && old_state != d.fields.get("System.State")
+            && base.fields.get("System.Reason") == d.fields.get("System.Reason")
+        {
             let s = d.fields.get("System.State").cloned().unwrap_or(Value::Null);
-            d.fields.insert("System.Reason".into(), json!(format!("Moved to state {}", s.as_str().unwrap_or(""))));
+            d.fields.insert(
+                "System.Reason".into(),
+                json!(format!("Moved to state {}", s.as_str().unwrap_or(""))),
+            );
         }
         for key in ["System.AreaPath", "System.IterationPath"] {
             let v = d.fields.get(key).and_then(Value::as_str).unwrap_or("").to_string();
@@ -536,7 +645,14 @@ impl Store {
             if !root.eq_ignore_ascii_case(&project.name) {
                 return Err(ApiError::bad_request(
                     "WorkItemTrackingTreeNodeNotFoundException",
-                    format!("TF401347: Invalid tree name given for work item {}, field '{key}'.", base.fields.get("System.Id").and_then(Value::as_u64).map(|i| i as i64).unwrap_or(-1)),
+                    format!(
+                        "TF401347: Invalid tree name given for work item {}, field '{key}'.",
+                        base.fields
+                            .get("System.Id")
+                            .and_then(Value::as_u64)
+                            .map(|i| i as i64)
+                            .unwrap_or(-1)
+                    ),
                 ));
             }
         }
@@ -550,15 +666,25 @@ impl Store {
         if rel.is_empty() || url.is_empty() {
             return Err(patch_error("A relation needs both 'rel' and 'url'."));
         }
-        let mut attributes = value.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mut attributes = value
+            .get("attributes")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         match rel.as_str() {
             "AttachedFile" => {
-                let id = attachment_id_from_url(&url).ok_or_else(|| patch_error(format!("The attachment URL '{url}' is not valid.")))?;
+                let id = attachment_id_from_url(&url)
+                    .ok_or_else(|| patch_error(format!("The attachment URL '{url}' is not valid.")))?;
                 let a = self
                     .attachments
                     .get(&id.to_lowercase())
                     .filter(|a| a.complete)
-                    .ok_or_else(|| ApiError::bad_request("AttachmentNotFoundException", format!("VS402328: The attachment {id} was not found.")))?;
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "AttachmentNotFoundException",
+                            format!("VS402328: The attachment {id} was not found."),
+                        )
+                    })?;
                 attributes.entry("name").or_insert(json!(a.file_name));
                 attributes.insert("resourceSize".into(), json!(a.data.len()));
                 attributes.insert("resourceCreatedDate".into(), json!(clock::format(a.created_ms)));
@@ -591,7 +717,8 @@ impl Store {
             if (r.rel == "AttachedFile" || r.rel == "Hyperlink") && !r.attributes.contains_key("id") {
                 r.attributes.insert("id".into(), json!(self.next_link_id));
                 r.attributes.insert("authorizedDate".into(), json!(clock::format(ms)));
-                r.attributes.insert("resourceModifiedDate".into(), json!(clock::format(ms)));
+                r.attributes
+                    .insert("resourceModifiedDate".into(), json!(clock::format(ms)));
                 r.attributes.insert("revisedDate".into(), json!(clock::END_OF_TIME));
                 self.next_link_id += 1;
             }
@@ -613,7 +740,15 @@ impl Store {
 
     /// A page of the change feed after `after` (a position), at most `max` entries, scoped to
     /// a project and types, optionally only the latest revision of each item.
-    pub fn feed_page(&self, project_id: Option<&str>, types: &[String], after: u64, max: usize, latest_only: bool, since_ms: Option<i64>) -> FeedPage {
+    pub fn feed_page(
+        &self,
+        project_id: Option<&str>,
+        types: &[String],
+        after: u64,
+        max: usize,
+        latest_only: bool,
+        since_ms: Option<i64>,
+    ) -> FeedPage {
         let mut entries = Vec::new();
         let mut last_position = after;
         let mut is_last = true;
@@ -623,7 +758,9 @@ impl Store {
             let r = &wi.revisions[(rev - 1) as usize];
             let in_scope = project_id.is_none_or(|p| p == wi.project_id)
                 && (types.is_empty()
-                    || types.iter().any(|t| Some(t.as_str()) == r.fields.get("System.WorkItemType").and_then(Value::as_str)))
+                    || types
+                        .iter()
+                        .any(|t| Some(t.as_str()) == r.fields.get("System.WorkItemType").and_then(Value::as_str)))
                 && since_ms.is_none_or(|s| r.changed_ms > s)
                 && (!latest_only || rev == wi.rev());
             if !in_scope {
@@ -637,21 +774,42 @@ impl Store {
             entries.push((pos, id, rev));
             last_position = pos;
         }
-        FeedPage { entries, last_position, is_last }
+        FeedPage {
+            entries,
+            last_position,
+            is_last,
+        }
     }
 
     /// Adds a comment through the comments API: a new revision whose `System.History` is the
     /// text, `System.CommentCount` + 1.
-    pub fn add_comment(&mut self, id: u64, project: Option<&str>, text: &str, format: &'static str, o: &WriteOpts) -> Result<Comment, ApiError> {
+    pub fn add_comment(
+        &mut self,
+        id: u64,
+        project: Option<&str>,
+        text: &str,
+        format: &'static str,
+        o: &WriteOpts,
+    ) -> Result<Comment, ApiError> {
         if text.trim().is_empty() {
-            return Err(ApiError::bad_request("ArgumentNullException", "The comment text must not be empty."));
+            return Err(ApiError::bad_request(
+                "ArgumentNullException",
+                "The comment text must not be empty.",
+            ));
         }
-        let history = if format == "markdown" { render_markdown(text) } else { text.to_string() };
+        let history = if format == "markdown" {
+            render_markdown(text)
+        } else {
+            text.to_string()
+        };
         let ops = [json!({"op": "add", "path": "/fields/System.History", "value": history})];
         let before = self.item(id, project)?.comments.len();
         self.update(id, project, &ops, o)?;
         let wi = self.items.get_mut(&id).ok_or_else(|| ApiError::work_item_missing(id))?;
-        let c = wi.comments.get_mut(before).ok_or_else(|| ApiError::work_item_missing(id))?;
+        let c = wi
+            .comments
+            .get_mut(before)
+            .ok_or_else(|| ApiError::work_item_missing(id))?;
         c.text = text.to_string();
         c.format = format;
         let c = c.clone();
@@ -663,7 +821,14 @@ impl Store {
 
     /// Edits or deletes a comment: its version + 1 and a new work item revision carrying the
     /// comment reference.
-    pub fn change_comment(&mut self, id: u64, project: Option<&str>, comment_id: u64, text: Option<&str>, o: &WriteOpts) -> Result<Comment, ApiError> {
+    pub fn change_comment(
+        &mut self,
+        id: u64,
+        project: Option<&str>,
+        comment_id: u64,
+        text: Option<&str>,
+        o: &WriteOpts,
+    ) -> Result<Comment, ApiError> {
         self.item(id, project)?;
         let now = self.tick();
         let wi = self.items.get_mut(&id).ok_or_else(|| ApiError::work_item_missing(id))?;
@@ -674,7 +839,10 @@ impl Store {
             .ok_or_else(|| comment_missing(comment_id))?;
         match text {
             Some(t) if t.trim().is_empty() => {
-                return Err(ApiError::bad_request("ArgumentNullException", "The comment text must not be empty."))
+                return Err(ApiError::bad_request(
+                    "ArgumentNullException",
+                    "The comment text must not be empty.",
+                ))
             }
             Some(t) => c.text = t.to_string(),
             None => c.deleted = true,
@@ -689,11 +857,14 @@ impl Store {
         rev.rev += 1;
         rev.changed_ms = now;
         rev.fields.insert("System.Rev".into(), json!(rev.rev));
-        rev.fields.insert("System.ChangedDate".into(), json!(clock::format(now)));
-        rev.fields.insert("System.AuthorizedDate".into(), json!(clock::format(now)));
+        rev.fields
+            .insert("System.ChangedDate".into(), json!(clock::format(now)));
+        rev.fields
+            .insert("System.AuthorizedDate".into(), json!(clock::format(now)));
         rev.fields.insert("System.ChangedBy".into(), json!(o.actor.combined()));
         rev.fields.insert("System.CommentCount".into(), json!(count));
-        rev.fields.insert("System.Watermark".into(), json!(self.feed.len() as u64 + 1));
+        rev.fields
+            .insert("System.Watermark".into(), json!(self.feed.len() as u64 + 1));
         rev.comment = Some(CommentRef {
             comment_id,
             version: c.version,
@@ -705,7 +876,12 @@ impl Store {
         wi.revisions.push(rev);
         self.feed.push((id, n));
         if !o.suppress_notifications {
-            self.events.push(Event { kind: "workitem.updated", id, rev: n, comment: None });
+            self.events.push(Event {
+                kind: "workitem.updated",
+                id,
+                rev: n,
+                comment: None,
+            });
         }
         Ok(c)
     }
@@ -726,8 +902,18 @@ impl Store {
 
     /// Appends one chunk (`Content-Range: bytes start-end/total`) to a chunked upload; chunks
     /// must arrive in order.
-    pub fn add_chunk(&mut self, id: &str, start: u64, end: u64, total: u64, bytes: &[u8]) -> Result<Attachment, ApiError> {
-        let a = self.attachments.get_mut(&id.to_lowercase()).ok_or_else(|| attachment_missing(id))?;
+    pub fn add_chunk(
+        &mut self,
+        id: &str,
+        start: u64,
+        end: u64,
+        total: u64,
+        bytes: &[u8],
+    ) -> Result<Attachment, ApiError> {
+        let a = self
+            .attachments
+            .get_mut(&id.to_lowercase())
+            .ok_or_else(|| attachment_missing(id))?;
         let bad = |m: String| ApiError::bad_request("InvalidChunkException", m);
         if a.complete {
             return Err(bad(format!("The attachment {id} is already complete.")));
@@ -739,10 +925,15 @@ impl Store {
             )));
         }
         if a.expected_len.is_some_and(|t| t != total) {
-            return Err(bad(format!("The total length {total} differs from the one given before.")));
+            return Err(bad(format!(
+                "The total length {total} differs from the one given before."
+            )));
         }
         if start != a.data.len() as u64 {
-            return Err(bad(format!("Expected the chunk starting at byte {}, got {start}.", a.data.len())));
+            return Err(bad(format!(
+                "Expected the chunk starting at byte {}, got {start}.",
+                a.data.len()
+            )));
         }
         a.expected_len = Some(total);
         a.data.extend_from_slice(bytes);
@@ -752,7 +943,10 @@ impl Store {
 
     /// A complete attachment.
     pub fn attachment(&self, id: &str) -> Result<&Attachment, ApiError> {
-        self.attachments.get(&id.to_lowercase()).filter(|a| a.complete).ok_or_else(|| attachment_missing(id))
+        self.attachments
+            .get(&id.to_lowercase())
+            .filter(|a| a.complete)
+            .ok_or_else(|| attachment_missing(id))
     }
 
     /// Sends a work item to the recycle bin.
@@ -770,11 +964,19 @@ fn draft_sets(f: &BTreeMap<String, Value>, key: &str, wi: &WorkItem) -> bool {
 }
 
 fn comment_missing(id: u64) -> ApiError {
-    ApiError::new(404, "CommentNotFoundException", format!("VS402612: Comment {id} was not found."))
+    ApiError::new(
+        404,
+        "CommentNotFoundException",
+        format!("VS402612: Comment {id} was not found."),
+    )
 }
 
 fn attachment_missing(id: &str) -> ApiError {
-    ApiError::new(404, "AttachmentNotFoundException", format!("VS402328: The attachment {id} was not found."))
+    ApiError::new(
+        404,
+        "AttachmentNotFoundException",
+        format!("VS402328: The attachment {id} was not found."),
+    )
 }
 
 /// The id out of `…/_apis/wit/attachments/{id}[?fileName=…]`.
@@ -796,7 +998,10 @@ pub fn render_markdown(text: &str) -> String {
 
 /// Minimal HTML escaping.
 pub fn escape_html(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Converts a patch value to the stored form for the field's kind; `None` clears the field.
@@ -886,7 +1091,10 @@ mod tests {
             validate_only: false,
             bypass_rules: false,
             suppress_notifications: false,
-            actor: Identity { display_name: "Ann".into(), unique_name: "ann@example.com".into() },
+            actor: Identity {
+                display_name: "Ann".into(),
+                unique_name: "ann@example.com".into(),
+            },
         }
     }
 
@@ -905,19 +1113,31 @@ mod tests {
     fn create_computes_system_fields_and_update_bumps_rev() {
         let mut s = store();
         let add = |p: &str, v: Value| json!({"op": "add", "path": p, "value": v});
-        let wi = s.create("fabrikam", "user story", &[add("/fields/System.Title", json!("T"))], &opts()).unwrap();
+        let wi = s
+            .create(
+                "fabrikam",
+                "user story",
+                &[add("/fields/System.Title", json!("T"))],
+                &opts(),
+            )
+            .unwrap();
         let f = &wi.latest().fields;
         assert_eq!(f["System.State"], "New");
         assert_eq!(f["System.WorkItemType"], "User Story");
         assert_eq!(f["System.AreaPath"], "Fabrikam");
         assert_eq!(f["System.CreatedBy"], "Ann <ann@example.com>");
-        let ops = [json!({"op": "test", "path": "/rev", "value": 1}), add("/fields/System.Tags", json!("y;x"))];
+        let ops = [
+            json!({"op": "test", "path": "/rev", "value": 1}),
+            add("/fields/System.Tags", json!("y;x")),
+        ];
         let wi = s.update(wi.id, None, &ops, &opts()).unwrap();
         assert_eq!(wi.rev(), 2);
         assert_eq!(wi.latest().fields["System.Tags"], "x; y");
         let err = s.update(wi.id, None, &ops, &opts()).unwrap_err();
         assert_eq!(err.status, 412);
-        let same = s.update(wi.id, None, &[add("/fields/System.Tags", json!("x; y"))], &opts()).unwrap();
+        let same = s
+            .update(wi.id, None, &[add("/fields/System.Tags", json!("x; y"))], &opts())
+            .unwrap();
         assert_eq!(same.rev(), 2, "a patch that changes nothing makes no revision");
     }
 
@@ -925,11 +1145,26 @@ mod tests {
     fn refusals_name_the_problem() {
         let mut s = store();
         let add = |p: &str, v: Value| json!({"op": "add", "path": p, "value": v});
-        assert_eq!(s.create("Fabrikam", "Bug", &[], &opts()).unwrap_err().message, "TF401320: Rule Error for field Title. Error code: Required, InvalidEmpty.");
-        let e = s.create("Fabrikam", "Bug", &[add("/fields/Custom.Nope", json!(1))], &opts()).unwrap_err();
+        assert_eq!(
+            s.create("Fabrikam", "Bug", &[], &opts()).unwrap_err().message,
+            "TF401320: Rule Error for field Title. Error code: Required, InvalidEmpty."
+        );
+        let e = s
+            .create("Fabrikam", "Bug", &[add("/fields/Custom.Nope", json!(1))], &opts())
+            .unwrap_err();
         assert_eq!(e.type_key, "WorkItemTrackingFieldDefinitionNotFoundException");
         assert_eq!(s.create("Fabrikam", "Risk", &[], &opts()).unwrap_err().status, 404);
-        let e = s.create("Fabrikam", "Bug", &[add("/fields/System.Title", json!("t")), add("/fields/System.State", json!("Done"))], &opts()).unwrap_err();
+        let e = s
+            .create(
+                "Fabrikam",
+                "Bug",
+                &[
+                    add("/fields/System.Title", json!("t")),
+                    add("/fields/System.State", json!("Done")),
+                ],
+                &opts(),
+            )
+            .unwrap_err();
         assert!(e.message.contains("State"), "{e:?}");
     }
 }

@@ -88,7 +88,10 @@ enum Tok {
 }
 
 fn syntax(msg: impl Into<String>) -> ApiError {
-    ApiError::bad_request("WorkItemQueryInvalidException", format!("TF51006: The query statement is not valid. {}", msg.into()))
+    ApiError::bad_request(
+        "WorkItemQueryInvalidException",
+        format!("TF51006: The query statement is not valid. {}", msg.into()),
+    )
 }
 
 fn lex(s: &str) -> Result<Vec<Tok>, ApiError> {
@@ -100,7 +103,11 @@ fn lex(s: &str) -> Result<Vec<Tok>, ApiError> {
         if ch.is_whitespace() {
             i += 1;
         } else if ch == '[' {
-            let j = c[i..].iter().position(|&x| x == ']').ok_or_else(|| syntax("A field name is not closed with ']'."))? + i;
+            let j = c[i..]
+                .iter()
+                .position(|&x| x == ']')
+                .ok_or_else(|| syntax("A field name is not closed with ']'."))?
+                + i;
             out.push(Tok::Field(c[i + 1..j].iter().collect::<String>().trim().to_string()));
             i = j + 1;
         } else if ch == '\'' || ch == '"' {
@@ -125,16 +132,34 @@ fn lex(s: &str) -> Result<Vec<Tok>, ApiError> {
             }
             out.push(Tok::Str(v));
         } else if ch == '@' {
-            let j = c[i + 1..].iter().position(|x| !x.is_alphanumeric()).map(|p| p + i + 1).unwrap_or(c.len());
+            let j = c[i + 1..]
+                .iter()
+                .position(|x| !x.is_alphanumeric())
+                .map(|p| p + i + 1)
+                .unwrap_or(c.len());
             out.push(Tok::Macro(c[i + 1..j].iter().collect::<String>().to_lowercase()));
             i = j;
-        } else if ch.is_ascii_digit() || (ch == '-' && c.get(i + 1).is_some_and(|d| d.is_ascii_digit()) && !matches!(out.last(), Some(Tok::Macro(_)))) {
-            let j = c[i + 1..].iter().position(|x| !(x.is_ascii_digit() || *x == '.')).map(|p| p + i + 1).unwrap_or(c.len());
+        } else if ch.is_ascii_digit()
+            || (ch == '-'
+                && c.get(i + 1).is_some_and(|d| d.is_ascii_digit())
+                && !matches!(out.last(), Some(Tok::Macro(_))))
+        {
+            let j = c[i + 1..]
+                .iter()
+                .position(|x| !(x.is_ascii_digit() || *x == '.'))
+                .map(|p| p + i + 1)
+                .unwrap_or(c.len());
             let n: String = c[i..j].iter().collect();
-            out.push(Tok::Num(n.parse().map_err(|_| syntax(format!("'{n}' is not a number.")))?));
+            out.push(Tok::Num(
+                n.parse().map_err(|_| syntax(format!("'{n}' is not a number.")))?,
+            ));
             i = j;
         } else if ch.is_alphabetic() {
-            let j = c[i..].iter().position(|x| !(x.is_alphanumeric() || *x == '_' || *x == '.')).map(|p| p + i).unwrap_or(c.len());
+            let j = c[i..]
+                .iter()
+                .position(|x| !(x.is_alphanumeric() || *x == '_' || *x == '.'))
+                .map(|p| p + i)
+                .unwrap_or(c.len());
             out.push(Tok::Word(c[i..j].iter().collect::<String>().to_uppercase()));
             i = j;
         } else {
@@ -464,7 +489,11 @@ fn compare(def: &FieldDef, v: Option<&Value>, l: &Lit, ctx: &Ctx) -> Option<Orde
             let same = have.unique_name.eq_ignore_ascii_case(&want.unique_name)
                 || have.display_name.eq_ignore_ascii_case(&want.display_name)
                 || have.combined().eq_ignore_ascii_case(&want.combined());
-            Some(if same { Ordering::Equal } else { have.combined().to_lowercase().cmp(&want.combined().to_lowercase()) })
+            Some(if same {
+                Ordering::Equal
+            } else {
+                have.combined().to_lowercase().cmp(&want.combined().to_lowercase())
+            })
         }
         _ => {
             let a = match v {
@@ -502,7 +531,9 @@ pub fn matches(e: &Expr, get: &dyn Fn(&str) -> Option<Value>, ctx: &Ctx) -> bool
                 Op::Le => matches!(cmp(), Some(Ordering::Less | Ordering::Equal)),
                 Op::Ge => matches!(cmp(), Some(Ordering::Greater | Ordering::Equal)),
                 Op::In | Op::NotIn => {
-                    let hit = vals.iter().any(|l| compare(&def, v.as_ref(), l, ctx) == Some(Ordering::Equal));
+                    let hit = vals
+                        .iter()
+                        .any(|l| compare(&def, v.as_ref(), l, ctx) == Some(Ordering::Equal));
                     hit == (*op == Op::In)
                 }
                 Op::Contains | Op::NotContains => {
@@ -536,7 +567,11 @@ pub fn order(q: &Query, a: &dyn Fn(&str) -> Option<Value>, b: &dyn Fn(&str) -> O
             (Some(_), None) => Ordering::Greater,
             (Some(x), Some(y)) => match (x.as_f64(), y.as_f64()) {
                 (Some(p), Some(q)) => p.partial_cmp(&q).unwrap_or(Ordering::Equal),
-                _ => x.as_str().unwrap_or("").to_lowercase().cmp(&y.as_str().unwrap_or("").to_lowercase()),
+                _ => x
+                    .as_str()
+                    .unwrap_or("")
+                    .to_lowercase()
+                    .cmp(&y.as_str().unwrap_or("").to_lowercase()),
             },
         };
         let o = if *desc { o.reverse() } else { o };
