@@ -897,7 +897,16 @@ fn feed(s: &Store, c: &Call) -> R {
         Some(p) => Some(s.require_project(p)?.id.clone()),
         None => None,
     };
-    let page = s.feed_page(project_id.as_deref(), &types, after, max, latest_only, since);
+    let include_deleted = flag("includeDeleted");
+    let page = s.feed_page(&store::FeedQuery {
+        project_id,
+        types,
+        after,
+        max,
+        latest_only,
+        since_ms: since,
+        include_deleted,
+    });
     let values: Vec<Value> = page
         .entries
         .iter()

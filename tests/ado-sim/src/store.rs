@@ -38,6 +38,25 @@ pub struct Event {
     pub comment: Option<String>,
 }
 
+/// What one read of the change feed asks for.
+#[derive(Debug, Clone, Default)]
+pub struct FeedQuery {
+    /// Only items of this project (id).
+    pub project_id: Option<String>,
+    /// Only these work item types (empty: all).
+    pub types: Vec<String>,
+    /// Start after this feed position (0: from the beginning).
+    pub after: u64,
+    /// Most entries in the page.
+    pub max: usize,
+    /// Only each item's latest revision.
+    pub latest_only: bool,
+    /// Only revisions changed after this instant.
+    pub since_ms: Option<i64>,
+    /// Include items in the recycle bin.
+    pub include_deleted: bool,
+}
+
 /// One page of the change feed: `(position, id, rev)` in change order.
 #[derive(Debug, Clone)]
 pub struct FeedPage {
@@ -740,21 +759,33 @@ impl Store {
 
     /// A page of the change feed after `after` (a position), at most `max` entries, scoped to
     /// a project and types, optionally only the latest revision of each item.
-    pub fn feed_page(
-        &self,
-        project_id: Option<&str>,
-        types: &[String],
-        after: u64,
-        max: usize,
-        latest_only: bool,
-        since_ms: Option<i64>,
-    ) -> FeedPage {
+    pub fn feed_page(&self, q: &FeedQuery) -> FeedPage {
+        let FeedQuery {
+            project_id,
+            types,
+            after,
+            max,
+            latest_only,
+            since_ms,
+            include_deleted,
+        } = q;
+        let (project_id, after, max, latest_only, since_ms, include_deleted) = (
+            project_id.as_deref(),
+            *after,
+            *max,
+            *latest_only,
+            *since_ms,
+            *include_deleted,
+        );
         let mut entries = Vec::new();
         let mut last_position = after;
         let mut is_last = true;
         for (i, &(id, rev)) in self.feed.iter().enumerate().skip(after as usize) {
             let pos = i as u64 + 1;
-            let Some(wi) = self.items.get(&id) else { continue };
+            let Some(wi) = self.items.get(&id).filter(|w| include_deleted || !w.deleted) else {
+                last_position = pos;
+                continue;
+            };
             let r = &wi.revisions[(rev - 1) as usize];
             let in_scope = project_id.is_none_or(|p| p == wi.project_id)
                 && (types.is_empty()

@@ -1091,3 +1091,143 @@ fn pem_to_der(pem: &str) -> Vec<u8> {
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     data_encoding::BASE64.decode(b64.as_bytes()).expect("pem")
 }
+
+#[tokio::test]
+async fn version_in_the_accept_header_missing_versions_and_the_human_pat() {
+    let mut t = start(Profile::Server2020).await;
+    let r = t
+        .raw(
+            "GET",
+            "_apis/projects",
+            None,
+            Vec::new(),
+            &[("accept", "application/json; api-version=7.0")],
+        )
+        .await;
+    assert_eq!(r.status, 400, "the Accept header's version is gated too");
+    assert_eq!(
+        parse_latest_supported(r.json()["message"].as_str().unwrap_or("")),
+        Some(Version { major: 6, minor: 0 })
+    );
+    let r = t
+        .raw(
+            "GET",
+            "_apis/projects",
+            None,
+            Vec::new(),
+            &[("accept", "application/json; api-version=6.0")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        t.get("_apis/projects").await.status,
+        200,
+        "GET without a version gets the default"
+    );
+    let r = t
+        .patch_doc(
+            "POST",
+            "Fabrikam/_apis/wit/workitems/$Task",
+            json!([add("/fields/System.Title", json!("t"))]),
+        )
+        .await;
+    assert_eq!(r.status, 400, "writes need a version");
+    assert_eq!(r.json()["typeKey"], "VssVersionNotSpecifiedException");
+    t.auth = format!(
+        "Basic {}",
+        data_encoding::BASE64.encode(format!(":{}", t.sim.human_pat()).as_bytes())
+    );
+    let wi = t
+        .create("Task", json!([add("/fields/System.Title", json!("by a person"))]))
+        .await;
+    assert_eq!(wi["fields"]["System.CreatedBy"]["displayName"], "Human Editor");
+}
+
+#[tokio::test]
+async fn revisions_types_fields_and_delete() {
+    let t = start(Profile::Services).await;
+    let id = t.create_titled("r").await;
+    t.patch_doc(
+        "PATCH",
+        &format!("_apis/wit/workitems/{id}?api-version=7.1"),
+        json!([add("/fields/System.Title", json!("r2"))]),
+    )
+    .await;
+    let revs = t
+        .get(&format!("_apis/wit/workItems/{id}/revisions?api-version=7.1"))
+        .await
+        .json();
+    assert_eq!(revs["count"], 2);
+    assert_eq!(revs["value"][0]["fields"]["System.Title"], "r");
+    let types = t.get("Fabrikam/_apis/wit/workitemtypes?api-version=7.1").await.json();
+    assert!(types["value"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x["name"] == "User Story")));
+    let bug = t
+        .get("Fabrikam/_apis/wit/workitemtypes/bug?api-version=7.1")
+        .await
+        .json();
+    assert_eq!(bug["states"][0]["name"], "New");
+    let fields = t.get("_apis/wit/fields?api-version=7.1").await.json();
+    assert!(fields["value"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|f| f["referenceName"] == "System.Tags")));
+    t.sim.add_field("Custom.RemoteKey", ado_sim::Kind::String);
+    let r = t
+        .patch_doc(
+            "PATCH",
+            &format!("_apis/wit/workitems/{id}?api-version=7.1"),
+            json!([add("/fields/Custom.RemoteKey", json!("PUB-7"))]),
+        )
+        .await;
+    assert_eq!(r.json()["fields"]["Custom.RemoteKey"], "PUB-7");
+    let q = json!({"query": "SELECT [System.Id] FROM WorkItems WHERE [Custom.RemoteKey] = 'PUB-7'"});
+    assert_eq!(
+        t.post("_apis/wit/wiql?api-version=7.1", q).await.json()["workItems"][0]["id"],
+        id
+    );
+    let r = t
+        .raw(
+            "DELETE",
+            &format!("Fabrikam/_apis/wit/workitems/{id}?api-version=7.1"),
+            None,
+            Vec::new(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        t.get(&format!("_apis/wit/workitems/{id}?api-version=7.1")).await.status,
+        404
+    );
+    let feed = t
+        .get("_apis/wit/reporting/workitemrevisions?api-version=7.1")
+        .await
+        .json();
+    assert_eq!(feed["values"], json!([]), "deleted items leave the feed");
+    let feed = t
+        .get("_apis/wit/reporting/workitemrevisions?includeDeleted=true&api-version=7.1")
+        .await
+        .json();
+    assert_eq!(feed["values"].as_array().map(Vec::len), Some(3));
+    assert!(t.sim.item_ids(Some("Fabrikam")).is_empty());
+}
+
+#[test]
+fn the_binary_explains_itself() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ado-sim"))
+        .arg("--help")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--listen", "--profile", "--pat-file", "--project", "--tls-ca-out"] {
+        assert!(text.contains(flag), "--help mentions {flag}");
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_ado-sim"))
+        .args(["--profile", "tfs-2015"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown profile"));
+}
