@@ -325,6 +325,15 @@ impl SimHandle {
         f.throttle_retry_after = retry_after_secs;
     }
 
+    /// The next `n` successful API responses carry `Retry-After: retry_after_secs` and the
+    /// `X-RateLimit-*` headers (with a non-zero `X-RateLimit-Delay`): delayed mode, before
+    /// the service starts blocking with 429.
+    pub fn inject_rate_limit_warning(&self, n: u32, retry_after_secs: u64) {
+        let mut f = lock(&self.shared.faults);
+        f.delayed = n;
+        f.delayed_retry_after = retry_after_secs;
+    }
+
     /// The next `n` API requests answer 503 with `Retry-After: retry_after_secs`.
     pub fn inject_503(&self, n: u32, retry_after_secs: u64) {
         let mut f = lock(&self.shared.faults);

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::clock;
 use crate::error::ApiError;
 use crate::model::{Identity, Kind};
-use crate::profile::Profile;
+use crate::profile::{Profile, Requested, Version};
 use crate::render::{self, Expand};
 use crate::store::{self, Store, WriteOpts};
 use crate::wiql;
@@ -45,6 +45,10 @@ pub struct Faults {
     pub unavailable: u32,
     /// `Retry-After` seconds of those 503s.
     pub unavailable_retry_after: u64,
+    /// Successful responses still to carry rate-limit warning headers.
+    pub delayed: u32,
+    /// `Retry-After` seconds of those warnings.
+    pub delayed_retry_after: u64,
 }
 
 /// A service hook subscription (a web hook).
@@ -188,6 +192,8 @@ impl Query {
 
 /// The parsed request the handlers see.
 struct Call {
+    /// Serve the 5.0 (History) comments view.
+    legacy_comments: bool,
     method: String,
     project: Option<String>,
     rest: Vec<String>,
@@ -350,7 +356,16 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
     });
     let preview_only = name.starts_with("comments.");
     profile.check(version.as_deref(), &method, preview_only)?;
+    // The comments resource before 5.1 is the read-only History view; newer servers still
+    // serve that old version to clients that ask for it.
+    let legacy_comments = !profile.has_comments_api()
+        || version
+            .as_deref()
+            .and_then(Requested::parse)
+            .is_some_and(|r| r.version <= Version { major: 5, minor: 0 });
+    let warn = rate_limit_warning(shared);
     let call = Call {
+        legacy_comments,
         method,
         project,
         rest,
@@ -359,7 +374,37 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         body,
         actor,
     };
-    route(shared, &name, &call)
+    let mut reply = route(shared, &name, &call)?;
+    if let Some(headers) = warn {
+        reply.headers.extend(headers);
+    }
+    Ok(reply)
+}
+
+/// Delayed mode: a success that carries the rate-limit headers telling the client to slow
+/// down (the service sends `Retry-After` with a 200 before it starts blocking).
+fn rate_limit_warning(shared: &Shared) -> Option<Vec<(&'static str, String)>> {
+    let mut f = lock(&shared.faults);
+    if f.delayed == 0 {
+        return None;
+    }
+    f.delayed -= 1;
+    let secs = f.delayed_retry_after;
+    drop(f);
+    bump(shared, "fault.delayed");
+    Some(rate_limit_headers(secs, "0.500"))
+}
+
+fn rate_limit_headers(secs: u64, delay: &str) -> Vec<(&'static str, String)> {
+    let reset = clock::now_ms() / 1000 + secs as i64;
+    vec![
+        ("retry-after", secs.to_string()),
+        ("x-ratelimit-resource", "ATCPU".into()),
+        ("x-ratelimit-delay", delay.to_string()),
+        ("x-ratelimit-limit", "200".into()),
+        ("x-ratelimit-remaining", "0".into()),
+        ("x-ratelimit-reset", reset.to_string()),
+    ]
 }
 
 fn bump(shared: &Shared, name: &str) {
@@ -411,15 +456,7 @@ fn fault(shared: &Shared) -> Option<Reply> {
             "TF400733: The request has been canceled: Request was blocked due to exceeding usage of resource 'ATCPU' in namespace 'User'.",
         );
         let mut r = Reply::err(&e);
-        let reset = clock::now_ms() / 1000 + secs as i64;
-        r.headers = vec![
-            ("retry-after", secs.to_string()),
-            ("x-ratelimit-resource", "ATCPU".into()),
-            ("x-ratelimit-delay", "0.000".into()),
-            ("x-ratelimit-limit", "200".into()),
-            ("x-ratelimit-remaining", "0".into()),
-            ("x-ratelimit-reset", reset.to_string()),
-        ];
+        r.headers = rate_limit_headers(secs, "0.000");
         return Some(r);
     }
     if f.unavailable > 0 {
@@ -950,7 +987,7 @@ fn feed(s: &Store, c: &Call) -> R {
 fn comments(s: &mut Store, name: &str, c: &Call) -> R {
     let id = parse_id(&c.rest[2])?;
     let project = c.project.as_deref();
-    if !s.profile.has_comments_api() {
+    if c.legacy_comments {
         return legacy_comments(s, name, c, id);
     }
     let rendered = c.query.get("$expand").is_some_and(|e| {
@@ -1143,7 +1180,14 @@ fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) ->
             match b.get("status").and_then(Value::as_u64) {
                 Some(429) => (f.throttle, f.throttle_retry_after) = (count, retry),
                 Some(503) => (f.unavailable, f.unavailable_retry_after) = (count, retry),
-                _ => return Err(ApiError::bad_request("Control", "status must be 429 or 503")),
+                // 200: successes that carry the rate-limit warning headers (delayed mode).
+                Some(200) => (f.delayed, f.delayed_retry_after) = (count, retry),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "Control",
+                        "status must be 429, 503 or 200 (delayed)",
+                    ))
+                }
             }
             Ok(Reply::json(200, json!({"armed": count})))
         }

@@ -803,6 +803,33 @@ async fn comments_differ_per_profile_2022_has_no_format_and_2019_is_read_only_hi
     assert_eq!(one["text"], "first");
     let r = t.get(&format!("{base}?api-version=7.1-preview.4")).await;
     assert_eq!(r.status, 400);
+    t.sim.shutdown().await;
+
+    let t = start(Profile::Server2022).await;
+    let id = t.create_titled("old client").await;
+    t.patch_doc(
+        "PATCH",
+        &format!("_apis/wit/workitems/{id}?api-version=7.0"),
+        json!([add("/fields/System.History", json!("h"))]),
+    )
+    .await;
+    let old = t
+        .get(&format!(
+            "Fabrikam/_apis/wit/workItems/{id}/comments?api-version=5.0-preview.2"
+        ))
+        .await
+        .json();
+    assert_eq!(
+        old["comments"][0]["revision"], 2,
+        "a 5.0 client gets the 5.0 view from a newer server"
+    );
+    let new = t
+        .get(&format!(
+            "Fabrikam/_apis/wit/workItems/{id}/comments?api-version=7.0-preview.3"
+        ))
+        .await
+        .json();
+    assert_eq!(new["comments"][0]["text"], "h");
 }
 
 #[tokio::test]
@@ -914,6 +941,17 @@ async fn injected_429_and_503_carry_retry_after_then_clear() {
     assert_eq!(r.status, 503);
     assert_eq!(r.headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("3"));
     assert_eq!(t.get("_apis/projects?api-version=7.1").await.status, 200);
+    t.sim.inject_rate_limit_warning(1, 2);
+    let r = t.get("_apis/projects?api-version=7.1").await;
+    assert_eq!(r.status, 200, "delayed mode still answers");
+    assert_eq!(r.headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("2"));
+    assert!(r.headers.get("x-ratelimit-delay").is_some_and(|v| v != "0.000"));
+    assert!(t
+        .get("_apis/projects?api-version=7.1")
+        .await
+        .headers
+        .get("retry-after")
+        .is_none());
     assert_eq!(t.sim.count("fault.429"), 2);
     assert_eq!(t.sim.count("fault.503"), 1);
 }
