@@ -415,6 +415,7 @@ fn bump(shared: &Shared, name: &str) {
 fn endpoint(method: &str, r: &[String]) -> String {
     let s: Vec<&str> = r.iter().map(String::as_str).collect();
     let n = match (method, s.as_slice()) {
+        ("GET", ["connectiondata"]) => "connectiondata",
         ("GET", ["projects"]) => "projects.list",
         ("GET", ["projects", _]) => "projects.get",
         ("GET", ["wit", "fields"]) => "fields.list",
@@ -492,6 +493,28 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
         s.require_project(p)?;
     }
     match name {
+        "connectiondata" => {
+            let who = render::identity_ref(&s, &c.actor.combined());
+            let user = json!({
+                "id": who["id"],
+                "descriptor": who["descriptor"],
+                "providerDisplayName": c.actor.display_name,
+                "isActive": true,
+                "properties": {"Account": {"$type": "System.String", "$value": c.actor.unique_name}},
+            });
+            let hosted = s.profile == Profile::Services;
+            Ok(Reply::json(
+                200,
+                json!({
+                    "authenticatedUser": user,
+                    "authorizedUser": user,
+                    "instanceId": render::identity_id(&s.collection),
+                    "deploymentId": render::identity_id(&format!("deployment/{}", s.collection)),
+                    "deploymentType": if hosted { "hosted" } else { "onPremises" },
+                    "locationServiceData": {"serviceOwner": "00025394-6065-48ca-87d9-7f5672854ef7", "defaultAccessMappingMoniker": "PublicAccessMapping", "lastChangeId": 1, "lastChangeId64": 1},
+                }),
+            ))
+        }
         "projects.list" => {
             let v: Vec<Value> = s.projects.iter().map(|p| project_json(&s, p)).collect();
             Ok(Reply::json(200, json!({"count": v.len(), "value": v})))
@@ -537,6 +560,9 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
         "workitems.get" => {
             let id = parse_id(&c.rest[2])?;
             let (fields, expand, as_of) = read_params(c)?;
+            for name in fields.iter().flatten() {
+                s.field(name).ok_or_else(|| ApiError::unknown_field(name))?;
+            }
             let v = {
                 let wi = s.item(id, project)?;
                 let r = s.as_of(wi, as_of)?;
