@@ -334,15 +334,19 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         let s = lock(&shared.store);
         (s.collection.clone(), s.profile)
     };
-    if !segs.first().is_some_and(|c| c.eq_ignore_ascii_case(&collection)) {
+    // The collection may span segments (`tfs/DefaultCollection` on older Server installs).
+    let prefix: Vec<&str> = collection.split('/').filter(|s| !s.is_empty()).collect();
+    let matches_prefix = segs.len() >= prefix.len() && prefix.iter().zip(&segs).all(|(a, b)| b.eq_ignore_ascii_case(a));
+    if !matches_prefix {
         bump(shared, "unknown");
         return Err(not_found(&path));
     }
+    let segs = &segs[prefix.len()..];
     let apis = segs
         .iter()
         .position(|s| s.eq_ignore_ascii_case("_apis"))
         .ok_or_else(|| not_found(&path))?;
-    let project = segs.get(1).filter(|_| apis >= 2).cloned();
+    let project = segs.first().filter(|_| apis >= 1).cloned();
     let rest: Vec<String> = segs[apis + 1..].to_vec();
     let lower: Vec<String> = rest.iter().map(|s| s.to_lowercase()).collect();
     let method = parts.method.as_str().to_string();

@@ -1251,6 +1251,33 @@ async fn revisions_types_fields_and_delete() {
     assert!(t.sim.item_ids(Some("Fabrikam")).is_empty());
 }
 
+#[tokio::test]
+async fn a_collection_path_of_several_segments_as_older_servers_have() {
+    let sim = Sim::start(SimOptions {
+        profile: Profile::Server2019,
+        collection: Some("tfs/DefaultCollection".into()),
+        projects: vec!["Fabrikam".into()],
+        ..SimOptions::default()
+    })
+    .await
+    .expect("start");
+    assert!(sim.url.ends_with("/tfs/DefaultCollection"));
+    let t = T {
+        auth: sim.auth_header(),
+        http: Client::builder(TokioExecutor::new()).build_http(),
+        sim,
+    };
+    let id = t.create_titled("deep").await;
+    assert_eq!(
+        t.get(&format!("Fabrikam/_apis/wit/workitems/{id}?api-version=5.0"))
+            .await
+            .status,
+        200
+    );
+    let r = t.get("_apis/projects/Fabrikam?api-version=5.0").await;
+    assert_eq!(r.json()["name"], "Fabrikam");
+}
+
 #[test]
 fn the_binary_explains_itself() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ado-sim"))
