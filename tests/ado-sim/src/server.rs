@@ -924,7 +924,11 @@ fn feed(s: &Store, c: &Call) -> R {
     let latest_only = flag("includeLatestOnly");
     let identity_ref = flag("includeIdentityRef");
     let long_text = c.query.get("$expand").is_some_and(|e| e.eq_ignore_ascii_case("fields"));
-    let token = c.query.get("continuationToken").or(c.query.get("watermark"));
+    let token = c
+        .query
+        .get("continuationToken")
+        .or(c.query.get("watermark"))
+        .filter(|t| !t.is_empty());
     let start = c.query.get("startDateTime");
     if token.is_some() && start.is_some() {
         return Err(ApiError::bad_request(

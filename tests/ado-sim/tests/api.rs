@@ -702,6 +702,18 @@ async fn comments_api_on_services_adds_lists_edits_deletes_with_format_and_revis
         )
         .await;
     assert_eq!(r.status, 200);
+    let same = t
+        .patch_doc(
+            "PATCH",
+            &format!("_apis/wit/workitems/{id}?api-version=7.1"),
+            json!([add("/fields/System.Title", json!("c"))]),
+        )
+        .await;
+    assert_eq!(
+        same.json()["rev"],
+        3,
+        "an unchanged title after a history write makes no revision"
+    );
     let list = t.get(&format!("{base}?api-version=7.1-preview.4")).await.json();
     assert_eq!(list["totalCount"], 2);
     assert_eq!(list["comments"][1]["text"], "<p>via history</p>");
