@@ -663,6 +663,30 @@ async fn reporting_feed_pages_with_continuation_tokens_in_change_order() {
         Some(3),
         "only the bug's revisions"
     );
+    let refs = t
+        .get("_apis/wit/reporting/workitemrevisions?includeIdentityRef=true&$maxPageSize=1&api-version=5.0")
+        .await
+        .json();
+    assert_eq!(
+        refs["values"][0]["fields"]["System.CreatedBy"]["uniqueName"],
+        "Sim User <sim.user@example.com>"
+    );
+    assert!(refs["values"][0]["fields"]["System.CreatedBy"]["id"].is_string());
+    let since = first["values"][1]["fields"]["System.ChangedDate"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let later = t
+        .get(&format!(
+            "_apis/wit/reporting/workitemrevisions?startDateTime={since}&api-version=5.0"
+        ))
+        .await
+        .json();
+    assert_eq!(
+        later["values"].as_array().map(Vec::len),
+        Some(3),
+        "revisions after the start instant"
+    );
     let bad = t
         .get("_apis/wit/reporting/workitemrevisions?continuationToken=garbage&api-version=5.0")
         .await;
