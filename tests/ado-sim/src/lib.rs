@@ -321,6 +321,7 @@ impl SimHandle {
     /// The next `n` API requests answer 429 with `Retry-After: retry_after_secs`.
     pub fn inject_429(&self, n: u32, retry_after_secs: u64) {
         let mut f = lock(&self.shared.faults);
+        f.only = None;
         f.throttle = n;
         f.throttle_retry_after = retry_after_secs;
     }
@@ -334,9 +335,19 @@ impl SimHandle {
         f.delayed_retry_after = retry_after_secs;
     }
 
+    /// Like [`SimHandle::inject_429`], only for requests to one endpoint (the names of
+    /// [`SimHandle::counters`], e.g. `workitems.update`); other requests pass.
+    pub fn inject_429_on(&self, endpoint: &str, n: u32, retry_after_secs: u64) {
+        let mut f = lock(&self.shared.faults);
+        f.only = Some(endpoint.to_string());
+        f.throttle = n;
+        f.throttle_retry_after = retry_after_secs;
+    }
+
     /// The next `n` API requests answer 503 with `Retry-After: retry_after_secs`.
     pub fn inject_503(&self, n: u32, retry_after_secs: u64) {
         let mut f = lock(&self.shared.faults);
+        f.only = None;
         f.unavailable = n;
         f.unavailable_retry_after = retry_after_secs;
     }
@@ -363,6 +374,46 @@ impl SimHandle {
             server::deliver_pending(&self.shared);
         }
         Ok(wi.rev())
+    }
+
+    /// Creates a work item as the "human" editor, without HTTP (seeding data for tests);
+    /// answers its id.
+    pub fn create_item(&self, project: &str, type_name: &str, ops: &[Value]) -> Result<u64, ApiError> {
+        let o = WriteOpts {
+            validate_only: false,
+            bypass_rules: false,
+            suppress_notifications: false,
+            actor: server::human(),
+        };
+        let id = lock(&self.shared.store).create(project, type_name, ops, &o)?.id;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            server::deliver_pending(&self.shared);
+        }
+        Ok(id)
+    }
+
+    /// Adds a comment as the "human" editor (a `System.History` write on Server 2019);
+    /// answers the work item's new rev.
+    pub fn add_comment_as_human(&self, id: u64, text: &str) -> Result<u32, ApiError> {
+        let o = WriteOpts {
+            validate_only: false,
+            bypass_rules: true,
+            suppress_notifications: false,
+            actor: server::human(),
+        };
+        let mut s = lock(&self.shared.store);
+        if s.profile.has_comments_api() {
+            s.add_comment(id, None, text, "html", &o)?;
+        } else {
+            let ops = [serde_json::json!({"op": "add", "path": "/fields/System.History", "value": text})];
+            s.update(id, None, &ops, &o)?;
+        }
+        let rev = s.item(id, None)?.rev();
+        drop(s);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            server::deliver_pending(&self.shared);
+        }
+        Ok(rev)
     }
 
     /// Subscribes a web hook; answers its id.

@@ -45,6 +45,8 @@ pub struct Faults {
     pub unavailable: u32,
     /// `Retry-After` seconds of those 503s.
     pub unavailable_retry_after: u64,
+    /// Only requests to this endpoint (e.g. `workitems.update`) are refused; all when `None`.
+    pub only: Option<String>,
     /// Successful responses still to carry rate-limit warning headers.
     pub delayed: u32,
     /// `Retry-After` seconds of those warnings.
@@ -327,9 +329,6 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         bump(shared, "control");
         return control(shared, parts.method.as_str(), &segs[1..], &body);
     }
-    if let Some(r) = fault(shared) {
-        return Ok(r);
-    }
     let (collection, profile) = {
         let s = lock(&shared.store);
         (s.collection.clone(), s.profile)
@@ -352,6 +351,9 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
     let method = parts.method.as_str().to_string();
     let name = endpoint(&method, &lower);
     bump(shared, &name);
+    if let Some(r) = fault(shared, &name) {
+        return Ok(r);
+    }
     let version = query.get("api-version").map(str::to_string).or_else(|| {
         let accept = parts.headers.get(hyper::header::ACCEPT)?.to_str().ok()?;
         accept
@@ -448,8 +450,11 @@ fn endpoint(method: &str, r: &[String]) -> String {
     n.to_string()
 }
 
-fn fault(shared: &Shared) -> Option<Reply> {
+fn fault(shared: &Shared, endpoint: &str) -> Option<Reply> {
     let mut f = lock(&shared.faults);
+    if f.only.as_deref().is_some_and(|only| only != endpoint) {
+        return None;
+    }
     if f.throttle > 0 {
         f.throttle -= 1;
         let secs = f.throttle_retry_after;
@@ -1211,6 +1216,7 @@ fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body: &Bytes) ->
             let count = b.get("count").and_then(Value::as_u64).unwrap_or(1) as u32;
             let retry = b.get("retryAfter").and_then(Value::as_u64).unwrap_or(1);
             let mut f = lock(&shared.faults);
+            f.only = b.get("endpoint").and_then(Value::as_str).map(str::to_string);
             match b.get("status").and_then(Value::as_u64) {
                 Some(429) => (f.throttle, f.throttle_retry_after) = (count, retry),
                 Some(503) => (f.unavailable, f.unavailable_retry_after) = (count, retry),
@@ -1365,6 +1371,7 @@ fn hook_payload(s: &Store, shared: &Shared, sub: &Subscription, ev: &store::Even
     let verb = match ev.kind {
         "workitem.created" => "created",
         "workitem.commented" => "commented on",
+        "workitem.deleted" => "deleted",
         _ => "updated",
     };
     let text = format!(

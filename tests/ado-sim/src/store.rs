@@ -28,7 +28,7 @@ pub struct WriteOpts {
 /// Something service hooks publish.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// `workitem.created`, `workitem.updated` or `workitem.commented`.
+    /// `workitem.created`, `workitem.updated`, `workitem.commented` or `workitem.deleted`.
     pub kind: &'static str,
     /// The work item.
     pub id: u64,
@@ -993,10 +993,16 @@ impl Store {
 
     /// Sends a work item to the recycle bin.
     pub fn delete(&mut self, id: u64, project: Option<&str>) -> Result<(), ApiError> {
-        self.item(id, project)?;
+        let rev = self.item(id, project)?.rev();
         if let Some(wi) = self.items.get_mut(&id) {
             wi.deleted = true;
         }
+        self.events.push(Event {
+            kind: "workitem.deleted",
+            id,
+            rev,
+            comment: None,
+        });
         Ok(())
     }
 }

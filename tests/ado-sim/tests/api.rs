@@ -93,6 +93,18 @@ impl T {
         )
         .await
     }
+    /// POSTs to the control API at the server's root.
+    async fn control(&self, path: &str, v: Value) -> Resp {
+        let req = hyper::Request::post(format!("http://{}/_sim/{path}", self.sim.addr))
+            .header("authorization", &self.auth)
+            .body(Full::new(Bytes::from(v.to_string())))
+            .expect("request");
+        let resp = self.http.request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        Resp { status, headers, body }
+    }
     async fn create(&self, ty: &str, ops: Value) -> Value {
         let v = self.sim.profile().latest();
         let r = self
@@ -830,11 +842,20 @@ async fn comments_differ_per_profile_2022_has_no_format_and_2019_is_read_only_hi
     assert_eq!(list["comments"][0]["revision"], 2);
     assert_eq!(list["comments"][1]["text"], "second");
     assert_eq!(list["comments"][0]["revisedBy"]["uniqueName"], "sim.user@example.com");
+    assert_eq!(t.sim.add_comment_as_human(id, "third"), Ok(4));
+    let seeded = t
+        .sim
+        .create_item("Fabrikam", "Bug", &[add("/fields/System.Title", json!("seeded"))])
+        .expect("seeded");
+    assert_eq!(
+        t.sim.item(seeded).map(|(_, f)| f["System.CreatedBy"].clone()),
+        Some(json!("Human Editor <human.editor@example.com>"))
+    );
     let from3 = t
         .get(&format!("{base}?fromRevision=3&api-version=5.0-preview.2"))
         .await
         .json();
-    assert_eq!(from3["count"], 1);
+    assert_eq!(from3["count"], 2);
     let one = t.get(&format!("{base}/2?api-version=5.0-preview.2")).await.json();
     assert_eq!(one["text"], "first");
     let r = t.get(&format!("{base}?api-version=7.1-preview.4")).await;
@@ -988,8 +1009,36 @@ async fn injected_429_and_503_carry_retry_after_then_clear() {
         .headers
         .get("retry-after")
         .is_none());
-    assert_eq!(t.sim.count("fault.429"), 2);
+    let id = t.create_titled("scoped").await;
+    t.sim.inject_429_on("workitems.update", 1, 1);
+    assert_eq!(
+        t.get(&format!("_apis/wit/workitems/{id}?api-version=7.1")).await.status,
+        200,
+        "reads pass"
+    );
+    let url = format!("_apis/wit/workitems/{id}?api-version=7.1");
+    assert_eq!(
+        t.patch_doc("PATCH", &url, json!([add("/fields/System.Title", json!("w"))]))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        t.patch_doc("PATCH", &url, json!([add("/fields/System.Title", json!("w"))]))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(t.sim.count("fault.429"), 3);
+    t.sim.inject_429(0, 0);
     assert_eq!(t.sim.count("fault.503"), 1);
+    let r = t
+        .control("faults", json!({"status": 503, "count": 1, "endpoint": "wiql"}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(t.get("_apis/projects?api-version=7.1").await.status, 200);
+    let q = json!({"query": "SELECT [System.Id] FROM WorkItems"});
+    assert_eq!(t.post("_apis/wit/wiql?api-version=7.1", q).await.status, 503);
 }
 
 #[tokio::test]
@@ -1067,8 +1116,18 @@ async fn service_hooks_post_created_updated_and_commented_with_the_secret_header
         json!([add("/fields/System.History", json!("a note"))]),
     )
     .await;
+    let gone = t
+        .raw(
+            "DELETE",
+            &format!("_apis/wit/workitems/{id}?api-version=7.1"),
+            None,
+            Vec::new(),
+            &[],
+        )
+        .await;
+    assert_eq!(gone.status, 200);
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while got.lock().map(|g| g.len()).unwrap_or(0) < 3 {
+    while got.lock().map(|g| g.len()).unwrap_or(0) < 4 {
         assert!(tokio::time::Instant::now() < deadline, "three events arrive");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1077,7 +1136,12 @@ async fn service_hooks_post_created_updated_and_commented_with_the_secret_header
     kinds.sort();
     assert_eq!(
         kinds,
-        vec!["workitem.commented", "workitem.created", "workitem.updated"]
+        vec![
+            "workitem.commented",
+            "workitem.created",
+            "workitem.deleted",
+            "workitem.updated"
+        ]
     );
     assert!(events.iter().all(|(s, v)| s.as_deref() == Some("s3cret")
         && v["publisherId"] == "tfs"
@@ -1089,7 +1153,7 @@ async fn service_hooks_post_created_updated_and_commented_with_the_secret_header
         .unwrap_or_default();
     assert_eq!(updated["resource"]["workItemId"], id);
     assert_eq!(updated["resource"]["fields"]["System.Rev"]["newValue"], 2);
-    while t.sim.hook_deliveries().0 < 3 {
+    while t.sim.hook_deliveries().0 < 4 {
         assert!(tokio::time::Instant::now() < deadline, "deliveries are counted");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
