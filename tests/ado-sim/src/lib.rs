@@ -5,12 +5,14 @@
 //! # Layout
 //!
 //! - [`profile`]: version profiles (Services 7.1, Server 2022/2020/2019) and the version gate.
-//! - [`store`]: the collection's rules: work items from JSON Patch, revisions, the change
-//!   feed, comments, attachments.
+//! - [`store`]: the collection's rules: work items from JSON Patch (`store/patch`),
+//!   revisions, the change feed, comments, attachments, value coercion.
 //! - [`model`]: the plain data the store holds (fields, types, revisions, comments).
 //! - [`render`]: stored data to the API's JSON shapes.
 //! - [`wiql`]: the WIQL subset, parsed and evaluated.
-//! - [`server`]: HTTP: authentication, faults, routing, counters, service hooks.
+//! - [`server`]: HTTP: authentication, routing, counters; `server/{faults, queries,
+//!   comments, control, hooks}` hold the injected faults, WIQL and the feed, both comment
+//!   APIs, the `/_sim` control API and service hook delivery.
 //! - [`clock`], [`error`]: timestamps and the service's error body.
 //!
 //! Start one with [`Sim::start`]; the [`SimHandle`] gives the base URL and PAT, and the

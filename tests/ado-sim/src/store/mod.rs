@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::clock;
 use crate::error::ApiError;
@@ -18,7 +18,7 @@ mod patch;
 mod values;
 
 pub use attachments::attachment_id_from_url;
-pub use values::{coerce, escape_html, normalise_tags, obj, render_markdown};
+pub use values::{coerce, escape_html, normalise_tags, render_markdown};
 
 /// Options of one write, from the query string and the caller.
 #[derive(Debug, Clone)]

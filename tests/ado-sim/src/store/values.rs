@@ -100,12 +100,3 @@ pub fn coerce(def: &FieldDef, v: &Value) -> Result<Option<Value>, ApiError> {
         }
     })
 }
-
-/// A JSON object from pairs, for the renderers.
-pub fn obj(pairs: Vec<(&str, Value)>) -> Value {
-    let mut m = Map::new();
-    for (k, v) in pairs {
-        m.insert(k.to_string(), v);
-    }
-    Value::Object(m)
-}
