@@ -420,6 +420,46 @@ async fn relations_add_at_the_end_refuse_duplicates_and_remove_by_index() {
 }
 
 #[tokio::test]
+async fn work_item_links_are_mirrored_on_their_target() {
+    let t = start(Profile::Services).await;
+    let parent = t.create_titled("parent").await;
+    let child = t.create_titled("child").await;
+    let up = json!({"rel": "System.LinkTypes.Hierarchy-Reverse", "url": format!("{}/_apis/wit/workItems/{parent}", t.sim.url)});
+    let r = t
+        .patch_doc(
+            "PATCH",
+            &format!("_apis/wit/workitems/{child}?api-version=7.1"),
+            json!([add("/relations/-", up)]),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let p = t
+        .get(&format!(
+            "_apis/wit/workitems/{parent}?$expand=relations&api-version=7.1"
+        ))
+        .await
+        .json();
+    assert_eq!(p["rev"], 2, "the target gets a revision");
+    assert_eq!(p["relations"][0]["rel"], "System.LinkTypes.Hierarchy-Forward");
+    assert!(p["relations"][0]["url"]
+        .as_str()
+        .is_some_and(|u| u.ends_with(&format!("/workItems/{child}"))));
+    t.patch_doc(
+        "PATCH",
+        &format!("_apis/wit/workitems/{child}?api-version=7.1"),
+        json!([{"op": "remove", "path": "/relations/0"}]),
+    )
+    .await;
+    let p = t
+        .get(&format!(
+            "_apis/wit/workitems/{parent}?$expand=relations&api-version=7.1"
+        ))
+        .await
+        .json();
+    assert_eq!((p["rev"].clone(), p["relations"].clone()), (json!(3), json!([])));
+}
+
+#[tokio::test]
 async fn workitemsbatch_caps_at_200_ids_and_honours_fields_and_error_policy() {
     let t = start(Profile::Services).await;
     let mut ids = Vec::new();

@@ -14,10 +14,12 @@ use crate::profile::Profile;
 
 mod attachments;
 mod comments;
+mod links;
 mod patch;
 mod values;
 
 pub use attachments::attachment_id_from_url;
+pub use links::{is_work_item_link, reverse_link};
 pub use values::{coerce, escape_html, normalise_tags, render_markdown};
 
 /// Options of one write, from the query string and the caller.
@@ -312,6 +314,7 @@ impl Store {
         }
         self.feed.push((id, 1));
         self.items.insert(id, wi.clone());
+        self.reciprocate(id, &[], &wi.latest().relations.clone(), o);
         if !o.suppress_notifications {
             self.events.push(Event {
                 kind: "workitem.created",
@@ -373,6 +376,7 @@ impl Store {
         }
         let now = self.tick();
         let mut wi = wi;
+        let before = wi.latest().relations.clone();
         let rev = self.finish(&mut wi, draft, now, o, false);
         let n = rev.rev;
         let history = rev
@@ -390,6 +394,7 @@ impl Store {
             comment = Some(text);
         }
         self.feed.push((id, n));
+        let after = wi.latest().relations.clone();
         self.items.insert(id, wi);
         if !o.suppress_notifications {
             self.events.push(Event {
@@ -407,6 +412,7 @@ impl Store {
                 });
             }
         }
+        self.reciprocate(id, &before, &after, o);
         self.items
             .get(&id)
             .cloned()
