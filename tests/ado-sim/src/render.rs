@@ -198,7 +198,8 @@ pub fn comment(store: &Store, wi_id: u64, c: &Comment, rendered: bool) -> Value 
     if store.profile.has_comment_format() {
         out.insert("format".into(), json!(c.format));
     }
-    if rendered {
+    // Only the 7.1 schema has `renderedText` (and `format`).
+    if rendered && store.profile.has_comment_format() {
         let html = if c.format == "markdown" {
             render_markdown(&c.text)
         } else {

@@ -858,6 +858,7 @@ async fn comments_differ_per_profile_2022_has_no_format_and_2019_is_read_only_hi
         .await;
     assert_eq!(r.status, 200);
     assert!(r.json().get("format").is_none(), "7.0 comments have no format");
+    assert!(r.json().get("renderedText").is_none(), "nor renderedText");
     t.sim.shutdown().await;
 
     let t = start(Profile::Server2019).await;
