@@ -5,6 +5,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's simulator member: cargo needs its manifest; only relay is built.
+COPY tests/ado-sim ./tests/ado-sim
 RUN cargo build --release --locked
 
 FROM debian:bookworm-slim
