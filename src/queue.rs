@@ -669,6 +669,8 @@ impl Store {
                 counters,
                 limits,
                 persisted_hw: counters.last_seq,
+                // Whatever was stored before this start may have been handed on already.
+                sent: counters.last_seq,
                 dirty: false,
                 closed: false,
                 recount: recovered.recount,
@@ -911,6 +913,9 @@ struct QueueState {
     limits: Limits,
     /// The high-water mark last written in a counters record.
     persisted_hw: u64,
+    /// Highest sequence number that may have reached the next hop: everything stored when the
+    /// queue was opened, then whatever [`Queue::note_sent`] records.
+    sent: u64,
     /// Counters changed since the last counters record.
     dirty: bool,
     /// The store closed cleanly: its final record is written, so nothing may change now.
@@ -1245,6 +1250,59 @@ impl Queue {
     /// (as of the last counters record after a restart: never more than it was).
     pub fn acked_through(&self) -> u64 {
         lock(&self.shared.state).counters.acked
+    }
+
+    /// Records that messages up to `seq` were handed to the next hop.
+    pub fn note_sent(&self, seq: u64) {
+        let mut st = lock(&self.shared.state);
+        st.sent = st.sent.max(seq);
+    }
+
+    /// Highest sequence number that may have reached the next hop.
+    pub fn sent_through(&self) -> u64 {
+        lock(&self.shared.state).sent
+    }
+
+    /// For a queue this side numbers (an outbox) whose peer acknowledges up to `cursor`, beyond
+    /// anything this queue handed on: the peer holds other messages under those numbers, from
+    /// an earlier copy of this store (a node restored from a backup), and would take the ones
+    /// numbered there now as acknowledged unseen. Moves every message never handed on above
+    /// both the cursor and the high-water mark, in order, and numbers new ones after them;
+    /// returns how many moved. Each goes in at its new number before it leaves its old one, so
+    /// a crash between leaves it twice (delivered again under its id), never lost. Reads the
+    /// messages it moves: only for that rare repair. Durable after the next [`Store::flush`].
+    pub fn renumber_unsent(&self, cursor: u64) -> Result<u64, QueueError> {
+        self.check()?;
+        let mut st = self.writable()?;
+        if cursor <= st.sent {
+            return Ok(0);
+        }
+        let old: Vec<(sled::IVec, sled::IVec)> = self
+            .shared
+            .tree
+            .range(key(MSG_PREFIX, st.sent.saturating_add(1))..=key(MSG_PREFIX, st.counters.last_seq))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.storage(e))?;
+        let floor = cursor.max(st.counters.last_seq);
+        // The high-water mark moves first: no number at or below `floor` is handed out again,
+        // whatever a crash leaves.
+        st.counters.last_seq = floor + old.len() as u64;
+        st.counters.acked = st.counters.acked.max(cursor);
+        st.sent = floor;
+        self.write_record(&mut st, None)?;
+        for (i, (k, v)) in old.iter().enumerate() {
+            let seq = seq_of(k).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+            let to = floor + 1 + i as u64;
+            let bytes = stored_body_len(v) as u64;
+            self.shared
+                .tree
+                .insert(key(MSG_PREFIX, to), v.clone())
+                .map_err(|e| self.storage(e))?;
+            st.change(List::Messages, to, true, bytes);
+            self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
+            st.change(List::Messages, seq, false, bytes);
+        }
+        Ok(old.len() as u64)
     }
 
     /// Highest sequence number known to be on disk.
@@ -1632,6 +1690,47 @@ mod tests {
             enqueued_at_ms: now_ms(),
             body: Bytes::copy_from_slice(body.as_bytes()),
         }
+    }
+
+    #[tokio::test]
+    async fn messages_never_sent_move_above_a_cursor_from_an_earlier_copy_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let q = store.queue("c/out", LIMITS).unwrap();
+            q.append(msg("snapshot"), None).unwrap();
+            store.flush().await.unwrap();
+        }
+        // Reopened (as after a restore): message 1 may have been handed on before.
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        assert_eq!(q.sent_through(), 1);
+        let mut ids = Vec::new();
+        for body in ["a", "bb", "ccc"] {
+            ids.push(q.append(msg(body), None).unwrap().id);
+        }
+        store.flush().await.unwrap();
+        assert_eq!(q.renumber_unsent(1).unwrap(), 0, "a cursor within what was sent");
+        // The peer acknowledges up to 3 from an earlier copy: 2..4 were never sent from here.
+        assert_eq!(q.renumber_unsent(3).unwrap(), 3);
+        assert_eq!((q.last_seq(), q.sent_through(), q.acked_through()), (7, 4, 3));
+        assert!(q.read_after(4, 10, 1 << 20).unwrap().is_empty(), "not durable before the flush");
+        store.flush().await.unwrap();
+        let got = q.read_after(3, 10, 1 << 20).unwrap();
+        assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [5, 6, 7]);
+        assert_eq!(got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), ids);
+        let s = q.stats();
+        assert_eq!((s.depth, s.bytes), (4, 14));
+        q.note_sent(7);
+        assert_eq!(q.renumber_unsent(7).unwrap(), 0);
+        assert_eq!(q.append(msg("d"), None).unwrap().seq, 8);
+        store.flush().await.unwrap();
+        drop((q, store));
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        let seqs: Vec<u64> = q.read_after(0, 10, 1 << 20).unwrap().iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 5, 6, 7, 8]);
+        assert_eq!(q.append(msg("e"), None).unwrap().seq, 9);
     }
 
     #[tokio::test]

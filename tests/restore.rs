@@ -2,6 +2,9 @@
 //! already holds for other messages. The node refuses that push with 409 (storing nothing),
 //! says why, notices the agent's receive position went back, and keeps serving; the agent
 //! keeps its new messages, and nothing reaches the node's webhook twice under one number.
+//! A node data directory restored from an older snapshot numbers its messages again from where
+//! the snapshot stopped; the agent's cursor is beyond that, so the node moves what it holds
+//! above the cursor and nothing new is acknowledged unseen.
 
 mod common;
 
@@ -164,5 +167,74 @@ async fn a_restored_agent_directory_is_refused_with_409_and_loses_nothing() {
         assert_eq!(first, &body, "sequence {seq} delivered with two payloads");
     }
     assert_eq!(by_seq.len(), 10);
+    drop(agent);
+}
+
+async fn start_node_at(dir: &Path, listen: &str, api: &str) -> Daemon {
+    Daemon::start(dir, &["node", "run", "--listen", listen, "--api-listen", api], &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_node_directory_numbers_new_messages_above_the_agents_cursor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (node_dir, agent_dir, snapshot) = (
+        tmp.path().join("node"),
+        tmp.path().join("agent"),
+        tmp.path().join("snapshot"),
+    );
+    let public_app = Sink::start().await.unwrap();
+    let private_app = Sink::start().await.unwrap();
+    let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
+    let _to_public = collect(public_app);
+    let to_private = collect(private_app);
+    let mut node = start_node(&node_dir, None).await;
+    let (listen, api) = (node.info.listen.clone().unwrap(), node.info.api.clone().unwrap());
+    let code = initiate(&node_dir, "c", &public_url, &[]).await;
+    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let agent = start_agent(&agent_dir).await;
+    let delivered = |want: Vec<String>| {
+        let to_private = to_private.clone();
+        async move {
+            let got = bodies(&to_private);
+            want.iter().all(|w| got.contains(w)).then_some(())
+        }
+    };
+
+    // down-1..3 before the snapshot, down-4..6 after it: the agent's cursor reaches 6.
+    send(&node.api(), &names("down", 1..=3)).await;
+    wait_for("down-1..3 at the private webhook", || delivered(names("down", 1..=3))).await;
+    assert!(node.terminate().await.success());
+    copy_dir(&node_dir, &snapshot);
+    let mut node = start_node_at(&node_dir, &listen, &api).await;
+    send(&node.api(), &names("down", 4..=6)).await;
+    wait_for("down-4..6 at the private webhook", || delivered(names("down", 4..=6))).await;
+    wait_for("the node to see them acknowledged", || {
+        let node_dir = node_dir.clone();
+        async move { (statuses(&node_dir, true).await[0].outbound.depth == 0).then_some(()) }
+    })
+    .await;
+    assert!(node.terminate().await.success());
+    drop(node);
+
+    // The snapshot comes back: the node numbers its next messages 4, 5, 6 again, which the
+    // agent's cursor already covers (the agent is still backing off when they arrive).
+    std::fs::remove_dir_all(&node_dir).unwrap();
+    copy_dir(&snapshot, &node_dir);
+    let node = start_node_at(&node_dir, &listen, &api).await;
+    send(&node.api(), &names("new", 1..=3)).await;
+    wait_for("new-1..3 at the private webhook", || delivered(names("new", 1..=3))).await;
+    let seqs: Vec<u64> = to_private
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.answered == 200 && r.body.starts_with(b"new-"))
+        .map(|r| r.header("relay-seq").unwrap().parse().unwrap())
+        .collect();
+    assert!(seqs.iter().all(|&s| s > 6), "numbered above the agent's cursor: {seqs:?}");
+    let n = statuses(&node_dir, true).await;
+    let error = n[0].last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+    assert!(error.contains("restored from a backup"), "{error}");
+    assert!(node.log().contains("renumbered the queue for the agent"), "{}", node.log());
     drop(agent);
 }

@@ -192,20 +192,29 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
         return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
     }
     link.health.contact();
-    // A cursor beyond anything this node ever sent means the two sides disagree (a node
-    // restored from an old backup, or a copied agent data directory): acknowledging it would
-    // silently drop new messages, so refuse and say so.
-    if request.after > link.outbox.last_seq() {
-        return http::error(
-            StatusCode::CONFLICT,
-            codes::CONNECTION_STATE,
-            format!(
-                "the agent has received up to message {} but this node has only sent up to {}: \
-                 was the node's data directory restored from a backup? Initiate a new connection",
-                request.after,
-                link.outbox.last_seq()
-            ),
+    // A cursor beyond anything this node handed on means this node went back (its data
+    // directory restored from a backup): the agent holds other messages under numbers this
+    // node has given out since, and its cursor would acknowledge them unseen. Number
+    // everything not yet handed on above the agent's cursor; nothing is lost.
+    let sent = link.outbox.sent_through();
+    if request.after > sent {
+        let moved = match link.outbox.renumber_unsent(request.after) {
+            Ok(n) => n,
+            Err(e) => return crate::intake::queue_error_response(&e),
+        };
+        if let Err(e) = node.store().flush().await {
+            return crate::intake::queue_error_response(&e);
+        }
+        let message = format!(
+            "the agent has received up to message {} but this node has only sent up to {sent}: this node's data \
+             directory was probably restored from a backup. Its {moved} message(s) not yet sent, and every new one, \
+             are numbered after that so none is lost",
+            request.after
         );
+        if is_new_error(&link, &message) {
+            error!(connection = %link.name, %message, "renumbered the queue for the agent");
+        }
+        link.health.error(message);
     }
     // A cursor below what the agent already acknowledged means the agent went back (its data
     // directory restored or copied): this node removed those messages, so they cannot be
@@ -274,7 +283,8 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
                 // Everything read was set aside: read on.
                 continue;
             }
-            if !messages.is_empty() {
+            if let Some(last) = messages.last() {
+                link.outbox.note_sent(last.seq);
                 Health::add(&link.health.sent, messages.len() as u64);
                 Health::add(
                     &link.health.bytes_sent,
