@@ -258,17 +258,13 @@ impl Replica {
         }
         // The schema is read first, so a newer version is named as such rather than reported
         // as an unknown field somewhere inside it.
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
         match value.get("schema") {
             Some(Value::String(s)) if s == SCHEMA => {}
-            Some(Value::String(s)) => {
-                return Err(ReplicaError::UnsupportedSchema { found: s.clone() })
-            }
+            Some(Value::String(s)) => return Err(ReplicaError::UnsupportedSchema { found: s.clone() }),
             _ => return Err(ReplicaError::Malformed("no \"schema\" string".into())),
         }
-        let replica: Replica =
-            serde_json::from_value(value).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+        let replica: Replica = serde_json::from_value(value).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
         replica.validate()?;
         let expected = replica.entity.hash();
         if !crypto::ct_eq(expected.as_bytes(), replica.hash.as_bytes()) {
@@ -304,11 +300,7 @@ impl Entity {
         short("entity.key", &self.key)?;
         short("entity.type", &self.type_name)?;
         bound("entity.summary", chars(&self.summary), MAX_SUMMARY_CHARS)?;
-        bound(
-            "entity.description.text",
-            chars(&self.description.text),
-            MAX_LONG_CHARS,
-        )?;
+        bound("entity.description.text", chars(&self.description.text), MAX_LONG_CHARS)?;
         bound("entity.labels", self.labels.len(), MAX_LABELS)?;
         for (i, label) in self.labels.iter().enumerate() {
             short(&format!("entity.labels[{i}]"), label)?;
@@ -341,19 +333,11 @@ impl Entity {
         if let Some(p) = &self.priority {
             short("entity.priority", p)?;
         }
-        bound(
-            "entity.custom_fields",
-            self.custom_fields.len(),
-            MAX_CUSTOM_FIELDS,
-        )?;
+        bound("entity.custom_fields", self.custom_fields.len(), MAX_CUSTOM_FIELDS)?;
         for (name, value) in &self.custom_fields {
             short(&format!("entity.custom_fields key {name:?}"), name)?;
             let size = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(0);
-            bound(
-                &format!("entity.custom_fields.{name}"),
-                size,
-                MAX_CUSTOM_VALUE_BYTES,
-            )?;
+            bound(&format!("entity.custom_fields.{name}"), size, MAX_CUSTOM_VALUE_BYTES)?;
         }
         Ok(())
     }
@@ -393,8 +377,7 @@ pub fn idempotency_key(connection: &str, item: &str, rev: u64) -> String {
 fn canonical(value: Value) -> Value {
     match value {
         Value::Object(map) => {
-            let sorted: BTreeMap<String, Value> =
-                map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<String, Value> = map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().collect())
         }
         Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
@@ -581,7 +564,10 @@ mod tests {
         e.custom_fields
             .insert("b".into(), serde_json::json!({"z": 1, "a": [2, 1]}));
         let text = String::from_utf8(e.canonical_json()).unwrap();
-        assert!(text.starts_with("{\"attachments\":[],\"comments\":[],\"custom_fields\":{\"b\":{\"a\":[2,1],\"z\":1}}"), "{text}");
+        assert!(
+            text.starts_with("{\"attachments\":[],\"comments\":[],\"custom_fields\":{\"b\":{\"a\":[2,1],\"z\":1}}"),
+            "{text}"
+        );
         assert!(!text.contains(' '));
     }
 

@@ -13,15 +13,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rhai::packages::{
-    ArithmeticPackage, BasicArrayPackage, BasicIteratorPackage, BasicMapPackage,
-    BasicMathPackage, BasicStringPackage, LogicPackage, MoreStringPackage, Package,
+    ArithmeticPackage, BasicArrayPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage, BasicStringPackage,
+    LogicPackage, MoreStringPackage, Package,
 };
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Module, Position, Scope, AST};
 use serde_json::Value;
 
-use super::replica::{
-    Attachment, Author, Comment, Entity, EventKind, Replica, Text, TextFormat,
-};
+use super::replica::{Attachment, Author, Comment, Entity, EventKind, Replica, Text, TextFormat};
 use super::workitem::{normalize_labels, WorkAttachment, WorkComment, WorkItem};
 
 /// Most operations one run may take.
@@ -358,9 +356,7 @@ fn engine(limits: &Limits) -> Engine {
         .set_max_variables(limits.max_variables);
     let start = Instant::now();
     let budget = limits.time_budget;
-    engine.on_progress(move |ops| {
-        (ops % CLOCK_EVERY == 0 && start.elapsed() > budget).then(|| Dynamic::from("time"))
-    });
+    engine.on_progress(move |ops| (ops % CLOCK_EVERY == 0 && start.elapsed() > budget).then(|| Dynamic::from("time")));
     // `print` and `debug` go nowhere: a script has no output but its result.
     engine.on_print(|_| {}).on_debug(|_, _, _| {});
 
@@ -401,11 +397,7 @@ fn helpers(scope: &mut Scope, local_types: &Arc<Vec<String>>) {
 }
 
 /// Runs the outgoing script on a local work item; `previous` is the last replica sent for it.
-pub fn run_outgoing(
-    rules: &Rules,
-    item: &WorkItem,
-    previous: Option<&Replica>,
-) -> Result<Entity, ScriptError> {
+pub fn run_outgoing(rules: &Rules, item: &WorkItem, previous: Option<&Replica>) -> Result<Entity, ScriptError> {
     let script = Section::Outgoing;
     let key = item.id.map(|id| id.to_string()).unwrap_or_default();
     let start = Entity {
@@ -419,9 +411,7 @@ pub fn run_outgoing(
     scope.push_constant("previous", previous.map_or(Dynamic::UNIT, replica_value));
     helpers(&mut scope, &rules.local_types);
     run(rules, script, &rules.outgoing, &mut scope)?;
-    let value = scope
-        .get_value::<Dynamic>("replica")
-        .unwrap_or(Dynamic::UNIT);
+    let value = scope.get_value::<Dynamic>("replica").unwrap_or(Dynamic::UNIT);
     let mapped = read_entity(&value, &key).map_err(|e| e.in_script(script))?;
     mapped.validate().map_err(|e| ScriptError::Unmappable {
         script,
@@ -459,9 +449,7 @@ pub fn run_incoming(
     scope.push_constant("firstSync", first_sync);
     helpers(&mut scope, &rules.local_types);
     run(rules, script, &rules.incoming, &mut scope)?;
-    let value = scope
-        .get_value::<Dynamic>("workItem")
-        .unwrap_or(Dynamic::UNIT);
+    let value = scope.get_value::<Dynamic>("workItem").unwrap_or(Dynamic::UNIT);
     let desired = read_work_item(&value, current).map_err(|e| e.in_script(script))?;
     if current.id.is_none() {
         for (field, v) in [("projectKey", &desired.project_key), ("typeName", &desired.type_name)] {
@@ -469,8 +457,7 @@ pub fn run_incoming(
                 return Err(ScriptError::Unmappable {
                     script,
                     field: format!("workItem.{field}"),
-                    message: "empty for an item to create; set it in the `if firstSync` block"
-                        .into(),
+                    message: "empty for an item to create; set it in the `if firstSync` block".into(),
                 });
             }
         }
@@ -492,20 +479,12 @@ fn runtime_error(script: Section, err: &EvalAltResult, limits: &Limits) -> Scrip
         p => p,
     };
     let line = pos.line().unwrap_or(0);
-    let stopped = |limit| ScriptError::Stopped {
-        script,
-        limit,
-        line,
-    };
+    let stopped = |limit| ScriptError::Stopped { script, limit, line };
     match inner {
         EvalAltResult::ErrorTerminated(..) => stopped(Limit::Time(limits.time_budget)),
-        EvalAltResult::ErrorTooManyOperations(..) => {
-            stopped(Limit::Operations(limits.max_operations))
-        }
+        EvalAltResult::ErrorTooManyOperations(..) => stopped(Limit::Operations(limits.max_operations)),
         EvalAltResult::ErrorStackOverflow(..) => stopped(Limit::CallLevels(limits.max_call_levels)),
-        EvalAltResult::ErrorTooManyVariables(..) => {
-            stopped(Limit::Variables(limits.max_variables))
-        }
+        EvalAltResult::ErrorTooManyVariables(..) => stopped(Limit::Variables(limits.max_variables)),
         EvalAltResult::ErrorDataTooLarge(what, ..) if what.contains("string") => {
             stopped(Limit::StringSize(limits.max_string_size))
         }
@@ -673,7 +652,11 @@ pub fn strip_html(html: &str) -> String {
             continue;
         }
         let breaks = name == "br"
-            || (closing && matches!(name.as_str(), "p" | "div" | "li" | "tr" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6"));
+            || (closing
+                && matches!(
+                    name.as_str(),
+                    "p" | "div" | "li" | "tr" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6"
+                ));
         if breaks && !out.ends_with('\n') && !out.is_empty() {
             out.push('\n');
         }
@@ -821,10 +804,7 @@ fn work_item_map(w: &WorkItem) -> Map {
         .collect();
     m.insert("attachments".into(), Dynamic::from_array(attachments));
     m.insert("status".into(), opt_str(w.status.as_deref()));
-    m.insert(
-        "priority".into(),
-        w.priority.map_or(Dynamic::UNIT, Dynamic::from_int),
-    );
+    m.insert("priority".into(), w.priority.map_or(Dynamic::UNIT, Dynamic::from_int));
     m.insert("customFields".into(), custom_map(&w.custom_fields));
     m
 }
@@ -864,10 +844,7 @@ fn entity_map(e: &Entity) -> Map {
 fn comment_value(c: &Comment) -> Dynamic {
     let mut cm = Map::new();
     cm.insert("id".into(), c.id.as_str().into());
-    cm.insert(
-        "author".into(),
-        author_map(&c.author.display_name, &c.author.email),
-    );
+    cm.insert("author".into(), author_map(&c.author.display_name, &c.author.email));
     cm.insert("created".into(), c.created.as_str().into());
     cm.insert("body".into(), c.body.text.as_str().into());
     cm.insert("format".into(), c.body.format.as_str().into());
@@ -930,11 +907,7 @@ fn json_to_dynamic(v: &Value) -> Dynamic {
         },
         Value::String(s) => s.as_str().into(),
         Value::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
-        Value::Object(o) => Dynamic::from_map(
-            o.iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect(),
-        ),
+        Value::Object(o) => Dynamic::from_map(o.iter().map(|(k, v)| (k.as_str().into(), json_to_dynamic(v))).collect()),
     }
 }
 
@@ -981,7 +954,7 @@ fn dynamic_to_json(v: &Dynamic, field: &str) -> Result<Value, MapError> {
 }
 
 /// Reads a script's map with exactly the given keys; an unknown key is an error, not dropped.
-fn fields<'a>(v: &'a Dynamic, field: &str, allowed: &[&str]) -> Result<Map, MapError> {
+fn fields(v: &Dynamic, field: &str, allowed: &[&str]) -> Result<Map, MapError> {
     let m = v
         .read_lock::<Map>()
         .map(|m| m.clone())
@@ -992,7 +965,6 @@ fn fields<'a>(v: &'a Dynamic, field: &str, allowed: &[&str]) -> Result<Map, MapE
             format!("not a field here (the fields are: {})", allowed.join(", ")),
         ));
     }
-    let _: &'a Dynamic = v;
     Ok(m)
 }
 
@@ -1070,8 +1042,12 @@ fn author(m: &Map, field: &str) -> Result<(String, String), MapError> {
         Some(v) if v.is_unit() => Ok((String::new(), String::new())),
         Some(v) => {
             let a = fields(v, &field, &["displayName", "email"])?;
-            let name = a.get("displayName").map_or(Ok(None), |x| opt_string(x, &format!("{field}.displayName")))?;
-            let email = a.get("email").map_or(Ok(None), |x| opt_string(x, &format!("{field}.email")))?;
+            let name = a
+                .get("displayName")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{field}.displayName")))?;
+            let email = a
+                .get("email")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{field}.email")))?;
             Ok((name.unwrap_or_default(), email.unwrap_or_default()))
         }
     }
@@ -1081,17 +1057,24 @@ fn custom_fields(v: &Dynamic, field: &str) -> Result<BTreeMap<String, Value>, Ma
     if v.is_unit() {
         return Ok(BTreeMap::new());
     }
-    let m = v
-        .read_lock::<Map>()
-        .ok_or_else(|| found(field, "a map of fields", v))?;
+    let m = v.read_lock::<Map>().ok_or_else(|| found(field, "a map of fields", v))?;
     m.iter()
         .map(|(k, x)| Ok((k.to_string(), dynamic_to_json(x, &format!("{field}.{k}"))?)))
         .collect()
 }
 
 const ENTITY_KEYS: &[&str] = &[
-    "key", "type", "summary", "description", "descriptionFormat", "labels", "comments",
-    "attachments", "status", "priority", "customFields",
+    "key",
+    "type",
+    "summary",
+    "description",
+    "descriptionFormat",
+    "labels",
+    "comments",
+    "attachments",
+    "status",
+    "priority",
+    "customFields",
 ];
 
 /// The entity the outgoing script left in `replica`. Comments and attachments relay copied
@@ -1105,7 +1088,10 @@ fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
     }
     let format_name = string(get(&m, "descriptionFormat", f)?, "replica.descriptionFormat")?;
     let format = TextFormat::parse(&format_name).ok_or_else(|| {
-        MapError::new("replica.descriptionFormat", format!("{format_name:?} is not html, markdown or plain"))
+        MapError::new(
+            "replica.descriptionFormat",
+            format!("{format_name:?} is not html, markdown or plain"),
+        )
     })?;
     let mut comments = Vec::new();
     for (i, c) in array(get(&m, "comments", f)?, "replica.comments")?.iter().enumerate() {
@@ -1117,7 +1103,9 @@ fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
         let id = id_string(get(&cm, "id", &cf)?, &format!("{cf}.id"))?
             .ok_or_else(|| MapError::new(&format!("{cf}.id"), "a comment to send needs its id"))?;
         let (display_name, email) = author(&cm, &cf)?;
-        let fmt_name = cm.get("format").map_or(Ok(None), |x| opt_string(x, &format!("{cf}.format")))?;
+        let fmt_name = cm
+            .get("format")
+            .map_or(Ok(None), |x| opt_string(x, &format!("{cf}.format")))?;
         let format = match fmt_name.as_deref() {
             None => TextFormat::Html,
             Some(n) => TextFormat::parse(n).ok_or_else(|| {
@@ -1127,7 +1115,10 @@ fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
         comments.push(Comment {
             id,
             author: Author { display_name, email },
-            created: cm.get("created").map_or(Ok(None), |x| opt_string(x, &format!("{cf}.created")))?.unwrap_or_default(),
+            created: cm
+                .get("created")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{cf}.created")))?
+                .unwrap_or_default(),
             body: Text {
                 format,
                 text: string(get(&cm, "body", &cf)?, &format!("{cf}.body"))?,
@@ -1135,7 +1126,10 @@ fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
         });
     }
     let mut attachments = Vec::new();
-    for (i, a) in array(get(&m, "attachments", f)?, "replica.attachments")?.iter().enumerate() {
+    for (i, a) in array(get(&m, "attachments", f)?, "replica.attachments")?
+        .iter()
+        .enumerate()
+    {
         let af = format!("replica.attachments[{i}]");
         let am = fields(a, &af, &["id", "remoteId", "filename", "size", "mime", "sha256", "url"])?;
         if am.get("remoteId").is_some_and(|r| !r.is_unit()) {
@@ -1147,8 +1141,14 @@ fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
             id,
             filename: string(get(&am, "filename", &af)?, &format!("{af}.filename"))?,
             size: size(get(&am, "size", &af)?, &format!("{af}.size"))?,
-            mime: am.get("mime").map_or(Ok(None), |x| opt_string(x, &format!("{af}.mime")))?.unwrap_or_default(),
-            sha256: am.get("sha256").map_or(Ok(None), |x| opt_string(x, &format!("{af}.sha256")))?.unwrap_or_default(),
+            mime: am
+                .get("mime")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{af}.mime")))?
+                .unwrap_or_default(),
+            sha256: am
+                .get("sha256")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{af}.sha256")))?
+                .unwrap_or_default(),
         });
     }
     let priority = match get(&m, "priority", f)? {
@@ -1176,8 +1176,18 @@ fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
 }
 
 const WORK_ITEM_KEYS: &[&str] = &[
-    "id", "rev", "typeName", "projectKey", "summary", "description", "labels", "comments",
-    "attachments", "status", "priority", "customFields",
+    "id",
+    "rev",
+    "typeName",
+    "projectKey",
+    "summary",
+    "description",
+    "labels",
+    "comments",
+    "attachments",
+    "status",
+    "priority",
+    "customFields",
 ];
 
 /// The work item the incoming script left in `workItem`.
@@ -1196,7 +1206,10 @@ fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem, MapError>
             .ok_or_else(|| found(&format!("workItem.{key}"), "an integer", x))
     };
     if int("id")? != current.id || int("rev")? != current.rev {
-        return Err(MapError::new("workItem.id", "id and rev are the tracker's and cannot be changed"));
+        return Err(MapError::new(
+            "workItem.id",
+            "id and rev are the tracker's and cannot be changed",
+        ));
     }
     let replica_hint = "this is a replica's entry; use commentHelper.mergeComments(workItem, replica) or attachmentHelper.mergeAttachments(workItem, replica)";
     let mut comments = Vec::new();
@@ -1208,18 +1221,26 @@ fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem, MapError>
         }
         let (author_name, author_email) = author(&cm, &cf)?;
         let body = string(get(&cm, "body", &cf)?, &format!("{cf}.body"))?;
-        let format = cm.get("format").map_or(Ok(None), |x| opt_string(x, &format!("{cf}.format")))?;
+        let format = cm
+            .get("format")
+            .map_or(Ok(None), |x| opt_string(x, &format!("{cf}.format")))?;
         comments.push(WorkComment {
             id: id_string(get(&cm, "id", &cf)?, &format!("{cf}.id"))?,
             remote_id: id_string(get(&cm, "remoteId", &cf)?, &format!("{cf}.remoteId"))?,
             author_name,
             author_email,
-            created: cm.get("created").map_or(Ok(None), |x| opt_string(x, &format!("{cf}.created")))?.unwrap_or_default(),
+            created: cm
+                .get("created")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{cf}.created")))?
+                .unwrap_or_default(),
             body: to_html(&body, format.as_deref().unwrap_or("html")),
         });
     }
     let mut attachments = Vec::new();
-    for (i, a) in array(get(&m, "attachments", f)?, "workItem.attachments")?.iter().enumerate() {
+    for (i, a) in array(get(&m, "attachments", f)?, "workItem.attachments")?
+        .iter()
+        .enumerate()
+    {
         let af = format!("workItem.attachments[{i}]");
         let am = fields(a, &af, &["id", "remoteId", "filename", "size", "mime", "sha256", "url"])?;
         if !am.contains_key("remoteId") {
@@ -1236,9 +1257,17 @@ fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem, MapError>
             remote_id: id_string(get(&am, "remoteId", &af)?, &format!("{af}.remoteId"))?,
             filename: string(get(&am, "filename", &af)?, &format!("{af}.filename"))?,
             size: size(get(&am, "size", &af)?, &format!("{af}.size"))?,
-            mime: am.get("mime").map_or(Ok(None), |x| opt_string(x, &format!("{af}.mime")))?.unwrap_or_default(),
-            sha256: am.get("sha256").map_or(Ok(None), |x| opt_string(x, &format!("{af}.sha256")))?.unwrap_or_default(),
-            url: am.get("url").map_or(Ok(None), |x| opt_string(x, &format!("{af}.url")))?,
+            mime: am
+                .get("mime")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{af}.mime")))?
+                .unwrap_or_default(),
+            sha256: am
+                .get("sha256")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{af}.sha256")))?
+                .unwrap_or_default(),
+            url: am
+                .get("url")
+                .map_or(Ok(None), |x| opt_string(x, &format!("{af}.url")))?,
             relation_index,
         });
     }

@@ -162,7 +162,9 @@ impl WorkItem {
             ..WorkItem::default()
         };
         if let Some(fields) = doc.get("fields") {
-            let fields = fields.as_object().ok_or_else(|| field_error("fields", "not an object"))?;
+            let fields = fields
+                .as_object()
+                .ok_or_else(|| field_error("fields", "not an object"))?;
             item.apply_fields(fields)?;
         }
         if let Some(relations) = doc.get("relations").and_then(Value::as_array) {
@@ -315,7 +317,12 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         }
     };
     let non_empty = |s: &str| Some(Value::from(s)).filter(|_| !s.is_empty());
-    set_or_clear(&mut ops, FIELD_TITLE, non_empty(&before.summary), non_empty(&after.summary));
+    set_or_clear(
+        &mut ops,
+        FIELD_TITLE,
+        non_empty(&before.summary),
+        non_empty(&after.summary),
+    );
     set_or_clear(
         &mut ops,
         FIELD_DESCRIPTION,
@@ -349,9 +356,7 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         before.priority.map(Value::from),
         after.priority.map(Value::from),
     );
-    let custom = |item: &WorkItem, k: &str| {
-        item.custom_fields.get(k).filter(|v| !v.is_null()).cloned()
-    };
+    let custom = |item: &WorkItem, k: &str| item.custom_fields.get(k).filter(|v| !v.is_null()).cloned();
     let names: std::collections::BTreeSet<&String> = before
         .custom_fields
         .keys()
@@ -363,12 +368,7 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
     }
 
     // Relations: removes from the highest index down, so earlier indices stay valid.
-    let kept = |a: &WorkAttachment| {
-        after
-            .attachments
-            .iter()
-            .any(|b| b.id.is_some() && b.id == a.id)
-    };
+    let kept = |a: &WorkAttachment| after.attachments.iter().any(|b| b.id.is_some() && b.id == a.id);
     let mut removed: Vec<usize> = before
         .attachments
         .iter()
@@ -380,7 +380,10 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         ops.push(json!({"op": "remove", "path": format!("/relations/{index}")}));
     }
     for a in after.attachments.iter().filter(|a| a.id.is_none()) {
-        let url = a.url.as_ref().ok_or_else(|| PatchError::NotUploaded(a.filename.clone()))?;
+        let url = a
+            .url
+            .as_ref()
+            .ok_or_else(|| PatchError::NotUploaded(a.filename.clone()))?;
         ops.push(json!({"op": "add", "path": "/relations/-", "value": {
             "rel": REL_ATTACHED_FILE, "url": url, "attributes": {"name": a.filename}}}));
     }
@@ -399,12 +402,7 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         }
         Some(Value::Array(ops))
     };
-    let comments = after
-        .comments
-        .iter()
-        .filter(|c| c.id.is_none())
-        .cloned()
-        .collect();
+    let comments = after.comments.iter().filter(|c| c.id.is_none()).cloned().collect();
     Ok(Plan {
         create,
         patch,
@@ -519,8 +517,10 @@ mod tests {
         has(json!({"op": "remove", "path": "/fields/Custom.Points"}));
         has(json!({"op": "add", "path": "/fields/Custom.Team", "value": "Blue"}));
         has(json!({"op": "remove", "path": "/relations/1"}));
-        has(json!({"op": "add", "path": "/relations/-", "value": {"rel": "AttachedFile",
-            "url": "https://x/_apis/wit/attachments/g-2", "attributes": {"name": "new.png"}}}));
+        has(
+            json!({"op": "add", "path": "/relations/-", "value": {"rel": "AttachedFile",
+            "url": "https://x/_apis/wit/attachments/g-2", "attributes": {"name": "new.png"}}}),
+        );
         assert_eq!(ops.len(), 9);
         assert_eq!(plan.comments.len(), 1);
         assert_eq!(plan.comments[0].remote_id.as_deref(), Some("r1"));
@@ -530,7 +530,10 @@ mod tests {
     fn comments_alone_write_no_patch() {
         let before = WorkItem::from_ado(&ado_doc()).unwrap();
         let mut after = before.clone();
-        after.comments.push(WorkComment { body: "x".into(), ..WorkComment::default() });
+        after.comments.push(WorkComment {
+            body: "x".into(),
+            ..WorkComment::default()
+        });
         let plan = build_patch(&before, &after).unwrap();
         assert!(plan.patch.is_none());
         assert_eq!(plan.comments.len(), 1);
@@ -548,7 +551,10 @@ mod tests {
         let plan = build_patch(&WorkItem::default(), &after).unwrap();
         assert_eq!(
             plan.create,
-            Some(CreateTarget { project: "Fabrikam".into(), type_name: "Task".into() })
+            Some(CreateTarget {
+                project: "Fabrikam".into(),
+                type_name: "Task".into()
+            })
         );
         assert_eq!(
             plan.patch.unwrap(),
@@ -561,7 +567,10 @@ mod tests {
     fn attachment_must_be_uploaded_first() {
         let mut after = WorkItem::from_ado(&ado_doc()).unwrap();
         let before = after.clone();
-        after.attachments.push(WorkAttachment { filename: "x.bin".into(), ..Default::default() });
+        after.attachments.push(WorkAttachment {
+            filename: "x.bin".into(),
+            ..Default::default()
+        });
         assert_eq!(
             build_patch(&before, &after),
             Err(PatchError::NotUploaded("x.bin".into()))
