@@ -24,6 +24,7 @@ replica.description = workItem.description;
 replica.labels = workItem.labels;
 replica.comments = workItem.comments;
 replica.attachments = workItem.attachments;
+// Comments and attachments relay copied here from the other side are never sent back.
 // Send state, priority and a custom field too (the other side decides what to do with them):
 // replica.status = workItem.status;
 // replica.priority = workItem.priority;
