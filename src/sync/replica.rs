@@ -18,6 +18,9 @@ pub const CONTENT_TYPE: &str = "application/vnd.relay.replica+json";
 /// Content type of an attachment chunk message.
 pub const BLOB_CONTENT_TYPE: &str = "application/vnd.relay.blob";
 
+/// The header that carries [`idempotency_key`] with each replica message.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
 /// Largest replica document accepted (bytes); attachment bytes travel apart, so this is text.
 pub const MAX_REPLICA_BYTES: usize = 4 * 1024 * 1024;
 /// Largest short string: keys, ids, names, labels, file names, states, dates, URLs.
@@ -227,6 +230,14 @@ pub enum ReplicaError {
         /// The bound.
         max: usize,
     },
+    /// A field whose form is wrong.
+    #[error("replica field {field}: {message}")]
+    Invalid {
+        /// The field, as a path.
+        field: String,
+        /// What is wrong.
+        message: &'static str,
+    },
     /// The hash does not match the entity.
     #[error("replica hash {found} does not match its content (expected {expected})")]
     HashMismatch {
@@ -325,7 +336,18 @@ impl Entity {
             short(&format!("entity.attachments[{i}].id"), &a.id)?;
             short(&format!("entity.attachments[{i}].filename"), &a.filename)?;
             short(&format!("entity.attachments[{i}].mime"), &a.mime)?;
-            short(&format!("entity.attachments[{i}].sha256"), &a.sha256)?;
+            // The blob messages are verified against it, so it must be a real digest.
+            if a.sha256.len() != 64
+                || !a
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(ReplicaError::Invalid {
+                    field: format!("entity.attachments[{i}].sha256"),
+                    message: "not a SHA-256 in lowercase hex",
+                });
+            }
         }
         if let Some(s) = &self.status {
             short("entity.status", s)?;
@@ -552,6 +574,12 @@ mod tests {
         let err = Replica::parse(&r.to_bytes()).unwrap_err();
         assert!(err.to_string().contains("entity.comments[0].body.text"), "{err}");
 
+        let mut r = sample();
+        r.entity.attachments[0].sha256 = "ABC".into();
+        let r = Replica::new(r.origin, r.event, r.entity);
+        let err = Replica::parse(&r.to_bytes()).unwrap_err();
+        assert!(err.to_string().contains("entity.attachments[0].sha256"), "{err}");
+
         assert!(matches!(
             Replica::parse(&vec![b' '; MAX_REPLICA_BYTES + 1]),
             Err(ReplicaError::TooLarge(_))
@@ -641,7 +669,7 @@ mod tests {
                 6 => e.comments[0].body.text.push_str(&extra),
                 7 => e.comments[0].author.email.push_str(&extra),
                 8 => e.comments[0].created.push_str(&extra),
-                9 => e.attachments[0].sha256.push_str(&extra),
+                9 => e.attachments[0].sha256 = crypto::hex(&crypto::sha256(extra.as_bytes())),
                 10 => e.attachments[0].filename.push_str(&extra),
                 11 => e.status = Some(extra.clone()),
                 12 => e.priority = None,
