@@ -20,6 +20,7 @@
 //! - [`agent`]: accept, and the receive/send loops on the private side.
 //! - [`admin`]: the local admin socket; [`daemon`]: starting either side.
 //! - [`doctor`]: `relay doctor` and `relay egress`.
+//! - [`sync`]: Script mode's pure core: replicas, the work-item model, sandboxed rules.
 //! - [`notify`]: systemd readiness, status, watchdog and journal detection.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
 //!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
@@ -53,4 +54,5 @@ pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod status;
+pub mod sync;
 pub mod tls;

@@ -1,0 +1,74 @@
+//! The default sync rules generated for a side at `initiate` and `accept`.
+//!
+//! Both scripts live in one text, split by [`OUTGOING_MARKER`] and [`INCOMING_MARKER`]: an
+//! operator edits, shows and stores one thing per connection, and the two halves can be read
+//! side by side. Line numbers in errors are those of the whole text.
+
+use super::script::{INCOMING_MARKER, OUTGOING_MARKER};
+
+/// The default rules for a side whose incoming items go to `project`: they sync summary,
+/// description, labels, comments and attachments both ways, with commented examples.
+pub fn default_rules(project: &str) -> String {
+    let project = rhai_string(project);
+    format!(
+        r#"// Sync rules of this side of the connection: two scripts in one text.
+// The outgoing script runs when a work item here changes and fills the replica sent to the
+// other side. The incoming script runs when a replica arrives and shapes the work item here.
+// The other side never sees these rules, nor this side theirs. Above the first marker: only
+// comments. The language is Rhai (https://rhai.rs); `??` picks a fallback for ().
+
+{OUTGOING_MARKER}
+replica.type = workItem.typeName;
+replica.summary = workItem.summary;
+replica.description = workItem.description;
+replica.labels = workItem.labels;
+replica.comments = workItem.comments;
+replica.attachments = workItem.attachments;
+// Comments and attachments relay copied here from the other side are never sent back.
+// Send state, priority and a custom field too (the other side decides what to do with them):
+// replica.status = workItem.status;
+// replica.priority = workItem.priority;
+// replica.customFields["Custom.Team"] = workItem.customFields["Custom.Team"];
+
+{INCOMING_MARKER}
+if firstSync {{
+    workItem.projectKey = {project};
+    workItem.typeName = nodeHelper.getIssueType(replica.type) ?? "Task";
+}}
+workItem.summary = replica.summary;
+workItem.description = replica.description;
+workItem.labels = replica.labels;
+workItem.comments = commentHelper.mergeComments(workItem, replica);
+workItem.attachments = attachmentHelper.mergeAttachments(workItem, replica);
+// A status map: the other side's state on the left, this side's on the right.
+// let statusMap = #{{ "New": "New", "Active": "Active", "Resolved": "Resolved", "Closed": "Closed", "Done": "Closed" }};
+// if replica.status != () {{ workItem.status = statusMap[replica.status] ?? workItem.status; }}
+// Priority (1 to 4 in Azure DevOps):
+// workItem.priority = replica.priority ?? workItem.priority;
+// A custom field, with a fallback when the other side sends none:
+// workItem.customFields["Custom.Team"] = replica.customFields["Custom.Team"] ?? "Blue";
+// Other helpers: nodeHelper.stripHtml(text), replica.addedComments, replica.removedComments,
+// previous (the last replica received for this item, or ()).
+"#
+    )
+}
+
+/// `text` as a Rhai string literal: quotes, backslashes and control characters escaped, so
+/// a project name can never end the string or add code.
+pub fn rhai_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,20 @@
+//! Script mode: the replica format, the local work-item model and the sandboxed scripts that
+//! turn one into the other, as pure code; the engine that drives them lives beside the queues.
+//!
+//! - [`replica`]: `relay.replica/1`, its bounds, canonical hash and idempotency key.
+//! - [`workitem`]: the work item scripts see, Azure DevOps JSON in and out, the JSON Patch.
+//! - [`script`]: compiling and running a side's rules in a bounded Rhai engine.
+//! - [`defaults`]: the rules generated for a side at `initiate` / `accept`.
+
+pub mod defaults;
+pub mod replica;
+pub mod script;
+pub mod workitem;
+
+#[cfg(test)]
+mod tests;
+
+pub use defaults::default_rules;
+pub use replica::{idempotency_key, Entity, Replica, ReplicaError};
+pub use script::{compile, run_incoming, run_outgoing, Limits, Rules, ScriptError};
+pub use workitem::{build_patch, Plan, WorkItem};

@@ -1,0 +1,228 @@
+//! The helpers scripts call: `commentHelper`, `attachmentHelper` and `nodeHelper`.
+
+use std::sync::Arc;
+
+use rhai::{Array, Dynamic, EvalAltResult, Map, Position};
+
+/// `commentHelper` in scripts.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CommentHelper;
+/// `attachmentHelper` in scripts.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttachmentHelper;
+/// `nodeHelper` in scripts.
+#[derive(Debug, Clone)]
+pub(super) struct NodeHelper {
+    pub(super) local_types: Arc<Vec<String>>,
+}
+
+/// What a helper returns to the script: a value, or an error the script sees at its call.
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+fn script_err(message: String) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(message.into(), Position::NONE))
+}
+
+fn list(map: &Map, key: &str, what: &str) -> RhaiResult<Array> {
+    match map.get(key) {
+        Some(v) if v.is_array() => Ok(v.clone().into_array().unwrap_or_default()),
+        Some(v) if v.is_unit() => Ok(Array::new()),
+        Some(v) => Err(script_err(format!("{what}.{key} is a {}, not an array", v.type_name()))),
+        None => Err(script_err(format!("{what} has no {key}"))),
+    }
+}
+
+fn str_of(map: &Map, key: &str) -> Option<String> {
+    map.get(key).filter(|v| !v.is_unit()).map(|v| v.to_string())
+}
+
+/// `commentHelper.mergeComments(workItem, replica)`: the work item's comments, then every
+/// replica comment not copied yet (matched by remote id). Local comments are kept; running it
+/// again adds nothing.
+pub(super) fn merge_comments(_: CommentHelper, item: Map, replica: Map) -> RhaiResult<Array> {
+    let mut out = list(&item, "comments", "workItem")?;
+    let copied: Vec<String> = out
+        .iter()
+        .filter_map(|c| c.read_lock::<Map>().and_then(|m| str_of(&m, "remoteId")))
+        .collect();
+    for c in list(&replica, "comments", "replica")? {
+        let Some(m) = c.read_lock::<Map>().map(|m| m.clone()) else {
+            return Err(script_err(format!("replica.comments holds a {}", c.type_name())));
+        };
+        let Some(id) = str_of(&m, "id") else { continue };
+        if copied.contains(&id) {
+            continue;
+        }
+        let body = str_of(&m, "body").unwrap_or_default();
+        let format = str_of(&m, "format").unwrap_or_else(|| "html".into());
+        let mut new = Map::new();
+        new.insert("id".into(), Dynamic::UNIT);
+        new.insert("remoteId".into(), id.into());
+        new.insert("author".into(), m.get("author").cloned().unwrap_or(Dynamic::UNIT));
+        new.insert("created".into(), m.get("created").cloned().unwrap_or_else(|| "".into()));
+        new.insert("body".into(), to_html(&body, &format).into());
+        out.push(Dynamic::from_map(new));
+    }
+    Ok(out)
+}
+
+/// `attachmentHelper.mergeAttachments(workItem, replica)`: the work item's attachments, then
+/// every replica attachment not copied yet (matched by remote id, or by equal content).
+pub(super) fn merge_attachments(_: AttachmentHelper, item: Map, replica: Map) -> RhaiResult<Array> {
+    let mut out = list(&item, "attachments", "workItem")?;
+    let mut copied: Vec<String> = Vec::new();
+    let mut hashes: Vec<String> = Vec::new();
+    for a in &out {
+        if let Some(m) = a.read_lock::<Map>() {
+            copied.extend(str_of(&m, "remoteId"));
+            hashes.extend(str_of(&m, "sha256").filter(|h| !h.is_empty()));
+        }
+    }
+    for a in list(&replica, "attachments", "replica")? {
+        let Some(m) = a.read_lock::<Map>().map(|m| m.clone()) else {
+            return Err(script_err(format!("replica.attachments holds a {}", a.type_name())));
+        };
+        let Some(id) = str_of(&m, "id") else { continue };
+        let sha = str_of(&m, "sha256").unwrap_or_default();
+        if copied.contains(&id) || (!sha.is_empty() && hashes.contains(&sha)) {
+            continue;
+        }
+        let mut new = m.clone();
+        new.insert("id".into(), Dynamic::UNIT);
+        new.insert("remoteId".into(), id.into());
+        new.insert("url".into(), Dynamic::UNIT);
+        out.push(Dynamic::from_map(new));
+    }
+    Ok(out)
+}
+
+/// Groups of type names that mean the same kind of item across processes (Agile, Scrum, CMMI,
+/// Basic) and other trackers, in order of preference.
+const TYPE_GROUPS: &[&[&str]] = &[
+    &["Bug", "Defect", "Issue"],
+    &["User Story", "Product Backlog Item", "Requirement", "Story", "Issue"],
+    &["Task", "Sub-task", "Subtask"],
+    &["Feature"],
+    &["Epic"],
+    &["Impediment", "Issue", "Risk"],
+    &["Test Case"],
+];
+
+/// `nodeHelper.getIssueType(name)`: the local type for a remote type name, or `None`
+/// (`()` in scripts, so `?? "Task"` picks a fallback). Without a list of local types, the
+/// name passes through.
+pub fn get_issue_type(local_types: &[String], name: &str) -> Option<String> {
+    let name = name.trim();
+    if local_types.is_empty() {
+        return (!name.is_empty()).then(|| name.to_string());
+    }
+    let local = |wanted: &str| local_types.iter().find(|t| t.eq_ignore_ascii_case(wanted));
+    if let Some(t) = local(name) {
+        return Some(t.clone());
+    }
+    TYPE_GROUPS
+        .iter()
+        .filter(|g| g.iter().any(|n| n.eq_ignore_ascii_case(name)))
+        .find_map(|g| g.iter().find_map(|n| local(n)))
+        .cloned()
+}
+
+/// `nodeHelper.stripHtml(text)`: the text of some HTML, tags removed, entities decoded,
+/// block ends and `<br>` as new lines.
+pub fn strip_html(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut rest = html;
+    while let Some(lt) = rest.find('<') {
+        out.push_str(&decode_entities(&rest[..lt]));
+        let Some(gt) = rest[lt..].find('>') else {
+            out.push_str(&decode_entities(&rest[lt..]));
+            rest = "";
+            break;
+        };
+        let tag = rest[lt + 1..lt + gt].trim().to_ascii_lowercase();
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let closing = tag.starts_with('/');
+        rest = &rest[lt + gt + 1..];
+        if (name == "script" || name == "style") && !closing {
+            // Their content is not text.
+            let end = format!("</{name}");
+            match rest.to_ascii_lowercase().find(&end) {
+                Some(i) => rest = rest[i..].find('>').map_or("", |j| &rest[i + j + 1..]),
+                None => rest = "",
+            }
+            continue;
+        }
+        let breaks = name == "br"
+            || (closing
+                && matches!(
+                    name.as_str(),
+                    "p" | "div" | "li" | "tr" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6"
+                ));
+        if breaks && !out.ends_with('\n') && !out.is_empty() {
+            out.push('\n');
+        }
+    }
+    out.push_str(&decode_entities(rest));
+    out.trim().to_string()
+}
+
+fn decode_entities(text: &str) -> String {
+    if !text.contains('&') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let end = rest[..rest.len().min(12)].find(';');
+        let decoded = end.and_then(|end| {
+            let name = &rest[1..end];
+            let c = match name {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" | "#39" => Some('\''),
+                "nbsp" => Some(' '),
+                _ if name.starts_with("#x") || name.starts_with("#X") => {
+                    u32::from_str_radix(&name[2..], 16).ok().and_then(char::from_u32)
+                }
+                _ if name.starts_with('#') => name[1..].parse().ok().and_then(char::from_u32),
+                _ => None,
+            };
+            c.map(|c| (c, end))
+        });
+        match decoded {
+            Some((c, end)) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A comment body as the HTML Azure DevOps stores.
+pub(super) fn to_html(text: &str, format: &str) -> String {
+    match format {
+        "html" => text.to_string(),
+        _ => escape_html(text).replace('\n', "<br>"),
+    }
+}
