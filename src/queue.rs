@@ -1714,7 +1714,10 @@ mod tests {
         // The peer acknowledges up to 3 from an earlier copy: 2..4 were never sent from here.
         assert_eq!(q.renumber_unsent(3).unwrap(), 3);
         assert_eq!((q.last_seq(), q.sent_through(), q.acked_through()), (7, 4, 3));
-        assert!(q.read_after(4, 10, 1 << 20).unwrap().is_empty(), "not durable before the flush");
+        assert!(
+            q.read_after(4, 10, 1 << 20).unwrap().is_empty(),
+            "not durable before the flush"
+        );
         store.flush().await.unwrap();
         let got = q.read_after(3, 10, 1 << 20).unwrap();
         assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [5, 6, 7]);

@@ -231,10 +231,17 @@ async fn a_restored_node_directory_numbers_new_messages_above_the_agents_cursor(
         .filter(|r| r.answered == 200 && r.body.starts_with(b"new-"))
         .map(|r| r.header("relay-seq").unwrap().parse().unwrap())
         .collect();
-    assert!(seqs.iter().all(|&s| s > 6), "numbered above the agent's cursor: {seqs:?}");
+    assert!(
+        seqs.iter().all(|&s| s > 6),
+        "numbered above the agent's cursor: {seqs:?}"
+    );
     let n = statuses(&node_dir, true).await;
     let error = n[0].last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
     assert!(error.contains("restored from a backup"), "{error}");
-    assert!(node.log().contains("renumbered the queue for the agent"), "{}", node.log());
+    assert!(
+        node.log().contains("renumbered the queue for the agent"),
+        "{}",
+        node.log()
+    );
     drop(agent);
 }
