@@ -1702,7 +1702,7 @@ mod tests {
             store.flush().await.unwrap();
         }
         // Reopened (as after a restore): message 1 may have been handed on before.
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let q = store.queue("c/out", LIMITS).unwrap();
         assert_eq!(q.sent_through(), 1);
         let mut ids = Vec::new();
@@ -1729,7 +1729,7 @@ mod tests {
         assert_eq!(q.append(msg("d"), None).unwrap().seq, 8);
         store.flush().await.unwrap();
         drop((q, store));
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let q = store.queue("c/out", LIMITS).unwrap();
         let seqs: Vec<u64> = q.read_after(0, 10, 1 << 20).unwrap().iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [1, 5, 6, 7, 8]);
@@ -1766,7 +1766,7 @@ mod tests {
             q.remove_through(1).unwrap();
             store.flush().await.unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let q = store.queue("c/out", LIMITS).unwrap();
         assert_eq!(q.durable_seq(), 2);
         assert_eq!(q.first().unwrap().unwrap().body, "b");
@@ -1788,7 +1788,7 @@ mod tests {
             q.remove_through(3).unwrap();
             store.flush().await.unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let q = store.queue("c/out", LIMITS).unwrap();
         let s = q.stats();
         assert_eq!((s.depth, s.bytes, s.dead_letters, s.last_seq), (0, 0, 1, 3));
