@@ -491,6 +491,9 @@ struct Recovered {
     recount: Option<Recount>,
     /// Keys read while opening.
     read: u64,
+    /// The high-water mark in the counters record on disk: below the recovered one when
+    /// messages were appended after the record, so the next removal writes it first.
+    persisted_hw: u64,
 }
 
 /// Recovers a queue's counters without reading its messages: the last counters record,
@@ -536,6 +539,7 @@ fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
             counters,
             recount: None,
             read: rm + rd,
+            persisted_hw: counters.last_seq,
         });
     };
     let (record, clean) = decode_counters(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?;
@@ -547,6 +551,7 @@ fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
             counters: record,
             recount: None,
             read: 0,
+            persisted_hw: record.last_seq,
         });
     }
     let boundary = record.last_seq;
@@ -572,6 +577,7 @@ fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
             estimate: record.sums,
         }),
         read: rm + rd,
+        persisted_hw: boundary,
     })
 }
 
@@ -668,7 +674,7 @@ impl Store {
             state: Mutex::new(QueueState {
                 counters,
                 limits,
-                persisted_hw: counters.last_seq,
+                persisted_hw: recovered.persisted_hw,
                 // Whatever was stored before this start may have been handed on already.
                 sent: counters.last_seq,
                 dirty: false,
@@ -1302,6 +1308,27 @@ impl Queue {
             self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
             st.change(List::Messages, seq, false, bytes);
         }
+        // An intake retry with the same idempotency key must learn the number its message has
+        // now, not the old one the peer holds for another message: reads the key index, once.
+        let moved: HashMap<u64, u64> = old
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (k, _))| Some((seq_of(k)?, floor + 1 + i as u64)))
+            .collect();
+        let keys: Vec<(sled::IVec, sled::IVec)> = self
+            .shared
+            .tree
+            .scan_prefix([IDEM_PREFIX])
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.storage(e))?;
+        for (k, v) in keys {
+            let Some(to) = seq_of(&v).and_then(|seq| moved.get(&seq)) else {
+                continue;
+            };
+            let mut fresh = v.to_vec();
+            fresh[1..9].copy_from_slice(&to.to_be_bytes());
+            self.shared.tree.insert(k, fresh).map_err(|e| self.storage(e))?;
+        }
         Ok(old.len() as u64)
     }
 
@@ -1734,6 +1761,29 @@ mod tests {
         let seqs: Vec<u64> = q.read_after(0, 10, 1 << 20).unwrap().iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [1, 5, 6, 7, 8]);
         assert_eq!(q.append(msg("e"), None).unwrap().seq, 9);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_retried_after_a_renumbering_answers_the_new_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        let first = q.append(msg("a"), Some("key-a")).unwrap();
+        q.append(msg("b"), Some("key-b")).unwrap();
+        assert_eq!(first.seq, 1);
+        store.flush().await.unwrap();
+        // Reopened (as after a restore): messages 1 and 2 may have been handed on before.
+        drop((q, store));
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/out", LIMITS).unwrap();
+        let c = q.append(msg("c"), Some("key-c")).unwrap();
+        assert_eq!(c.seq, 3);
+        assert_eq!(q.renumber_unsent(5).unwrap(), 1);
+        let again = q.append(msg("c"), Some("key-c")).unwrap();
+        assert!(again.duplicate);
+        assert_eq!((again.seq, again.id), (6, c.id), "the number message c has now");
+        let a = q.append(msg("a"), Some("key-a")).unwrap();
+        assert_eq!(a.seq, 1, "a message that was not moved keeps its number");
     }
 
     #[tokio::test]

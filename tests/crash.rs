@@ -22,18 +22,6 @@ enum Victim {
     Node,
 }
 
-/// Drains a sink into a shared list.
-fn collect(mut sink: Sink) -> Arc<Mutex<Vec<Received>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    tokio::spawn(async move {
-        while let Some(r) = sink.rx.recv().await {
-            s.lock().unwrap().push(r);
-        }
-    });
-    seen
-}
-
 fn distinct(seen: &Mutex<Vec<Received>>) -> usize {
     let seen = seen.lock().unwrap();
     seen.iter()

@@ -130,16 +130,7 @@ async fn a_message_too_big_for_the_agent_is_dead_lettered_on_the_node_and_the_in
     // 2000 bytes fit the node but never the agent (more than its whole queue).
     let code = node
         .side
-        .initiate(relay::node::InitiateRequest {
-            name: "c".into(),
-            local_name: "pub".into(),
-            remote_name: "priv".into(),
-            description: String::new(),
-            mode: "script".into(),
-            project: "P".into(),
-            expires: None,
-            deliver_to: None,
-        })
+        .initiate(relay::node::InitiateRequest::script("c", "pub", "priv", "P"))
         .await
         .unwrap();
     for body in [b"small-1".to_vec(), vec![b'x'; 2000], b"small-2".to_vec()] {

@@ -9,32 +9,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::*;
 use relay::sink::{Received, Sink};
-
-/// Drains a sink into a shared list.
-fn collect(mut sink: Sink) -> Arc<Mutex<Vec<Received>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    tokio::spawn(async move {
-        while let Some(r) = sink.rx.recv().await {
-            s.lock().unwrap().push(r);
-        }
-    });
-    seen
-}
-
-fn bodies(seen: &Mutex<Vec<Received>>) -> Vec<String> {
-    seen.lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.answered == 200)
-        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
-        .collect()
-}
 
 /// Copies a stopped daemon's data directory, files and modes (sockets are left behind).
 fn copy_dir(from: &Path, to: &Path) {
@@ -69,8 +48,19 @@ async fn start_agent(dir: &Path) -> Daemon {
     Daemon::start(dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restored_agent_directory_is_refused_with_409_and_loses_nothing() {
+/// Both tests' start: a node, an agent that accepted connection "c" (not running yet), a
+/// webhook sink on each side, and where a snapshot of a data directory goes.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    node_dir: PathBuf,
+    agent_dir: PathBuf,
+    snapshot: PathBuf,
+    to_public: Arc<Mutex<Vec<Received>>>,
+    to_private: Arc<Mutex<Vec<Received>>>,
+    node: Daemon,
+}
+
+async fn set_up() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let (node_dir, agent_dir, snapshot) = (
         tmp.path().join("node"),
@@ -85,6 +75,28 @@ async fn a_restored_agent_directory_is_refused_with_409_and_loses_nothing() {
     let code = initiate(&node_dir, "c", &public_url, &[]).await;
     let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
     assert!(o.status.success(), "{}", stderr(&o));
+    Setup {
+        _tmp: tmp,
+        node_dir,
+        agent_dir,
+        snapshot,
+        to_public,
+        to_private,
+        node,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_agent_directory_is_refused_with_409_and_loses_nothing() {
+    let Setup {
+        _tmp,
+        node_dir,
+        agent_dir,
+        snapshot,
+        to_public,
+        to_private,
+        node,
+    } = set_up().await;
 
     // Until the snapshot: up-1..5 and down-1..2, all delivered and acknowledged.
     let mut agent = start_agent(&agent_dir).await;
@@ -176,22 +188,16 @@ async fn start_node_at(dir: &Path, listen: &str, api: &str) -> Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_node_directory_numbers_new_messages_above_the_agents_cursor() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (node_dir, agent_dir, snapshot) = (
-        tmp.path().join("node"),
-        tmp.path().join("agent"),
-        tmp.path().join("snapshot"),
-    );
-    let public_app = Sink::start().await.unwrap();
-    let private_app = Sink::start().await.unwrap();
-    let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
-    let _to_public = collect(public_app);
-    let to_private = collect(private_app);
-    let mut node = start_node(&node_dir, None).await;
+    let Setup {
+        _tmp,
+        node_dir,
+        agent_dir,
+        snapshot,
+        to_private,
+        mut node,
+        ..
+    } = set_up().await;
     let (listen, api) = (node.info.listen.clone().unwrap(), node.info.api.clone().unwrap());
-    let code = initiate(&node_dir, "c", &public_url, &[]).await;
-    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
-    assert!(o.status.success(), "{}", stderr(&o));
     let agent = start_agent(&agent_dir).await;
     let delivered = |want: Vec<String>| {
         let to_private = to_private.clone();

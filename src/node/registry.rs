@@ -45,6 +45,23 @@ pub struct InitiateRequest {
     pub deliver_to: Option<String>,
 }
 
+impl InitiateRequest {
+    /// A `script` connection `name` from `local_name` to `remote_name` for `project`, with no
+    /// description, the default invitation lifetime and no webhook yet.
+    pub fn script(name: &str, local_name: &str, remote_name: &str, project: &str) -> InitiateRequest {
+        InitiateRequest {
+            name: name.into(),
+            local_name: local_name.into(),
+            remote_name: remote_name.into(),
+            description: String::new(),
+            mode: "script".into(),
+            project: project.into(),
+            expires: None,
+            deliver_to: None,
+        }
+    }
+}
+
 /// Operator actions on a connection.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -507,16 +524,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let registry = Registry::open(&store).unwrap();
-        let form = InitiateRequest {
-            name: "c".into(),
-            local_name: "pub".into(),
-            remote_name: "priv".into(),
-            description: String::new(),
-            mode: "script".into(),
-            project: "P".into(),
-            expires: None,
-            deliver_to: None,
-        };
+        let form = InitiateRequest::script("c", "pub", "priv", "P");
         let code = registry
             .initiate(&form, "https://node.example:8443", Duration::from_secs(3600), [1; 32])
             .unwrap();

@@ -306,16 +306,7 @@ pub fn in_process(dir: &Path) -> relay::config::Settings {
 /// that delivers to `hook`.
 pub async fn connect(node: &relay::node::Node, agent: &relay::agent::Agent, hook: &str) {
     let code = node
-        .initiate(relay::node::InitiateRequest {
-            name: "c".into(),
-            local_name: "pub".into(),
-            remote_name: "priv".into(),
-            description: String::new(),
-            mode: "script".into(),
-            project: "P".into(),
-            expires: None,
-            deliver_to: None,
-        })
+        .initiate(relay::node::InitiateRequest::script("c", "pub", "priv", "P"))
         .await
         .unwrap();
     agent
@@ -351,4 +342,26 @@ pub async fn post(
         .map_err(|e| e.to_string())?;
     let json = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
     Ok((reply.status.as_u16(), json))
+}
+
+/// Drains a sink into a shared list.
+pub fn collect(mut sink: relay::sink::Sink) -> std::sync::Arc<std::sync::Mutex<Vec<relay::sink::Received>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(r) = sink.rx.recv().await {
+            s.lock().unwrap().push(r);
+        }
+    });
+    seen
+}
+
+/// The bodies a sink answered with 200, in arrival order.
+pub fn bodies(seen: &std::sync::Mutex<Vec<relay::sink::Received>>) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.answered == 200)
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect()
 }
