@@ -4,10 +4,11 @@
 //! `m` + sequence number (big-endian, so sled's order is FIFO order), `d` + sequence number
 //! for dead letters, `i` + idempotency key (with `t` + accept time, its expiry index), `r` +
 //! sequence number for the ids of a peer's newest messages, and `c` for the counters record.
-//! Every write is a single-key insert or remove, never a multi-key batch: in sled 0.34 a batch
-//! takes a global lock that a running flush holds off, which would serialise appends behind
-//! the disk. Multi-key changes are ordered so a crash in between leaves a message twice
-//! (delivered again, same id), never lost.
+//! Every write on the message path is a single-key insert or remove, never a multi-key batch:
+//! in sled 0.34 a batch takes a global lock that a running flush holds off, which would
+//! serialise appends behind the disk. Multi-key changes are ordered so a crash in between
+//! leaves a message twice (delivered again, same id), never lost. The one batch is the rare
+//! repair [`Queue::renumber_unsent`], which must be all or nothing.
 //!
 //! Counters live in memory. The flush thread writes a queue's counters record just before a
 //! flush when they changed, and a clean close writes an exact one, so opening a queue never
@@ -1274,9 +1275,9 @@ impl Queue {
     /// an earlier copy of this store (a node restored from a backup), and would take the ones
     /// numbered there now as acknowledged unseen. Moves every message never handed on above
     /// both the cursor and the high-water mark, in order, and numbers new ones after them;
-    /// returns how many moved. Each goes in at its new number before it leaves its old one, so
-    /// a crash between leaves it twice (delivered again under its id), never lost. Reads the
-    /// messages it moves: only for that rare repair. Durable after the next [`Store::flush`].
+    /// returns how many moved. The move is one atomic write, so a crash leaves all of it or
+    /// none (and the next poll renumbers again). Reads the messages it moves and the
+    /// idempotency keys: only for that rare repair. Durable after the next [`Store::flush`].
     pub fn renumber_unsent(&self, cursor: u64) -> Result<u64, QueueError> {
         self.check()?;
         let mut st = self.writable()?;
@@ -1290,45 +1291,57 @@ impl Queue {
             .collect::<Result<_, _>>()
             .map_err(|e| self.storage(e))?;
         let floor = cursor.max(st.counters.last_seq);
-        // The high-water mark moves first: no number at or below `floor` is handed out again,
-        // whatever a crash leaves.
-        st.counters.last_seq = floor + old.len() as u64;
-        st.counters.acked = st.counters.acked.max(cursor);
-        st.sent = floor;
-        self.write_record(&mut st, None)?;
-        for (i, (k, v)) in old.iter().enumerate() {
-            let seq = seq_of(k).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
-            let to = floor + 1 + i as u64;
-            let bytes = stored_body_len(v) as u64;
-            self.shared
-                .tree
-                .insert(key(MSG_PREFIX, to), v.clone())
-                .map_err(|e| self.storage(e))?;
-            st.change(List::Messages, to, true, bytes);
-            self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
-            st.change(List::Messages, seq, false, bytes);
-        }
-        // An intake retry with the same idempotency key must learn the number its message has
-        // now, not the old one the peer holds for another message: reads the key index, once.
         let moved: HashMap<u64, u64> = old
             .iter()
             .enumerate()
             .filter_map(|(i, (k, _))| Some((seq_of(k)?, floor + 1 + i as u64)))
             .collect();
+        // An intake retry with the same idempotency key must learn the number its message has
+        // now, not the old one the peer holds for another message: reads the key index, once.
         let keys: Vec<(sled::IVec, sled::IVec)> = self
             .shared
             .tree
             .scan_prefix([IDEM_PREFIX])
             .collect::<Result<_, _>>()
             .map_err(|e| self.storage(e))?;
+        let mut next = st.counters;
+        next.last_seq = floor + old.len() as u64;
+        next.acked = next.acked.max(cursor);
+        // One atomic batch, unlike every other write here (sled's batches wait for a running
+        // flush; this repair is rare): a crash leaves the queue as it was, and the next poll
+        // renumbers again, or as it is now. Half a move would let the cursor acknowledge the
+        // messages not yet moved.
+        let mut batch = sled::Batch::default();
+        for (k, v) in &old {
+            let seq = seq_of(k).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+            let to = *moved
+                .get(&seq)
+                .ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
+            batch.insert(&key(MSG_PREFIX, to)[..], v.clone());
+            batch.remove(k.clone());
+        }
         for (k, v) in keys {
             let Some(to) = seq_of(&v).and_then(|seq| moved.get(&seq)) else {
                 continue;
             };
             let mut fresh = v.to_vec();
             fresh[1..9].copy_from_slice(&to.to_be_bytes());
-            self.shared.tree.insert(k, fresh).map_err(|e| self.storage(e))?;
+            batch.insert(k, fresh);
         }
+        batch.insert(COUNTERS_KEY, &encode_counters(&next, false)[..]);
+        self.shared.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
+        for (seq, to, bytes) in old
+            .iter()
+            .filter_map(|(k, v)| Some((seq_of(k)?, stored_body_len(v) as u64)))
+            .filter_map(|(seq, bytes)| Some((seq, *moved.get(&seq)?, bytes)))
+        {
+            st.change(List::Messages, to, true, bytes);
+            st.change(List::Messages, seq, false, bytes);
+        }
+        st.counters.last_seq = next.last_seq;
+        st.counters.acked = next.acked;
+        st.persisted_hw = next.last_seq;
+        st.sent = floor;
         Ok(old.len() as u64)
     }
 
