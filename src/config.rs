@@ -67,6 +67,56 @@ pub struct Settings {
     /// Webhook delivery and retry.
     #[serde(default)]
     pub delivery: DeliverySettings,
+    /// This side's issue tracker; when set, connections sync work items with it instead of
+    /// delivering payloads to a webhook.
+    #[serde(default)]
+    pub tracker: Option<TrackerSettings>,
+}
+
+/// `[tracker]`: the Azure DevOps instance of this side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerSettings {
+    /// The tracker's kind; only `azure-devops` today.
+    #[serde(default)]
+    pub kind: TrackerKind,
+    /// `https://dev.azure.com/{org}` or `https://{server}/{collection}`.
+    pub url: String,
+    /// File holding the personal access token (its first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The personal access token itself (`RELAY_TRACKER__TOKEN`); prefer `token_file`.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// How the tracker's certificate is checked.
+    #[serde(default)]
+    pub trust: WebhookTrust,
+    /// PEM bundle of CA certificates: required with `trust = "ca"`, added to the roots
+    /// otherwise (an internal CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// REST API version, e.g. `"5.0"`; probed from the server when absent.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// How often the change feed is read when no service hook wakes it.
+    #[serde(default = "default_tracker_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Deadline of one tracker request.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Shared secret a service hook sends in the `Relay-Hook-Secret` header to wake the poller
+    /// (`POST /v1/hooks/azure-devops` on the local API); hooks are refused without it.
+    #[serde(default)]
+    pub hook_secret: Option<Secret>,
+}
+
+/// A tracker's kind.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum TrackerKind {
+    /// Azure DevOps Services or Server.
+    #[default]
+    #[serde(rename = "azure-devops")]
+    AzureDevOps,
 }
 
 /// `[node]`.
@@ -310,6 +360,9 @@ fn default_ready_max_silence() -> Duration {
 fn default_ready_max_age() -> Duration {
     Duration::from_secs(15 * 60)
 }
+fn default_tracker_poll_interval() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_backoff_initial() -> Duration {
     Duration::from_millis(200)
 }
@@ -391,6 +444,7 @@ impl Default for Settings {
             agent: AgentSettings::default(),
             queue: QueueSettings::default(),
             delivery: DeliverySettings::default(),
+            tracker: None,
         }
     }
 }
@@ -840,6 +894,28 @@ impl Settings {
         if self.delivery.trust == WebhookTrust::Ca && self.delivery.ca_file.is_none() {
             return invalid("delivery.ca_file", "required when delivery.trust = \"ca\"");
         }
+        if let Some(t) = &self.tracker {
+            if let Err(problem) = check_tracker_url(&t.url) {
+                return invalid("tracker.url", &problem);
+            }
+            if t.token_file.is_some() == t.token.is_some() {
+                return invalid(
+                    "tracker.token_file",
+                    "set exactly one of tracker.token_file and tracker.token (RELAY_TRACKER__TOKEN)",
+                );
+            }
+            if t.trust == WebhookTrust::Ca && t.ca_file.is_none() {
+                return invalid("tracker.ca_file", "required when tracker.trust = \"ca\"");
+            }
+            if let Some(v) = &t.api_version {
+                if crate::tracker::ApiVersion::parse(v).is_none() {
+                    return invalid("tracker.api_version", "must look like 5.0, 6.0, 7.0 or 7.1");
+                }
+            }
+            if t.poll_interval < Duration::from_millis(100) || t.poll_interval > Duration::from_secs(3600) {
+                return invalid("tracker.poll_interval", "must be between 100ms and 1h");
+            }
+        }
         if self.node.max_connections == 0 {
             return invalid("node.max_connections", "must be at least 1");
         }
@@ -887,15 +963,36 @@ impl Settings {
     }
 }
 
+/// A tracker URL: https, or http on a loopback address only (a token must not cross a
+/// network in the clear).
+pub fn check_tracker_url(url: &str) -> Result<(), String> {
+    check_url("tracker", url)?;
+    let uri: crate::http::Uri = url
+        .parse()
+        .map_err(|e| format!("tracker URL {url:?} is not valid: {e}"))?;
+    let host = crate::http::host_port(&uri).0;
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https")) && !loopback {
+        return Err(format!(
+            "tracker URL {url:?} must use https:// (the access token would cross the network in the clear)"
+        ));
+    }
+    Ok(())
+}
+
 /// A webhook must be an absolute http(s) URL.
 pub fn check_webhook_url(url: &str) -> Result<(), String> {
-    let must_be_http = || format!("webhook URL {url:?} must start with http:// or https://");
+    check_url("webhook", url)
+}
+
+fn check_url(what: &str, url: &str) -> Result<(), String> {
+    let must_be_http = || format!("{what} URL {url:?} must start with http:// or https://");
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("webhook URL {url:?} has no host or contains spaces"));
+        return Err(format!("{what} URL {url:?} has no host or contains spaces"));
     }
     let uri: crate::http::Uri = url.parse().map_err(|e| {
         if url.contains("://") {
-            format!("webhook URL {url:?} is not valid: {e}")
+            format!("{what} URL {url:?} is not valid: {e}")
         } else {
             must_be_http()
         }
@@ -907,10 +1004,10 @@ pub fn check_webhook_url(url: &str) -> Result<(), String> {
         return Err(must_be_http());
     }
     if crate::http::host_port(&uri).0.is_empty() {
-        return Err(format!("webhook URL {url:?} has no host or contains spaces"));
+        return Err(format!("{what} URL {url:?} has no host or contains spaces"));
     }
     if !crate::http::port_in_range(&uri) {
-        return Err(format!("webhook URL {url:?} has a port outside 1-65535"));
+        return Err(format!("{what} URL {url:?} has a port outside 1-65535"));
     }
     Ok(())
 }

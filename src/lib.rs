@@ -21,6 +21,7 @@
 //! - [`admin`]: the local admin socket; [`daemon`]: starting either side.
 //! - [`doctor`]: `relay doctor` and `relay egress`.
 //! - [`sync`]: Script mode's pure core: replicas, the work-item model, sandboxed rules.
+//! - [`tracker`]: the Azure DevOps REST client (version probe, backoff, work items, comments).
 //! - [`notify`]: systemd readiness, status, watchdog and journal detection.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
 //!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
@@ -56,3 +57,4 @@ pub mod sink;
 pub mod status;
 pub mod sync;
 pub mod tls;
+pub mod tracker;
