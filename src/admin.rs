@@ -63,6 +63,11 @@ pub enum Request {
         #[serde(default)]
         direction: Direction,
     },
+    /// A sync command.
+    Sync {
+        /// The command.
+        request: crate::sync::ops::SyncRequest,
+    },
     /// Agent: redeem an invitation.
     Accept {
         /// The invitation code (travels only over the owner-only socket).
@@ -231,11 +236,22 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
                 direction,
             },
         ) => Ok(to_json(&dead_letters(side, &connection, direction, action).await?)),
-        (Side::Node(n), Request::Initiate { request }) => Ok(serde_json::Value::String(n.initiate(request).await?)),
+        (side, Request::Sync { request }) => crate::sync::ops::dispatch(sync_context(side)?, request).await,
+        (Side::Node(n), Request::Initiate { request }) => {
+            let (name, project) = (request.name.clone(), request.project.clone());
+            let code = n.initiate(request).await?;
+            crate::sync::ops::ensure_default_rules(n.store(), &name, &project)?;
+            n.store().flush().await?;
+            Ok(serde_json::Value::String(code))
+        }
         (Side::Node(n), Request::SetState { name, action }) => Ok(to_json(&n.set_state(&name, action).await?)),
         (Side::Agent(a), Request::Accept { code, options }) => {
             let invitation = Invitation::decode(&code).map_err(|e| OpError::new(Kind::Invitation, e.to_string()))?;
-            Ok(to_json(&a.accept(&invitation, options).await?))
+            let accepted = a.accept(&invitation, options).await?;
+            let c = &accepted.connection;
+            crate::sync::ops::ensure_default_rules(a.store(), &c.name, &c.project)?;
+            a.store().flush().await?;
+            Ok(to_json(&accepted))
         }
         (Side::Node(_), _) => Err(OpError::new(
             Kind::Config,
@@ -246,6 +262,19 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
             "this data directory belongs to an agent; that command is for a node",
         )),
     }
+}
+
+/// What the sync commands of `side` may use.
+fn sync_context(side: &Side) -> OpResult<crate::sync::ops::Context<'_>> {
+    let (store, engine, statuses) = match side {
+        Side::Node(n) => (n.store(), n.sync(), n.connections()?),
+        Side::Agent(a) => (a.store(), a.sync(), a.status()?),
+    };
+    Ok(crate::sync::ops::Context {
+        store,
+        engine,
+        connections: statuses.into_iter().map(|s| (s.name, s.project)).collect(),
+    })
 }
 
 mod erased {

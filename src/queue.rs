@@ -1691,8 +1691,23 @@ impl Table {
 
     /// Every record, in key order.
     pub fn list<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, QueueError> {
+        self.list_prefix("")
+    }
+
+    /// How many records have keys starting with `prefix` (reads keys only).
+    pub fn count_prefix(&self, prefix: &str) -> Result<u64, QueueError> {
+        let mut n = 0;
+        for item in self.tree.scan_prefix(prefix) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The records whose keys start with `prefix`, in key order.
+    pub fn list_prefix<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, QueueError> {
         let mut out = Vec::new();
-        for item in self.tree.iter() {
+        for item in self.tree.scan_prefix(prefix) {
             let (k, v) = item?;
             let key = String::from_utf8_lossy(&k).into_owned();
             let value =

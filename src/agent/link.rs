@@ -222,7 +222,7 @@ pub fn spawn(
         }
     };
     let name = conn.name.clone();
-    spawn_delivery(&agent, &conn, &handle, tracker, webhook_client, inbox.clone());
+    spawn_delivery(&agent, &conn, &handle, tracker, webhook_client, (outbox.clone(), inbox.clone()));
     if conn.revoked.is_some() {
         // Revoked: no more exchanges with the node, but what it already sent is delivered.
         return;
@@ -265,16 +265,34 @@ pub fn spawn(
     tracker.spawn(send_loop(ctx, outbox).instrument(tracing::info_span!("send", connection = %name)));
 }
 
-/// Starts the webhook worker for what the node sent, if a webhook is configured.
+/// Starts the sync engine of the connection when this side has a tracker, or else the
+/// webhook worker for what the node sent, if a webhook is configured.
 fn spawn_delivery(
     agent: &Agent,
     conn: &AgentConnection,
     handle: &Arc<LinkHandle>,
     tracker: &TaskTracker,
     webhook_client: http::Client,
-    inbox: Queue,
+    (outbox, inbox): (Queue, Queue),
 ) {
     let name = conn.name.clone();
+    if let Some(engine) = agent.sync() {
+        let link = crate::sync::engine::SyncLink {
+            name,
+            project: conn.project.clone(),
+            outbox,
+            inbox,
+            health: handle.health.clone(),
+        };
+        // Like the webhook, sync applies whatever arrived; pausing happens on the node.
+        let (active_tx, active_rx) = watch::channel(true);
+        engine.spawn(link, active_rx, tracker, handle.deliver_token.clone());
+        // The sender lives as long as the connection's tasks.
+        tracker.spawn(async move {
+            active_tx.closed().await;
+        });
+        return;
+    }
     let Some(url) = conn
         .deliver_to
         .clone()

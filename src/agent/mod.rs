@@ -134,6 +134,7 @@ struct AgentInner {
     nonces: Table,
     links: Mutex<HashMap<String, Arc<LinkHandle>>>,
     runtime: Mutex<Option<Runtime>>,
+    sync: Option<crate::sync::engine::Engine>,
 }
 
 /// The agent's state. Cheap to clone.
@@ -175,6 +176,7 @@ impl Agent {
             inner: Arc::new(AgentInner {
                 connections: store.table("agent-connections")?,
                 nonces: store.table("agent-redeem-nonces")?,
+                sync: crate::node::sync_engine(&store, &settings)?,
                 store,
                 settings,
                 links: Mutex::new(HashMap::new()),
@@ -186,6 +188,11 @@ impl Agent {
     /// Settings in force.
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    /// The sync engine, when this side has a tracker.
+    pub fn sync(&self) -> Option<&crate::sync::engine::Engine> {
+        self.inner.sync.as_ref()
     }
 
     /// The store.

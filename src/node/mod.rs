@@ -19,6 +19,8 @@ use tracing::{info, Instrument};
 
 use crate::config::Settings;
 use crate::deliver::{self, Webhook};
+use crate::sync::engine::{Engine, SyncLink};
+use crate::sync::state::SyncState;
 use crate::error::{Kind, OpError, OpResult};
 use crate::http::{self, StatusCode};
 use crate::intake::{IntakeTarget, Refusal};
@@ -59,12 +61,24 @@ struct NodeInner {
     runtime: Mutex<Option<Runtime>>,
     public_url: Mutex<Option<String>>,
     pin: [u8; 32],
+    sync: Option<Engine>,
 }
 
 /// The node's state: registry, queues and (while serving) live links. Cheap to clone.
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<NodeInner>,
+}
+
+/// The sync engine of a side whose settings bind a tracker.
+pub fn sync_engine(store: &Store, settings: &Settings) -> OpResult<Option<Engine>> {
+    let Some(tracker) = &settings.tracker else { return Ok(None) };
+    let state = SyncState::open(store)?;
+    Ok(Some(Engine::new(
+        tracker.clone(),
+        state,
+        settings.queue.max_payload_bytes as usize,
+    )))
 }
 
 /// Queue names of a connection on the node.
@@ -77,6 +91,7 @@ impl Node {
     pub fn open(store: Store, settings: Settings, pin: [u8; 32]) -> OpResult<Node> {
         let registry = Registry::open(&store)?;
         let public_url = settings.node.public_url.clone();
+        let sync = sync_engine(&store, &settings)?;
         Ok(Node {
             inner: Arc::new(NodeInner {
                 store,
@@ -86,6 +101,7 @@ impl Node {
                 runtime: Mutex::new(None),
                 public_url: Mutex::new(public_url),
                 pin,
+                sync,
             }),
         })
     }
@@ -93,6 +109,11 @@ impl Node {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The sync engine, when this side has a tracker.
+    pub fn sync(&self) -> Option<&Engine> {
+        self.inner.sync.as_ref()
     }
 
     /// Settings in force.
@@ -229,6 +250,17 @@ impl Node {
         });
         links.insert(rec.name.clone(), link.clone());
         let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(engine), Some(rt)) = (&self.inner.sync, runtime.as_ref()) {
+            let sync = SyncLink {
+                name: rec.name.clone(),
+                project: rec.project.clone(),
+                outbox: link.outbox.clone(),
+                inbox,
+                health: link.health.clone(),
+            };
+            engine.spawn(sync, active_rx, &rt.tracker, rt.token.child_token());
+            return Ok(link);
+        }
         let url = rec
             .deliver_to
             .clone()

@@ -6,9 +6,13 @@
 //! - [`script`]: compiling and running a side's rules in a bounded Rhai engine.
 //! - [`defaults`]: the rules generated for a side at `initiate` / `accept`.
 
+pub mod blob;
 pub mod defaults;
+pub mod engine;
+pub mod ops;
 pub mod replica;
 pub mod script;
+pub mod state;
 pub mod workitem;
 
 #[cfg(test)]

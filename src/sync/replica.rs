@@ -82,6 +82,11 @@ pub struct Event {
     pub id: String,
     /// Upsert or delete.
     pub kind: EventKind,
+    /// The receiver's own key of this item's twin, once the sender knows it (the receiver
+    /// created the twin from an earlier replica): the receiver updates that item rather than
+    /// creating one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
 }
 
 /// The kinds of event a replica carries.
@@ -301,6 +306,9 @@ impl Replica {
         short("origin.url", &o.url)?;
         short("origin.changed_at", &o.changed_at)?;
         short("event.id", &self.event.id)?;
+        if let Some(t) = &self.event.twin {
+            short("event.twin", t)?;
+        }
         self.entity.validate()
     }
 }
@@ -510,6 +518,7 @@ mod tests {
             Event {
                 id: "e1".into(),
                 kind: EventKind::Upsert,
+                twin: None,
             },
             sample_entity(),
         )

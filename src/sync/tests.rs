@@ -70,6 +70,7 @@ fn replica_of(rules: &Rules, item: &WorkItem, rev: u64) -> Replica {
         Event {
             id: format!("ev-{rev}"),
             kind: EventKind::Upsert,
+            twin: None,
         },
         entity,
     )

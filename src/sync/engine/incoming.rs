@@ -1,0 +1,387 @@
+//! The incoming half: take the inbound queue's messages in order; store attachment chunks and
+//! upload a file once all of it arrived intact; apply each replica to its local twin through
+//! the incoming script (create with a marker, or patch with `test /rev` and retry on 412),
+//! and park replicas of an item with a sync error so that other items flow on.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Engine, ItemFailure, SyncLink};
+use crate::queue::Message;
+use crate::retry::Backoff;
+use crate::status::{now_ms, Health};
+use crate::sync::blob;
+use crate::sync::replica::{self, Replica};
+use crate::sync::script;
+use crate::sync::state::{PendingCreate, Side, SyncState, Twin, UploadedFile};
+use crate::sync::workitem::{self, WorkItem};
+use crate::tracker::{Tracker, TrackerError};
+
+/// Writes retried when the item changes between read and write (412).
+const CONFLICT_RETRIES: usize = 5;
+
+/// What became of one inbound message.
+#[derive(Debug)]
+enum Handled {
+    /// Applied, stored, or parked behind its item's error: remove it.
+    Done,
+    /// Unusable for good: set it aside as a dead letter.
+    DeadLetter(String),
+}
+
+/// Runs the apply worker of one connection until `token` is cancelled.
+pub async fn run(
+    engine: Engine,
+    link: SyncLink,
+    mut active: watch::Receiver<bool>,
+    mut wake: watch::Receiver<u64>,
+    token: CancellationToken,
+) {
+    let Some(tracker) = engine.tracker_patiently(&link.health, &token).await else {
+        return;
+    };
+    let inbox = link.inbox.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(60));
+    let mut kicks = inbox.kicks();
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return,
+            r = active.wait_for(|a| *a) => if r.is_err() { return },
+        }
+        retry_parked(&engine, &tracker, &link).await;
+        let durable = inbox.durable_seq();
+        let msg = match inbox.first() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tokio::select! {
+                    biased;
+                    _ = token.cancelled() => return,
+                    _ = inbox.wait_durable_after(durable) => {}
+                    r = active.changed() => if r.is_err() { return },
+                    r = wake.changed() => if r.is_err() { return },
+                    _ = kicks.changed() => {}
+                }
+                continue;
+            }
+            Err(e) => {
+                link.health.error(format!("reading queue: {e}"));
+                if !crate::retry::sleep(backoff.next_delay(None), &token).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let result = tokio::select! {
+            r = handle(&engine, &tracker, &link, &msg) => r,
+            // Whatever was written is recorded as it went; the message is handled again.
+            _ = token.cancelled() => return,
+        };
+        match result {
+            Ok(Handled::Done) => {
+                backoff.reset();
+                Health::add(&link.health.delivered, 1);
+                if let Err(e) = inbox.remove(msg.seq) {
+                    link.health.error(format!("removing an applied message: {e}"));
+                }
+            }
+            Ok(Handled::DeadLetter(reason)) => {
+                warn!(id = %msg.id, seq = msg.seq, %reason, "dead-lettering message");
+                Health::add(&link.health.dead_lettered, 1);
+                link.health.error(format!("message {} dead-lettered: {reason}", msg.id));
+                if let Err(e) = inbox.dead_letter(&msg, &reason) {
+                    warn!(error = %e, "cannot dead-letter; will retry the message");
+                }
+            }
+            Err(failure) => {
+                let (reason, after) = match failure {
+                    ItemFailure::Transient { reason, after } => (reason, after),
+                    ItemFailure::Item(reason) => (reason, None),
+                };
+                Health::add(&link.health.failures, 1);
+                let delay = backoff.next_delay(after);
+                link.health.error(reason.clone());
+                warn!(error = %reason, retry_in = ?delay, "cannot apply now; retrying");
+                if !crate::retry::sleep(delay, &token).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(engine: &Engine, tracker: &Tracker, link: &SyncLink, msg: &Message) -> Result<Handled, ItemFailure> {
+    match msg.content_type.as_str() {
+        replica::BLOB_CONTENT_TYPE => receive_chunk(engine, tracker, link, msg).await,
+        replica::CONTENT_TYPE => {
+            let replica = match Replica::parse(&msg.body) {
+                Ok(r) => r,
+                Err(e) => return Ok(Handled::DeadLetter(e.to_string())),
+            };
+            let item = replica.origin.id.to_string();
+            if let Some(e) = engine.state().error(&link.name, Side::Incoming, &item)? {
+                // Later replicas wait behind the item's error; other items flow on.
+                let mut e = e;
+                e.parked.push(String::from_utf8_lossy(&msg.body).into_owned());
+                engine.state().put_error(&e)?;
+                return Ok(Handled::Done);
+            }
+            match apply(engine, tracker, link, &replica).await {
+                Ok(()) => Ok(Handled::Done),
+                Err(ItemFailure::Item(m)) => {
+                    let parked = String::from_utf8_lossy(&msg.body).into_owned();
+                    engine.fail(link, Side::Incoming, &item, m, Some(parked));
+                    Ok(Handled::Done)
+                }
+                Err(t) => Err(t),
+            }
+        }
+        other => Ok(Handled::DeadLetter(format!(
+            "not a sync message (content type {other:?}): this side syncs with its tracker and has no webhook"
+        ))),
+    }
+}
+
+/// Stores one chunk; once the file is whole and intact, uploads it (once per hash).
+async fn receive_chunk(
+    engine: &Engine,
+    tracker: &Tracker,
+    link: &SyncLink,
+    msg: &Message,
+) -> Result<Handled, ItemFailure> {
+    let state = engine.state();
+    let (h, part) = match blob::decode(&msg.body) {
+        Ok(x) => x,
+        Err(e) => return Ok(Handled::DeadLetter(e.to_string())),
+    };
+    if state.uploaded(&h.sha256)?.is_some() {
+        return Ok(Handled::Done);
+    }
+    let have = state.put_chunk(&link.name, &h.sha256, h.index, part)?;
+    if have < h.count {
+        return Ok(Handled::Done);
+    }
+    let bytes = state.chunks(&link.name, &h.sha256)?;
+    if let Err(e) = blob::verify(&h.sha256, &bytes) {
+        state.drop_chunks(&link.name, &h.sha256)?;
+        link.health.error(e.to_string());
+        warn!(error = %e, "attachment dropped; the replica that needs it becomes a sync error");
+        return Ok(Handled::Done);
+    }
+    let up = tracker.upload_attachment(&link.project, &h.filename, &bytes).await?;
+    state.set_uploaded(&h.sha256, &UploadedFile { id: up.id, url: up.url })?;
+    state.drop_chunks(&link.name, &h.sha256)?;
+    info!(file = %h.filename, bytes = bytes.len(), "attachment uploaded");
+    Ok(Handled::Done)
+}
+
+/// Re-applies the newest parked replica of each incoming error the operator asked to retry.
+async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
+    let state = engine.state();
+    let Ok(errors) = state.errors(Some(&link.name)) else { return };
+    for e in errors.into_iter().filter(|e| e.retry && e.side == Side::Incoming) {
+        let Some(replica) = e.parked.last().and_then(|raw| Replica::parse(raw.as_bytes()).ok()) else {
+            // Nothing to apply again: the operator's retry clears it.
+            let _ = state.clear_error(&link.name, Side::Incoming, &e.item);
+            continue;
+        };
+        match apply(engine, tracker, link, &replica).await {
+            Ok(()) => {
+                info!(item = %e.item, "retried item applied");
+                if let Err(err) = state.clear_error(&link.name, Side::Incoming, &e.item) {
+                    warn!(error = %err, "cannot clear the sync error");
+                }
+            }
+            Err(ItemFailure::Item(m)) => engine.fail(link, Side::Incoming, &e.item, m, None),
+            Err(ItemFailure::Transient { reason, .. }) => {
+                warn!(item = %e.item, error = %reason, "retry postponed");
+                return;
+            }
+        }
+    }
+}
+
+/// The hyperlink a created item carries: found again after a crash cut the create short.
+fn marker(replica: &Replica, conn: &str) -> String {
+    format!("{}#relay-connection={}", replica.origin.url, conn.replace(' ', "%20"))
+}
+
+fn ops(patch: Option<&Value>) -> Vec<Value> {
+    patch.and_then(Value::as_array).cloned().unwrap_or_default()
+}
+
+/// Applies one replica to its local twin.
+pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica: &Replica) -> Result<(), ItemFailure> {
+    let conn = &link.name;
+    let state = engine.state();
+    let remote = replica.origin.id.to_string();
+    let by_twin = match replica.event.twin.as_deref().map(str::parse::<u64>) {
+        Some(Ok(local)) => state.twin_by_local(conn, local)?,
+        _ => None,
+    };
+    let found = match by_twin {
+        Some(f) => Some(f),
+        None => state.twin_by_remote(conn, &remote)?,
+    };
+    let (primary, mut twin) = found.unwrap_or_else(|| {
+        let t = Twin {
+            remote: Some(remote.clone()),
+            ..Twin::default()
+        };
+        (SyncState::new_key(&t), t)
+    });
+    if twin.applied.iter().any(|e| *e == replica.event.id) {
+        return Ok(());
+    }
+    if twin.remote.as_deref() != Some(remote.as_str()) {
+        twin.remote = Some(remote.clone());
+    }
+    let rules = engine.rules(conn, &link.project)?;
+    for _ in 0..CONFLICT_RETRIES {
+        if twin.local.is_none() {
+            if let Some(p) = &twin.pending_create {
+                // A create was sent and its answer lost: find the item rather than make another.
+                if let Some(id) = tracker.find_by_hyperlink(&link.project, &p.marker).await? {
+                    info!(item = id, remote = %remote, "found the work item of a create cut short");
+                    twin.local = Some(id);
+                    twin.pending_create = None;
+                    state.put_twin(conn, &primary, &twin)?;
+                }
+            }
+        }
+        let mut current = match twin.local {
+            Some(id) => tracker.read_item(id).await?.ok_or_else(|| {
+                ItemFailure::Item(format!(
+                    "local work item {id}, the twin of remote item {remote}, no longer exists; resolve this error to stop syncing it"
+                ))
+            })?,
+            None => WorkItem::default(),
+        };
+        super::mark_copied(&mut current, &twin);
+        let first_sync = twin.local.is_none();
+        let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
+            .map_err(|e| ItemFailure::Item(e.to_string()))?;
+        let mut new_files = Vec::new();
+        for a in desired.attachments.iter_mut().filter(|a| a.id.is_none() && a.url.is_none()) {
+            let up = state.uploaded(&a.sha256)?.ok_or_else(|| {
+                ItemFailure::Item(format!(
+                    "the bytes of attachment {:?} (sha256 {}) did not arrive intact",
+                    a.filename, a.sha256
+                ))
+            })?;
+            a.url = Some(up.url.clone());
+            new_files.push((up.id, a.remote_id.clone()));
+        }
+        let plan = workitem::build_patch(&current, &desired).map_err(|e| ItemFailure::Item(e.to_string()))?;
+        let mut last_rev = current.rev.unwrap_or(0);
+        let local = match (&plan.create, twin.local) {
+            (Some(target), _) => {
+                let marker = marker(replica, conn);
+                twin.pending_create = Some(PendingCreate {
+                    marker: marker.clone(),
+                    since_ms: now_ms(),
+                });
+                // Stored before the create is sent: a crash in between is reconciled above.
+                state.put_twin(conn, &primary, &twin)?;
+                state.flush().await?;
+                let mut ops = ops(plan.patch.as_ref());
+                ops.push(json!({
+                    "op": "add",
+                    "path": "/relations/-",
+                    "value": {"rel": "Hyperlink", "url": marker, "attributes": {"comment": format!("synced by relay, connection {conn}")}},
+                }));
+                let created = tracker
+                    .create(&target.project, &target.type_name, &Value::Array(ops))
+                    .await?;
+                let id = created
+                    .id
+                    .ok_or_else(|| ItemFailure::Item("the tracker answered a create without an id".into()))?;
+                twin.local = Some(id);
+                twin.pending_create = None;
+                last_rev = created.rev.unwrap_or(1);
+                twin.own(last_rev);
+                state.put_twin(conn, &primary, &twin)?;
+                state.flush().await?;
+                info!(item = id, remote = %remote, "work item created");
+                id
+            }
+            (None, Some(id)) => {
+                if let Some(patch) = plan.patch.as_ref() {
+                    let mut all = vec![json!({"op": "test", "path": "/rev", "value": current.rev})];
+                    all.extend(ops(Some(patch)));
+                    match tracker.update(id, &Value::Array(all)).await {
+                        Ok(item) => {
+                            last_rev = item.rev.unwrap_or(last_rev + 1);
+                            twin.own(last_rev);
+                        }
+                        // Changed since it was read: read again and run the script again.
+                        Err(TrackerError::Conflict(_)) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                id
+            }
+            (None, None) => return Err(ItemFailure::Item("nothing to create and no twin to update".into())),
+        };
+        for (file, remote_file) in new_files {
+            if let Some(r) = remote_file {
+                twin.attachments.insert(file, r);
+            }
+        }
+        add_comments(tracker, link, state, &primary, &mut twin, (local, last_rev), &plan.comments).await?;
+        twin.last_received = Some(replica.clone());
+        twin.applied(&replica.event.id);
+        twin.last_in_ms = Some(now_ms());
+        state.put_twin(conn, &primary, &twin)?;
+        return Ok(());
+    }
+    Err(ItemFailure::Item(format!(
+        "work item changed {CONFLICT_RETRIES} times while relay was writing it (412); retry it when edits settle"
+    )))
+}
+
+/// Adds the comments of a plan, linking each to its remote id as soon as it is written.
+async fn add_comments(
+    tracker: &Tracker,
+    link: &SyncLink,
+    state: &SyncState,
+    primary: &str,
+    twin: &mut Twin,
+    (local, before): (u64, u64),
+    comments: &[workitem::WorkComment],
+) -> Result<(), ItemFailure> {
+    if comments.is_empty() {
+        return Ok(());
+    }
+    let mut unknown = 0u64;
+    for c in comments {
+        let added = tracker.add_comment(&link.project, local, &c.body).await?;
+        if let Some(r) = c.remote_id.clone() {
+            twin.comments.insert(added.id.clone(), r);
+        }
+        match added.rev {
+            Some(r) => twin.own(r),
+            None => unknown += 1,
+        }
+        state.put_twin(&link.name, primary, twin)?;
+    }
+    if unknown > 0 {
+        // The comments API answers no work item revision; each comment made one. They are
+        // ours when the item moved by exactly that many since relay's last write.
+        if let Some(rev) = tracker.read_item(local).await?.and_then(|i| i.rev) {
+            if rev == before + unknown {
+                for r in before + 1..=rev {
+                    twin.own(r);
+                }
+            } else {
+                warn!(item = local, rev, before, "the item changed while comments were added; its next revision may be sent back once");
+                twin.own(rev);
+            }
+        }
+    }
+    Ok(())
+}

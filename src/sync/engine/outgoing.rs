@@ -1,0 +1,296 @@
+//! The outgoing half: read the tracker's reporting revisions feed from the stored watermark,
+//! skip the revisions relay wrote itself, run the outgoing script on each changed item, and
+//! queue the replica (after the chunks of any attachment the other side lacks) unless its
+//! hash equals the last one sent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Engine, ItemFailure, SyncLink, MAX_ATTACHMENT_BYTES};
+use crate::crypto;
+use crate::queue::NewMessage;
+use crate::retry::Backoff;
+use crate::status::{now_ms, rfc3339};
+use crate::sync::blob;
+use crate::sync::replica::{self, Event, EventKind, Origin, Replica};
+use crate::sync::script;
+use crate::sync::state::{FileFacts, Side, SyncState, Twin, Watermark};
+use crate::tracker::Tracker;
+
+/// What exporting one item came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exported {
+    /// A replica was queued.
+    Sent,
+    /// Its replica equals the last one sent: nothing queued.
+    Unchanged,
+    /// The item does not exist (any more) or left the project.
+    Missing,
+    /// The item has a sync error: it waits for `relay sync retry`.
+    Waiting,
+}
+
+/// Runs the poller of one connection until `token` is cancelled.
+pub async fn run(engine: Engine, link: SyncLink, mut wake: watch::Receiver<u64>, token: CancellationToken) {
+    let Some(tracker) = engine.tracker_patiently(&link.health, &token).await else {
+        return;
+    };
+    engine.learn_types(&tracker, &link.project).await;
+    let interval = engine.settings().poll_interval;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return,
+            r = wake.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(delay) => {}
+        }
+        retry_requested(&engine, &tracker, &link).await;
+        delay = match read_feed(&engine, &tracker, &link).await {
+            Ok(()) => {
+                backoff.reset();
+                interval
+            }
+            Err(failure) => {
+                let (reason, after) = match failure {
+                    ItemFailure::Transient { reason, after } => (reason, after),
+                    ItemFailure::Item(reason) => (reason, None),
+                };
+                let d = backoff.next_delay(after);
+                link.health.error(format!("reading the change feed: {reason}"));
+                warn!(error = %reason, retry_in = ?d, "cannot read the change feed; retrying");
+                d
+            }
+        };
+    }
+}
+
+/// Exports the items whose outgoing errors the operator asked to retry.
+async fn retry_requested(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
+    let errors = match engine.state().errors(Some(&link.name)) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(error = %e, "cannot read sync errors");
+            return;
+        }
+    };
+    for e in errors.into_iter().filter(|e| e.retry && e.side == Side::Outgoing) {
+        let Ok(id) = e.item.parse::<u64>() else { continue };
+        match export(engine, tracker, link, id, true).await {
+            Ok(_) => info!(item = id, "retried item synced"),
+            Err(ItemFailure::Item(m)) => engine.fail(link, Side::Outgoing, &e.item, m, None),
+            Err(ItemFailure::Transient { reason, .. }) => {
+                warn!(item = id, error = %reason, "retry postponed");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the feed to its end, exporting what changed; the watermark moves page by page once
+/// the page's replicas are durable. Without a watermark (a new connection), the feed is read
+/// to its end without exporting: existing items are `relay sync bulk`'s job.
+async fn read_feed(engine: &Engine, tracker: &Tracker, link: &SyncLink) -> Result<(), ItemFailure> {
+    let state = engine.state();
+    let mut mark = state.watermark(&link.name)?;
+    let fast_forward = mark.is_none();
+    let trigger = state.rules(&link.name)?.and_then(|r| r.trigger);
+    loop {
+        let page = tracker
+            .revisions(&link.project, mark.as_ref().map(|m| m.continuation.as_str()))
+            .await?;
+        if !fast_forward && !page.revisions.is_empty() {
+            // The newest revision of each item in the page that relay did not write itself.
+            let mut changed: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut twins: HashMap<u64, Option<Twin>> = HashMap::new();
+            for r in &page.revisions {
+                let twin = match twins.get(&r.id) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = state.twin_by_local(&link.name, r.id)?.map(|(_, t)| t);
+                        twins.insert(r.id, t.clone());
+                        t
+                    }
+                };
+                if twin.is_some_and(|t| t.is_own(r.rev)) {
+                    continue;
+                }
+                let e = changed.entry(r.id).or_default();
+                *e = (*e).max(r.rev);
+            }
+            if let (Some(t), false) = (&trigger, changed.is_empty()) {
+                let matching: std::collections::HashSet<u64> =
+                    tracker.query_ids(&link.project, Some(t)).await?.into_iter().collect();
+                changed.retain(|id, _| matching.contains(id));
+            }
+            for &id in changed.keys() {
+                match export(engine, tracker, link, id, false).await {
+                    Ok(_) => {}
+                    Err(ItemFailure::Item(m)) => engine.fail(link, Side::Outgoing, &id.to_string(), m, None),
+                    Err(t) => return Err(t),
+                }
+            }
+            state.flush().await?;
+        }
+        let next = Watermark {
+            continuation: page.continuation.clone(),
+            read_ms: now_ms(),
+        };
+        state.set_watermark(&link.name, &next)?;
+        mark = Some(next);
+        if page.last {
+            state.flush().await?;
+            if fast_forward {
+                info!(project = %link.project, "change feed read to its end: changes from now on are synced (relay sync bulk sends the existing items)");
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// Turns local item `id` into a replica on the outbound queue (durable after the next flush).
+/// With `force`, an unchanged item is sent again and an item with a sync error is retried.
+pub async fn export(
+    engine: &Engine,
+    tracker: &Tracker,
+    link: &SyncLink,
+    id: u64,
+    force: bool,
+) -> Result<Exported, ItemFailure> {
+    let conn = &link.name;
+    let state = engine.state();
+    let item_key = id.to_string();
+    let had_error = state.error(conn, Side::Outgoing, &item_key)?;
+    if had_error.as_ref().is_some_and(|e| !e.retry) && !force {
+        return Ok(Exported::Waiting);
+    }
+    let Some(mut item) = tracker.read_item(id).await? else {
+        return Ok(Exported::Missing);
+    };
+    if !item.project_key.eq_ignore_ascii_case(&link.project) {
+        return Ok(Exported::Missing);
+    }
+    let (primary, mut twin) = state.twin_by_local(conn, id)?.unwrap_or_else(|| {
+        let t = Twin {
+            local: Some(id),
+            ..Twin::default()
+        };
+        (SyncState::new_key(&t), t)
+    });
+    super::mark_copied(&mut item, &twin);
+    // Attachments are described by their hash; bytes read once are kept for sending.
+    let mut read: HashMap<String, Bytes> = HashMap::new();
+    for a in &mut item.attachments {
+        let (Some(aid), Some(url)) = (a.id.clone(), a.url.clone()) else { continue };
+        if a.remote_id.is_some() {
+            continue;
+        }
+        match state.file_facts(&aid)? {
+            Some(f) => {
+                a.sha256 = f.sha256;
+                a.size = f.size;
+            }
+            None => {
+                let bytes = tracker.download_attachment(&url, MAX_ATTACHMENT_BYTES).await?;
+                let facts = FileFacts {
+                    sha256: crypto::hex(&crypto::sha256(&bytes)),
+                    size: bytes.len() as u64,
+                };
+                state.set_file_facts(&aid, &facts)?;
+                a.sha256 = facts.sha256.clone();
+                a.size = facts.size;
+                read.insert(facts.sha256, bytes);
+            }
+        }
+    }
+    let rules = engine.rules(conn, &link.project)?;
+    let entity = script::run_outgoing(&rules, &item, twin.last_sent.as_ref()).map_err(|e| ItemFailure::Item(e.to_string()))?;
+    let hash = entity.hash();
+    if !force && twin.last_sent_hash.as_deref() == Some(hash.as_str()) {
+        if had_error.is_some() {
+            state.clear_error(conn, Side::Outgoing, &item_key)?;
+        }
+        return Ok(Exported::Unchanged);
+    }
+    // The bytes go first, so the replica that needs them finds them on arrival.
+    for a in &entity.attachments {
+        if a.sha256.is_empty() || state.file_sent(conn, &a.sha256)? {
+            continue;
+        }
+        let bytes = match read.remove(&a.sha256) {
+            Some(b) => b,
+            None => {
+                let url = item
+                    .attachments
+                    .iter()
+                    .find(|l| l.sha256 == a.sha256)
+                    .and_then(|l| l.url.clone())
+                    .ok_or_else(|| ItemFailure::Item(format!("attachment {:?} has no URL to read it from", a.filename)))?;
+                tracker.download_attachment(&url, MAX_ATTACHMENT_BYTES).await?
+            }
+        };
+        for (h, body) in blob::split(&a.filename, &bytes, engine.chunk_bytes()) {
+            let key = replica::idempotency_key(conn, &format!("file:{}", h.sha256), u64::from(h.index));
+            link.outbox.append(
+                NewMessage {
+                    id: key.clone(),
+                    content_type: replica::BLOB_CONTENT_TYPE.into(),
+                    enqueued_at_ms: now_ms(),
+                    body: body.into(),
+                },
+                Some(&key),
+            )?;
+        }
+        state.set_file_sent(conn, &a.sha256)?;
+    }
+    let rev = item.rev.unwrap_or(0);
+    let key = replica::idempotency_key(conn, &item_key, rev);
+    let changed_at = item
+        .custom_fields
+        .get("System.ChangedDate")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| rfc3339(now_ms()));
+    let origin = Origin {
+        instance: tracker.url().to_owned(),
+        project: link.project.clone(),
+        id,
+        rev,
+        url: format!(
+            "{}/{}/_workitems/edit/{id}",
+            tracker.url().trim_end_matches('/'),
+            link.project.replace(' ', "%20")
+        ),
+        changed_at,
+    };
+    let event = Event {
+        id: key.clone(),
+        kind: EventKind::Upsert,
+        twin: twin.remote.clone(),
+    };
+    let replica = Replica::new(origin, event, entity);
+    replica.validate().map_err(|e| ItemFailure::Item(e.to_string()))?;
+    link.outbox.append(
+        NewMessage {
+            id: key.clone(),
+            content_type: replica::CONTENT_TYPE.into(),
+            enqueued_at_ms: now_ms(),
+            body: replica.to_bytes().into(),
+        },
+        Some(&key),
+    )?;
+    twin.last_sent_hash = Some(hash);
+    twin.last_sent = Some(replica);
+    twin.last_out_ms = Some(now_ms());
+    state.put_twin(conn, &primary, &twin)?;
+    if had_error.is_some() {
+        state.clear_error(conn, Side::Outgoing, &item_key)?;
+    }
+    Ok(Exported::Sent)
+}

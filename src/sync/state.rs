@@ -1,0 +1,464 @@
+//! Sync state beside the queues, in the same store: each connection's rules, twins (local id
+//! ↔ remote key, last replica sent and received, comment and attachment links, relay's own
+//! revisions), tracker watermarks, attachment chunks in transit, and per-item sync errors.
+//!
+//! Records are JSON in [`queue::Table`]s; writes are durable after the next store flush, and
+//! sled keeps them in order, so a crash leaves a prefix of them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{QueueError, Store, Table};
+use crate::status::now_ms;
+use crate::sync::replica::Replica;
+
+/// Separates the parts of a key (a connection name never contains it).
+const SEP: char = '\u{1f}';
+/// Event ids remembered per twin (a receiver applies each once).
+const APPLIED_KEPT: usize = 64;
+/// Own revisions remembered per twin (echo suppression).
+const OWN_REVS_KEPT: usize = 256;
+/// Replicas parked behind one item's error; a replica carries the whole state, so the newest
+/// ones are all that matter once the error is retried.
+const PARKED_KEPT: usize = 32;
+
+/// A connection's rules, as the operator stored them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RulesRecord {
+    /// Both scripts in one text.
+    pub source: String,
+    /// WIQL condition selecting the items to send (`None`: every item of the project).
+    #[serde(default)]
+    pub trigger: Option<String>,
+    /// When stored (unix ms).
+    pub updated_ms: u64,
+}
+
+/// A create in progress: stored before the create is sent, so a crash before its answer is
+/// reconciled by finding the item by its marker, never created twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingCreate {
+    /// The hyperlink the created item carries.
+    pub marker: String,
+    /// When the create was started (unix ms).
+    pub since_ms: u64,
+}
+
+/// One item and its twin on the other side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Twin {
+    /// The local work item id, once it exists.
+    pub local: Option<u64>,
+    /// The other side's key, once known.
+    pub remote: Option<String>,
+    /// Hash of the last replica sent.
+    pub last_sent_hash: Option<String>,
+    /// The last replica sent (the outgoing script's `previous`).
+    pub last_sent: Option<Replica>,
+    /// The last replica applied (the incoming script's `previous`).
+    pub last_received: Option<Replica>,
+    /// Event ids applied, newest last.
+    pub applied: Vec<String>,
+    /// Revisions relay wrote itself, newest last: never exported.
+    pub own_revs: Vec<u64>,
+    /// Local comment id → the other side's comment id, for comments relay copied here.
+    pub comments: BTreeMap<String, String>,
+    /// Local attachment id → the other side's attachment id, for attachments copied here.
+    pub attachments: BTreeMap<String, String>,
+    /// A create started and not yet answered.
+    pub pending_create: Option<PendingCreate>,
+    /// Last replica sent (unix ms).
+    pub last_out_ms: Option<u64>,
+    /// Last replica applied (unix ms).
+    pub last_in_ms: Option<u64>,
+}
+
+impl Twin {
+    /// Records an event as applied.
+    pub fn applied(&mut self, event: &str) {
+        self.applied.push(event.to_owned());
+        trim(&mut self.applied, APPLIED_KEPT);
+    }
+
+    /// Records a revision relay wrote.
+    pub fn own(&mut self, rev: u64) {
+        if !self.own_revs.contains(&rev) {
+            self.own_revs.push(rev);
+            trim(&mut self.own_revs, OWN_REVS_KEPT);
+        }
+    }
+
+    /// Whether relay wrote `rev` itself.
+    pub fn is_own(&self, rev: u64) -> bool {
+        self.own_revs.contains(&rev)
+    }
+}
+
+fn trim<T>(v: &mut Vec<T>, keep: usize) {
+    if v.len() > keep {
+        v.drain(..v.len() - keep);
+    }
+}
+
+/// Where the change feed was read up to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Watermark {
+    /// The feed's continuation token.
+    pub continuation: String,
+    /// When the feed was last read to its end (unix ms).
+    pub read_ms: u64,
+}
+
+/// Which way an item failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// Making or sending a replica of a local item.
+    Outgoing,
+    /// Applying a replica from the other side.
+    Incoming,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Outgoing => "outgoing",
+            Side::Incoming => "incoming",
+        })
+    }
+}
+
+/// An item that could not be synced; its later replicas wait behind it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncError {
+    /// The connection.
+    pub connection: String,
+    /// Which way.
+    pub side: Side,
+    /// The item: the local id (outgoing) or the other side's key (incoming).
+    pub item: String,
+    /// What went wrong, for the operator.
+    pub message: String,
+    /// When it first failed (unix ms).
+    pub at_ms: u64,
+    /// How many attempts failed.
+    pub attempts: u32,
+    /// Replicas that arrived for the item since (JSON), oldest first.
+    #[serde(default)]
+    pub parked: Vec<String>,
+    /// The operator asked for a retry.
+    #[serde(default)]
+    pub retry: bool,
+}
+
+/// An attachment uploaded to this side's tracker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadedFile {
+    /// Attachment id.
+    pub id: String,
+    /// Its URL.
+    pub url: String,
+}
+
+/// What relay knows of a local attachment's bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileFacts {
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Size.
+    pub size: u64,
+}
+
+/// The sync tables of one store: a cheap-`Clone` handle.
+#[derive(Clone)]
+pub struct SyncState {
+    store: Store,
+    rules: Table,
+    twins: Table,
+    aliases: Table,
+    watermarks: Table,
+    errors: Table,
+    chunks: Table,
+    uploaded: Table,
+    sent_files: Table,
+    files: Table,
+}
+
+/// A twin and the key it is stored under.
+pub type Keyed = (String, Twin);
+
+fn key(parts: &[&str]) -> String {
+    parts.join(&SEP.to_string())
+}
+
+impl SyncState {
+    /// Opens (creating) the sync tables of `store`.
+    pub fn open(store: &Store) -> Result<SyncState, QueueError> {
+        Ok(SyncState {
+            store: store.clone(),
+            rules: store.table("sync-rules")?,
+            twins: store.table("sync-twins")?,
+            aliases: store.table("sync-aliases")?,
+            watermarks: store.table("sync-watermarks")?,
+            errors: store.table("sync-errors")?,
+            chunks: store.table("sync-chunks")?,
+            uploaded: store.table("sync-uploaded")?,
+            sent_files: store.table("sync-sent-files")?,
+            files: store.table("sync-files")?,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        self.store.flush().await
+    }
+
+    /// The connection's rules.
+    pub fn rules(&self, conn: &str) -> Result<Option<RulesRecord>, QueueError> {
+        self.rules.get(conn)
+    }
+
+    /// Stores the connection's rules.
+    pub fn set_rules(&self, conn: &str, source: &str, trigger: Option<String>) -> Result<(), QueueError> {
+        self.rules.put(
+            conn,
+            &RulesRecord {
+                source: source.to_owned(),
+                trigger,
+                updated_ms: now_ms(),
+            },
+        )
+    }
+
+    /// The twin of local item `id`.
+    pub fn twin_by_local(&self, conn: &str, id: u64) -> Result<Option<Keyed>, QueueError> {
+        self.find(conn, &format!("l:{id}"))
+    }
+
+    /// The twin of the other side's item `remote`.
+    pub fn twin_by_remote(&self, conn: &str, remote: &str) -> Result<Option<Keyed>, QueueError> {
+        self.find(conn, &format!("r:{remote}"))
+    }
+
+    fn find(&self, conn: &str, alias: &str) -> Result<Option<Keyed>, QueueError> {
+        let Some(primary) = self.aliases.get::<String>(&key(&[conn, alias]))? else {
+            return Ok(None);
+        };
+        Ok(self.twins.get::<Twin>(&key(&[conn, &primary]))?.map(|t| (primary, t)))
+    }
+
+    /// A key for a new twin: by the side that knew it first.
+    pub fn new_key(twin: &Twin) -> String {
+        match (&twin.local, &twin.remote) {
+            (Some(id), _) => format!("l:{id}"),
+            (None, Some(r)) => format!("r:{r}"),
+            (None, None) => "l:0".into(),
+        }
+    }
+
+    /// Stores a twin under `primary`, with the aliases that find it by either id.
+    pub fn put_twin(&self, conn: &str, primary: &str, twin: &Twin) -> Result<(), QueueError> {
+        self.twins.put(&key(&[conn, primary]), twin)?;
+        let primary = primary.to_owned();
+        if let Some(id) = twin.local {
+            self.aliases.put(&key(&[conn, &format!("l:{id}")]), &primary)?;
+        }
+        if let Some(r) = &twin.remote {
+            self.aliases.put(&key(&[conn, &format!("r:{r}")]), &primary)?;
+        }
+        Ok(())
+    }
+
+    /// How many twins the connection has.
+    pub fn twin_count(&self, conn: &str) -> Result<u64, QueueError> {
+        self.twins.count_prefix(&format!("{conn}{SEP}"))
+    }
+
+    /// Every twin of the connection.
+    pub fn twins(&self, conn: &str) -> Result<Vec<Twin>, QueueError> {
+        Ok(self
+            .twins
+            .list_prefix::<Twin>(&format!("{conn}{SEP}"))?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// The change feed's watermark of the connection.
+    pub fn watermark(&self, conn: &str) -> Result<Option<Watermark>, QueueError> {
+        self.watermarks.get(conn)
+    }
+
+    /// Stores the watermark.
+    pub fn set_watermark(&self, conn: &str, w: &Watermark) -> Result<(), QueueError> {
+        self.watermarks.put(conn, w)
+    }
+
+    fn error_key(conn: &str, side: Side, item: &str) -> String {
+        key(&[conn, &side.to_string(), item])
+    }
+
+    /// The error of one item, if it has one.
+    pub fn error(&self, conn: &str, side: Side, item: &str) -> Result<Option<SyncError>, QueueError> {
+        self.errors.get(&Self::error_key(conn, side, item))
+    }
+
+    /// Records (or updates) an item's error.
+    pub fn put_error(&self, e: &SyncError) -> Result<(), QueueError> {
+        let mut e = e.clone();
+        trim(&mut e.parked, PARKED_KEPT);
+        self.errors.put(&Self::error_key(&e.connection, e.side, &e.item), &e)
+    }
+
+    /// Forgets an item's error.
+    pub fn clear_error(&self, conn: &str, side: Side, item: &str) -> Result<(), QueueError> {
+        self.errors.remove(&Self::error_key(conn, side, item))
+    }
+
+    /// The errors of one connection, or of all.
+    pub fn errors(&self, conn: Option<&str>) -> Result<Vec<SyncError>, QueueError> {
+        let prefix = conn.map(|c| format!("{c}{SEP}")).unwrap_or_default();
+        Ok(self
+            .errors
+            .list_prefix::<SyncError>(&prefix)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// Stores one chunk of a file in transit; answers how many of its chunks are here.
+    pub fn put_chunk(&self, conn: &str, sha256: &str, index: u32, bytes: &[u8]) -> Result<u32, QueueError> {
+        let encoded = data_encoding::BASE64.encode(bytes);
+        self.chunks
+            .put(&key(&[conn, sha256, &format!("{index:08}")]), &encoded)?;
+        Ok(self.chunks.count_prefix(&format!("{}{SEP}", key(&[conn, sha256])))? as u32)
+    }
+
+    /// The chunks of a file, in order.
+    pub fn chunks(&self, conn: &str, sha256: &str) -> Result<Vec<u8>, QueueError> {
+        let mut out = Vec::new();
+        for (k, v) in self
+            .chunks
+            .list_prefix::<String>(&format!("{}{SEP}", key(&[conn, sha256])))?
+        {
+            let part = data_encoding::BASE64
+                .decode(v.as_bytes())
+                .map_err(|e| QueueError::Corrupt(format!("sync-chunks/{k}: {e}")))?;
+            out.extend_from_slice(&part);
+        }
+        Ok(out)
+    }
+
+    /// Forgets the chunks of a file.
+    pub fn drop_chunks(&self, conn: &str, sha256: &str) -> Result<(), QueueError> {
+        for (k, _) in self
+            .chunks
+            .list_prefix::<String>(&format!("{}{SEP}", key(&[conn, sha256])))?
+        {
+            self.chunks.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// The upload of the file with this hash, once done.
+    pub fn uploaded(&self, sha256: &str) -> Result<Option<UploadedFile>, QueueError> {
+        self.uploaded.get(sha256)
+    }
+
+    /// Records an upload.
+    pub fn set_uploaded(&self, sha256: &str, f: &UploadedFile) -> Result<(), QueueError> {
+        self.uploaded.put(sha256, f)
+    }
+
+    /// Whether the file's chunks were queued for the other side already.
+    pub fn file_sent(&self, conn: &str, sha256: &str) -> Result<bool, QueueError> {
+        Ok(self.sent_files.get::<u64>(&key(&[conn, sha256]))?.is_some())
+    }
+
+    /// Records that the file's chunks are queued.
+    pub fn set_file_sent(&self, conn: &str, sha256: &str) -> Result<(), QueueError> {
+        self.sent_files.put(&key(&[conn, sha256]), &now_ms())
+    }
+
+    /// What is known of a local attachment's bytes.
+    pub fn file_facts(&self, attachment_id: &str) -> Result<Option<FileFacts>, QueueError> {
+        self.files.get(attachment_id)
+    }
+
+    /// Records a local attachment's hash and size.
+    pub fn set_file_facts(&self, attachment_id: &str, f: &FileFacts) -> Result<(), QueueError> {
+        self.files.put(attachment_id, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn twins_are_found_by_either_id_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let s = SyncState::open(&store).unwrap();
+            let mut t = Twin {
+                remote: Some("41".into()),
+                ..Twin::default()
+            };
+            let primary = SyncState::new_key(&t);
+            s.put_twin("c", &primary, &t).unwrap();
+            t.local = Some(7);
+            for rev in 1..=300 {
+                t.own(rev);
+            }
+            s.put_twin("c", &primary, &t).unwrap();
+            assert_eq!(s.twin_by_local("c", 7).unwrap().unwrap().0, "r:41");
+            assert!(s.twin_by_local("other", 7).unwrap().is_none());
+            assert_eq!(s.twin_count("c").unwrap(), 1);
+            s.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let s = SyncState::open(&store).unwrap();
+        let (_, t) = s.twin_by_remote("c", "41").unwrap().unwrap();
+        assert_eq!(t.local, Some(7));
+        assert_eq!(t.own_revs.len(), OWN_REVS_KEPT);
+        assert!(t.is_own(300) && !t.is_own(1));
+    }
+
+    #[tokio::test]
+    async fn chunks_come_back_in_order_and_errors_by_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let s = SyncState::open(&store).unwrap();
+        assert_eq!(s.put_chunk("c", "ab", 1, b"world").unwrap(), 1);
+        assert_eq!(s.put_chunk("c", "ab", 0, b"hello ").unwrap(), 2);
+        assert_eq!(s.put_chunk("c", "ab", 0, b"hello ").unwrap(), 2, "a chunk again is no new chunk");
+        assert_eq!(s.chunks("c", "ab").unwrap(), b"hello world");
+        s.drop_chunks("c", "ab").unwrap();
+        assert!(s.chunks("c", "ab").unwrap().is_empty());
+        let e = SyncError {
+            connection: "c".into(),
+            side: Side::Incoming,
+            item: "41".into(),
+            message: "boom".into(),
+            at_ms: 1,
+            attempts: 1,
+            parked: (0..40).map(|i| i.to_string()).collect(),
+            retry: false,
+        };
+        s.put_error(&e).unwrap();
+        s.put_error(&SyncError {
+            connection: "d".into(),
+            ..e.clone()
+        })
+        .unwrap();
+        let listed = s.errors(Some("c")).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].parked.len(), PARKED_KEPT);
+        assert_eq!(listed[0].parked.last().map(String::as_str), Some("39"));
+        assert_eq!(s.errors(None).unwrap().len(), 2);
+        s.clear_error("c", Side::Incoming, "41").unwrap();
+        assert!(s.error("c", Side::Incoming, "41").unwrap().is_none());
+    }
+}
