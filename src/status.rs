@@ -161,6 +161,9 @@ pub struct ConnectionStatus {
     /// a webhook that refuses everyone); empty while everything flows.
     #[serde(default)]
     pub holds: Vec<String>,
+    /// Script mode: twins, last sync each way, watermark, errors (a side with a tracker).
+    #[serde(default)]
+    pub sync: Option<crate::sync::state::SyncSummary>,
 }
 
 /// How many dead letters a status shows in detail.
@@ -248,11 +251,12 @@ pub fn render(list: &[ConnectionStatus]) -> String {
             c.mode,
             if c.project.is_empty() { "-" } else { &c.project }
         );
-        let _ = writeln!(
-            out,
-            "  deliver to:   {}",
-            c.deliver_to.as_deref().unwrap_or("(none: incoming payloads are held)")
-        );
+        let deliver_to = match (&c.sync, c.deliver_to.as_deref()) {
+            (Some(_), _) => "this side's tracker (Script mode)",
+            (None, Some(url)) => url,
+            (None, None) => "(none: incoming payloads are held)",
+        };
+        let _ = writeln!(out, "  deliver to:   {deliver_to}");
         if let Some(trust) = &c.trust {
             let _ = writeln!(out, "  trust:        {trust}");
         }
@@ -287,6 +291,18 @@ pub fn render(list: &[ConnectionStatus]) -> String {
                 d.bytes,
                 when(d.dead_at_ms, now),
                 d.reason
+            );
+        }
+        if let Some(s) = &c.sync {
+            let at = |t: Option<u64>| t.map(|t| when(t, now)).unwrap_or_else(|| "never".into());
+            let _ = writeln!(
+                out,
+                "  sync:         {} twins, last sent {}, last applied {}, feed read {}, {} errors",
+                s.twins,
+                at(s.last_out_ms),
+                at(s.last_in_ms),
+                at(s.watermark_ms),
+                s.errors
             );
         }
         for h in &c.holds {

@@ -512,6 +512,10 @@ impl Agent {
                 trust: Some(self.trust_of(&conn)),
                 route: Some(self.route_to(&conn.node_url).to_string()),
                 holds: link.as_ref().map(|l| l.health.holds()).unwrap_or_default(),
+                sync: match &self.inner.sync {
+                    Some(e) => Some(e.state().summary(&conn.name)?),
+                    None => None,
+                },
             });
         }
         Ok(out)

@@ -189,6 +189,9 @@ impl Node {
                 .deliver_to
                 .or_else(|| self.inner.settings.node.deliver_to.clone());
             status.recent_dead_letters = inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?;
+            if let Some(e) = &self.inner.sync {
+                status.sync = Some(e.state().summary(&rec.name)?);
+            }
             if let Some(link) = link {
                 let live = Health::get(&link.health.last_contact_ms);
                 if live > 0 {

@@ -184,6 +184,7 @@ impl ConnectionRecord {
             holds: Vec::new(),
             trust: None,
             route: None,
+            sync: None,
         }
     }
 }

@@ -170,6 +170,28 @@ pub struct FileFacts {
     pub size: u64,
 }
 
+/// A connection's sync at a glance, for `relay status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSummary {
+    /// Items linked with a twin.
+    pub twins: u64,
+    /// Last replica sent (unix ms).
+    pub last_out_ms: Option<u64>,
+    /// Last replica applied (unix ms).
+    pub last_in_ms: Option<u64>,
+    /// When the change feed was last read to its end (unix ms).
+    pub watermark_ms: Option<u64>,
+    /// Items with a sync error.
+    pub errors: u64,
+}
+
+/// Last activity each way.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Activity {
+    last_out_ms: Option<u64>,
+    last_in_ms: Option<u64>,
+}
+
 /// The sync tables of one store: a cheap-`Clone` handle.
 #[derive(Clone)]
 pub struct SyncState {
@@ -183,6 +205,7 @@ pub struct SyncState {
     uploaded: Table,
     sent_files: Table,
     files: Table,
+    activity: Table,
 }
 
 /// A twin and the key it is stored under.
@@ -206,6 +229,7 @@ impl SyncState {
             uploaded: store.table("sync-uploaded")?,
             sent_files: store.table("sync-sent-files")?,
             files: store.table("sync-files")?,
+            activity: store.table("sync-activity")?,
         })
     }
 
@@ -283,6 +307,28 @@ impl SyncState {
             .into_iter()
             .map(|(_, t)| t)
             .collect())
+    }
+
+    /// Notes that a replica went out (`side` outgoing) or was applied (incoming) now.
+    pub fn touch(&self, conn: &str, side: Side) -> Result<(), QueueError> {
+        let mut a: Activity = self.activity.get(conn)?.unwrap_or_default();
+        match side {
+            Side::Outgoing => a.last_out_ms = Some(now_ms()),
+            Side::Incoming => a.last_in_ms = Some(now_ms()),
+        }
+        self.activity.put(conn, &a)
+    }
+
+    /// The connection's sync at a glance.
+    pub fn summary(&self, conn: &str) -> Result<SyncSummary, QueueError> {
+        let a: Activity = self.activity.get(conn)?.unwrap_or_default();
+        Ok(SyncSummary {
+            twins: self.twin_count(conn)?,
+            last_out_ms: a.last_out_ms,
+            last_in_ms: a.last_in_ms,
+            watermark_ms: self.watermark(conn)?.map(|w| w.read_ms),
+            errors: self.errors.count_prefix(&format!("{conn}{SEP}"))?,
+        })
     }
 
     /// The change feed's watermark of the connection.

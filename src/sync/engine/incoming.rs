@@ -337,6 +337,7 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
         twin.applied(&replica.event.id);
         twin.last_in_ms = Some(now_ms());
         state.put_twin(conn, &primary, &twin)?;
+        state.touch(conn, Side::Incoming)?;
         return Ok(());
     }
     Err(ItemFailure::Item(format!(

@@ -289,6 +289,7 @@ pub async fn export(
     twin.last_sent = Some(replica);
     twin.last_out_ms = Some(now_ms());
     state.put_twin(conn, &primary, &twin)?;
+    state.touch(conn, Side::Outgoing)?;
     if had_error.is_some() {
         state.clear_error(conn, Side::Outgoing, &item_key)?;
     }

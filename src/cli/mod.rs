@@ -1,6 +1,8 @@
 //! The command line: argument definitions and what each command does. `main` only parses
 //! and calls [`run`].
 
+pub mod sync;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +62,9 @@ pub enum Command {
     /// List, retry or drop the payloads a webhook refused for good, or the other side cannot take.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetterCommand),
+    /// Script mode: sync rules, initial sync, one item now, sync errors.
+    #[command(subcommand)]
+    Sync(sync::SyncCommand),
     /// Check each connection step by step: DNS, TCP (direct or proxy), TLS, credential, clock, webhook.
     Doctor(JsonArg),
     /// Print the host:port list the agent contacts, for a firewall change request.
@@ -337,6 +342,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
         Command::Accept(a) => accept(&settings, a).await,
         Command::Send(a) => send(&settings, a).await,
         Command::DeadLetters(c) => dead_letter_command(&settings, c).await,
+        Command::Sync(c) => sync::run(&settings, c).await,
         Command::Doctor(a) => doctor(&settings, a.json).await,
         Command::Egress(a) => {
             let conns: Vec<AgentConnection> =
