@@ -215,6 +215,7 @@ mod tests {
             route: None,
             recent_dead_letters: Vec::new(),
             holds: Vec::new(),
+            sync: None,
         }
     }
 

@@ -224,6 +224,7 @@ mod tests {
             invitation_expires_at: None,
             recent_dead_letters: Vec::new(),
             holds: Vec::new(),
+            sync: None,
             trust: None,
             route: None,
         }

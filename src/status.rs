@@ -359,6 +359,7 @@ mod tests {
             route: None,
             recent_dead_letters: Vec::new(),
             holds: Vec::new(),
+            sync: None,
         };
         let text = render(&[status]);
         assert!(!text.contains("unix time"), "{text}");
