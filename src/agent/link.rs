@@ -222,7 +222,14 @@ pub fn spawn(
         }
     };
     let name = conn.name.clone();
-    spawn_delivery(&agent, &conn, &handle, tracker, webhook_client, (outbox.clone(), inbox.clone()));
+    spawn_delivery(
+        &agent,
+        &conn,
+        &handle,
+        tracker,
+        webhook_client,
+        (outbox.clone(), inbox.clone()),
+    );
     if conn.revoked.is_some() {
         // Revoked: no more exchanges with the node, but what it already sent is delivered.
         return;

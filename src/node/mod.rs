@@ -19,14 +19,14 @@ use tracing::{info, Instrument};
 
 use crate::config::Settings;
 use crate::deliver::{self, Webhook};
-use crate::sync::engine::{Engine, SyncLink};
-use crate::sync::state::SyncState;
 use crate::error::{Kind, OpError, OpResult};
 use crate::http::{self, StatusCode};
 use crate::intake::{IntakeTarget, Refusal};
 use crate::protocol::codes;
 use crate::queue::{Queue, Store};
 use crate::status::{ConnectionStatus, Health};
+use crate::sync::engine::{Engine, SyncLink};
+use crate::sync::state::SyncState;
 pub use registry::{Action, ConnectionRecord, InitiateRequest, Registry};
 
 /// Live parts of one connection while the node runs.
@@ -72,7 +72,9 @@ pub struct Node {
 
 /// The sync engine of a side whose settings bind a tracker.
 pub fn sync_engine(store: &Store, settings: &Settings) -> OpResult<Option<Engine>> {
-    let Some(tracker) = &settings.tracker else { return Ok(None) };
+    let Some(tracker) = &settings.tracker else {
+        return Ok(None);
+    };
     let state = SyncState::open(store)?;
     Ok(Some(Engine::new(
         tracker.clone(),

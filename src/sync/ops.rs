@@ -244,6 +244,7 @@ async fn test_rules(
                 id: key,
                 kind: EventKind::Upsert,
                 twin: twin.remote.clone(),
+                changed: None,
             },
             entity,
         );
@@ -264,14 +265,21 @@ async fn test_rules(
             .map_err(|e| failed(&e))?;
         // Attachments not uploaded yet get a stand-in URL, so the patch shows their relation.
         let mut shown = desired.clone();
-        for a in shown.attachments.iter_mut().filter(|a| a.url.is_none() && a.id.is_none()) {
+        for a in shown
+            .attachments
+            .iter_mut()
+            .filter(|a| a.url.is_none() && a.id.is_none())
+        {
             a.url = Some(format!("(upload of {})", a.filename));
         }
         let plan = workitem::build_patch(&current, &shown).map_err(|e| failed(&e))?;
         out.insert("local_item".into(), json!(twin.local));
         out.insert(
             "create".into(),
-            json!(plan.create.as_ref().map(|c| json!({"project": c.project, "type": c.type_name}))),
+            json!(plan
+                .create
+                .as_ref()
+                .map(|c| json!({"project": c.project, "type": c.type_name}))),
         );
         out.insert("patch".into(), plan.patch.clone().unwrap_or(Value::Null));
         out.insert(

@@ -87,6 +87,12 @@ pub struct Event {
     /// creating one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin: Option<String>,
+    /// The fields the sender's side changed since the state both sides last shared (names
+    /// as [`Entity::changed_since`] gives them); `None` when there is no such state yet. A
+    /// receiver keeps its own value of every other field, so a replica made before the sender
+    /// applied the receiver's latest change cannot undo it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<Vec<String>>,
 }
 
 /// The kinds of event a replica carries.
@@ -309,11 +315,44 @@ impl Replica {
         if let Some(t) = &self.event.twin {
             short("event.twin", t)?;
         }
+        if let Some(c) = &self.event.changed {
+            bound("event.changed", c.len(), MAX_CUSTOM_FIELDS + 8)?;
+            for name in c {
+                short("event.changed", name)?;
+            }
+        }
         self.entity.validate()
     }
 }
 
 impl Entity {
+    /// The fields whose values differ from `base`: `type`, `summary`, `description`,
+    /// `labels` (as a set), `status`, `priority` and `custom_fields.{name}`. Comments and
+    /// attachments are merged by id, never overwritten, so they are not listed.
+    pub fn changed_since(&self, base: &Entity) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut push = |differ: bool, name: &str| {
+            if differ {
+                out.push(name.to_owned());
+            }
+        };
+        push(self.type_name != base.type_name, "type");
+        push(self.summary != base.summary, "summary");
+        push(self.description != base.description, "description");
+        let set = |l: &[String]| l.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+        push(set(&self.labels) != set(&base.labels), "labels");
+        push(self.status != base.status, "status");
+        push(self.priority != base.priority, "priority");
+        let names: std::collections::BTreeSet<&String> =
+            self.custom_fields.keys().chain(base.custom_fields.keys()).collect();
+        for name in names {
+            if self.custom_fields.get(name) != base.custom_fields.get(name) {
+                out.push(format!("custom_fields.{name}"));
+            }
+        }
+        out
+    }
+
     /// Checks every bound of the schema.
     pub fn validate(&self) -> Result<(), ReplicaError> {
         short("entity.key", &self.key)?;
@@ -519,6 +558,7 @@ mod tests {
                 id: "e1".into(),
                 kind: EventKind::Upsert,
                 twin: None,
+                changed: None,
             },
             sample_entity(),
         )

@@ -479,7 +479,11 @@ mod tests {
         let s = SyncState::open(&store).unwrap();
         assert_eq!(s.put_chunk("c", "ab", 1, b"world").unwrap(), 1);
         assert_eq!(s.put_chunk("c", "ab", 0, b"hello ").unwrap(), 2);
-        assert_eq!(s.put_chunk("c", "ab", 0, b"hello ").unwrap(), 2, "a chunk again is no new chunk");
+        assert_eq!(
+            s.put_chunk("c", "ab", 0, b"hello ").unwrap(),
+            2,
+            "a chunk again is no new chunk"
+        );
         assert_eq!(s.chunks("c", "ab").unwrap(), b"hello world");
         s.drop_chunks("c", "ab").unwrap();
         assert!(s.chunks("c", "ab").unwrap().is_empty());

@@ -71,6 +71,7 @@ fn replica_of(rules: &Rules, item: &WorkItem, rev: u64) -> Replica {
             id: format!("ev-{rev}"),
             kind: EventKind::Upsert,
             twin: None,
+            changed: None,
         },
         entity,
     )

@@ -182,7 +182,9 @@ async fn receive_chunk(
 /// Re-applies the newest parked replica of each incoming error the operator asked to retry.
 async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
     let state = engine.state();
-    let Ok(errors) = state.errors(Some(&link.name)) else { return };
+    let Ok(errors) = state.errors(Some(&link.name)) else {
+        return;
+    };
     for e in errors.into_iter().filter(|e| e.retry && e.side == Side::Incoming) {
         let Some(replica) = e.parked.last().and_then(|raw| Replica::parse(raw.as_bytes()).ok()) else {
             // Nothing to apply again: the operator's retry clears it.
@@ -265,8 +267,15 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
         let first_sync = twin.local.is_none();
         let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
+        if let (Some(changed), false) = (&replica.event.changed, first_sync) {
+            keep_unchanged(&mut desired, &current, changed);
+        }
         let mut new_files = Vec::new();
-        for a in desired.attachments.iter_mut().filter(|a| a.id.is_none() && a.url.is_none()) {
+        for a in desired
+            .attachments
+            .iter_mut()
+            .filter(|a| a.id.is_none() && a.url.is_none())
+        {
             let up = state.uploaded(&a.sha256)?.ok_or_else(|| {
                 ItemFailure::Item(format!(
                     "the bytes of attachment {:?} (sha256 {}) did not arrive intact",
@@ -332,7 +341,16 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
                 twin.attachments.insert(file, r);
             }
         }
-        add_comments(tracker, link, state, &primary, &mut twin, (local, last_rev), &plan.comments).await?;
+        add_comments(
+            tracker,
+            link,
+            state,
+            &primary,
+            &mut twin,
+            (local, last_rev),
+            &plan.comments,
+        )
+        .await?;
         twin.last_received = Some(replica.clone());
         twin.applied(&replica.event.id);
         twin.last_in_ms = Some(now_ms());
@@ -343,6 +361,29 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
     Err(ItemFailure::Item(format!(
         "work item changed {CONFLICT_RETRIES} times while relay was writing it (412); retry it when edits settle"
     )))
+}
+
+/// Puts back the local value of every field the sender did not change since both sides last
+/// agreed: a replica made before the sender applied this side's latest change must not undo
+/// it. Comments and attachments merge by id, and custom fields may be mapped to other names
+/// by the script: both are left as the script made them.
+fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, changed: &[String]) {
+    let kept = |name: &str| !changed.iter().any(|c| c == name);
+    if kept("summary") {
+        desired.summary = current.summary.clone();
+    }
+    if kept("description") {
+        desired.description = current.description.clone();
+    }
+    if kept("labels") {
+        desired.labels = current.labels.clone();
+    }
+    if kept("status") {
+        desired.status = current.status.clone();
+    }
+    if kept("priority") {
+        desired.priority = current.priority;
+    }
 }
 
 /// Adds the comments of a plan, linking each to its remote id as soon as it is written.
@@ -379,7 +420,10 @@ async fn add_comments(
                     twin.own(r);
                 }
             } else {
-                warn!(item = local, rev, before, "the item changed while comments were added; its next revision may be sent back once");
+                warn!(
+                    item = local,
+                    rev, before, "the item changed while comments were added; its next revision may be sent back once"
+                );
                 twin.own(rev);
             }
         }

@@ -221,7 +221,9 @@ impl Engine {
                 // Rules compiled before knew no types.
                 self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).clear();
             }
-            Err(e) => warn!(project, error = %e, "cannot list the project's work item types; nodeHelper.getIssueType knows none"),
+            Err(e) => {
+                warn!(project, error = %e, "cannot list the project's work item types; nodeHelper.getIssueType knows none")
+            }
         }
     }
 
@@ -235,9 +237,7 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .insert(link.name.clone(), (link.clone(), wake_tx));
         let span = |what: &'static str| tracing::info_span!("sync", connection = %link.name, loop = what);
-        tasks.spawn(
-            outgoing::run(self.clone(), link.clone(), wake_rx, token.clone()).instrument(span("outgoing")),
-        );
+        tasks.spawn(outgoing::run(self.clone(), link.clone(), wake_rx, token.clone()).instrument(span("outgoing")));
         tasks.spawn(incoming::run(self.clone(), link.clone(), active, wake_in, token).instrument(span("incoming")));
     }
 
@@ -249,7 +249,12 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .get(conn)
             .map(|(l, _)| l.clone())
-            .ok_or_else(|| OpError::new(Kind::NotFound, format!("connection {conn:?} is not syncing (no such active connection)")))
+            .ok_or_else(|| {
+                OpError::new(
+                    Kind::NotFound,
+                    format!("connection {conn:?} is not syncing (no such active connection)"),
+                )
+            })
     }
 
     /// Wakes the poller of `conn` (a service hook, a retry), or of every connection.
@@ -284,7 +289,8 @@ impl Engine {
         };
         e.parked.extend(parked);
         warn!(connection = %link.name, %side, item, error = %message, "sync error; this item waits, others flow on");
-        link.health.error(format!("sync error on {side} item {item}: {message}"));
+        link.health
+            .error(format!("sync error on {side} item {item}: {message}"));
         if let Err(err) = state.put_error(&e) {
             warn!(error = %err, "cannot store the sync error");
         }
@@ -323,7 +329,10 @@ impl Engine {
     /// Sends every item the connection's trigger matches that has no twin yet.
     pub async fn bulk(&self, conn: &str, dry_run: bool) -> OpResult<BulkReport> {
         let link = self.link(conn)?;
-        let tracker = self.tracker().await.map_err(|e| OpError::new(Kind::Unreachable, e.to_string()))?;
+        let tracker = self
+            .tracker()
+            .await
+            .map_err(|e| OpError::new(Kind::Unreachable, e.to_string()))?;
         let trigger = self.inner.state.rules(conn)?.and_then(|r| r.trigger);
         let ids = tracker
             .query_ids(&link.project, trigger.as_deref())
@@ -371,12 +380,17 @@ impl Engine {
     /// Sends one item now, whether or not it changed.
     pub async fn sync_item(&self, conn: &str, id: u64) -> OpResult<String> {
         let link = self.link(conn)?;
-        let tracker = self.tracker().await.map_err(|e| OpError::new(Kind::Unreachable, e.to_string()))?;
+        let tracker = self
+            .tracker()
+            .await
+            .map_err(|e| OpError::new(Kind::Unreachable, e.to_string()))?;
         let outcome = outgoing::export(self, &tracker, &link, id, true).await;
         self.inner.state.flush().await?;
         match outcome {
             Ok(outgoing::Exported::Sent) => Ok(format!("work item {id} sent")),
-            Ok(outgoing::Exported::Missing) => Err(OpError::new(Kind::NotFound, format!("work item {id} does not exist"))),
+            Ok(outgoing::Exported::Missing) => {
+                Err(OpError::new(Kind::NotFound, format!("work item {id} does not exist")))
+            }
             Ok(outgoing::Exported::Unchanged) => Ok(format!("work item {id} unchanged since it was last sent")),
             Ok(outgoing::Exported::Waiting) => Err(OpError::new(
                 Kind::Conflict,

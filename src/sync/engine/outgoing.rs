@@ -154,6 +154,23 @@ async fn read_feed(engine: &Engine, tracker: &Tracker, link: &SyncLink) -> Resul
     }
 }
 
+/// The state both sides last shared: what this side last sent, or what it last applied from
+/// the other side, whichever came later.
+fn shared_state(twin: &Twin) -> Option<&crate::sync::Entity> {
+    let sent = twin
+        .last_sent
+        .as_ref()
+        .map(|r| (twin.last_out_ms.unwrap_or(0), &r.entity));
+    let received = twin
+        .last_received
+        .as_ref()
+        .map(|r| (twin.last_in_ms.unwrap_or(0), &r.entity));
+    match (sent, received) {
+        (Some(s), Some(r)) => Some(if r.0 >= s.0 { r.1 } else { s.1 }),
+        (s, r) => s.or(r).map(|x| x.1),
+    }
+}
+
 /// Turns local item `id` into a replica on the outbound queue (durable after the next flush).
 /// With `force`, an unchanged item is sent again and an item with a sync error is retried.
 pub async fn export(
@@ -187,7 +204,9 @@ pub async fn export(
     // Attachments are described by their hash; bytes read once are kept for sending.
     let mut read: HashMap<String, Bytes> = HashMap::new();
     for a in &mut item.attachments {
-        let (Some(aid), Some(url)) = (a.id.clone(), a.url.clone()) else { continue };
+        let (Some(aid), Some(url)) = (a.id.clone(), a.url.clone()) else {
+            continue;
+        };
         if a.remote_id.is_some() {
             continue;
         }
@@ -210,7 +229,8 @@ pub async fn export(
         }
     }
     let rules = engine.rules(conn, &link.project)?;
-    let entity = script::run_outgoing(&rules, &item, twin.last_sent.as_ref()).map_err(|e| ItemFailure::Item(e.to_string()))?;
+    let entity =
+        script::run_outgoing(&rules, &item, twin.last_sent.as_ref()).map_err(|e| ItemFailure::Item(e.to_string()))?;
     let hash = entity.hash();
     if !force && twin.last_sent_hash.as_deref() == Some(hash.as_str()) {
         if had_error.is_some() {
@@ -231,7 +251,9 @@ pub async fn export(
                     .iter()
                     .find(|l| l.sha256 == a.sha256)
                     .and_then(|l| l.url.clone())
-                    .ok_or_else(|| ItemFailure::Item(format!("attachment {:?} has no URL to read it from", a.filename)))?;
+                    .ok_or_else(|| {
+                        ItemFailure::Item(format!("attachment {:?} has no URL to read it from", a.filename))
+                    })?;
                 tracker.download_attachment(&url, MAX_ATTACHMENT_BYTES).await?
             }
         };
@@ -273,6 +295,7 @@ pub async fn export(
         id: key.clone(),
         kind: EventKind::Upsert,
         twin: twin.remote.clone(),
+        changed: shared_state(&twin).map(|base| entity.changed_since(base)),
     };
     let replica = Replica::new(origin, event, entity);
     replica.validate().map_err(|e| ItemFailure::Item(e.to_string()))?;

@@ -195,6 +195,7 @@ impl Sim {
             ]),
             faults: Mutex::new(server::Faults::default()),
             counters: Mutex::new(BTreeMap::new()),
+            gates: Mutex::new(BTreeMap::new()),
             hooks: Mutex::new(Vec::new()),
             hook_delivered: AtomicU64::new(0),
             hook_failed: AtomicU64::new(0),
@@ -354,6 +355,20 @@ impl SimHandle {
         f.unavailable_retry_after = retry_after_secs;
     }
 
+    /// From now on, answers of `endpoint` (a name of [`SimHandle::counters`]) wait after the
+    /// request took effect until the returned sender sends `true` or is dropped. Each held
+    /// answer counts under `{endpoint}.held`.
+    pub fn hold_answers(&self, endpoint: &str) -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        lock(&self.shared.gates).insert(endpoint.to_string(), rx);
+        tx
+    }
+
+    /// Answers of `endpoint` no longer wait (those waiting are not released: send `true`).
+    pub fn stop_holding(&self, endpoint: &str) {
+        lock(&self.shared.gates).remove(endpoint);
+    }
+
     /// Right after the next read of work item `id` is answered, a "human" applies `ops`, so
     /// the reader's revision is stale when it writes.
     pub fn edit_after_next_read(&self, id: u64, ops: Vec<Value>) {
@@ -482,6 +497,58 @@ impl SimHandle {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The current relations of a work item: type, URL, attributes.
+    pub fn relations(&self, id: u64) -> Vec<(String, String, serde_json::Map<String, Value>)> {
+        let s = lock(&self.shared.store);
+        s.items
+            .get(&id)
+            .map(|w| {
+                w.latest()
+                    .relations
+                    .iter()
+                    .map(|r| (r.rel.clone(), r.url.clone(), r.attributes.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every non-empty `System.History` text of a work item, oldest first: the comments of
+    /// Server 2019, and the discussion entries of the comments API on the others.
+    pub fn history_texts(&self, id: u64) -> Vec<String> {
+        let s = lock(&self.shared.store);
+        s.items
+            .get(&id)
+            .map(|w| {
+                w.revisions
+                    .iter()
+                    .filter_map(|r| r.fields.get("System.History").and_then(Value::as_str))
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Uploads `bytes` as `file_name` and attaches it to work item `id` as the "human"
+    /// editor; answers the attachment id.
+    pub fn attach_as_human(&self, id: u64, file_name: &str, bytes: &[u8]) -> Result<String, ApiError> {
+        let (a, base) = {
+            let mut s = lock(&self.shared.store);
+            (s.add_attachment(file_name, Some(bytes.to_vec())), s.base_url.clone())
+        };
+        let url = format!(
+            "{}/_apis/wit/attachments/{}?fileName={}",
+            base.trim_end_matches('/'),
+            a.id,
+            file_name.replace(' ', "%20")
+        );
+        let ops = [
+            serde_json::json!({"op": "add", "path": "/relations/-", "value": {"rel": "AttachedFile", "url": url, "attributes": {"comment": ""}}}),
+        ];
+        self.edit_as_human(id, &ops)?;
+        Ok(a.id)
     }
 
     /// The bytes of an uploaded attachment.

@@ -90,6 +90,9 @@ pub struct Shared {
     pub faults: Mutex<Faults>,
     /// Requests per endpoint name.
     pub counters: Mutex<BTreeMap<String, u64>>,
+    /// Endpoints whose answers wait, after the request took effect, until the gate opens:
+    /// a client can be killed between a write and its answer.
+    pub gates: Mutex<BTreeMap<String, tokio::sync::watch::Receiver<bool>>>,
     /// Service hook subscriptions.
     pub hooks: Mutex<Vec<Subscription>>,
     /// Hook POSTs answered with a 2xx.
@@ -395,6 +398,11 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         actor,
     };
     let mut reply = route(shared, &name, &call)?;
+    let gate = lock(&shared.gates).get(&name).cloned();
+    if let Some(mut open) = gate {
+        bump(shared, &format!("{name}.held"));
+        let _ = open.wait_for(|o| *o).await;
+    }
     if let Some(headers) = warn {
         reply.headers.extend(headers);
     }

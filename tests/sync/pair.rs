@@ -1,0 +1,260 @@
+//! Two simulated Azure DevOps instances (public and private) over real TLS, a node bound to
+//! the public one and an agent bound to the private one, as real processes, and a connection
+//! between them in Script mode.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ado_sim::{Profile, Sim, SimHandle, SimOptions};
+use serde_json::{json, Value};
+
+use crate::common::{self, cli, cli_ok, stderr, wait_for, Daemon};
+
+/// The connection's name on both sides.
+pub const CONN: &str = "sync";
+/// The public project.
+pub const PUBLIC: &str = "Contoso";
+/// The private project.
+pub const PRIVATE: &str = "Fabrikam";
+
+/// A running pair.
+pub struct Pair {
+    /// The public tracker (the node's).
+    pub public: SimHandle,
+    /// The private tracker (the agent's).
+    pub private: SimHandle,
+    /// `relay node run`.
+    _node: Daemon,
+    /// `relay run`.
+    pub agent: Daemon,
+    /// The node's data directory.
+    pub node_dir: PathBuf,
+    /// The agent's data directory.
+    pub agent_dir: PathBuf,
+    agent_env: Vec<(String, String)>,
+    _tmp: tempfile::TempDir,
+}
+
+/// Settings binding a side to `sim`.
+fn tracker_env(sim: &SimHandle, dir: &Path, name: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let token = dir.join(format!("{name}.pat"));
+    std::fs::write(&token, format!("{}\n", sim.pat)).unwrap();
+    let ca = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca, sim.ca_pem.as_deref().unwrap()).unwrap();
+    let mut env: Vec<(String, String)> = vec![
+        ("RELAY_TRACKER__URL".into(), sim.url.clone()),
+        ("RELAY_TRACKER__TOKEN_FILE".into(), token.display().to_string()),
+        ("RELAY_TRACKER__TRUST".into(), "ca".into()),
+        ("RELAY_TRACKER__CA_FILE".into(), ca.display().to_string()),
+        ("RELAY_TRACKER__POLL_INTERVAL".into(), "150ms".into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+async fn sim(profile: Profile, project: &str) -> SimHandle {
+    Sim::start(SimOptions {
+        profile,
+        tls: true,
+        projects: vec![project.into()],
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+impl Pair {
+    /// Starts both trackers, the node and the agent; initiates, accepts, and waits until both
+    /// sides read their change feeds to the end (from then on every change is synced).
+    pub async fn start(public: Profile, private: Profile, extra: &[(&str, &str)]) -> Pair {
+        let tmp = tempfile::tempdir().unwrap();
+        let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
+        let public = sim(public, PUBLIC).await;
+        let private = sim(private, PRIVATE).await;
+        let node_env = tracker_env(&public, tmp.path(), "public", extra);
+        let agent_env = tracker_env(&private, tmp.path(), "private", extra);
+        let node = Daemon::start(
+            &node_dir,
+            &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+            &borrowed(&node_env),
+        )
+        .await;
+        let code = cli_ok(
+            &node_dir,
+            &[
+                "node",
+                "initiate",
+                "--local-name",
+                "ado-services",
+                "--remote-name",
+                "ado-server",
+                "--name",
+                CONN,
+                "--project",
+                PUBLIC,
+                "--mode",
+                "script",
+            ],
+        )
+        .await;
+        let accepted = cli(
+            &agent_dir,
+            &["accept", code.trim(), "--project", PRIVATE, "--name", CONN],
+            &borrowed(&agent_env),
+            None,
+        )
+        .await;
+        assert!(accepted.status.success(), "accept: {}", stderr(&accepted));
+        let agent = Daemon::start(
+            &agent_dir,
+            &["run", "--intake-listen", "127.0.0.1:0"],
+            &borrowed(&agent_env),
+        )
+        .await;
+        let pair = Pair {
+            public,
+            private,
+            _node: node,
+            agent,
+            node_dir,
+            agent_dir,
+            agent_env,
+            _tmp: tmp,
+        };
+        pair.wait_feeds_read().await;
+        pair
+    }
+
+    /// Waits until both sides read their change feed to its end once.
+    pub async fn wait_feeds_read(&self) {
+        for (dir, node) in [(&self.node_dir, true), (&self.agent_dir, false)] {
+            wait_for("the change feed read to its end", || async move {
+                let list = common::statuses(dir, node).await;
+                list.iter()
+                    .find(|c| c.name == CONN)
+                    .and_then(|c| c.sync.as_ref())
+                    .and_then(|s| s.watermark_ms)
+                    .map(|_| ())
+            })
+            .await;
+        }
+    }
+
+    /// SIGKILLs the agent and starts it again on the same data directory.
+    pub async fn restart_agent(&mut self) {
+        self.agent.kill9();
+        self.agent = Daemon::start(
+            &self.agent_dir,
+            &["run", "--intake-listen", "127.0.0.1:0"],
+            &borrowed(&self.agent_env),
+        )
+        .await;
+    }
+
+    /// `relay sync ARGS` on a side (through its running daemon); must succeed.
+    pub async fn sync_cli(&self, node: bool, args: &[&str]) -> String {
+        let dir = if node { &self.node_dir } else { &self.agent_dir };
+        let mut all = vec!["sync"];
+        all.extend_from_slice(args);
+        cli_ok(dir, &all).await
+    }
+}
+
+/// `add` operations setting fields.
+pub fn fields(pairs: &[(&str, &str)]) -> Vec<Value> {
+    pairs
+        .iter()
+        .map(|(f, v)| json!({"op": "add", "path": format!("/fields/{f}"), "value": v}))
+        .collect()
+}
+
+/// A field of a work item as the simulator holds it.
+pub fn field(sim: &SimHandle, id: u64, name: &str) -> String {
+    sim.item(id)
+        .and_then(|(_, f)| f.get(name).cloned())
+        .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+        .unwrap_or_default()
+}
+
+/// Tags as a sorted set.
+pub fn tags(sim: &SimHandle, id: u64) -> Vec<String> {
+    let mut t: Vec<String> = field(sim, id, "System.Tags")
+        .split(';')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    t.sort();
+    t
+}
+
+/// The comments of an item as its profile keeps them: the comments API, or the history.
+pub fn comments(sim: &SimHandle, id: u64) -> Vec<String> {
+    if sim.profile() == Profile::Server2019 {
+        sim.history_texts(id)
+    } else {
+        sim.comment_texts(id)
+    }
+}
+
+/// The items of `project` whose title is `title`.
+pub fn titled(sim: &SimHandle, project: &str, title: &str) -> Vec<u64> {
+    sim.item_ids(Some(project))
+        .into_iter()
+        .filter(|id| field(sim, *id, "System.Title") == title)
+        .collect()
+}
+
+/// Waits until exactly one item of `project` is titled `title`; answers its id.
+pub async fn wait_titled(sim: &SimHandle, project: &str, title: &str) -> u64 {
+    wait_for(&format!("an item titled {title:?} in {project}"), || async move {
+        match titled(sim, project, title).as_slice() {
+            [id] => Some(*id),
+            _ => None,
+        }
+    })
+    .await
+}
+
+/// The attachments of an item: file name and SHA-256 of the bytes, sorted.
+pub fn attachments(sim: &SimHandle, id: u64) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = sim
+        .relations(id)
+        .into_iter()
+        .filter(|(rel, _, _)| rel == "AttachedFile")
+        .map(|(_, url, attrs)| {
+            let aid = url
+                .split("/attachments/")
+                .nth(1)
+                .unwrap_or_default()
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let bytes = sim.attachment_bytes(&aid).unwrap_or_default();
+            let name = attrs.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            (name, relay::crypto::hex(&relay::crypto::sha256(&bytes)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Polls `check` until it holds (it returns a description of what differs otherwise).
+pub async fn converge<F>(what: &str, mut check: F)
+where
+    F: FnMut() -> Result<(), String>,
+{
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let last = match check() {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(tokio::time::Instant::now() < deadline, "{what} never converged: {last}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
