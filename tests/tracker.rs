@@ -533,3 +533,95 @@ async fn an_unreachable_tracker_and_an_untrusted_certificate_are_told_apart() {
         other => panic!("expected Unreachable: {other:?}"),
     }
 }
+
+fn connection(project: &str) -> relay::agent::AgentConnection {
+    relay::agent::AgentConnection {
+        name: "c".into(),
+        node_connection: "c".into(),
+        // Nothing listens there: the node steps fail, the tracker steps still run.
+        node_url: "https://127.0.0.1:1".into(),
+        pin: None,
+        node_instance: "pub".into(),
+        local_instance: "priv".into(),
+        reported_instance: "priv".into(),
+        description: String::new(),
+        mode: "script".into(),
+        node_project: "Public".into(),
+        project: project.into(),
+        deliver_to: None,
+        accepted_at_ms: 0,
+        revoked: None,
+        revoked_at_ms: None,
+        invitation_id: None,
+    }
+}
+
+#[tokio::test]
+async fn doctor_checks_the_tracker_instead_of_the_webhook() {
+    use relay::doctor::Outcome;
+    let e = env(Profile::Server2019).await;
+    let mut settings = relay::config::Settings::default();
+    settings.tracker = Some(e.settings.clone());
+    let report = relay::doctor::diagnose(&settings, &connection(PROJECT), Ok("x".into())).await;
+    let line = |step: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.step == step)
+            .unwrap_or_else(|| panic!("no {step} line in {report:?}"))
+            .clone()
+    };
+    assert!(report.checks.iter().all(|c| c.step != "webhook"), "{report:?}");
+    assert_eq!(line("tracker").outcome, Outcome::Ok, "{report:?}");
+    let pat = line("tracker pat");
+    assert_eq!(pat.outcome, Outcome::Ok);
+    assert!(pat.detail.contains("Sim User <sim.user@example.com>"), "{}", pat.detail);
+    let version = line("api version");
+    assert!(
+        version.outcome == Outcome::Ok && version.detail.starts_with("5.0") && version.detail.contains("History"),
+        "{}",
+        version.detail
+    );
+    assert_eq!(line("project").outcome, Outcome::Ok);
+    let egress = relay::doctor::egress(&settings, &[connection(PROJECT)]);
+    let tracker_host = format!("localhost:{}", e.sim.addr.port());
+    assert!(
+        egress
+            .iter()
+            .any(|x| x.destination == tracker_host && x.purpose.contains("tracker")),
+        "{egress:?}"
+    );
+    let text = relay::doctor::render(std::slice::from_ref(&report));
+    assert!(text.contains("api version") && !text.contains(&e.sim.pat), "{text}");
+
+    let report = relay::doctor::diagnose(&settings, &connection("Missing"), Ok("x".into())).await;
+    let project = report
+        .checks
+        .iter()
+        .find(|c| c.step == "project")
+        .expect("project line");
+    assert_eq!(project.outcome, Outcome::Fail);
+    assert!(project.detail.contains("Missing"), "{}", project.detail);
+
+    let mut bad = e.settings.clone();
+    bad.token_file = None;
+    bad.token = Some(Secret::new("wrong"));
+    settings.tracker = Some(bad);
+    let report = relay::doctor::diagnose(&settings, &connection(PROJECT), Ok("x".into())).await;
+    let outcomes: Vec<(&str, Outcome)> = report
+        .checks
+        .iter()
+        .filter(|c| ["tracker", "tracker pat", "api version", "project"].contains(&c.step))
+        .map(|c| (c.step, c.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("tracker", Outcome::Ok),
+            ("tracker pat", Outcome::Fail),
+            ("api version", Outcome::Skip),
+            ("project", Outcome::Skip)
+        ]
+    );
+    e.sim.shutdown().await;
+}
