@@ -1,6 +1,7 @@
 //! `relay doctor` and `relay egress`: what an operator needs when a connection does not come
-//! up — each step from name resolution to the webhook checked in order with its measured
-//! value, and the exact outbound destinations for a firewall change request.
+//! up — each step from name resolution to the webhook (or the tracker, when one is bound)
+//! checked in order with its measured value, and the exact outbound destinations for a
+//! firewall change request.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,7 +77,8 @@ fn ms(since: Instant) -> String {
     format!("{:.1} ms", since.elapsed().as_secs_f64() * 1000.0)
 }
 
-/// Checks one connection: DNS, TCP, TLS, credential, clock, webhook.
+/// Checks one connection: DNS, TCP, TLS, credential, clock, then the webhook, or with a
+/// `[tracker]` the tracker (reachable, token, API version, the connection's project).
 pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: Result<String, String>) -> Report {
     let mut report = Report {
         connection: conn.name.clone(),
@@ -304,6 +306,11 @@ async fn credential_and_clock(settings: &Settings, conn: &AgentConnection, crede
 }
 
 async fn webhook_check(settings: &Settings, conn: &AgentConnection, report: &mut Report) {
+    // With a tracker, payloads go to the sync engine: the tracker is what must work.
+    if let Some(tracker) = &settings.tracker {
+        tracker_check(tracker, conn, report).await;
+        return;
+    }
     let Some(url) = conn.deliver_to.clone().or_else(|| settings.agent.deliver_to.clone()) else {
         report.push(
             "webhook",
@@ -345,6 +352,83 @@ async fn webhook_check(settings: &Settings, conn: &AgentConnection, report: &mut
             Outcome::Fail,
             format!("{url}: {host}:{port}: no connection within {STEP_TIMEOUT:?}"),
         ),
+    }
+}
+
+/// The tracker steps: it answers, accepts the token (and whose it is), speaks a REST API
+/// version, and holds the connection's project.
+async fn tracker_check(settings: &crate::config::TrackerSettings, conn: &AgentConnection, report: &mut Report) {
+    use crate::tracker::{Tracker, TrackerError};
+    let later = ["tracker pat", "api version", "project"];
+    let started = Instant::now();
+    let tracker = match tokio::time::timeout(STEP_TIMEOUT * 3, Tracker::connect(settings)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            match &e {
+                TrackerError::Auth { .. } => {
+                    report.push("tracker", Outcome::Ok, format!("{} answers", settings.url));
+                    report.push("tracker pat", Outcome::Fail, e.to_string());
+                    report.skip(&later[1..]);
+                }
+                // The version gate answers only an accepted token.
+                TrackerError::Refused { .. } => {
+                    report.push("tracker", Outcome::Ok, format!("{} answers", settings.url));
+                    report.push("tracker pat", Outcome::Ok, "accepted");
+                    report.push("api version", Outcome::Fail, e.to_string());
+                    report.skip(&later[2..]);
+                }
+                _ => {
+                    report.push("tracker", Outcome::Fail, e.to_string());
+                    report.skip(&later);
+                }
+            }
+            return;
+        }
+        Err(_) => {
+            report.push(
+                "tracker",
+                Outcome::Fail,
+                format!("{}: no answer within {:?}", settings.url, STEP_TIMEOUT * 3),
+            );
+            report.skip(&later);
+            return;
+        }
+    };
+    report.push(
+        "tracker",
+        Outcome::Ok,
+        format!("{} answers ({})", tracker.url(), ms(started)),
+    );
+    match tracker.user().await {
+        Ok(user) => report.push("tracker pat", Outcome::Ok, format!("accepted for {user}")),
+        Err(e) => report.push("tracker pat", Outcome::Fail, e.to_string()),
+    }
+    let how = if settings.api_version.is_some() {
+        "tracker.api_version, accepted by the server"
+    } else {
+        "probed from the server"
+    };
+    let writes = if tracker.version().writes_comments() {
+        "comments through the comments API"
+    } else {
+        "comments through System.History"
+    };
+    report.push(
+        "api version",
+        Outcome::Ok,
+        format!("{} ({how}; {writes})", tracker.version()),
+    );
+    if conn.project.is_empty() {
+        report.push(
+            "project",
+            Outcome::Fail,
+            "the connection names no project for incoming sync (accept it with --project)",
+        );
+        return;
+    }
+    match tracker.check_project(&conn.project).await {
+        Ok(id) => report.push("project", Outcome::Ok, format!("{} exists (id {id})", conn.project)),
+        Err(e) => report.push("project", Outcome::Fail, e.to_string()),
     }
 }
 
@@ -424,6 +508,18 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
                     scope: "local",
                 });
             }
+        }
+    }
+    // The tracker is reached directly (never through the agent's proxy), usually on the
+    // private network.
+    if let Some(t) = &settings.tracker {
+        if let Ok(uri) = t.url.parse::<Uri>() {
+            let (h, p) = http::host_port(&uri);
+            add(Egress {
+                destination: fmt_host_port(&h, p),
+                purpose: "the issue tracker (Azure DevOps REST API)".to_owned(),
+                scope: "local",
+            });
         }
     }
     out

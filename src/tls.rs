@@ -483,6 +483,9 @@ const NODE_HINT: &str = "if a TLS-inspecting firewall sits in between, put its C
 /// What to change when a webhook's certificate is not trusted.
 const WEBHOOK_HINT: &str =
     "if the webhook's certificate comes from an internal CA, set delivery.ca_file to that CA's PEM file";
+/// What to change when the tracker's certificate is not trusted.
+const TRACKER_HINT: &str =
+    "if the tracker's certificate comes from an internal CA, set tracker.ca_file to that CA's PEM file (and tracker.trust = \"ca\" to trust only it)";
 
 impl DescribingVerifier {
     fn shared(
@@ -550,16 +553,31 @@ impl ServerCertVerifier for DescribingVerifier {
 /// back to the built-in web roots on a system that has none), the built-in web roots, or only
 /// the CAs in `delivery.ca_file`; with `system` and `web`, `delivery.ca_file` adds to them.
 pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_for(delivery.trust, delivery.ca_file.as_deref(), "delivery", WEBHOOK_HINT)
+}
+
+/// Client configuration for the issue tracker, per `tracker.trust` and `tracker.ca_file`, with
+/// the same rules as webhooks (the two share one builder).
+pub fn tracker_client_config(trust: WebhookTrust, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_for(trust, ca_file, "tracker", TRACKER_HINT)
+}
+
+/// The builder behind webhooks and the tracker; `section` names the settings in messages.
+fn client_config_for(
+    trust: WebhookTrust,
+    ca_file: Option<&Path>,
+    section: &str,
+    hint: &'static str,
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let ca_file = delivery.ca_file.as_deref();
-    let (mut roots, mut expected) = match delivery.trust {
+    let (mut roots, mut expected) = match trust {
         WebhookTrust::System => match system_roots() {
             Ok(roots) => (roots, "a certificate issued by a CA the system trusts".to_owned()),
             Err(_) => {
-                // Minimal images ship no CA store; public webhooks should still work there.
+                // Minimal images ship no CA store; public servers should still work there.
                 tracing::warn!(
-                    "no trusted CA certificates found on this system; https webhooks are checked against \
-                     the built-in web roots (install ca-certificates, or set delivery.trust = \"web\")"
+                    "no trusted CA certificates found on this system; https {section} peers are checked \
+                     against the built-in web roots (install ca-certificates, or set {section}.trust = \"web\")"
                 );
                 (
                     web_roots(),
@@ -573,19 +591,19 @@ pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::Clie
         ),
         WebhookTrust::Ca => {
             let path =
-                ca_file.ok_or_else(|| TlsError::Config("delivery.trust = \"ca\" needs delivery.ca_file".into()))?;
+                ca_file.ok_or_else(|| TlsError::Config(format!("{section}.trust = \"ca\" needs {section}.ca_file")))?;
             let mut roots = rustls::RootCertStore::empty();
             add_pem_bundle(&mut roots, path)?;
             (roots, format!("a certificate issued by a CA in {}", path.display()))
         }
     };
-    if delivery.trust != WebhookTrust::Ca {
+    if trust != WebhookTrust::Ca {
         if let Some(path) = ca_file {
             add_pem_bundle(&mut roots, path)?;
             expected = format!("{expected} or by a CA in {}", path.display());
         }
     }
-    let verifier = DescribingVerifier::shared(roots, expected, WEBHOOK_HINT, provider.clone())?;
+    let verifier = DescribingVerifier::shared(roots, expected, hint, provider.clone())?;
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?

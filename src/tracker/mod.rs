@@ -1,13 +1,31 @@
 //! The Azure DevOps client: the REST calls Script mode makes against one tracker (Services or
 //! Server), with its API version probed from the server's own answer, a personal access token
 //! that never prints, backoff on 429/503, and errors that name what to check.
+//!
+//! # Layout
+//!
+//! - this file: the public face ([`Tracker`], its errors and answers) and the work item calls.
+//! - `client`: HTTP (credential, deadlines, bounds, 429/503 waits, refusals, version probe).
+//! - `feed`: the reporting revisions feed, WIQL ids, the crash-reconciling hyperlink search.
+//! - `comments`: reading all comments (5.0's History view or the comments API), adding one.
+//! - `attachments`: simple and chunked uploads, bounded downloads.
 
+mod attachments;
+mod client;
+mod comments;
+mod feed;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::config::TrackerSettings;
+use crate::http::Method;
 use crate::sync::workitem::WorkItem;
+use client::{enc, Req, Rest};
+
+pub use client::{LATEST_KNOWN, MAX_RETRIES, MAX_RETRY_WAIT, OLDEST_KNOWN};
 
 /// A REST API version (`5.0`, `6.0`, `7.0`, `7.1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -142,64 +160,275 @@ pub struct Uploaded {
 
 /// A connected tracker: a cheap-`Clone` handle.
 #[derive(Clone)]
-pub struct Tracker {}
+pub struct Tracker {
+    rest: Arc<Rest>,
+}
 
 impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tracker").finish_non_exhaustive()
+        f.debug_struct("Tracker")
+            .field("url", &self.rest.base)
+            .field("version", &self.rest.version.to_string())
+            .finish_non_exhaustive()
     }
 }
 
-#[allow(unused_variables, missing_docs, clippy::unused_async)]
 impl Tracker {
+    /// Reads the token, builds the TLS client and checks the server with one request: it
+    /// answers (reachable), accepts the token, and speaks the configured `api_version` or, when
+    /// none is set, the version its own gate names.
     pub async fn connect(settings: &TrackerSettings) -> Result<Tracker, TrackerError> {
-        todo!()
+        let pat = client::read_token(settings)?;
+        let configured = match settings.api_version.as_deref() {
+            Some(text) => Some(ApiVersion::parse(text).ok_or_else(|| TrackerError::Refused {
+                status: 0,
+                message: format!("tracker.api_version {text:?} must look like 5.0, 6.0, 7.0 or 7.1"),
+            })?),
+            None => None,
+        };
+        let mut rest = Rest::new(settings, &pat, configured.unwrap_or(LATEST_KNOWN))?;
+        let ask = rest.version;
+        match (rest.probe(ask).await?, configured) {
+            (None, _) => {}
+            (Some(latest), Some(set)) => {
+                return Err(TrackerError::Refused {
+                    status: 400,
+                    message: format!(
+                        "tracker.api_version = \"{set}\" is newer than {} supports (its latest REST API version is \
+                         {latest}): set tracker.api_version = \"{latest}\", or remove it to use what the server answers",
+                        rest.base
+                    ),
+                });
+            }
+            (Some(latest), None) => {
+                if latest < OLDEST_KNOWN {
+                    return Err(TrackerError::Refused {
+                        status: 400,
+                        message: format!(
+                            "{} speaks REST API {latest}; relay needs {OLDEST_KNOWN} (Azure DevOps Server 2019) or later",
+                            rest.base
+                        ),
+                    });
+                }
+                // Confirm the named version is served before relying on it.
+                if let Some(again) = rest.probe(latest).await? {
+                    return Err(TrackerError::Protocol(format!(
+                        "{} named {latest} as its latest REST API version, then refused it naming {again}",
+                        rest.base
+                    )));
+                }
+                rest.version = latest;
+            }
+        }
+        tracing::info!(url = %rest.base, version = %rest.version, "tracker connected");
+        Ok(Tracker { rest: Arc::new(rest) })
     }
+
+    /// The REST API version spoken.
     pub fn version(&self) -> ApiVersion {
-        todo!()
+        self.rest.version
     }
+
+    /// The base URL (collection or organisation), without a trailing `/`.
     pub fn url(&self) -> &str {
-        todo!()
+        &self.rest.base
     }
+
+    /// The token's user as `Display Name <unique name>` (connection data), for `relay doctor`.
     pub async fn user(&self) -> Result<String, TrackerError> {
-        todo!()
+        // The location resource is versioned apart from work items; `-preview` takes its latest.
+        let url = format!(
+            "{}?api-version={}-preview",
+            self.rest.collection_url("connectionData"),
+            self.rest.version
+        );
+        let v = self.rest.json(&Req::get(url)).await?;
+        let user = v
+            .get("authenticatedUser")
+            .ok_or_else(|| TrackerError::Protocol("connection data without authenticatedUser".into()))?;
+        let name = user
+            .get("providerDisplayName")
+            .or_else(|| user.get("customDisplayName"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let account = user
+            .pointer("/properties/Account/$value")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        Ok(match (name.is_empty(), account.is_empty()) {
+            (false, false) => format!("{name} <{account}>"),
+            (false, true) => name.to_owned(),
+            (true, false) => account.to_owned(),
+            (true, true) => user
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown user")
+                .to_owned(),
+        })
     }
+
+    /// The project's id; `NotFound` when the collection has no such project.
     pub async fn check_project(&self, project: &str) -> Result<String, TrackerError> {
-        todo!()
+        let url = format!(
+            "{}?{}",
+            self.rest.collection_url(&format!("projects/{}", enc(project))),
+            self.rest.api()
+        );
+        let v = self.rest.json(&Req::get(url)).await.map_err(|e| match e {
+            TrackerError::NotFound(m) => {
+                TrackerError::NotFound(format!("project {project:?} on {}: {m}", self.rest.base))
+            }
+            other => other,
+        })?;
+        v.get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| TrackerError::Protocol(format!("project {project:?} answered without an id")))
     }
+
+    /// The names of the project's work item types.
     pub async fn work_item_types(&self, project: &str) -> Result<Vec<String>, TrackerError> {
-        todo!()
+        let url = format!(
+            "{}?{}",
+            self.rest.project_url(project, "wit/workitemtypes"),
+            self.rest.api()
+        );
+        let v = self.rest.json(&Req::get(url)).await?;
+        Ok(v.get("value")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
+
+    /// The work item with its relations and every comment (oldest first); `None` when it does
+    /// not exist or was deleted.
     pub async fn read_item(&self, id: u64) -> Result<Option<WorkItem>, TrackerError> {
-        todo!()
+        let url = format!(
+            "{}?$expand=relations&{}",
+            self.rest.collection_url(&format!("wit/workitems/{id}")),
+            self.rest.api()
+        );
+        let doc = match self.rest.json(&Req::get(url)).await {
+            Ok(doc) => doc,
+            Err(TrackerError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut item = work_item(&doc)?;
+        let project = item.project_key.clone();
+        match comments::read_all(&self.rest, &project, id).await {
+            Ok(list) => item.comments = list,
+            // Deleted between the two reads.
+            Err(TrackerError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        Ok(Some(item))
     }
+
+    /// One page of the project's reporting revisions feed, from `continuation` (the start of
+    /// the feed when `None`).
     pub async fn revisions(&self, project: &str, continuation: Option<&str>) -> Result<RevisionPage, TrackerError> {
-        todo!()
+        feed::revisions(&self.rest, project, continuation).await
     }
+
+    /// Ids of the project's work items matching the WIQL condition `where_clause` (all when
+    /// `None`), ascending.
     pub async fn query_ids(&self, project: &str, where_clause: Option<&str>) -> Result<Vec<u64>, TrackerError> {
-        todo!()
+        feed::query_ids(&self.rest, project, where_clause).await
     }
+
+    /// The item of `project` this token's user created in the last two days whose relations
+    /// hold a `Hyperlink` to exactly `url` (the marker of a create a crash may have cut off).
     pub async fn find_by_hyperlink(&self, project: &str, url: &str) -> Result<Option<u64>, TrackerError> {
-        todo!()
+        feed::find_by_hyperlink(&self.rest, project, url).await
     }
+
+    /// Creates a work item of `type_name` in `project` from a JSON Patch document.
     pub async fn create(&self, project: &str, type_name: &str, patch: &Value) -> Result<WorkItem, TrackerError> {
-        todo!()
+        let url = format!(
+            "{}?{}{}",
+            self.rest
+                .project_url(project, &format!("wit/workitems/${}", enc(type_name))),
+            self.rest.api(),
+            self.expand_relations()
+        );
+        let doc = self
+            .rest
+            .json(&Req::patch(Method::POST, url, patch, None))
+            .await
+            .map_err(|e| match e {
+                TrackerError::NotFound(m) => {
+                    TrackerError::NotFound(format!("work item type {type_name:?} in project {project:?}: {m}"))
+                }
+                other => other,
+            })?;
+        work_item(&doc)
     }
+
+    /// Applies a JSON Patch document to work item `id`; a failing `test /rev` is `Conflict`.
     pub async fn update(&self, id: u64, patch: &Value) -> Result<WorkItem, TrackerError> {
-        todo!()
+        let url = format!(
+            "{}?{}{}",
+            self.rest.collection_url(&format!("wit/workitems/{id}")),
+            self.rest.api(),
+            self.expand_relations()
+        );
+        let doc = self.rest.json(&Req::patch(Method::PATCH, url, patch, Some(id))).await?;
+        work_item(&doc)
     }
+
+    /// Adds an HTML comment: through the comments API where the server has one (5.1 and
+    /// later), else as a `System.History` entry, whose revision is then the comment's id.
     pub async fn add_comment(&self, project: &str, id: u64, html: &str) -> Result<AddedComment, TrackerError> {
-        todo!()
+        if self.rest.version.writes_comments() {
+            return comments::add(&self.rest, project, id, html).await;
+        }
+        let patch = json!([{"op": "add", "path": "/fields/System.History", "value": html}]);
+        let item = self.update(id, &patch).await?;
+        let rev = item.rev.ok_or_else(|| {
+            TrackerError::Protocol(format!("work item {id} answered a History write without its rev"))
+        })?;
+        Ok(AddedComment {
+            id: rev.to_string(),
+            rev: Some(rev),
+        })
     }
+
+    /// Uploads an attachment (chunked above [`attachments::SIMPLE_UPLOAD_MAX`]) and answers
+    /// its id and URL for an `AttachedFile` relation.
     pub async fn upload_attachment(
         &self,
         project: &str,
         filename: &str,
         bytes: &[u8],
     ) -> Result<Uploaded, TrackerError> {
-        todo!()
+        attachments::upload(&self.rest, project, filename, bytes).await
     }
+
+    /// Downloads an attachment of this tracker, refusing more than `max_bytes`.
     pub async fn download_attachment(&self, url: &str, max_bytes: usize) -> Result<bytes::Bytes, TrackerError> {
-        todo!()
+        attachments::download(&self.rest, url, max_bytes).await
     }
+
+    /// `&$expand=relations` where create and update take it (6.0 and later), so their answer
+    /// carries the attachments too.
+    fn expand_relations(&self) -> &'static str {
+        if self.rest.version >= (ApiVersion { major: 6, minor: 0 }) {
+            "&$expand=relations"
+        } else {
+            ""
+        }
+    }
+}
+
+/// A work item answer as the model, or why it could not be read.
+fn work_item(doc: &Value) -> Result<WorkItem, TrackerError> {
+    let item = WorkItem::from_ado(doc).map_err(|e| TrackerError::Protocol(e.to_string()))?;
+    if item.id.is_none() || item.rev.is_none() {
+        return Err(TrackerError::Protocol("a work item answer without id or rev".into()));
+    }
+    Ok(item)
 }
