@@ -222,12 +222,7 @@ async fn test_rules(
             .map_err(|e| failed(&e))?
             .ok_or_else(|| OpError::new(Kind::NotFound, format!("work item {id} does not exist")))?;
         let twin = state.twin_by_local(conn, id)?.map(|(_, t)| t).unwrap_or_default();
-        engine::mark_copied(&mut wi, &twin);
-        for a in &mut wi.attachments {
-            if let Some(f) = a.id.as_deref().and_then(|aid| state.file_facts(aid).ok().flatten()) {
-                a.sha256 = f.sha256;
-            }
-        }
+        engine::annotate(state, &mut wi, &twin);
         let entity = script::run_outgoing(&rules, &wi, twin.last_sent.as_ref()).map_err(|e| failed(&e))?;
         let rev = wi.rev.unwrap_or(0);
         let key = replica::idempotency_key(conn, &id.to_string(), rev);
@@ -260,7 +255,7 @@ async fn test_rules(
             Some(id) => tracker.read_item(id).await.map_err(|e| failed(&e))?.unwrap_or_default(),
             None => WorkItem::default(),
         };
-        engine::mark_copied(&mut current, &twin);
+        engine::annotate(state, &mut current, &twin);
         let desired = script::run_incoming(&rules, &r, twin.last_received.as_ref(), &current, twin.local.is_none())
             .map_err(|e| failed(&e))?;
         // Attachments not uploaded yet get a stand-in URL, so the patch shows their relation.

@@ -147,6 +147,13 @@ pub fn normalize_labels(labels: Vec<String>) -> Vec<String> {
     out
 }
 
+/// The attachment GUID in an attachment URL: its last path segment, without the query
+/// (`…/_apis/wit/attachments/{id}?fileName=a.txt`).
+pub fn attachment_id(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or(path)
+}
+
 /// Joins labels as `System.Tags` wants them.
 pub fn join_tags(labels: &[String]) -> String {
     labels.join("; ")
@@ -177,7 +184,7 @@ impl WorkItem {
                 let attr = |k: &str| attrs.and_then(|a| a.get(k));
                 item.attachments.push(WorkAttachment {
                     // The attachment GUID is the URL's last segment.
-                    id: Some(url.rsplit('/').next().unwrap_or(url).to_string()),
+                    id: Some(attachment_id(url).to_string()),
                     remote_id: None,
                     filename: attr("name").and_then(Value::as_str).unwrap_or_default().to_string(),
                     size: attr("resourceSize").and_then(Value::as_u64).unwrap_or(0),

@@ -17,7 +17,7 @@ use crate::status::{now_ms, Health};
 use crate::sync::blob;
 use crate::sync::replica::{self, Replica};
 use crate::sync::script;
-use crate::sync::state::{PendingCreate, Side, SyncState, Twin, UploadedFile};
+use crate::sync::state::{FileFacts, PendingCreate, Side, SyncState, Twin, UploadedFile};
 use crate::sync::workitem::{self, WorkItem};
 use crate::tracker::{Tracker, TrackerError};
 
@@ -173,6 +173,13 @@ async fn receive_chunk(
         return Ok(Handled::Done);
     }
     let up = tracker.upload_attachment(&link.project, &h.filename, &bytes).await?;
+    state.set_file_facts(
+        &up.id,
+        &FileFacts {
+            sha256: h.sha256.clone(),
+            size: bytes.len() as u64,
+        },
+    )?;
     state.set_uploaded(&h.sha256, &UploadedFile { id: up.id, url: up.url })?;
     state.drop_chunks(&link.name, &h.sha256)?;
     info!(file = %h.filename, bytes = bytes.len(), "attachment uploaded");
@@ -263,7 +270,7 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
             })?,
             None => WorkItem::default(),
         };
-        super::mark_copied(&mut current, &twin);
+        super::annotate(state, &mut current, &twin);
         let first_sync = twin.local.is_none();
         let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;

@@ -298,8 +298,19 @@ impl Engine {
 }
 
 /// Marks the comments and attachments of `item` that relay copied from the other side (their
-/// remote ids), so that scripts never send them back and merging skips them.
-pub fn mark_copied(item: &mut crate::sync::WorkItem, twin: &crate::sync::state::Twin) {
+/// remote ids), so that scripts never send them back and merging skips them, and fills in
+/// the hashes of attachments whose bytes relay read before (merging matches equal files).
+pub fn annotate(state: &SyncState, item: &mut crate::sync::WorkItem, twin: &crate::sync::state::Twin) {
+    mark_copied(item, twin);
+    for a in &mut item.attachments {
+        if let Some(f) = a.id.as_deref().and_then(|id| state.file_facts(id).ok().flatten()) {
+            a.sha256 = f.sha256;
+            a.size = f.size;
+        }
+    }
+}
+
+fn mark_copied(item: &mut crate::sync::WorkItem, twin: &crate::sync::state::Twin) {
     for c in &mut item.comments {
         if let Some(r) = c.id.as_ref().and_then(|id| twin.comments.get(id)) {
             c.remote_id = Some(r.clone());

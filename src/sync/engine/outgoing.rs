@@ -200,7 +200,7 @@ pub async fn export(
         };
         (SyncState::new_key(&t), t)
     });
-    super::mark_copied(&mut item, &twin);
+    super::annotate(state, &mut item, &twin);
     // Attachments are described by their hash; bytes read once are kept for sending.
     let mut read: HashMap<String, Bytes> = HashMap::new();
     for a in &mut item.attachments {
