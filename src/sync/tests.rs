@@ -556,6 +556,9 @@ fn rules_can_be_shared_between_threads() {
 #[test]
 fn attachment_ids_come_without_the_query() {
     use crate::sync::workitem::attachment_id;
-    assert_eq!(attachment_id("https://x/_apis/wit/attachments/g-1?fileName=a.txt"), "g-1");
+    assert_eq!(
+        attachment_id("https://x/_apis/wit/attachments/g-1?fileName=a.txt"),
+        "g-1"
+    );
     assert_eq!(attachment_id("https://x/_apis/wit/attachments/g-2"), "g-2");
 }

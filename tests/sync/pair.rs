@@ -71,10 +71,22 @@ impl Pair {
     /// Starts both trackers, the node and the agent; initiates, accepts, and waits until both
     /// sides read their change feeds to the end (from then on every change is synced).
     pub async fn start(public: Profile, private: Profile, extra: &[(&str, &str)]) -> Pair {
+        Pair::start_seeded(public, private, extra, |_| {}).await
+    }
+
+    /// Like [`Pair::start`], with `seed` filling the public tracker before relay starts (items
+    /// that exist before the connection, for the initial sync).
+    pub async fn start_seeded(
+        public: Profile,
+        private: Profile,
+        extra: &[(&str, &str)],
+        seed: impl FnOnce(&SimHandle),
+    ) -> Pair {
         let tmp = tempfile::tempdir().unwrap();
         let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
         let public = sim(public, PUBLIC).await;
         let private = sim(private, PRIVATE).await;
+        seed(&public);
         let node_env = tracker_env(&public, tmp.path(), "public", extra);
         let agent_env = tracker_env(&private, tmp.path(), "private", extra);
         let node = Daemon::start(
