@@ -313,7 +313,7 @@ async fn runaway_scripts_are_stopped_with_a_clear_error_and_the_daemon_keeps_ser
             let out = p.sync_cli(false, &["errors", CONN, "--json"]).await;
             let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
             list.into_iter()
-                .find(|e| e["item"] == id.to_string())
+                .find(|e| e["item"].as_str() == Some(id.to_string().as_str()))
                 .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
         })
         .await;

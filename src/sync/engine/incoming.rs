@@ -243,7 +243,7 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
         };
         (SyncState::new_key(&t), t)
     });
-    if twin.applied.iter().any(|e| *e == replica.event.id) {
+    if twin.applied.contains(&replica.event.id) {
         return Ok(());
     }
     if twin.remote.as_deref() != Some(remote.as_str()) {
