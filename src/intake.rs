@@ -1,5 +1,6 @@
 //! The local HTTP API on both sides: `POST /v1/connections/{name}/messages` queues a payload
-//! durably; `/healthz`, `/readyz` and `/metrics` report on the process.
+//! durably; `POST /v1/hooks/azure-devops` wakes the sync poller; `/healthz`, `/readyz` and
+//! `/metrics` report on the process.
 
 use std::sync::Arc;
 
@@ -34,6 +35,10 @@ pub trait IntakeTarget: Send + Sync + 'static {
     fn ready(&self) -> Result<String, String>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
+    /// The sync engine a service hook wakes, when this side has a tracker.
+    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
+        None
+    }
 }
 
 /// The intake's fixed parts.
@@ -151,7 +156,10 @@ pub async fn handle(intake: Intake, req: IncomingRequest) -> Response<Body> {
             let name = (*name).to_owned();
             submit(intake, &name, req).await
         }
-        (_, ["v1", "connections", _, "messages"]) | (_, ["healthz" | "readyz" | "metrics"]) => {
+        (&Method::POST, ["v1", "hooks", "azure-devops"]) => crate::sync::hook::receive(intake.target.sync(), req).await,
+        (_, ["v1", "connections", _, "messages"])
+        | (_, ["healthz" | "readyz" | "metrics"])
+        | (_, ["v1", "hooks", "azure-devops"]) => {
             http::error(StatusCode::METHOD_NOT_ALLOWED, codes::METHOD, "method not allowed")
         }
         _ => http::error(

@@ -437,3 +437,56 @@ async fn bulk_sync_of_two_thousand_items_converges() {
     assert_eq!(p.private.item_ids(Some(PRIVATE)).len(), 2000);
     assert_eq!(tags(&p.private, p.private.item_ids(Some(PRIVATE))[1999]), ["bulk"]);
 }
+
+/// POSTs a hook body to `url` with `secret`; answers the status.
+async fn hook(url: &str, secret: Option<&str>, body: &str) -> u16 {
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend(secret.map(|s| ("Relay-Hook-Secret", s)));
+    let req = relay::http::request(relay::http::Method::POST, url, &headers, body.to_owned()).unwrap();
+    common::client()
+        .send(req, common::DEADLINE, 1 << 16)
+        .await
+        .unwrap()
+        .status
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_hook_wakes_the_poller_early_and_a_wrong_secret_is_refused() {
+    let secret = "hook-secret-for-tests";
+    // The feed is read at start and then only hourly: an item that arrives within the test
+    // arrives because the hook woke the poller.
+    let p = Pair::start(
+        Profile::Services,
+        Profile::Server2022,
+        &[
+            ("RELAY_TRACKER__POLL_INTERVAL", "1h"),
+            ("RELAY_TRACKER__HOOK_SECRET", secret),
+        ],
+    )
+    .await;
+    let url = format!("{}/v1/hooks/azure-devops", p.node.api());
+    let event = r#"{"eventType":"workitem.updated","resource":{}}"#;
+    assert_eq!(hook(&url, None, event).await, 401, "no secret");
+    assert_eq!(hook(&url, Some("guess"), event).await, 401, "a wrong secret");
+    assert_eq!(
+        hook(&url, Some(secret), "not json").await,
+        400,
+        "a body that is not JSON"
+    );
+    assert_eq!(hook(&url, Some(secret), r#"{"eventType":"git.push"}"#).await, 202);
+
+    p.public
+        .subscribe(&url, Some(("Relay-Hook-Secret", secret)), &["workitem.created"]);
+    let id = p
+        .public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Woken by a hook")]))
+        .unwrap();
+    wait_titled(&p.private, PRIVATE, "Woken by a hook").await;
+    let sim = &p.public;
+    wait_for("the hook's answer", || async move {
+        (sim.hook_deliveries().0 >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(sim.hook_deliveries().1, 0, "a hook for item {id} failed");
+}

@@ -759,6 +759,10 @@ impl IntakeTarget for Agent {
         }
     }
 
+    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
+        self.inner.sync.as_ref()
+    }
+
     fn metrics(&self) -> String {
         let statuses = self.status().unwrap_or_default();
         let healths: Vec<Option<Arc<Health>>> = statuses

@@ -458,6 +458,10 @@ impl IntakeTarget for Node {
         }
     }
 
+    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
+        self.inner.sync.as_ref()
+    }
+
     fn metrics(&self) -> String {
         let statuses = self.connections().unwrap_or_default();
         let links: Vec<Option<Arc<Link>>> = statuses.iter().map(|s| self.link(&s.name)).collect();

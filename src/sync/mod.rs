@@ -9,6 +9,7 @@
 pub mod blob;
 pub mod defaults;
 pub mod engine;
+pub mod hook;
 pub mod ops;
 pub mod replica;
 pub mod script;

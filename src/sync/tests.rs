@@ -562,3 +562,19 @@ fn attachment_ids_come_without_the_query() {
     );
     assert_eq!(attachment_id("https://x/_apis/wit/attachments/g-2"), "g-2");
 }
+
+#[test]
+fn service_hooks_wake_on_work_item_events_only() {
+    use crate::sync::hook::{classify, HookEvent};
+    let ev = |body: &str| classify(body.as_bytes());
+    assert_eq!(
+        ev(r#"{"eventType":"workitem.commented"}"#),
+        Ok(HookEvent::WorkItem("workitem.commented".into()))
+    );
+    assert_eq!(
+        ev(r#"{"eventType":"git.push"}"#),
+        Ok(HookEvent::Other("git.push".into()))
+    );
+    assert_eq!(ev("{}"), Ok(HookEvent::Other(String::new())));
+    assert!(ev("workitem.updated").unwrap_err().contains("not JSON"));
+}

@@ -24,7 +24,7 @@ pub struct Pair {
     /// The private tracker (the agent's).
     pub private: SimHandle,
     /// `relay node run`.
-    _node: Daemon,
+    pub node: Daemon,
     /// `relay run`.
     pub agent: Daemon,
     /// The node's data directory.
@@ -130,7 +130,7 @@ impl Pair {
         let pair = Pair {
             public,
             private,
-            _node: node,
+            node,
             agent,
             node_dir,
             agent_dir,
