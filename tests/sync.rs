@@ -490,3 +490,41 @@ async fn a_service_hook_wakes_the_poller_early_and_a_wrong_secret_is_refused() {
     .await;
     assert_eq!(sim.hook_deliveries().1, 0, "a hook for item {id} failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_syncs_a_work_item_both_ways_and_exits_zero() {
+    let relay = std::path::Path::new(common::bin());
+    let sim = relay.with_file_name("ado-sim");
+    assert!(
+        sim.is_file(),
+        "{} is missing: the demo needs the simulator built beside relay (cargo test --workspace)",
+        sim.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::command(dir.path(), &["demo"], &[]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for said in [
+        "the same on both trackers: title, description, tags, comments, attachment bytes",
+        "comment:     \"Fixed on premises by raising the proxy timeout\"",
+        "exactly one work item on each side",
+        "demo finished",
+    ] {
+        assert!(text.contains(said), "the demo did not say {said:?}:\n{text}");
+    }
+
+    // Without the simulator it says what to build.
+    let out = common::command(dir.path(), &["demo", "--ado-sim", "/nonexistent/ado-sim"], &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cargo build --release --workspace"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

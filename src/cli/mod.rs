@@ -69,8 +69,9 @@ pub enum Command {
     Doctor(JsonArg),
     /// Print the host:port list the agent contacts, for a firewall change request.
     Egress(JsonArg),
-    /// A node and an agent on loopback, end to end, narrated.
-    Demo,
+    /// Two simulated Azure DevOps instances, a node and an agent on loopback: a work item
+    /// synced both ways, narrated.
+    Demo(DemoArgs),
     /// Throughput and latency on loopback, beside a direct baseline from the same run.
     Bench(crate::bench::BenchOptions),
 }
@@ -149,6 +150,14 @@ impl From<DirectionArg> for admin::Direction {
             DirectionArg::Both => admin::Direction::Both,
         }
     }
+}
+
+/// `relay demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The Azure DevOps simulator binary (default: `ado-sim` beside this executable).
+    #[arg(long, value_name = "PATH")]
+    pub ado_sim: Option<std::path::PathBuf>,
 }
 
 /// `--json`.
@@ -356,7 +365,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
             Ok(())
         }
         Command::Health(a) => health(&settings, a.ready).await,
-        Command::Demo => crate::demo::run().await,
+        Command::Demo(a) => crate::demo::run(a.ado_sim).await,
         Command::Bench(o) => crate::bench::run(o).await,
     }
 }
