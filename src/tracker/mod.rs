@@ -328,6 +328,21 @@ impl Tracker {
         Ok(Some(item))
     }
 
+    /// The current revision of work item `id` (one small read: `fields=System.Rev`); `None`
+    /// when it does not exist or was deleted.
+    pub async fn item_rev(&self, id: u64) -> Result<Option<u64>, TrackerError> {
+        let url = format!(
+            "{}?fields=System.Rev&{}",
+            self.rest.collection_url(&format!("wit/workitems/{id}")),
+            self.rest.api()
+        );
+        match self.rest.json(&Req::get(url)).await {
+            Ok(doc) => Ok(doc.get("rev").and_then(Value::as_u64)),
+            Err(TrackerError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One page of the project's reporting revisions feed, from `continuation` (the start of
     /// the feed when `None`).
     pub async fn revisions(&self, project: &str, continuation: Option<&str>) -> Result<RevisionPage, TrackerError> {

@@ -320,8 +320,9 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
                 twin.pending_create = None;
                 last_rev = created.rev.unwrap_or(1);
                 twin.own(last_rev);
+                // No flush here: should this write be lost, the pending create stored above
+                // finds the item by its marker.
                 state.put_twin(conn, &primary, &twin)?;
-                state.flush().await?;
                 info!(item = id, remote = %remote, "work item created");
                 id
             }
@@ -421,7 +422,7 @@ async fn add_comments(
     if unknown > 0 {
         // The comments API answers no work item revision; each comment made one. They are
         // ours when the item moved by exactly that many since relay's last write.
-        if let Some(rev) = tracker.read_item(local).await?.and_then(|i| i.rev) {
+        if let Some(rev) = tracker.item_rev(local).await? {
             if rev == before + unknown {
                 for r in before + 1..=rev {
                     twin.own(r);
