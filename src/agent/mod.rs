@@ -273,6 +273,11 @@ impl Agent {
         if let Some(p) = &opts.project {
             crate::names::check_label("--project", p, true).map_err(invalid)?;
         }
+        if self.inner.sync.is_some() && opts.project.as_deref().is_none_or(str::is_empty) {
+            return Err(invalid(
+                "this side syncs with its tracker ([tracker] is set): give the project for incoming work items with --project".into(),
+            ));
+        }
         // The same nonce on every attempt for this invitation makes a lost answer retryable.
         let id = invitation.id_hex();
         let nonce = match self.inner.nonces.get::<String>(&id)? {

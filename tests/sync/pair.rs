@@ -113,6 +113,19 @@ impl Pair {
             ],
         )
         .await;
+        // A side bound to a tracker needs the project its incoming items go to.
+        let refused = cli(
+            &agent_dir,
+            &["accept", code.trim(), "--name", CONN],
+            &borrowed(&agent_env),
+            None,
+        )
+        .await;
+        assert!(
+            !refused.status.success() && stderr(&refused).contains("--project"),
+            "accept without --project: {}",
+            stderr(&refused)
+        );
         let accepted = cli(
             &agent_dir,
             &["accept", code.trim(), "--project", PRIVATE, "--name", CONN],

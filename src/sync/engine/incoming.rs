@@ -327,10 +327,9 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
                 id
             }
             (None, Some(id)) => {
+                // The plan's patch starts with `test /rev` of the item as read.
                 if let Some(patch) = plan.patch.as_ref() {
-                    let mut all = vec![json!({"op": "test", "path": "/rev", "value": current.rev})];
-                    all.extend(ops(Some(patch)));
-                    match tracker.update(id, &Value::Array(all)).await {
+                    match tracker.update(id, patch).await {
                         Ok(item) => {
                             last_rev = item.rev.unwrap_or(last_rev + 1);
                             twin.own(last_rev);
