@@ -56,6 +56,9 @@ pub struct ItemArgs {
     pub connection: String,
     /// The item as `relay sync errors` lists it.
     pub item: String,
+    /// Which side's error (needed only when the same id failed both ways).
+    #[arg(long, value_enum)]
+    pub side: Option<crate::sync::state::Side>,
 }
 
 /// `relay sync rules …`.
@@ -202,6 +205,7 @@ pub async fn run(settings: &Settings, command: SyncCommand) -> OpResult<()> {
                     SyncRequest::Retry {
                         connection: a.connection,
                         item: a.item.clone(),
+                        side: a.side,
                     },
                 )
                 .await?,
@@ -215,6 +219,7 @@ pub async fn run(settings: &Settings, command: SyncCommand) -> OpResult<()> {
                     SyncRequest::Resolve {
                         connection: a.connection,
                         item: a.item.clone(),
+                        side: a.side,
                     },
                 )
                 .await?,

@@ -9,7 +9,7 @@ use crate::queue::Store;
 use crate::status::now_ms;
 use crate::sync::engine::{self, Engine};
 use crate::sync::replica::{self, Event, EventKind, Origin, Replica};
-use crate::sync::state::{SyncError, SyncState};
+use crate::sync::state::{Side, SyncError, SyncState};
 use crate::sync::{script, workitem, WorkItem};
 
 /// A sync command.
@@ -69,6 +69,9 @@ pub enum SyncRequest {
         connection: String,
         /// The item as `relay sync errors` lists it.
         item: String,
+        /// Which side's error, when the same id failed both ways.
+        #[serde(default)]
+        side: Option<Side>,
     },
     /// Drops an item's error and what waited behind it.
     Resolve {
@@ -76,6 +79,9 @@ pub enum SyncRequest {
         connection: String,
         /// The item as `relay sync errors` lists it.
         item: String,
+        /// Which side's error, when the same id failed both ways.
+        #[serde(default)]
+        side: Option<Side>,
     },
 }
 
@@ -167,18 +173,18 @@ pub async fn dispatch(ctx: Context<'_>, req: SyncRequest) -> OpResult<Value> {
             }
             json!(state.errors(connection.as_deref())?)
         }
-        SyncRequest::Retry { connection, item } => {
+        SyncRequest::Retry { connection, item, side } => {
             ctx.project(&connection)?;
-            let touched = engine::retry_or_resolve(&state, &connection, &item, false)?;
+            let touched = engine::retry_or_resolve(&state, &connection, &item, side, false)?;
             state.flush().await?;
             if let Some(e) = ctx.engine {
                 e.wake(Some(&connection));
             }
             json!(touched)
         }
-        SyncRequest::Resolve { connection, item } => {
+        SyncRequest::Resolve { connection, item, side } => {
             ctx.project(&connection)?;
-            let touched: Vec<SyncError> = engine::retry_or_resolve(&state, &connection, &item, true)?;
+            let touched: Vec<SyncError> = engine::retry_or_resolve(&state, &connection, &item, side, true)?;
             state.flush().await?;
             json!(touched)
         }

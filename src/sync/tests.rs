@@ -578,3 +578,39 @@ fn service_hooks_wake_on_work_item_events_only() {
     assert_eq!(ev("{}"), Ok(HookEvent::Other(String::new())));
     assert!(ev("workitem.updated").unwrap_err().contains("not JSON"));
 }
+
+#[test]
+fn retry_and_resolve_ask_which_side_when_one_id_failed_both_ways() {
+    use crate::sync::engine::retry_or_resolve;
+    use crate::sync::state::{Side, SyncError, SyncState};
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::queue::Store::open(dir.path(), 1 << 20).unwrap();
+    let s = SyncState::open(&store).unwrap();
+    let error = |side| SyncError {
+        connection: "c".into(),
+        side,
+        item: "7".into(),
+        message: "boom".into(),
+        at_ms: 1,
+        attempts: 1,
+        parked: Vec::new(),
+        retry: false,
+    };
+    s.put_error(&error(Side::Outgoing)).unwrap();
+    s.put_error(&error(Side::Incoming)).unwrap();
+    let e = retry_or_resolve(&s, "c", "7", None, true).unwrap_err();
+    assert!(e.message.contains("--side"), "{}", e.message);
+    assert!(s.error("c", Side::Outgoing, "7").unwrap().is_some(), "nothing touched");
+
+    let retried = retry_or_resolve(&s, "c", "7", Some(Side::Incoming), false).unwrap();
+    assert_eq!(retried.len(), 1);
+    assert!(s.error("c", Side::Incoming, "7").unwrap().unwrap().retry);
+    assert!(!s.error("c", Side::Outgoing, "7").unwrap().unwrap().retry);
+
+    retry_or_resolve(&s, "c", "7", Some(Side::Outgoing), true).unwrap();
+    assert!(s.error("c", Side::Outgoing, "7").unwrap().is_none());
+    // One error left: no side needed.
+    retry_or_resolve(&s, "c", "7", None, true).unwrap();
+    assert!(s.error("c", Side::Incoming, "7").unwrap().is_none());
+    assert!(retry_or_resolve(&s, "c", "7", None, true).is_err());
+}

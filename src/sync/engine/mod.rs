@@ -418,24 +418,40 @@ impl Engine {
 
 /// Marks an item's error for retry (the engine retries it at once when running), or drops it
 /// with what waited behind it (`resolve`: the operator fixed the item by hand).
-pub fn retry_or_resolve(state: &SyncState, conn: &str, item: &str, resolve: bool) -> OpResult<Vec<SyncError>> {
-    let mut touched = Vec::new();
-    for side in [Side::Outgoing, Side::Incoming] {
-        if let Some(mut e) = state.error(conn, side, item)? {
-            if resolve {
-                state.clear_error(conn, side, item)?;
-            } else {
-                e.retry = true;
-                state.put_error(&e)?;
-            }
-            touched.push(e);
+pub fn retry_or_resolve(
+    state: &SyncState,
+    conn: &str,
+    item: &str,
+    side: Option<Side>,
+    resolve: bool,
+) -> OpResult<Vec<SyncError>> {
+    let mut found = Vec::new();
+    for s in [Side::Outgoing, Side::Incoming] {
+        if side.is_none_or(|want| want == s) {
+            found.extend(state.error(conn, s, item)?);
         }
     }
-    if touched.is_empty() {
+    if found.len() > 1 {
+        // An outgoing error names a local id, an incoming one the other tracker's id: the
+        // same number may be two unrelated items.
+        return Err(OpError::new(
+            Kind::Invalid,
+            format!(
+                "item {item:?} has a sync error on both sides (outgoing: this tracker's item {item}, incoming: the other tracker's item {item}); say which with --side outgoing|incoming"
+            ),
+        ));
+    }
+    let Some(mut e) = found.pop() else {
         return Err(OpError::new(
             Kind::NotFound,
             format!("connection {conn:?} has no sync error for item {item:?} (see relay sync errors)"),
         ));
+    };
+    if resolve {
+        state.clear_error(conn, e.side, item)?;
+    } else {
+        e.retry = true;
+        state.put_error(&e)?;
     }
-    Ok(touched)
+    Ok(vec![e])
 }
