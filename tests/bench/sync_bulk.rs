@@ -4,7 +4,6 @@
 //! simulator directly, measured in the same run. `cargo bench --bench sync_bulk`; the item
 //! count is `BENCH_ITEMS` (default 10000).
 
-#[allow(dead_code)]
 #[path = "../common/mod.rs"]
 mod common;
 #[allow(dead_code)]
