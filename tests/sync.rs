@@ -528,3 +528,79 @@ async fn the_demo_syncs_a_work_item_both_ways_and_exits_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_test_shows_the_replica_and_the_patch_and_writes_nothing() {
+    // Hourly polls: the item below is never sent by itself, only tried.
+    let p = Pair::start(
+        Profile::Services,
+        Profile::Server2022,
+        &[("RELAY_TRACKER__POLL_INTERVAL", "1h")],
+    )
+    .await;
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Bug",
+            &fields(&[("System.Title", "Tried, not sent"), ("System.Tags", "one; two")]),
+        )
+        .unwrap();
+    p.public.add_comment_as_human(id, "a comment to copy").unwrap();
+    let (public_writes, private_writes) = (writes(&p.public), writes(&p.private));
+
+    let out = p
+        .sync_cli(true, &["rules", "test", CONN, "--item", &id.to_string()])
+        .await;
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let replica = &shown["replica"];
+    assert_eq!(replica["entity"]["summary"], "Tried, not sent", "{out}");
+    assert_eq!(replica["entity"]["labels"], json!(["one", "two"]), "{out}");
+    assert_eq!(shown["unchanged_since_last_sent"], false);
+
+    // The private side's incoming script on that replica, with rules tried from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let replica_file = dir.path().join("replica.json");
+    std::fs::write(&replica_file, replica.to_string()).unwrap();
+    let stored = p.sync_cli(false, &["rules", "show", CONN]).await;
+    let tried = stored.replace(
+        "workItem.summary = replica.summary;",
+        "workItem.summary = \"[Contoso] \" + replica.summary;",
+    );
+    assert_ne!(tried, stored, "the default rules set the summary");
+    let rules_file = dir.path().join("rules.rhai");
+    std::fs::write(&rules_file, &tried).unwrap();
+    let out = p
+        .sync_cli(
+            false,
+            &[
+                "rules",
+                "test",
+                CONN,
+                "--replica",
+                replica_file.to_str().unwrap(),
+                "--rules",
+                rules_file.to_str().unwrap(),
+            ],
+        )
+        .await;
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["create"]["project"], PRIVATE, "{out}");
+    assert_eq!(plan["create"]["type"], "Bug", "{out}");
+    assert!(
+        plan["patch"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|op| op["path"] == "/fields/System.Title" && op["value"] == "[Contoso] Tried, not sent"),
+        "{out}"
+    );
+    assert_eq!(plan["comments_to_add"].as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(plan["nothing_to_write"], false);
+
+    // Nothing was written, sent or stored.
+    assert_eq!(writes(&p.public), public_writes);
+    assert_eq!(writes(&p.private), private_writes);
+    assert!(p.private.item_ids(Some(PRIVATE)).is_empty());
+    assert_eq!(p.sync_cli(false, &["rules", "show", CONN]).await, stored);
+}
