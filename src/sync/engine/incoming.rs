@@ -45,6 +45,8 @@ pub async fn run(
         return;
     };
     let inbox = link.inbox.clone();
+    // Messages already queued now may have been cut short by a crash of an earlier run.
+    let queued_at_start = inbox.last_seq();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(60));
     let mut kicks = inbox.kicks();
     loop {
@@ -77,7 +79,7 @@ pub async fn run(
             }
         };
         let result = tokio::select! {
-            r = handle(&engine, &tracker, &link, &msg) => r,
+            r = handle(&engine, &tracker, &link, &msg, msg.seq <= queued_at_start) => r,
             // Whatever was written is recorded as it went; the message is handled again.
             _ = token.cancelled() => return,
         };
@@ -114,7 +116,14 @@ pub async fn run(
     }
 }
 
-async fn handle(engine: &Engine, tracker: &Tracker, link: &SyncLink, msg: &Message) -> Result<Handled, ItemFailure> {
+/// Handles one inbound message; `earlier` says it was queued before this run started.
+async fn handle(
+    engine: &Engine,
+    tracker: &Tracker,
+    link: &SyncLink,
+    msg: &Message,
+    earlier: bool,
+) -> Result<Handled, ItemFailure> {
     match msg.content_type.as_str() {
         replica::BLOB_CONTENT_TYPE => receive_chunk(engine, tracker, link, msg).await,
         replica::CONTENT_TYPE => {
@@ -130,7 +139,7 @@ async fn handle(engine: &Engine, tracker: &Tracker, link: &SyncLink, msg: &Messa
                 engine.state().put_error(&e)?;
                 return Ok(Handled::Done);
             }
-            match apply(engine, tracker, link, &replica).await {
+            match apply(engine, tracker, link, &replica, earlier).await {
                 Ok(()) => Ok(Handled::Done),
                 Err(ItemFailure::Item(m)) => {
                     let parked = String::from_utf8_lossy(&msg.body).into_owned();
@@ -198,7 +207,8 @@ async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
             let _ = state.clear_error(&link.name, Side::Incoming, &e.item);
             continue;
         };
-        match apply(engine, tracker, link, &replica).await {
+        // An earlier run may have been cut short applying it: look before creating.
+        match apply(engine, tracker, link, &replica, true).await {
             Ok(()) => {
                 info!(item = %e.item, "retried item applied");
                 if let Err(err) = state.clear_error(&link.name, Side::Incoming, &e.item) {
@@ -223,8 +233,15 @@ fn ops(patch: Option<&Value>) -> Vec<Value> {
     patch.and_then(Value::as_array).cloned().unwrap_or_default()
 }
 
-/// Applies one replica to its local twin.
-pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica: &Replica) -> Result<(), ItemFailure> {
+/// Applies one replica to its local twin. `earlier`: the replica may have been applied in part
+/// by a run a crash ended, so a first sync looks for the item by its marker before creating.
+pub async fn apply(
+    engine: &Engine,
+    tracker: &Tracker,
+    link: &SyncLink,
+    replica: &Replica,
+    earlier: bool,
+) -> Result<(), ItemFailure> {
     let conn = &link.name;
     let state = engine.state();
     let remote = replica.origin.id.to_string();
@@ -251,15 +268,19 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
     }
     let rules = engine.rules(conn, &link.project)?;
     for _ in 0..CONFLICT_RETRIES {
-        if twin.local.is_none() {
-            if let Some(p) = &twin.pending_create {
-                // A create was sent and its answer lost: find the item rather than make another.
-                if let Some(id) = tracker.find_by_hyperlink(&link.project, &p.marker).await? {
-                    info!(item = id, remote = %remote, "found the work item of a create cut short");
-                    twin.local = Some(id);
-                    twin.pending_create = None;
-                    state.put_twin(conn, &primary, &twin)?;
-                }
+        if twin.local.is_none() && (earlier || twin.pending_create.is_some()) {
+            // A create may have been sent and its answer lost (to a crash, or to a failed
+            // request of this run): find the item rather than make another.
+            let marker = twin
+                .pending_create
+                .as_ref()
+                .map(|p| p.marker.clone())
+                .unwrap_or_else(|| marker(replica, conn));
+            if let Some(id) = tracker.find_by_hyperlink(&link.project, &marker).await? {
+                info!(item = id, remote = %remote, "found the work item of a create cut short");
+                twin.local = Some(id);
+                twin.pending_create = None;
+                state.put_twin(conn, &primary, &twin)?;
             }
         }
         let mut current = match twin.local {
@@ -301,9 +322,10 @@ pub async fn apply(engine: &Engine, tracker: &Tracker, link: &SyncLink, replica:
                     marker: marker.clone(),
                     since_ms: now_ms(),
                 });
-                // Stored before the create is sent: a crash in between is reconciled above.
+                // Recorded before the create is sent, so a failed request of this run is
+                // reconciled above; a crash is, because this replica's message stays queued
+                // until it is applied (`earlier` on the next run): no flush on this path.
                 state.put_twin(conn, &primary, &twin)?;
-                state.flush().await?;
                 let mut ops = ops(plan.patch.as_ref());
                 ops.push(json!({
                     "op": "add",
