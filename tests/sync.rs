@@ -604,3 +604,41 @@ async fn rules_test_shows_the_replica_and_the_patch_and_writes_nothing() {
     assert!(p.private.item_ids(Some(PRIVATE)).is_empty());
     assert_eq!(p.sync_cli(false, &["rules", "show", CONN]).await, stored);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_is_slow_is_not_sent_back_as_a_new_item() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    // The private tracker makes the item at once but answers relay late: meanwhile the item
+    // is in its change feed, and that side's poller must not take it for a person's.
+    let release = p.private.hold_answers("workitems.create");
+    p.public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Answered late")]))
+        .unwrap();
+    let sim = &p.private;
+    wait_for("the create to be held", || async move {
+        (sim.count("workitems.create.held") >= 1).then_some(())
+    })
+    .await;
+    // The item exists now; the next read of the feed has it (the poller reads every 150 ms,
+    // then waits for the apply under way).
+    let reads = sim.count("reporting.revisions");
+    wait_for("the private feed read with the item in it", || async move {
+        (sim.count("reporting.revisions") > reads).then_some(())
+    })
+    .await;
+    drop(release);
+    p.private.stop_holding("workitems.create");
+    let twin = wait_titled(&p.private, PRIVATE, "Answered late").await;
+
+    // A later item from the private side comes through the same queue after any echo.
+    p.private
+        .create_item(PRIVATE, "Task", &fields(&[("System.Title", "Made on premises")]))
+        .unwrap();
+    wait_titled(&p.public, PUBLIC, "Made on premises").await;
+    assert_eq!(
+        titled(&p.public, PUBLIC, "Answered late").len(),
+        1,
+        "sent back as a new item"
+    );
+    assert_eq!(titled(&p.private, PRIVATE, "Answered late"), [twin]);
+}

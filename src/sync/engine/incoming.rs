@@ -243,6 +243,9 @@ pub async fn apply(
     earlier: bool,
 ) -> Result<(), ItemFailure> {
     let conn = &link.name;
+    // Held until every revision this apply writes is recorded as relay's own.
+    let lock = engine.apply_lock(conn);
+    let _applying = lock.lock().await;
     let state = engine.state();
     let remote = replica.origin.id.to_string();
     let by_twin = match replica.event.twin.as_deref().map(str::parse::<u64>) {

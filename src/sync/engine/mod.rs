@@ -64,6 +64,9 @@ struct Inner {
     links: Mutex<HashMap<String, (SyncLink, watch::Sender<u64>)>>,
     compiled: Mutex<HashMap<String, (String, Arc<Rules>)>>,
     types: Mutex<HashMap<String, Vec<String>>>,
+    /// Per connection: held for the whole of each apply, so a reader of the change feed can
+    /// wait until the revisions an apply wrote are recorded as relay's own.
+    applying: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     chunk_bytes: usize,
 }
 
@@ -120,6 +123,7 @@ impl Engine {
                 links: Mutex::default(),
                 compiled: Mutex::default(),
                 types: Mutex::default(),
+                applying: Mutex::default(),
                 chunk_bytes: max_payload.saturating_sub(CHUNK_MARGIN).clamp(1024, 4 * 1024 * 1024),
             }),
         }
@@ -166,6 +170,19 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The lock an apply on `conn` holds while it writes to the tracker.
+    pub(crate) fn apply_lock(&self, conn: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut all = self.inner.applying.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(conn.to_owned()).or_default().clone()
+    }
+
+    /// Waits until no apply on `conn` is under way. Call it after reading revisions and
+    /// before judging them: a revision that exists was written by an apply that has either
+    /// recorded it as relay's own by then, or still holds the lock.
+    pub(crate) async fn applies_settled(&self, conn: &str) {
+        drop(self.apply_lock(conn).lock().await);
     }
 
     /// Largest attachment chunk sent.
@@ -349,6 +366,7 @@ impl Engine {
             .query_ids(&link.project, trigger.as_deref())
             .await
             .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+        self.applies_settled(conn).await;
         let mut report = BulkReport {
             matched: ids.len() as u64,
             ..BulkReport::default()

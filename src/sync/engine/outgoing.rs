@@ -106,6 +106,8 @@ async fn read_feed(engine: &Engine, tracker: &Tracker, link: &SyncLink) -> Resul
             .revisions(&link.project, mark.as_ref().map(|m| m.continuation.as_str()))
             .await?;
         if !fast_forward && !page.revisions.is_empty() {
+            // An apply may have written some of these revisions and not yet recorded them.
+            engine.applies_settled(&link.name).await;
             // The newest revision of each item in the page that relay did not write itself.
             let mut changed: BTreeMap<u64, u64> = BTreeMap::new();
             let mut twins: HashMap<u64, Option<Twin>> = HashMap::new();
