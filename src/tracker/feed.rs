@@ -2,6 +2,7 @@
 //! condition selects, and the item a crash-cut create left behind (found by its hyperlink).
 
 use serde_json::{json, Value};
+use std::collections::HashMap;
 
 use super::client::{enc, Req, Rest};
 use super::{Revision, RevisionPage, TrackerError};
@@ -111,31 +112,39 @@ pub async fn query_ids(rest: &Rest, project: &str, where_clause: Option<&str>) -
 /// The lowest id among the project's items created by this token's user since yesterday
 /// whose relations hold a `Hyperlink` to exactly `url`.
 pub async fn find_by_hyperlink(rest: &Rest, project: &str, url: &str) -> Result<Option<u64>, TrackerError> {
+    Ok(hyperlinks_created(rest, project).await?.get(url).copied())
+}
+
+/// Every `Hyperlink` URL of the project's items created by this token's user since
+/// yesterday, with the lowest id of an item carrying it.
+pub async fn hyperlinks_created(rest: &Rest, project: &str) -> Result<HashMap<String, u64>, TrackerError> {
     let query = "SELECT [System.Id] FROM WorkItems WHERE [System.TeamProject] = @project \
                  AND [System.CreatedBy] = @me AND [System.CreatedDate] >= @today - 1 ORDER BY [System.Id]";
-    let candidates = run_wiql(rest, project, query, 20_000).await?;
+    let mut candidates = run_wiql(rest, project, query, 20_000).await?;
+    candidates.sort_unstable();
     let batch_url = format!("{}?{}", rest.project_url(project, "wit/workitemsbatch"), rest.api());
+    let mut found = HashMap::new();
     for chunk in candidates.chunks(BATCH) {
         let body = json!({"ids": chunk, "$expand": "relations", "errorPolicy": "omit"});
         let v = rest.json(&Req::json(Method::POST, batch_url.clone(), &body)).await?;
         for item in v.get("value").and_then(Value::as_array).into_iter().flatten() {
-            let linked = item
+            let Some(id) = item.get("id").and_then(Value::as_u64) else {
+                continue;
+            };
+            let links = item
                 .get("relations")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .any(|r| {
-                    r.get("rel").and_then(Value::as_str) == Some("Hyperlink")
-                        && r.get("url").and_then(Value::as_str) == Some(url)
-                });
-            if linked {
-                if let Some(id) = item.get("id").and_then(Value::as_u64) {
-                    return Ok(Some(id));
-                }
+                .filter(|r| r.get("rel").and_then(Value::as_str) == Some("Hyperlink"))
+                .filter_map(|r| r.get("url").and_then(Value::as_str));
+            for url in links {
+                let lowest = found.entry(url.to_owned()).or_insert(id);
+                *lowest = (*lowest).min(id);
             }
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 fn short(v: &Value) -> String {

@@ -361,6 +361,15 @@ impl Tracker {
         feed::find_by_hyperlink(&self.rest, project, url).await
     }
 
+    /// Every `Hyperlink` URL of the project's items this token's user created since yesterday,
+    /// with the lowest id carrying it: [`Tracker::find_by_hyperlink`] for many URLs at once.
+    pub async fn hyperlinks_created(
+        &self,
+        project: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, TrackerError> {
+        feed::hyperlinks_created(&self.rest, project).await
+    }
+
     /// Creates a work item of `type_name` in `project` from a JSON Patch document.
     pub async fn create(&self, project: &str, type_name: &str, patch: &Value) -> Result<WorkItem, TrackerError> {
         let url = format!(

@@ -3,6 +3,7 @@
 //! the incoming script (create with a marker, or patch with `test /rev` and retry on 412),
 //! and park replicas of an item with a sync error so that other items flow on.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -47,6 +48,7 @@ pub async fn run(
     let inbox = link.inbox.clone();
     // Messages already queued now may have been cut short by a crash of an earlier run.
     let queued_at_start = inbox.last_seq();
+    let mut created_lately = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(60));
     let mut kicks = inbox.kicks();
     loop {
@@ -79,7 +81,11 @@ pub async fn run(
             }
         };
         let result = tokio::select! {
-            r = handle(&engine, &tracker, &link, &msg, msg.seq <= queued_at_start) => r,
+            r = handle(&engine, &tracker, &link, &msg, if msg.seq <= queued_at_start {
+                Recovery::Known(&mut created_lately)
+            } else {
+                Recovery::Fresh
+            }) => r,
             // Whatever was written is recorded as it went; the message is handled again.
             _ = token.cancelled() => return,
         };
@@ -116,13 +122,25 @@ pub async fn run(
     }
 }
 
-/// Handles one inbound message; `earlier` says it was queued before this run started.
+/// How a first sync makes sure no earlier attempt already created the item.
+pub enum Recovery<'a> {
+    /// Queued during this run and not tried yet: nothing can exist.
+    Fresh,
+    /// Look for it on the tracker.
+    Search,
+    /// Queued before this run started: look among the items with hyperlinks this token's
+    /// user created lately, read from the tracker once per run (a backlog after a crash costs
+    /// one search, not one per item).
+    Known(&'a mut Option<HashMap<String, u64>>),
+}
+
+/// Handles one inbound message.
 async fn handle(
     engine: &Engine,
     tracker: &Tracker,
     link: &SyncLink,
     msg: &Message,
-    earlier: bool,
+    recovery: Recovery<'_>,
 ) -> Result<Handled, ItemFailure> {
     match msg.content_type.as_str() {
         replica::BLOB_CONTENT_TYPE => receive_chunk(engine, tracker, link, msg).await,
@@ -139,7 +157,7 @@ async fn handle(
                 engine.state().put_error(&e)?;
                 return Ok(Handled::Done);
             }
-            match apply(engine, tracker, link, &replica, earlier).await {
+            match apply(engine, tracker, link, &replica, recovery).await {
                 Ok(()) => Ok(Handled::Done),
                 Err(ItemFailure::Item(m)) => {
                     let parked = String::from_utf8_lossy(&msg.body).into_owned();
@@ -208,7 +226,7 @@ async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
             continue;
         };
         // An earlier run may have been cut short applying it: look before creating.
-        match apply(engine, tracker, link, &replica, true).await {
+        match apply(engine, tracker, link, &replica, Recovery::Search).await {
             Ok(()) => {
                 info!(item = %e.item, "retried item applied");
                 if let Err(err) = state.clear_error(&link.name, Side::Incoming, &e.item) {
@@ -233,14 +251,14 @@ fn ops(patch: Option<&Value>) -> Vec<Value> {
     patch.and_then(Value::as_array).cloned().unwrap_or_default()
 }
 
-/// Applies one replica to its local twin. `earlier`: the replica may have been applied in part
-/// by a run a crash ended, so a first sync looks for the item by its marker before creating.
+/// Applies one replica to its local twin; `recovery` says how a first sync finds an item an
+/// earlier attempt created (a crash, a lost answer) before creating one.
 pub async fn apply(
     engine: &Engine,
     tracker: &Tracker,
     link: &SyncLink,
     replica: &Replica,
-    earlier: bool,
+    mut recovery: Recovery<'_>,
 ) -> Result<(), ItemFailure> {
     let conn = &link.name;
     // Held until every revision this apply writes is recorded as relay's own.
@@ -271,7 +289,7 @@ pub async fn apply(
     }
     let rules = engine.rules(conn, &link.project)?;
     for _ in 0..CONFLICT_RETRIES {
-        if twin.local.is_none() && (earlier || twin.pending_create.is_some()) {
+        if twin.local.is_none() {
             // A create may have been sent and its answer lost (to a crash, or to a failed
             // request of this run): find the item rather than make another.
             let marker = twin
@@ -279,7 +297,17 @@ pub async fn apply(
                 .as_ref()
                 .map(|p| p.marker.clone())
                 .unwrap_or_else(|| marker(replica, conn));
-            if let Some(id) = tracker.find_by_hyperlink(&link.project, &marker).await? {
+            let found = match (&mut recovery, twin.pending_create.is_some()) {
+                (Recovery::Search, _) | (_, true) => tracker.find_by_hyperlink(&link.project, &marker).await?,
+                (Recovery::Known(lately), false) => {
+                    if lately.is_none() {
+                        **lately = Some(tracker.hyperlinks_created(&link.project).await?);
+                    }
+                    lately.as_ref().and_then(|m| m.get(&marker).copied())
+                }
+                (Recovery::Fresh, false) => None,
+            };
+            if let Some(id) = found {
                 info!(item = id, remote = %remote, "found the work item of a create cut short");
                 twin.local = Some(id);
                 twin.pending_create = None;
