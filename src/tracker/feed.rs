@@ -120,8 +120,7 @@ pub async fn find_by_hyperlink(rest: &Rest, project: &str, url: &str) -> Result<
 pub async fn hyperlinks_created(rest: &Rest, project: &str) -> Result<HashMap<String, u64>, TrackerError> {
     let query = "SELECT [System.Id] FROM WorkItems WHERE [System.TeamProject] = @project \
                  AND [System.CreatedBy] = @me AND [System.CreatedDate] >= @today - 1 ORDER BY [System.Id]";
-    let mut candidates = run_wiql(rest, project, query, 20_000).await?;
-    candidates.sort_unstable();
+    let candidates = run_wiql(rest, project, query, 20_000).await?;
     let batch_url = format!("{}?{}", rest.project_url(project, "wit/workitemsbatch"), rest.api());
     let mut found = HashMap::new();
     for chunk in candidates.chunks(BATCH) {
