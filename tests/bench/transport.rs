@@ -1,0 +1,724 @@
+//! Transport benchmark, measured as an operator runs relay: the release binary as separate
+//! node and agent processes (`relay node run`, `relay run`), a load generator and a webhook
+//! sink in this process, every figure beside a baseline measured in the same run (rounds
+//! interleaved, medians printed), with its ratio and target, and the CPU time the node and
+//! the agent spent per 1000 payloads.
+//!
+//! `cargo bench --bench transport`. `BENCH_PHASES` picks phases (comma-separated, default
+//! `throughput,memory`; `all` adds `parked` and `depth`); `BENCH_MESSAGES`, `BENCH_ROUNDS`,
+//! `BENCH_QUEUED`, `BENCH_PARKED` and `BENCH_DEPTH` scale them.
+
+#[path = "transport/agents.rs"]
+mod agents;
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "transport/sink.rs"]
+mod sink;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay::admin::{self, Request};
+use relay::http::{self, Method};
+use relay::node::{Action, InitiateRequest};
+
+use common::Daemon;
+use sink::Sink;
+
+const CONN: &str = "bench";
+/// What every spawned daemon gets besides [`common::FAST`]: quiet logs.
+const QUIET: &[(&str, &str)] = &[("RELAY_LOG", "warn")];
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+/// A payload of `size` bytes whose first ten are its index (how the sink times it).
+fn payload(i: usize, size: usize) -> Vec<u8> {
+    let mut body = format!("{i:010}").into_bytes();
+    body.resize(size.max(10), b'x');
+    body
+}
+
+fn client() -> http::Client {
+    http::Client::webhook(relay::tls::local_client_config().unwrap(), Duration::from_secs(10))
+}
+
+/// POSTs one payload; refusals other than a full queue stop the benchmark.
+async fn post(client: &http::Client, url: &str, body: Vec<u8>) {
+    let req = http::request(Method::POST, url, &[("content-type", "application/json")], body).unwrap();
+    let reply = client.send(req, Duration::from_secs(60), 1 << 16).await.unwrap();
+    assert!(reply.status.is_success(), "{url} answered {}", reply.status);
+}
+
+/// Posts payloads `first..first + n` to `url` from `tasks` submitters; returns the time.
+async fn post_concurrently(
+    client: &http::Client,
+    url: &str,
+    first: usize,
+    n: usize,
+    size: usize,
+    tasks: usize,
+) -> Duration {
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut running = Vec::new();
+    for _ in 0..tasks {
+        let (client, url, next) = (client.clone(), url.to_owned(), next.clone());
+        running.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                post(&client, &url, payload(first + i, size)).await;
+            }
+        }));
+    }
+    for t in running {
+        t.await.unwrap();
+    }
+    started.elapsed()
+}
+
+/// CPU time (user + system) and memory of one process, from `/proc`.
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+}
+
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// Resident and peak resident memory of `pid`, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Per-payload latencies of `n` payloads offered at `rate`/s to `url`, from the start of each
+/// request to its arrival at `sink`.
+async fn latency(client: &http::Client, url: &str, sink: &Sink, rate: usize, n: usize, size: usize) -> Vec<Duration> {
+    sink.record(n);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    let base = sink.delivered();
+    for i in 0..n {
+        ticker.tick().await;
+        sent.push(Instant::now());
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move { post(&client, &url, payload(i, size)).await }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    sink.wait_for(base + n as u64, "the latency phase").await;
+    let arrived = sink.take_recorded();
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .zip(arrived)
+        .map(|(s, a)| a.expect("every payload arrived").saturating_duration_since(*s))
+        .collect();
+    lat.sort();
+    lat
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// p50 of one 1 KiB append + `fdatasync` in `dir`.
+fn fdatasync_latency(dir: &Path) -> Duration {
+    use std::io::Write;
+    let path = dir.join("fdatasync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let block = vec![b'x'; 1024];
+    let mut times: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let t = Instant::now();
+            f.write_all(&block).unwrap();
+            f.sync_data().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    drop(f);
+    let _ = std::fs::remove_file(path);
+    times.sort();
+    percentile(&times, 0.5)
+}
+
+/// A node and an agent process with one active connection delivering to `sink`.
+struct Pair {
+    node: Daemon,
+    agent: Daemon,
+    intake: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    async fn start(sink: &Sink, env: &[(&str, &str)]) -> Pair {
+        let dir = tempfile::tempdir_in(bench_root()).unwrap();
+        let (node_dir, agent_dir) = (dir.path().join("node"), dir.path().join("agent"));
+        let env: Vec<(&str, &str)> = QUIET.iter().chain(env).copied().collect();
+        let node = Daemon::start(
+            &node_dir,
+            &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+            &env,
+        )
+        .await;
+        let code = initiate(&node_dir, CONN).await;
+        let hook = format!("{}/{}", sink.url, dir.path().file_name().unwrap().to_string_lossy());
+        let out = common::cli(
+            &agent_dir,
+            &["accept", "-", "--deliver-to", &hook, "--project", "Bench"],
+            &env,
+            Some(&code),
+        )
+        .await;
+        assert!(out.status.success(), "accept: {}", common::stderr(&out));
+        let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+        let intake = format!("{}/v1/connections/{CONN}/messages", node.api());
+        let pair = Pair {
+            node,
+            agent,
+            intake,
+            _dir: dir,
+        };
+        // Active once one payload made the whole way.
+        let c = client();
+        let before = sink.delivered();
+        post(&c, &pair.intake, payload(0, 16)).await;
+        sink.wait_for(before + 1, "the first payload").await;
+        pair
+    }
+
+    fn cpu(&self) -> (Duration, Duration) {
+        (cpu(self.node.child.id()), cpu(self.agent.child.id()))
+    }
+
+    async fn set_state(&self, action: Action) {
+        let r = admin::call(
+            &self.node.data_dir,
+            &Request::SetState {
+                name: CONN.into(),
+                action,
+            },
+        )
+        .await;
+        assert!(matches!(r, Ok(Some(_))), "{action:?}: {r:?}");
+    }
+
+    /// Inbound depth at the agent and outbound depth at the node.
+    async fn depths(&self) -> (u64, u64) {
+        let agent = status(&self.agent.data_dir).await;
+        let node = status(&self.node.data_dir).await;
+        (agent.inbound.depth, node.outbound.depth)
+    }
+}
+
+async fn status(dir: &Path) -> relay::status::ConnectionStatus {
+    let v = admin::call(dir, &Request::Status).await.unwrap().unwrap();
+    let list: Vec<relay::status::ConnectionStatus> = serde_json::from_value(v).unwrap();
+    list.into_iter().find(|s| s.name == CONN).expect("the connection")
+}
+
+async fn initiate(node_dir: &Path, name: &str) -> String {
+    let v = admin::call(
+        node_dir,
+        &Request::Initiate {
+            request: InitiateRequest {
+                name: name.into(),
+                local_name: "public".into(),
+                remote_name: "private".into(),
+                description: String::new(),
+                mode: "script".into(),
+                project: "Bench".into(),
+                expires: None,
+                deliver_to: None,
+            },
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    v.as_str().unwrap().to_owned()
+}
+
+/// Where data directories go: the disk the fdatasync probe measures.
+fn bench_root() -> PathBuf {
+    std::env::temp_dir()
+}
+
+/// CPU seconds of node and agent per 1000 payloads.
+fn per_k(before: (Duration, Duration), after: (Duration, Duration), n: usize) -> (f64, f64) {
+    let k = n as f64 / 1000.0;
+    (
+        (after.0 - before.0).as_secs_f64() * 1e3 / k,
+        (after.1 - before.1).as_secs_f64() * 1e3 / k,
+    )
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// One figure: relay, baseline, ratio, target.
+fn row(label: &str, relay: f64, base: f64, target: Option<f64>) {
+    let ratio = relay / base;
+    let judged = target
+        .map(|t| format!("  (target >= {t:.2}: {})", verdict(ratio >= t)))
+        .unwrap_or_default();
+    println!("  {label:<46} {relay:>9.0}/s {base:>9.0}/s {ratio:>6.2}{judged}");
+}
+
+struct Round {
+    direct_seq: f64,
+    direct_conc: f64,
+    e2e: f64,
+    one: f64,
+    fsync_rate: f64,
+    intake: f64,
+    drain: f64,
+    lat_direct: (Duration, Duration),
+    lat_relay: (Duration, Duration),
+    cpu_e2e: (f64, f64),
+    cpu_one: (f64, f64),
+}
+
+async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, latency_n: usize) -> Round {
+    let c = client();
+    // Direct: plain sequential POSTs to the same sink.
+    let t = Instant::now();
+    for i in 0..n {
+        post(&c, &sink.url, payload(i, size)).await;
+    }
+    let direct_seq = n as f64 / t.elapsed().as_secs_f64();
+
+    // Delivered in order, 32 submitters: from the first POST to the last delivery.
+    let before = sink.delivered();
+    let cpu0 = pair.cpu();
+    let t = Instant::now();
+    let submit = {
+        let (c, url) = (c.clone(), pair.intake.clone());
+        tokio::spawn(async move { post_concurrently(&c, &url, 0, n, size, 32).await })
+    };
+    sink.wait_for(before + n as u64, "end to end").await;
+    let e2e = n as f64 / t.elapsed().as_secs_f64();
+    submit.await.unwrap();
+    let cpu_e2e = per_k(cpu0, pair.cpu(), n);
+
+    // One submitter, end to end, against one flush of this disk.
+    let fsync = fdatasync_latency(&pair.node.data_dir);
+    let one_n = (n / 4).max(1);
+    let before = sink.delivered();
+    let cpu0 = pair.cpu();
+    let t = Instant::now();
+    for i in 0..one_n {
+        post(&c, &pair.intake, payload(i, size)).await;
+    }
+    sink.wait_for(before + one_n as u64, "one submitter").await;
+    let one = one_n as f64 / t.elapsed().as_secs_f64();
+    let cpu_one = per_k(cpu0, pair.cpu(), one_n);
+
+    // Intake alone (delivery paused) against 32 concurrent plain POSTs.
+    let direct_conc = n as f64 / post_concurrently(&c, &sink.url, 0, n, size, 32).await.as_secs_f64();
+    pair.set_state(Action::Deactivate).await;
+    let intake = n as f64 / post_concurrently(&c, &pair.intake, 0, n, size, 32).await.as_secs_f64();
+    let before = sink.delivered();
+    let t = Instant::now();
+    pair.set_state(Action::Activate).await;
+    sink.wait_for(before + n as u64, "the backlog").await;
+    let drain = n as f64 / t.elapsed().as_secs_f64();
+
+    // Added latency at a steady offered load.
+    let d = latency(&c, &sink.url, sink, rate, latency_n, size).await;
+    let r = latency(&c, &pair.intake, sink, rate, latency_n, size).await;
+    Round {
+        direct_seq,
+        direct_conc,
+        e2e,
+        one,
+        fsync_rate: 1.0 / fsync.as_secs_f64(),
+        intake,
+        drain,
+        lat_direct: (percentile(&d, 0.5), percentile(&d, 0.99)),
+        lat_relay: (percentile(&r, 0.5), percentile(&r, 0.99)),
+        cpu_e2e,
+        cpu_one,
+    }
+}
+
+async fn throughput(sink: &Sink) {
+    let (n, rounds, size) = (env_or("BENCH_MESSAGES", 20_000), env_or("BENCH_ROUNDS", 3), 1024);
+    let (rate, seconds) = (500, 4);
+    println!(
+        "throughput: {rounds} rounds of {n} payloads of {size} bytes, relay and direct interleaved; latency at {rate}/s for {seconds} s"
+    );
+    let pair = Pair::start(sink, &[]).await;
+    let idle = rss_mib(pair.agent.child.id()).0;
+    let mut all = Vec::new();
+    for r in 0..rounds {
+        let x = round(&pair, sink, n, size, rate, rate * seconds).await;
+        println!(
+            "  round {}: e2e {:.0}/s vs {:.0}/s, one {:.0}/s vs 1/fdatasync {:.0}/s, intake {:.0}/s vs {:.0}/s, drain {:.0}/s, cpu {:.0}+{:.0} ms/1k",
+            r + 1,
+            x.e2e,
+            x.direct_seq,
+            x.one,
+            x.fsync_rate,
+            x.intake,
+            x.direct_conc,
+            x.drain,
+            x.cpu_e2e.0,
+            x.cpu_e2e.1
+        );
+        all.push(x);
+    }
+    let m = |f: &dyn Fn(&Round) -> f64| median(all.iter().map(f).collect());
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!();
+    println!(
+        "  {:<46} {:>11} {:>11} {:>6}",
+        "figure (medians)", "relay", "baseline", "ratio"
+    );
+    row(
+        "1. in order, 32 submitters vs sequential POSTs",
+        m(&|x| x.e2e),
+        m(&|x| x.direct_seq),
+        Some(0.8),
+    );
+    row(
+        "2. one submitter vs 1 / fdatasync",
+        m(&|x| x.one),
+        m(&|x| x.fsync_rate),
+        Some(0.8),
+    );
+    row(
+        "4. intake, 32 submitters vs 32 concurrent POSTs",
+        m(&|x| x.intake),
+        m(&|x| x.direct_conc),
+        Some(0.5),
+    );
+    row(
+        "   backlog drain vs sequential POSTs",
+        m(&|x| x.drain),
+        m(&|x| x.direct_seq),
+        None,
+    );
+    for (label, pick, target) in [
+        (
+            "p50",
+            (|l: (Duration, Duration)| l.0) as fn((Duration, Duration)) -> Duration,
+            0.5,
+        ),
+        ("p99", |l: (Duration, Duration)| l.1, 2.0),
+    ] {
+        let relay = m(&|x| ms(pick(x.lat_relay)));
+        let base = m(&|x| ms(pick(x.lat_direct)));
+        let added = relay - base;
+        println!(
+            "  {:<46} {relay:>9.2}ms {base:>9.2}ms  added {added:.2} ms (target <= {target} ms: {})",
+            format!("3. latency {label} at {rate}/s"),
+            verdict(added <= target)
+        );
+    }
+    let (node_k, agent_k) = (m(&|x| x.cpu_e2e.0), m(&|x| x.cpu_e2e.1));
+    println!(
+        "  7. CPU per 1k payloads, 32 submitters          node {node_k:.0} ms + agent {agent_k:.0} ms = {:.0} ms",
+        node_k + agent_k
+    );
+    let (node_k, agent_k) = (m(&|x| x.cpu_one.0), m(&|x| x.cpu_one.1));
+    println!(
+        "     CPU per 1k payloads, one submitter          node {node_k:.0} ms + agent {agent_k:.0} ms = {:.0} ms",
+        node_k + agent_k
+    );
+    let (agent_rss, agent_peak) = rss_mib(pair.agent.child.id());
+    let (node_rss, node_peak) = rss_mib(pair.node.child.id());
+    println!(
+        "  5. agent RSS idle with one connection          {idle:.1} MiB (target <= 20: {})",
+        verdict(idle <= 20.0)
+    );
+    println!(
+        "     after the run: agent {agent_rss:.1} MiB (peak {agent_peak:.1}), node {node_rss:.1} MiB (peak {node_peak:.1})"
+    );
+    println!();
+}
+
+/// Agent memory while `queued` payloads wait for a webhook that answers 503, while they drain,
+/// and after.
+async fn memory(sink: &Sink) {
+    let queued = env_or("BENCH_QUEUED", 200_000);
+    println!("memory: {queued} payloads of 1 KiB held at the agent (its webhook answers 503), then drained");
+    let pair = Pair::start(sink, &[]).await;
+    let pid = pair.agent.child.id();
+    let idle = rss_mib(pid).0;
+    sink.set_status(503);
+    let c = client();
+    let submit = {
+        let (c, url) = (c.clone(), pair.intake.clone());
+        tokio::spawn(async move { post_concurrently(&c, &url, 0, queued, 1024, 32).await })
+    };
+    let mut at_100k = None;
+    let mut peak_holding = 0f64;
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    loop {
+        let (held, at_node) = pair.depths().await;
+        let rss = rss_mib(pid).0;
+        peak_holding = peak_holding.max(rss);
+        if at_100k.is_none() && held >= (queued as u64).min(100_000) {
+            at_100k = Some(rss);
+        }
+        if submit.is_finished() && held >= queued as u64 && at_node == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent holds only {held} of {queued}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    submit.await.unwrap();
+    let holding = rss_mib(pid).0;
+    let before = sink.delivered();
+    sink.set_status(200);
+    let mut peak_drain = 0f64;
+    let t = Instant::now();
+    while sink.delivered() < before + queued as u64 {
+        peak_drain = peak_drain.max(rss_mib(pid).0);
+        assert!(t.elapsed() < Duration::from_secs(1200), "the drain stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained = rss_mib(pid).0;
+    let drain_rate = queued as f64 / t.elapsed().as_secs_f64();
+    // Memory given back takes the allocator a moment; read it again after a pause.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_mib(pid).0;
+    let ok = |v: f64| verdict(v <= 64.0);
+    let at_100k = at_100k.unwrap_or(holding);
+    let first = queued.min(100_000);
+    println!("  {:<46} {idle:>9.1} MiB", "agent RSS idle");
+    println!(
+        "  {:<46} {at_100k:>9.1} MiB (target <= 64: {})",
+        format!("with {first} queued"),
+        ok(at_100k)
+    );
+    println!(
+        "  {:<46} {holding:>9.1} MiB (highest while filling {peak_holding:.1})",
+        format!("with {queued} queued")
+    );
+    println!(
+        "  {:<46} {peak_drain:>9.1} MiB (target <= 64: {})",
+        format!("highest while they drain ({drain_rate:.0}/s)"),
+        ok(peak_drain)
+    );
+    println!(
+        "  {:<46} {drained:>9.1} / {after:.1} MiB (idle was {idle:.1})",
+        "right after the drain / 3 s later"
+    );
+    println!();
+}
+
+/// A node holding `n` parked long-polls, one connection and one credential per simulated
+/// agent.
+async fn parked() {
+    let n = env_or("BENCH_PARKED", 10_000);
+    println!("parked polls: {n} simulated agents, each with its own connection and credential");
+    let dir = tempfile::tempdir_in(bench_root()).unwrap();
+    let node_dir = dir.path().join("node");
+    let env: Vec<(&str, &str)> = QUIET
+        .iter()
+        .copied()
+        .chain([("RELAY_NODE__POLL_WAIT", "120s")])
+        .collect();
+    let node = Daemon::start(
+        &node_dir,
+        &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+        &env,
+    )
+    .await;
+    let idle = rss_mib(node.child.id()).0;
+    let t = Instant::now();
+    let mut codes = Vec::with_capacity(n);
+    for i in 0..n {
+        codes.push(initiate(&node_dir, &format!("sim-{i}")).await);
+    }
+    println!("  {n} connections initiated in {:.1} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let credentials = agents::redeem_all(codes, 8).await;
+    println!("  {n} invitations redeemed in {:.1} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let polls = agents::park_all(credentials, 16).await;
+    println!("  {n} polls parked in {:.1} s", t.elapsed().as_secs_f64());
+    let mut peak = 0f64;
+    for _ in 0..20 {
+        peak = peak.max(rss_mib(node.child.id()).0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let parked_now = polls.iter().filter(|p| !p.is_finished()).count();
+    println!(
+        "  node RSS with {parked_now} parked polls             {peak:.1} MiB (idle {idle:.1}; target <= 512: {})",
+        verdict(peak <= 512.0 && parked_now == n)
+    );
+    for p in polls {
+        p.abort();
+    }
+    println!();
+}
+
+/// Intake rate of the first and the last 10k of `depth` payloads queued at a node, and the
+/// time a restart takes to answer `/healthz`, after a clean stop and after SIGKILL.
+async fn depth() {
+    let depth = env_or("BENCH_DEPTH", 1_000_000);
+    let window = 10_000.min(depth);
+    println!("depth: {depth} payloads queued at a node (connection deactivated), 32 submitters");
+    let dir = tempfile::tempdir_in(bench_root()).unwrap();
+    let node_dir = dir.path().join("node");
+    let env: Vec<(&str, &str)> = QUIET
+        .iter()
+        .copied()
+        .chain([
+            ("RELAY_QUEUE__MAX_MESSAGES", "100000000"),
+            ("RELAY_QUEUE__MAX_BYTES", "100000000000"),
+        ])
+        .collect();
+    let args = |port: &str| {
+        vec![
+            "node".to_owned(),
+            "run".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--api-listen".into(),
+            format!("127.0.0.1:{port}"),
+        ]
+    };
+    let start = |port: String| {
+        let (node_dir, env) = (node_dir.clone(), env.clone());
+        async move {
+            let a = args(&port);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            Daemon::start(&node_dir, &a, &env).await
+        }
+    };
+    let mut node = start("0".into()).await;
+    let _code = initiate(&node_dir, CONN).await;
+    let intake = format!("{}/v1/connections/{CONN}/messages", node.api());
+    let c = client();
+    let first = window as f64 / post_concurrently(&c, &intake, 0, window, 1024, 32).await.as_secs_f64();
+    let t = Instant::now();
+    let middle = depth.saturating_sub(2 * window);
+    post_concurrently(&c, &intake, window, middle, 1024, 32).await;
+    let last = window as f64
+        / post_concurrently(&c, &intake, window + middle, window, 1024, 32)
+            .await
+            .as_secs_f64();
+    println!("  {depth} queued in {:.0} s", t.elapsed().as_secs_f64());
+    let ratio = last / first;
+    println!(
+        "  intake of the last 10k vs the first 10k        {last:>9.0}/s {first:>9.0}/s {ratio:>6.2}  (target >= 0.90: {})",
+        verdict(ratio >= 0.9)
+    );
+    let port = node.info.api.clone().unwrap().rsplit(':').next().unwrap().to_owned();
+    for how in ["a clean stop", "SIGKILL"] {
+        if how == "SIGKILL" {
+            node.kill9();
+        } else {
+            node.terminate().await;
+        }
+        let t = Instant::now();
+        let a = args(&port);
+        let mut cmd = common::command(&node_dir, &a.iter().map(String::as_str).collect::<Vec<_>>(), &env);
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let took = loop {
+            let req = http::request(Method::GET, &url, &[], Vec::new()).unwrap();
+            if let Ok(r) = c.send(req, Duration::from_secs(2), 1024).await {
+                if r.status.is_success() {
+                    break t.elapsed();
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "no /healthz after {how}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        println!(
+            "  restart after {how:<12} answers /healthz in    {:.2} s (target <= 2: {})",
+            took.as_secs_f64(),
+            verdict(took <= Duration::from_secs(2))
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        node = start(port.clone()).await;
+    }
+    println!();
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "throughput,memory".into());
+    let all = phases.split(',').any(|p| p.trim() == "all");
+    let wants = |p: &str| all || phases.split(',').any(|x| x.trim() == p);
+    println!("relay transport benchmark: node and agent are release processes; loopback, fsync on, 1 KiB payloads");
+    let sink = Sink::start().await;
+    if wants("throughput") {
+        throughput(&sink).await;
+    }
+    if wants("memory") {
+        memory(&sink).await;
+    }
+    if wants("parked") {
+        parked().await;
+    }
+    if wants("depth") {
+        depth().await;
+    }
+    let disorder = sink.out_of_order();
+    assert_eq!(disorder, 0, "{disorder} deliveries came out of order");
+    println!("every delivery arrived in order (Relay-Seq increasing per connection)");
+}
