@@ -2,8 +2,8 @@
 //!
 //! One [`Store`] per data directory holds every queue. A queue is one sled tree whose keys are
 //! `m` + sequence number (big-endian, so sled's order is FIFO order), `d` + sequence number
-//! for dead letters, `i` + idempotency key (with `t` + accept time, its expiry index), `r` +
-//! sequence number for the ids of a peer's newest messages, and `c` for the counters record.
+//! for dead letters, `i` + idempotency key (with `t` + accept time, its expiry index), `b` +
+//! sequence number for the ids of a peer's newest batches, and `c` for the counters record.
 //! Every write on the message path is a single-key insert or remove, never a multi-key batch:
 //! in sled 0.34 a batch takes a global lock that a running flush holds off, which would
 //! serialise appends behind the disk. Multi-key changes are ordered so a crash in between
@@ -186,8 +186,12 @@ const LEGACY_STATE_KEY: &[u8] = b"s";
 const MSG_PREFIX: u8 = b'm';
 const IDEM_PREFIX: u8 = b'i';
 const DEAD_PREFIX: u8 = b'd';
-/// `r` + sequence number → message id, for the newest messages taken from a peer: tells a
-/// retried batch from a sender that reuses sequence numbers for other messages.
+/// `b` + the last sequence number of a batch taken from a peer → the ids of its messages
+/// (see [`encode_batch_ids`]), for the newest batches: tells a retried batch from a sender
+/// that reuses sequence numbers for other messages. One key per batch, not per message.
+const BATCH_IDS_PREFIX: u8 = b'b';
+/// `r` + sequence number → message id: the per-message form of the same, written by earlier
+/// versions; still read, and pruned as the window moves past it.
 const RECENT_PREFIX: u8 = b'r';
 const RECORD_VERSION: u8 = 1;
 /// Flag in the counters record: written by a clean close, so exact.
@@ -366,6 +370,36 @@ fn encode_message(id: &str, content_type: &str, enqueued_at_ms: u64, body: &[u8]
     out.extend_from_slice(content_type.as_bytes());
     out.extend_from_slice(body);
     out
+}
+
+/// The ids of one batch from a peer: version, then per message its sequence number, id
+/// length and id.
+fn encode_batch_ids<'a>(msgs: impl Iterator<Item = &'a Message>) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    for m in msgs {
+        out.extend_from_slice(&m.seq.to_be_bytes());
+        out.extend_from_slice(&(m.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(m.id.as_bytes());
+    }
+    out
+}
+
+/// The id stored for `seq` in a batch-ids record, if it holds one.
+fn batch_id_of(raw: &[u8], seq: u64) -> Option<String> {
+    if raw.first() != Some(&RECORD_VERSION) {
+        return None;
+    }
+    let mut pos = 1;
+    while pos < raw.len() {
+        let s = u64::from_be_bytes(raw.get(pos..pos + 8)?.try_into().ok()?);
+        let len = u16::from_be_bytes(raw.get(pos + 8..pos + 10)?.try_into().ok()?) as usize;
+        let id = raw.get(pos + 10..pos + 10 + len)?;
+        if s == seq {
+            return Some(String::from_utf8_lossy(id).into_owned());
+        }
+        pos += 10 + len;
+    }
+    None
 }
 
 fn decode_message(seq: u64, raw: &sled::IVec) -> Option<Message> {
@@ -1147,11 +1181,7 @@ impl Queue {
         let high_water = st.counters.last_seq;
         for m in msgs.iter().take_while(|m| m.seq <= high_water) {
             let mut held = if high_water - m.seq < RECENT_IDS {
-                self.shared
-                    .tree
-                    .get(key(RECENT_PREFIX, m.seq))
-                    .map_err(|e| self.storage(e))?
-                    .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+                self.recent_id(m.seq)?
             } else {
                 None
             };
@@ -1181,26 +1211,36 @@ impl Queue {
             stored: 0,
             gap: None,
         };
+        // The prefix of the new messages that fits the queue's bounds.
+        let (mut fits, mut sums) = (0, st.counters);
         for m in msgs.iter().filter(|m| m.seq > high_water) {
             let size = m.body.len() as u64;
-            if let Err(full) = self.check_room(&st.counters, &limits, 1, size) {
-                if out.stored == 0 {
+            if let Err(full) = self.check_room(&sums, &limits, 1, size) {
+                if fits == 0 {
                     return Err(full);
                 }
                 break;
             }
+            sums.sums.add(List::Messages, size);
+            fits += 1;
+        }
+        let new = || msgs.iter().filter(|m| m.seq > high_water).take(fits);
+        if let Some(last) = new().last() {
+            // The ids go in first, in one key: a crash before the messages leaves ids for
+            // numbers this queue does not hold yet, which the retry simply stores again.
+            self.shared
+                .tree
+                .insert(key(BATCH_IDS_PREFIX, last.seq), encode_batch_ids(new()))
+                .map_err(|e| self.storage(e))?;
+        }
+        for m in new() {
+            let size = m.body.len() as u64;
             if m.seq != st.counters.last_seq + 1 && out.gap.is_none() {
                 out.gap = Some(SequenceGap {
                     expected: st.counters.last_seq + 1,
                     got: m.seq,
                 });
             }
-            // The id goes in first: a crash between leaves an id for a number this queue does
-            // not hold yet, which the retry simply stores (and the id is rewritten).
-            self.shared
-                .tree
-                .insert(key(RECENT_PREFIX, m.seq), m.id.as_bytes())
-                .map_err(|e| self.storage(e))?;
             self.shared
                 .tree
                 .insert(
@@ -1214,21 +1254,45 @@ impl Queue {
         }
         out.high_water = st.counters.last_seq;
         if out.stored > 0 && out.high_water >= RECENT_IDS {
-            // Forget ids that fell out of the window: usually one per message; after a gap,
-            // whatever is left below it.
-            let stale: Vec<sled::IVec> = self
-                .shared
-                .tree
-                .range(key(RECENT_PREFIX, 0)..=key(RECENT_PREFIX, out.high_water - RECENT_IDS))
-                .keys()
-                .take(2 * RECENT_IDS as usize)
-                .collect::<Result<_, _>>()
-                .map_err(|e| self.storage(e))?;
+            // Forget batches that fell out of the window (usually one, or none), and the
+            // per-message ids of earlier versions there.
+            let below = out.high_water - RECENT_IDS;
+            let mut stale: Vec<sled::IVec> = Vec::new();
+            for prefix in [BATCH_IDS_PREFIX, RECENT_PREFIX] {
+                for k in self
+                    .shared
+                    .tree
+                    .range(key(prefix, 0)..=key(prefix, below))
+                    .keys()
+                    .take(2 * RECENT_IDS as usize)
+                {
+                    stale.push(k.map_err(|e| self.storage(e))?);
+                }
+            }
             for k in stale {
                 self.shared.tree.remove(k).map_err(|e| self.storage(e))?;
             }
         }
         Ok(out)
+    }
+
+    /// The id this queue remembers taking from its peer under `seq`: from the batch that
+    /// ended at or after it, or from an earlier version's per-message record.
+    fn recent_id(&self, seq: u64) -> Result<Option<String>, QueueError> {
+        let tree = &self.shared.tree;
+        if let Some(item) = tree
+            .range(key(BATCH_IDS_PREFIX, seq)..=key(BATCH_IDS_PREFIX, u64::MAX))
+            .next()
+        {
+            let (_, raw) = item.map_err(|e| self.storage(e))?;
+            if let Some(id) = batch_id_of(&raw, seq) {
+                return Ok(Some(id));
+            }
+        }
+        Ok(tree
+            .get(key(RECENT_PREFIX, seq))
+            .map_err(|e| self.storage(e))?
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned()))
     }
 
     /// Removes the message `seq` alone (delivered to the webhook). Not flushed: after a crash
@@ -2228,8 +2292,38 @@ mod tests {
             q.append_remote(&[remote(n - RECENT_IDS + 1)]).is_ok(),
             "the window's oldest"
         );
-        let kept = q.shared.tree.scan_prefix([RECENT_PREFIX]).count() as u64;
-        assert_eq!(kept, RECENT_IDS);
+        // Every id of the window is remembered, in one key per batch, and little more.
+        for seq in n - RECENT_IDS + 1..=n {
+            assert!(q.recent_id(seq).unwrap().is_some(), "{seq}");
+        }
+        let batches = q.shared.tree.scan_prefix([BATCH_IDS_PREFIX]).count() as u64;
+        assert!(batches <= RECENT_IDS / 512 + 2, "{batches} batch records");
+    }
+
+    #[tokio::test]
+    async fn ids_remembered_one_per_message_by_earlier_versions_still_tell_retries_from_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", ROOMY).unwrap();
+        q.append_remote(&[remote(1), remote(2)]).unwrap();
+        // As an earlier version left it: per-message ids, no batch record.
+        for k in q.shared.tree.scan_prefix([BATCH_IDS_PREFIX]).keys() {
+            q.shared.tree.remove(k.unwrap()).unwrap();
+        }
+        for seq in [1, 2] {
+            q.shared
+                .tree
+                .insert(key(RECENT_PREFIX, seq), remote(seq).id.as_bytes())
+                .unwrap();
+        }
+        q.remove_through(2).unwrap();
+        assert_eq!(q.append_remote(&[remote(2), remote(3)]).unwrap().stored, 1, "a retry");
+        let mut other = remote(1);
+        other.id = "someone-else".into();
+        assert!(matches!(
+            q.append_remote(&[other]),
+            Err(QueueError::SequenceConflict { held_id: Some(_), .. })
+        ));
     }
 
     #[tokio::test]

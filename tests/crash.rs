@@ -169,3 +169,51 @@ async fn agent_killed_at_many_instants_loses_nothing() {
 async fn node_killed_at_many_instants_loses_nothing() {
     crash_and_recover(Victim::Node).await;
 }
+
+/// A backlog held at the node arrives at the agent in full batches (one record of their ids
+/// per batch) and is delivered from the agent's read-ahead; `kill -9` the agent while it
+/// takes and delivers them, again and again: every payload arrives, first arrivals in order,
+/// repeats with the same id, and no restart mistakes a batch offered again for a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
+    let public_app = Sink::start().await.unwrap();
+    let private_app = Sink::start().await.unwrap();
+    let private_url = private_app.url.clone();
+    let to_private = collect(private_app);
+    let node = start_node(&node_dir, None).await;
+    let code = initiate(&node_dir, "c", &public_app.url, &[]).await;
+    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(cli_ok(&node_dir, &["node", "deactivate", "c"])
+        .await
+        .contains("deactivated"));
+    let (task, _) = submit(node.api(), "down");
+    task.await.unwrap();
+    let mut agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await;
+    let intake = agent.info.api.clone().unwrap();
+    cli_ok(&node_dir, &["node", "activate", "c"]).await;
+    // The first kill falls as soon as anything arrived (the agent is still taking batches),
+    // the others while the read-ahead is being delivered.
+    for k in 0..KILLS {
+        let threshold = 1 + k * N / (KILLS + 1);
+        wait_for(&format!("{threshold} delivered before kill {}", k + 1), || async {
+            (distinct(&to_private) >= threshold).then_some(())
+        })
+        .await;
+        agent.kill9();
+        agent = Daemon::start(&agent_dir, &["run", "--intake-listen", &intake], &[]).await;
+    }
+    wait_for("every payload delivered", || async {
+        (distinct(&to_private) == N).then_some(())
+    })
+    .await;
+    let repeats = check(&to_private, "down");
+    eprintln!(
+        "all {N} payloads of a backlog delivered across {KILLS} kills of the agent; {repeats} repeats (same ids)"
+    );
+    let log = agent.log();
+    assert!(!log.contains("sequence conflict"), "{log}");
+    drop(agent);
+}

@@ -189,12 +189,58 @@ fn fdatasync_latency(dir: &Path) -> Duration {
     percentile(&times, 0.5)
 }
 
+/// relay's store alone, in this process, on the same disk: the p50 of one append + flush
+/// (what a lone submitter waits for at each hop), and the CPU time of an append and a
+/// removal of one message, spent once at the node and once at the agent per payload relayed.
+async fn store_floor(dir: &Path) -> (Duration, Duration) {
+    use relay::queue::{Limits, NewMessage, Store};
+    let store = Store::open(&dir.join("floor"), 16 << 20).unwrap();
+    let q = store
+        .queue(
+            "floor",
+            Limits {
+                max_messages: 1 << 30,
+                max_bytes: 1 << 40,
+            },
+        )
+        .unwrap();
+    let msg = |i: usize| NewMessage {
+        id: format!("m{i}"),
+        content_type: "application/json".into(),
+        enqueued_at_ms: 0,
+        body: payload(i, 1024).into(),
+    };
+    let mut flushes: Vec<Duration> = (0..500)
+        .map(|i| {
+            let t = Instant::now();
+            q.append(msg(i), None).unwrap();
+            futures_lite(store.flush()).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    flushes.sort();
+    // A backlog, as a queue holds one while its consumer lags: appended, then removed.
+    let n = 20_000;
+    let t = cpu(std::process::id());
+    let seqs: Vec<u64> = (0..n).map(|i| q.append(msg(i), None).unwrap().seq).collect();
+    for seq in seqs {
+        q.remove(seq).unwrap();
+    }
+    let per = (cpu(std::process::id()) - t) / n as u32;
+    (percentile(&flushes, 0.5), per)
+}
+
+/// Runs a future to completion on this thread (the store's flush waits on its own thread).
+fn futures_lite<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
 /// A node and an agent process with one active connection delivering to `sink`.
 struct Pair {
     node: Daemon,
     agent: Daemon,
     intake: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Pair {
@@ -224,7 +270,7 @@ impl Pair {
             node,
             agent,
             intake,
-            _dir: dir,
+            dir,
         };
         // Active once one payload made the whole way.
         let c = client();
@@ -329,6 +375,8 @@ struct Round {
     lat_relay: (Duration, Duration),
     cpu_e2e: (f64, f64),
     cpu_one: (f64, f64),
+    /// The store alone: append + flush p50, CPU of an append and a removal.
+    floor: (Duration, Duration),
 }
 
 async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, latency_n: usize) -> Round {
@@ -355,6 +403,7 @@ async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, lat
 
     // One submitter, end to end, against one flush of this disk.
     let fsync = fdatasync_latency(&pair.node.data_dir);
+    let floor = store_floor(pair.dir.path()).await;
     let one_n = (n / 4).max(1);
     let before = sink.delivered();
     let cpu0 = pair.cpu();
@@ -391,6 +440,7 @@ async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, lat
         lat_relay: (percentile(&r, 0.5), percentile(&r, 0.99)),
         cpu_e2e,
         cpu_one,
+        floor,
     }
 }
 
@@ -477,6 +527,12 @@ async fn throughput(sink: &Sink) {
     println!(
         "     CPU per 1k payloads, one submitter          node {node_k:.0} ms + agent {agent_k:.0} ms = {:.0} ms",
         node_k + agent_k
+    );
+    let (flush, write) = (m(&|x| ms(x.floor.0)), m(&|x| x.floor.1.as_secs_f64() * 1e6));
+    println!(
+        "     the store alone: append + flush p50 {flush:.2} ms (fdatasync p50 {:.2} ms); append + remove {write:.0} us CPU, twice per payload = {:.0} ms per 1k",
+        1e3 / m(&|x| x.fsync_rate),
+        2.0 * write
     );
     let (agent_rss, agent_peak) = rss_mib(pair.agent.child.id());
     let (node_rss, node_peak) = rss_mib(pair.node.child.id());
