@@ -28,8 +28,30 @@ use common::Daemon;
 use sink::Sink;
 
 const CONN: &str = "bench";
-/// What every spawned daemon gets besides [`common::FAST`]: quiet logs.
-const QUIET: &[(&str, &str)] = &[("RELAY_LOG", "warn")];
+/// What every spawned daemon gets besides [`common::FAST`]: quiet logs, and the allocator
+/// setting the systemd units and the container image set.
+const QUIET: &[(&str, &str)] = &[("RELAY_LOG", "warn"), ("MALLOC_ARENA_MAX", "2")];
+
+/// `phase`'s settings, then [`QUIET`], then `BENCH_DAEMON_ENV` (`NAME=VALUE,…`) to try
+/// other settings.
+fn daemon_env(phase: &[(&str, &str)]) -> Vec<(String, String)> {
+    let extra = std::env::var("BENCH_DAEMON_ENV").unwrap_or_default();
+    phase
+        .iter()
+        .chain(QUIET)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(
+            extra
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .collect()
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -244,10 +266,11 @@ struct Pair {
 }
 
 impl Pair {
-    async fn start(sink: &Sink, env: &[(&str, &str)]) -> Pair {
+    async fn start(sink: &Sink) -> Pair {
         let dir = tempfile::tempdir_in(bench_root()).unwrap();
         let (node_dir, agent_dir) = (dir.path().join("node"), dir.path().join("agent"));
-        let env: Vec<(&str, &str)> = QUIET.iter().chain(env).copied().collect();
+        let owned = daemon_env(&[]);
+        let env = borrowed(&owned);
         let node = Daemon::start(
             &node_dir,
             &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
@@ -450,7 +473,7 @@ async fn throughput(sink: &Sink) {
     println!(
         "throughput: {rounds} rounds of {n} payloads of {size} bytes, relay and direct interleaved; latency at {rate}/s for {seconds} s"
     );
-    let pair = Pair::start(sink, &[]).await;
+    let pair = Pair::start(sink).await;
     let idle = rss_mib(pair.agent.child.id()).0;
     let mut all = Vec::new();
     for r in 0..rounds {
@@ -551,7 +574,7 @@ async fn throughput(sink: &Sink) {
 async fn memory(sink: &Sink) {
     let queued = env_or("BENCH_QUEUED", 200_000);
     println!("memory: {queued} payloads of 1 KiB held at the agent (its webhook answers 503), then drained");
-    let pair = Pair::start(sink, &[]).await;
+    let pair = Pair::start(sink).await;
     let pid = pair.agent.child.id();
     let idle = rss_mib(pid).0;
     sink.set_status(503);
@@ -624,11 +647,8 @@ async fn parked() {
     println!("parked polls: {n} simulated agents, each with its own connection and credential");
     let dir = tempfile::tempdir_in(bench_root()).unwrap();
     let node_dir = dir.path().join("node");
-    let env: Vec<(&str, &str)> = QUIET
-        .iter()
-        .copied()
-        .chain([("RELAY_NODE__POLL_WAIT", "120s")])
-        .collect();
+    let owned = daemon_env(&[("RELAY_NODE__POLL_WAIT", "120s")]);
+    let env = borrowed(&owned);
     let node = Daemon::start(
         &node_dir,
         &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
@@ -672,14 +692,11 @@ async fn depth() {
     println!("depth: {depth} payloads queued at a node (connection deactivated), 32 submitters");
     let dir = tempfile::tempdir_in(bench_root()).unwrap();
     let node_dir = dir.path().join("node");
-    let env: Vec<(&str, &str)> = QUIET
-        .iter()
-        .copied()
-        .chain([
-            ("RELAY_QUEUE__MAX_MESSAGES", "100000000"),
-            ("RELAY_QUEUE__MAX_BYTES", "100000000000"),
-        ])
-        .collect();
+    let owned = daemon_env(&[
+        ("RELAY_QUEUE__MAX_MESSAGES", "100000000"),
+        ("RELAY_QUEUE__MAX_BYTES", "100000000000"),
+    ]);
+    let env = borrowed(&owned);
     let args = |port: &str| {
         vec![
             "node".to_owned(),
@@ -761,6 +778,8 @@ async fn main() {
     let all = phases.split(',').any(|p| p.trim() == "all");
     let wants = |p: &str| all || phases.split(',').any(|x| x.trim() == p);
     println!("relay transport benchmark: node and agent are release processes; loopback, fsync on, 1 KiB payloads");
+    let env: Vec<String> = daemon_env(&[]).iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("daemon environment: {}", env.join(" "));
     let sink = Sink::start().await;
     if wants("throughput") {
         throughput(&sink).await;
