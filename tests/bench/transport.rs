@@ -393,6 +393,7 @@ struct Round {
     one: f64,
     fsync_rate: f64,
     intake: f64,
+    one_intake: f64,
     drain: f64,
     lat_direct: (Duration, Duration),
     lat_relay: (Duration, Duration),
@@ -442,11 +443,17 @@ async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, lat
     let direct_conc = n as f64 / post_concurrently(&c, &sink.url, 0, n, size, 32).await.as_secs_f64();
     pair.set_state(Action::Deactivate).await;
     let intake = n as f64 / post_concurrently(&c, &pair.intake, 0, n, size, 32).await.as_secs_f64();
+    // One submitter at the node alone: one durable hop, the disk to itself.
+    let t = Instant::now();
+    for i in 0..one_n {
+        post(&c, &pair.intake, payload(i, size)).await;
+    }
+    let one_intake = one_n as f64 / t.elapsed().as_secs_f64();
     let before = sink.delivered();
     let t = Instant::now();
     pair.set_state(Action::Activate).await;
-    sink.wait_for(before + n as u64, "the backlog").await;
-    let drain = n as f64 / t.elapsed().as_secs_f64();
+    sink.wait_for(before + (n + one_n) as u64, "the backlog").await;
+    let drain = (n + one_n) as f64 / t.elapsed().as_secs_f64();
 
     // Added latency at a steady offered load.
     let d = latency(&c, &sink.url, sink, rate, latency_n, size).await;
@@ -458,6 +465,7 @@ async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, lat
         one,
         fsync_rate: 1.0 / fsync.as_secs_f64(),
         intake,
+        one_intake,
         drain,
         lat_direct: (percentile(&d, 0.5), percentile(&d, 0.99)),
         lat_relay: (percentile(&r, 0.5), percentile(&r, 0.99)),
@@ -511,6 +519,12 @@ async fn throughput(sink: &Sink) {
         m(&|x| x.one),
         m(&|x| x.fsync_rate),
         Some(0.8),
+    );
+    row(
+        "   one submitter, the node alone vs 1 / fdatasync",
+        m(&|x| x.one_intake),
+        m(&|x| x.fsync_rate),
+        None,
     );
     row(
         "4. intake, 32 submitters vs 32 concurrent POSTs",
