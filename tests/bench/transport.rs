@@ -262,37 +262,37 @@ struct Pair {
     node: Daemon,
     agent: Daemon,
     intake: String,
+    /// The agent's resident memory once started, with its connection.
+    idle_rss: f64,
     dir: tempfile::TempDir,
 }
 
 impl Pair {
-    async fn start(sink: &Sink) -> Pair {
+    /// A node and an agent of the relay binary `bin`.
+    async fn start(sink: &Sink, bin: &str) -> Pair {
         let dir = tempfile::tempdir_in(bench_root()).unwrap();
         let (node_dir, agent_dir) = (dir.path().join("node"), dir.path().join("agent"));
         let owned = daemon_env(&[]);
         let env = borrowed(&owned);
-        let node = Daemon::start(
-            &node_dir,
-            &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
-            &env,
-        )
-        .await;
+        let spawn = |data_dir: PathBuf, args: &[&str]| {
+            let cmd = common::command_of(bin, &data_dir, args, &env);
+            async move { Daemon::start_command(cmd, &data_dir, common::log_path(&data_dir)).await }
+        };
+        let node_args = ["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"];
+        let node = spawn(node_dir.clone(), &node_args).await;
         let code = initiate(&node_dir, CONN).await;
         let hook = format!("{}/{}", sink.url, dir.path().file_name().unwrap().to_string_lossy());
-        let out = common::cli(
-            &agent_dir,
-            &["accept", "-", "--deliver-to", &hook, "--project", "Bench"],
-            &env,
-            Some(&code),
-        )
-        .await;
+        let accept = ["accept", "-", "--deliver-to", &hook, "--project", "Bench"];
+        let out = common::cli_of(bin, &agent_dir, &accept, &env, Some(&code)).await;
         assert!(out.status.success(), "accept: {}", common::stderr(&out));
-        let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+        let agent = spawn(agent_dir.clone(), &["run", "--intake-listen", "127.0.0.1:0"]).await;
         let intake = format!("{}/v1/connections/{CONN}/messages", node.api());
+        let idle_rss = rss_mib(agent.child.id()).0;
         let pair = Pair {
             node,
             agent,
             intake,
+            idle_rss,
             dir,
         };
         // Active once one payload made the whole way.
@@ -481,26 +481,56 @@ async fn throughput(sink: &Sink) {
     println!(
         "throughput: {rounds} rounds of {n} payloads of {size} bytes, relay and direct interleaved; latency at {rate}/s for {seconds} s"
     );
-    let pair = Pair::start(sink).await;
-    let idle = rss_mib(pair.agent.child.id()).0;
-    let mut all = Vec::new();
-    for r in 0..rounds {
-        let x = round(&pair, sink, n, size, rate, rate * seconds).await;
-        println!(
-            "  round {}: e2e {:.0}/s vs {:.0}/s, one {:.0}/s vs 1/fdatasync {:.0}/s, intake {:.0}/s vs {:.0}/s, drain {:.0}/s, cpu {:.0}+{:.0} ms/1k",
-            r + 1,
-            x.e2e,
-            x.direct_seq,
-            x.one,
-            x.fsync_rate,
-            x.intake,
-            x.direct_conc,
-            x.drain,
-            x.cpu_e2e.0,
-            x.cpu_e2e.1
-        );
-        all.push(x);
+    // Another relay binary (an earlier commit's), measured in the same rounds.
+    let mut builds = vec![("this build".to_owned(), common::bin().to_owned())];
+    if let Ok(other) = std::env::var("BENCH_BASELINE_BIN") {
+        builds.push((format!("baseline build {other}"), other));
     }
+    let mut pairs = Vec::new();
+    for (label, bin) in &builds {
+        pairs.push((label.as_str(), Pair::start(sink, bin).await));
+    }
+    let mut all: Vec<Vec<Round>> = pairs.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        for (i, (label, pair)) in pairs.iter().enumerate() {
+            let x = round(pair, sink, n, size, rate, rate * seconds).await;
+            println!(
+                "  round {} ({label}): e2e {:.0}/s vs {:.0}/s, one {:.0}/s vs 1/fdatasync {:.0}/s, intake {:.0}/s vs {:.0}/s, drain {:.0}/s, cpu {:.0}+{:.0} ms/1k",
+                r + 1,
+                x.e2e,
+                x.direct_seq,
+                x.one,
+                x.fsync_rate,
+                x.intake,
+                x.direct_conc,
+                x.drain,
+                x.cpu_e2e.0,
+                x.cpu_e2e.1
+            );
+            all[i].push(x);
+        }
+    }
+    for ((label, pair), all) in pairs.iter().zip(&all) {
+        println!();
+        println!("  {label}:");
+        figures(pair, all, rate);
+    }
+    if let [this, base] = &all[..] {
+        let cpu = |rs: &[Round]| median(rs.iter().map(|x| x.cpu_e2e.0 + x.cpu_e2e.1).collect());
+        let (now, then) = (cpu(this), cpu(base));
+        println!();
+        println!(
+            "  7. CPU per 1k payloads, 32 submitters, this build vs baseline build: {now:.0} ms vs {then:.0} ms, ratio {:.2} (target <= 0.50: {})",
+            now / then,
+            verdict(now / then <= 0.5)
+        );
+    }
+    println!();
+}
+
+/// Prints the medians of `all`, the rounds of one pair.
+fn figures(pair: &Pair, all: &[Round], rate: usize) {
+    let idle = pair.idle_rss;
     let m = |f: &dyn Fn(&Round) -> f64| median(all.iter().map(f).collect());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!();
@@ -580,7 +610,6 @@ async fn throughput(sink: &Sink) {
     println!(
         "     after the run: agent {agent_rss:.1} MiB (peak {agent_peak:.1}), node {node_rss:.1} MiB (peak {node_peak:.1})"
     );
-    println!();
 }
 
 /// Agent memory while `queued` payloads wait for a webhook that answers 503, while they drain,
@@ -588,7 +617,7 @@ async fn throughput(sink: &Sink) {
 async fn memory(sink: &Sink) {
     let queued = env_or("BENCH_QUEUED", 200_000);
     println!("memory: {queued} payloads of 1 KiB held at the agent (its webhook answers 503), then drained");
-    let pair = Pair::start(sink).await;
+    let pair = Pair::start(sink, common::bin()).await;
     let pid = pair.agent.child.id();
     let idle = rss_mib(pid).0;
     sink.set_status(503);

@@ -185,9 +185,25 @@ pub async fn start_node(data_dir: &Path, tls: Option<(&Path, &Path)>) -> Daemon 
     Daemon::start(data_dir, &args, &[]).await
 }
 
+/// Like [`command`], running another relay binary (a benchmark's baseline build).
+pub fn command_of(program: &str, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    prepare(Command::new(program), data_dir, args, env)
+}
+
 /// Runs `relay ARGS` to completion (off the async runtime's threads).
 pub async fn cli(data_dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
-    let mut cmd = command(data_dir, args, env);
+    cli_of(bin(), data_dir, args, env, stdin).await
+}
+
+/// [`cli`] with another relay binary.
+pub async fn cli_of(
+    program: &str,
+    data_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> Output {
+    let mut cmd = command_of(program, data_dir, args, env);
     let input = stdin.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
         cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
