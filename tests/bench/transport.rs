@@ -187,8 +187,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// p50 of one 1 KiB append + `fdatasync` in `dir`.
-fn fdatasync_latency(dir: &Path) -> Duration {
+/// p50 and CPU time of one 1 KiB append + `fdatasync` in `dir`.
+fn fdatasync_latency(dir: &Path) -> (Duration, Duration) {
     use std::io::Write;
     let path = dir.join("fdatasync-probe");
     let mut f = std::fs::OpenOptions::new()
@@ -197,6 +197,7 @@ fn fdatasync_latency(dir: &Path) -> Duration {
         .open(&path)
         .unwrap();
     let block = vec![b'x'; 1024];
+    let cpu0 = cpu(std::process::id());
     let mut times: Vec<Duration> = (0..1000)
         .map(|_| {
             let t = Instant::now();
@@ -205,16 +206,18 @@ fn fdatasync_latency(dir: &Path) -> Duration {
             t.elapsed()
         })
         .collect();
+    let cpu_each = (cpu(std::process::id()) - cpu0) / times.len() as u32;
     drop(f);
     let _ = std::fs::remove_file(path);
     times.sort();
-    percentile(&times, 0.5)
+    (percentile(&times, 0.5), cpu_each)
 }
 
-/// relay's store alone, in this process, on the same disk: the p50 of one append + flush
-/// (what a lone submitter waits for at each hop), and the CPU time of an append and a
-/// removal of one message, spent once at the node and once at the agent per payload relayed.
-async fn store_floor(dir: &Path) -> (Duration, Duration) {
+/// relay's store alone, in this process, on the same disk: the p50 and the CPU time of one
+/// append + flush (what a lone submitter waits for at each hop), and the CPU time of an
+/// append and a removal of one message, spent once at the node and once at the agent per
+/// payload relayed.
+async fn store_floor(dir: &Path) -> (Duration, Duration, Duration) {
     use relay::queue::{Limits, NewMessage, Store};
     let store = Store::open(&dir.join("floor"), 16 << 20).unwrap();
     let q = store
@@ -232,6 +235,7 @@ async fn store_floor(dir: &Path) -> (Duration, Duration) {
         enqueued_at_ms: 0,
         body: payload(i, 1024).into(),
     };
+    let t = cpu(std::process::id());
     let mut flushes: Vec<Duration> = (0..500)
         .map(|i| {
             let t = Instant::now();
@@ -240,6 +244,7 @@ async fn store_floor(dir: &Path) -> (Duration, Duration) {
             t.elapsed()
         })
         .collect();
+    let flush_cpu = (cpu(std::process::id()) - t) / flushes.len() as u32;
     flushes.sort();
     // A backlog, as a queue holds one while its consumer lags: appended, then removed.
     let n = 20_000;
@@ -249,7 +254,7 @@ async fn store_floor(dir: &Path) -> (Duration, Duration) {
         q.remove(seq).unwrap();
     }
     let per = (cpu(std::process::id()) - t) / n as u32;
-    (percentile(&flushes, 0.5), per)
+    (percentile(&flushes, 0.5), flush_cpu, per)
 }
 
 /// Runs a future to completion on this thread (the store's flush waits on its own thread).
@@ -392,6 +397,8 @@ struct Round {
     e2e: f64,
     one: f64,
     fsync_rate: f64,
+    /// CPU time of one append + fdatasync.
+    fsync_cpu: Duration,
     intake: f64,
     one_intake: f64,
     drain: f64,
@@ -399,8 +406,8 @@ struct Round {
     lat_relay: (Duration, Duration),
     cpu_e2e: (f64, f64),
     cpu_one: (f64, f64),
-    /// The store alone: append + flush p50, CPU of an append and a removal.
-    floor: (Duration, Duration),
+    /// The store alone: append + flush p50 and CPU, CPU of an append and a removal.
+    floor: (Duration, Duration, Duration),
 }
 
 async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, latency_n: usize) -> Round {
@@ -426,7 +433,7 @@ async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, lat
     let cpu_e2e = per_k(cpu0, pair.cpu(), n);
 
     // One submitter, end to end, against one flush of this disk.
-    let fsync = fdatasync_latency(&pair.node.data_dir);
+    let (fsync, fsync_cpu) = fdatasync_latency(&pair.node.data_dir);
     let floor = store_floor(pair.dir.path()).await;
     let one_n = (n / 4).max(1);
     let before = sink.delivered();
@@ -464,6 +471,7 @@ async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, lat
         e2e,
         one,
         fsync_rate: 1.0 / fsync.as_secs_f64(),
+        fsync_cpu,
         intake,
         one_intake,
         drain,
@@ -595,10 +603,15 @@ fn figures(pair: &Pair, all: &[Round], rate: usize) {
         "     CPU per 1k payloads, one submitter          node {node_k:.0} ms + agent {agent_k:.0} ms = {:.0} ms",
         node_k + agent_k
     );
-    let (flush, write) = (m(&|x| ms(x.floor.0)), m(&|x| x.floor.1.as_secs_f64() * 1e6));
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (flush, flush_cpu, write) = (m(&|x| ms(x.floor.0)), m(&|x| us(x.floor.1)), m(&|x| us(x.floor.2)));
     println!(
-        "     the store alone: append + flush p50 {flush:.2} ms (fdatasync p50 {:.2} ms); append + remove {write:.0} us CPU, twice per payload = {:.0} ms per 1k",
+        "     the store alone: append + flush p50 {flush:.2} ms, {flush_cpu:.0} us CPU each (a plain fdatasync: p50 {:.2} ms, {:.0} us CPU)",
         1e3 / m(&|x| x.fsync_rate),
+        m(&|x| us(x.fsync_cpu))
+    );
+    println!(
+        "     the store alone: append + remove in a backlog {write:.0} us CPU, twice per payload = {:.0} ms per 1k",
         2.0 * write
     );
     let (agent_rss, agent_peak) = rss_mib(pair.agent.child.id());
