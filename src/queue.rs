@@ -439,6 +439,9 @@ struct StoreInner {
     db: sled::Db,
     /// Strong handles: a queue is opened (and its counters recovered) once per process.
     queues: Mutex<HashMap<String, Arc<QueueShared>>>,
+    /// The queues written since the last flush took this list: the only ones a flush visits,
+    /// so its cost does not grow with the number of connections.
+    touched: Mutex<Vec<Arc<QueueShared>>>,
     flush_tx: std::sync::mpsc::Sender<FlushReply>,
     failure: Mutex<Option<String>>,
     failed_tx: watch::Sender<bool>,
@@ -637,6 +640,7 @@ impl Store {
         let inner = Arc::new(StoreInner {
             db,
             queues: Mutex::new(HashMap::new()),
+            touched: Mutex::new(Vec::new()),
             flush_tx,
             failure: Mutex::new(None),
             failed_tx: watch::channel(false).0,
@@ -720,6 +724,7 @@ impl Store {
             kicks: watch::channel(0).0,
             keys_read: std::sync::atomic::AtomicU64::new(recovered.read),
             recounted: watch::channel(!needs_recount).0,
+            touched: std::sync::atomic::AtomicBool::new(false),
         });
         queues.insert(name.to_owned(), shared.clone());
         drop(queues);
@@ -828,7 +833,7 @@ fn recount(q: Weak<QueueShared>) {
 
 /// Reads up to `chunk` keys of a pending recount, under the queue's lock; false once there is
 /// nothing left to do.
-fn recount_step(q: &QueueShared, chunk: usize) -> bool {
+fn recount_step(q: &Arc<QueueShared>, chunk: usize) -> bool {
     let mut st = lock(&q.state);
     if st.closed {
         return false;
@@ -842,6 +847,7 @@ fn recount_step(q: &QueueShared, chunk: usize) -> bool {
         st.counters.sums = st.counters.sums.minus(r.estimate).plus(r.scanned);
         st.recount = None;
         st.dirty = true;
+        touch(q);
         drop(st);
         q.recounted.send_replace(true);
         tracing::debug!(queue = %q.name, "queue counters recounted");
@@ -904,11 +910,12 @@ fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply
         let Some(inner) = store.upgrade() else { return };
         // Everything appended before this point is covered by the flush below, and so is one
         // counters record per changed queue (a single-key write, like every other).
-        let queues: Vec<Arc<QueueShared>> = lock(&inner.queues).values().cloned().collect();
+        let queues: Vec<Arc<QueueShared>> = std::mem::take(&mut *lock(&inner.touched));
         let mut marks = Vec::with_capacity(queues.len());
         let mut result = Ok(());
         for q in queues {
             let mut st = lock(&q.state);
+            q.touched.store(false, std::sync::atomic::Ordering::Release);
             if st.dirty && !st.closed {
                 match q.tree.insert(COUNTERS_KEY, &encode_counters(&st.counters, false)[..]) {
                     Ok(_) => {
@@ -1016,6 +1023,19 @@ struct QueueShared {
     keys_read: std::sync::atomic::AtomicU64,
     /// True once the counters are exact (no recount pending).
     recounted: watch::Sender<bool>,
+    /// In the store's list of touched queues (set and cleared under `state`'s lock).
+    touched: std::sync::atomic::AtomicBool,
+}
+
+/// Puts `q` in its store's list of queues for the next flush to visit. Called with `q`'s
+/// state locked, as the flush clears the flag under that lock: a write either comes before
+/// the flush reads the queue, or puts it in the list again.
+fn touch(q: &Arc<QueueShared>) {
+    if !q.touched.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if let Some(inner) = q.store.upgrade() {
+            lock(&inner.touched).push(q.clone());
+        }
+    }
 }
 
 /// One durable FIFO. Cheap to clone; clones share state.
@@ -1056,6 +1076,7 @@ impl Queue {
         if st.closed {
             return Err(QueueError::Storage("the store is closed".into()));
         }
+        touch(&self.shared);
         Ok(st)
     }
 
@@ -2298,6 +2319,42 @@ mod tests {
         }
         let batches = q.shared.tree.scan_prefix([BATCH_IDS_PREFIX]).count() as u64;
         assert!(batches <= RECENT_IDS / 512 + 2, "{batches} batch records");
+    }
+
+    #[tokio::test]
+    async fn a_flush_visits_only_the_queues_written_since_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let queues: Vec<Queue> = (0..500)
+            .map(|i| store.queue(&format!("q{i}"), ROOMY).unwrap())
+            .collect();
+        let touched =
+            |store: &Store| -> Vec<String> { lock(&store.inner.touched).iter().map(|q| q.name.clone()).collect() };
+        assert!(touched(&store).is_empty(), "opening writes nothing");
+        queues[7].append(msg("a"), None).unwrap();
+        queues[7].append(msg("b"), None).unwrap();
+        queues[9].append(msg("c"), None).unwrap();
+        assert_eq!(touched(&store), ["q7", "q9"], "each once, in the order written");
+        store.flush().await.unwrap();
+        assert!(touched(&store).is_empty());
+        assert_eq!((queues[7].durable_seq(), queues[9].durable_seq()), (2, 1));
+        // A removal is a write too: its counters go into the next flush's record.
+        queues[7].remove(1).unwrap();
+        assert_eq!(touched(&store), ["q7"]);
+        store.flush().await.unwrap();
+        drop(queues);
+        store
+            .inner
+            .clean_close
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("q7", ROOMY).unwrap();
+        assert_eq!(
+            q.stats().depth,
+            1,
+            "the counters record the flush wrote after the removal"
+        );
     }
 
     #[tokio::test]

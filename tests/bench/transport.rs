@@ -703,7 +703,11 @@ async fn parked() {
     println!("parked polls: {n} simulated agents, each with its own connection and credential");
     let dir = tempfile::tempdir_in(bench_root()).unwrap();
     let node_dir = dir.path().join("node");
-    let owned = daemon_env(&[("RELAY_NODE__POLL_WAIT", "120s")]);
+    // All from one address, as agents behind one NAT: room for the handshakes under way.
+    let owned = daemon_env(&[
+        ("RELAY_NODE__POLL_WAIT", "120s"),
+        ("RELAY_NODE__MAX_UNAUTHENTICATED_PER_PEER", "64"),
+    ]);
     let env = borrowed(&owned);
     let node = Daemon::start(
         &node_dir,

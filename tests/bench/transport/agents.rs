@@ -96,7 +96,14 @@ pub async fn park_all(credentials: Vec<Credential>, concurrency: usize) -> Vec<J
                 after: 0,
                 wait_ms,
             };
-            node.poll(ask(0), Duration::from_secs(30), 1 << 20).await.unwrap();
+            // As an agent does, retry a first poll the node turned away (it sheds the oldest
+            // handshakes when too many from one address are under way).
+            let mut attempts = 0;
+            while let Err(e) = node.poll(ask(0), Duration::from_secs(30), 1 << 20).await {
+                attempts += 1;
+                assert!(attempts < 20, "a simulated agent's first poll keeps failing: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100 * attempts)).await;
+            }
             drop(permit);
             let _ = up_tx.send(());
             loop {
