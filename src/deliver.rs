@@ -157,8 +157,11 @@ pub async fn attempt(client: &http::Client, hook: &Webhook, msg: &Message, timeo
     }
 }
 
-/// Runs until `token` is cancelled: waits while `active` is false, takes the oldest durable
-/// message, delivers it, and removes it only after a 2xx (or after dead-lettering it).
+/// Runs until `token` is cancelled: waits while `active` is false, takes the oldest stored
+/// message, delivers it, and removes it only after a 2xx (or after dead-lettering it). The
+/// queue is an inbox, whose sender keeps each message until this side's flush covers it: a
+/// message need not wait for that flush to be delivered, and one lost in a crash before it is
+/// sent again and delivered again with the same id.
 pub async fn run(
     queue: Queue,
     hook: Webhook,
@@ -184,9 +187,11 @@ pub async fn run(
             kicks.borrow_and_update();
             ahead.clear();
         }
-        let durable = queue.durable_seq();
+        // Stored, not only durable: the sender keeps each message until this side's durable
+        // mark covers it, so one lost in a crash before the flush comes again, with its id.
+        let stored = queue.stored_seq();
         if ahead.is_empty() {
-            match queue.read_after(0, READ_AHEAD, READ_AHEAD_BYTES) {
+            match queue.read_stored_after(0, READ_AHEAD, READ_AHEAD_BYTES) {
                 Ok(read) => ahead.extend(read),
                 Err(e) => {
                     health.error(format!("reading queue: {e}"));
@@ -204,7 +209,7 @@ pub async fn run(
                 tokio::select! {
                     biased;
                     _ = token.cancelled() => return,
-                    _ = queue.wait_durable_after(durable) => continue,
+                    _ = queue.wait_stored_after(stored) => continue,
                     _ = active.changed() => continue,
                     _ = kicks.changed() => continue,
                 }

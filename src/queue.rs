@@ -721,6 +721,7 @@ impl Store {
                 recount: recovered.recount,
             }),
             durable_tx,
+            stored_tx: watch::channel(counters.last_seq).0,
             kicks: watch::channel(0).0,
             keys_read: std::sync::atomic::AtomicU64::new(recovered.read),
             recounted: watch::channel(!needs_recount).0,
@@ -1017,6 +1018,8 @@ struct QueueShared {
     state: Mutex<QueueState>,
     /// Highest sequence number known to be on disk.
     durable_tx: watch::Sender<u64>,
+    /// Highest sequence number stored, on disk or not yet.
+    stored_tx: watch::Sender<u64>,
     /// Bumped when a message reappears below the durable mark (a retried dead letter).
     kicks: watch::Sender<u64>,
     /// Keys read to recover counters (opening and recounting); tests check it stays small.
@@ -1166,6 +1169,7 @@ impl Queue {
             )
             .map_err(|e| self.storage(e))?;
         st.counters.last_seq = seq;
+        self.note_stored(seq);
         st.change(List::Messages, seq, true, size);
         if let Some(k) = idem_key {
             // Written after the message, so whenever the key is on disk the message is too.
@@ -1274,6 +1278,7 @@ impl Queue {
             out.stored += 1;
         }
         out.high_water = st.counters.last_seq;
+        self.note_stored(out.high_water);
         if out.stored > 0 && out.high_water >= RECENT_IDS {
             // Forget batches that fell out of the window (usually one, or none), and the
             // per-message ids of earlier versions there.
@@ -1424,6 +1429,7 @@ impl Queue {
             st.change(List::Messages, seq, false, bytes);
         }
         st.counters.last_seq = next.last_seq;
+        self.note_stored(next.last_seq);
         st.counters.acked = next.acked;
         st.persisted_hw = next.last_seq;
         st.sent = floor;
@@ -1442,16 +1448,61 @@ impl Queue {
         let _ = rx.wait_for(|d| *d > after).await;
     }
 
+    /// Wakes [`Queue::wait_stored_after`] when `seq` is above what was stored before.
+    fn note_stored(&self, seq: u64) {
+        self.shared.stored_tx.send_if_modified(|s| {
+            let moved = seq > *s;
+            if moved {
+                *s = seq;
+            }
+            moved
+        });
+    }
+
+    /// Highest sequence number stored, on disk or not yet.
+    pub fn stored_seq(&self) -> u64 {
+        *self.shared.stored_tx.borrow()
+    }
+
+    /// Resolves once a message with a sequence number above `after` is stored, on disk or not.
+    pub async fn wait_stored_after(&self, after: u64) {
+        let mut rx = self.shared.stored_tx.subscribe();
+        let _ = rx.wait_for(|s| *s > after).await;
+    }
+
     /// Up to `max_count` durable messages with sequence numbers above `after`, stopping before
     /// `max_bytes` is exceeded (but always at least one message when one exists).
     pub fn read_after(&self, after: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Message>, QueueError> {
-        let durable = self.durable_seq();
-        if durable <= after {
+        self.read_through(after, self.durable_seq(), max_count, max_bytes)
+    }
+
+    /// Like [`Queue::read_after`], but up to what is stored rather than what is on disk. Only
+    /// for a queue whose sender keeps each message until this queue's durable mark covers it
+    /// (an inbox): a message handed on before the flush and lost in a crash is offered again
+    /// by the sender, with the same id. This takes the receiver's flush off the way to the
+    /// webhook.
+    pub fn read_stored_after(
+        &self,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, QueueError> {
+        self.read_through(after, self.stored_seq(), max_count, max_bytes)
+    }
+
+    fn read_through(
+        &self,
+        after: u64,
+        through: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, QueueError> {
+        if through <= after {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
         let mut total = 0usize;
-        let range = key(MSG_PREFIX, after.saturating_add(1))..=key(MSG_PREFIX, durable);
+        let range = key(MSG_PREFIX, after.saturating_add(1))..=key(MSG_PREFIX, through);
         for item in self.shared.tree.range(range) {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let seq = seq_of(&k).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
@@ -1582,6 +1633,7 @@ impl Queue {
         // Counted as a message before it becomes one, so counters recovered after a crash in
         // between over-count; never under-count.
         st.counters.last_seq = new_seq;
+        self.note_stored(new_seq);
         self.write_record(&mut st, Some((List::Messages, size)))?;
         self.shared
             .tree
@@ -2319,6 +2371,31 @@ mod tests {
         }
         let batches = q.shared.tree.scan_prefix([BATCH_IDS_PREFIX]).count() as u64;
         assert!(batches <= RECENT_IDS / 512 + 2, "{batches} batch records");
+    }
+
+    #[tokio::test]
+    async fn an_inbox_hands_on_what_it_stored_before_the_flush_made_it_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let q = store.queue("c/in", ROOMY).unwrap();
+        let waiting = {
+            let q = q.clone();
+            tokio::spawn(async move { q.wait_stored_after(0).await })
+        };
+        q.append_remote(&[remote(1), remote(2)]).unwrap();
+        waiting.await.unwrap();
+        assert_eq!((q.stored_seq(), q.durable_seq()), (2, 0));
+        assert!(q.read_after(0, 10, 1 << 20).unwrap().is_empty(), "nothing durable yet");
+        let seqs: Vec<u64> = q
+            .read_stored_after(0, 10, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        // The durable mark, which acknowledges to the sender, still waits for the flush.
+        store.flush().await.unwrap();
+        assert_eq!(q.durable_seq(), 2);
     }
 
     #[tokio::test]
