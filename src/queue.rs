@@ -20,6 +20,8 @@
 //! Writes land in memory first. [`Store::flush`] is group commit: every caller waiting at the
 //! same moment shares one fsync. Readers only see messages up to a queue's *durable* sequence
 //! number, advanced after a flush, so nothing that could vanish in a crash is ever handed on.
+//! The one exception is [`Queue::read_stored_after`], for an inbox's webhook: its sender keeps
+//! each message until the durable mark covers it, so a message lost in a crash comes again.
 
 use std::collections::HashMap;
 use std::path::Path;
