@@ -1238,9 +1238,11 @@ impl Queue {
             stored: 0,
             gap: None,
         };
-        // The prefix of the new messages that fits the queue's bounds.
+        // The new messages (a suffix: sequence numbers increase), and the prefix of them that
+        // fits the queue's bounds.
+        let fresh = &msgs[msgs.partition_point(|m| m.seq <= high_water)..];
         let (mut fits, mut sums) = (0, st.counters);
-        for m in msgs.iter().filter(|m| m.seq > high_water) {
+        for m in fresh {
             let size = m.body.len() as u64;
             if let Err(full) = self.check_room(&sums, &limits, 1, size) {
                 if fits == 0 {
@@ -1251,16 +1253,16 @@ impl Queue {
             sums.sums.add(List::Messages, size);
             fits += 1;
         }
-        let new = || msgs.iter().filter(|m| m.seq > high_water).take(fits);
-        if let Some(last) = new().last() {
+        let new = &fresh[..fits];
+        if let Some(last) = new.last() {
             // The ids go in first, in one key: a crash before the messages leaves ids for
             // numbers this queue does not hold yet, which the retry simply stores again.
             self.shared
                 .tree
-                .insert(key(BATCH_IDS_PREFIX, last.seq), encode_batch_ids(new()))
+                .insert(key(BATCH_IDS_PREFIX, last.seq), encode_batch_ids(new.iter()))
                 .map_err(|e| self.storage(e))?;
         }
-        for m in new() {
+        for m in new {
             let size = m.body.len() as u64;
             if m.seq != st.counters.last_seq + 1 && out.gap.is_none() {
                 out.gap = Some(SequenceGap {

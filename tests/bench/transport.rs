@@ -24,7 +24,7 @@ use relay::admin::{self, Request};
 use relay::http::{self, Method};
 use relay::node::{Action, InitiateRequest};
 
-use common::Daemon;
+use common::{borrowed, Daemon};
 use sink::Sink;
 
 const CONN: &str = "bench";
@@ -47,10 +47,6 @@ fn daemon_env(phase: &[(&str, &str)]) -> Vec<(String, String)> {
                 .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
         .collect()
-}
-
-fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -236,14 +232,13 @@ async fn store_floor(dir: &Path) -> (Duration, Duration, Duration) {
         body: payload(i, 1024).into(),
     };
     let t = cpu(std::process::id());
-    let mut flushes: Vec<Duration> = (0..500)
-        .map(|i| {
-            let t = Instant::now();
-            q.append(msg(i), None).unwrap();
-            futures_lite(store.flush()).unwrap();
-            t.elapsed()
-        })
-        .collect();
+    let mut flushes = Vec::with_capacity(500);
+    for i in 0..500 {
+        let t = Instant::now();
+        q.append(msg(i), None).unwrap();
+        store.flush().await.unwrap();
+        flushes.push(t.elapsed());
+    }
     let flush_cpu = (cpu(std::process::id()) - t) / flushes.len() as u32;
     flushes.sort();
     // A backlog, as a queue holds one while its consumer lags: appended, then removed.
@@ -255,11 +250,6 @@ async fn store_floor(dir: &Path) -> (Duration, Duration, Duration) {
     }
     let per = (cpu(std::process::id()) - t) / n as u32;
     (percentile(&flushes, 0.5), flush_cpu, per)
-}
-
-/// Runs a future to completion on this thread (the store's flush waits on its own thread).
-fn futures_lite<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 /// A node and an agent process with one active connection delivering to `sink`.
@@ -546,36 +536,42 @@ fn figures(pair: &Pair, all: &[Round], rate: usize) {
         "  {:<46} {:>11} {:>11} {:>6}",
         "figure (medians)", "relay", "baseline", "ratio"
     );
-    row(
-        "1. in order, 32 submitters vs sequential POSTs",
-        m(&|x| x.e2e),
-        m(&|x| x.direct_seq),
-        Some(0.8),
-    );
-    row(
-        "2. one submitter vs 1 / fdatasync",
-        m(&|x| x.one),
-        m(&|x| x.fsync_rate),
-        Some(0.8),
-    );
-    row(
-        "   one submitter, the node alone vs 1 / fdatasync",
-        m(&|x| x.one_intake),
-        m(&|x| x.fsync_rate),
-        None,
-    );
-    row(
-        "4. intake, 32 submitters vs 32 concurrent POSTs",
-        m(&|x| x.intake),
-        m(&|x| x.direct_conc),
-        Some(0.5),
-    );
-    row(
-        "   backlog drain vs sequential POSTs",
-        m(&|x| x.drain),
-        m(&|x| x.direct_seq),
-        None,
-    );
+    type Pick = fn(&Round) -> f64;
+    let rates: [(&str, Pick, Pick, Option<f64>); 5] = [
+        (
+            "1. in order, 32 submitters vs sequential POSTs",
+            |x| x.e2e,
+            |x| x.direct_seq,
+            Some(0.8),
+        ),
+        (
+            "2. one submitter vs 1 / fdatasync",
+            |x| x.one,
+            |x| x.fsync_rate,
+            Some(0.8),
+        ),
+        (
+            "   one submitter, the node alone vs 1 / fdatasync",
+            |x| x.one_intake,
+            |x| x.fsync_rate,
+            None,
+        ),
+        (
+            "4. intake, 32 submitters vs 32 concurrent POSTs",
+            |x| x.intake,
+            |x| x.direct_conc,
+            Some(0.5),
+        ),
+        (
+            "   backlog drain vs sequential POSTs",
+            |x| x.drain,
+            |x| x.direct_seq,
+            None,
+        ),
+    ];
+    for (label, relay, base, target) in rates {
+        row(label, m(&relay), m(&base), target);
+    }
     for (label, pick, target) in [
         (
             "p50",
@@ -767,15 +763,8 @@ async fn depth() {
             format!("127.0.0.1:{port}"),
         ]
     };
-    let start = |port: String| {
-        let (node_dir, env) = (node_dir.clone(), env.clone());
-        async move {
-            let a = args(&port);
-            let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            Daemon::start(&node_dir, &a, &env).await
-        }
-    };
-    let mut node = start("0".into()).await;
+    let first = args("0");
+    let mut node = Daemon::start(&node_dir, &first.iter().map(String::as_str).collect::<Vec<_>>(), &env).await;
     let _code = initiate(&node_dir, CONN).await;
     let intake = format!("{}/v1/connections/{CONN}/messages", node.api());
     let c = client();
@@ -794,16 +783,19 @@ async fn depth() {
         verdict(ratio >= 0.9)
     );
     let port = node.info.api.clone().unwrap().rsplit(':').next().unwrap().to_owned();
+    // Each restart is a bare process, timed from its spawn: the first after the daemon's clean
+    // stop, the second after that process is killed with SIGKILL.
+    node.terminate().await;
+    let mut restarted: Option<std::process::Child> = None;
     for how in ["a clean stop", "SIGKILL"] {
-        if how == "SIGKILL" {
-            node.kill9();
-        } else {
-            node.terminate().await;
+        if let Some(mut killed) = restarted.take() {
+            killed.kill().unwrap();
+            killed.wait().unwrap();
         }
         let t = Instant::now();
         let a = args(&port);
         let mut cmd = common::command(&node_dir, &a.iter().map(String::as_str).collect::<Vec<_>>(), &env);
-        let mut child = cmd
+        let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -825,9 +817,11 @@ async fn depth() {
             took.as_secs_f64(),
             verdict(took <= Duration::from_secs(2))
         );
-        let _ = child.kill();
-        let _ = child.wait();
-        node = start(port.clone()).await;
+        restarted = Some(child);
+    }
+    if let Some(mut last) = restarted {
+        let _ = last.kill();
+        let _ = last.wait();
     }
     println!();
 }

@@ -185,6 +185,11 @@ pub async fn start_node(data_dir: &Path, tls: Option<(&Path, &Path)>) -> Daemon 
     Daemon::start(data_dir, &args, &[]).await
 }
 
+/// Owned `NAME=VALUE` pairs as the `&[(&str, &str)]` the helpers here take.
+pub fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// Like [`command`], running another relay binary (a benchmark's baseline build).
 pub fn command_of(program: &str, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     prepare(Command::new(program), data_dir, args, env)

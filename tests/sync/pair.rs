@@ -8,7 +8,7 @@ use std::time::Duration;
 use ado_sim::{Profile, Sim, SimHandle, SimOptions};
 use serde_json::{json, Value};
 
-use crate::common::{self, cli, cli_ok, stderr, wait_for, Daemon};
+use crate::common::{self, borrowed, cli, cli_ok, stderr, wait_for, Daemon};
 
 /// The connection's name on both sides.
 pub const CONN: &str = "sync";
@@ -50,10 +50,6 @@ fn tracker_env(sim: &SimHandle, dir: &Path, name: &str, extra: &[(&str, &str)]) 
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env
-}
-
-fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 async fn sim(profile: Profile, project: &str) -> SimHandle {
