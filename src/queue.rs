@@ -1943,7 +1943,7 @@ mod tests {
         store.flush().await.unwrap();
         // Reopened (as after a restore): messages 1 and 2 may have been handed on before.
         drop((q, store));
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let q = store.queue("c/out", LIMITS).unwrap();
         let c = q.append(msg("c"), Some("key-c")).unwrap();
         assert_eq!(c.seq, 3);
@@ -2429,7 +2429,7 @@ mod tests {
             .clean_close
             .store(false, std::sync::atomic::Ordering::Relaxed);
         drop(store);
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let q = store.queue("q7", ROOMY).unwrap();
         assert_eq!(
             q.stats().depth,
