@@ -18,7 +18,8 @@
 //! over-count for that while; they never under-count.
 //!
 //! Writes land in memory first. [`Store::flush`] is group commit: every caller waiting at the
-//! same moment shares one fsync. Readers only see messages up to a queue's *durable* sequence
+//! same moment shares one sled flush and one `fdatasync` of the log (with the files sled
+//! creates unsynced, see [`durable`]), so a power cut loses nothing it acknowledged. Readers only see messages up to a queue's *durable* sequence
 //! number, advanced after a flush, so nothing that could vanish in a crash is ever handed on.
 //! The one exception is [`Queue::read_stored_after`], for an inbox's webhook: its sender keeps
 //! each message until the durable mark covers it, so a message lost in a crash comes again.
@@ -31,6 +32,9 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
+
+mod durable;
+pub use durable::SyncCounts;
 
 /// Errors from the store and its queues; the intake maps them to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -451,6 +455,8 @@ struct StoreInner {
     clean_close: std::sync::atomic::AtomicBool,
     /// Cleared by tests that step recounts by hand.
     auto_recount: std::sync::atomic::AtomicBool,
+    /// Syncs made by group commits.
+    syncs: Arc<SyncCounts>,
 }
 
 impl Drop for StoreInner {
@@ -638,6 +644,10 @@ impl Store {
                 }
                 other => QueueError::Storage(format!("opening {}: {other}", dir.display())),
             })?;
+        // Before anything is acknowledged: what sled wrote while opening, unsynced.
+        let syncs = Arc::new(SyncCounts::default());
+        let durable = durable::Durable::open(dir, syncs.clone())
+            .map_err(|e| QueueError::Storage(format!("syncing the database after opening it: {e}")))?;
         let (flush_tx, flush_rx) = std::sync::mpsc::channel();
         let inner = Arc::new(StoreInner {
             db,
@@ -648,16 +658,24 @@ impl Store {
             failed_tx: watch::channel(false).0,
             clean_close: std::sync::atomic::AtomicBool::new(true),
             auto_recount: std::sync::atomic::AtomicBool::new(true),
+            syncs,
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("relay-flush".into())
-            .spawn(move || run_flusher(weak, flush_rx))
+            .spawn(move || run_flusher(weak, flush_rx, durable))
             .map_err(|e| QueueError::Storage(format!("cannot start the flush thread: {e}")))?;
         Ok(Store { inner })
     }
 
-    /// Makes every write so far durable. Concurrent callers share one fsync.
+    /// Syncs made so far by group commits (for `/metrics`).
+    pub fn sync_counts(&self) -> (u64, u64) {
+        self.inner.syncs.get()
+    }
+
+    /// Makes every write so far durable: sled's flush, then an `fdatasync` of its log and a
+    /// sync of the files and directory entries it created (see [`durable`]). Concurrent
+    /// callers share one group commit.
     pub async fn flush(&self) -> Result<(), QueueError> {
         self.check()?;
         let (tx, rx) = oneshot::channel();
@@ -890,7 +908,7 @@ const GROUP_COMMIT_MAX: usize = 256;
 
 /// The group-commit loop, on its own thread: the fsync blocks, and a dedicated thread saves the
 /// hand-offs a blocking-pool task would add to every flush.
-fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply>) {
+fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply>, mut durable: durable::Durable) {
     let mut busy = false;
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
@@ -934,7 +952,9 @@ fn run_flusher(store: Weak<StoreInner>, rx: std::sync::mpsc::Receiver<FlushReply
         }
         if result.is_ok() {
             result = match inner.db.flush() {
-                Ok(_) => Ok(()),
+                Ok(_) => durable
+                    .commit()
+                    .map_err(|e| fail(&inner, format!("sync after flush: {e}"))),
                 Err(e) => Err(fail(&inner, format!("flush: {e}"))),
             };
         }
