@@ -83,12 +83,22 @@ const HISTOGRAMS: [HistogramSeries; 2] = [
     }),
 ];
 
+/// What the side's store did, process-wide.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreFigures {
+    /// Group commits made durable (each one `fdatasync` of the log, at least).
+    pub commits: u64,
+    /// `fdatasync`/`fsync` calls they took: the log, new files, directories.
+    pub file_syncs: u64,
+}
+
 /// One scrape's view of every connection of a side.
 #[derive(Debug)]
 struct Scrape {
     role: &'static str,
     statuses: Vec<ConnectionStatus>,
     healths: Vec<Option<Arc<Health>>>,
+    store: StoreFigures,
 }
 
 impl Collector for Scrape {
@@ -147,6 +157,23 @@ impl Collector for Scrape {
             }
         }
 
+        let store: [(&str, &str, u64); 2] = [
+            (
+                "relay_store_syncs",
+                "Group commits made durable: one fdatasync of the store's log each, shared by every acknowledgement waiting on it.",
+                self.store.commits,
+            ),
+            (
+                "relay_store_file_syncs",
+                "fdatasync and fsync calls of the store: its log, files it created, directories.",
+                self.store.file_syncs,
+            ),
+        ];
+        for (name, help, value) in store {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(family)?;
+        }
+
         let mut family = encoder.encode_descriptor(
             "relay_last_contact_timestamp_seconds",
             "Last exchange with the peer.",
@@ -169,14 +196,20 @@ fn encode_const_gauge(
     ConstGauge::new(value).encode(family.encode_family(&labels)?)
 }
 
-/// Renders every connection's queue and delivery figures for `role` ("node" or "agent") in the
-/// Prometheus text format (0.0.4).
-pub fn render(role: &'static str, statuses: &[ConnectionStatus], healths: &[Option<Arc<Health>>]) -> String {
+/// Renders every connection's queue and delivery figures for `role` ("node" or "agent"), and
+/// its store's, in the Prometheus text format (0.0.4).
+pub fn render(
+    role: &'static str,
+    statuses: &[ConnectionStatus],
+    healths: &[Option<Arc<Health>>],
+    store: StoreFigures,
+) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Scrape {
         role,
         statuses: statuses.to_vec(),
         healths: healths.to_vec(),
+        store,
     }));
     let mut out = String::new();
     // Writing into a String cannot fail; an encoder error would leave a partial scrape,
@@ -226,7 +259,11 @@ mod tests {
         Health::add(&health.bytes_delivered, 4);
         health.webhook_latency.observe(Duration::from_millis(3));
         health.round_trip.observe(Duration::from_secs(9));
-        let text = render("agent", &[status("c"), status("we\"ird")], &[Some(health), None]);
+        let store = StoreFigures {
+            commits: 7,
+            file_syncs: 9,
+        };
+        let text = render("agent", &[status("c"), status("we\"ird")], &[Some(health), None], store);
         for line in [
             "# TYPE relay_info gauge",
             "relay_info{role=\"agent\",version=\"",
@@ -238,6 +275,8 @@ mod tests {
             "# HELP relay_messages_delivered_total Messages delivered to the webhook.\n",
             "# TYPE relay_messages_delivered_total counter\n",
             "relay_messages_delivered_total{connection=\"c\"} 2\n",
+            "# TYPE relay_store_syncs_total counter\nrelay_store_syncs_total 7\n",
+            "relay_store_file_syncs_total 9\n",
             "relay_bytes_delivered_total{connection=\"c\"} 4\n",
             "relay_messages_delivered_total{connection=\"we\\\"ird\"} 0\n",
             "# TYPE relay_webhook_seconds histogram",

@@ -774,6 +774,8 @@ impl IntakeTarget for Agent {
             .iter()
             .map(|s| self.link(&s.name).map(|l| l.health.clone()))
             .collect();
-        crate::metrics::render("agent", &statuses, &healths)
+        let (commits, file_syncs) = self.inner.store.sync_counts();
+        let store = crate::metrics::StoreFigures { commits, file_syncs };
+        crate::metrics::render("agent", &statuses, &healths, store)
     }
 }

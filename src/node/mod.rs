@@ -466,6 +466,8 @@ impl IntakeTarget for Node {
         let statuses = self.connections().unwrap_or_default();
         let links: Vec<Option<Arc<Link>>> = statuses.iter().map(|s| self.link(&s.name)).collect();
         let healths: Vec<Option<Arc<Health>>> = links.iter().map(|l| l.as_ref().map(|l| l.health.clone())).collect();
-        crate::metrics::render("node", &statuses, &healths)
+        let (commits, file_syncs) = self.inner.store.sync_counts();
+        let store = crate::metrics::StoreFigures { commits, file_syncs };
+        crate::metrics::render("node", &statuses, &healths, store)
     }
 }
