@@ -10,10 +10,10 @@
 //! `blobs` directory, then one `fdatasync` of the log, then the database directory when its
 //! entries changed. Only then is anything acknowledged.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -46,73 +46,144 @@ impl SyncCounts {
     }
 }
 
+/// What is known of one entry of a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// On disk: synced complete (a blob), or seen (any other entry).
+    Settled,
+    /// A blob seen while sled was still writing it, at this length: checked again at every
+    /// commit until complete, then synced. The commit that acknowledges what it holds comes
+    /// after the write that filled it, so it finds the blob complete.
+    Partial(u64),
+}
+
 /// A directory whose new entries must reach the disk: the names seen at its last listing.
 struct Watched {
     path: PathBuf,
     handle: File,
-    known: HashSet<OsString>,
+    known: HashMap<OsString, Entry>,
     mtime: Option<SystemTime>,
     /// Sync the new entries' files too (blob files), not only the directory.
-    files: bool,
+    blobs: bool,
 }
 
 impl Watched {
-    fn open(path: PathBuf, files: bool, counts: &SyncCounts) -> io::Result<Watched> {
+    fn open(path: PathBuf, blobs: bool, counts: &SyncCounts) -> io::Result<Watched> {
         let handle = File::open(&path).map_err(|e| at(&path, e))?;
         let mut w = Watched {
             path,
             handle,
-            known: HashSet::new(),
+            known: HashMap::new(),
             mtime: None,
-            files,
+            blobs,
         };
         // Whatever an earlier process left unsynced is synced before anything builds on it.
         w.sync_new(true, counts)?;
         Ok(w)
     }
 
-    /// Lists the directory when it may have changed; syncs the files new since the last
-    /// listing (when `files`) and then the directory itself.
-    fn sync_new(&mut self, force: bool, counts: &SyncCounts) -> io::Result<()> {
-        let mtime = self.handle.metadata().and_then(|m| m.modified()).map_err(|e| at(&self.path, e))?;
+    /// Lists the directory when it may have changed; syncs the blob files that are new or
+    /// were incomplete at the last listing, once complete, and then the directory itself if
+    /// it has new entries.
+    fn sync_new(&mut self, opening: bool, counts: &SyncCounts) -> io::Result<()> {
+        self.sync_partial(counts)?;
+        let mtime = self
+            .handle
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(|e| at(&self.path, e))?;
         let recent = SystemTime::now()
             .duration_since(mtime)
             .map_or(true, |age| age < COARSE_CLOCK_MARGIN);
-        if !force && !recent && self.mtime == Some(mtime) {
+        if !opening && !recent && self.mtime == Some(mtime) {
             return Ok(());
         }
         self.mtime = Some(mtime);
-        let mut seen = HashSet::with_capacity(self.known.len());
-        let mut new = Vec::new();
+        let mut seen = HashMap::with_capacity(self.known.len());
+        let mut new = 0;
         for entry in std::fs::read_dir(&self.path).map_err(|e| at(&self.path, e))? {
             let name = entry.map_err(|e| at(&self.path, e))?.file_name();
-            if !self.known.contains(&name) {
-                new.push(name.clone());
-            }
-            seen.insert(name);
-        }
-        if new.is_empty() && !force {
-            self.known = seen;
-            return Ok(());
-        }
-        if self.files {
-            for name in &new {
-                let path = self.path.join(name);
-                match File::open(&path) {
-                    Ok(f) => {
-                        f.sync_data().map_err(|e| at(&path, e))?;
-                        counts.files.fetch_add(1, Ordering::Relaxed);
+            let state = match self.known.get(&name) {
+                Some(state) => *state,
+                None => {
+                    new += 1;
+                    if self.blobs {
+                        // At open, leftovers of an earlier process are synced as they are.
+                        match self.sync_blob(&name, opening, counts)? {
+                            Some(state) => state,
+                            None => continue,
+                        }
+                    } else {
+                        Entry::Settled
                     }
-                    // sled removed it meanwhile (a blob replaced by a newer page).
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(at(&path, e)),
                 }
-            }
+            };
+            seen.insert(name, state);
         }
-        self.handle.sync_all().map_err(|e| at(&self.path, e))?;
-        counts.files.fetch_add(1, Ordering::Relaxed);
         self.known = seen;
+        // A blob completed since its name was synced needs no second directory sync.
+        if new > 0 || opening {
+            self.handle.sync_all().map_err(|e| at(&self.path, e))?;
+            counts.files.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    /// Checks again the blobs that were incomplete; syncs those now complete.
+    fn sync_partial(&mut self, counts: &SyncCounts) -> io::Result<()> {
+        let partial: Vec<(OsString, u64)> = self
+            .known
+            .iter()
+            .filter_map(|(name, state)| match state {
+                Entry::Partial(len) => Some((name.clone(), *len)),
+                Entry::Settled => None,
+            })
+            .collect();
+        for (name, len) in partial {
+            let now = match std::fs::metadata(self.path.join(&name)) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.known.remove(&name);
+                    continue;
+                }
+                Err(e) => return Err(at(&self.path.join(&name), e)),
+            };
+            if now == len {
+                continue;
+            }
+            match self.sync_blob(&name, false, counts)? {
+                Some(state) => self.known.insert(name, state),
+                None => self.known.remove(&name),
+            };
+        }
+        Ok(())
+    }
+
+    /// Syncs blob `name` if it is complete (or `anyway`); `None` if sled removed it meanwhile.
+    fn sync_blob(&self, name: &OsString, anyway: bool, counts: &SyncCounts) -> io::Result<Option<Entry>> {
+        let path = self.path.join(name);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(at(&path, e)),
+        };
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
+        if !anyway && !blob_complete(&bytes) {
+            return Ok(Some(Entry::Partial(bytes.len() as u64)));
+        }
+        f.sync_data().map_err(|e| at(&path, e))?;
+        counts.files.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Entry::Settled))
+    }
+}
+
+/// Whether a sled blob file is whole: sled writes a CRC-32 (little-endian) of the rest of the
+/// file first, then a kind byte and the value, in separate writes.
+fn blob_complete(bytes: &[u8]) -> bool {
+    match bytes.split_first_chunk::<4>() {
+        Some((crc, rest)) if !rest.is_empty() => u32::from_le_bytes(*crc) == crc32fast::hash(rest),
+        _ => false,
     }
 }
 
@@ -161,11 +232,14 @@ impl Durable {
     }
 
     /// After sled's flush: new blob files and their directory first (the log points at them),
-    /// then the log, then the database directory if its entries changed (a snapshot renamed).
+    /// then the log, then blob files created meanwhile (sled writes a blob as it reserves the
+    /// log entry that points at it, on any writer's thread, so one may appear while the log
+    /// syncs), then the database directory if its entries changed (a snapshot renamed).
     pub(super) fn commit(&mut self) -> io::Result<()> {
         self.blobs.sync_new(false, &self.counts)?;
         self.log.sync_data().map_err(|e| at(&self.log_path, e))?;
         self.counts.files.fetch_add(1, Ordering::Relaxed);
+        self.blobs.sync_new(false, &self.counts)?;
         self.dir.sync_new(false, &self.counts)?;
         self.counts.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -181,22 +255,49 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// A blob file as sled writes it: CRC-32 of the rest, kind byte, value.
+    fn blob(value: &[u8]) -> Vec<u8> {
+        let mut rest = vec![7u8];
+        rest.extend_from_slice(value);
+        let mut out = crc32fast::hash(&rest).to_le_bytes().to_vec();
+        out.extend_from_slice(&rest);
+        out
+    }
+
     #[test]
-    fn a_new_file_is_synced_once_and_the_directory_with_it() {
+    fn a_new_blob_is_synced_once_complete_and_the_directory_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let counts = SyncCounts::default();
         let mut w = Watched::open(dir.path().to_owned(), true, &counts).unwrap();
         assert_eq!(counts.get(), (0, 1), "the empty directory itself at open");
-        std::fs::write(dir.path().join("a"), b"x").unwrap();
+        let whole = blob(b"value");
+        // Caught while sled writes it: the name is synced in the directory, the file waits.
+        std::fs::write(dir.path().join("a"), &whole[..5]).unwrap();
         w.sync_new(false, &counts).unwrap();
-        assert_eq!(counts.get(), (0, 3), "file a, then the directory");
+        assert_eq!(counts.get(), (0, 2), "the directory only");
+        std::fs::write(dir.path().join("a"), &whole).unwrap();
+        w.sync_new(false, &counts).unwrap();
+        assert_eq!(
+            counts.get(),
+            (0, 3),
+            "file a once complete; its name is on disk already"
+        );
         // Nothing new: a listing at most (the time is recent), no sync.
         w.sync_new(false, &counts).unwrap();
         assert_eq!(counts.get(), (0, 3));
         std::fs::remove_file(dir.path().join("a")).unwrap();
-        std::fs::write(dir.path().join("b"), b"y").unwrap();
+        std::fs::write(dir.path().join("b"), blob(b"other")).unwrap();
         w.sync_new(false, &counts).unwrap();
         assert_eq!(counts.get(), (0, 5), "file b, then the directory");
+    }
+
+    #[test]
+    fn a_blob_is_complete_only_when_its_checksum_matches() {
+        let whole = blob(b"0123456789");
+        assert!(blob_complete(&whole));
+        for cut in 0..whole.len() {
+            assert!(!blob_complete(&whole[..cut]), "cut at {cut}");
+        }
     }
 
     #[test]
@@ -211,7 +312,7 @@ mod tests {
         let (_, at_open) = counts.get();
         d.commit().unwrap();
         assert_eq!(counts.get(), (1, at_open + 1), "the log alone");
-        std::fs::write(db.join(BLOBS_DIR).join("42"), b"blob").unwrap();
+        std::fs::write(db.join(BLOBS_DIR).join("42"), blob(b"page")).unwrap();
         d.commit().unwrap();
         assert_eq!(counts.get(), (2, at_open + 4), "blob, blobs directory, log");
     }

@@ -60,6 +60,15 @@ pub fn command_via_shell(script: &str, data_dir: &Path, args: &[&str], env: &[(&
     prepare(cmd, data_dir, args, env)
 }
 
+/// `WRAPPER… relay --data-dir DIR ARGS`, prepared as [`command`]: relay run under another
+/// program that execs or traces it (`strace -f -o FILE --`).
+pub fn wrapped_command(wrapper: &[&str], data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let (program, rest) = wrapper.split_first().expect("a wrapper program");
+    let mut cmd = Command::new(program);
+    cmd.args(rest).arg(bin());
+    prepare(cmd, data_dir, args, env)
+}
+
 /// A fresh path for a daemon's stderr, beside its data directory.
 pub fn log_path(data_dir: &Path) -> PathBuf {
     data_dir.with_extension(format!("{}.log", unique()))
@@ -85,7 +94,17 @@ impl Daemon {
 
     /// Spawns `cmd` (from [`command`]) with stderr to `log` and waits until its admin socket
     /// answers with its pid.
-    pub async fn start_command(mut cmd: Command, data_dir: &Path, log: PathBuf) -> Daemon {
+    pub async fn start_command(cmd: Command, data_dir: &Path, log: PathBuf) -> Daemon {
+        Daemon::spawn(cmd, data_dir, log, true).await
+    }
+
+    /// Spawns `cmd` (from [`wrapped_command`]): relay is a child of the wrapper, so the admin
+    /// socket answers with another pid than the child's; `info.pid` is relay's.
+    pub async fn start_wrapped(cmd: Command, data_dir: &Path, log: PathBuf) -> Daemon {
+        Daemon::spawn(cmd, data_dir, log, false).await
+    }
+
+    async fn spawn(mut cmd: Command, data_dir: &Path, log: PathBuf, own_pid: bool) -> Daemon {
         std::fs::create_dir_all(data_dir).unwrap();
         let args = format!("{cmd:?}");
         // Truncates an existing file in place, so its inode (JOURNAL_STREAM) stays the same.
@@ -106,7 +125,7 @@ impl Daemon {
             }
             if let Ok(Some(v)) = admin::call(data_dir, &Request::Info).await {
                 let info: Info = serde_json::from_value(v).unwrap();
-                if info.pid == child.id() {
+                if info.pid == child.id() || !own_pid {
                     break info;
                 }
             }
@@ -163,6 +182,12 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.info.pid != self.child.id() {
+            // Started wrapped: relay itself may outlive its wrapper.
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.info.pid.to_string()])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
