@@ -194,9 +194,7 @@ impl Host {
         }
         let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
         let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         (name.len() <= 253 && name.split('.').all(label_ok)).then_some(Host::Name(name))
     }
@@ -253,7 +251,8 @@ impl Origin {
             .split_once("://")
             .ok_or_else(|| "write scheme://host[:port]".to_owned())?;
         let scheme = scheme.to_ascii_lowercase();
-        let default = default_port(&scheme).ok_or_else(|| format!("the scheme must be http or https, not {scheme:?}"))?;
+        let default =
+            default_port(&scheme).ok_or_else(|| format!("the scheme must be http or https, not {scheme:?}"))?;
         if rest.contains(['/', '?', '#']) {
             return Err("an origin has no path, query or fragment".into());
         }
@@ -354,7 +353,9 @@ impl Policy {
                 .map(|o| {
                     Origin::parse_setting(o.trim()).map_err(|e| BadSetting {
                         key: keys.origins,
-                        problem: format!("{o:?} is not an origin: {e} (e.g. https://app.example.com or http://localhost:3000)"),
+                        problem: format!(
+                            "{o:?} is not an origin: {e} (e.g. https://app.example.com or http://localhost:3000)"
+                        ),
                     })
                 })
                 .collect::<Result<_, _>>()?,

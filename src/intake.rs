@@ -219,7 +219,7 @@ pub async fn handle(intake: Intake, req: IncomingRequest, peer: SocketAddr) -> R
                     status = refusal.status,
                     %peer,
                     left_out,
-                    "{} (one line a minute per reason; left_out counts the others since the last)",
+                    "{} (logged at most once a minute per reason; left_out: refusals since the last line)",
                     refusal.message
                 );
             }

@@ -97,14 +97,21 @@ fn ipv6_and_specific_and_wildcard_binds() {
     for host in ["[::1]:8081", "[0:0:0:0:0:0:0:1]", "127.0.0.1:8081", "localhost:8081"] {
         assert!(allowed_plain(&check(&v6, &with_host("GET", host))), "{host}");
     }
-    assert_eq!(refused(&check(&v6, &with_host("GET", "[::2]:8081"))), Some(Reason::Host));
+    assert_eq!(
+        refused(&check(&v6, &with_host("GET", "[::2]:8081"))),
+        Some(Reason::Host)
+    );
 
     let lan = policy("10.0.0.5".parse().unwrap(), &["relay.corp"], &[]);
     for host in ["10.0.0.5:8081", "localhost", "relay.corp"] {
         assert!(allowed_plain(&check(&lan, &with_host("GET", host))), "{host}");
     }
     for host in ["127.0.0.1", "10.0.0.6", "rebind.example"] {
-        assert_eq!(refused(&check(&lan, &with_host("GET", host))), Some(Reason::Host), "{host}");
+        assert_eq!(
+            refused(&check(&lan, &with_host("GET", host))),
+            Some(Reason::Host),
+            "{host}"
+        );
     }
     // An address configured as a name (a NAT in front of the listener).
     let natted = policy("10.0.0.5".parse().unwrap(), &["192.0.2.7", "[2001:db8::7]"], &[]);
@@ -116,10 +123,19 @@ fn ipv6_and_specific_and_wildcard_binds() {
     // container does not know), but names still only localhost and configured ones.
     for bound in ["0.0.0.0", "::"] {
         let any = policy(bound.parse().unwrap(), &["relay-agent"], &[]);
-        for host in ["172.17.0.2:8081", "[2001:db8::1]:8081", "127.0.0.1", "localhost", "relay-agent:8081"] {
+        for host in [
+            "172.17.0.2:8081",
+            "[2001:db8::1]:8081",
+            "127.0.0.1",
+            "localhost",
+            "relay-agent:8081",
+        ] {
             assert!(allowed_plain(&check(&any, &with_host("GET", host))), "{bound} {host}");
         }
-        assert_eq!(refused(&check(&any, &with_host("GET", "rebind.example"))), Some(Reason::Host));
+        assert_eq!(
+            refused(&check(&any, &with_host("GET", "rebind.example"))),
+            Some(Reason::Host)
+        );
     }
 }
 
@@ -130,7 +146,12 @@ fn the_refusal_names_the_setting_and_the_host() {
         panic!("not refused")
     };
     assert_eq!((r.status, r.code), (421, "unknown_host"));
-    for part in ["\"rebind.example:8080\"", "node.api_names", "RELAY_NODE__API_NAMES", "localhost"] {
+    for part in [
+        "\"rebind.example:8080\"",
+        "node.api_names",
+        "RELAY_NODE__API_NAMES",
+        "localhost",
+    ] {
         assert!(r.message.contains(part), "{part} in {}", r.message);
     }
     // Agent's keys.
@@ -204,7 +225,14 @@ fn every_origin_against_every_fetch_site_value() {
     let app = "https://app.example";
     let p = policy(V4, &["relay.internal"], &[app, "http://127.0.0.1:3000"]);
     let host = "127.0.0.1:8080";
-    let sites = [None, Some("same-origin"), Some("none"), Some("same-site"), Some("cross-site"), Some("weird")];
+    let sites = [
+        None,
+        Some("same-origin"),
+        Some("none"),
+        Some("same-site"),
+        Some("cross-site"),
+        Some("weird"),
+    ];
     // (origin, expected for an allowed Sec-Fetch-Site, whether it is an allowed origin)
     let origins: [(Option<&str>, Option<Reason>, bool); 11] = [
         (None, None, false),
@@ -230,7 +258,11 @@ fn every_origin_against_every_fetch_site_value() {
                 (None, false) if site_refuses => Some(Reason::FetchSite),
                 (None, false) => None,
             };
-            assert_eq!(refused(&v), expected, "Origin {origin:?}, Sec-Fetch-Site {site:?}: {v:?}");
+            assert_eq!(
+                refused(&v),
+                expected,
+                "Origin {origin:?}, Sec-Fetch-Site {site:?}: {v:?}"
+            );
             if is_allowed {
                 assert_eq!(
                     v,
@@ -292,7 +324,12 @@ fn the_host_check_comes_before_origins_even_allowed_ones() {
     let p = policy(V4, &[], &["https://app.example"]);
     let v = check(
         &p,
-        &browser("POST", "rebind.example", Some("https://app.example"), Some("cross-site")),
+        &browser(
+            "POST",
+            "rebind.example",
+            Some("https://app.example"),
+            Some("cross-site"),
+        ),
     );
     assert_eq!(refused(&v), Some(Reason::Host));
     let v = check(&p, &browser("POST", "rebind.example", Some("null"), None));
@@ -360,7 +397,9 @@ fn preflights_of_allowed_origins_are_answered() {
     // Actual answers carry the origin and the readable headers.
     let h = cors_headers("https://app.example");
     assert!(h.contains(&("access-control-allow-origin", "https://app.example".into())));
-    assert!(h.iter().any(|(k, v)| *k == "access-control-expose-headers" && v.contains("Retry-After")));
+    assert!(h
+        .iter()
+        .any(|(k, v)| *k == "access-control-expose-headers" && v.contains("Retry-After")));
 }
 
 #[test]
@@ -393,7 +432,11 @@ fn configured_origins_and_names_are_checked() {
     }
     let e = Policy::new(V4, &[], &["https://app.example/path".into()], Keys::NODE_API).unwrap_err();
     assert_eq!(e.key, "node.api_allowed_origins");
-    assert!(e.to_string().starts_with("node.api_allowed_origins: \"https://app.example/path\""), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("node.api_allowed_origins: \"https://app.example/path\""),
+        "{e}"
+    );
     let e = Policy::new(V4, &[], &["x".into()], Keys::AGENT_INTAKE).unwrap_err();
     assert_eq!(e.key, "agent.intake_allowed_origins");
     for bad in ["relay.corp:8080", "http://relay.corp", "*.corp", "", "a b"] {
@@ -405,7 +448,10 @@ fn configured_origins_and_names_are_checked() {
         Origin::parse("HTTPS://App.Example:443").unwrap().to_string(),
         "https://app.example"
     );
-    assert_eq!(env_var("agent.intake_allowed_origins"), "RELAY_AGENT__INTAKE_ALLOWED_ORIGINS");
+    assert_eq!(
+        env_var("agent.intake_allowed_origins"),
+        "RELAY_AGENT__INTAKE_ALLOWED_ORIGINS"
+    );
 }
 
 #[test]
