@@ -25,12 +25,20 @@ use tokio_util::sync::CancellationToken;
 /// Makes a missing browser a failure instead of a skip.
 const REQUIRE: &str = "REQUIRE_CHROMIUM";
 
-/// The first of `candidates` that exists, after the variable `var` when it is set.
+/// The variable `var` when it is set; else the first of `candidates` that exists, a path or
+/// a name looked up on `PATH`.
 fn locate(var: &str, candidates: &[&str]) -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(var) {
         return Some(PathBuf::from(path)).filter(|p| p.exists());
     }
-    candidates.iter().map(PathBuf::from).find(|p| p.exists())
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    candidates.iter().find_map(|c| {
+        if c.contains('/') {
+            Some(PathBuf::from(c)).filter(|p| p.exists())
+        } else {
+            std::env::split_paths(&path).map(|dir| dir.join(c)).find(|p| p.exists())
+        }
+    })
 }
 
 /// (chromium, chromedriver), or `None` after a loud line when missing and not required.
@@ -44,10 +52,7 @@ fn browser_bins(test: &str) -> Option<(PathBuf, PathBuf)> {
             "/usr/bin/chromium-browser",
         ],
     );
-    let driver = locate(
-        "CHROMEDRIVER",
-        &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"],
-    );
+    let driver = locate("CHROMEDRIVER", &["chromedriver", "/usr/lib/chromium/chromedriver"]);
     match (chromium, driver) {
         (Some(c), Some(d)) => Some((c, d)),
         _ => {
