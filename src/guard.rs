@@ -1,7 +1,7 @@
 //! The local listeners' guard against browsers: a pure decision, from a request's `Host`,
 //! `Origin` and `Sec-Fetch-Site` and one listener's policy, to pass it on, refuse it, or
-//! answer a CORS preflight. It imports nothing of relay, so configuration checks and the
-//! HTTP glue of either side can both use it.
+//! answer a CORS preflight. It imports only error codes (from the foundation's `protocol`),
+//! so configuration checks and the HTTP glue of either side can both use it.
 //!
 //! Why: a browser on the operator's machine is a local program that runs other people's
 //! pages. Any page can make it send a "simple" cross-site POST to a loopback address, and a
@@ -21,6 +21,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::protocol::codes;
+
 /// Headers a trusted web application may send (CORS `Access-Control-Allow-Headers`).
 pub const ALLOWED_HEADERS: &str = "Content-Type, Idempotency-Key, Authorization";
 /// Methods the local API answers (CORS `Access-Control-Allow-Methods`).
@@ -33,13 +35,6 @@ pub const PREFLIGHT_MAX_AGE: u32 = 600;
 pub const LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How much of a refused header value an error message or a log line repeats.
 const ECHO_MAX: usize = 100;
-
-/// Error code of a `421`: the listener does not answer to the host named.
-pub const CODE_UNKNOWN_HOST: &str = "unknown_host";
-/// Error code of a `403`: a request a browser sent on behalf of another site.
-pub const CODE_CROSS_SITE: &str = "cross_site";
-/// Error code of a `400` for a request without any host (as elsewhere on the API).
-pub const CODE_BAD_REQUEST: &str = "bad_request";
 
 /// Why a request was refused; the label of the refusal counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -411,7 +406,7 @@ impl Policy {
         Refusal {
             reason: Reason::Host,
             status: 421,
-            code: CODE_UNKNOWN_HOST,
+            code: codes::UNKNOWN_HOST,
             message: format!(
                 "this listener does not answer to the host {shown:?} (it answers to {}, on any port); \
                  if clients reach it by that name, add the name to {} ({})",
@@ -477,7 +472,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
         return Verdict::Refuse(Refusal {
             reason: Reason::NoHost,
             status: 400,
-            code: CODE_BAD_REQUEST,
+            code: codes::BAD_REQUEST,
             message: "the request names no host: HTTP/1.1 requires a Host header".into(),
         });
     }
@@ -489,7 +484,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
             return Verdict::Refuse(Refusal {
                 reason: Reason::CrossOrigin,
                 status: 403,
-                code: CODE_CROSS_SITE,
+                code: codes::CROSS_SITE,
                 message: format!("refused: more than one Origin header; {}", policy.allow_hint()),
             })
         }
@@ -497,7 +492,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
             return Verdict::Refuse(Refusal {
                 reason: Reason::OriginNull,
                 status: 403,
-                code: CODE_CROSS_SITE,
+                code: codes::CROSS_SITE,
                 message: format!(
                     "refused a request from a browser page without an origin (Origin: null: a sandboxed frame, \
                      a local file or a redirect from another site); this API answers pages of its own origin only; {}",
@@ -529,7 +524,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
                 return Verdict::Refuse(Refusal {
                     reason: Reason::CrossOrigin,
                     status: 403,
-                    code: CODE_CROSS_SITE,
+                    code: codes::CROSS_SITE,
                     message: format!(
                         "refused a request from a browser page at {:?}, another origin than this listener's ({own}); {}",
                         shown(bytes),
@@ -558,7 +553,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
             return Verdict::Refuse(Refusal {
                 reason: Reason::FetchSite,
                 status: 403,
-                code: CODE_CROSS_SITE,
+                code: codes::CROSS_SITE,
                 message: format!("refused a request the browser marks {what}; {}", policy.allow_hint()),
             });
         }
@@ -566,7 +561,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
             return Verdict::Refuse(Refusal {
                 reason: Reason::FetchSite,
                 status: 403,
-                code: CODE_CROSS_SITE,
+                code: codes::CROSS_SITE,
                 message: format!("refused: more than one Sec-Fetch-Site header; {}", policy.allow_hint()),
             })
         }
