@@ -150,6 +150,14 @@ pub struct NodeSettings {
     /// Bearer token for the local API (required when it listens beyond loopback).
     #[serde(default)]
     pub api_token: Option<Secret>,
+    /// Host names the local API answers to besides its address and `localhost`: the names
+    /// clients reach it by. Any other `Host` is refused (DNS rebinding).
+    #[serde(default, deserialize_with = "list")]
+    pub api_names: Vec<String>,
+    /// Origins (`scheme://host[:port]`) of web applications allowed to call the local API
+    /// from a browser, with CORS; other pages' requests are refused.
+    #[serde(default, deserialize_with = "list")]
+    pub api_allowed_origins: Vec<String>,
     /// Most simultaneous authenticated agent connections (parked polls included); no
     /// unauthenticated connection takes one of these.
     #[serde(default = "default_max_connections")]
@@ -190,6 +198,12 @@ pub struct AgentSettings {
     /// Bearer token for the intake API (required when it listens beyond loopback).
     #[serde(default)]
     pub api_token: Option<Secret>,
+    /// Host names the intake answers to besides its address and `localhost`.
+    #[serde(default, deserialize_with = "list")]
+    pub intake_names: Vec<String>,
+    /// Origins of web applications allowed to call the intake from a browser, with CORS.
+    #[serde(default, deserialize_with = "list")]
+    pub intake_allowed_origins: Vec<String>,
     /// Long-poll wait asked of the node; keep below proxies' idle timeouts.
     #[serde(default = "default_poll_wait", with = "humantime_serde")]
     pub poll_wait: Duration,
@@ -300,6 +314,33 @@ pub enum WebhookTrust {
     Ca,
 }
 
+/// A list setting: a TOML array of strings, or one string of entries separated by commas or
+/// spaces (how an environment variable carries a list; the `config` crate would split only
+/// with `try_parsing`, which mangles other strings).
+fn list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct List;
+    impl<'de> serde::de::Visitor<'de> for List {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of strings, or one string of entries separated by commas")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(v.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(entry) = seq.next_element::<String>()? {
+                out.push(entry);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_any(List)
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/relay")
 }
@@ -382,6 +423,8 @@ impl Default for NodeSettings {
             invitation_ttl: default_invitation_ttl(),
             deliver_to: None,
             api_token: None,
+            api_names: Vec::new(),
+            api_allowed_origins: Vec::new(),
             max_connections: default_max_connections(),
             max_unauthenticated_connections: default_max_unauthenticated_connections(),
             max_unauthenticated_per_peer: default_max_unauthenticated_per_peer(),
@@ -399,6 +442,8 @@ impl Default for AgentSettings {
             instance_name: None,
             deliver_to: None,
             api_token: None,
+            intake_names: Vec::new(),
+            intake_allowed_origins: Vec::new(),
             poll_wait: default_poll_wait(),
             request_timeout: default_request_timeout(),
             proxy: None,
@@ -883,6 +928,27 @@ impl Settings {
                 "required when agent.intake_listen is not a loopback address",
             );
         }
+        for (bound, names, origins, keys) in [
+            (
+                self.node.api_listen.ip(),
+                &self.node.api_names,
+                &self.node.api_allowed_origins,
+                crate::guard::Keys::NODE_API,
+            ),
+            (
+                self.agent.intake_listen.ip(),
+                &self.agent.intake_names,
+                &self.agent.intake_allowed_origins,
+                crate::guard::Keys::AGENT_INTAKE,
+            ),
+        ] {
+            if let Err(e) = crate::guard::Policy::new(bound, names, origins, keys) {
+                return Err(ConfigError::Invalid {
+                    key: e.key,
+                    problem: e.problem,
+                });
+            }
+        }
         if let Some(proxy) = &self.agent.proxy {
             if let Err(problem) = crate::http::check_proxy_url(proxy.expose()) {
                 return invalid("agent.proxy", &problem);
@@ -1122,6 +1188,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("poll_wait"), "{err}");
+    }
+
+    #[test]
+    fn local_listener_names_and_origins_are_lists_from_a_file_or_a_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "[node]\napi_names = [\"relay.corp\", \"relay-node\"]\napi_allowed_origins = [\"https://app.example\"]\n",
+        )
+        .unwrap();
+        let s = load(Some(&file), env(&[]), &[]).unwrap();
+        assert_eq!(s.node.api_names, ["relay.corp", "relay-node"]);
+        assert_eq!(s.node.api_allowed_origins, ["https://app.example"]);
+        assert!(s.agent.intake_names.is_empty() && s.agent.intake_allowed_origins.is_empty());
+        let s = load(
+            Some(&file),
+            env(&[
+                ("RELAY_NODE__API_NAMES", "a.example,b.example c.example"),
+                ("RELAY_AGENT__INTAKE_ALLOWED_ORIGINS", "http://localhost:3000"),
+                ("RELAY_AGENT__INTAKE_NAMES", ""),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.node.api_names, ["a.example", "b.example", "c.example"]);
+        assert_eq!(s.agent.intake_allowed_origins, ["http://localhost:3000"]);
+        assert!(s.agent.intake_names.is_empty());
+
+        std::fs::write(&file, "[agent]\nintake_allowed_origins = [\"app.example\"]\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("key `agent.intake_allowed_origins`") && err.contains("\"app.example\" is not an origin"),
+            "{err}"
+        );
+        std::fs::write(&file, "[node]\napi_names = \"http://relay.corp\"\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("key `node.api_names`"), "{err}");
+        std::fs::write(&file, "[node]\napi_names = true\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("api_names"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 pub use hyper::header::HeaderValue;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
-pub use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+pub use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;

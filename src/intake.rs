@@ -1,14 +1,16 @@
 //! The local HTTP API on both sides: `POST /v1/connections/{name}/messages` queues a payload
 //! durably; `POST /v1/hooks/azure-devops` wakes the sync poller; `/healthz`, `/readyz` and
-//! `/metrics` report on the process.
+//! `/metrics` report on the process. Every request passes the [`crate::guard`] first.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
-use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
+use crate::guard;
+use crate::http::{self, Body, HeaderMap, HeaderValue, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::codes;
 use crate::queue::{NewMessage, Queue, QueueError, Store};
 
@@ -52,17 +54,40 @@ pub struct Intake {
     pub max_payload: usize,
     /// Bearer token required on the message endpoint, when set.
     pub token: Option<Secret>,
+    /// What the listener accepts from browsers, and its refusals so far.
+    pub gate: Arc<Gate>,
     /// Trips when the process shuts down.
     pub shutdown: CancellationToken,
 }
 
+/// One listener's guard: its policy and the tally of what it refused.
+#[derive(Debug)]
+pub struct Gate {
+    /// The policy.
+    pub policy: guard::Policy,
+    /// Refusals by reason, and when each was last logged.
+    pub tally: guard::Tally,
+}
+
+impl Gate {
+    /// A gate with `policy` and nothing refused yet.
+    pub fn new(policy: guard::Policy) -> Gate {
+        Gate {
+            policy,
+            tally: guard::Tally::default(),
+        }
+    }
+}
+
 impl Intake {
-    /// The intake of `target`, with the limits and token of `settings`.
+    /// The intake of `target`, with the limits of `settings`, the token and the guard's
+    /// policy of its listener.
     pub fn new(
         target: Arc<dyn IntakeTarget>,
         store: Store,
         settings: &crate::config::Settings,
         api_token: Option<Secret>,
+        policy: guard::Policy,
         shutdown: CancellationToken,
     ) -> Intake {
         Intake {
@@ -70,6 +95,7 @@ impl Intake {
             target,
             max_payload: settings.queue.max_payload_bytes as usize,
             token: api_token,
+            gate: Arc::new(Gate::new(policy)),
             shutdown,
         }
     }
@@ -91,7 +117,7 @@ impl Intake {
                 max_connections: 1024,
                 name,
             },
-            move |req, _peer| handle(self.clone(), req),
+            move |req, peer| handle(self.clone(), req, peer),
             token.clone(),
         ));
         tracker.spawn(store.prune_idempotency_keys(idempotency_ttl, token));
@@ -137,8 +163,100 @@ fn ascii_header(req: &IncomingRequest, name: &str, valid: fn(&str) -> bool) -> R
     }
 }
 
-/// Handles one request on the local API.
-pub async fn handle(intake: Intake, req: IncomingRequest) -> Response<Body> {
+/// One header as the guard reads it: absent, once, or repeated.
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> guard::Header<'a> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => guard::Header::Absent,
+        (Some(v), None) => guard::Header::One(v.as_bytes()),
+        (Some(_), Some(_)) => guard::Header::Repeated,
+    }
+}
+
+/// What the guard reads from `req`.
+fn guard_facts(req: &IncomingRequest) -> guard::Request<'_> {
+    let headers = req.headers();
+    guard::Request {
+        method: req.method().as_str(),
+        before_http11: req.version() < http::Version::HTTP_11,
+        authority: req.uri().authority().map(|a| a.as_str()),
+        host: header(headers, "host"),
+        origin: header(headers, "origin"),
+        fetch_site: header(headers, "sec-fetch-site"),
+        preflight_method: header(headers, "access-control-request-method"),
+        private_network: headers
+            .get("access-control-request-private-network")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
+    }
+}
+
+/// Adds `headers` (lower-case constant names) to `resp`; a value that is no header value
+/// (it came from a request header, so never) is left out.
+fn add_headers(resp: &mut Response<Body>, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            resp.headers_mut().append(name, value);
+        }
+    }
+}
+
+/// Handles one request on the local API: the guard first, then the route.
+pub async fn handle(intake: Intake, req: IncomingRequest, peer: SocketAddr) -> Response<Body> {
+    let gate = intake.gate.clone();
+    let cors = match guard::check(&gate.policy, &guard_facts(&req)) {
+        guard::Verdict::Allow { cors } => cors,
+        guard::Verdict::Preflight(headers) => {
+            let mut resp = Response::new(Body::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            add_headers(&mut resp, headers);
+            return resp;
+        }
+        guard::Verdict::Refuse(refusal) => {
+            if let Some(left_out) = gate.tally.record(refusal.reason, std::time::Instant::now()) {
+                tracing::warn!(
+                    listener = gate.policy.keys().listener,
+                    reason = refusal.reason.as_str(),
+                    status = refusal.status,
+                    %peer,
+                    left_out,
+                    "{} (logged at most once a minute per reason; left_out: refusals since the last line)",
+                    refusal.message
+                );
+            }
+            let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+            return http::error(status, refusal.code, refusal.message);
+        }
+    };
+    let mut resp = route(intake, req).await;
+    if let Some(origin) = cors {
+        add_headers(&mut resp, guard::cors_headers(&origin));
+    }
+    if gate.policy.has_allowed_origins() {
+        // Answers differ by Origin once some origin gets CORS headers: caches must know.
+        resp.headers_mut().append("vary", HeaderValue::from_static("Origin"));
+    }
+    resp
+}
+
+/// The `/metrics` answer: the side's figures, then the guard's refusals.
+fn metrics(intake: &Intake) -> String {
+    let counts: Vec<(&'static str, u64)> = intake
+        .gate
+        .tally
+        .counts()
+        .into_iter()
+        .map(|(reason, n)| (reason.as_str(), n))
+        .collect();
+    let mut text = intake.target.metrics();
+    text.push_str(&crate::metrics::render_refusals(
+        intake.gate.policy.keys().listener,
+        &counts,
+    ));
+    text
+}
+
+/// Routes a request the guard let through.
+async fn route(intake: Intake, req: IncomingRequest) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
@@ -150,7 +268,7 @@ pub async fn handle(intake: Intake, req: IncomingRequest) -> Response<Body> {
         (&Method::GET, ["metrics"]) => http::bytes(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            intake.target.metrics(),
+            metrics(&intake),
         ),
         (&Method::POST, ["v1", "connections", name, "messages"]) => {
             let name = (*name).to_owned();

@@ -14,6 +14,8 @@
 //! - [`tls`]: server identity, the pinned client verifier, webhook trust, certificate facts.
 //! - [`queue`]: durable FIFO queues and record tables over sled, with group commit.
 //! - [`http`]: the bounded server loop and the client with deadlines.
+//! - [`guard`]: what the local listeners accept from browsers (`Host`, `Origin`,
+//!   `Sec-Fetch-Site`, CORS for allowed origins), a pure decision.
 //! - [`intake`]: the local API (`POST /v1/connections/{name}/messages`, health, metrics).
 //! - [`deliver`]: the webhook worker (retry, dead letters).
 //! - [`node`]: registry, agent-facing API and delivery on the public side.
@@ -42,6 +44,7 @@ pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod fsutil;
+pub mod guard;
 pub mod http;
 pub mod intake;
 pub mod invite;

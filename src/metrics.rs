@@ -220,6 +220,44 @@ pub fn render(
     out
 }
 
+/// A local listener's refusals of what browsers sent, by reason.
+#[derive(Debug)]
+struct Refusals {
+    listener: &'static str,
+    counts: Vec<(&'static str, u64)>,
+}
+
+impl Collector for Refusals {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "relay_local_refusals",
+            "Requests a local listener refused: a host it does not answer to, or a browser request from another site.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in &self.counts {
+            let labels = [("listener", self.listener), ("reason", *reason)];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Renders the refusal counts (`reason` label, count) of the local `listener` ("api" or
+/// "intake"), to follow [`render`] in the same scrape.
+pub fn render_refusals(listener: &'static str, counts: &[(&'static str, u64)]) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Refusals {
+        listener,
+        counts: counts.to_vec(),
+    }));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +327,18 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(!text.contains("# EOF"), "the classic text format, not OpenMetrics");
+    }
+
+    #[test]
+    fn refusals_by_reason() {
+        let text = render_refusals("intake", &[("host", 3), ("cross_origin", 0)]);
+        for line in [
+            "# TYPE relay_local_refusals_total counter\n",
+            "relay_local_refusals_total{listener=\"intake\",reason=\"host\"} 3\n",
+            "relay_local_refusals_total{listener=\"intake\",reason=\"cross_origin\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -235,6 +235,10 @@ pub mod codes {
     pub const CONNECTION_STATE: &str = "connection_state";
     /// Shutting down.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// A local listener does not answer to the host the request names (421).
+    pub const UNKNOWN_HOST: &str = "unknown_host";
+    /// A local listener refused what a browser sent on behalf of another site (403).
+    pub const CROSS_SITE: &str = "cross_site";
     /// A push reuses sequence numbers the node already holds for other messages (an agent data
     /// directory restored from a backup or copied): nothing was stored, and the agent must not
     /// remove anything.

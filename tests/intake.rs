@@ -176,7 +176,7 @@ async fn header_bytes_beyond_ascii_are_refused_naming_the_header() {
         .unwrap();
     initiate(&node.side, "conn").await;
     let api = format!("http://{}", node.info.api.clone().unwrap());
-    let start = b"POST /v1/connections/conn/messages HTTP/1.1\r\nHost: relay\r\n".to_vec();
+    let start = b"POST /v1/connections/conn/messages HTTP/1.1\r\nHost: localhost\r\n".to_vec();
 
     // A key with a byte >= 0x80, twice: once it was taken for "no key" and queued twice.
     let mut head = start.clone();

@@ -614,6 +614,17 @@ impl Agent {
     /// Runs every accepted connection and the intake API on `intake_listener` until `token`
     /// is cancelled. Returns `Err(Revoked)` when revocations leave no connection running.
     pub async fn run(&self, intake_listener: TcpListener, token: CancellationToken) -> OpResult<()> {
+        // Before anything starts: a bad name or origin stops the daemon with nothing to undo.
+        let intake_addr = intake_listener
+            .local_addr()
+            .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+        let policy = crate::guard::Policy::new(
+            intake_addr.ip(),
+            &self.inner.settings.agent.intake_names,
+            &self.inner.settings.agent.intake_allowed_origins,
+            crate::guard::Keys::AGENT_INTAKE,
+        )
+        .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let tracker = TaskTracker::new();
         let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
@@ -646,6 +657,7 @@ impl Agent {
             self.inner.store.clone(),
             &self.inner.settings,
             self.inner.settings.agent.api_token.clone(),
+            policy,
             token.clone(),
         )
         .spawn(

@@ -305,6 +305,17 @@ impl Node {
         tls: Arc<rustls::ServerConfig>,
         token: CancellationToken,
     ) -> OpResult<()> {
+        // Before anything starts: a bad name or origin stops the daemon with nothing to undo.
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
+        let policy = crate::guard::Policy::new(
+            api_addr.ip(),
+            &self.inner.settings.node.api_names,
+            &self.inner.settings.node.api_allowed_origins,
+            crate::guard::Keys::NODE_API,
+        )
+        .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let tracker = TaskTracker::new();
         let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
@@ -343,6 +354,7 @@ impl Node {
             self.inner.store.clone(),
             &self.inner.settings,
             self.inner.settings.node.api_token.clone(),
+            policy,
             token.clone(),
         )
         .spawn(&tracker, api_listener, "api", self.inner.settings.queue.idempotency_ttl);
