@@ -12,13 +12,6 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// mimalloc rather than glibc's malloc: glibc gives each busy thread an arena of its own and
-/// keeps what they free, so an agent that drained a large backlog stayed at several times its
-/// idle size unless `MALLOC_ARENA_MAX` was set around it. mimalloc returns freed pages to the
-/// system on its own, in any environment.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The log filter from `RELAY_LOG`, or `default`; a value that is no filter is said on stderr
 /// (logging is not up yet) rather than dropped without a word.
 fn log_filter(value: Option<std::ffi::OsString>, default: &str) -> tracing_subscriber::EnvFilter {
