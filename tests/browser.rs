@@ -16,7 +16,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use common::{connect, in_process, wait_for, DEADLINE};
+use common::{connect, in_process, skip_unless_required, wait_for, DEADLINE};
 use relay::http::{Method, StatusCode};
 use relay::sink::Sink;
 use serde_json::{json, Value};
@@ -56,16 +56,10 @@ fn browser_bins(test: &str) -> Option<(PathBuf, PathBuf)> {
     match (chromium, driver) {
         (Some(c), Some(d)) => Some((c, d)),
         _ => {
-            let required = std::env::var_os(REQUIRE).is_some_and(|v| !v.is_empty() && v != "0");
-            assert!(
-                !required,
-                "{test}: Chromium or chromedriver is not installed and {REQUIRE} is set: apt-get install chromium chromium-driver"
-            );
-            // Straight to stderr: the harness captures `eprintln!` and would hide the skip.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: Chromium and chromedriver are not installed (apt-get install chromium chromium-driver, or CHROMIUM=PATH and CHROMEDRIVER=PATH); set {REQUIRE}=1 to make this a failure, as .ci/run does"
+            skip_unless_required(
+                test,
+                REQUIRE,
+                "Chromium and chromedriver are not installed (apt-get install chromium chromium-driver, or CHROMIUM=PATH and CHROMEDRIVER=PATH)",
             );
             None
         }

@@ -45,11 +45,11 @@ fn strace_usable(test: &str) -> bool {
     if works {
         return true;
     }
-    let why = "strace is not installed or cannot trace here (apt-get install strace)";
-    if std::env::var(REQUIRE).is_ok_and(|v| v == "1") {
-        panic!("{test}: {why}, and {REQUIRE}=1");
-    }
-    eprintln!("SKIPPED {test}: {why}; set {REQUIRE}=1 to make this a failure, as .ci/run does");
+    skip_unless_required(
+        test,
+        REQUIRE,
+        "strace is not installed or cannot trace here (apt-get install strace)",
+    );
     false
 }
 

@@ -23,6 +23,21 @@ pub const FAST: &[(&str, &str)] = &[
     ("RELAY_AGENT__REQUEST_TIMEOUT", "10s"),
 ];
 
+/// A test that needs a program from Debian's packages and did not find it: a failure when
+/// the variable `require` is set (as `.ci/run` sets it), otherwise `SKIPPED {test}: {why}` on
+/// stderr and the test passes.
+pub fn skip_unless_required(test: &str, require: &str, why: &str) {
+    let required = std::env::var_os(require).is_some_and(|v| !v.is_empty() && v != "0");
+    assert!(!required, "{test}: {why}, and {require} is set");
+    // Straight to stderr, not `eprintln!`: the harness captures that and would hide the skip
+    // from a passing run.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {why}; set {require}=1 to make this a failure, as .ci/run does"
+    );
+}
+
 /// Path of the built binary.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_relay")
