@@ -865,6 +865,26 @@ mod keys {
 }
 
 impl Settings {
+    /// The guard's policy of the node's local API, bound to `bound`.
+    pub fn api_policy(&self, bound: std::net::IpAddr) -> Result<crate::guard::Policy, crate::guard::BadSetting> {
+        crate::guard::Policy::new(
+            bound,
+            &self.node.api_names,
+            &self.node.api_allowed_origins,
+            crate::guard::Keys::NODE_API,
+        )
+    }
+
+    /// The guard's policy of the agent's intake, bound to `bound`.
+    pub fn intake_policy(&self, bound: std::net::IpAddr) -> Result<crate::guard::Policy, crate::guard::BadSetting> {
+        crate::guard::Policy::new(
+            bound,
+            &self.agent.intake_names,
+            &self.agent.intake_allowed_origins,
+            crate::guard::Keys::AGENT_INTAKE,
+        )
+    }
+
     /// Checks ranges and combinations serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, problem: &str| {
@@ -928,21 +948,11 @@ impl Settings {
                 "required when agent.intake_listen is not a loopback address",
             );
         }
-        for (bound, names, origins, keys) in [
-            (
-                self.node.api_listen.ip(),
-                &self.node.api_names,
-                &self.node.api_allowed_origins,
-                crate::guard::Keys::NODE_API,
-            ),
-            (
-                self.agent.intake_listen.ip(),
-                &self.agent.intake_names,
-                &self.agent.intake_allowed_origins,
-                crate::guard::Keys::AGENT_INTAKE,
-            ),
+        for policy in [
+            self.api_policy(self.node.api_listen.ip()),
+            self.intake_policy(self.agent.intake_listen.ip()),
         ] {
-            if let Err(e) = crate::guard::Policy::new(bound, names, origins, keys) {
+            if let Err(e) = policy {
                 return Err(ConfigError::Invalid {
                     key: e.key,
                     problem: e.problem,

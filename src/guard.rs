@@ -439,6 +439,16 @@ fn parse_name(text: &str) -> Result<Host, String> {
     }
 }
 
+/// A refusal of what a browser sent on behalf of another site: `403 cross_site`.
+fn cross_site(reason: Reason, message: String) -> Verdict {
+    Verdict::Refuse(Refusal {
+        reason,
+        status: 403,
+        code: codes::CROSS_SITE,
+        message,
+    })
+}
+
 /// A header value as text for messages: cut, and printable.
 fn shown(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
@@ -481,24 +491,20 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
     match req.origin {
         Header::Absent => {}
         Header::Repeated => {
-            return Verdict::Refuse(Refusal {
-                reason: Reason::CrossOrigin,
-                status: 403,
-                code: codes::CROSS_SITE,
-                message: format!("refused: more than one Origin header; {}", policy.allow_hint()),
-            })
+            return cross_site(
+                Reason::CrossOrigin,
+                format!("refused: more than one Origin header; {}", policy.allow_hint()),
+            )
         }
         Header::One(bytes) if bytes == b"null" => {
-            return Verdict::Refuse(Refusal {
-                reason: Reason::OriginNull,
-                status: 403,
-                code: codes::CROSS_SITE,
-                message: format!(
+            return cross_site(
+                Reason::OriginNull,
+                format!(
                     "refused a request from a browser page without an origin (Origin: null: a sandboxed frame, \
                      a local file or a redirect from another site); this API answers pages of its own origin only; {}",
                     policy.allow_hint()
                 ),
-            })
+            )
         }
         Header::One(bytes) => {
             let sent = std::str::from_utf8(bytes).ok();
@@ -521,16 +527,14 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
             let same_origin = origin.is_some() && own.is_some() && origin == own;
             if !same_origin {
                 let own = own.map_or_else(|| "unknown".to_owned(), |o| o.to_string());
-                return Verdict::Refuse(Refusal {
-                    reason: Reason::CrossOrigin,
-                    status: 403,
-                    code: codes::CROSS_SITE,
-                    message: format!(
+                return cross_site(
+                    Reason::CrossOrigin,
+                    format!(
                         "refused a request from a browser page at {:?}, another origin than this listener's ({own}); {}",
                         shown(bytes),
                         policy.allow_hint()
                     ),
-                });
+                );
             }
         }
     }
@@ -550,20 +554,16 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Verdict {
                     shown(bytes)
                 ),
             };
-            return Verdict::Refuse(Refusal {
-                reason: Reason::FetchSite,
-                status: 403,
-                code: codes::CROSS_SITE,
-                message: format!("refused a request the browser marks {what}; {}", policy.allow_hint()),
-            });
+            return cross_site(
+                Reason::FetchSite,
+                format!("refused a request the browser marks {what}; {}", policy.allow_hint()),
+            );
         }
         Header::Repeated => {
-            return Verdict::Refuse(Refusal {
-                reason: Reason::FetchSite,
-                status: 403,
-                code: codes::CROSS_SITE,
-                message: format!("refused: more than one Sec-Fetch-Site header; {}", policy.allow_hint()),
-            })
+            return cross_site(
+                Reason::FetchSite,
+                format!("refused: more than one Sec-Fetch-Site header; {}", policy.allow_hint()),
+            )
         }
     }
     Verdict::Allow { cors: None }

@@ -204,13 +204,18 @@ pub fn render(
     healths: &[Option<Arc<Health>>],
     store: StoreFigures,
 ) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Scrape {
+    encode(Box::new(Scrape {
         role,
         statuses: statuses.to_vec(),
         healths: healths.to_vec(),
         store,
-    }));
+    }))
+}
+
+/// One collector's series in the Prometheus text format.
+fn encode(collector: Box<dyn Collector>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(collector);
     let mut out = String::new();
     // Writing into a String cannot fail; an encoder error would leave a partial scrape,
     // which Prometheus refuses as a whole, so it is not hidden either.
@@ -246,16 +251,10 @@ impl Collector for Refusals {
 /// Renders the refusal counts (`reason` label, count) of the local `listener` ("api" or
 /// "intake"), to follow [`render`] in the same scrape.
 pub fn render_refusals(listener: &'static str, counts: &[(&'static str, u64)]) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Refusals {
+    encode(Box::new(Refusals {
         listener,
         counts: counts.to_vec(),
-    }));
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
-        tracing::warn!(error = %e, "cannot encode metrics");
-    }
-    out
+    }))
 }
 
 #[cfg(test)]

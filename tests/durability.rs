@@ -449,7 +449,7 @@ async fn no_answer_leaves_before_a_sync_of_what_it_acknowledges() {
         push_all(&listen, pin, credential.trim()),
     );
     let metrics = |api: String| async move {
-        let text = reqwest_metrics(&api).await;
+        let (_, text) = get(&api, "/metrics").await;
         text.lines()
             .find_map(|l| l.strip_prefix("relay_store_syncs_total ")?.trim().parse::<u64>().ok())
             .expect("relay_store_syncs_total in /metrics")
@@ -481,15 +481,4 @@ async fn no_answer_leaves_before_a_sync_of_what_it_acknowledges() {
         );
         assert!(metric > 0 && log_syncs > 0, "{side}: the store's syncs are counted");
     }
-}
-
-/// `GET {api}/metrics` as text.
-async fn reqwest_metrics(api: &str) -> String {
-    let http = client();
-    let req = relay::http::request(relay::http::Method::GET, &format!("{api}/metrics"), &[], Vec::new()).unwrap();
-    let reply = http
-        .send(req, std::time::Duration::from_secs(30), 1 << 20)
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&reply.body).into_owned()
 }

@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{client, post};
+use common::{client, get, post};
 use relay::config::{Secret, Settings};
 use relay::node::InitiateRequest;
 use tokio_util::sync::CancellationToken;
@@ -37,12 +37,6 @@ async fn initiate(node: &relay::node::Node, name: &str) {
     })
     .await
     .unwrap();
-}
-
-async fn get(api: &str, path: &str) -> (u16, String) {
-    let req = relay::http::request(relay::http::Method::GET, &format!("{api}{path}"), &[], Vec::new()).unwrap();
-    let r = client().send(req, Duration::from_secs(10), 1 << 20).await.unwrap();
-    (r.status.as_u16(), String::from_utf8_lossy(&r.body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -618,13 +618,11 @@ impl Agent {
         let intake_addr = intake_listener
             .local_addr()
             .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
-        let policy = crate::guard::Policy::new(
-            intake_addr.ip(),
-            &self.inner.settings.agent.intake_names,
-            &self.inner.settings.agent.intake_allowed_origins,
-            crate::guard::Keys::AGENT_INTAKE,
-        )
-        .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let policy = self
+            .inner
+            .settings
+            .intake_policy(intake_addr.ip())
+            .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let tracker = TaskTracker::new();
         let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;

@@ -309,13 +309,11 @@ impl Node {
         let api_addr = api_listener
             .local_addr()
             .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
-        let policy = crate::guard::Policy::new(
-            api_addr.ip(),
-            &self.inner.settings.node.api_names,
-            &self.inner.settings.node.api_allowed_origins,
-            crate::guard::Keys::NODE_API,
-        )
-        .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let policy = self
+            .inner
+            .settings
+            .api_policy(api_addr.ip())
+            .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let tracker = TaskTracker::new();
         let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;

@@ -405,6 +405,13 @@ pub async fn post(
     Ok((reply.status.as_u16(), json))
 }
 
+/// `GET {api}{path}` on a local API; returns (status, body as text).
+pub async fn get(api: &str, path: &str) -> (u16, String) {
+    let req = relay::http::request(relay::http::Method::GET, &format!("{api}{path}"), &[], Vec::new()).unwrap();
+    let r = client().send(req, Duration::from_secs(10), 1 << 20).await.unwrap();
+    (r.status.as_u16(), String::from_utf8_lossy(&r.body).into_owned())
+}
+
 /// Drains a sink into a shared list.
 pub fn collect(mut sink: relay::sink::Sink) -> std::sync::Arc<std::sync::Mutex<Vec<relay::sink::Received>>> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
