@@ -454,7 +454,8 @@ impl SimHandle {
         )
     }
 
-    /// Requests per endpoint (`workitems.get`, `reporting.revisions`, `fault.429`, …).
+    /// Requests per endpoint (`workitems.get`, `reporting.revisions`, `fault.429`, …), and
+    /// events (`reporting.revisions.seen`: a feed page that held revisions).
     pub fn counters(&self) -> BTreeMap<String, u64> {
         lock(&self.shared.counters).clone()
     }

@@ -615,7 +615,15 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
             Ok(Reply::json(200, json!({"count": v.len(), "value": v})))
         }
         "wiql" => wiql_query(&s, c),
-        "reporting.revisions" => feed(&s, c),
+        "reporting.revisions" => {
+            let (reply, revisions) = feed(&s, c)?;
+            if revisions > 0 {
+                // A read that saw revisions: tests wait on it, unlike on a read that merely
+                // happened (it may have come before the change they need read).
+                bump(shared, "reporting.revisions.seen");
+            }
+            Ok(reply)
+        }
         "comments.list" | "comments.get" | "comments.add" | "comments.update" | "comments.delete"
         | "comments.method" => comments(&mut s, name, c),
         "attachments.create" => {

@@ -63,7 +63,8 @@ pub(super) fn wiql_query(s: &Store, c: &Call) -> R {
     ))
 }
 
-pub(super) fn feed(s: &Store, c: &Call) -> R {
+/// A page of the reporting feed, and how many revisions it holds.
+pub(super) fn feed(s: &Store, c: &Call) -> Result<(Reply, usize), ApiError> {
     let post = c.method == "POST";
     let body = if post { c.json_body()? } else { Value::Null };
     let list = |k: &str| -> Option<Vec<String>> {
@@ -180,8 +181,10 @@ pub(super) fn feed(s: &Store, c: &Call) -> R {
             ));
         }
     }
-    Ok(Reply::json(
+    let revisions = values.len();
+    let reply = Reply::json(
         200,
         json!({"values": values, "nextLink": link, "continuationToken": token, "isLastBatch": page.is_last}),
-    ))
+    );
+    Ok((reply, revisions))
 }
