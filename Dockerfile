@@ -22,9 +22,6 @@ COPY --from=build /src/target/release/relay /usr/bin/relay
 
 # The database, the credentials and the admin socket: keep it on a volume.
 ENV RELAY_DATA_DIR=/var/lib/relay
-# Two malloc arenas, as the systemd units set: glibc's per-thread arenas keep memory freed
-# after a backlog drains.
-ENV MALLOC_ARENA_MAX=2
 VOLUME ["/var/lib/relay"]
 # The intake API stays on loopback (the configuration's default): other containers reach it
 # only once RELAY_AGENT__INTAKE_LISTEN=0.0.0.0:8081 is set, which relay refuses without
