@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::queue::{QueueError, Store, Table};
 use crate::status::now_ms;
-use crate::sync::replica::Replica;
+use crate::sync::replica::{Entity, Replica};
 
 /// Separates the parts of a key (a connection name never contains it).
 const SEP: char = '\u{1f}';
@@ -45,6 +45,16 @@ pub struct PendingCreate {
     pub since_ms: u64,
 }
 
+/// A comment add in progress: stored and flushed before the add is sent, so an add whose
+/// answer was lost (a timeout, a reset, a crash) is found on the item rather than made again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingComment {
+    /// The other side's comment id it copies.
+    pub remote: String,
+    /// The text sent.
+    pub body: String,
+}
+
 /// One item and its twin on the other side.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Twin {
@@ -54,6 +64,15 @@ pub struct Twin {
     pub remote: Option<String>,
     /// Hash of the last replica sent.
     pub last_sent_hash: Option<String>,
+    /// What both sides last agreed on, as this side's outgoing script makes it: the entity
+    /// last sent, or the one the item made once the other side's last replica was applied,
+    /// whichever came later. An export equal to it sends nothing; an export sends the names
+    /// of the fields that differ from it (`event.changed`).
+    #[serde(default)]
+    pub agreed: Option<Entity>,
+    /// Hash of `agreed`.
+    #[serde(default)]
+    pub agreed_hash: Option<String>,
     /// The last replica sent (the outgoing script's `previous`).
     pub last_sent: Option<Replica>,
     /// The last replica applied (the incoming script's `previous`).
@@ -68,6 +87,9 @@ pub struct Twin {
     pub attachments: BTreeMap<String, String>,
     /// A create started and not yet answered.
     pub pending_create: Option<PendingCreate>,
+    /// Comment adds started and not yet answered.
+    #[serde(default)]
+    pub pending_comments: Vec<PendingComment>,
     /// Last replica sent (unix ms).
     pub last_out_ms: Option<u64>,
     /// Last replica applied (unix ms).
@@ -92,6 +114,23 @@ impl Twin {
     /// Whether relay wrote `rev` itself.
     pub fn is_own(&self, rev: u64) -> bool {
         self.own_revs.contains(&rev)
+    }
+
+    /// The hash an export is compared with: the agreed state's, or, in a record written
+    /// before it was kept, the last one sent.
+    pub fn base_hash(&self) -> Option<&str> {
+        self.agreed_hash.as_deref().or(self.last_sent_hash.as_deref())
+    }
+
+    /// The state an export's changed fields are named against (see [`Twin::agreed`]).
+    pub fn base(&self) -> Option<&Entity> {
+        self.agreed.as_ref().or(self.last_sent.as_ref().map(|r| &r.entity))
+    }
+
+    /// Records `entity` as what both sides now agree on.
+    pub fn agree(&mut self, entity: Entity) {
+        self.agreed_hash = Some(entity.hash());
+        self.agreed = Some(entity);
     }
 }
 
@@ -205,6 +244,7 @@ pub struct SyncState {
     uploaded: Table,
     sent_files: Table,
     files: Table,
+    refused: Table,
     activity: Table,
 }
 
@@ -229,6 +269,7 @@ impl SyncState {
             uploaded: store.table("sync-uploaded")?,
             sent_files: store.table("sync-sent-files")?,
             files: store.table("sync-files")?,
+            refused: store.table("sync-refused-files")?,
             activity: store.table("sync-activity")?,
         })
     }
@@ -425,6 +466,21 @@ impl SyncState {
     /// Records that the file's chunks are queued.
     pub fn set_file_sent(&self, conn: &str, sha256: &str) -> Result<(), QueueError> {
         self.sent_files.put(&key(&[conn, sha256]), &now_ms())
+    }
+
+    /// Why this side's tracker refused the file with this hash, if it did.
+    pub fn refused(&self, conn: &str, sha256: &str) -> Result<Option<String>, QueueError> {
+        self.refused.get(&key(&[conn, sha256]))
+    }
+
+    /// Records that the tracker refused the file (its chunks stay for a retry).
+    pub fn set_refused(&self, conn: &str, sha256: &str, why: &str) -> Result<(), QueueError> {
+        self.refused.put(&key(&[conn, sha256]), &why.to_owned())
+    }
+
+    /// Forgets a refusal (the file was uploaded after all).
+    pub fn clear_refused(&self, conn: &str, sha256: &str) -> Result<(), QueueError> {
+        self.refused.remove(&key(&[conn, sha256]))
     }
 
     /// What is known of a local attachment's bytes.

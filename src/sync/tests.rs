@@ -53,6 +53,7 @@ fn local_item() -> WorkItem {
         status: Some("Active".into()),
         priority: Some(2),
         custom_fields: BTreeMap::from([("System.AreaPath".into(), json!("Contoso"))]),
+        hyperlinks: Vec::new(),
     }
 }
 

@@ -21,6 +21,8 @@ pub const FIELD_TYPE: &str = "System.WorkItemType";
 pub const FIELD_PROJECT: &str = "System.TeamProject";
 /// The relation type of an attachment.
 pub const REL_ATTACHED_FILE: &str = "AttachedFile";
+/// The relation type of a link to a URL.
+pub const REL_HYPERLINK: &str = "Hyperlink";
 
 /// Fields with their own place in [`WorkItem`]; every other field is a custom field.
 const MAPPED_FIELDS: &[&str] = &[
@@ -62,6 +64,8 @@ pub struct WorkItem {
     pub priority: Option<i64>,
     /// Every other field, by reference name.
     pub custom_fields: BTreeMap<String, Value>,
+    /// The URLs of its `Hyperlink` relations (read only: relay's create marker is one).
+    pub hyperlinks: Vec<String>,
 }
 
 /// A comment on a work item.
@@ -176,10 +180,15 @@ impl WorkItem {
         }
         if let Some(relations) = doc.get("relations").and_then(Value::as_array) {
             for (index, rel) in relations.iter().enumerate() {
-                if rel.get("rel").and_then(Value::as_str) != Some(REL_ATTACHED_FILE) {
-                    continue;
-                }
                 let url = rel.get("url").and_then(Value::as_str).unwrap_or_default();
+                match rel.get("rel").and_then(Value::as_str) {
+                    Some(REL_ATTACHED_FILE) => {}
+                    Some(REL_HYPERLINK) => {
+                        item.hyperlinks.push(url.to_owned());
+                        continue;
+                    }
+                    _ => continue,
+                }
                 let attrs = rel.get("attributes");
                 let attr = |k: &str| attrs.and_then(|a| a.get(k));
                 item.attachments.push(WorkAttachment {

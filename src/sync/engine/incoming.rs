@@ -18,7 +18,7 @@ use crate::status::{now_ms, Health};
 use crate::sync::blob;
 use crate::sync::replica::{self, Replica};
 use crate::sync::script;
-use crate::sync::state::{FileFacts, PendingCreate, Side, SyncState, Twin, UploadedFile};
+use crate::sync::state::{FileFacts, PendingComment, PendingCreate, Side, SyncState, Twin, UploadedFile};
 use crate::sync::workitem::{self, WorkItem};
 use crate::tracker::{Tracker, TrackerError};
 
@@ -192,25 +192,56 @@ async fn receive_chunk(
     if have < h.count {
         return Ok(Handled::Done);
     }
-    let bytes = state.chunks(&link.name, &h.sha256)?;
-    if let Err(e) = blob::verify(&h.sha256, &bytes) {
-        state.drop_chunks(&link.name, &h.sha256)?;
+    upload_stored(engine, tracker, link, &h.sha256, &h.filename).await?;
+    Ok(Handled::Done)
+}
+
+/// Uploads a file whose chunks are all stored, once it checks out against its hash. A file the
+/// tracker refuses (too large, a blocked type) is recorded as refused with its chunks kept, so
+/// the replicas that need it become that item's sync error and a retry can upload it again;
+/// nothing else waits for it.
+async fn upload_stored(
+    engine: &Engine,
+    tracker: &Tracker,
+    link: &SyncLink,
+    sha256: &str,
+    filename: &str,
+) -> Result<(), ItemFailure> {
+    let state = engine.state();
+    let bytes = state.chunks(&link.name, sha256)?;
+    if let Err(e) = blob::verify(sha256, &bytes) {
+        state.drop_chunks(&link.name, sha256)?;
         link.health.error(e.to_string());
         warn!(error = %e, "attachment dropped; the replica that needs it becomes a sync error");
-        return Ok(Handled::Done);
+        return Ok(());
     }
-    let up = tracker.upload_attachment(&link.project, &h.filename, &bytes).await?;
+    let up = match tracker
+        .upload_attachment(&link.project, filename, &bytes)
+        .await
+        .map_err(ItemFailure::from)
+    {
+        Ok(up) => up,
+        Err(t @ ItemFailure::Transient { .. }) => return Err(t),
+        Err(ItemFailure::Item(why)) => {
+            warn!(file = %filename, bytes = bytes.len(), error = %why, "the tracker refused the attachment; the item that carries it waits, others flow on");
+            link.health
+                .error(format!("attachment {filename:?} refused by the tracker: {why}"));
+            state.set_refused(&link.name, sha256, &why)?;
+            return Ok(());
+        }
+    };
     state.set_file_facts(
         &up.id,
         &FileFacts {
-            sha256: h.sha256.clone(),
+            sha256: sha256.to_owned(),
             size: bytes.len() as u64,
         },
     )?;
-    state.set_uploaded(&h.sha256, &UploadedFile { id: up.id, url: up.url })?;
-    state.drop_chunks(&link.name, &h.sha256)?;
-    info!(file = %h.filename, bytes = bytes.len(), "attachment uploaded");
-    Ok(Handled::Done)
+    state.set_uploaded(sha256, &UploadedFile { id: up.id, url: up.url })?;
+    state.clear_refused(&link.name, sha256)?;
+    state.drop_chunks(&link.name, sha256)?;
+    info!(file = %filename, bytes = bytes.len(), "attachment uploaded");
+    Ok(())
 }
 
 /// Re-applies the newest parked replica of each incoming error the operator asked to retry.
@@ -225,6 +256,17 @@ async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
             let _ = state.clear_error(&link.name, Side::Incoming, &e.item);
             continue;
         };
+        // A file the tracker refused may be accepted now (a limit raised, a type allowed).
+        for a in &replica.entity.attachments {
+            if matches!(state.refused(&link.name, &a.sha256), Ok(Some(_))) {
+                if let Err(ItemFailure::Transient { reason, .. }) =
+                    upload_stored(engine, tracker, link, &a.sha256, &a.filename).await
+                {
+                    warn!(item = %e.item, error = %reason, "retry postponed");
+                    return;
+                }
+            }
+        }
         // An earlier run may have been cut short applying it: look before creating.
         match apply(engine, tracker, link, &replica, Recovery::Search).await {
             Ok(()) => {
@@ -244,7 +286,16 @@ async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
 
 /// The hyperlink a created item carries: found again after a crash cut the create short.
 fn marker(replica: &Replica, conn: &str) -> String {
-    format!("{}#relay-connection={}", replica.origin.url, conn.replace(' ', "%20"))
+    format!("{}{}", replica.origin.url, marker_suffix(conn))
+}
+
+fn marker_suffix(conn: &str) -> String {
+    format!("#relay-connection={}", conn.replace(' ', "%20"))
+}
+
+/// Whether `url` is the marker of an item relay created for connection `conn`.
+pub fn is_marker_of(url: &str, conn: &str) -> bool {
+    url.ends_with(&marker_suffix(conn))
 }
 
 fn ops(patch: Option<&Value>) -> Vec<Value> {
@@ -322,12 +373,16 @@ pub async fn apply(
             })?,
             None => WorkItem::default(),
         };
+        if !twin.pending_comments.is_empty() {
+            reconcile_comments(&mut twin, &current);
+            state.put_twin(conn, &primary, &twin)?;
+        }
         super::annotate(state, &mut current, &twin);
         let first_sync = twin.local.is_none();
         let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
         if let (Some(changed), false) = (&replica.event.changed, first_sync) {
-            keep_unchanged(&mut desired, &current, changed);
+            keep_unchanged(&mut desired, &current, &replica.entity, changed);
         }
         let mut new_files = Vec::new();
         for a in desired
@@ -335,17 +390,28 @@ pub async fn apply(
             .iter_mut()
             .filter(|a| a.id.is_none() && a.url.is_none())
         {
-            let up = state.uploaded(&a.sha256)?.ok_or_else(|| {
-                ItemFailure::Item(format!(
-                    "the bytes of attachment {:?} (sha256 {}) did not arrive intact",
-                    a.filename, a.sha256
-                ))
-            })?;
+            let up = match state.uploaded(&a.sha256)? {
+                Some(up) => up,
+                None => {
+                    return Err(ItemFailure::Item(match state.refused(conn, &a.sha256)? {
+                        Some(why) => format!(
+                            "the tracker refused attachment {:?} ({} bytes): {why}; fix that (a size limit, a blocked type), then retry this item",
+                            a.filename, a.size
+                        ),
+                        None => format!(
+                            "the bytes of attachment {:?} (sha256 {}) did not arrive intact",
+                            a.filename, a.sha256
+                        ),
+                    }))
+                }
+            };
             a.url = Some(up.url.clone());
             new_files.push((up.id, a.remote_id.clone()));
         }
         let plan = workitem::build_patch(&current, &desired).map_err(|e| ItemFailure::Item(e.to_string()))?;
         let mut last_rev = current.rev.unwrap_or(0);
+        // The item as relay's write left it: what both sides agree on from now on.
+        let mut after = current.clone();
         let local = match (&plan.create, twin.local) {
             (Some(target), _) => {
                 let marker = marker(replica, conn);
@@ -353,10 +419,11 @@ pub async fn apply(
                     marker: marker.clone(),
                     since_ms: now_ms(),
                 });
-                // Recorded before the create is sent, so a failed request of this run is
-                // reconciled above; a crash is, because this replica's message stays queued
-                // until it is applied (`earlier` on the next run): no flush on this path.
+                // Recorded and flushed before the create is sent: a lost answer, a gateway's
+                // 502/504 after the server committed, or a crash is reconciled above by this
+                // marker, however long it takes to come back.
                 state.put_twin(conn, &primary, &twin)?;
+                state.flush().await?;
                 let mut ops = ops(plan.patch.as_ref());
                 ops.push(json!({
                     "op": "add",
@@ -372,6 +439,7 @@ pub async fn apply(
                 twin.local = Some(id);
                 twin.pending_create = None;
                 last_rev = created.rev.unwrap_or(1);
+                after = created;
                 twin.own(last_rev);
                 // No flush here: should this write be lost, the pending create stored above
                 // finds the item by its marker.
@@ -386,6 +454,10 @@ pub async fn apply(
                         Ok(item) => {
                             last_rev = item.rev.unwrap_or(last_rev + 1);
                             twin.own(last_rev);
+                            after = WorkItem {
+                                comments: std::mem::take(&mut after.comments),
+                                ..item
+                            };
                         }
                         // Changed since it was read: read again and run the script again.
                         Err(TrackerError::Conflict(_)) => continue,
@@ -401,7 +473,7 @@ pub async fn apply(
                 twin.attachments.insert(file, r);
             }
         }
-        add_comments(
+        let added = add_comments(
             tracker,
             link,
             state,
@@ -411,6 +483,13 @@ pub async fn apply(
             &plan.comments,
         )
         .await?;
+        after.comments.extend(added);
+        super::annotate(state, &mut after, &twin);
+        match script::run_outgoing(&rules, &after, twin.last_sent.as_ref()) {
+            Ok(entity) => twin.agree(entity),
+            // The next export compares with the older agreement: it sends, never skips.
+            Err(e) => warn!(item = local, error = %e, "the outgoing script fails on the item as applied"),
+        }
         twin.last_received = Some(replica.clone());
         twin.applied(&replica.event.id);
         twin.last_in_ms = Some(now_ms());
@@ -425,9 +504,10 @@ pub async fn apply(
 
 /// Puts back the local value of every field the sender did not change since both sides last
 /// agreed: a replica made before the sender applied this side's latest change must not undo
-/// it. Comments and attachments merge by id, and custom fields may be mapped to other names
-/// by the script: both are left as the script made them.
-fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, changed: &[String]) {
+/// it. A custom field is kept when the sender sends one of the same name unchanged; one the
+/// script maps from another name is left as the script made it. Comments and attachments
+/// merge by id.
+fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, sent: &crate::sync::Entity, changed: &[String]) {
     let kept = |name: &str| !changed.iter().any(|c| c == name);
     if kept("summary") {
         desired.summary = current.summary.clone();
@@ -444,9 +524,38 @@ fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, changed: &[String]
     if kept("priority") {
         desired.priority = current.priority;
     }
+    for name in sent.custom_fields.keys() {
+        if !kept(&format!("custom_fields.{name}")) || !desired.custom_fields.contains_key(name) {
+            continue;
+        }
+        match current.custom_fields.get(name) {
+            Some(v) => desired.custom_fields.insert(name.clone(), v.clone()),
+            None => desired.custom_fields.remove(name),
+        };
+    }
 }
 
-/// Adds the comments of a plan, linking each to its remote id as soon as it is written.
+/// Links the comments whose adds were started and not answered to the copies the tracker
+/// holds, matched by text among the comments no link names yet; an add that never arrived is
+/// planned again.
+fn reconcile_comments(twin: &mut Twin, current: &WorkItem) {
+    for p in std::mem::take(&mut twin.pending_comments) {
+        if twin.comments.values().any(|r| *r == p.remote) {
+            continue;
+        }
+        let found = current.comments.iter().find(|c| {
+            c.id.as_ref().is_some_and(|id| !twin.comments.contains_key(id)) && c.body.trim() == p.body.trim()
+        });
+        if let Some(id) = found.and_then(|c| c.id.clone()) {
+            info!(comment = %id, remote = %p.remote, "found the comment of an add whose answer was lost");
+            twin.comments.insert(id, p.remote);
+        }
+    }
+}
+
+/// Adds the comments of a plan, linking each to its remote id as soon as it is written; each
+/// add is recorded (and flushed) as pending first, so a lost answer is reconciled, not added
+/// again. Answers the comments as added.
 async fn add_comments(
     tracker: &Tracker,
     link: &SyncLink,
@@ -455,16 +564,30 @@ async fn add_comments(
     twin: &mut Twin,
     (local, before): (u64, u64),
     comments: &[workitem::WorkComment],
-) -> Result<(), ItemFailure> {
+) -> Result<Vec<workitem::WorkComment>, ItemFailure> {
+    let mut out = Vec::new();
     if comments.is_empty() {
-        return Ok(());
+        return Ok(out);
     }
     let mut unknown = 0u64;
     for c in comments {
+        if let Some(r) = c.remote_id.clone() {
+            twin.pending_comments.push(PendingComment {
+                remote: r,
+                body: c.body.clone(),
+            });
+            state.put_twin(&link.name, primary, twin)?;
+            state.flush().await?;
+        }
         let added = tracker.add_comment(&link.project, local, &c.body).await?;
         if let Some(r) = c.remote_id.clone() {
+            twin.pending_comments.retain(|p| p.remote != r);
             twin.comments.insert(added.id.clone(), r);
         }
+        out.push(workitem::WorkComment {
+            id: Some(added.id.clone()),
+            ..c.clone()
+        });
         match added.rev {
             Some(r) => twin.own(r),
             None => unknown += 1,
@@ -488,5 +611,5 @@ async fn add_comments(
             }
         }
     }
-    Ok(())
+    Ok(out)
 }

@@ -338,6 +338,16 @@ fn mark_copied(item: &mut crate::sync::WorkItem, twin: &crate::sync::state::Twin
             a.remote_id = Some(r.clone());
         }
     }
+    // A copy whose add was not answered yet is a copy all the same.
+    for p in &twin.pending_comments {
+        if let Some(c) = item
+            .comments
+            .iter_mut()
+            .find(|c| c.remote_id.is_none() && c.body.trim() == p.body.trim())
+        {
+            c.remote_id = Some(p.remote.clone());
+        }
+    }
 }
 
 /// What `relay sync bulk` did.

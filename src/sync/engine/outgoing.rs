@@ -156,23 +156,6 @@ async fn read_feed(engine: &Engine, tracker: &Tracker, link: &SyncLink) -> Resul
     }
 }
 
-/// The state both sides last shared: what this side last sent, or what it last applied from
-/// the other side, whichever came later.
-fn shared_state(twin: &Twin) -> Option<&crate::sync::Entity> {
-    let sent = twin
-        .last_sent
-        .as_ref()
-        .map(|r| (twin.last_out_ms.unwrap_or(0), &r.entity));
-    let received = twin
-        .last_received
-        .as_ref()
-        .map(|r| (twin.last_in_ms.unwrap_or(0), &r.entity));
-    match (sent, received) {
-        (Some(s), Some(r)) => Some(if r.0 >= s.0 { r.1 } else { s.1 }),
-        (s, r) => s.or(r).map(|x| x.1),
-    }
-}
-
 /// Turns local item `id` into a replica on the outbound queue (durable after the next flush).
 /// With `force`, an unchanged item is sent again and an item with a sync error is retried.
 pub async fn export(
@@ -195,7 +178,13 @@ pub async fn export(
     if !item.project_key.eq_ignore_ascii_case(&link.project) {
         return Ok(Exported::Missing);
     }
-    let (primary, mut twin) = state.twin_by_local(conn, id)?.unwrap_or_else(|| {
+    let found = state.twin_by_local(conn, id)?;
+    if found.is_none() && item.hyperlinks.iter().any(|l| super::incoming::is_marker_of(l, conn)) {
+        // Relay made this item for this connection and has not recorded it yet (the create's
+        // answer is late or was lost): the apply under way or its retry finds it by this marker.
+        return Ok(Exported::Unchanged);
+    }
+    let (primary, twin) = found.unwrap_or_else(|| {
         let t = Twin {
             local: Some(id),
             ..Twin::default()
@@ -234,7 +223,7 @@ pub async fn export(
     let entity =
         script::run_outgoing(&rules, &item, twin.last_sent.as_ref()).map_err(|e| ItemFailure::Item(e.to_string()))?;
     let hash = entity.hash();
-    if !force && twin.last_sent_hash.as_deref() == Some(hash.as_str()) {
+    if !force && twin.base_hash() == Some(hash.as_str()) {
         if had_error.is_some() {
             state.clear_error(conn, Side::Outgoing, &item_key)?;
         }
@@ -297,9 +286,9 @@ pub async fn export(
         id: key.clone(),
         kind: EventKind::Upsert,
         twin: twin.remote.clone(),
-        changed: shared_state(&twin).map(|base| entity.changed_since(base)),
+        changed: twin.base().map(|base| entity.changed_since(base)),
     };
-    let replica = Replica::new(origin, event, entity);
+    let replica = Replica::new(origin, event, entity.clone());
     replica.validate().map_err(|e| ItemFailure::Item(e.to_string()))?;
     link.outbox.append(
         NewMessage {
@@ -310,9 +299,15 @@ pub async fn export(
         },
         Some(&key),
     )?;
+    // An apply may have changed the record while this export read and downloaded: what the
+    // export owns is written into the record as it is now, under the apply's lock.
+    let lock = engine.apply_lock(conn);
+    let _applying = lock.lock().await;
+    let (primary, mut twin) = state.twin_by_local(conn, id)?.unwrap_or((primary, twin));
     twin.last_sent_hash = Some(hash);
     twin.last_sent = Some(replica);
     twin.last_out_ms = Some(now_ms());
+    twin.agree(entity);
     state.put_twin(conn, &primary, &twin)?;
     state.touch(conn, Side::Outgoing)?;
     if had_error.is_some() {

@@ -581,5 +581,6 @@ pub(super) fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem
         status: opt_string(get(&m, "status", f)?, "workItem.status")?.filter(|s| !s.is_empty()),
         priority,
         custom_fields: custom_fields(get(&m, "customFields", f)?, "workItem.customFields")?,
+        hyperlinks: current.hyperlinks.clone(),
     })
 }

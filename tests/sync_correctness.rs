@@ -1,0 +1,229 @@
+//! Sync correctness under the cases hand-picked scenarios missed: a person undoing the other
+//! side's change, answers lost after the tracker committed, an apply landing while an export
+//! of the same item is under way. Two simulated trackers, a node and an agent as real
+//! processes, the default rules on both sides.
+
+mod common;
+#[path = "sync/pair.rs"]
+#[allow(dead_code)]
+mod pair;
+
+use ado_sim::Profile;
+use serde_json::json;
+
+use common::wait_for;
+use pair::{attachments, comments, converge, field, fields, tags, titled, wait_titled, Pair, PRIVATE, PUBLIC};
+
+/// Tracker requests give up after this long (answers held longer are lost to relay).
+const SHORT_TIMEOUT: (&str, &str) = ("RELAY_TRACKER__REQUEST_TIMEOUT", "2s");
+
+fn set(field: &str, value: &str) -> serde_json::Value {
+    json!({"op": "add", "path": format!("/fields/{field}"), "value": value})
+}
+
+/// Waits until the agent's log says one more time that it could not apply and will retry.
+async fn agent_retries(p: &Pair, seen: usize) {
+    let agent = &p.agent;
+    wait_for("the agent to give up on the held answer", || async move {
+        (agent.log().matches("cannot apply now").count() > seen).then_some(())
+    })
+    .await;
+}
+
+/// How often the agent's log says it could not apply.
+fn agent_retried(p: &Pair) -> usize {
+    p.agent.log().matches("cannot apply now").count()
+}
+
+/// Waits until an item created on the private side now reaches the public side: everything
+/// the agent queued before it has been applied there.
+async fn private_side_drained(p: &Pair, title: &str) {
+    p.private
+        .create_item(PRIVATE, "Task", &fields(&[("System.Title", title)]))
+        .unwrap();
+    wait_titled(&p.public, PUBLIC, title).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_undoing_the_other_sides_change_is_synced_back() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Task",
+            &fields(&[("System.Title", "Original title"), ("System.Tags", "web")]),
+        )
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Original title").await;
+
+    // The private side changes the title and adds a label; both arrive.
+    p.private
+        .edit_as_human(
+            twin,
+            &[
+                set("System.Title", "Changed on premises"),
+                set("System.Tags", "web; onprem"),
+            ],
+        )
+        .unwrap();
+    converge("the private change on the public side", || {
+        let (t, l) = (field(&p.public, id, "System.Title"), tags(&p.public, id));
+        (t == "Changed on premises" && l == ["onprem", "web"])
+            .then_some(())
+            .ok_or(format!("{t:?} {l:?}"))
+    })
+    .await;
+
+    // A person on the public side undoes both: the private side follows.
+    p.public
+        .edit_as_human(id, &[set("System.Title", "Original title"), set("System.Tags", "web")])
+        .unwrap();
+    converge("the undo on the private side", || {
+        let (t, l) = (field(&p.private, twin, "System.Title"), tags(&p.private, twin));
+        (t == "Original title" && l == ["web"])
+            .then_some(())
+            .ok_or(format!("{t:?} {l:?}"))
+    })
+    .await;
+
+    // And the other way round: the public side changes, the private side undoes.
+    p.public
+        .edit_as_human(id, &[set("System.Title", "Changed in the cloud")])
+        .unwrap();
+    converge("the public change", || {
+        (field(&p.private, twin, "System.Title") == "Changed in the cloud")
+            .then_some(())
+            .ok_or_else(|| field(&p.private, twin, "System.Title"))
+    })
+    .await;
+    p.private
+        .edit_as_human(twin, &[set("System.Title", "Original title")])
+        .unwrap();
+    converge("the private undo", || {
+        (field(&p.public, id, "System.Title") == "Original title")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.Title"))
+    })
+    .await;
+    private_side_drained(&p, "after the undo").await;
+    assert_eq!(field(&p.public, id, "System.Title"), "Original title");
+    assert_eq!(field(&p.private, twin, "System.Title"), "Original title");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_is_lost_is_neither_sent_back_nor_made_twice() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[SHORT_TIMEOUT]).await;
+    // The private tracker makes the item at once and answers only after relay gave up.
+    let retried = agent_retried(&p);
+    let release = p.private.hold_answers("workitems.create");
+    p.public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Answer lost")]))
+        .unwrap();
+    let sim = &p.private;
+    wait_for("the create to be held", || async move {
+        (sim.count("workitems.create.held") >= 1).then_some(())
+    })
+    .await;
+    // The private poller has read the new item and waits for the apply; once the create times
+    // out it looks at the item before the apply tries again.
+    wait_for("the private feed read with the item in it", || async move {
+        (sim.count("reporting.revisions.seen") >= 1).then_some(())
+    })
+    .await;
+    agent_retries(&p, retried).await;
+    drop(release);
+    p.private.stop_holding("workitems.create");
+    let twin = wait_titled(&p.private, PRIVATE, "Answer lost").await;
+    private_side_drained(&p, "made after the lost answer").await;
+    assert_eq!(
+        titled(&p.public, PUBLIC, "Answer lost").len(),
+        1,
+        "sent back as a new item"
+    );
+    assert_eq!(titled(&p.private, PRIVATE, "Answer lost"), [twin], "created twice");
+    assert_eq!(p.private.count("workitems.create"), 1, "one create per item");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_whose_answer_is_lost_exists_once_on_each_side() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[SHORT_TIMEOUT]).await;
+    let id = p
+        .public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Commented")]))
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Commented").await;
+    let retried = agent_retried(&p);
+    let release = p.private.hold_answers("comments.add");
+    p.public.add_comment_as_human(id, "Seen twice?").unwrap();
+    let sim = &p.private;
+    wait_for("the comment add to be held", || async move {
+        (sim.count("comments.add.held") >= 1).then_some(())
+    })
+    .await;
+    agent_retries(&p, retried).await;
+    p.private.stop_holding("comments.add");
+    drop(release);
+    converge("the comment on the private side", || {
+        let c = comments(&p.private, twin);
+        c.iter()
+            .any(|c| c.contains("Seen twice?"))
+            .then_some(())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+    private_side_drained(&p, "after the comment").await;
+    // And the public side has had every change of the private side since.
+    p.private
+        .edit_as_human(twin, &[set("System.Title", "Commented, then edited")])
+        .unwrap();
+    converge("the later edit", || {
+        (field(&p.public, id, "System.Title") == "Commented, then edited")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.Title"))
+    })
+    .await;
+    let once = |c: Vec<String>| c.iter().filter(|c| c.contains("Seen twice?")).count();
+    assert_eq!(once(comments(&p.private, twin)), 1, "added twice on the private side");
+    assert_eq!(once(comments(&p.public, id)), 1, "sent back to the public side");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_while_an_export_downloads_loses_none_of_its_links() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    let id = p
+        .public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Busy item")]))
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Busy item").await;
+    // The private side's export of a new attachment stalls in its download...
+    let release = p.private.hold_answers("attachments.get");
+    let bytes: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    p.private.attach_as_human(twin, "trace.bin", &bytes).unwrap();
+    let sim = &p.private;
+    wait_for("the download to be held", || async move {
+        (sim.count("attachments.get.held") >= 1).then_some(())
+    })
+    .await;
+    // ...while a comment from the public side is applied to the same item.
+    p.public.add_comment_as_human(id, "Applied meanwhile").unwrap();
+    converge("the comment on the private side", || {
+        let c = comments(&p.private, twin);
+        c.iter()
+            .any(|c| c.contains("Applied meanwhile"))
+            .then_some(())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+    p.private.stop_holding("attachments.get");
+    drop(release);
+    converge("the attachment on the public side", || {
+        let a = attachments(&p.public, id);
+        (a.len() == 1).then_some(()).ok_or(format!("{a:?}"))
+    })
+    .await;
+    private_side_drained(&p, "after the download").await;
+    let once = |c: Vec<String>| c.iter().filter(|c| c.contains("Applied meanwhile")).count();
+    assert_eq!(once(comments(&p.public, id)), 1, "the copied comment came back as new");
+    assert_eq!(once(comments(&p.private, twin)), 1);
+}
