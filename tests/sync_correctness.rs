@@ -177,6 +177,15 @@ async fn a_comment_whose_answer_is_lost_exists_once_on_each_side() {
     p.private
         .edit_as_human(twin, &[set("System.Title", "Commented, then edited")])
         .unwrap();
+    for _ in 0..300 {
+        if field(&p.public, id, "System.Title") == "Commented, then edited" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if field(&p.public, id, "System.Title") != "Commented, then edited" {
+        eprintln!("NODE LOG\n{}\nAGENT LOG\n{}", p.node.log(), p.agent.log());
+    }
     converge("the later edit", || {
         (field(&p.public, id, "System.Title") == "Commented, then edited")
             .then_some(())
@@ -226,4 +235,87 @@ async fn an_apply_while_an_export_downloads_loses_none_of_its_links() {
     let once = |c: Vec<String>| c.iter().filter(|c| c.contains("Applied meanwhile")).count();
     assert_eq!(once(comments(&p.public, id)), 1, "the copied comment came back as new");
     assert_eq!(once(comments(&p.private, twin)), 1);
+}
+
+/// The default rules of a side with `Custom.Team` sent and applied as well.
+fn rules_with_team(project: &str) -> String {
+    relay::sync::default_rules(project)
+        .replace(
+            "// replica.customFields[\"Custom.Team\"] = workItem.customFields[\"Custom.Team\"];",
+            "replica.customFields[\"Custom.Team\"] = workItem.customFields[\"Custom.Team\"];",
+        )
+        .replace(
+            "// workItem.customFields[\"Custom.Team\"] = replica.customFields[\"Custom.Team\"] ?? \"Blue\";",
+            "workItem.customFields[\"Custom.Team\"] = replica.customFields[\"Custom.Team\"] ?? \"Blue\";",
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_that_cross_keep_every_field_and_the_public_value_of_a_field_changed_on_both_sides() {
+    let mut p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    for (sim, node, project) in [(&p.public, true, PUBLIC), (&p.private, false, PRIVATE)] {
+        sim.add_field("Custom.Team", ado_sim::Kind::String);
+        let dir = if node { &p.node_dir } else { &p.agent_dir };
+        let rules = dir.with_extension("rules");
+        std::fs::write(&rules, rules_with_team(project)).unwrap();
+        p.sync_cli(node, &["rules", "set", pair::CONN, rules.to_str().unwrap()])
+            .await;
+    }
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Task",
+            &fields(&[("System.Title", "Crossed"), ("Custom.Team", "Blue")]),
+        )
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Crossed").await;
+    converge("the team on the private side", || {
+        (field(&p.private, twin, "Custom.Team") == "Blue")
+            .then_some(())
+            .ok_or_else(|| field(&p.private, twin, "Custom.Team"))
+    })
+    .await;
+
+    // With the node down, both sides change the item before either sees the other's change:
+    // the title on both, the team on the public side, the description on the private one.
+    p.kill_node();
+    let queued = common::statuses(&p.agent_dir, false).await[0].outbound.last_seq;
+    p.public
+        .edit_as_human(
+            id,
+            &[set("System.Title", "Title from the cloud"), set("Custom.Team", "Red")],
+        )
+        .unwrap();
+    p.private
+        .edit_as_human(
+            twin,
+            &[
+                set("System.Title", "Title from premises"),
+                set("System.Description", "<p>Described on premises</p>"),
+            ],
+        )
+        .unwrap();
+    let dir = p.agent_dir.clone();
+    wait_for("the private change queued by the agent", || {
+        let dir = dir.clone();
+        async move { (common::statuses(&dir, false).await[0].outbound.last_seq > queued).then_some(()) }
+    })
+    .await;
+    p.start_node().await;
+
+    let state = |sim: &ado_sim::SimHandle, id: u64| {
+        ["System.Title", "System.Description", "Custom.Team"].map(|f| field(sim, id, f))
+    };
+    let want = ["Title from the cloud", "<p>Described on premises</p>", "Red"].map(str::to_owned);
+    converge("both sides", || {
+        let (a, b) = (state(&p.public, id), state(&p.private, twin));
+        (a == want && b == want)
+            .then_some(())
+            .ok_or(format!("public {a:?}, private {b:?}"))
+    })
+    .await;
+    private_side_drained(&p, "after the crossing").await;
+    assert_eq!(state(&p.public, id), want);
+    assert_eq!(state(&p.private, twin), want);
 }

@@ -176,7 +176,7 @@ impl Agent {
             inner: Arc::new(AgentInner {
                 connections: store.table("agent-connections")?,
                 nonces: store.table("agent-redeem-nonces")?,
-                sync: crate::node::sync_engine(&store, &settings)?,
+                sync: crate::node::sync_engine(&store, &settings, false)?,
                 store,
                 settings,
                 links: Mutex::new(HashMap::new()),

@@ -70,8 +70,8 @@ pub struct Node {
     inner: Arc<NodeInner>,
 }
 
-/// The sync engine of a side whose settings bind a tracker.
-pub fn sync_engine(store: &Store, settings: &Settings) -> OpResult<Option<Engine>> {
+/// The sync engine of a side whose settings bind a tracker; `public` on the node.
+pub fn sync_engine(store: &Store, settings: &Settings, public: bool) -> OpResult<Option<Engine>> {
     let Some(tracker) = &settings.tracker else {
         return Ok(None);
     };
@@ -80,6 +80,7 @@ pub fn sync_engine(store: &Store, settings: &Settings) -> OpResult<Option<Engine
         tracker.clone(),
         state,
         settings.queue.max_payload_bytes as usize,
+        public,
     )))
 }
 
@@ -93,7 +94,7 @@ impl Node {
     pub fn open(store: Store, settings: Settings, pin: [u8; 32]) -> OpResult<Node> {
         let registry = Registry::open(&store)?;
         let public_url = settings.node.public_url.clone();
-        let sync = sync_engine(&store, &settings)?;
+        let sync = sync_engine(&store, &settings, true)?;
         Ok(Node {
             inner: Arc::new(NodeInner {
                 store,

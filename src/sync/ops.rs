@@ -246,6 +246,7 @@ async fn test_rules(
                 kind: EventKind::Upsert,
                 twin: twin.remote.clone(),
                 changed: None,
+                acked: None,
             },
             entity,
         );

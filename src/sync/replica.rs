@@ -93,6 +93,10 @@ pub struct Event {
     /// applied the receiver's latest change cannot undo it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed: Option<Vec<String>>,
+    /// The id of the receiver's last event the sender had applied to this item when it made
+    /// the replica: a receiver that sent something since knows the two changes crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked: Option<String>,
 }
 
 /// The kinds of event a replica carries.
@@ -559,6 +563,7 @@ mod tests {
                 kind: EventKind::Upsert,
                 twin: None,
                 changed: None,
+                acked: None,
             },
             sample_entity(),
         )

@@ -19,6 +19,11 @@ const SEP: char = '\u{1f}';
 const APPLIED_KEPT: usize = 64;
 /// Own revisions remembered per twin (echo suppression).
 const OWN_REVS_KEPT: usize = 256;
+/// Sends remembered until the other side shows it applied them.
+const UNACKED_KEPT: usize = 64;
+/// In [`Twin::unacked`], a replica that changed every field (it had no agreed state to
+/// compare with).
+pub const ALL_FIELDS: &str = "*";
 /// Replicas parked behind one item's error; a replica carries the whole state, so the newest
 /// ones are all that matter once the error is retried.
 const PARKED_KEPT: usize = 32;
@@ -90,6 +95,10 @@ pub struct Twin {
     /// Comment adds started and not yet answered.
     #[serde(default)]
     pub pending_comments: Vec<PendingComment>,
+    /// Replicas sent that the other side had not applied when it last sent one: event id and
+    /// the fields each changed (`*`: all), oldest first.
+    #[serde(default)]
+    pub unacked: Vec<(String, Vec<String>)>,
     /// Last replica sent (unix ms).
     pub last_out_ms: Option<u64>,
     /// Last replica applied (unix ms).
@@ -125,6 +134,25 @@ impl Twin {
     /// The state an export's changed fields are named against (see [`Twin::agreed`]).
     pub fn base(&self) -> Option<&Entity> {
         self.agreed.as_ref().or(self.last_sent.as_ref().map(|r| &r.entity))
+    }
+
+    /// Records a replica sent with the fields it changed (`None`: all of them).
+    pub fn sent(&mut self, event: &str, changed: Option<&[String]>) {
+        let fields = changed
+            .map(<[String]>::to_vec)
+            .unwrap_or_else(|| vec![ALL_FIELDS.to_owned()]);
+        self.unacked.push((event.to_owned(), fields));
+        trim(&mut self.unacked, UNACKED_KEPT);
+    }
+
+    /// Takes note that the other side had applied this side's events through `acked` when it
+    /// made its replica; answers the fields this side changed in replicas it had not applied
+    /// (`*` for all): those changed on both sides at once.
+    pub fn crossed(&mut self, acked: Option<&str>) -> std::collections::BTreeSet<String> {
+        if let Some(at) = acked.and_then(|a| self.unacked.iter().position(|(id, _)| id == a)) {
+            self.unacked.drain(..=at);
+        }
+        self.unacked.iter().flat_map(|(_, f)| f.iter().cloned()).collect()
     }
 
     /// Records `entity` as what both sides now agree on.

@@ -73,6 +73,7 @@ fn replica_of(rules: &Rules, item: &WorkItem, rev: u64) -> Replica {
             kind: EventKind::Upsert,
             twin: None,
             changed: None,
+            acked: None,
         },
         entity,
     )

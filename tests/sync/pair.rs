@@ -32,6 +32,7 @@ pub struct Pair {
     /// The agent's data directory.
     pub agent_dir: PathBuf,
     agent_env: Vec<(String, String)>,
+    node_env: Vec<(String, String)>,
     _tmp: tempfile::TempDir,
 }
 
@@ -144,6 +145,7 @@ impl Pair {
             node_dir,
             agent_dir,
             agent_env,
+            node_env,
             _tmp: tmp,
         };
         pair.wait_feeds_read().await;
@@ -172,6 +174,25 @@ impl Pair {
             &self.agent_dir,
             &["run", "--intake-listen", "127.0.0.1:0"],
             &borrowed(&self.agent_env),
+        )
+        .await;
+    }
+
+    /// SIGKILLs the node; [`Pair::start_node`] starts it again.
+    pub fn kill_node(&mut self) {
+        self.node.kill9();
+    }
+
+    /// Starts the node again on the same data directory and addresses.
+    pub async fn start_node(&mut self) {
+        let (listen, api) = (
+            self.node.info.listen.clone().unwrap(),
+            self.node.info.api.clone().unwrap(),
+        );
+        self.node = Daemon::start(
+            &self.node_dir,
+            &["node", "run", "--listen", &listen, "--api-listen", &api],
+            &borrowed(&self.node_env),
         )
         .await;
     }

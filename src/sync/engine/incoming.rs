@@ -18,7 +18,7 @@ use crate::status::{now_ms, Health};
 use crate::sync::blob;
 use crate::sync::replica::{self, Replica};
 use crate::sync::script;
-use crate::sync::state::{FileFacts, PendingComment, PendingCreate, Side, SyncState, Twin, UploadedFile};
+use crate::sync::state::{FileFacts, PendingComment, PendingCreate, Side, SyncState, Twin, UploadedFile, ALL_FIELDS};
 use crate::sync::workitem::{self, WorkItem};
 use crate::tracker::{Tracker, TrackerError};
 
@@ -381,8 +381,31 @@ pub async fn apply(
         let first_sync = twin.local.is_none();
         let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
+        // Fields this side sent in replicas the sender had not applied when it made this one.
+        let crossed = twin.crossed(replica.event.acked.as_deref());
         if let (Some(changed), false) = (&replica.event.changed, first_sync) {
-            keep_unchanged(&mut desired, &current, &replica.entity, changed);
+            let mut changed = changed.clone();
+            if engine.wins_crossed_edits() {
+                // Changed here too, sent or not yet: this side's value stands, and the other
+                // side takes it when this side's replica arrives there.
+                let mut crossed = crossed;
+                if let (Ok(local), Some(base)) = (
+                    script::run_outgoing(&rules, &current, twin.last_sent.as_ref()),
+                    twin.base(),
+                ) {
+                    crossed.extend(local.changed_since(base));
+                }
+                let before = changed.clone();
+                if crossed.contains(ALL_FIELDS) {
+                    changed.clear();
+                } else {
+                    changed.retain(|f| !crossed.contains(f));
+                }
+                if changed != before {
+                    info!(item = ?twin.local, remote = %remote, fields = ?before.iter().filter(|f| !changed.contains(f)).collect::<Vec<_>>(), "changed on both sides at once: this side's value stands");
+                }
+            }
+            keep_unchanged(&mut desired, &current, &replica.entity, &changed);
         }
         let mut new_files = Vec::new();
         for a in desired

@@ -68,6 +68,8 @@ struct Inner {
     /// wait until the revisions an apply wrote are recorded as relay's own.
     applying: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     chunk_bytes: usize,
+    /// The public side (the node's): its value wins a field both sides changed at once.
+    public: bool,
 }
 
 /// Why one item could not be synced now.
@@ -113,8 +115,9 @@ impl From<QueueError> for ItemFailure {
 
 impl Engine {
     /// An engine for the tracker in `settings`, keeping its state in `state`. `max_payload`
-    /// bounds attachment chunks (the smaller of both sides' limits).
-    pub fn new(settings: TrackerSettings, state: SyncState, max_payload: usize) -> Engine {
+    /// bounds attachment chunks (the smaller of both sides' limits); `public` is true on the
+    /// node's side, whose value wins a field both sides changed at once.
+    pub fn new(settings: TrackerSettings, state: SyncState, max_payload: usize, public: bool) -> Engine {
         Engine {
             inner: Arc::new(Inner {
                 settings,
@@ -125,6 +128,7 @@ impl Engine {
                 types: Mutex::default(),
                 applying: Mutex::default(),
                 chunk_bytes: max_payload.saturating_sub(CHUNK_MARGIN).clamp(1024, 4 * 1024 * 1024),
+                public,
             }),
         }
     }
@@ -132,6 +136,11 @@ impl Engine {
     /// The sync state.
     pub fn state(&self) -> &SyncState {
         &self.inner.state
+    }
+
+    /// Whether this side's value wins a field both sides changed at once.
+    pub fn wins_crossed_edits(&self) -> bool {
+        self.inner.public
     }
 
     /// The tracker settings.

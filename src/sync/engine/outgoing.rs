@@ -287,6 +287,7 @@ pub async fn export(
         kind: EventKind::Upsert,
         twin: twin.remote.clone(),
         changed: twin.base().map(|base| entity.changed_since(base)),
+        acked: twin.applied.last().cloned(),
     };
     let replica = Replica::new(origin, event, entity.clone());
     replica.validate().map_err(|e| ItemFailure::Item(e.to_string()))?;
@@ -304,6 +305,7 @@ pub async fn export(
     let lock = engine.apply_lock(conn);
     let _applying = lock.lock().await;
     let (primary, mut twin) = state.twin_by_local(conn, id)?.unwrap_or((primary, twin));
+    twin.sent(&replica.event.id, replica.event.changed.as_deref());
     twin.last_sent_hash = Some(hash);
     twin.last_sent = Some(replica);
     twin.last_out_ms = Some(now_ms());
