@@ -66,6 +66,10 @@ fn add(path: &str, value: Value) -> Value {
     json!({"op": "add", "path": path, "value": value})
 }
 
+fn now_ms() -> u64 {
+    relay::status::now_ms()
+}
+
 fn sha256(bytes: &[u8]) -> String {
     relay::crypto::hex(&relay::crypto::sha256(bytes))
 }
@@ -376,7 +380,7 @@ async fn the_revisions_feed_pages_with_its_continuation_token() {
     let mut seen = Vec::new();
     let mut pages = 0;
     loop {
-        let page = t.revisions(PROJECT, token.as_deref()).await.expect("page");
+        let page = t.revisions(PROJECT, token.as_deref(), None).await.expect("page");
         pages += 1;
         seen.extend(page.revisions.iter().map(|r| (r.id, r.rev)));
         token = Some(page.continuation.clone());
@@ -394,12 +398,15 @@ async fn the_revisions_feed_pages_with_its_continuation_token() {
     assert_eq!(seen_ids, ids, "only the project's items");
 
     // From the stored token, only what changed since.
-    let quiet = t.revisions(PROJECT, token.as_deref()).await.expect("page");
+    let quiet = t.revisions(PROJECT, token.as_deref(), None).await.expect("page");
     assert!(quiet.revisions.is_empty() && quiet.last);
     e.sim
         .edit_as_human(ids[5], &[add("/fields/System.Title", json!("again"))])
         .expect("edit");
-    let next = t.revisions(PROJECT, Some(&quiet.continuation)).await.expect("page");
+    let next = t
+        .revisions(PROJECT, Some(&quiet.continuation), None)
+        .await
+        .expect("page");
     let got: Vec<(u64, u64)> = next.revisions.iter().map(|r| (r.id, r.rev)).collect();
     assert_eq!(got, [(ids[5], 2)]);
     e.sim.shutdown().await;
@@ -447,7 +454,10 @@ async fn wiql_selects_ids_and_a_crash_cut_create_is_found_by_its_hyperlink() {
             &[add("/fields/System.Title", json!("human's")), link(marker)],
         )
         .expect("seed");
-    assert_eq!(t.find_by_hyperlink(PROJECT, marker).await.expect("search"), None);
+    assert_eq!(
+        t.find_by_hyperlink(PROJECT, marker, now_ms()).await.expect("search"),
+        None
+    );
     let ours = t
         .create(
             PROJECT,
@@ -465,18 +475,20 @@ async fn wiql_selects_ids_and_a_crash_cut_create_is_found_by_its_hyperlink() {
         .await
         .expect("create");
     assert_eq!(
-        t.find_by_hyperlink(PROJECT, marker).await.expect("search"),
+        t.find_by_hyperlink(PROJECT, marker, now_ms()).await.expect("search"),
         ours2.id,
         "exactly the URL, not a prefix"
     );
     assert_eq!(
-        t.find_by_hyperlink(PROJECT, &format!("{marker}0"))
+        t.find_by_hyperlink(PROJECT, &format!("{marker}0"), now_ms())
             .await
             .expect("search"),
         ours.id
     );
     assert_eq!(
-        t.find_by_hyperlink(PROJECT, "https://nowhere/1").await.expect("search"),
+        t.find_by_hyperlink(PROJECT, "https://nowhere/1", now_ms())
+            .await
+            .expect("search"),
         None
     );
     e.sim.shutdown().await;
