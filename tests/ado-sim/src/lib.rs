@@ -420,6 +420,18 @@ impl SimHandle {
         server::set_canonical(&self.shared, url);
     }
 
+    /// Moves work item `id`'s creation to `created_ms` (unix ms): its `System.CreatedDate` in
+    /// every revision, as an item that has existed for a while (a test of searches by date).
+    pub fn backdate(&self, id: u64, created_ms: i64) {
+        let mut s = lock(&self.shared.store);
+        if let Some(w) = s.items.get_mut(&id) {
+            for r in &mut w.revisions {
+                r.fields
+                    .insert("System.CreatedDate".into(), Value::String(clock::format(created_ms)));
+            }
+        }
+    }
+
     /// Right after the next read of work item `id` is answered, a "human" applies `ops`, so
     /// the reader's revision is stale when it writes.
     pub fn edit_after_next_read(&self, id: u64, ops: Vec<Value>) {
