@@ -1,6 +1,6 @@
 //! Attachments: one-request uploads up to the Server default limit, chunked uploads above it
-//! (`uploadType=Chunked`, then `PUT` with `Content-Range`, in order), and bounded downloads
-//! that never send the token to another host.
+//! (`uploadType=Chunked`, then `PUT` with `Content-Range`, in order), and bounded, streamed
+//! downloads that never send the token to another host.
 
 use bytes::Bytes;
 use serde_json::Value;

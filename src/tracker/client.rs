@@ -1,6 +1,7 @@
 //! The HTTP side of the tracker client: the PAT as a Basic credential, URLs with their
-//! `api-version`, one deadline and one size bound per request, waits on 429/503 through
-//! `crate::retry`, the version probe, and the server's refusals as [`TrackerError`]s.
+//! `api-version` and the other URLs of the same collection, one deadline and one size bound
+//! per request, waits on 429/503 through `crate::retry` (and on 502/504 for requests safe to
+//! repeat), the version probe, and the server's refusals as [`TrackerError`]s.
 
 use std::sync::Mutex;
 use std::time::Duration;
