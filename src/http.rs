@@ -1215,6 +1215,52 @@ impl Client {
         }
     }
 
+    /// Sends a request and reads the whole response as it flows: the status line and headers
+    /// within `deadline`, then each piece of the body within `progress` of the one before (a
+    /// body that keeps flowing is never cut off; one that stalls fails), at most `max_body`
+    /// bytes.
+    pub async fn send_streaming(
+        &self,
+        req: Request<Body>,
+        deadline: Duration,
+        progress: Duration,
+        max_body: usize,
+    ) -> Result<Reply, ClientError> {
+        let resp = match tokio::time::timeout(deadline, self.inner.request(req)).await {
+            Ok(r) => r.map_err(|e| ClientError::Transport(error_chain(&e)))?,
+            Err(_) => return Err(ClientError::Timeout(deadline)),
+        };
+        let (parts, mut body) = resp.into_parts();
+        if body.size_hint().lower() > max_body as u64 {
+            return Err(ClientError::TooLarge(max_body));
+        }
+        let mut out = bytes::BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(progress, body.frame()).await {
+                Err(_) => {
+                    return Err(ClientError::Transport(format!(
+                        "the response body stalled: nothing for {progress:?} after {} bytes",
+                        out.len()
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(ClientError::Transport(format!("reading response: {e}"))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > max_body {
+                    return Err(ClientError::TooLarge(max_body));
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: out.freeze(),
+        })
+    }
+
     /// Sends a request and returns once the status line and headers arrived within
     /// `deadline`, with at most `keep` bytes of the body (for an error reason). The rest of
     /// the body is dropped unread, and a body that breaks off or stalls after the status line

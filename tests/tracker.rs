@@ -66,6 +66,10 @@ fn add(path: &str, value: Value) -> Value {
     json!({"op": "add", "path": path, "value": value})
 }
 
+fn now_ms() -> u64 {
+    relay::status::now_ms()
+}
+
 fn sha256(bytes: &[u8]) -> String {
     relay::crypto::hex(&relay::crypto::sha256(bytes))
 }
@@ -75,6 +79,7 @@ async fn the_version_is_probed_on_every_profile_and_a_too_high_setting_is_refuse
     for (profile, expected) in [
         (Profile::Services, "7.1"),
         (Profile::Server2022, "7.0"),
+        // Server 2020 names 6.1, a preview-only version: the released 6.0 below it.
         (Profile::Server2020, "6.0"),
         (Profile::Server2019, "5.0"),
     ] {
@@ -310,6 +315,8 @@ async fn attachments_small_and_chunked_come_back_byte_for_byte() {
     let down = t.download_attachment(&up.url, 1 << 20).await.expect("download");
     assert_eq!(sha256(&down), sha256(&small));
 
+    // Over Server's default 4 MB for a whole file: an administrator raised the limit.
+    e.sim.set_attachment_limit(16 * 1024 * 1024);
     let big: Vec<u8> = (0..(9 * 1024 * 1024 + 123u32)).map(|i| (i % 253) as u8).collect();
     let up = t
         .upload_attachment(PROJECT, "big.zip", &big)
@@ -376,7 +383,7 @@ async fn the_revisions_feed_pages_with_its_continuation_token() {
     let mut seen = Vec::new();
     let mut pages = 0;
     loop {
-        let page = t.revisions(PROJECT, token.as_deref()).await.expect("page");
+        let page = t.revisions(PROJECT, token.as_deref(), None).await.expect("page");
         pages += 1;
         seen.extend(page.revisions.iter().map(|r| (r.id, r.rev)));
         token = Some(page.continuation.clone());
@@ -394,12 +401,15 @@ async fn the_revisions_feed_pages_with_its_continuation_token() {
     assert_eq!(seen_ids, ids, "only the project's items");
 
     // From the stored token, only what changed since.
-    let quiet = t.revisions(PROJECT, token.as_deref()).await.expect("page");
+    let quiet = t.revisions(PROJECT, token.as_deref(), None).await.expect("page");
     assert!(quiet.revisions.is_empty() && quiet.last);
     e.sim
         .edit_as_human(ids[5], &[add("/fields/System.Title", json!("again"))])
         .expect("edit");
-    let next = t.revisions(PROJECT, Some(&quiet.continuation)).await.expect("page");
+    let next = t
+        .revisions(PROJECT, Some(&quiet.continuation), None)
+        .await
+        .expect("page");
     let got: Vec<(u64, u64)> = next.revisions.iter().map(|r| (r.id, r.rev)).collect();
     assert_eq!(got, [(ids[5], 2)]);
     e.sim.shutdown().await;
@@ -447,7 +457,10 @@ async fn wiql_selects_ids_and_a_crash_cut_create_is_found_by_its_hyperlink() {
             &[add("/fields/System.Title", json!("human's")), link(marker)],
         )
         .expect("seed");
-    assert_eq!(t.find_by_hyperlink(PROJECT, marker).await.expect("search"), None);
+    assert_eq!(
+        t.find_by_hyperlink(PROJECT, marker, now_ms()).await.expect("search"),
+        None
+    );
     let ours = t
         .create(
             PROJECT,
@@ -465,18 +478,20 @@ async fn wiql_selects_ids_and_a_crash_cut_create_is_found_by_its_hyperlink() {
         .await
         .expect("create");
     assert_eq!(
-        t.find_by_hyperlink(PROJECT, marker).await.expect("search"),
+        t.find_by_hyperlink(PROJECT, marker, now_ms()).await.expect("search"),
         ours2.id,
         "exactly the URL, not a prefix"
     );
     assert_eq!(
-        t.find_by_hyperlink(PROJECT, &format!("{marker}0"))
+        t.find_by_hyperlink(PROJECT, &format!("{marker}0"), now_ms())
             .await
             .expect("search"),
         ours.id
     );
     assert_eq!(
-        t.find_by_hyperlink(PROJECT, "https://nowhere/1").await.expect("search"),
+        t.find_by_hyperlink(PROJECT, "https://nowhere/1", now_ms())
+            .await
+            .expect("search"),
         None
     );
     e.sim.shutdown().await;
@@ -624,4 +639,301 @@ async fn doctor_checks_the_tracker_instead_of_the_webhook() {
         ]
     );
     e.sim.shutdown().await;
+}
+
+fn marker_link(url: &str) -> Value {
+    add("/relations/-", json!({"rel": "Hyperlink", "url": url}))
+}
+
+#[tokio::test]
+async fn a_create_or_comment_answered_by_a_gateway_after_commit_is_not_repeated_but_reconciled() {
+    let e = env(Profile::Services).await;
+    let t = e.tracker().await;
+    let attempted = now_ms();
+    let marker = "https://relay.example/marker/1";
+    e.sim.fail_after_commit("workitems.create", 502, 1);
+    let err = t
+        .create(
+            PROJECT,
+            "Bug",
+            &json!([add("/fields/System.Title", json!("once")), marker_link(marker)]),
+        )
+        .await
+        .expect_err("a gateway's 502");
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        matches!(&err, TrackerError::Unreachable { reason, .. } if reason.contains("outcome is unknown")),
+        "{err}"
+    );
+    assert_eq!(e.sim.count("workitems.create"), 1, "never repeated in the client");
+    assert_eq!(e.sim.item_ids(Some(PROJECT)).len(), 1);
+    let id = t
+        .find_by_hyperlink(PROJECT, marker, attempted)
+        .await
+        .expect("search")
+        .expect("the committed create is found by its marker");
+
+    e.sim.fail_after_commit("comments.add", 504, 1);
+    let err = t.add_comment(PROJECT, id, "<p>once</p>").await.expect_err("504");
+    assert!(
+        err.is_transient() && err.to_string().contains("outcome is unknown"),
+        "{err}"
+    );
+    assert_eq!(e.sim.count("comments.add"), 1);
+    assert_eq!(e.sim.comment_texts(id), ["<p>once</p>"]);
+
+    // Refusals made before any processing are still waited out and repeated.
+    e.sim.inject_429_on("workitems.create", 1, 0);
+    t.create(
+        PROJECT,
+        "Bug",
+        &json!([add("/fields/System.Title", json!("after 429"))]),
+    )
+    .await
+    .expect("a 429 is retried");
+    assert_eq!(e.sim.count("workitems.create"), 3);
+    // An idempotent write (a patch with `test /rev`) is repeated after a 502.
+    e.sim.fail_after_commit("workitems.update", 502, 1);
+    let rev = e.sim.item(id).expect("item").0;
+    t.update(
+        id,
+        &json!([
+            {"op": "test", "path": "/rev", "value": rev},
+            add("/fields/System.Title", json!("patched"))
+        ]),
+    )
+    .await
+    .map(|_| ())
+    .or_else(|err| match err {
+        // The first call committed, so the repeat's `test /rev` fails: the caller re-reads.
+        TrackerError::Conflict(_) => Ok(()),
+        other => Err(other),
+    })
+    .expect("an idempotent update is repeated");
+    assert_eq!(e.sim.count("workitems.update"), 2);
+    e.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn reconciliation_finds_a_create_from_days_ago_with_no_fixed_window() {
+    let e = env(Profile::Server2022).await;
+    let t = e.tracker().await;
+    let marker = "https://relay.example/marker/weekend";
+    let item = t
+        .create(
+            PROJECT,
+            "Bug",
+            &json!([add("/fields/System.Title", json!("friday")), marker_link(marker)]),
+        )
+        .await
+        .expect("create");
+    let id = item.id.expect("id");
+    // Created on a Friday, looked for on the Monday after a crash over the weekend.
+    let friday = now_ms() - 3 * 86_400_000;
+    e.sim.backdate(id, friday as i64);
+    assert_eq!(
+        t.find_by_hyperlink(PROJECT, marker, friday).await.expect("search"),
+        Some(id)
+    );
+    assert_eq!(
+        t.hyperlinks_created(PROJECT, friday)
+            .await
+            .expect("search")
+            .get(marker)
+            .copied(),
+        Some(id)
+    );
+    // A search from after it was created does not see it.
+    assert_eq!(
+        t.find_by_hyperlink(PROJECT, marker, now_ms() + 2 * 86_400_000)
+            .await
+            .expect("search"),
+        None
+    );
+    e.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_first_feed_read_starts_at_the_given_instant_not_the_project_s_history() {
+    let e = env(Profile::Server2020).await;
+    let t = e.tracker().await;
+    for title in ["old 1", "old 2"] {
+        e.sim
+            .create_item(PROJECT, "Bug", &[add("/fields/System.Title", json!(title))])
+            .expect("seed");
+    }
+    // The simulator stamps revisions to the millisecond: keep `start` clear of both sides.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let start = now_ms();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let new = e
+        .sim
+        .create_item(PROJECT, "Bug", &[add("/fields/System.Title", json!("new"))])
+        .expect("seed");
+    let page = t.revisions(PROJECT, None, Some(start)).await.expect("page");
+    let got: Vec<(u64, u64)> = page.revisions.iter().map(|r| (r.id, r.rev)).collect();
+    assert_eq!(got, [(new, 1)]);
+    // The continuation goes on from there; the start no longer applies.
+    e.sim
+        .edit_as_human(new, &[add("/fields/System.Title", json!("newer"))])
+        .expect("edit");
+    let next = t
+        .revisions(PROJECT, Some(&page.continuation), Some(start))
+        .await
+        .expect("page");
+    let got: Vec<(u64, u64)> = next.revisions.iter().map(|r| (r.id, r.rev)).collect();
+    assert_eq!(got, [(new, 2)]);
+    let all = t.revisions(PROJECT, None, None).await.expect("page");
+    assert_eq!(all.revisions.len(), 4, "without a start: the whole history");
+    e.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn attachment_urls_on_the_organisation_s_canonical_host_are_read_from_the_configured_one() {
+    let e = env(Profile::Services).await;
+    e.sim.set_canonical_url(Some("https://fabrikam.visualstudio.com"));
+    let t = e.tracker().await;
+    let up = t
+        .upload_attachment(PROJECT, "trace.log", b"canonical bytes")
+        .await
+        .expect("upload");
+    assert!(
+        up.url
+            .starts_with("https://fabrikam.visualstudio.com/_apis/wit/attachments/"),
+        "{}",
+        up.url
+    );
+    let bytes = t.download_attachment(&up.url, 1 << 20).await.expect("download");
+    assert_eq!(&bytes[..], b"canonical bytes");
+    let gets = e.sim.count("attachments.get");
+    match t
+        .download_attachment("https://elsewhere.example/_apis/wit/attachments/x", 1 << 20)
+        .await
+    {
+        Err(TrackerError::Refused { message, .. }) => assert!(message.contains("not on the tracker"), "{message}"),
+        other => panic!("expected a refusal: {other:?}"),
+    }
+    assert_eq!(e.sim.count("attachments.get"), gets);
+    e.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upload_over_the_server_s_attachment_limit_is_refused_for_good_naming_the_limit() {
+    let e = env(Profile::Server2022).await;
+    let t = e.tracker().await;
+    // Chunked (over 4 MB): the whole file counts.
+    let big = vec![7u8; 5 * 1024 * 1024];
+    let err = t
+        .upload_attachment(PROJECT, "big.bin", &big)
+        .await
+        .expect_err("over 4 MB");
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        matches!(&err, TrackerError::Refused { message, .. } if message.contains("TF237082") && message.contains("(4.000 MB(s))")),
+        "{err}"
+    );
+    e.sim.set_attachment_limit(1024);
+    let err = t
+        .upload_attachment(PROJECT, "small.bin", &[1u8; 2048])
+        .await
+        .expect_err("over 1 KiB");
+    assert!(
+        !err.is_transient() && err.to_string().contains("supported file upload size"),
+        "{err}"
+    );
+    e.sim.shutdown().await;
+}
+
+/// A plain-HTTP server that answers the version probe, and an attachment as `pieces` bodies
+/// pieces `gap` apart (a body that keeps flowing, or that stalls).
+async fn trickling_server(pieces: usize, gap: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&got).to_string();
+                if head.contains("/_apis/projects") {
+                    let body = r#"{"count":0,"value":[]}"#;
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+                let piece = [b'x'; 1000];
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            pieces * piece.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                for _ in 0..pieces {
+                    if s.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}/coll")
+}
+
+fn plain_settings(url: &str, dir: &tempfile::TempDir, timeout: Duration) -> TrackerSettings {
+    let token = dir.path().join("pat");
+    std::fs::write(&token, "pat\n").expect("write PAT");
+    let mut s = settings(url, Some(token), None);
+    s.trust = WebhookTrust::Web;
+    s.request_timeout = timeout;
+    s
+}
+
+#[tokio::test]
+async fn a_download_that_keeps_flowing_outlasts_the_request_timeout_and_one_that_stalls_fails() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 12 pieces 100 ms apart: 1.1 s in all, past the 500 ms timeout, never 500 ms without one.
+    let url = trickling_server(12, Duration::from_millis(100)).await;
+    let t = Tracker::connect(&plain_settings(&url, &dir, Duration::from_millis(500)))
+        .await
+        .expect("connects");
+    let bytes = t
+        .download_attachment(&format!("{url}/_apis/wit/attachments/a"), 1 << 20)
+        .await
+        .expect("a flowing body is read to its end");
+    assert_eq!(bytes.len(), 12_000);
+    // Over the bound: this attachment's error, not a transient one.
+    let err = t
+        .download_attachment(&format!("{url}/_apis/wit/attachments/a"), 5_000)
+        .await
+        .expect_err("too large");
+    assert!(!err.is_transient() && err.to_string().contains("larger than"), "{err}");
+
+    // A body that stalls longer than the timeout between two pieces.
+    let url = trickling_server(3, Duration::from_millis(1500)).await;
+    let t = Tracker::connect(&plain_settings(&url, &dir, Duration::from_millis(500)))
+        .await
+        .expect("connects");
+    let err = t
+        .download_attachment(&format!("{url}/_apis/wit/attachments/a"), 1 << 20)
+        .await
+        .expect_err("stalled");
+    assert!(err.is_transient() && err.to_string().contains("stalled"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! Attachments: one-request uploads up to the Server default limit, chunked uploads above it
-//! (`uploadType=Chunked`, then `PUT` with `Content-Range`, in order), and bounded downloads
-//! that never send the token to another host.
+//! (`uploadType=Chunked`, then `PUT` with `Content-Range`, in order), and bounded, streamed
+//! downloads that never send the token to another host.
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -72,9 +72,12 @@ pub async fn upload(rest: &Rest, project: &str, filename: &str, bytes: &[u8]) ->
     Ok(done)
 }
 
-/// Reads an attachment of this tracker, at most `max_bytes` of it.
+/// Reads an attachment of this tracker, at most `max_bytes` of it. The body streams under a
+/// progress deadline (the request timeout between two pieces), so a large file that keeps
+/// flowing is read to its end while a stalled one fails; more than `max_bytes` is an error of
+/// this attachment, not a transient one.
 pub async fn download(rest: &Rest, url: &str, max_bytes: usize) -> Result<Bytes, TrackerError> {
-    if !rest.owns(url) {
+    let Some(local) = rest.resolve_url(url).await else {
         return Err(TrackerError::Refused {
             status: 0,
             message: format!(
@@ -82,17 +85,17 @@ pub async fn download(rest: &Rest, url: &str, max_bytes: usize) -> Result<Bytes,
                 rest.base
             ),
         });
-    }
-    let url = if url.contains("api-version=") {
-        url.to_owned()
+    };
+    let url = if local.contains("api-version=") {
+        local
     } else {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}{}", rest.api())
+        let sep = if local.contains('?') { '&' } else { '?' };
+        format!("{local}{sep}{}", rest.api())
     };
     let mut req = Req::get(url.clone());
     req.accept = "application/octet-stream";
     req.max = max_bytes;
-    let reply = rest.send(&req).await.map_err(|e| match e {
+    let reply = rest.send_streaming(&req).await.map_err(|e| match e {
         TrackerError::Protocol(m) if m.contains("larger than") => {
             TrackerError::Protocol(format!("attachment {url} is larger than the {max_bytes} bytes allowed"))
         }

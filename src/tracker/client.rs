@@ -1,6 +1,7 @@
 //! The HTTP side of the tracker client: the PAT as a Basic credential, URLs with their
-//! `api-version`, one deadline and one size bound per request, waits on 429/503 through
-//! `crate::retry`, the version probe, and the server's refusals as [`TrackerError`]s.
+//! `api-version` and the other URLs of the same collection, one deadline and one size bound
+//! per request, waits on 429/503 through `crate::retry` (and on 502/504 for requests safe to
+//! repeat), the version probe, and the server's refusals as [`TrackerError`]s.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -30,6 +31,32 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// The most a success carrying `Retry-After` (the service's delayed mode) holds back the next
 /// request.
 const MAX_PACE: Duration = Duration::from_secs(30);
+/// The released (not preview-only) REST API versions relay speaks, oldest first: a server
+/// whose latest is a preview is spoken to in the highest of these below it.
+pub const RELEASED: [ApiVersion; 5] = [
+    ApiVersion { major: 5, minor: 0 },
+    ApiVersion { major: 5, minor: 1 },
+    ApiVersion { major: 6, minor: 0 },
+    ApiVersion { major: 7, minor: 0 },
+    ApiVersion { major: 7, minor: 1 },
+];
+/// The preview gate's words: "The requested version "6.1" of the resource is under preview.
+/// The -preview flag must be supplied in the api-version for such requests. …"
+const PREVIEW_MARK: &str = "-preview flag must be supplied";
+
+/// Whether a 400's message refuses a version for lacking `-preview`.
+pub fn is_preview_refusal(message: &str) -> bool {
+    message.contains(PREVIEW_MARK) || message.contains("is under preview")
+}
+
+/// The highest released version below `v`.
+pub fn released_below(v: ApiVersion) -> Option<ApiVersion> {
+    RELEASED.iter().rev().copied().find(|r| *r < v)
+}
+
+/// What an unknown outcome of a non-idempotent request means for its caller.
+const OUTCOME_UNKNOWN: &str =
+    "the outcome is unknown (the server may have committed it), so it is not repeated: reconcile by its marker";
 /// The version gate's words before the version it names.
 const LATEST_MARK: &str = "The latest REST API version this server supports is ";
 
@@ -150,13 +177,78 @@ pub fn refusal(reply: &Reply, item: Option<u64>) -> TrackerError {
     }
 }
 
-/// How long the server asks to wait: `Retry-After` (seconds), else `X-RateLimit-Delay`
-/// (seconds, fractional).
+/// How long the server asks to wait: its `Retry-After`. `X-RateLimit-Delay` is not one: it
+/// reports how long the server already held this request back, a delay spent, not one to
+/// wait again.
 pub fn asked_delay(reply: &Reply) -> Option<Duration> {
-    reply.retry_after().or_else(|| {
-        let secs: f64 = http::header(&reply.headers, "x-ratelimit-delay")?.trim().parse().ok()?;
-        (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
-    })
+    reply.retry_after()
+}
+
+/// Scheme, host and port of a URL, lower-cased.
+fn origin(u: &str) -> Option<(String, String, u16)> {
+    let uri: http::Uri = u.parse().ok()?;
+    let (host, port) = http::host_port(&uri);
+    Some((uri.scheme_str()?.to_ascii_lowercase(), host.to_ascii_lowercase(), port))
+}
+
+fn same_origin(a: &str, b: &str) -> bool {
+    matches!((origin(a), origin(b)), (Some(a), Some(b)) if a == b)
+}
+
+/// `url` moved from under `alias` to under `base`, when it is under `alias` (same origin, and
+/// the alias's path as a whole-segment prefix).
+fn rebase(url: &str, alias: &str, base: &str) -> Option<String> {
+    if !same_origin(url, alias) {
+        return None;
+    }
+    let path_of = |u: &str| -> Option<String> {
+        let uri: http::Uri = u.parse().ok()?;
+        Some(uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default())
+    };
+    let tail = path_of(url)?;
+    let prefix = path_of(alias)?;
+    let prefix = prefix.trim_end_matches('/');
+    let rest = if prefix.is_empty() {
+        tail.as_str()
+    } else {
+        let head = tail.get(..prefix.len())?;
+        if !head.eq_ignore_ascii_case(prefix) {
+            return None;
+        }
+        let rest = &tail[prefix.len()..];
+        if !(rest.is_empty() || rest.starts_with(['/', '?'])) {
+            return None;
+        }
+        rest
+    };
+    Some(format!("{base}{rest}"))
+}
+
+/// The other URLs an Azure DevOps Services organisation answers on: `https://dev.azure.com/{org}`
+/// and its older canonical host `https://{org}.visualstudio.com` (with or without
+/// `DefaultCollection`) are one organisation; answers may name either.
+pub fn canonical_aliases(base: &str) -> Vec<String> {
+    let Ok(uri) = base.parse::<http::Uri>() else {
+        return Vec::new();
+    };
+    let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    if host == "dev.azure.com" {
+        if let [org] = segments.as_slice() {
+            let org = org.to_ascii_lowercase();
+            return vec![
+                format!("https://{org}.visualstudio.com/DefaultCollection"),
+                format!("https://{org}.visualstudio.com"),
+            ];
+        }
+    } else if let Some(org) = host.strip_suffix(".visualstudio.com") {
+        let mut out = vec![format!("https://dev.azure.com/{org}")];
+        if segments.is_empty() {
+            out.insert(0, format!("https://{org}.visualstudio.com/DefaultCollection"));
+        }
+        return out;
+    }
+    Vec::new()
 }
 
 /// One request to send, possibly more than once.
@@ -177,6 +269,11 @@ pub struct Req {
     pub max: usize,
     /// The work item a 412 refers to.
     pub item: Option<u64>,
+    /// Whether sending it twice does no more than sending it once. A create or a comment add
+    /// is not: after an answer that may follow a commit (502, 504, a 503 without
+    /// `Retry-After`, a timeout, a reset) it is never repeated here, and the caller reconciles
+    /// by its marker. Reads (a batch read by POST too) and `test /rev` patches are.
+    pub idempotent: bool,
 }
 
 impl Req {
@@ -191,6 +288,7 @@ impl Req {
             body: Bytes::new(),
             max: MAX_JSON_ANSWER,
             item: None,
+            idempotent: true,
         }
     }
 
@@ -225,6 +323,10 @@ pub struct Rest {
     timeout: Duration,
     /// No request leaves before this instant (set by a server that asked to slow down).
     not_before: Mutex<Option<Instant>>,
+    /// Other base URLs of the same organisation or collection (no trailing `/`).
+    aliases: Mutex<Vec<String>>,
+    /// Whether the server's access mappings were asked for already.
+    mappings_read: std::sync::atomic::AtomicBool,
 }
 
 impl Rest {
@@ -240,6 +342,8 @@ impl Rest {
             http: http::Client::webhook(tls, settings.request_timeout),
             timeout: settings.request_timeout,
             not_before: Mutex::new(None),
+            aliases: Mutex::new(canonical_aliases(settings.url.trim_end_matches('/'))),
+            mappings_read: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -258,15 +362,53 @@ impl Rest {
         format!("api-version={}", self.version)
     }
 
-    /// Whether `url` points at this tracker (scheme, host and port of the base URL), so the
-    /// credential is never sent anywhere else.
-    pub fn owns(&self, url: &str) -> bool {
-        let origin = |u: &str| -> Option<(String, String, u16)> {
-            let uri: http::Uri = u.parse().ok()?;
-            let (host, port) = http::host_port(&uri);
-            Some((uri.scheme_str()?.to_ascii_lowercase(), host.to_ascii_lowercase(), port))
-        };
-        matches!((origin(url), origin(&self.base)), (Some(a), Some(b)) if a == b)
+    /// `url` as a URL of the configured base, when it points at this tracker: on the base's
+    /// own origin as it is, on another URL of the same organisation or collection (its
+    /// canonical host, an access mapping the server named) rewritten onto the base. The
+    /// credential is only ever sent to the configured host, and never anywhere else.
+    pub fn local_url(&self, url: &str) -> Option<String> {
+        if same_origin(url, &self.base) {
+            return Some(url.to_owned());
+        }
+        let aliases = self.aliases.lock().unwrap_or_else(|p| p.into_inner());
+        aliases.iter().find_map(|alias| rebase(url, alias, &self.base))
+    }
+
+    /// [`Rest::local_url`], asking the server once for the URLs it answers on (its access
+    /// mappings) when `url` is on none known yet.
+    pub async fn resolve_url(&self, url: &str) -> Option<String> {
+        if let Some(local) = self.local_url(url) {
+            return Some(local);
+        }
+        if self.mappings_read.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return None;
+        }
+        // Connection data with its services (connectOptions=1) lists the access mappings.
+        let ask = format!(
+            "{}?connectOptions=1&api-version={}-preview",
+            self.collection_url("connectionData"),
+            self.version
+        );
+        match self.json(&Req::get(ask)).await {
+            Ok(v) => {
+                let points = v
+                    .pointer("/locationServiceData/accessMappings")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.get("accessPoint").and_then(Value::as_str))
+                    .map(|p| p.trim_end_matches('/').to_owned())
+                    .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case(&self.base));
+                let mut aliases = self.aliases.lock().unwrap_or_else(|p| p.into_inner());
+                for p in points {
+                    if !aliases.iter().any(|a| a.eq_ignore_ascii_case(&p)) {
+                        aliases.push(p);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "tracker access mappings unreadable"),
+        }
+        self.local_url(url)
     }
 
     async fn pace(&self) {
@@ -284,9 +426,29 @@ impl Rest {
         }
     }
 
-    /// Sends `req`, waiting and retrying on 429, 502, 503 and 504; answers a 2xx reply, or the
-    /// refusal as an error.
+    /// Sends `req`, waiting and retrying on 429, 502, 503 and 504 (a non-idempotent request
+    /// only on 429 and a 503 with `Retry-After`, refusals made before any processing);
+    /// answers a 2xx reply, or the refusal as an error.
     pub async fn send(&self, req: &Req) -> Result<Reply, TrackerError> {
+        self.send_with(req, |request| self.http.send(request, self.timeout, req.max))
+            .await
+    }
+
+    /// [`Rest::send`] reading the body as it flows: the status line within the request
+    /// timeout, then no more than the timeout between two pieces of the body (a progress
+    /// deadline, not a whole-body one), at most `req.max` bytes.
+    pub async fn send_streaming(&self, req: &Req) -> Result<Reply, TrackerError> {
+        self.send_with(req, |request| {
+            self.http.send_streaming(request, self.timeout, self.timeout, req.max)
+        })
+        .await
+    }
+
+    async fn send_with<F, Fut>(&self, req: &Req, exchange: F) -> Result<Reply, TrackerError>
+    where
+        F: Fn(http::Request<http::Body>) -> Fut,
+        Fut: std::future::Future<Output = Result<Reply, ClientError>>,
+    {
         let mut backoff = crate::retry::Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let mut waited = Duration::ZERO;
         let mut attempt = 0;
@@ -301,7 +463,7 @@ impl Rest {
             }
             let request = http::request(req.method.clone(), &req.url, &headers, req.body.clone())
                 .map_err(|e| TrackerError::Protocol(format!("request to {} could not be built: {e}", req.url)))?;
-            let reply = match self.http.send(request, self.timeout, req.max).await {
+            let reply = match exchange(request).await {
                 Ok(r) => r,
                 Err(ClientError::TooLarge(n)) => {
                     return Err(TrackerError::Protocol(format!(
@@ -317,10 +479,15 @@ impl Rest {
                 }
                 // A write cut off in flight may have happened: never repeated here.
                 Err(e) => {
+                    let reason = if req.idempotent {
+                        e.to_string()
+                    } else {
+                        format!("{e}; {OUTCOME_UNKNOWN}")
+                    };
                     return Err(TrackerError::Unreachable {
                         url: req.url.clone(),
-                        reason: e.to_string(),
-                    })
+                        reason,
+                    });
                 }
             };
             let status = reply.status;
@@ -332,6 +499,16 @@ impl Rest {
                     | StatusCode::GATEWAY_TIMEOUT
             );
             let asked = asked_delay(&reply);
+            // A gateway's 502/504 (or a 503 that names no wait) may come after the server
+            // committed: a second create or comment would be a duplicate.
+            let refused_before_processing = status == StatusCode::TOO_MANY_REQUESTS
+                || (status == StatusCode::SERVICE_UNAVAILABLE && asked.is_some());
+            if busy && !req.idempotent && !refused_before_processing {
+                return Err(TrackerError::Unreachable {
+                    url: req.url.clone(),
+                    reason: format!("answered {status}; {OUTCOME_UNKNOWN}"),
+                });
+            }
             if !busy {
                 if status.is_success() && status != StatusCode::NON_AUTHORITATIVE_INFORMATION {
                     // Delayed mode: the service says to slow down before it starts refusing.
@@ -416,6 +593,19 @@ mod tests {
     }
 
     #[test]
+    fn a_preview_only_latest_falls_back_to_the_highest_released_version_below() {
+        let m = "The requested version \"6.1\" of the resource is under preview. The -preview flag must be \
+                 supplied in the api-version for such requests. For example: \"6.1-preview\"";
+        assert!(is_preview_refusal(m));
+        assert!(!is_preview_refusal("TF400898: unavailable"));
+        let v = |s| ApiVersion::parse(s).unwrap();
+        assert_eq!(released_below(v("6.1")), Some(v("6.0")));
+        assert_eq!(released_below(v("7.2")), Some(v("7.1")));
+        assert_eq!(released_below(v("5.1")), Some(v("5.0")));
+        assert_eq!(released_below(v("5.0")), None);
+    }
+
+    #[test]
     fn refusals_map_to_what_callers_branch_on() {
         let body = r#"{"$id":"1","message":"TF401232: Work item 7 does not exist.","typeKey":"X"}"#;
         match refusal(&reply(404, &[], body), None) {
@@ -437,17 +627,76 @@ mod tests {
     }
 
     #[test]
-    fn delays_come_from_retry_after_or_the_rate_limit_delay() {
+    fn delays_come_from_retry_after_and_never_from_the_delay_already_applied() {
         assert_eq!(
             asked_delay(&reply(429, &[("retry-after", "3")], "")),
             Some(Duration::from_secs(3))
         );
         assert_eq!(
-            asked_delay(&reply(429, &[("x-ratelimit-delay", "1.500")], "")),
-            Some(Duration::from_millis(1500))
+            asked_delay(&reply(429, &[("retry-after", "2"), ("x-ratelimit-delay", "1.500")], "")),
+            Some(Duration::from_secs(2))
         );
+        // X-RateLimit-Delay is how long the server already held the request back.
+        assert_eq!(asked_delay(&reply(200, &[("x-ratelimit-delay", "1.500")], "")), None);
         assert_eq!(asked_delay(&reply(429, &[("x-ratelimit-delay", "0.000")], "")), None);
         assert_eq!(asked_delay(&reply(503, &[], "")), None);
+    }
+
+    #[test]
+    fn an_organisation_s_canonical_host_is_the_same_tracker() {
+        let at = |base: &str, url: &str| {
+            let aliases = canonical_aliases(base);
+            if same_origin(url, base) {
+                return Some(url.to_owned());
+            }
+            aliases.iter().find_map(|a| rebase(url, a, base))
+        };
+        let base = "https://dev.azure.com/fabrikam";
+        assert_eq!(
+            at(
+                base,
+                "https://fabrikam.visualstudio.com/_apis/wit/attachments/ab?fileName=a.png"
+            )
+            .as_deref(),
+            Some("https://dev.azure.com/fabrikam/_apis/wit/attachments/ab?fileName=a.png")
+        );
+        assert_eq!(
+            at(
+                base,
+                "https://Fabrikam.VisualStudio.com/DefaultCollection/_apis/wit/workItems/7"
+            )
+            .as_deref(),
+            Some("https://dev.azure.com/fabrikam/_apis/wit/workItems/7")
+        );
+        assert_eq!(
+            at(base, "https://contoso.visualstudio.com/_apis/wit/attachments/ab"),
+            None
+        );
+        assert_eq!(at(base, "https://evil.example/fabrikam/_apis/wit/attachments/ab"), None);
+        // And the reverse.
+        assert_eq!(
+            at(
+                "https://fabrikam.visualstudio.com",
+                "https://dev.azure.com/fabrikam/_apis/wit/attachments/ab"
+            )
+            .as_deref(),
+            Some("https://fabrikam.visualstudio.com/_apis/wit/attachments/ab")
+        );
+        assert_eq!(
+            at(
+                "https://fabrikam.visualstudio.com",
+                "https://dev.azure.com/contoso/_apis/wit/attachments/ab"
+            ),
+            None
+        );
+        assert_eq!(
+            at(
+                "https://fabrikam.visualstudio.com",
+                "https://dev.azure.com/fabrikamx/_apis/x"
+            ),
+            None
+        );
+        assert!(canonical_aliases("https://tfs.example/DefaultCollection").is_empty());
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub async fn add(rest: &Rest, project: &str, id: u64, html: &str) -> Result<Adde
     );
     let mut req = Req::json(Method::POST, url, &json!({ "text": html }));
     req.item = Some(id);
+    // A second add after a lost answer would be a second comment.
+    req.idempotent = false;
     let v = rest.json(&req).await?;
     let comment_id = v
         .get("id")

@@ -13,15 +13,25 @@ const WIQL_PAGE: usize = 10_000;
 /// Ids per `workitemsbatch` call (the service's cap).
 const BATCH: usize = 200;
 
-/// One page of `{project}/_apis/wit/reporting/workitemrevisions`, ids and revs only.
-pub async fn revisions(rest: &Rest, project: &str, continuation: Option<&str>) -> Result<RevisionPage, TrackerError> {
+/// One page of `{project}/_apis/wit/reporting/workitemrevisions`, ids and revs only: from
+/// `continuation`, else (a first read) from `start_ms` with the documented `startDateTime`
+/// (revisions after that instant), else from the start of the project's history.
+pub async fn revisions(
+    rest: &Rest,
+    project: &str,
+    continuation: Option<&str>,
+    start_ms: Option<u64>,
+) -> Result<RevisionPage, TrackerError> {
     let mut url = format!(
         "{}?fields=System.Id,System.Rev&{}",
         rest.project_url(project, "wit/reporting/workitemrevisions"),
         rest.api()
     );
-    if let Some(token) = continuation.filter(|t| !t.is_empty()) {
-        url.push_str(&format!("&continuationToken={}", enc(token)));
+    match (continuation.filter(|t| !t.is_empty()), start_ms) {
+        (Some(token), _) => url.push_str(&format!("&continuationToken={}", enc(token))),
+        // The two cannot go together; the token already holds the position.
+        (None, Some(ms)) => url.push_str(&format!("&startDateTime={}", enc(&utc_instant(ms)))),
+        (None, None) => {}
     }
     let v = rest.json(&Req::get(url)).await?;
     let values = v
@@ -109,18 +119,38 @@ pub async fn query_ids(rest: &Rest, project: &str, where_clause: Option<&str>) -
     Ok(ids)
 }
 
-/// The lowest id among the project's items created by this token's user since yesterday
+/// The lowest id among the project's items created by this token's user since `since_ms`
 /// whose relations hold a `Hyperlink` to exactly `url`.
-pub async fn find_by_hyperlink(rest: &Rest, project: &str, url: &str) -> Result<Option<u64>, TrackerError> {
-    Ok(hyperlinks_created(rest, project).await?.get(url).copied())
+pub async fn find_by_hyperlink(
+    rest: &Rest,
+    project: &str,
+    url: &str,
+    since_ms: u64,
+) -> Result<Option<u64>, TrackerError> {
+    Ok(hyperlinks_created(rest, project, since_ms).await?.get(url).copied())
+}
+
+/// The WIQL selecting the project's items this token's user created on or after the day
+/// before `since_ms`'s (UTC) day: WIQL compares dates by day in the server's time zone, which
+/// may be up to a day behind UTC, and a day too many only costs a few more candidates.
+fn created_since_wiql(since_ms: u64) -> String {
+    let day = utc_instant(since_ms.saturating_sub(DAY_MS));
+    let day = &day[..10];
+    format!(
+        "SELECT [System.Id] FROM WorkItems WHERE [System.TeamProject] = @project \
+         AND [System.CreatedBy] = @me AND [System.CreatedDate] >= '{day}' ORDER BY [System.Id]"
+    )
 }
 
 /// Every `Hyperlink` URL of the project's items created by this token's user since
-/// yesterday, with the lowest id of an item carrying it.
-pub async fn hyperlinks_created(rest: &Rest, project: &str) -> Result<HashMap<String, u64>, TrackerError> {
-    let query = "SELECT [System.Id] FROM WorkItems WHERE [System.TeamProject] = @project \
-                 AND [System.CreatedBy] = @me AND [System.CreatedDate] >= @today - 1 ORDER BY [System.Id]";
-    let candidates = run_wiql(rest, project, query, 20_000).await?;
+/// `since_ms` (see [`created_since_wiql`]), with the lowest id of an item carrying it.
+pub async fn hyperlinks_created(
+    rest: &Rest,
+    project: &str,
+    since_ms: u64,
+) -> Result<HashMap<String, u64>, TrackerError> {
+    let query = created_since_wiql(since_ms);
+    let candidates = run_wiql(rest, project, &query, 20_000).await?;
     let batch_url = format!("{}?{}", rest.project_url(project, "wit/workitemsbatch"), rest.api());
     let mut found = HashMap::new();
     for chunk in candidates.chunks(BATCH) {
@@ -146,6 +176,32 @@ pub async fn hyperlinks_created(rest: &Rest, project: &str) -> Result<HashMap<St
     Ok(found)
 }
 
+/// Milliseconds in a day.
+const DAY_MS: u64 = 86_400_000;
+
+/// `2024-05-01T10:02:03.450Z` for unix milliseconds (UTC, proleptic Gregorian).
+fn utc_instant(ms: u64) -> String {
+    let days = (ms / DAY_MS) as i64;
+    let rem = ms % DAY_MS;
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
 fn short(v: &Value) -> String {
     v.to_string().chars().take(200).collect()
 }
@@ -166,5 +222,22 @@ mod tests {
              OR [System.Tags] CONTAINS 'sync') AND [System.Id] > 41 ORDER BY [System.Id]"
         );
         assert_eq!(wiql(Some("  "), 0), wiql(None, 0));
+    }
+
+    #[test]
+    fn instants_print_in_utc() {
+        assert_eq!(utc_instant(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc_instant(1_507_251_891_570), "2017-10-06T01:04:51.570Z");
+        assert_eq!(utc_instant(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc_instant(1_709_251_199_999), "2024-02-29T23:59:59.999Z");
+    }
+
+    #[test]
+    fn the_reconciling_search_starts_the_day_before_the_first_attempt() {
+        // 2017-10-06T01:04:51Z: from 2017-10-05, however long ago that was.
+        let q = created_since_wiql(1_507_251_891_570);
+        assert!(q.contains("[System.CreatedDate] >= '2017-10-05'"), "{q}");
+        assert!(q.contains("[System.CreatedBy] = @me"), "{q}");
+        assert!(!q.contains("@today"), "{q}");
     }
 }

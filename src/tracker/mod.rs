@@ -79,7 +79,7 @@ pub enum TrackerError {
         reason: String,
     },
     /// 401 or 403: the token is wrong, expired or lacks a scope.
-    #[error("tracker refused the access token ({status}): {message}; check tracker.token_file and the token's scopes (Work Items: read & write)")]
+    #[error("tracker refused the access token ({status}): {message}; check tracker.token_file and the token's scopes (Work Items: Read & write; Project and Team: Read)")]
     Auth {
         /// HTTP status.
         status: u16,
@@ -211,13 +211,48 @@ impl Tracker {
                     });
                 }
                 // Confirm the named version is served before relying on it.
-                if let Some(again) = rest.probe(latest).await? {
-                    return Err(TrackerError::Protocol(format!(
-                        "{} named {latest} as its latest REST API version, then refused it naming {again}",
-                        rest.base
-                    )));
+                let speak = match rest.probe(latest).await {
+                    Ok(None) => latest,
+                    Ok(Some(again)) => {
+                        return Err(TrackerError::Protocol(format!(
+                            "{} named {latest} as its latest REST API version, then refused it naming {again}",
+                            rest.base
+                        )))
+                    }
+                    // Azure DevOps Server 2020 names 6.1, which it serves only as
+                    // `6.1-preview`. relay speaks the highest released version below it rather
+                    // than the preview: the versioning guidelines let a preview change or be
+                    // deactivated, while a released version stays, and the supported-versions
+                    // table gives Server 2020 as 6.0.
+                    Err(TrackerError::Refused { status: 400, message }) if client::is_preview_refusal(&message) => {
+                        let below = client::released_below(latest).ok_or_else(|| TrackerError::Refused {
+                            status: 400,
+                            message: format!(
+                                "{} serves its latest REST API version {latest} only as a preview, and relay knows no \
+                                 released version below it: {message}",
+                                rest.base
+                            ),
+                        })?;
+                        if let Some(again) = rest.probe(below).await? {
+                            return Err(TrackerError::Protocol(format!(
+                                "{} named {latest} as its latest REST API version, then refused {below} naming {again}",
+                                rest.base
+                            )));
+                        }
+                        below
+                    }
+                    Err(e) => return Err(e),
+                };
+                if speak < OLDEST_KNOWN {
+                    return Err(TrackerError::Refused {
+                        status: 400,
+                        message: format!(
+                            "{} speaks REST API {speak}; relay needs {OLDEST_KNOWN} (Azure DevOps Server 2019) or later",
+                            rest.base
+                        ),
+                    });
                 }
-                rest.version = latest;
+                rest.version = speak;
             }
         }
         tracing::info!(url = %rest.base, version = %rest.version, "tracker connected");
@@ -343,10 +378,16 @@ impl Tracker {
         }
     }
 
-    /// One page of the project's reporting revisions feed, from `continuation` (the start of
-    /// the feed when `None`).
-    pub async fn revisions(&self, project: &str, continuation: Option<&str>) -> Result<RevisionPage, TrackerError> {
-        feed::revisions(&self.rest, project, continuation).await
+    /// One page of the project's reporting revisions feed, from `continuation`; a first read
+    /// (no continuation) starts after `start_ms` (unix ms, e.g. when the connection started)
+    /// when given, else at the start of the project's history.
+    pub async fn revisions(
+        &self,
+        project: &str,
+        continuation: Option<&str>,
+        start_ms: Option<u64>,
+    ) -> Result<RevisionPage, TrackerError> {
+        feed::revisions(&self.rest, project, continuation, start_ms).await
     }
 
     /// Ids of the project's work items matching the WIQL condition `where_clause` (all when
@@ -355,19 +396,28 @@ impl Tracker {
         feed::query_ids(&self.rest, project, where_clause).await
     }
 
-    /// The item of `project` this token's user created in the last two days whose relations
-    /// hold a `Hyperlink` to exactly `url` (the marker of a create a crash may have cut off).
-    pub async fn find_by_hyperlink(&self, project: &str, url: &str) -> Result<Option<u64>, TrackerError> {
-        feed::find_by_hyperlink(&self.rest, project, url).await
+    /// The item of `project` this token's user created since `since_ms` (unix ms: when the
+    /// create was first attempted) whose relations hold a `Hyperlink` to exactly `url` (the
+    /// marker of a create whose answer was lost). No fixed window: the search starts the day
+    /// before `since_ms`'s, for time zones, however long ago that was.
+    pub async fn find_by_hyperlink(
+        &self,
+        project: &str,
+        url: &str,
+        since_ms: u64,
+    ) -> Result<Option<u64>, TrackerError> {
+        feed::find_by_hyperlink(&self.rest, project, url, since_ms).await
     }
 
-    /// Every `Hyperlink` URL of the project's items this token's user created since yesterday,
-    /// with the lowest id carrying it: [`Tracker::find_by_hyperlink`] for many URLs at once.
+    /// Every `Hyperlink` URL of the project's items this token's user created since
+    /// `since_ms` (as in [`Tracker::find_by_hyperlink`]), with the lowest id carrying it:
+    /// [`Tracker::find_by_hyperlink`] for many URLs at once.
     pub async fn hyperlinks_created(
         &self,
         project: &str,
+        since_ms: u64,
     ) -> Result<std::collections::HashMap<String, u64>, TrackerError> {
-        feed::hyperlinks_created(&self.rest, project).await
+        feed::hyperlinks_created(&self.rest, project, since_ms).await
     }
 
     /// Creates a work item of `type_name` in `project` from a JSON Patch document.
@@ -379,16 +429,15 @@ impl Tracker {
             self.rest.api(),
             self.expand_relations()
         );
-        let doc = self
-            .rest
-            .json(&Req::patch(Method::POST, url, patch, None))
-            .await
-            .map_err(|e| match e {
-                TrackerError::NotFound(m) => {
-                    TrackerError::NotFound(format!("work item type {type_name:?} in project {project:?}: {m}"))
-                }
-                other => other,
-            })?;
+        let mut req = Req::patch(Method::POST, url, patch, None);
+        // A second create after a lost answer would be a second item.
+        req.idempotent = false;
+        let doc = self.rest.json(&req).await.map_err(|e| match e {
+            TrackerError::NotFound(m) => {
+                TrackerError::NotFound(format!("work item type {type_name:?} in project {project:?}: {m}"))
+            }
+            other => other,
+        })?;
         work_item(&doc)
     }
 

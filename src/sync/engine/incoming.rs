@@ -349,10 +349,21 @@ pub async fn apply(
                 .map(|p| p.marker.clone())
                 .unwrap_or_else(|| marker(replica, conn));
             let found = match (&mut recovery, twin.pending_create.is_some()) {
-                (Recovery::Search, _) | (_, true) => tracker.find_by_hyperlink(&link.project, &marker).await?,
+                (Recovery::Search, _) | (_, true) => {
+                    let since = twin
+                        .pending_create
+                        .as_ref()
+                        .map(|p| p.since_ms)
+                        .unwrap_or_else(crate::status::now_ms);
+                    tracker.find_by_hyperlink(&link.project, &marker, since).await?
+                }
                 (Recovery::Known(lately), false) => {
                     if lately.is_none() {
-                        **lately = Some(tracker.hyperlinks_created(&link.project).await?);
+                        **lately = Some(
+                            tracker
+                                .hyperlinks_created(&link.project, crate::status::now_ms())
+                                .await?,
+                        );
                     }
                     lately.as_ref().and_then(|m| m.get(&marker).copied())
                 }

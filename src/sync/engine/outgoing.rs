@@ -103,7 +103,7 @@ async fn read_feed(engine: &Engine, tracker: &Tracker, link: &SyncLink) -> Resul
     let trigger = state.rules(&link.name)?.and_then(|r| r.trigger);
     loop {
         let page = tracker
-            .revisions(&link.project, mark.as_ref().map(|m| m.continuation.as_str()))
+            .revisions(&link.project, mark.as_ref().map(|m| m.continuation.as_str()), None)
             .await?;
         if !fast_forward && !page.revisions.is_empty() {
             // An apply may have written some of these revisions and not yet recorded them.

@@ -196,6 +196,8 @@ impl Sim {
             faults: Mutex::new(server::Faults::default()),
             counters: Mutex::new(BTreeMap::new()),
             gates: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+            url: url.clone(),
             hooks: Mutex::new(Vec::new()),
             hook_delivered: AtomicU64::new(0),
             hook_failed: AtomicU64::new(0),
@@ -367,6 +369,67 @@ impl SimHandle {
     /// Answers of `endpoint` no longer wait (those waiting are not released: send `true`).
     pub fn stop_holding(&self, endpoint: &str) {
         lock(&self.shared.gates).remove(endpoint);
+    }
+
+    /// Answers of `endpoint` wait, after the request took effect, until
+    /// [`SimHandle::release`] (HTTP: `POST /_sim/hold {"endpoint": …}`).
+    pub fn hold(&self, endpoint: &str) {
+        server::hold(&self.shared, endpoint);
+    }
+
+    /// Answers of `endpoint` no longer wait, and those waiting go out (HTTP:
+    /// `POST /_sim/release {"endpoint": …}`).
+    pub fn release(&self, endpoint: &str) {
+        server::release(&self.shared, endpoint);
+    }
+
+    /// The next `n` calls of `endpoint` take effect, then answer `status` (502 or 504) as a
+    /// gateway that lost the server's answer would; `n = 0` disarms (HTTP:
+    /// `POST /_sim/fail-after-commit {"endpoint", "status", "count"}`). Each counts under
+    /// `fault.{status}.after-commit`.
+    ///
+    /// # Panics
+    ///
+    /// On a status other than 502 or 504 (a test's own mistake).
+    pub fn fail_after_commit(&self, endpoint: &str, status: u16, n: u32) {
+        if let Err(e) = server::fail_after_commit(&self.shared, endpoint, status, n) {
+            panic!("fail_after_commit: {}", e.message);
+        }
+    }
+
+    /// Calls of `endpoint` wait `delay` before they take effect (a slow commit a client may
+    /// time out on); zero stops (HTTP: `POST /_sim/slow-commits {"endpoint", "delayMs"}`).
+    /// Each counts under `{endpoint}.slow`.
+    pub fn slow_commits(&self, endpoint: &str, delay: std::time::Duration) {
+        server::slow_commits(&self.shared, endpoint, delay);
+    }
+
+    /// The total size one attachment may have, chunked or not; refused above it as the server
+    /// refuses (`TF237082`, naming the limit). The profile's default (4 MB on Server, 130 MB
+    /// on Services) until set (HTTP: `PUT /_sim/attachment-limit {"bytes": n|null}`).
+    pub fn set_attachment_limit(&self, bytes: u64) {
+        lock(&self.shared.faults).attachment_limit = Some(bytes);
+    }
+
+    /// Answers name `url` as the collection's base in item, attachment and link URLs instead
+    /// of [`SimHandle::url`] (an organisation's canonical host, e.g.
+    /// `https://fabrikam.visualstudio.com` when asked on `https://dev.azure.com/fabrikam`);
+    /// `None` restores it (HTTP: `PUT /_sim/canonical {"url": …|null}`). Connection data lists
+    /// both as access mappings.
+    pub fn set_canonical_url(&self, url: Option<&str>) {
+        server::set_canonical(&self.shared, url);
+    }
+
+    /// Moves work item `id`'s creation to `created_ms` (unix ms): its `System.CreatedDate` in
+    /// every revision, as an item that has existed for a while (a test of searches by date).
+    pub fn backdate(&self, id: u64, created_ms: i64) {
+        let mut s = lock(&self.shared.store);
+        if let Some(w) = s.items.get_mut(&id) {
+            for r in &mut w.revisions {
+                r.fields
+                    .insert("System.CreatedDate".into(), Value::String(clock::format(created_ms)));
+            }
+        }
     }
 
     /// Right after the next read of work item `id` is answered, a "human" applies `ops`, so

@@ -108,6 +108,15 @@ impl Profile {
         }
     }
 
+    /// The version the gate names as the server's latest. Azure DevOps Server 2020 names 6.1,
+    /// a version it serves only as `6.1-preview`: its latest released version is 6.0.
+    pub fn named_latest(self) -> Version {
+        match self {
+            Profile::Server2020 => Version { major: 6, minor: 1 },
+            other => other.latest(),
+        }
+    }
+
     /// Whether comments have their own API (add, edit, delete, ids). On Server 2019 (5.0)
     /// comments are only a read-only view of `System.History` revisions.
     pub fn has_comments_api(self) -> bool {
@@ -137,6 +146,15 @@ impl Profile {
         }
     }
 
+    /// The default total size of one attachment: Azure DevOps Server's default maximum
+    /// attachment size is 4 MB for the whole file (chunked or not); Services allows 130 MB.
+    pub fn attachment_limit(self) -> u64 {
+        match self {
+            Profile::Services => 130 * 1024 * 1024,
+            _ => 4 * 1024 * 1024,
+        }
+    }
+
     /// The version gate. `None` (no `api-version`) is accepted for GET, as the service
     /// answers those with its default version, and refused for writes.
     pub fn check(self, raw: Option<&str>, method: &str, preview_only: bool) -> Result<(), ApiError> {
@@ -159,10 +177,11 @@ impl Profile {
                 format!("The api-version '{raw}' is not valid."),
             ));
         };
-        if req.version > self.latest() {
-            return Err(version_out_of_range(&req.version.to_string(), self.latest()));
+        if req.version > self.named_latest() {
+            return Err(version_out_of_range(&req.version.to_string(), self.named_latest()));
         }
-        if preview_only && !req.preview {
+        // Above the latest released version, everything is still preview.
+        if (preview_only || req.version > self.latest()) && !req.preview {
             return Err(ApiError::bad_request(
                 "VssInvalidPreviewVersionException",
                 format!(
@@ -244,5 +263,21 @@ mod tests {
         assert!(Profile::Services.check(Some("7.1-preview.4"), "POST", true).is_ok());
         assert!(Profile::Services.check(Some("7.1"), "POST", true).is_err());
         assert!(Profile::Services.check(None, "PATCH", false).is_err());
+    }
+
+    #[test]
+    fn server_2020_names_a_preview_only_latest() {
+        let e = Profile::Server2020.check(Some("7.1"), "GET", false).unwrap_err();
+        assert!(
+            e.message
+                .ends_with("The latest REST API version this server supports is 6.1."),
+            "{}",
+            e.message
+        );
+        let e = Profile::Server2020.check(Some("6.1"), "GET", false).unwrap_err();
+        assert_eq!(e.type_key, "VssInvalidPreviewVersionException");
+        assert!(e.message.contains("\"6.1-preview\""), "{}", e.message);
+        assert!(Profile::Server2020.check(Some("6.1-preview"), "GET", false).is_ok());
+        assert!(Profile::Server2020.check(Some("6.0"), "GET", false).is_ok());
     }
 }

@@ -137,9 +137,9 @@ async fn version_gate_answers_the_latest_version_in_the_service_wording_per_prof
             let msg = r.json()["message"].as_str().unwrap_or("").to_string();
             assert_eq!(
                 msg,
-                format!("The requested REST API version of 7.1 is out of range for this server. The latest REST API version this server supports is {}.", profile.latest())
+                format!("The requested REST API version of 7.1 is out of range for this server. The latest REST API version this server supports is {}.", profile.named_latest())
             );
-            assert_eq!(parse_latest_supported(&msg), Some(profile.latest()));
+            assert_eq!(parse_latest_supported(&msg), Some(profile.named_latest()));
             assert_eq!(r.json()["typeKey"], "VssVersionOutOfRangeException");
         }
         let ok = t
@@ -1019,7 +1019,8 @@ async fn attachments_simple_and_chunked_upload_download_and_attach() {
             &[],
         )
         .await;
-    assert_eq!(r.status, 413, "Server's 4 MB default for simple uploads");
+    assert_eq!(r.status, 400, "Server's 4 MB default for a whole attachment");
+    assert!(r.json()["message"].as_str().unwrap_or("").starts_with("TF237082"));
 }
 
 #[tokio::test]
@@ -1286,7 +1287,7 @@ async fn version_in_the_accept_header_missing_versions_and_the_human_pat() {
     assert_eq!(r.status, 400, "the Accept header's version is gated too");
     assert_eq!(
         parse_latest_supported(r.json()["message"].as_str().unwrap_or("")),
-        Some(Version { major: 6, minor: 0 })
+        Some(Version { major: 6, minor: 1 })
     );
     let r = t
         .raw(
@@ -1436,4 +1437,256 @@ fn the_binary_explains_itself() {
         .expect("runs");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown profile"));
+}
+
+#[tokio::test]
+async fn server_2020_names_6_1_and_serves_it_only_as_a_preview() {
+    let t = start(Profile::Server2020).await;
+    let r = t.get("_apis/projects?api-version=7.0").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        parse_latest_supported(r.json()["message"].as_str().unwrap_or("")),
+        Some(Version { major: 6, minor: 1 })
+    );
+    let r = t.get("_apis/projects?api-version=6.1").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["typeKey"], "VssInvalidPreviewVersionException");
+    assert!(r.json()["message"].as_str().unwrap_or("").contains("\"6.1-preview\""));
+    assert_eq!(t.get("_apis/projects?api-version=6.1-preview").await.status, 200);
+    assert_eq!(t.get("_apis/projects?api-version=6.0").await.status, 200);
+    t.sim.shutdown().await;
+}
+
+/// Sends a control request with any method.
+async fn control_with(t: &T, method: &str, path: &str, v: Value) -> Resp {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{}/_sim/{path}", t.sim.addr))
+        .header("authorization", &t.auth)
+        .body(Full::new(Bytes::from(v.to_string())))
+        .expect("request");
+    let resp = t.http.request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Resp { status, headers, body }
+}
+
+#[tokio::test]
+async fn faults_over_the_control_api_hold_fail_after_commit_slow_commits_limit_and_canonical_host() {
+    let t = std::sync::Arc::new(start(Profile::Services).await);
+
+    // 502 after commit: the item exists, the answer is a gateway's.
+    let r = t
+        .control(
+            "fail-after-commit",
+            json!({"endpoint": "workitems.create", "status": 502, "count": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = t
+        .patch_doc(
+            "POST",
+            "Fabrikam/_apis/wit/workitems/$Task?api-version=7.1",
+            json!([add("/fields/System.Title", json!("committed"))]),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(t.sim.item_ids(Some("Fabrikam")).len(), 1, "the create took effect");
+    assert_eq!(t.sim.count("fault.502.after-commit"), 1);
+    let id = t.create_titled("answered").await;
+    assert_eq!(t.sim.item_ids(Some("Fabrikam")).len(), 2, "one call only");
+    assert_eq!(
+        t.control(
+            "fail-after-commit",
+            json!({"endpoint": "workitems.create", "status": 500})
+        )
+        .await
+        .status,
+        400,
+        "only gateway statuses"
+    );
+
+    // 504 on comments.add.
+    t.control(
+        "fail-after-commit",
+        json!({"endpoint": "comments.add", "status": 504, "count": 1}),
+    )
+    .await;
+    let path = format!("Fabrikam/_apis/wit/workItems/{id}/comments?api-version=7.1-preview.4");
+    assert_eq!(t.post(&path, json!({"text": "once"})).await.status, 504);
+    assert_eq!(t.sim.comment_texts(id), ["once"]);
+
+    // Hold and release over HTTP: the update takes effect, its answer waits.
+    assert_eq!(
+        t.control("hold", json!({"endpoint": "workitems.update"})).await.status,
+        200
+    );
+    let held = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            t.patch_doc(
+                "PATCH",
+                &format!("_apis/wit/workitems/{id}?api-version=7.1"),
+                json!([add("/fields/System.Title", json!("held"))]),
+            )
+            .await
+            .status
+        })
+    };
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while t.sim.count("workitems.update.held") == 0 {
+        assert!(tokio::time::Instant::now() < until, "the answer was never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        t.sim.item(id).map(|(_, f)| f["System.Title"].clone()),
+        Some(json!("held"))
+    );
+    assert!(!held.is_finished());
+    assert_eq!(
+        t.control("release", json!({"endpoint": "workitems.update"}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, held)
+            .await
+            .expect("released")
+            .expect("task"),
+        200
+    );
+    assert_eq!(t.control("hold", json!({})).await.status, 400, "needs an endpoint");
+
+    // Slow commits.
+    t.control("slow-commits", json!({"endpoint": "workitems.get", "delayMs": 300}))
+        .await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        t.get(&format!("_apis/wit/workitems/{id}?api-version=7.1")).await.status,
+        200
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(t.sim.count("workitems.get.slow"), 1);
+    t.control("slow-commits", json!({"endpoint": "workitems.get", "delayMs": 0}))
+        .await;
+    t.get(&format!("_apis/wit/workitems/{id}?api-version=7.1")).await;
+    assert_eq!(t.sim.count("workitems.get.slow"), 1, "stopped");
+
+    // The attachment size limit, for the whole file, in the server's words.
+    let r = control_with(&t, "PUT", "attachment-limit", json!({"bytes": 1024})).await;
+    assert_eq!(r.json()["bytes"], 1024);
+    let r = t
+        .raw(
+            "POST",
+            "Fabrikam/_apis/wit/attachments?fileName=big.bin&api-version=7.1",
+            Some("application/octet-stream"),
+            vec![0; 2048],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["message"].as_str().unwrap_or("").to_string();
+    assert!(
+        msg.starts_with(
+            "TF237082: The file you are trying to upload exceeds the supported file upload size (0.001 MB(s))"
+        ),
+        "{msg}"
+    );
+    let started = t
+        .raw(
+            "POST",
+            "Fabrikam/_apis/wit/attachments?fileName=big.bin&uploadType=Chunked&api-version=7.1",
+            Some("application/octet-stream"),
+            Vec::new(),
+            &[],
+        )
+        .await
+        .json();
+    let cid = started["id"].as_str().expect("id").to_string();
+    let chunk = t
+        .raw(
+            "PUT",
+            &format!("Fabrikam/_apis/wit/attachments/{cid}?api-version=7.1"),
+            Some("application/octet-stream"),
+            vec![0; 512],
+            &[("content-range", "bytes 0-511/2048")],
+        )
+        .await;
+    assert_eq!(chunk.status, 400, "the whole file counts, not the chunk");
+    let r = control_with(&t, "PUT", "attachment-limit", json!({"bytes": null})).await;
+    assert_eq!(r.json()["bytes"], 130 * 1024 * 1024, "the profile's default");
+
+    // A canonical host: answers name it; connection data lists both.
+    let r = control_with(
+        &t,
+        "PUT",
+        "canonical",
+        json!({"url": "https://fabrikam.visualstudio.com/"}),
+    )
+    .await;
+    assert_eq!(r.json()["url"], "https://fabrikam.visualstudio.com");
+    let item = t.get(&format!("_apis/wit/workitems/{id}?api-version=7.1")).await.json();
+    assert_eq!(
+        item["url"],
+        format!("https://fabrikam.visualstudio.com/_apis/wit/workItems/{id}")
+    );
+    let up = t
+        .raw(
+            "POST",
+            "Fabrikam/_apis/wit/attachments?fileName=a.txt&api-version=7.1",
+            Some("application/octet-stream"),
+            b"abc".to_vec(),
+            &[],
+        )
+        .await
+        .json();
+    assert!(up["url"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("https://fabrikam.visualstudio.com/_apis/wit/attachments/"));
+    let cd = t
+        .get("_apis/connectionData?connectOptions=1&api-version=7.1-preview")
+        .await
+        .json();
+    let points: Vec<&str> = cd["locationServiceData"]["accessMappings"]
+        .as_array()
+        .expect("access mappings")
+        .iter()
+        .filter_map(|m| m["accessPoint"].as_str())
+        .collect();
+    assert_eq!(points, ["https://fabrikam.visualstudio.com", t.sim.url.as_str()]);
+    control_with(&t, "PUT", "canonical", json!({"url": null})).await;
+    let item = t.get(&format!("_apis/wit/workitems/{id}?api-version=7.1")).await.json();
+    assert_eq!(item["url"], format!("{}/_apis/wit/workItems/{id}", t.sim.url));
+    t.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_profiles_limit_a_whole_attachment_to_4_mb_by_default() {
+    let t = start(Profile::Server2022).await;
+    let r = t
+        .raw(
+            "POST",
+            "Fabrikam/_apis/wit/attachments?fileName=big.bin&api-version=7.0",
+            Some("application/octet-stream"),
+            vec![0; 4 * 1024 * 1024 + 1],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["message"].as_str().unwrap_or("").contains("(4.000 MB(s))"));
+    t.sim.set_attachment_limit(8 * 1024 * 1024);
+    let r = t
+        .raw(
+            "POST",
+            "Fabrikam/_apis/wit/attachments?fileName=big.bin&uploadType=Chunked&api-version=7.0",
+            Some("application/octet-stream"),
+            Vec::new(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    t.sim.shutdown().await;
 }

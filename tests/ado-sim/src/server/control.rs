@@ -48,6 +48,43 @@ pub(super) fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body:
             }
             Ok(Reply::json(200, json!({"armed": count})))
         }
+        ("POST", ["hold"]) => {
+            let endpoint = endpoint_arg(&b)?;
+            hold(shared, endpoint);
+            Ok(Reply::json(200, json!({"holding": endpoint})))
+        }
+        ("POST", ["release"]) => {
+            let endpoint = endpoint_arg(&b)?;
+            release(shared, endpoint);
+            Ok(Reply::json(200, json!({"released": endpoint})))
+        }
+        ("POST", ["fail-after-commit"]) => {
+            let endpoint = endpoint_arg(&b)?;
+            let status = b.get("status").and_then(Value::as_u64).unwrap_or(502) as u16;
+            let count = b.get("count").and_then(Value::as_u64).unwrap_or(1) as u32;
+            fail_after_commit(shared, endpoint, status, count)?;
+            Ok(Reply::json(200, json!({"armed": count, "status": status})))
+        }
+        ("POST", ["slow-commits"]) => {
+            let endpoint = endpoint_arg(&b)?;
+            let ms = b.get("delayMs").and_then(Value::as_u64).unwrap_or(0);
+            slow_commits(shared, endpoint, std::time::Duration::from_millis(ms));
+            Ok(Reply::json(200, json!({"endpoint": endpoint, "delayMs": ms})))
+        }
+        ("PUT", ["attachment-limit"]) => {
+            let bytes = b.get("bytes").and_then(Value::as_u64);
+            lock(&shared.faults).attachment_limit = bytes;
+            let profile = lock(&shared.store).profile;
+            Ok(Reply::json(
+                200,
+                json!({"bytes": bytes.unwrap_or_else(|| profile.attachment_limit())}),
+            ))
+        }
+        ("PUT", ["canonical"]) => {
+            let url = b.get("url").and_then(Value::as_str);
+            set_canonical(shared, url);
+            Ok(Reply::json(200, json!({"url": lock(&shared.store).base_url})))
+        }
         ("POST", ["hooks"]) => {
             let url = b
                 .get("url")
@@ -115,4 +152,64 @@ pub fn human() -> Identity {
         display_name: "Human Editor".into(),
         unique_name: "human.editor@example.com".into(),
     }
+}
+
+fn endpoint_arg(b: &Value) -> Result<&str, ApiError> {
+    b.get("endpoint")
+        .and_then(Value::as_str)
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| ApiError::bad_request("Control", "needs {\"endpoint\": …} (a name of /_sim/counters)"))
+}
+
+/// Answers of `endpoint` wait, after the request took effect, until [`release`].
+pub fn hold(shared: &Shared, endpoint: &str) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    lock(&shared.gates).insert(endpoint.to_string(), rx);
+    // A hold armed again replaces the old one, whose waiting answers go out now.
+    if let Some(old) = lock(&shared.held).insert(endpoint.to_string(), tx) {
+        let _ = old.send(true);
+    }
+}
+
+/// Answers of `endpoint` no longer wait, and those waiting go out.
+pub fn release(shared: &Shared, endpoint: &str) {
+    lock(&shared.gates).remove(endpoint);
+    if let Some(tx) = lock(&shared.held).remove(endpoint) {
+        let _ = tx.send(true);
+    }
+}
+
+/// The next `n` calls of `endpoint` take effect, then answer `status` (502 or 504) as a
+/// gateway would; `n = 0` disarms.
+pub fn fail_after_commit(shared: &Shared, endpoint: &str, status: u16, n: u32) -> Result<(), ApiError> {
+    if !matches!(status, 502 | 504) {
+        return Err(ApiError::bad_request("Control", "status must be 502 or 504"));
+    }
+    let mut f = lock(&shared.faults);
+    if n == 0 {
+        f.after_commit.remove(endpoint);
+    } else {
+        f.after_commit.insert(endpoint.to_string(), (status, n));
+    }
+    Ok(())
+}
+
+/// Calls of `endpoint` wait `delay` before they take effect; zero stops.
+pub fn slow_commits(shared: &Shared, endpoint: &str, delay: std::time::Duration) {
+    let mut f = lock(&shared.faults);
+    if delay.is_zero() {
+        f.slow_commits.remove(endpoint);
+    } else {
+        f.slow_commits.insert(endpoint.to_string(), delay);
+    }
+}
+
+/// Answers name `url` (e.g. `https://fabrikam.visualstudio.com`) as the collection's base
+/// in item, attachment and link URLs instead of the URL asked on; `None` restores it.
+pub fn set_canonical(shared: &Shared, url: Option<&str>) {
+    let url = url
+        .map(|u| u.trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| shared.url.clone());
+    lock(&shared.store).base_url = url;
 }

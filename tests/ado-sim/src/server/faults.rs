@@ -1,5 +1,5 @@
-//! Injected faults: 429 with `Retry-After` and the `X-RateLimit-*` headers, 503, and the
-//! delayed mode's warnings on successes.
+//! Injected faults: 429 with `Retry-After` and the `X-RateLimit-*` headers, 503, the
+//! delayed mode's warnings on successes, and a gateway's 502/504 after the server committed.
 
 use super::*;
 
@@ -63,4 +63,45 @@ pub(super) fn fault(shared: &Shared, endpoint: &str) -> Option<Reply> {
         return Some(r);
     }
     None
+}
+
+/// A gateway's answer in place of the server's, for a request that already took effect: what
+/// a load balancer or proxy sends when the server answered too late or the connection to it
+/// broke. Not JSON, as a gateway has no Azure DevOps error body to give.
+pub(super) fn after_commit(shared: &Shared, endpoint: &str) -> Option<Reply> {
+    let mut f = lock(&shared.faults);
+    let (status, left) = f.after_commit.get_mut(endpoint)?;
+    let status = *status;
+    *left -= 1;
+    if *left == 0 {
+        f.after_commit.remove(endpoint);
+    }
+    drop(f);
+    bump(shared, &format!("fault.{status}.after-commit"));
+    let reason = if status == 504 {
+        "Gateway Timeout"
+    } else {
+        "Bad Gateway"
+    };
+    Some(Reply {
+        status,
+        body: Bytes::from(format!(
+            "<html><head><title>{status} {reason}</title></head><body><h1>{status} {reason}</h1></body></html>"
+        )),
+        content_type: "text/html",
+        headers: Vec::new(),
+    })
+}
+
+/// The words of the attachment size refusal, with the limit in MB as the server prints it.
+pub(super) fn attachment_too_large(limit: u64) -> ApiError {
+    let mb = limit as f64 / (1024.0 * 1024.0);
+    ApiError::bad_request(
+        "FileAttachmentException",
+        format!(
+            "TF237082: The file you are trying to upload exceeds the supported file upload size ({mb:.3} MB(s)). \
+             Instead of uploading the file, add the file to version control or to the team project web site, and \
+             then link the file to the work item."
+        ),
+    )
 }

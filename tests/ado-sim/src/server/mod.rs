@@ -30,7 +30,7 @@ mod queries;
 
 use comments::comments;
 use control::control;
-pub use control::human;
+pub use control::{fail_after_commit, hold, human, release, set_canonical, slow_commits};
 use faults::{fault, rate_limit_warning};
 use hooks::deliver_events;
 pub use hooks::{deliver_pending, subscribe};
@@ -65,6 +65,13 @@ pub struct Faults {
     pub delayed: u32,
     /// `Retry-After` seconds of those warnings.
     pub delayed_retry_after: u64,
+    /// Per endpoint: answer this gateway status (502 or 504) *after* the request took effect,
+    /// for this many more calls (a gateway that timed out on a server that committed).
+    pub after_commit: BTreeMap<String, (u16, u32)>,
+    /// Per endpoint: wait this long before the request takes effect (a slow commit).
+    pub slow_commits: BTreeMap<String, std::time::Duration>,
+    /// The total attachment size limit in bytes; the profile's default when `None`.
+    pub attachment_limit: Option<u64>,
 }
 
 /// A service hook subscription (a web hook).
@@ -93,6 +100,12 @@ pub struct Shared {
     /// Endpoints whose answers wait, after the request took effect, until the gate opens:
     /// a client can be killed between a write and its answer.
     pub gates: Mutex<BTreeMap<String, tokio::sync::watch::Receiver<bool>>>,
+    /// The senders of gates armed over the control API (`/_sim/hold`), opened by
+    /// `/_sim/release`.
+    pub held: Mutex<BTreeMap<String, tokio::sync::watch::Sender<bool>>>,
+    /// The URL clients configure (the requested host); answers may name another
+    /// (`/_sim/canonical`).
+    pub url: String,
     /// Service hook subscriptions.
     pub hooks: Mutex<Vec<Subscription>>,
     /// Hook POSTs answered with a 2xx.
@@ -387,6 +400,11 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
             .and_then(Requested::parse)
             .is_some_and(|r| r.version <= Version { major: 5, minor: 0 });
     let warn = rate_limit_warning(shared);
+    let slow = lock(&shared.faults).slow_commits.get(&name).copied();
+    if let Some(delay) = slow {
+        bump(shared, &format!("{name}.slow"));
+        tokio::time::sleep(delay).await;
+    }
     let call = Call {
         legacy_comments,
         method,
@@ -398,6 +416,9 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         actor,
     };
     let mut reply = route(shared, &name, &call)?;
+    if let Some(gateway) = faults::after_commit(shared, &name) {
+        reply = gateway;
+    }
     let gate = lock(&shared.gates).get(&name).cloned();
     if let Some(mut open) = gate {
         bump(shared, &format!("{name}.held"));
@@ -480,7 +501,13 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
                     "instanceId": render::identity_id(&s.collection),
                     "deploymentId": render::identity_id(&format!("deployment/{}", s.collection)),
                     "deploymentType": if hosted { "hosted" } else { "onPremises" },
-                    "locationServiceData": {"serviceOwner": "00025394-6065-48ca-87d9-7f5672854ef7", "defaultAccessMappingMoniker": "PublicAccessMapping", "lastChangeId": 1, "lastChangeId64": 1},
+                    "locationServiceData": {
+                        "serviceOwner": "00025394-6065-48ca-87d9-7f5672854ef7",
+                        "defaultAccessMappingMoniker": "PublicAccessMapping",
+                        "accessMappings": access_mappings(&s.base_url, &shared.url),
+                        "lastChangeId": 1,
+                        "lastChangeId64": 1,
+                    },
                 }),
             ))
         }
@@ -632,6 +659,10 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
                 .query
                 .get("uploadType")
                 .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+            let limit = attachment_limit(shared, s.profile);
+            if !chunked && c.body.len() as u64 > limit {
+                return Err(faults::attachment_too_large(limit));
+            }
             if !chunked && c.body.len() > s.profile.max_simple_attachment() {
                 return Err(ApiError::new(
                     413,
@@ -654,6 +685,11 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
                     format!("A chunk needs a Content-Range header like 'bytes 0-39999/50000', got '{range}'."),
                 )
             })?;
+            // The limit is on the whole file, known from the first chunk's range.
+            let limit = attachment_limit(shared, s.profile);
+            if total > limit {
+                return Err(faults::attachment_too_large(limit));
+            }
             let a = s.add_chunk(&c.rest[2], start, end, total, &c.body)?;
             Ok(Reply::json(201, attachment_ref(&s, &a.id, &a.file_name)))
         }
@@ -677,6 +713,13 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
         }
         _ => Err(not_found(&format!("_apis/{}", c.rest.join("/")))),
     }
+}
+
+/// The total attachment size allowed: set over the control API, else the profile's default.
+fn attachment_limit(shared: &Shared, profile: Profile) -> u64 {
+    lock(&shared.faults)
+        .attachment_limit
+        .unwrap_or_else(|| profile.attachment_limit())
 }
 
 fn expand_with_fields() -> ApiError {
@@ -763,6 +806,20 @@ fn after_read(s: &mut Store, ids: &[u64]) {
             let _ = s.update(*id, None, &ops, &o);
         }
     }
+}
+
+/// The URLs the collection answers on: its canonical (public) one, which answers name, and
+/// the one clients asked on when it differs.
+fn access_mappings(canonical: &str, requested: &str) -> Value {
+    let mut v = vec![
+        json!({"displayName": "Public Access Mapping", "moniker": "PublicAccessMapping", "accessPoint": canonical}),
+    ];
+    if !canonical.eq_ignore_ascii_case(requested) {
+        v.push(
+            json!({"displayName": "Server Access Mapping", "moniker": "ServerAccessMapping", "accessPoint": requested}),
+        );
+    }
+    Value::Array(v)
 }
 
 fn project_json(s: &Store, p: &crate::model::Project) -> Value {
