@@ -5,7 +5,6 @@
 
 mod common;
 #[path = "sync/pair.rs"]
-#[allow(dead_code)]
 mod pair;
 
 use ado_sim::Profile;
@@ -177,15 +176,6 @@ async fn a_comment_whose_answer_is_lost_exists_once_on_each_side() {
     p.private
         .edit_as_human(twin, &[set("System.Title", "Commented, then edited")])
         .unwrap();
-    for _ in 0..300 {
-        if field(&p.public, id, "System.Title") == "Commented, then edited" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    if field(&p.public, id, "System.Title") != "Commented, then edited" {
-        eprintln!("NODE LOG\n{}\nAGENT LOG\n{}", p.node.log(), p.agent.log());
-    }
     converge("the later edit", || {
         (field(&p.public, id, "System.Title") == "Commented, then edited")
             .then_some(())

@@ -357,6 +357,41 @@ impl Entity {
         out
     }
 
+    /// This entity with every field that differs between `before` and `after` taken from
+    /// `after`; comments and attachments stay as they are.
+    pub fn with_changes(&self, before: &Entity, after: &Entity) -> Entity {
+        let mut out = self.clone();
+        let fields = after.changed_since(before);
+        let touched = |name: &str| fields.iter().any(|f| f == name);
+        if touched("type") {
+            out.type_name = after.type_name.clone();
+        }
+        if touched("summary") {
+            out.summary = after.summary.clone();
+        }
+        if touched("description") {
+            out.description = after.description.clone();
+        }
+        if touched("labels") {
+            out.labels = after.labels.clone();
+        }
+        if touched("status") {
+            out.status = after.status.clone();
+        }
+        if touched("priority") {
+            out.priority = after.priority.clone();
+        }
+        for f in &fields {
+            if let Some(name) = f.strip_prefix("custom_fields.") {
+                match after.custom_fields.get(name) {
+                    Some(v) => out.custom_fields.insert(name.to_owned(), v.clone()),
+                    None => out.custom_fields.remove(name),
+                };
+            }
+        }
+        out
+    }
+
     /// Checks every bound of the schema.
     pub fn validate(&self) -> Result<(), ReplicaError> {
         short("entity.key", &self.key)?;

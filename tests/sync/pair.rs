@@ -1,6 +1,7 @@
 //! Two simulated Azure DevOps instances (public and private) over real TLS, a node bound to
 //! the public one and an agent bound to the private one, as real processes, and a connection
 //! between them in Script mode.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

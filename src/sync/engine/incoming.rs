@@ -48,6 +48,7 @@ pub async fn run(
     let inbox = link.inbox.clone();
     // Messages already queued now may have been cut short by a crash of an earlier run.
     let queued_at_start = inbox.last_seq();
+    let oldest_queued_ms = inbox.first().ok().flatten().map(|m| m.enqueued_at_ms);
     let mut created_lately = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(60));
     let mut kicks = inbox.kicks();
@@ -82,7 +83,7 @@ pub async fn run(
         };
         let result = tokio::select! {
             r = handle(&engine, &tracker, &link, &msg, if msg.seq <= queued_at_start {
-                Recovery::Known(&mut created_lately)
+                Recovery::Known(&mut created_lately, oldest_queued_ms.unwrap_or(msg.enqueued_at_ms))
             } else {
                 Recovery::Fresh
             }) => r,
@@ -122,16 +123,17 @@ pub async fn run(
     }
 }
 
-/// How a first sync makes sure no earlier attempt already created the item.
+/// How a first sync makes sure no earlier attempt already created the item. A create is
+/// recorded and flushed as pending before it is sent, so a pending record is searched for in
+/// every case; these say what else to do.
 pub enum Recovery<'a> {
-    /// Queued during this run and not tried yet: nothing can exist.
+    /// Nothing more: an item without a pending create was never created.
     Fresh,
-    /// Look for it on the tracker.
-    Search,
-    /// Queued before this run started: look among the items with hyperlinks this token's
-    /// user created lately, read from the tracker once per run (a backlog after a crash costs
-    /// one search, not one per item).
-    Known(&'a mut Option<HashMap<String, u64>>),
+    /// Queued before this run started, by a version that did not flush the pending record:
+    /// look among the items with hyperlinks this token's user created since the oldest queued
+    /// message, read from the tracker once per run (a backlog costs one search, not one per
+    /// item).
+    Known(&'a mut Option<HashMap<String, u64>>, u64),
 }
 
 /// Handles one inbound message.
@@ -267,8 +269,8 @@ async fn retry_parked(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
                 }
             }
         }
-        // An earlier run may have been cut short applying it: look before creating.
-        match apply(engine, tracker, link, &replica, Recovery::Search).await {
+        // An earlier attempt cut short left its pending create: apply looks for it first.
+        match apply(engine, tracker, link, &replica, Recovery::Fresh).await {
             Ok(()) => {
                 info!(item = %e.item, "retried item applied");
                 if let Err(err) = state.clear_error(&link.name, Side::Incoming, &e.item) {
@@ -348,26 +350,19 @@ pub async fn apply(
                 .as_ref()
                 .map(|p| p.marker.clone())
                 .unwrap_or_else(|| marker(replica, conn));
-            let found = match (&mut recovery, twin.pending_create.is_some()) {
-                (Recovery::Search, _) | (_, true) => {
-                    let since = twin
-                        .pending_create
-                        .as_ref()
-                        .map(|p| p.since_ms)
-                        .unwrap_or_else(crate::status::now_ms);
-                    tracker.find_by_hyperlink(&link.project, &marker, since).await?
+            let found = match (&mut recovery, &twin.pending_create) {
+                (_, Some(pending)) => {
+                    tracker
+                        .find_by_hyperlink(&link.project, &marker, pending.since_ms)
+                        .await?
                 }
-                (Recovery::Known(lately), false) => {
+                (Recovery::Known(lately, since), None) => {
                     if lately.is_none() {
-                        **lately = Some(
-                            tracker
-                                .hyperlinks_created(&link.project, crate::status::now_ms())
-                                .await?,
-                        );
+                        **lately = Some(tracker.hyperlinks_created(&link.project, *since).await?);
                     }
                     lately.as_ref().and_then(|m| m.get(&marker).copied())
                 }
-                (Recovery::Fresh, false) => None,
+                (Recovery::Fresh, None) => None,
             };
             if let Some(id) = found {
                 info!(item = id, remote = %remote, "found the work item of a create cut short");
@@ -390,6 +385,10 @@ pub async fn apply(
         }
         super::annotate(state, &mut current, &twin);
         let first_sync = twin.local.is_none();
+        // The item as this side would send it now, before this apply writes.
+        let before = (!first_sync)
+            .then(|| script::run_outgoing(&rules, &current, twin.last_sent.as_ref()).ok())
+            .flatten();
         let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
         // Fields this side sent in replicas the sender had not applied when it made this one.
@@ -400,20 +399,17 @@ pub async fn apply(
                 // Changed here too, sent or not yet: this side's value stands, and the other
                 // side takes it when this side's replica arrives there.
                 let mut crossed = crossed;
-                if let (Ok(local), Some(base)) = (
-                    script::run_outgoing(&rules, &current, twin.last_sent.as_ref()),
-                    twin.base(),
-                ) {
+                if let (Some(local), Some(base)) = (&before, twin.base()) {
                     crossed.extend(local.changed_since(base));
                 }
-                let before = changed.clone();
+                let asked = changed.clone();
                 if crossed.contains(ALL_FIELDS) {
                     changed.clear();
                 } else {
                     changed.retain(|f| !crossed.contains(f));
                 }
-                if changed != before {
-                    info!(item = ?twin.local, remote = %remote, fields = ?before.iter().filter(|f| !changed.contains(f)).collect::<Vec<_>>(), "changed on both sides at once: this side's value stands");
+                if changed != asked {
+                    info!(item = ?twin.local, remote = %remote, fields = ?asked.iter().filter(|f| !changed.contains(f)).collect::<Vec<_>>(), "changed on both sides at once: this side's value stands");
                 }
             }
             keep_unchanged(&mut desired, &current, &replica.entity, &changed);
@@ -449,9 +445,11 @@ pub async fn apply(
         let local = match (&plan.create, twin.local) {
             (Some(target), _) => {
                 let marker = marker(replica, conn);
+                // An earlier attempt's start stays the lower bound of the search.
+                let since_ms = twin.pending_create.as_ref().map_or_else(now_ms, |p| p.since_ms);
                 twin.pending_create = Some(PendingCreate {
                     marker: marker.clone(),
-                    since_ms: now_ms(),
+                    since_ms,
                 });
                 // Recorded and flushed before the create is sent: a lost answer, a gateway's
                 // 502/504 after the server committed, or a crash is reconciled above by this
@@ -519,10 +517,20 @@ pub async fn apply(
         .await?;
         after.comments.extend(added);
         super::annotate(state, &mut after, &twin);
-        match script::run_outgoing(&rules, &after, twin.last_sent.as_ref()) {
-            Ok(entity) => twin.agree(entity),
+        // What both sides agree on moves by the fields this apply wrote, and by nothing
+        // else: a change a person made here that is not sent yet stays a change to send.
+        match (
+            script::run_outgoing(&rules, &after, twin.last_sent.as_ref()),
+            &before,
+            twin.base(),
+        ) {
+            (Ok(written), Some(before), Some(base)) => {
+                let agreed = base.with_changes(before, &written);
+                twin.agree(agreed)
+            }
+            (Ok(written), _, _) => twin.agree(written),
             // The next export compares with the older agreement: it sends, never skips.
-            Err(e) => warn!(item = local, error = %e, "the outgoing script fails on the item as applied"),
+            (Err(e), _, _) => warn!(item = local, error = %e, "the outgoing script fails on the item as applied"),
         }
         twin.last_received = Some(replica.clone());
         twin.applied(&replica.event.id);

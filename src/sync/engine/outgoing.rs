@@ -95,15 +95,17 @@ async fn retry_requested(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
 
 /// Reads the feed to its end, exporting what changed; the watermark moves page by page once
 /// the page's replicas are durable. Without a watermark (a new connection), the feed is read
-/// to its end without exporting: existing items are `relay sync bulk`'s job.
+/// from now to its end without exporting: existing items are `relay sync bulk`'s job, and the
+/// project's history is not read at all.
 async fn read_feed(engine: &Engine, tracker: &Tracker, link: &SyncLink) -> Result<(), ItemFailure> {
     let state = engine.state();
     let mut mark = state.watermark(&link.name)?;
     let fast_forward = mark.is_none();
+    let start = fast_forward.then(now_ms);
     let trigger = state.rules(&link.name)?.and_then(|r| r.trigger);
     loop {
         let page = tracker
-            .revisions(&link.project, mark.as_ref().map(|m| m.continuation.as_str()), None)
+            .revisions(&link.project, mark.as_ref().map(|m| m.continuation.as_str()), start)
             .await?;
         if !fast_forward && !page.revisions.is_empty() {
             // An apply may have written some of these revisions and not yet recorded them.
