@@ -6,7 +6,6 @@
 
 #[path = "../common/mod.rs"]
 mod common;
-#[allow(dead_code)]
 #[path = "../sync/pair.rs"]
 mod pair;
 
