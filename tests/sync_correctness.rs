@@ -309,3 +309,55 @@ async fn edits_that_cross_keep_every_field_and_the_public_value_of_a_field_chang
     assert_eq!(state(&p.public, id), want);
     assert_eq!(state(&p.private, twin), want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_tracker_refuses_parks_its_item_while_others_flow_and_a_retry_brings_it() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    // Over Azure DevOps Server's default attachment limit (4 MB for the whole file).
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
+    let id = p
+        .public
+        .create_item(PUBLIC, "Bug", &fields(&[("System.Title", "Heavy dump")]))
+        .unwrap();
+    p.public.attach_as_human(id, "core.dump", &big).unwrap();
+    let errors = wait_for("the item's sync error", || async {
+        let out = p.sync_cli(false, &["errors", pair::CONN, "--json"]).await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    let message = errors[0]["message"].as_str().unwrap().to_owned();
+    assert_eq!(errors[0]["side"], "incoming");
+    assert!(
+        message.contains("core.dump") && message.contains("refused") && message.contains("4.000 MB"),
+        "{message}"
+    );
+
+    // Other items flow on meanwhile.
+    p.public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Light item")]))
+        .unwrap();
+    wait_titled(&p.private, PRIVATE, "Light item").await;
+    private_side_drained(&p, "after the refusal").await;
+
+    // The operator raises the limit and retries: the file and its item arrive once.
+    p.private.set_attachment_limit(16 * 1024 * 1024);
+    let remote = errors[0]["item"].as_str().unwrap().to_owned();
+    p.sync_cli(false, &["retry", pair::CONN, &remote]).await;
+    let twin = wait_titled(&p.private, PRIVATE, "Heavy dump").await;
+    converge("the attachment", || {
+        let a = attachments(&p.private, twin);
+        (a.len() == 1).then_some(()).ok_or(format!("{a:?}"))
+    })
+    .await;
+    assert_eq!(
+        attachments(&p.private, twin)[0].1,
+        relay::crypto::hex(&relay::crypto::sha256(&big))
+    );
+    wait_for("the error cleared", || async {
+        let out = p.sync_cli(false, &["errors", pair::CONN, "--json"]).await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        list.is_empty().then_some(())
+    })
+    .await;
+}

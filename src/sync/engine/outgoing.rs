@@ -20,7 +20,7 @@ use crate::sync::blob;
 use crate::sync::replica::{self, Event, EventKind, Origin, Replica};
 use crate::sync::script;
 use crate::sync::state::{FileFacts, Side, SyncState, Twin, Watermark};
-use crate::tracker::Tracker;
+use crate::tracker::{Tracker, TrackerError};
 
 /// What exporting one item came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +209,7 @@ pub async fn export(
                 a.size = f.size;
             }
             None => {
-                let bytes = tracker.download_attachment(&url, MAX_ATTACHMENT_BYTES).await?;
+                let bytes = download(tracker, &a.filename, &url).await?;
                 let facts = FileFacts {
                     sha256: crypto::hex(&crypto::sha256(&bytes)),
                     size: bytes.len() as u64,
@@ -247,7 +247,7 @@ pub async fn export(
                     .ok_or_else(|| {
                         ItemFailure::Item(format!("attachment {:?} has no URL to read it from", a.filename))
                     })?;
-                tracker.download_attachment(&url, MAX_ATTACHMENT_BYTES).await?
+                download(tracker, &a.filename, &url).await?
             }
         };
         for (h, body) in blob::split(&a.filename, &bytes, engine.chunk_bytes()) {
@@ -318,4 +318,19 @@ pub async fn export(
         state.clear_error(conn, Side::Outgoing, &item_key)?;
     }
     Ok(Exported::Sent)
+}
+
+/// Reads an attachment's bytes, streamed with a deadline on progress (a large file that keeps
+/// coming is read to its end). A download refused for good (too large, gone) is this item's
+/// sync error: the feed moves on, other items flow, and `relay sync retry` reads it again. A
+/// tracker that does not answer now is retried with the page.
+async fn download(tracker: &Tracker, filename: &str, url: &str) -> Result<Bytes, ItemFailure> {
+    match tracker.download_attachment(url, MAX_ATTACHMENT_BYTES).await {
+        Ok(b) => Ok(b),
+        Err(e @ (TrackerError::Unreachable { .. } | TrackerError::Busy { .. } | TrackerError::Auth { .. })) => {
+            Err(e.into())
+        }
+        // Larger than relay reads, unreadable, gone or refused: this file, not the tracker.
+        Err(e) => Err(ItemFailure::Item(format!("cannot read attachment {filename:?}: {e}"))),
+    }
 }
