@@ -5,7 +5,7 @@
 //! exactly one twin, every synced field is equal on both sides, every comment exists once on
 //! each, and no sync error remains that a retry does not clear.
 //!
-//! `CONVERGENCE_SCENARIOS` (default 12) scenarios run from `CONVERGENCE_SEED` (default: from
+//! `CONVERGENCE_SCENARIOS` (default 20) scenarios run from `CONVERGENCE_SEED` (default: from
 //! the clock); a failure prints the seed of its scenario and its steps, and
 //! `CONVERGENCE_SEED=<seed> CONVERGENCE_SCENARIOS=1` replays it.
 
@@ -303,7 +303,7 @@ async fn seeded_scenarios_of_edits_and_faults_converge() {
     let scenarios: usize = std::env::var("CONVERGENCE_SCENARIOS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(20);
     let base: u64 = std::env::var("CONVERGENCE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
