@@ -1,7 +1,7 @@
 //! Randomized convergence: seeded scenarios of person edits on both trackers (titles,
 //! descriptions, tags, comments, attachments, items created on either side) interleaved with
 //! faults (answers held past relay's timeout, 502/504 after the tracker committed, slow
-//! commits, 503s, kill -9 of either daemon). After each scenario quiesces, every item has
+//! commits, 503s, kill -9 of either daemon, the connection deactivated and activated again). After each scenario quiesces, every item has
 //! exactly one twin, every synced field is equal on both sides, every comment exists once on
 //! each, and no sync error remains that a retry does not clear.
 //!
@@ -53,6 +53,8 @@ struct Item {
 struct Log {
     steps: Vec<String>,
     faults: usize,
+    /// The connection is deactivated on the node.
+    paused: bool,
     comments: Vec<((bool, u64), String)>,
 }
 
@@ -110,7 +112,7 @@ async fn step(p: &mut Pair, rng: &mut Rng, n: usize, items: &mut Vec<Item>, log:
     let which = if public { "public" } else { "private" };
     let pick = items[rng.below(items.len())];
     let target = id_on(p, pick, public);
-    match (rng.below(12), target) {
+    match (rng.below(13), target) {
         (0, _) => {
             let (project, title) = (if public { PUBLIC } else { PRIVATE }, format!("{tag} item {n}"));
             let id = side(p, public)
@@ -179,6 +181,12 @@ async fn step(p: &mut Pair, rng: &mut Rng, n: usize, items: &mut Vec<Item>, log:
             side(p, public).inject_503(1 + rng.below(3) as u32, 1);
             format!("{which} tracker: slow commits of {endpoint}, and 503s")
         }
+        (12, _) => {
+            log.faults += 1;
+            common::cli_ok(&p.node_dir, &["node", "deactivate", CONN]).await;
+            log.paused = true;
+            "the node deactivates the connection".into()
+        }
         (11, _) => {
             log.faults += 1;
             if public {
@@ -195,12 +203,15 @@ async fn step(p: &mut Pair, rng: &mut Rng, n: usize, items: &mut Vec<Item>, log:
 }
 
 /// Ends every fault still in force.
-fn heal(p: &Pair) {
+async fn heal(p: &Pair, log: &mut Log) {
     for sim in [&p.public, &p.private] {
         for e in WRITES {
             sim.release(e);
             sim.slow_commits(e, Duration::ZERO);
         }
+    }
+    if std::mem::take(&mut log.paused) {
+        common::cli_ok(&p.node_dir, &["node", "activate", CONN]).await;
     }
 }
 
@@ -348,10 +359,10 @@ async fn seeded_scenarios_of_edits_and_faults_converge() {
             if rng.below(3) == 0 {
                 let held = rng.below(2) == 0;
                 tokio::time::sleep(Duration::from_millis(if held { 2_500 } else { 300 })).await;
-                heal(&p);
+                heal(&p, &mut log).await;
             }
         }
-        heal(&p);
+        heal(&p, &mut log).await;
         if let Err(e) = quiesce(&p, &items, &log, &tag).await {
             panic!(
                 "scenario {s} (replay: CONVERGENCE_SEED={seed} CONVERGENCE_SCENARIOS=1) failed: {e}\nsteps:\n  {}",

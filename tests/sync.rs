@@ -610,23 +610,7 @@ async fn a_create_whose_answer_is_slow_is_not_sent_back_as_a_new_item() {
     let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
     // The private tracker makes the item at once but answers relay late: meanwhile the item
     // is in its change feed, and that side's poller must not take it for a person's.
-    let release = p.private.hold_answers("workitems.create");
-    p.public
-        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Answered late")]))
-        .unwrap();
-    let sim = &p.private;
-    wait_for("the create to be held", || async move {
-        (sim.count("workitems.create.held") >= 1).then_some(())
-    })
-    .await;
-    // The item exists now; the next read of the feed has it (the poller reads every 150 ms,
-    // then waits for the apply under way). Counted as a page that held revisions, not as any
-    // read: a read can land between the hold and a look at the count, and the poller does
-    // not read again while it waits for the apply, which waits for this release.
-    wait_for("the private feed read with the item in it", || async move {
-        (sim.count("reporting.revisions.seen") >= 1).then_some(())
-    })
-    .await;
+    let release = p.create_answered_late("Answered late").await;
     drop(release);
     p.private.stop_holding("workitems.create");
     let twin = wait_titled(&p.private, PRIVATE, "Answered late").await;

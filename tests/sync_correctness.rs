@@ -115,21 +115,9 @@ async fn a_create_whose_answer_is_lost_is_neither_sent_back_nor_made_twice() {
     let p = Pair::start(Profile::Services, Profile::Server2022, &[SHORT_TIMEOUT]).await;
     // The private tracker makes the item at once and answers only after relay gave up.
     let retried = agent_retried(&p);
-    let release = p.private.hold_answers("workitems.create");
-    p.public
-        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Answer lost")]))
-        .unwrap();
-    let sim = &p.private;
-    wait_for("the create to be held", || async move {
-        (sim.count("workitems.create.held") >= 1).then_some(())
-    })
-    .await;
     // The private poller has read the new item and waits for the apply; once the create times
     // out it looks at the item before the apply tries again.
-    wait_for("the private feed read with the item in it", || async move {
-        (sim.count("reporting.revisions.seen") >= 1).then_some(())
-    })
-    .await;
+    let release = p.create_answered_late("Answer lost").await;
     agent_retries(&p, retried).await;
     drop(release);
     p.private.stop_holding("workitems.create");

@@ -357,10 +357,16 @@ impl Entity {
         out
     }
 
-    /// This entity with every field that differs between `before` and `after` taken from
-    /// `after`; comments and attachments stay as they are.
+    /// This entity with every field, and the comment and attachment lists, that differ
+    /// between `before` and `after` taken from `after`.
     pub fn with_changes(&self, before: &Entity, after: &Entity) -> Entity {
         let mut out = self.clone();
+        if before.comments != after.comments {
+            out.comments = after.comments.clone();
+        }
+        if before.attachments != after.attachments {
+            out.attachments = after.attachments.clone();
+        }
         let fields = after.changed_since(before);
         let touched = |name: &str| fields.iter().any(|f| f == name);
         if touched("type") {

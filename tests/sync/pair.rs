@@ -198,6 +198,29 @@ impl Pair {
         .await;
     }
 
+    /// Creates an item titled `title` on the public side whose create on the private side is
+    /// committed and its answer held, and waits until the private poller read a feed page that
+    /// holds the new item. Dropping the answer releases the held answers.
+    pub async fn create_answered_late(&self, title: &str) -> tokio::sync::watch::Sender<bool> {
+        let release = self.private.hold_answers("workitems.create");
+        self.public
+            .create_item(PUBLIC, "Task", &fields(&[("System.Title", title)]))
+            .unwrap();
+        let sim = &self.private;
+        wait_for("the create to be held", || async move {
+            (sim.count("workitems.create.held") >= 1).then_some(())
+        })
+        .await;
+        // The poller reads every 150 ms, then waits for the apply under way. Counted as a
+        // page that held revisions, not as any read: a read can land between the hold and a
+        // look at the count, and the poller does not read again while it waits for the apply.
+        wait_for("the private feed read with the item in it", || async move {
+            (sim.count("reporting.revisions.seen") >= 1).then_some(())
+        })
+        .await;
+        release
+    }
+
     /// `relay sync ARGS` on a side (through its running daemon); must succeed.
     pub async fn sync_cli(&self, node: bool, args: &[&str]) -> String {
         let dir = if node { &self.node_dir } else { &self.agent_dir };

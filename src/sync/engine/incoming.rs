@@ -393,8 +393,8 @@ pub async fn apply(
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
         // Fields this side sent in replicas the sender had not applied when it made this one.
         let crossed = twin.crossed(replica.event.acked.as_deref());
-        if let (Some(changed), false) = (&replica.event.changed, first_sync) {
-            let mut changed = changed.clone();
+        if let (Some(asked), false) = (&replica.event.changed, first_sync) {
+            let mut changed = asked.clone();
             if engine.wins_crossed_edits() {
                 // Changed here too, sent or not yet: this side's value stands, and the other
                 // side takes it when this side's replica arrives there.
@@ -402,14 +402,10 @@ pub async fn apply(
                 if let (Some(local), Some(base)) = (&before, twin.base()) {
                     crossed.extend(local.changed_since(base));
                 }
-                let asked = changed.clone();
-                if crossed.contains(ALL_FIELDS) {
-                    changed.clear();
-                } else {
-                    changed.retain(|f| !crossed.contains(f));
-                }
-                if changed != asked {
-                    info!(item = ?twin.local, remote = %remote, fields = ?asked.iter().filter(|f| !changed.contains(f)).collect::<Vec<_>>(), "changed on both sides at once: this side's value stands");
+                changed.retain(|f| !crossed.contains(f) && !crossed.contains(ALL_FIELDS));
+                if changed != *asked {
+                    let kept: Vec<&String> = asked.iter().filter(|f| !changed.contains(f)).collect();
+                    info!(item = ?twin.local, %remote, fields = ?kept, "changed on both sides at once: this side's value stands");
                 }
             }
             keep_unchanged(&mut desired, &current, &replica.entity, &changed);

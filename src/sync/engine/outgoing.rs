@@ -306,12 +306,19 @@ pub async fn export(
     // export owns is written into the record as it is now, under the apply's lock.
     let lock = engine.apply_lock(conn);
     let _applying = lock.lock().await;
+    let read_base = twin.base().cloned();
     let (primary, mut twin) = state.twin_by_local(conn, id)?.unwrap_or((primary, twin));
+    // An apply that landed meanwhile moved the agreed state by the fields it wrote; this
+    // export moves it by the fields it sends.
+    let agreed = match (twin.base(), &read_base) {
+        (Some(now), Some(read)) if now != read => now.with_changes(read, &entity),
+        _ => entity,
+    };
     twin.sent(&replica.event.id, replica.event.changed.as_deref());
     twin.last_sent_hash = Some(hash);
     twin.last_sent = Some(replica);
     twin.last_out_ms = Some(now_ms());
-    twin.agree(entity);
+    twin.agree(agreed);
     state.put_twin(conn, &primary, &twin)?;
     state.touch(conn, Side::Outgoing)?;
     if had_error.is_some() {
