@@ -5,11 +5,13 @@
 //! - [`workitem`]: the work item scripts see, Azure DevOps JSON in and out, the JSON Patch.
 //! - [`script`]: compiling and running a side's rules in a bounded Rhai engine.
 //! - [`defaults`]: the rules generated for a side at `initiate` / `accept`.
+//! - [`inline`]: inline images in HTML fields and the references replicas carry for them.
 
 pub mod blob;
 pub mod defaults;
 pub mod engine;
 pub mod hook;
+pub mod inline;
 pub mod ops;
 pub mod replica;
 pub mod script;

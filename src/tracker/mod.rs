@@ -481,6 +481,21 @@ impl Tracker {
         attachments::upload(&self.rest, project, filename, bytes).await
     }
 
+    /// The attachment id of `url` when it is an attachment of this tracker (on its configured
+    /// URL or another of the same organisation), as an HTML field's inline image links it.
+    pub async fn attachment_id(&self, url: &str) -> Option<String> {
+        attachment_path_id(url)?;
+        self.rest.resolve_url(url).await?;
+        attachment_path_id(url)
+    }
+
+    /// [`Tracker::attachment_id`] among the URLs known without asking the server.
+    pub fn known_attachment_id(&self, url: &str) -> Option<String> {
+        attachment_path_id(url)?;
+        self.rest.local_url(url)?;
+        attachment_path_id(url)
+    }
+
     /// Downloads an attachment of this tracker, refusing more than `max_bytes`.
     pub async fn download_attachment(&self, url: &str, max_bytes: usize) -> Result<bytes::Bytes, TrackerError> {
         attachments::download(&self.rest, url, max_bytes).await
@@ -504,4 +519,12 @@ fn work_item(doc: &Value) -> Result<WorkItem, TrackerError> {
         return Err(TrackerError::Protocol("a work item answer without id or rev".into()));
     }
     Ok(item)
+}
+
+/// The id in an attachment URL's path (`…/_apis/wit/attachments/{id}?fileName=…`).
+fn attachment_path_id(url: &str) -> Option<String> {
+    const PATH: &str = "/_apis/wit/attachments/";
+    let at = url.to_ascii_lowercase().find(PATH)?;
+    let id = url[at + PATH.len()..].split(['?', '/', '#']).next()?;
+    (!id.is_empty()).then(|| id.to_owned())
 }

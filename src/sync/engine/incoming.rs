@@ -16,6 +16,7 @@ use crate::queue::Message;
 use crate::retry::Backoff;
 use crate::status::{now_ms, Health};
 use crate::sync::blob;
+use crate::sync::inline;
 use crate::sync::replica::{self, Replica};
 use crate::sync::script;
 use crate::sync::state::{FileFacts, PendingComment, PendingCreate, Side, SyncState, Twin, UploadedFile, ALL_FIELDS};
@@ -240,6 +241,8 @@ async fn upload_stored(
         },
     )?;
     state.set_uploaded(sha256, &UploadedFile { id: up.id, url: up.url })?;
+    // The other side has these bytes: the same file going back sends none.
+    state.set_file_sent(&link.name, sha256)?;
     state.clear_refused(&link.name, sha256)?;
     state.drop_chunks(&link.name, sha256)?;
     info!(file = %filename, bytes = bytes.len(), "attachment uploaded");
@@ -388,8 +391,13 @@ pub async fn apply(
         // The item as this side would send it now, before this apply writes.
         let before = (!first_sync)
             .then(|| script::run_outgoing(&rules, &current, twin.last_sent.as_ref()).ok())
-            .flatten();
-        let mut desired = script::run_incoming(&rules, replica, twin.last_received.as_ref(), &current, first_sync)
+            .flatten()
+            .map(|mut e| {
+                super::neutralize_known(state, tracker, &mut e);
+                e
+            });
+        let localized = localize(state, conn, replica)?;
+        let mut desired = script::run_incoming(&rules, &localized, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
         // Fields this side sent in replicas the sender had not applied when it made this one.
         let crossed = twin.crossed(replica.event.acked.as_deref());
@@ -515,11 +523,11 @@ pub async fn apply(
         super::annotate(state, &mut after, &twin);
         // What both sides agree on moves by the fields this apply wrote, and by nothing
         // else: a change a person made here that is not sent yet stays a change to send.
-        match (
-            script::run_outgoing(&rules, &after, twin.last_sent.as_ref()),
-            &before,
-            twin.base(),
-        ) {
+        let written = script::run_outgoing(&rules, &after, twin.last_sent.as_ref()).map(|mut e| {
+            super::neutralize_known(state, tracker, &mut e);
+            e
+        });
+        match (written, &before, twin.base()) {
             (Ok(written), Some(before), Some(base)) => {
                 let agreed = base.with_changes(before, &written);
                 twin.agree(agreed)
@@ -538,6 +546,46 @@ pub async fn apply(
     Err(ItemFailure::Item(format!(
         "work item changed {CONFLICT_RETRIES} times while relay was writing it (412); retry it when edits settle"
     )))
+}
+
+/// The replica with each inline file it references turned into the URL of this side's copy
+/// (uploaded when its bytes arrived, or the original when it went out from here). A file not
+/// here is this item's error: nothing is written with a link to nothing.
+fn localize(state: &SyncState, conn: &str, replica: &Replica) -> Result<Replica, ItemFailure> {
+    let mut out = replica.clone();
+    let mut missing: Option<Result<String, ItemFailure>> = None;
+    for t in inline::html_texts(&mut out.entity) {
+        *t = inline::rewrite(t, |src| {
+            let r = inline::Reference::parse(src)?;
+            match state.uploaded(&r.sha256) {
+                Ok(Some(up)) => Some(up.url),
+                Ok(None) => {
+                    missing.get_or_insert_with(|| {
+                        Ok(match state.refused(conn, &r.sha256) {
+                            Ok(Some(why)) => format!(
+                                "the tracker refused inline image {:?}: {why}; fix that, then retry this item",
+                                r.filename
+                            ),
+                            _ => format!(
+                                "the bytes of inline image {:?} (sha256 {}) did not arrive intact",
+                                r.filename, r.sha256
+                            ),
+                        })
+                    });
+                    None
+                }
+                Err(e) => {
+                    missing.get_or_insert_with(|| Err(e.into()));
+                    None
+                }
+            }
+        });
+    }
+    match missing {
+        None => Ok(out),
+        Some(Ok(m)) => Err(ItemFailure::Item(m)),
+        Some(Err(e)) => Err(e),
+    }
 }
 
 /// Puts back the local value of every field the sender did not change since both sides last

@@ -359,6 +359,25 @@ fn mark_copied(item: &mut crate::sync::WorkItem, twin: &crate::sync::state::Twin
     }
 }
 
+/// Replaces each inline image of this tracker whose bytes relay knows (it read or uploaded
+/// them before) by its reference, as an export would, without asking the tracker anything.
+pub fn neutralize_known(state: &SyncState, tracker: &Tracker, entity: &mut crate::sync::Entity) {
+    use crate::sync::inline;
+    for t in inline::html_texts(entity) {
+        *t = inline::rewrite(t, |src| {
+            let aid = tracker.known_attachment_id(src)?;
+            let facts = state.file_facts(&aid).ok().flatten()?;
+            Some(
+                inline::Reference {
+                    sha256: facts.sha256,
+                    filename: inline::file_name(src),
+                }
+                .to_src(),
+            )
+        });
+    }
+}
+
 /// What `relay sync bulk` did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BulkReport {

@@ -17,9 +17,11 @@ use crate::queue::NewMessage;
 use crate::retry::Backoff;
 use crate::status::{now_ms, rfc3339};
 use crate::sync::blob;
+use crate::sync::inline;
+use crate::sync::replica::Entity;
 use crate::sync::replica::{self, Event, EventKind, Origin, Replica};
 use crate::sync::script;
-use crate::sync::state::{FileFacts, Side, SyncState, Twin, Watermark};
+use crate::sync::state::{FileFacts, Side, SyncState, Twin, UploadedFile, Watermark};
 use crate::tracker::{Tracker, TrackerError};
 
 /// What exporting one item came to.
@@ -222,8 +224,9 @@ pub async fn export(
         }
     }
     let rules = engine.rules(conn, &link.project)?;
-    let entity =
+    let mut entity =
         script::run_outgoing(&rules, &item, twin.last_sent.as_ref()).map_err(|e| ItemFailure::Item(e.to_string()))?;
+    let inline_files = outline(engine, tracker, &mut entity).await?;
     let hash = entity.hash();
     if !force && twin.base_hash() == Some(hash.as_str()) {
         if had_error.is_some() {
@@ -232,6 +235,16 @@ pub async fn export(
         return Ok(Exported::Unchanged);
     }
     // The bytes go first, so the replica that needs them finds them on arrival.
+    for (r, url, bytes) in inline_files {
+        if !state.file_sent(conn, &r.sha256)? {
+            let bytes = match bytes {
+                Some(b) => b,
+                None => download(tracker, &r.filename, &url).await?,
+            };
+            queue_file(engine, link, &r.filename, &bytes)?;
+            state.set_file_sent(conn, &r.sha256)?;
+        }
+    }
     for a in &entity.attachments {
         if a.sha256.is_empty() || state.file_sent(conn, &a.sha256)? {
             continue;
@@ -250,18 +263,7 @@ pub async fn export(
                 download(tracker, &a.filename, &url).await?
             }
         };
-        for (h, body) in blob::split(&a.filename, &bytes, engine.chunk_bytes()) {
-            let key = replica::idempotency_key(conn, &format!("file:{}", h.sha256), u64::from(h.index));
-            link.outbox.append(
-                NewMessage {
-                    id: key.clone(),
-                    content_type: replica::BLOB_CONTENT_TYPE.into(),
-                    enqueued_at_ms: now_ms(),
-                    body: body.into(),
-                },
-                Some(&key),
-            )?;
-        }
+        queue_file(engine, link, &a.filename, &bytes)?;
         state.set_file_sent(conn, &a.sha256)?;
     }
     let rev = item.rev.unwrap_or(0);
@@ -340,4 +342,91 @@ async fn download(tracker: &Tracker, filename: &str, url: &str) -> Result<Bytes,
         // Larger than relay reads, unreadable, gone or refused: this file, not the tracker.
         Err(e) => Err(ItemFailure::Item(format!("cannot read attachment {filename:?}: {e}"))),
     }
+}
+
+/// Queues a file's bytes as checked chunks, under keys that make a repeat a no-op.
+fn queue_file(engine: &Engine, link: &SyncLink, filename: &str, bytes: &[u8]) -> Result<(), ItemFailure> {
+    for (h, body) in blob::split(filename, bytes, engine.chunk_bytes()) {
+        let key = replica::idempotency_key(&link.name, &format!("file:{}", h.sha256), u64::from(h.index));
+        link.outbox.append(
+            NewMessage {
+                id: key.clone(),
+                content_type: replica::BLOB_CONTENT_TYPE.into(),
+                enqueued_at_ms: now_ms(),
+                body: body.into(),
+            },
+            Some(&key),
+        )?;
+    }
+    Ok(())
+}
+
+/// Replaces each inline image of this tracker in the entity's HTML by a reference to its
+/// bytes ([`inline::Reference`]); answers the files, with their URL and the bytes read now
+/// (`None`: known from before). An image is also recorded as this side's copy of its bytes,
+/// so the same reference coming back maps to it. URLs to other hosts stay as they are.
+async fn outline(
+    engine: &Engine,
+    tracker: &Tracker,
+    entity: &mut Entity,
+) -> Result<Vec<(inline::Reference, String, Option<Bytes>)>, ItemFailure> {
+    let state = engine.state();
+    let sources: Vec<String> = inline::html_texts(entity)
+        .iter()
+        .flat_map(|t| inline::image_sources(t))
+        .map(|(_, src)| src)
+        .collect();
+    let mut found: HashMap<String, inline::Reference> = HashMap::new();
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    for src in sources {
+        if found.contains_key(&src) {
+            continue;
+        }
+        let Some(aid) = tracker.attachment_id(&src).await else {
+            continue;
+        };
+        let filename = inline::file_name(&src);
+        let (facts, bytes) = match state.file_facts(&aid)? {
+            Some(f) => (f, None),
+            None => {
+                let b = download(tracker, &filename, &src).await?;
+                let f = FileFacts {
+                    sha256: crypto::hex(&crypto::sha256(&b)),
+                    size: b.len() as u64,
+                };
+                state.set_file_facts(&aid, &f)?;
+                (f, Some(b))
+            }
+        };
+        if state.uploaded(&facts.sha256)?.is_none() {
+            state.set_uploaded(
+                &facts.sha256,
+                &UploadedFile {
+                    id: aid,
+                    url: src.clone(),
+                },
+            )?;
+        }
+        total += facts.size;
+        if files.len() >= inline::MAX_FILES || total > inline::MAX_BYTES {
+            return Err(ItemFailure::Item(format!(
+                "the item's HTML fields hold more inline images than one item may carry ({} files, {} bytes at most); remove some, then retry this item",
+                inline::MAX_FILES,
+                inline::MAX_BYTES
+            )));
+        }
+        let r = inline::Reference {
+            sha256: facts.sha256,
+            filename,
+        };
+        found.insert(src.clone(), r.clone());
+        files.push((r, src, bytes));
+    }
+    if !found.is_empty() {
+        for t in inline::html_texts(entity) {
+            *t = inline::rewrite(t, |s| found.get(s).map(inline::Reference::to_src));
+        }
+    }
+    Ok(files)
 }

@@ -598,6 +598,17 @@ impl SimHandle {
     /// Uploads `bytes` as `file_name` and attaches it to work item `id` as the "human"
     /// editor; answers the attachment id.
     pub fn attach_as_human(&self, id: u64, file_name: &str, bytes: &[u8]) -> Result<String, ApiError> {
+        let (attachment, url) = self.upload_as_human(file_name, bytes);
+        let ops = [
+            serde_json::json!({"op": "add", "path": "/relations/-", "value": {"rel": "AttachedFile", "url": url, "attributes": {"comment": ""}}}),
+        ];
+        self.edit_as_human(id, &ops)?;
+        Ok(attachment)
+    }
+
+    /// Uploads `bytes` as `file_name` without attaching it to any item, as a pasted image is
+    /// stored; answers the attachment id and its URL (what an HTML field's `<img>` links).
+    pub fn upload_as_human(&self, file_name: &str, bytes: &[u8]) -> (String, String) {
         let (a, base) = {
             let mut s = lock(&self.shared.store);
             (s.add_attachment(file_name, Some(bytes.to_vec())), s.base_url.clone())
@@ -608,11 +619,7 @@ impl SimHandle {
             a.id,
             file_name.replace(' ', "%20")
         );
-        let ops = [
-            serde_json::json!({"op": "add", "path": "/relations/-", "value": {"rel": "AttachedFile", "url": url, "attributes": {"comment": ""}}}),
-        ];
-        self.edit_as_human(id, &ops)?;
-        Ok(a.id)
+        (a.id, url)
     }
 
     /// The bytes of an uploaded attachment.

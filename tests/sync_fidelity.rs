@@ -1,0 +1,131 @@
+//! What real work items carry beyond the five default fields, end to end: inline images in
+//! HTML fields. Two simulated trackers, a node and an agent as real processes.
+
+mod common;
+#[path = "sync/pair.rs"]
+mod pair;
+
+use ado_sim::{Profile, SimHandle};
+use serde_json::json;
+
+use pair::{comments, converge, field, fields, wait_titled, Pair, PRIVATE, PUBLIC};
+use relay::sync::inline::image_sources;
+
+fn set(field: &str, value: &str) -> serde_json::Value {
+    json!({"op": "add", "path": format!("/fields/{field}"), "value": value})
+}
+
+fn png(seed: u8, len: usize) -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    b.extend((0..len).map(|i| (i as u8).wrapping_mul(seed)));
+    b
+}
+
+/// The images of `html` on `sim`'s own URL, as the bytes they link; `Err` names any other
+/// image that is not `allowed`.
+fn local_images(sim: &SimHandle, html: &str, allowed: &[&str]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for (_, src) in image_sources(html) {
+        if allowed.contains(&src.as_str()) {
+            continue;
+        }
+        let base = sim.url.trim_end_matches('/');
+        let id = src
+            .strip_prefix(&format!("{base}/_apis/wit/attachments/"))
+            .and_then(|rest| rest.split('?').next())
+            .ok_or_else(|| format!("an image not on this tracker: {src}"))?;
+        out.push(
+            sim.attachment_bytes(id)
+                .ok_or_else(|| format!("an image with no bytes: {src}"))?,
+        );
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_images_cross_as_bytes_come_back_as_the_original_and_leave_other_hosts_alone() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    let shot = png(7, 40_000);
+    let (_, shot_url) = p.public.upload_as_human("screen shot.png", &shot);
+    let elsewhere = "https://cdn.example.com/logo.png";
+    let description =
+        format!("<p>Broken here: <img src=\"{shot_url}\" alt=\"shot\"> see also <img src=\"{elsewhere}\"></p>");
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Bug",
+            &fields(&[
+                ("System.Title", "Pasted screenshot"),
+                ("System.Description", &description),
+            ]),
+        )
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Pasted screenshot").await;
+    converge("the screenshot on the private side", || {
+        let d = field(&p.private, twin, "System.Description");
+        let images = local_images(&p.private, &d, &[elsewhere])?;
+        (images == [shot.clone()] && d.contains(elsewhere))
+            .then_some(())
+            .ok_or(format!("{d}"))
+    })
+    .await;
+
+    // A comment with a pasted image crosses the same way.
+    let trace = png(13, 9_000);
+    let (_, trace_url) = p.public.upload_as_human("trace.png", &trace);
+    p.public
+        .add_comment_as_human(id, &format!("<div>Trace: <img src=\"{trace_url}\"></div>"))
+        .unwrap();
+    converge("the comment's image on the private side", || {
+        let c = comments(&p.private, twin);
+        let with = c.iter().find(|c| c.contains("Trace:")).ok_or(format!("{c:?}"))?;
+        let images = local_images(&p.private, with, &[])?;
+        (images == [trace.clone()]).then_some(()).ok_or(format!("{with}"))
+    })
+    .await;
+
+    // An edit on the private side comes back: the public description is the original, and
+    // no image was uploaded again on either side.
+    p.private
+        .edit_as_human(twin, &[set("System.Title", "Pasted screenshot, seen on premises")])
+        .unwrap();
+    converge("the title on the public side", || {
+        (field(&p.public, id, "System.Title") == "Pasted screenshot, seen on premises")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.Title"))
+    })
+    .await;
+    assert_eq!(field(&p.public, id, "System.Description"), description);
+    assert_eq!(
+        p.public.count("attachments.create"),
+        0,
+        "an image uploaded back to its origin"
+    );
+    assert_eq!(p.private.count("attachments.create"), 2, "one upload per image");
+
+    // A screenshot pasted on the private side arrives on the public side.
+    let onprem = png(29, 20_000);
+    let (_, onprem_url) = p.private.upload_as_human("onprem.png", &onprem);
+    let current = field(&p.private, twin, "System.Description");
+    p.private
+        .edit_as_human(
+            twin,
+            &[set(
+                "System.Description",
+                &format!("{current}<p>On premises: <img src=\"{onprem_url}\"></p>"),
+            )],
+        )
+        .unwrap();
+    converge("both screenshots on the public side", || {
+        let d = field(&p.public, id, "System.Description");
+        let images = local_images(&p.public, &d, &[elsewhere])?;
+        (images == [shot.clone(), onprem.clone()]).then_some(()).ok_or(d)
+    })
+    .await;
+    assert_eq!(
+        p.public.count("attachments.create"),
+        1,
+        "only the new image is uploaded"
+    );
+}
