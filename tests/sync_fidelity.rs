@@ -67,7 +67,7 @@ async fn inline_images_cross_as_bytes_come_back_as_the_original_and_leave_other_
         let images = local_images(&p.private, &d, &[elsewhere])?;
         (images == [shot.clone()] && d.contains(elsewhere))
             .then_some(())
-            .ok_or(format!("{d}"))
+            .ok_or(d.clone())
     })
     .await;
 
@@ -81,7 +81,7 @@ async fn inline_images_cross_as_bytes_come_back_as_the_original_and_leave_other_
         let c = comments(&p.private, twin);
         let with = c.iter().find(|c| c.contains("Trace:")).ok_or(format!("{c:?}"))?;
         let images = local_images(&p.private, with, &[])?;
-        (images == [trace.clone()]).then_some(()).ok_or(format!("{with}"))
+        (images == [trace.clone()]).then_some(()).ok_or(with.to_string())
     })
     .await;
 
