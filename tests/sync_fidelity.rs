@@ -54,7 +54,7 @@ async fn inline_images_cross_as_bytes_come_back_as_the_original_and_leave_other_
         .public
         .create_item(
             PUBLIC,
-            "Bug",
+            "Task",
             &fields(&[
                 ("System.Title", "Pasted screenshot"),
                 ("System.Description", &description),
@@ -128,4 +128,75 @@ async fn inline_images_cross_as_bytes_come_back_as_the_original_and_leave_other_
         1,
         "only the new image is uploaded"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bug_carries_its_repro_steps_and_a_task_made_from_it_shows_them_as_its_description() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    // On the private side, the other side's Bugs become Issues (a process without Bugs).
+    let rules = p.agent_dir.with_extension("rules");
+    std::fs::write(
+        &rules,
+        relay::sync::default_rules(PRIVATE).replace(
+            "workItem.typeName = nodeHelper.getIssueType(replica.type) ?? \"Task\";",
+            "workItem.typeName = if replica.type == \"Bug\" { \"Issue\" } else { nodeHelper.getIssueType(replica.type) ?? \"Task\" };",
+        ),
+    )
+    .unwrap();
+    p.sync_cli(false, &["rules", "set", pair::CONN, rules.to_str().unwrap()])
+        .await;
+    let steps = "<ol><li>Open the login page</li><li>Wait 30 s</li></ol>";
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Bug",
+            &fields(&[
+                ("System.Title", "Login times out"),
+                ("Microsoft.VSTS.TCM.ReproSteps", steps),
+            ]),
+        )
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Login times out").await;
+    assert_eq!(field(&p.private, twin, "System.WorkItemType"), "Issue");
+    converge("the repro steps as the Issue's description", || {
+        (field(&p.private, twin, "System.Description") == steps)
+            .then_some(())
+            .ok_or_else(|| field(&p.private, twin, "System.Description"))
+    })
+    .await;
+
+    // Edited on premises, the text comes back as the Bug's repro steps.
+    let edited = "<ol><li>Open the login page</li><li>Wait 31 s</li></ol>";
+    p.private
+        .edit_as_human(twin, &[set("System.Description", edited)])
+        .unwrap();
+    converge("the repro steps on the public side", || {
+        (field(&p.public, id, "Microsoft.VSTS.TCM.ReproSteps") == edited)
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "Microsoft.VSTS.TCM.ReproSteps"))
+    })
+    .await;
+
+    // A Bug made on premises arrives as a Bug whose repro steps hold its text.
+    let private_bug = p
+        .private
+        .create_item(
+            PRIVATE,
+            "Bug",
+            &fields(&[
+                ("System.Title", "Printer jams"),
+                ("Microsoft.VSTS.TCM.ReproSteps", "<p>Print twice</p>"),
+            ]),
+        )
+        .unwrap();
+    let public_bug = wait_titled(&p.public, PUBLIC, "Printer jams").await;
+    converge("the private Bug's repro steps", || {
+        (field(&p.public, public_bug, "Microsoft.VSTS.TCM.ReproSteps") == "<p>Print twice</p>")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, public_bug, "Microsoft.VSTS.TCM.ReproSteps"))
+    })
+    .await;
+    assert_eq!(field(&p.public, public_bug, "System.WorkItemType"), "Bug");
+    assert!(private_bug > 0);
 }

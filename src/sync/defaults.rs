@@ -6,6 +6,9 @@
 
 use super::script::{INCOMING_MARKER, OUTGOING_MARKER};
 
+/// The field that holds a Bug's text in the Agile, Scrum and CMMI processes.
+pub const REPRO_STEPS: &str = "Microsoft.VSTS.TCM.ReproSteps";
+
 /// The default rules for a side whose incoming items go to `project`: they sync summary,
 /// description, labels, comments and attachments both ways, with commented examples.
 pub fn default_rules(project: &str) -> String {
@@ -20,7 +23,8 @@ pub fn default_rules(project: &str) -> String {
 {OUTGOING_MARKER}
 replica.type = workItem.typeName;
 replica.summary = workItem.summary;
-replica.description = workItem.description;
+// The text a person reads: a Bug's repro steps (Agile, Scrum, CMMI), any other type's description.
+replica.description = if workItem.typeName == "Bug" {{ workItem.customFields["{REPRO_STEPS}"] ?? workItem.description }} else {{ workItem.description }};
 replica.labels = workItem.labels;
 replica.comments = workItem.comments;
 replica.attachments = workItem.attachments;
@@ -37,6 +41,8 @@ if firstSync {{
 }}
 workItem.summary = replica.summary;
 workItem.description = replica.description;
+// A Bug shows its repro steps instead (Agile, Scrum, CMMI): the text goes there too.
+if workItem.typeName == "Bug" {{ workItem.customFields["{REPRO_STEPS}"] = replica.description; }}
 workItem.labels = replica.labels;
 workItem.comments = commentHelper.mergeComments(workItem, replica);
 workItem.attachments = attachmentHelper.mergeAttachments(workItem, replica);

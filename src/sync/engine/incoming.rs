@@ -600,6 +600,12 @@ fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, sent: &crate::sync
     }
     if kept("description") {
         desired.description = current.description.clone();
+        // Where the rules put a Bug's text.
+        let steps = crate::sync::defaults::REPRO_STEPS;
+        match current.custom_fields.get(steps) {
+            Some(v) => desired.custom_fields.insert(steps.to_owned(), v.clone()),
+            None => desired.custom_fields.remove(steps),
+        };
     }
     if kept("labels") {
         desired.labels = current.labels.clone();
