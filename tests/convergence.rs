@@ -364,6 +364,15 @@ async fn seeded_scenarios_of_edits_and_faults_converge() {
         }
         heal(&p, &mut log).await;
         if let Err(e) = quiesce(&p, &items, &log, &tag).await {
+            let tail = |log: String| {
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(80)..].join("\n")
+            };
+            eprintln!(
+                "node log, last lines:\n{}\nagent log, last lines:\n{}",
+                tail(p.node.log()),
+                tail(p.agent.log())
+            );
             panic!(
                 "scenario {s} (replay: CONVERGENCE_SEED={seed} CONVERGENCE_SCENARIOS=1) failed: {e}\nsteps:\n  {}",
                 log.steps.join("\n  ")

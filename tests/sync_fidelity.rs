@@ -200,3 +200,80 @@ async fn a_bug_carries_its_repro_steps_and_a_task_made_from_it_shows_them_as_its
     assert_eq!(field(&p.public, public_bug, "System.WorkItemType"), "Bug");
     assert!(private_bug > 0);
 }
+
+/// The default rules of a side with the state sent, and set through `mapState` (or, with
+/// `mapped` false, copied as it is).
+fn rules_with_states(project: &str, mapped: bool) -> String {
+    let incoming = if mapped {
+        "if replica.status != () { workItem.status = nodeHelper.mapState(replica.status, workItem.typeName) ?? workItem.status; }"
+    } else {
+        "if replica.status != () { workItem.status = replica.status; }"
+    };
+    relay::sync::default_rules(project)
+        .replace("// replica.status = workItem.status;", "replica.status = workItem.status;")
+        .replace(
+            "// if replica.status != () { workItem.status = nodeHelper.mapState(replica.status, workItem.typeName) ?? workItem.status; }",
+            incoming,
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_map_between_agile_and_scrum_and_a_state_the_type_lacks_is_an_item_error_naming_its_states() {
+    let mut p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    // The private project follows Scrum; the agent learns its types when it starts.
+    p.private.use_scrum(PRIVATE);
+    p.restart_agent().await;
+    for (node, project) in [(true, PUBLIC), (false, PRIVATE)] {
+        let dir = if node { &p.node_dir } else { &p.agent_dir };
+        let rules = dir.with_extension("rules");
+        std::fs::write(&rules, rules_with_states(project, true)).unwrap();
+        p.sync_cli(node, &["rules", "set", pair::CONN, rules.to_str().unwrap()])
+            .await;
+    }
+    let id = p
+        .public
+        .create_item(PUBLIC, "Bug", &fields(&[("System.Title", "Stateful")]))
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Stateful").await;
+    let state = |sim: &SimHandle, id: u64| field(sim, id, "System.State");
+    converge("a new Bug is New on both sides", || {
+        (state(&p.private, twin) == "New")
+            .then_some(())
+            .ok_or_else(|| state(&p.private, twin))
+    })
+    .await;
+    p.public.edit_as_human(id, &[set("System.State", "Active")]).unwrap();
+    converge("Active becomes Committed", || {
+        (state(&p.private, twin) == "Committed")
+            .then_some(())
+            .ok_or_else(|| state(&p.private, twin))
+    })
+    .await;
+    p.private.edit_as_human(twin, &[set("System.State", "Done")]).unwrap();
+    converge("Done becomes Closed", || {
+        (state(&p.public, id) == "Closed")
+            .then_some(())
+            .ok_or_else(|| state(&p.public, id))
+    })
+    .await;
+
+    // Copied as it is, a state the Scrum Bug lacks is that item's error, naming its states.
+    let rules = p.agent_dir.with_extension("rules");
+    std::fs::write(&rules, rules_with_states(PRIVATE, false)).unwrap();
+    p.sync_cli(false, &["rules", "set", pair::CONN, rules.to_str().unwrap()])
+        .await;
+    p.public.edit_as_human(id, &[set("System.State", "Resolved")]).unwrap();
+    let errors = common::wait_for("the state's sync error", || async {
+        let out = p.sync_cli(false, &["errors", pair::CONN, "--json"]).await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"Resolved\" is not a state of a Bug")
+            && message.contains("New, Approved, Committed, Done, Removed"),
+        "{message}"
+    );
+    assert_eq!(state(&p.private, twin), "Done", "nothing written");
+}

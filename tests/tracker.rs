@@ -160,9 +160,21 @@ async fn projects_and_types_are_checked() {
         other => panic!("expected NotFound: {other:?}"),
     }
     let types = t.work_item_types(PROJECT).await.expect("types");
-    assert!(
-        types.iter().any(|n| n == "User Story") && types.iter().any(|n| n == "Bug"),
-        "{types:?}"
+    assert!(types.iter().any(|(n, _)| n == "User Story"), "{types:?}");
+    let bug = &types.iter().find(|(n, _)| n == "Bug").expect("Bug").1;
+    let s = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        *bug,
+        s(&[
+            ("New", "Proposed"),
+            ("Active", "InProgress"),
+            ("Resolved", "Resolved"),
+            ("Closed", "Completed")
+        ])
     );
     e.sim.shutdown().await;
 }

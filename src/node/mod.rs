@@ -212,8 +212,11 @@ impl Node {
     pub async fn set_state(&self, name: &str, action: Action) -> OpResult<ConnectionStatus> {
         let rec = self.inner.registry.set_state(name, action)?;
         self.inner.store.flush().await?;
-        // Make sure a link exists, so a redeem racing with this change cannot miss it.
-        if rec.accepted() {
+        // Make sure a link exists, so a redeem racing with this change cannot miss it. Not
+        // before the node serves: a link made then would never start its worker, and serving
+        // makes the links of every accepted connection from the registry as it is by then.
+        let serving = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if rec.accepted() && serving {
             let _ = self.ensure_link(&rec);
         }
         if let Some(link) = self.link(name) {

@@ -46,9 +46,11 @@ if workItem.typeName == "Bug" {{ workItem.customFields["{REPRO_STEPS}"] = replic
 workItem.labels = replica.labels;
 workItem.comments = commentHelper.mergeComments(workItem, replica);
 workItem.attachments = attachmentHelper.mergeAttachments(workItem, replica);
-// A status map: the other side's state on the left, this side's on the right.
+// The other side's state as one this type has: the same name, else the same category
+// (New, Approved, To Do · Active, Committed, Doing · Resolved · Closed, Done · Removed):
+// if replica.status != () {{ workItem.status = nodeHelper.mapState(replica.status, workItem.typeName) ?? workItem.status; }}
+// Or a map of your own, the other side's state on the left:
 // let statusMap = #{{ "New": "New", "Active": "Active", "Resolved": "Resolved", "Closed": "Closed", "Done": "Closed" }};
-// if replica.status != () {{ workItem.status = statusMap[replica.status] ?? workItem.status; }}
 // Priority (1 to 4 in Azure DevOps):
 // workItem.priority = replica.priority ?? workItem.priority;
 // A custom field, with a fallback when the other side sends none:

@@ -6,6 +6,7 @@
 //! - [`script`]: compiling and running a side's rules in a bounded Rhai engine.
 //! - [`defaults`]: the rules generated for a side at `initiate` / `accept`.
 //! - [`inline`]: inline images in HTML fields and the references replicas carry for them.
+//! - [`states`]: workflow states across processes, for `nodeHelper.mapState`.
 
 pub mod blob;
 pub mod defaults;
@@ -16,6 +17,7 @@ pub mod ops;
 pub mod replica;
 pub mod script;
 pub mod state;
+pub mod states;
 pub mod workitem;
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ async fn test_rules(
     let types = tracker.work_item_types(&project).await.unwrap_or_default();
     let rules = script::compile(&source)
         .map_err(|e| OpError::new(Kind::Invalid, e.to_string()))?
-        .with_local_types(types);
+        .with_local_types(crate::sync::states::LocalTypes::new(types));
     let mut out = serde_json::Map::new();
     let failed = |e: &dyn std::fmt::Display| OpError::new(Kind::Failed, e.to_string());
     if let Some(id) = item {

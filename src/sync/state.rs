@@ -273,6 +273,7 @@ pub struct SyncState {
     sent_files: Table,
     files: Table,
     refused: Table,
+    deferred: Table,
     activity: Table,
 }
 
@@ -298,6 +299,7 @@ impl SyncState {
             sent_files: store.table("sync-sent-files")?,
             files: store.table("sync-files")?,
             refused: store.table("sync-refused-files")?,
+            deferred: store.table("sync-deferred-exports")?,
             activity: store.table("sync-activity")?,
         })
     }
@@ -509,6 +511,27 @@ impl SyncState {
     /// Forgets a refusal (the file was uploaded after all).
     pub fn clear_refused(&self, conn: &str, sha256: &str) -> Result<(), QueueError> {
         self.refused.remove(&key(&[conn, sha256]))
+    }
+
+    /// Notes that local item `id` changed while it was relay's own create not linked to its
+    /// twin yet: it is exported once the link exists.
+    pub fn defer_export(&self, conn: &str, id: u64) -> Result<(), QueueError> {
+        self.deferred.put(&key(&[conn, &format!("{id:020}")]), &now_ms())
+    }
+
+    /// The local items whose export waits for their link, oldest id first.
+    pub fn deferred_exports(&self, conn: &str) -> Result<Vec<u64>, QueueError> {
+        Ok(self
+            .deferred
+            .list_prefix::<u64>(&format!("{conn}{SEP}"))?
+            .into_iter()
+            .filter_map(|(k, _)| k.rsplit(SEP).next().and_then(|id| id.parse().ok()))
+            .collect())
+    }
+
+    /// Forgets a deferred export (done).
+    pub fn clear_deferred(&self, conn: &str, id: u64) -> Result<(), QueueError> {
+        self.deferred.remove(&key(&[conn, &format!("{id:020}")]))
     }
 
     /// What is known of a local attachment's bytes.

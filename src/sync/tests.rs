@@ -79,10 +79,13 @@ fn replica_of(rules: &Rules, item: &WorkItem, rev: u64) -> Replica {
     )
 }
 
-fn agile() -> Vec<String> {
-    ["Bug", "Epic", "Feature", "Issue", "Task", "Test Case", "User Story"]
-        .map(String::from)
-        .to_vec()
+fn agile() -> crate::sync::states::LocalTypes {
+    types(&["Bug", "Epic", "Feature", "Issue", "Task", "Test Case", "User Story"])
+}
+
+/// Types without states.
+fn types(names: &[&str]) -> crate::sync::states::LocalTypes {
+    crate::sync::states::LocalTypes::new(names.iter().map(|n| (n.to_string(), Vec::new())).collect())
 }
 
 /// What the tracker would hold after applying a create: ids for everything relay added.
@@ -505,7 +508,18 @@ fn status_priority_and_custom_field_examples_work_when_uncommented() {
             .join("\n")
     };
     let sender = compile(&uncomment(&default_rules("Contoso"))).unwrap();
-    let receiver = compile(&uncomment(&default_rules("Fabrikam"))).unwrap();
+    let agile_bug = ["New", "Active", "Resolved", "Closed"].map(|s| {
+        (
+            s.to_string(),
+            crate::sync::states::category(s).unwrap_or_default().to_string(),
+        )
+    });
+    let receiver = compile(&uncomment(&default_rules("Fabrikam")))
+        .unwrap()
+        .with_local_types(crate::sync::states::LocalTypes::new(vec![(
+            "Bug".into(),
+            agile_bug.to_vec(),
+        )]));
     let mut item = local_item();
     item.custom_fields.insert("Custom.Team".into(), json!("Red"));
     item.status = Some("Done".into());
@@ -542,7 +556,7 @@ fn node_helpers() {
          replica.descriptionFormat = \"plain\";\nreplica.type = nodeHelper.getIssueType(\"Nope\") ?? \"Task\";\n{INCOMING_MARKER}\n"
     ))
     .unwrap()
-    .with_local_types(basic);
+    .with_local_types(types(&basic.iter().map(String::as_str).collect::<Vec<_>>()));
     let e = run_outgoing(&rules, &local_item(), None).unwrap();
     assert_eq!(e.description.text, "Steps: 1");
     assert_eq!(e.type_name, "Task");

@@ -321,22 +321,31 @@ impl Tracker {
             .ok_or_else(|| TrackerError::Protocol(format!("project {project:?} answered without an id")))
     }
 
-    /// The names of the project's work item types.
-    pub async fn work_item_types(&self, project: &str) -> Result<Vec<String>, TrackerError> {
+    /// The project's work item types, each with its states and their categories
+    /// (`Proposed`, `InProgress`, `Resolved`, `Completed`, `Removed`).
+    pub async fn work_item_types(&self, project: &str) -> Result<Vec<(String, Vec<(String, String)>)>, TrackerError> {
         let url = format!(
             "{}?{}",
             self.rest.project_url(project, "wit/workitemtypes"),
             self.rest.api()
         );
         let v = self.rest.json(&Req::get(url)).await?;
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         Ok(v.get("value")
             .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_owned))
-                    .collect()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                let states = t
+                    .get("states")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| Some((text(s, "name")?, text(s, "category").unwrap_or_default())))
+                    .collect();
+                Some((text(t, "name")?, states))
             })
-            .unwrap_or_default())
+            .collect())
     }
 
     /// The work item with its relations and every comment (oldest first); `None` when it does

@@ -442,6 +442,7 @@ pub async fn apply(
             a.url = Some(up.url.clone());
             new_files.push((up.id, a.remote_id.clone()));
         }
+        check_state(&rules, &current, &desired)?;
         let plan = workitem::build_patch(&current, &desired).map_err(|e| ItemFailure::Item(e.to_string()))?;
         let mut last_rev = current.rev.unwrap_or(0);
         // The item as relay's write left it: what both sides agree on from now on.
@@ -586,6 +587,30 @@ fn localize(state: &SyncState, conn: &str, replica: &Replica) -> Result<Replica,
         Some(Ok(m)) => Err(ItemFailure::Item(m)),
         Some(Err(e)) => Err(e),
     }
+}
+
+/// Refuses a state the item's type does not have here, naming the states it has (the
+/// tracker's own refusal names none).
+fn check_state(rules: &crate::sync::Rules, current: &WorkItem, desired: &WorkItem) -> Result<(), ItemFailure> {
+    let Some(state) = desired.status.as_deref().filter(|_| desired.status != current.status) else {
+        return Ok(());
+    };
+    let type_name = if desired.type_name.is_empty() {
+        &current.type_name
+    } else {
+        &desired.type_name
+    };
+    let Some(states) = rules.local_types().states_of(type_name) else {
+        return Ok(());
+    };
+    if states.iter().any(|(n, _)| n.eq_ignore_ascii_case(state)) {
+        return Ok(());
+    }
+    let names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
+    Err(ItemFailure::Item(format!(
+        "state {state:?} is not a state of a {type_name} here; its states are {}; map the other side's states in the incoming script (nodeHelper.mapState)",
+        names.join(", ")
+    )))
 }
 
 /// Puts back the local value of every field the sender did not change since both sides last

@@ -26,6 +26,7 @@ use crate::retry::Backoff;
 use crate::status::{now_ms, Health};
 use crate::sync::script::{self, Rules};
 use crate::sync::state::{Side, SyncError, SyncState};
+use crate::sync::states::LocalTypes;
 use crate::tracker::{Tracker, TrackerError};
 
 /// The key of the tracker's hold in [`Health`].
@@ -63,7 +64,7 @@ struct Inner {
     tracker: OnceCell<Tracker>,
     links: Mutex<HashMap<String, (SyncLink, watch::Sender<u64>)>>,
     compiled: Mutex<HashMap<String, (String, Arc<Rules>)>>,
-    types: Mutex<HashMap<String, Vec<String>>>,
+    types: Mutex<HashMap<String, LocalTypes>>,
     /// Per connection: held for the whole of each apply, so a reader of the change feed can
     /// wait until the revisions an apply wrote are recorded as relay's own.
     applying: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -243,7 +244,7 @@ impl Engine {
                     .types
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(project.to_owned(), types);
+                    .insert(project.to_owned(), LocalTypes::new(types));
                 // Rules compiled before knew no types.
                 self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).clear();
             }

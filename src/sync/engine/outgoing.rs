@@ -54,6 +54,7 @@ pub async fn run(engine: Engine, link: SyncLink, mut wake: watch::Receiver<u64>,
             _ = tokio::time::sleep(delay) => {}
         }
         retry_requested(&engine, &tracker, &link).await;
+        export_deferred(&engine, &tracker, &link).await;
         delay = match read_feed(&engine, &tracker, &link).await {
             Ok(()) => {
                 backoff.reset();
@@ -91,6 +92,30 @@ async fn retry_requested(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
                 warn!(item = id, error = %reason, "retry postponed");
                 return;
             }
+        }
+    }
+}
+
+/// Exports the items that changed while they were relay's creates not linked yet, once they are.
+async fn export_deferred(engine: &Engine, tracker: &Tracker, link: &SyncLink) {
+    let state = engine.state();
+    let Ok(ids) = state.deferred_exports(&link.name) else {
+        return;
+    };
+    for id in ids {
+        if !matches!(state.twin_by_local(&link.name, id), Ok(Some(_))) {
+            continue;
+        }
+        match export(engine, tracker, link, id, false).await {
+            Ok(_) => {}
+            Err(ItemFailure::Item(m)) => engine.fail(link, Side::Outgoing, &id.to_string(), m, None),
+            Err(ItemFailure::Transient { reason, .. }) => {
+                warn!(item = id, error = %reason, "export of a newly linked item postponed");
+                return;
+            }
+        }
+        if let Err(e) = state.clear_deferred(&link.name, id) {
+            warn!(error = %e, "cannot clear a deferred export");
         }
     }
 }
@@ -184,8 +209,10 @@ pub async fn export(
     }
     let found = state.twin_by_local(conn, id)?;
     if found.is_none() && item.hyperlinks.iter().any(|l| super::incoming::is_marker_of(l, conn)) {
-        // Relay made this item for this connection and has not recorded it yet (the create's
-        // answer is late or was lost): the apply under way or its retry finds it by this marker.
+        // Relay made this item for this connection and has not linked it yet (the create's
+        // answer is late or was lost): the apply under way or its retry finds it by this
+        // marker. A person may have changed it since: exported once the link exists.
+        state.defer_export(conn, id)?;
         return Ok(Exported::Unchanged);
     }
     let (primary, twin) = found.unwrap_or_else(|| {

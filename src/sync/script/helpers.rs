@@ -13,7 +13,7 @@ pub(super) struct AttachmentHelper;
 /// `nodeHelper` in scripts.
 #[derive(Debug, Clone)]
 pub(super) struct NodeHelper {
-    pub(super) local_types: Arc<Vec<String>>,
+    pub(super) local_types: Arc<crate::sync::states::LocalTypes>,
 }
 
 /// What a helper returns to the script: a value, or an error the script sees at its call.

@@ -25,6 +25,8 @@ mod values;
 
 pub use helpers::{get_issue_type, strip_html};
 use helpers::{merge_attachments, merge_comments, AttachmentHelper, CommentHelper, NodeHelper};
+
+use crate::sync::states::{map_state, LocalTypes};
 use values::{added_removed, entity_map, origin_map, read_entity, read_work_item, replica_value, work_item_map};
 
 /// Most operations one run may take.
@@ -208,7 +210,7 @@ pub struct Rules {
     outgoing: AST,
     incoming: AST,
     limits: Limits,
-    local_types: Arc<Vec<String>>,
+    local_types: Arc<LocalTypes>,
 }
 
 impl Rules {
@@ -222,10 +224,16 @@ impl Rules {
         &self.limits
     }
 
-    /// Tells `nodeHelper.getIssueType` which work item types the local process has.
-    pub fn with_local_types(mut self, types: Vec<String>) -> Rules {
+    /// Tells `nodeHelper.getIssueType` and `nodeHelper.mapState` which work item types, and
+    /// which states of each, the local process has.
+    pub fn with_local_types(mut self, types: LocalTypes) -> Rules {
         self.local_types = Arc::new(types);
         self
+    }
+
+    /// What [`Rules::with_local_types`] told.
+    pub fn local_types(&self) -> &LocalTypes {
+        &self.local_types
     }
 }
 
@@ -373,13 +381,20 @@ fn engine(limits: &Limits) -> Engine {
         .register_type_with_name::<NodeHelper>("NodeHelper")
         .register_fn("stripHtml", |_: NodeHelper, html: &str| strip_html(html))
         .register_fn("getIssueType", |h: NodeHelper, name: &str| {
-            get_issue_type(&h.local_types, name).map_or(Dynamic::UNIT, Dynamic::from)
+            get_issue_type(&h.local_types.names, name).map_or(Dynamic::UNIT, Dynamic::from)
+        })
+        .register_fn("mapState", |h: NodeHelper, state: Dynamic, type_name: &str| {
+            state
+                .into_string()
+                .ok()
+                .and_then(|s| map_state(&h.local_types, type_name, &s))
+                .map_or(Dynamic::UNIT, Dynamic::from)
         });
     engine
 }
 
 /// `commentHelper` in scripts.
-fn helpers(scope: &mut Scope, local_types: &Arc<Vec<String>>) {
+fn helpers(scope: &mut Scope, local_types: &Arc<LocalTypes>) {
     scope.push_constant("commentHelper", CommentHelper);
     scope.push_constant("attachmentHelper", AttachmentHelper);
     scope.push_constant(

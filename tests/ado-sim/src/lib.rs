@@ -308,6 +308,14 @@ impl SimHandle {
         lock(&self.shared.store).add_project(name).id
     }
 
+    /// Gives `project` the work item types of the Scrum process instead of Agile's.
+    pub fn use_scrum(&self, project: &str) {
+        let mut s = lock(&self.shared.store);
+        if let Some(p) = s.projects.iter_mut().find(|p| p.name.eq_ignore_ascii_case(project)) {
+            p.types = model::scrum_types();
+        }
+    }
+
     /// Adds a field to the collection's catalogue (e.g. a `Custom.*` field).
     pub fn add_field(&self, reference: &str, kind: Kind) {
         lock(&self.shared.store).add_field(reference, kind);

@@ -126,6 +126,34 @@ pub struct WorkItemType {
     pub states: Vec<String>,
 }
 
+/// The category Azure DevOps gives a default state of its processes.
+pub fn state_category(state: &str) -> &'static str {
+    match state {
+        "New" | "Proposed" | "To Do" | "Approved" => "Proposed",
+        "Active" | "Doing" | "Committed" | "In Progress" | "Open" => "InProgress",
+        "Resolved" => "Resolved",
+        "Removed" => "Removed",
+        _ => "Completed",
+    }
+}
+
+/// The types of the Scrum process.
+pub fn scrum_types() -> Vec<WorkItemType> {
+    let t = |n: &str, s: &[&str]| WorkItemType {
+        name: n.into(),
+        states: s.iter().map(|x| x.to_string()).collect(),
+    };
+    let backlog = &["New", "Approved", "Committed", "Done", "Removed"];
+    vec![
+        t("Product Backlog Item", backlog),
+        t("Bug", backlog),
+        t("Task", &["To Do", "In Progress", "Done", "Removed"]),
+        t("Feature", &["New", "In Progress", "Done", "Removed"]),
+        t("Epic", &["New", "In Progress", "Done", "Removed"]),
+        t("Impediment", &["Open", "Closed"]),
+    ]
+}
+
 /// The types of the Agile process, which new projects get unless told otherwise.
 pub fn agile_types() -> Vec<WorkItemType> {
     let t = |n: &str, s: &[&str]| WorkItemType {

@@ -533,7 +533,7 @@ fn route(shared: &Arc<Shared>, name: &str, c: &Call) -> R {
                 json!({
                     "name": t.name,
                     "referenceName": format!("Microsoft.VSTS.WorkItemTypes.{}", t.name.replace(' ', "")),
-                    "states": t.states.iter().map(|x| json!({"name": x})).collect::<Vec<_>>(),
+                    "states": t.states.iter().map(|x| json!({"name": x, "category": crate::model::state_category(x), "color": "b2b2b2"})).collect::<Vec<_>>(),
                     "url": format!("{}/{}/_apis/wit/workItemTypes/{}", s.base_url, p.id, t.name.replace(' ', "%20")),
                 })
             };
