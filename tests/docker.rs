@@ -249,7 +249,7 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
     let on_agent = wait_state(&agent, false, "ado-sync", "active").await;
     assert_eq!(on_agent.project, "OnPrem", "{on_agent:?}");
     let on_node = wait_state(&node, true, "ado-sync", "active").await;
-    assert_eq!(on_node.remote, "ado-server", "{on_node:?}");
+    assert!(on_node.remote.starts_with("ado-server"), "{on_node:?}");
 
     // Nothing opens a connection into the private network from outside it: neither the
     // node nor the public simulator reaches the Server simulator or the proxy's private
@@ -380,7 +380,7 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
     assert_locked_down(&agent);
     wait_state(&agent, false, "ado-sync", "active").await;
     let on_node = wait_state(&node, true, "ado-sync", "active").await;
-    assert_eq!(on_node.remote, "ado-server");
+    assert!(on_node.remote.starts_with("ado-server"), "{on_node:?}");
     let first_log = logs(&agent);
     assert!(first_log.contains("accepted"), "{first_log}");
 

@@ -181,15 +181,13 @@ async fn units_start_through_notify_rate_well_stop_on_revocation_and_stop_cleanl
 
     // A connection, as the README does it: initiate on the node, accept while the agent
     // runs, both as the service user through the admin sockets.
-    let (initiated, code) = run(
-        &name,
-        &[
-            "runuser", "-u", "relay", "--", "relay", "node", "initiate", "--data-dir", "/var/lib/relay-node",
-            "--local-name", "ado-services", "--remote-name", "ado-server", "--name", "ado-sync", "--project",
-            "Fabrikam",
-        ],
-    );
-    assert!(initiated, "{code}");
+    let out = docker(&[
+        "exec", &name, "runuser", "-u", "relay", "--", "relay", "node", "initiate", "--data-dir",
+        "/var/lib/relay-node", "--local-name", "ado-services", "--remote-name", "ado-server", "--name", "ado-sync",
+        "--project", "Fabrikam",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
     let code = code.trim().to_owned();
     assert!(code.starts_with("rlyinv1_"), "{code}");
     let (accepted, text) = with_stdin(
