@@ -210,7 +210,7 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
             repo().join("tests/compose/public-tracker.yml"),
         ],
         env: common_env(&[
-            ("ADO_URL", "http://ado-services:8090/fabrikam"),
+            ("ADO_URL", "http://localhost:8090/fabrikam"),
             // Published on a free loopback port here; ops publish 8443.
             ("RELAY_NODE_PORT", "127.0.0.1::8443"),
         ]),
@@ -222,7 +222,7 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
             repo().join("tests/compose/private-tracker.yml"),
         ],
         env: common_env(&[
-            ("ADO_URL", "http://ado-server:8090/DefaultCollection"),
+            ("ADO_URL", "http://localhost:8090/DefaultCollection"),
             ("RELAY_INVITATION_SECRET", &invitation.display().to_string()),
             ("RELAY_PROJECT", "OnPrem"),
         ]),
@@ -243,31 +243,30 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
     private.ok(&["up", "--detach", "--no-color"]);
     let agent = private.container("relay-agent");
     let proxy = private.container("proxy");
-    let server_sim = private.container("ado-server");
-    let services_sim = public.container("ado-services");
     assert_locked_down(&agent);
     let on_agent = wait_state(&agent, false, "ado-sync", "active").await;
     assert_eq!(on_agent.project, "OnPrem", "{on_agent:?}");
     let on_node = wait_state(&node, true, "ado-sync", "active").await;
     assert!(on_node.remote.starts_with("ado-server"), "{on_node:?}");
 
-    // Nothing opens a connection into the private network from outside it: neither the
-    // node nor the public simulator reaches the Server simulator or the proxy's private
-    // side, though both answer inside (the probe joins each container's network stack).
+    // Nothing opens a connection into the private network from outside it: the node does
+    // not reach the Server simulator (a sidecar at the agent's address) or the proxy's
+    // private side, though both answer inside; the probe joins each container's network
+    // stack. The simulators share their relay's stack (tests/compose/*-tracker.yml).
     let private_net = format!("{}_private", private.project);
-    let server_ip = address(&server_sim, &private_net);
+    let server_ip = address(&agent, &private_net);
     let proxy_private_ip = address(&proxy, &private_net);
     let node_ip = address(&node, &public_net);
-    let services_ip = address(&services_sim, &public_net);
+    let services_ip = node_ip.clone();
     assert!(connects_from(&images.base, &proxy, &server_ip, 8090), "the probe works inside");
-    assert!(connects_from(&images.base, &node, &services_ip, 8090), "the probe works outside");
-    for (from, name) in [(&node, "node"), (&services_sim, "public simulator")] {
-        assert!(!connects_from(&images.base, from, &server_ip, 8090), "the {name} reached the Server simulator");
-        assert!(!connects_from(&images.base, from, &proxy_private_ip, 3128), "the {name} reached the proxy's private side");
-    }
+    assert!(connects_from(&images.base, &proxy, &node_ip, 8443), "the probe works outside");
+    assert!(!connects_from(&images.base, &node, &server_ip, 8090), "the node reached the Server simulator");
+    assert!(
+        !connects_from(&images.base, &node, &proxy_private_ip, 3128),
+        "the node reached the proxy's private side"
+    );
     // The agent reaches nothing outside directly, only the proxy; the node through it.
     assert!(!connects_from(&images.base, &agent, &node_ip, 8443), "the agent reached the node directly");
-    assert!(!connects_from(&images.base, &agent, &services_ip, 8090));
     assert!(connects_from(&images.base, &agent, &proxy_private_ip, 3128));
     let proxy_log = logs(&proxy);
     assert!(
