@@ -127,7 +127,7 @@ async fn person(url: &str, pat: &str) -> relay::tracker::Tracker {
         kind: relay::config::TrackerKind::AzureDevOps,
         url: url.to_owned(),
         token_file: None,
-        token: Some(relay::config::Secret::new(&format!("{pat}-human"))),
+        token: Some(relay::config::Secret::new(format!("{pat}-human"))),
         trust: relay::config::WebhookTrust::System,
         ca_file: None,
         api_version: None,
@@ -258,15 +258,27 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
     let proxy_private_ip = address(&proxy, &private_net);
     let node_ip = address(&node, &public_net);
     let services_ip = node_ip.clone();
-    assert!(connects_from(&images.base, &proxy, &server_ip, 8090), "the probe works inside");
-    assert!(connects_from(&images.base, &proxy, &node_ip, 8443), "the probe works outside");
-    assert!(!connects_from(&images.base, &node, &server_ip, 8090), "the node reached the Server simulator");
+    assert!(
+        connects_from(&images.base, &proxy, &server_ip, 8090),
+        "the probe works inside"
+    );
+    assert!(
+        connects_from(&images.base, &proxy, &node_ip, 8443),
+        "the probe works outside"
+    );
+    assert!(
+        !connects_from(&images.base, &node, &server_ip, 8090),
+        "the node reached the Server simulator"
+    );
     assert!(
         !connects_from(&images.base, &node, &proxy_private_ip, 3128),
         "the node reached the proxy's private side"
     );
     // The agent reaches nothing outside directly, only the proxy; the node through it.
-    assert!(!connects_from(&images.base, &agent, &node_ip, 8443), "the agent reached the node directly");
+    assert!(
+        !connects_from(&images.base, &agent, &node_ip, 8443),
+        "the agent reached the node directly"
+    );
     assert!(connects_from(&images.base, &agent, &proxy_private_ip, 3128));
     let proxy_log = logs(&proxy);
     assert!(
@@ -295,8 +307,16 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
     let server = person(&format!("http://{server_ip}:8090/DefaultCollection"), &pat).await;
     let title = "Login page times out";
     let patch = serde_json::json!([{"op": "add", "path": "/fields/System.Title", "value": title}]);
-    let public_id = services.create("Fabrikam", "Task", &patch).await.unwrap().id.expect("an id");
-    let private_id = until("the item on the private tracker", || find_titled(&server, "OnPrem", title)).await;
+    let public_id = services
+        .create("Fabrikam", "Task", &patch)
+        .await
+        .unwrap()
+        .id
+        .expect("an id");
+    let private_id = until("the item on the private tracker", || {
+        find_titled(&server, "OnPrem", title)
+    })
+    .await;
     let renamed = "Login page times out after 30 s";
     let patch = serde_json::json!([{"op": "add", "path": "/fields/System.Title", "value": renamed}]);
     server.update(private_id, &patch).await.unwrap();
@@ -307,7 +327,10 @@ async fn the_private_side_reaches_out_only_through_its_proxy_and_a_work_item_syn
     .await;
     // Both sides are still locked down after the work, and healthy.
     for container in [&node, &agent] {
-        poll("healthy containers", WITHIN, || (health(container) == "healthy").then_some(())).await;
+        poll("healthy containers", WITHIN, || {
+            (health(container) == "healthy").then_some(())
+        })
+        .await;
     }
     drop(cleanup);
 }
@@ -323,10 +346,23 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
     cleanup.networks.push(net.clone());
     let (node, agent) = (unique("invnode"), unique("invagent"));
     let (node_vol, agent_vol, fresh_vol) = (unique("invnodevol"), unique("invagentvol"), unique("invfreshvol"));
-    cleanup.containers.extend([node.clone(), agent.clone(), unique("invrefused")]);
-    cleanup.volumes.extend([node_vol.clone(), agent_vol.clone(), fresh_vol.clone()]);
+    cleanup
+        .containers
+        .extend([node.clone(), agent.clone(), unique("invrefused")]);
+    cleanup
+        .volumes
+        .extend([node_vol.clone(), agent_vol.clone(), fresh_vol.clone()]);
 
-    let mut run = vec!["run", "--detach", "--name", &node, "--network", &net, "--network-alias", "relay-node"];
+    let mut run = vec![
+        "run",
+        "--detach",
+        "--name",
+        &node,
+        "--network",
+        &net,
+        "--network-alias",
+        "relay-node",
+    ];
     run.extend_from_slice(LOCKED);
     let node_mount = format!("{node_vol}:/var/lib/relay");
     run.extend([
@@ -347,10 +383,19 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
     let secret_mount = format!("{}:/run/secrets/relay_invitation:ro", secret.display());
     let agent_mount = format!("{agent_vol}:/var/lib/relay");
     let agent_args = |name: &str, mount: &str| -> Vec<String> {
-        let mut a: Vec<String> = ["run", "--detach", "--name", name, "--network", &net, "--restart", "on-failure"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> = [
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            &net,
+            "--restart",
+            "on-failure",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         a.extend(LOCKED.iter().map(|s| s.to_string()));
         a.extend(
             [
@@ -397,7 +442,9 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
     docker_ok(&["rm", "--force", &agent]);
     start_agent();
     poll("the re-created agent to say so", WITHIN, || {
-        logs(&agent).contains("accepted before; not redeeming it again").then_some(())
+        logs(&agent)
+            .contains("accepted before; not redeeming it again")
+            .then_some(())
     })
     .await;
     wait_state(&agent, false, "ado-sync", "active").await;
@@ -413,7 +460,9 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
     let a = agent_args(&refused, &fresh_mount);
     docker_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let restarts = poll("two restarts of the refused agent", WITHIN, || {
-        let n: u32 = docker_ok(&["inspect", "--format", "{{.RestartCount}}", &refused]).parse().ok()?;
+        let n: u32 = docker_ok(&["inspect", "--format", "{{.RestartCount}}", &refused])
+            .parse()
+            .ok()?;
         (n >= 2).then_some(n)
     })
     .await;
@@ -431,7 +480,10 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
     // One redeem reached the node in all those starts: the node logs each refusal.
     let node_log = logs(&node);
     let refusals = node_log.lines().filter(|l| l.contains("already redeemed")).count();
-    assert!(refusals <= 1, "{refusals} redeems after {restarts} restarts:\n{node_log}");
+    assert!(
+        refusals <= 1,
+        "{refusals} redeems after {restarts} restarts:\n{node_log}"
+    );
 
     // A mangled code: exit 3 before any network call, the reason in `docker logs`.
     let mangled = unique("invmangled");
@@ -463,7 +515,13 @@ async fn the_image_holds_the_binary_the_c_library_and_ca_roots_only() {
     assert!(out.status.success());
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     // Regular files only (Docker adds empty mount points for /etc/hosts and the like).
-    let docker_made = [".dockerenv", "etc/hostname", "etc/hosts", "etc/resolv.conf", "dev/console"];
+    let docker_made = [
+        ".dockerenv",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "dev/console",
+    ];
     let files: Vec<&str> = listing
         .lines()
         .filter(|l| l.starts_with('-'))
@@ -479,7 +537,10 @@ async fn the_image_holds_the_binary_the_c_library_and_ca_roots_only() {
     ];
     for file in &files {
         let library = file.starts_with("lib") && file.contains(".so");
-        assert!(allowed.contains(file) || library, "unexpected {file} in the image:\n{listing}");
+        assert!(
+            allowed.contains(file) || library,
+            "unexpected {file} in the image:\n{listing}"
+        );
     }
     for file in allowed {
         assert!(files.contains(&file), "no {file} in the image:\n{listing}");
@@ -493,9 +554,17 @@ async fn the_image_holds_the_binary_the_c_library_and_ca_roots_only() {
         .filter(|p| !docker_made.contains(p) && !p.contains(".so"))
         .collect();
     assert_eq!(executables, ["usr/bin/relay"], "nothing else that runs:\n{listing}");
-    let config = docker_ok(&["image", "inspect", "--format", "{{.Config.User}} {{json .Config.Healthcheck.Test}}", &images.relay]);
+    let config = docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.User}} {{json .Config.Healthcheck.Test}}",
+        &images.relay,
+    ]);
     assert_eq!(config, r#"10001:10001 ["CMD","relay","health","--ready"]"#);
-    let size: u64 = docker_ok(&["image", "inspect", "--format", "{{.Size}}", &images.relay]).parse().unwrap();
+    let size: u64 = docker_ok(&["image", "inspect", "--format", "{{.Size}}", &images.relay])
+        .parse()
+        .unwrap();
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
@@ -545,7 +614,16 @@ async fn health_follows_delivery_stop_is_clean_and_kill_on_either_side_loses_not
         "0s",
     ];
     let node_run = |extra: &[&str]| {
-        let mut run = vec!["run", "--detach", "--name", &node, "--network", &net, "--network-alias", "relay-node"];
+        let mut run = vec![
+            "run",
+            "--detach",
+            "--name",
+            &node,
+            "--network",
+            &net,
+            "--network-alias",
+            "relay-node",
+        ];
         run.extend_from_slice(LOCKED);
         run.extend_from_slice(extra);
         run.extend([
@@ -591,15 +669,15 @@ async fn health_follows_delivery_stop_is_clean_and_kill_on_either_side_loses_not
         &images.relay,
     ]);
     docker_ok(&run);
-    poll("the agent healthy (delivering)", WITHIN, || (health(&agent) == "healthy").then_some(())).await;
+    poll("the agent healthy (delivering)", WITHIN, || {
+        (health(&agent) == "healthy").then_some(())
+    })
+    .await;
 
     // A stream of numbered payloads, each retried with its own Idempotency-Key until
     // accepted, while either side is killed and started again.
     const TOTAL: usize = 120;
-    let node_api = std::sync::Arc::new(std::sync::Mutex::new(format!(
-        "http://{}:8080",
-        address(&node, &net)
-    )));
+    let node_api = std::sync::Arc::new(std::sync::Mutex::new(format!("http://{}:8080", address(&node, &net))));
     let api = node_api.clone();
     let submitter = tokio::spawn(async move {
         let http = client();
@@ -643,7 +721,10 @@ async fn health_follows_delivery_stop_is_clean_and_kill_on_either_side_loses_not
         (firsts.len() == TOTAL).then_some(())
     })
     .await;
-    poll("the agent healthy again", WITHIN, || (health(&agent) == "healthy").then_some(())).await;
+    poll("the agent healthy again", WITHIN, || {
+        (health(&agent) == "healthy").then_some(())
+    })
+    .await;
 
     // In order at first delivery; every repeat carries its first delivery's keys.
     let received = seen.lock().unwrap();

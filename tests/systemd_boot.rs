@@ -140,11 +140,27 @@ async fn units_start_through_notify_rate_well_stop_on_revocation_and_stop_cleanl
             "root",
         );
     }
-    install(&name, &repo().join("config/agent.toml"), "/etc/relay/agent.toml", "0640", "relay");
-    install(&name, &repo().join("config/node.toml"), "/etc/relay/node.toml", "0640", "relay");
+    install(
+        &name,
+        &repo().join("config/agent.toml"),
+        "/etc/relay/agent.toml",
+        "0640",
+        "relay",
+    );
+    install(
+        &name,
+        &repo().join("config/node.toml"),
+        "/etc/relay/node.toml",
+        "0640",
+        "relay",
+    );
     // The node's public URL, as the README says to change a unit: a drop-in.
     let dropin = scratch.path().join("public-url.conf");
-    std::fs::write(&dropin, "[Service]\nEnvironment=RELAY_NODE__PUBLIC_URL=https://127.0.0.1:8443\n").unwrap();
+    std::fs::write(
+        &dropin,
+        "[Service]\nEnvironment=RELAY_NODE__PUBLIC_URL=https://127.0.0.1:8443\n",
+    )
+    .unwrap();
     install(
         &name,
         &dropin,
@@ -182,9 +198,25 @@ async fn units_start_through_notify_rate_well_stop_on_revocation_and_stop_cleanl
     // A connection, as the README does it: initiate on the node, accept while the agent
     // runs, both as the service user through the admin sockets.
     let out = docker(&[
-        "exec", &name, "runuser", "-u", "relay", "--", "relay", "node", "initiate", "--data-dir",
-        "/var/lib/relay-node", "--local-name", "ado-services", "--remote-name", "ado-server", "--name", "ado-sync",
-        "--project", "Fabrikam",
+        "exec",
+        &name,
+        "runuser",
+        "-u",
+        "relay",
+        "--",
+        "relay",
+        "node",
+        "initiate",
+        "--data-dir",
+        "/var/lib/relay-node",
+        "--local-name",
+        "ado-services",
+        "--remote-name",
+        "ado-server",
+        "--name",
+        "ado-sync",
+        "--project",
+        "Fabrikam",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let code = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -192,7 +224,17 @@ async fn units_start_through_notify_rate_well_stop_on_revocation_and_stop_cleanl
     assert!(code.starts_with("rlyinv1_"), "{code}");
     let (accepted, text) = with_stdin(
         &name,
-        &["runuser", "-u", "relay", "--", "relay", "accept", "-", "--data-dir", "/var/lib/relay"],
+        &[
+            "runuser",
+            "-u",
+            "relay",
+            "--",
+            "relay",
+            "accept",
+            "-",
+            "--data-dir",
+            "/var/lib/relay",
+        ],
         &format!("{code}\n"),
     );
     assert!(accepted, "{text}");
@@ -208,7 +250,16 @@ async fn units_start_through_notify_rate_well_stop_on_revocation_and_stop_cleanl
     ok(
         &name,
         &[
-            "runuser", "-u", "relay", "--", "relay", "node", "revoke", "ado-sync", "--data-dir", "/var/lib/relay-node",
+            "runuser",
+            "-u",
+            "relay",
+            "--",
+            "relay",
+            "node",
+            "revoke",
+            "ado-sync",
+            "--data-dir",
+            "/var/lib/relay-node",
         ],
     );
     poll("the agent to stop after the revocation", WITHIN, || {
@@ -222,7 +273,14 @@ async fn units_start_through_notify_rate_well_stop_on_revocation_and_stop_cleanl
     // relay's own lines, recorded with their priority: warnings and worse only.
     let warnings = ok(
         &name,
-        &["journalctl", "--unit", "relay-agent", "--priority", "warning", "--no-pager"],
+        &[
+            "journalctl",
+            "--unit",
+            "relay-agent",
+            "--priority",
+            "warning",
+            "--no-pager",
+        ],
     );
     assert!(warnings.contains("revoked"), "{warnings}");
 

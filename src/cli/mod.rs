@@ -431,7 +431,11 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
                     project: invitation_project(),
                     ..AcceptOptions::default()
                 };
-                if agent.accept_once(&invitation, &source, options, &token).await?.is_none() {
+                if agent
+                    .accept_once(&invitation, &source, options, &token)
+                    .await?
+                    .is_none()
+                {
                     tracing::info!("stopped before the invitation was accepted");
                     return Ok(());
                 }

@@ -125,7 +125,11 @@ fn buildkit_client() -> Result<String, String> {
             .output();
         if let Ok(o) = out {
             let version = String::from_utf8_lossy(&o.stdout);
-            let major: u32 = version.split('.').next().and_then(|m| m.trim().parse().ok()).unwrap_or(0);
+            let major: u32 = version
+                .split('.')
+                .next()
+                .and_then(|m| m.trim().parse().ok())
+                .unwrap_or(0);
             if (18..23).contains(&major) {
                 return Ok(client.into());
             }
@@ -268,7 +272,10 @@ impl Compose {
 pub fn address(container: &str, network: &str) -> String {
     let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
     let ip = docker_ok(&["inspect", "--format", &format, container]);
-    assert!(!ip.is_empty() && ip != "<no value>", "{container} has no address on {network}");
+    assert!(
+        !ip.is_empty() && ip != "<no value>",
+        "{container} has no address on {network}"
+    );
     ip
 }
 
@@ -310,8 +317,20 @@ pub fn connects_from(base: &str, container: &str, ip: &str, port: u16) -> bool {
     let script = format!("exec 3<>/dev/tcp/{ip}/{port}");
     let net = format!("container:{container}");
     let out = docker(&[
-        "run", "--rm", "--network", &net, "--user", "65534:65534", "--cap-drop", "ALL", base, "timeout", "3",
-        "bash", "-c", &script,
+        "run",
+        "--rm",
+        "--network",
+        &net,
+        "--user",
+        "65534:65534",
+        "--cap-drop",
+        "ALL",
+        base,
+        "timeout",
+        "3",
+        "bash",
+        "-c",
+        &script,
     ]);
     out.status.success()
 }
