@@ -1,8 +1,9 @@
 //! The container entrypoint through the built binary: `relay run` with `RELAY_INVITATION` or
 //! `RELAY_INVITATION_FILE` accepts the invitation on its first start and just runs on later
 //! starts (the code is single-use, so a second redeem would fail); a refused or malformed code
-//! exits 3 (a refused one again on the next start, without asking the node), an unreachable node exits 1 after a few retries; `relay health` answers for the
-//! running daemon; no log holds the code or the credential.
+//! exits 3 (a refused one again on the next start, without asking the node), an unreachable
+//! node exits 1 after a few retries; `relay health` answers for the running daemon; no log
+//! holds the code or the credential.
 
 mod common;
 
@@ -135,7 +136,10 @@ async fn refused_or_malformed_invitations_exit_3_and_an_unreachable_node_exits_1
     let out = cli(&fresh, RUN, &[("RELAY_INVITATION", &code)], None).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("already redeemed") && err.contains("not tried again"), "{err}");
+    assert!(
+        err.contains("already redeemed") && err.contains("not tried again"),
+        "{err}"
+    );
     let mut node = Daemon::start(&node_dir, NODE_RUN, &[]).await;
 
     // Mangled: refused before any network call, without quoting it.
