@@ -10,7 +10,13 @@ use serde::Deserialize;
 
 /// `RELAY_…` environment variables that carry something other than a setting; read where they
 /// are used, never as settings.
-const NOT_SETTINGS: &[&str] = &["RELAY_LOG", "RELAY_CONFIG", "RELAY_INVITATION", "RELAY_INVITATION_FILE"];
+const NOT_SETTINGS: &[&str] = &[
+    "RELAY_LOG",
+    "RELAY_CONFIG",
+    "RELAY_INVITATION",
+    "RELAY_INVITATION_FILE",
+    "RELAY_INVITATION_PROJECT",
+];
 
 /// A secret that never prints.
 #[derive(Clone, Deserialize, PartialEq, Eq)]

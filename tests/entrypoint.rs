@@ -1,8 +1,9 @@
 //! The container entrypoint through the built binary: `relay run` with `RELAY_INVITATION` or
 //! `RELAY_INVITATION_FILE` accepts the invitation on its first start and just runs on later
 //! starts (the code is single-use, so a second redeem would fail); a refused or malformed code
-//! exits 3, an unreachable node exits 1 after a few retries; `relay health` answers for the
-//! running daemon; no log holds the code or the credential.
+//! exits 3 (a refused one again on the next start, without asking the node), an unreachable
+//! node exits 1 after a few retries; `relay health` answers for the running daemon; no log
+//! holds the code or the credential.
 
 mod common;
 
@@ -55,9 +56,11 @@ async fn first_start_accepts_later_starts_just_run_and_no_log_holds_a_secret() {
     let env = [
         ("RELAY_INVITATION_FILE", secret.as_str()),
         ("RELAY_AGENT__DELIVER_TO", hook.as_str()),
+        ("RELAY_INVITATION_PROJECT", "OnPrem"),
     ];
     let mut agent = Daemon::start(&agent_dir, RUN, &env).await;
     wait_active(&agent_dir).await;
+    assert_eq!(statuses(&agent_dir, false).await[0].project, "OnPrem");
     let on_node = statuses(&node_dir, true).await;
     assert_eq!(on_node[0].state, "active", "{:?}", on_node[0]);
     // The connection delivers to agent.deliver_to.
@@ -76,6 +79,7 @@ async fn first_start_accepts_later_starts_just_run_and_no_log_holds_a_secret() {
         [
             ("RELAY_INVITATION", code.as_str()),
             ("RELAY_AGENT__DELIVER_TO", hook.as_str()),
+            ("RELAY_INVITATION_PROJECT", "OnPrem"),
         ],
     ];
     let bodies = ["first", "second", "third"];
@@ -127,6 +131,16 @@ async fn refused_or_malformed_invitations_exit_3_and_an_unreachable_node_exits_1
         "{err}"
     );
     assert!(!err.contains(&code), "{err}");
+    // Started again by a restart policy: the same answer, without asking the node again.
+    assert!(node.terminate().await.success());
+    let out = cli(&fresh, RUN, &[("RELAY_INVITATION", &code)], None).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("already redeemed") && err.contains("not tried again"),
+        "{err}"
+    );
+    let mut node = Daemon::start(&node_dir, NODE_RUN, &[]).await;
 
     // Mangled: refused before any network call, without quoting it.
     let truncated = &code[..code.len() - 8];

@@ -86,6 +86,10 @@ impl AgentConnection {
     }
 }
 
+/// In the data directory: the id of an invitation the node refused when `relay run` offered
+/// it, and why, so that later starts with the same invitation do not offer it again.
+pub const REFUSED_INVITATION_FILE: &str = "refused-invitation";
+
 /// Options of `relay accept`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AcceptOptions {
@@ -364,6 +368,7 @@ impl Agent {
         &self,
         invitation: &Invitation,
         source: &str,
+        options: AcceptOptions,
         token: &CancellationToken,
     ) -> OpResult<Option<AgentConnection>> {
         if let Some(conn) = self.accepted_from(invitation)? {
@@ -371,11 +376,29 @@ impl Agent {
             return Ok(Some(conn));
         }
         let settings = &self.inner.settings;
+        // A restart policy starts a refused container again and again: answer from the note
+        // the first refusal left, without asking the node each time.
+        let refused_note = settings.data_dir.join(REFUSED_INVITATION_FILE);
+        let id = invitation.id_hex();
+        if let Ok(note) = std::fs::read_to_string(&refused_note) {
+            if let Some((noted, reason)) = note.split_once('\n') {
+                if noted == id {
+                    return Err(OpError::new(
+                        Kind::Invitation,
+                        format!(
+                            "cannot accept the invitation in {source}: {} (the node refused it on an earlier start, \
+                             so it is not tried again; give this agent a new invitation)",
+                            reason.trim()
+                        ),
+                    ));
+                }
+            }
+        }
         let mut backoff = crate::retry::Backoff::new(settings.delivery.backoff_initial, settings.delivery.backoff_max);
         let mut attempt = 1;
         loop {
             let result = tokio::select! {
-                r = self.accept(invitation, AcceptOptions::default()) => r,
+                r = self.accept(invitation, options.clone()) => r,
                 // Safe to abandon: the redeem nonce is on disk, so a later start retries it.
                 _ = token.cancelled() => return Ok(None),
             };
@@ -399,6 +422,14 @@ impl Agent {
                 }
                 // A name clash does not go away by restarting: say so with the exit code.
                 Kind::Conflict => return Err(OpError::new(Kind::Config, format!("{prefix}: {}", e.message))),
+                Kind::Invitation => {
+                    if let Err(write) =
+                        crate::fsutil::write_atomic(&refused_note, format!("{id}\n{}\n", e.message).as_bytes())
+                    {
+                        warn!(error = %write, "cannot note the refused invitation in {}", refused_note.display());
+                    }
+                    return Err(OpError::new(Kind::Invitation, format!("{prefix}: {}", e.message)));
+                }
                 kind => return Err(OpError::new(kind, format!("{prefix}: {}", e.message))),
             }
         }

@@ -51,7 +51,8 @@ pub enum Command {
     /// Redeem an invitation code (CODE, "-" for stdin, RELAY_INVITATION or RELAY_INVITATION_FILE).
     Accept(AcceptArgs),
     /// Run the agent: every accepted connection and the local intake API. With
-    /// RELAY_INVITATION or RELAY_INVITATION_FILE set, first accept that invitation once.
+    /// RELAY_INVITATION or RELAY_INVITATION_FILE set, first accept that invitation once (with
+    /// RELAY_INVITATION_PROJECT as this side's project).
     Run(RunArgs),
     /// Ask the running daemon whether it is alive (or ready); exit 0 if so. For health checks.
     Health(HealthArgs),
@@ -426,7 +427,15 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
             let invitation = invitation_from_env()?;
             let agent = daemon::open_agent(&settings)?;
             if let Some((invitation, source)) = invitation {
-                if agent.accept_once(&invitation, &source, &token).await?.is_none() {
+                let options = AcceptOptions {
+                    project: invitation_project(),
+                    ..AcceptOptions::default()
+                };
+                if agent
+                    .accept_once(&invitation, &source, options, &token)
+                    .await?
+                    .is_none()
+                {
                     tracing::info!("stopped before the invitation was accepted");
                     return Ok(());
                 }
@@ -613,6 +622,18 @@ async fn set_state(settings: &Settings, name: String, action: Action) -> OpResul
 const INVITATION_ENV: &str = "RELAY_INVITATION";
 /// Environment variable naming a file with the invitation code (a Docker or systemd secret).
 const INVITATION_FILE_ENV: &str = "RELAY_INVITATION_FILE";
+
+/// Environment variable with this side's project for the invitation `relay run` accepts
+/// (what `relay accept --project` gives), for an agent with a tracker.
+const INVITATION_PROJECT_ENV: &str = "RELAY_INVITATION_PROJECT";
+
+/// RELAY_INVITATION_PROJECT, when set and not blank.
+fn invitation_project() -> Option<String> {
+    std::env::var(INVITATION_PROJECT_ENV)
+        .ok()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+}
 
 /// Reads an invitation code from a file, whitespace trimmed. The message never quotes the
 /// content.
