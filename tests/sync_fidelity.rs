@@ -277,3 +277,45 @@ async fn states_map_between_agile_and_scrum_and_a_state_the_type_lacks_is_an_ite
     );
     assert_eq!(state(&p.private, twin), "Done", "nothing written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_between_an_image_upload_and_the_write_makes_one_item_whose_image_works() {
+    let mut p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    let shot = png(3, 60_000);
+    let (_, shot_url) = p.public.upload_as_human("crash.png", &shot);
+    // Killed while the image's upload answer is held, and again while the create's is.
+    let upload = p.private.hold_answers("attachments.create");
+    let create = p.private.hold_answers("workitems.create");
+    p.public
+        .create_item(
+            PUBLIC,
+            "Task",
+            &fields(&[
+                ("System.Title", "Crash with a screenshot"),
+                ("System.Description", &format!("<p><img src=\"{shot_url}\"></p>")),
+            ]),
+        )
+        .unwrap();
+    common::wait_for("the upload in flight", || async {
+        (p.private.count("attachments.create.held") >= 1).then_some(())
+    })
+    .await;
+    p.restart_agent().await;
+    drop(upload);
+    p.private.stop_holding("attachments.create");
+    common::wait_for("the create in flight", || async {
+        (p.private.count("workitems.create.held") >= 1).then_some(())
+    })
+    .await;
+    p.restart_agent().await;
+    drop(create);
+    p.private.stop_holding("workitems.create");
+    let twin = wait_titled(&p.private, PRIVATE, "Crash with a screenshot").await;
+    converge("the screenshot", || {
+        let d = field(&p.private, twin, "System.Description");
+        let images = local_images(&p.private, &d, &[])?;
+        (images == [shot.clone()]).then_some(()).ok_or(d)
+    })
+    .await;
+    assert_eq!(p.private.item_ids(Some(PRIVATE)), [twin], "exactly one work item");
+}
