@@ -676,8 +676,8 @@ fn reconcile_comments(twin: &mut Twin, current: &WorkItem) {
     }
 }
 
-/// Adds the comments of a plan, linking each to its remote id as soon as it is written; each
-/// add is recorded (and flushed) as pending first, so a lost answer is reconciled, not added
+/// Adds the comments of a plan, linking each to its remote id as soon as it is written; the
+/// adds are recorded (and flushed) as pending first, so a lost answer is reconciled, not added
 /// again. Answers the comments as added.
 async fn add_comments(
     tracker: &Tracker,
@@ -693,15 +693,17 @@ async fn add_comments(
         return Ok(out);
     }
     let mut unknown = 0u64;
+    // All of the plan's adds recorded at once, one flush: an add never answered stays
+    // pending and is looked for on the item next time.
+    twin.pending_comments.extend(comments.iter().filter_map(|c| {
+        Some(PendingComment {
+            remote: c.remote_id.clone()?,
+            body: c.body.clone(),
+        })
+    }));
+    state.put_twin(&link.name, primary, twin)?;
+    state.flush().await?;
     for c in comments {
-        if let Some(r) = c.remote_id.clone() {
-            twin.pending_comments.push(PendingComment {
-                remote: r,
-                body: c.body.clone(),
-            });
-            state.put_twin(&link.name, primary, twin)?;
-            state.flush().await?;
-        }
         let added = tracker.add_comment(&link.project, local, &c.body).await?;
         if let Some(r) = c.remote_id.clone() {
             twin.pending_comments.retain(|p| p.remote != r);
