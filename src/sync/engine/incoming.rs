@@ -464,7 +464,9 @@ pub async fn apply(
                 });
                 // Recorded and flushed before the create is sent: a lost answer, a gateway's
                 // 502/504 after the server committed, or a crash is reconciled above by this
-                // marker, however long it takes to come back.
+                // marker, however long it takes to come back. The comment adds that follow
+                // are recorded with it, in the same flush.
+                record_pending_comments(&mut twin, &plan.comments);
                 state.put_twin(conn, &primary, &twin)?;
                 state.flush().await?;
                 let mut ops = ops(plan.patch.as_ref());
@@ -676,6 +678,23 @@ fn reconcile_comments(twin: &mut Twin, current: &WorkItem) {
     }
 }
 
+/// Records the adds of `comments` that copy the other side's as pending; answers whether any
+/// was not pending yet.
+fn record_pending_comments(twin: &mut Twin, comments: &[workitem::WorkComment]) -> bool {
+    let mut recorded = false;
+    for c in comments {
+        let Some(remote) = c.remote_id.clone() else { continue };
+        if !twin.pending_comments.iter().any(|p| p.remote == remote) {
+            twin.pending_comments.push(PendingComment {
+                remote,
+                body: c.body.clone(),
+            });
+            recorded = true;
+        }
+    }
+    recorded
+}
+
 /// Adds the comments of a plan, linking each to its remote id as soon as it is written; the
 /// adds are recorded (and flushed) as pending first, so a lost answer is reconciled, not added
 /// again. Answers the comments as added.
@@ -693,16 +712,12 @@ async fn add_comments(
         return Ok(out);
     }
     let mut unknown = 0u64;
-    // All of the plan's adds recorded at once, one flush: an add never answered stays
-    // pending and is looked for on the item next time.
-    twin.pending_comments.extend(comments.iter().filter_map(|c| {
-        Some(PendingComment {
-            remote: c.remote_id.clone()?,
-            body: c.body.clone(),
-        })
-    }));
-    state.put_twin(&link.name, primary, twin)?;
-    state.flush().await?;
+    // All of the plan's adds recorded at once, one flush (none when a create recorded them
+    // with its own): an add never answered stays pending and is looked for next time.
+    if record_pending_comments(twin, comments) {
+        state.put_twin(&link.name, primary, twin)?;
+        state.flush().await?;
+    }
     for c in comments {
         let added = tracker.add_comment(&link.project, local, &c.body).await?;
         if let Some(r) = c.remote_id.clone() {
