@@ -5,8 +5,9 @@
 //! exactly one twin, every synced field is equal on both sides, every comment exists once on
 //! each, and no sync error remains that a retry does not clear.
 //!
-//! `CONVERGENCE_SCENARIOS` (default 20) scenarios run from `CONVERGENCE_SEED` (default: from
-//! the clock); a failure prints the seed of its scenario and its steps, and
+//! `CONVERGENCE_SCENARIOS` (default 20) scenarios run from `CONVERGENCE_SEED` (default 5000,
+//! so that the test suite runs the same scenarios every time; `CONVERGENCE_SEED=random`
+//! takes one from the clock); a failure prints the seed of its scenario and its steps, and
 //! `CONVERGENCE_SEED=<seed> CONVERGENCE_SCENARIOS=1` replays it.
 
 mod common;
