@@ -316,15 +316,14 @@ async fn seeded_scenarios_of_edits_and_faults_converge() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let base: u64 = std::env::var("CONVERGENCE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64
-        });
+    let base: u64 = match std::env::var("CONVERGENCE_SEED").ok().as_deref() {
+        Some("random") => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        Some(v) => v.parse().expect("CONVERGENCE_SEED: a number, or random"),
+        None => 5000,
+    };
     eprintln!("convergence: {scenarios} scenarios from seed {base}");
     let mut p = Pair::start(
         Profile::Services,
