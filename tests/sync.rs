@@ -373,23 +373,10 @@ async fn a_killed_agent_creates_exactly_one_item_with_its_attachment_intact() {
         .create_item(PUBLIC, "Bug", &fields(&[("System.Title", "crash twice")]))
         .unwrap();
     // Killed while the upload's answer is held, and again while the create's is.
-    let upload = p.private.hold_answers("attachments.create");
-    let create = p.private.hold_answers("workitems.create");
-    p.public.attach_as_human(id, "dump.bin", &bytes).unwrap();
-    wait_for("the upload in flight", || async {
-        (p.private.count("attachments.create.held") >= 1).then_some(())
+    p.kill_agent_during_upload_and_create(|p| {
+        p.public.attach_as_human(id, "dump.bin", &bytes).unwrap();
     })
     .await;
-    p.restart_agent().await;
-    drop(upload);
-    p.private.stop_holding("attachments.create");
-    wait_for("the create in flight", || async {
-        (p.private.count("workitems.create.held") >= 1).then_some(())
-    })
-    .await;
-    p.restart_agent().await;
-    drop(create);
-    p.private.stop_holding("workitems.create");
     let twin = wait_titled(&p.private, PRIVATE, "crash twice").await;
     converge("the attachment", || {
         let a = attachments(&p.private, twin);

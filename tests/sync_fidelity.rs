@@ -284,32 +284,19 @@ async fn an_agent_killed_between_an_image_upload_and_the_write_makes_one_item_wh
     let shot = png(3, 60_000);
     let (_, shot_url) = p.public.upload_as_human("crash.png", &shot);
     // Killed while the image's upload answer is held, and again while the create's is.
-    let upload = p.private.hold_answers("attachments.create");
-    let create = p.private.hold_answers("workitems.create");
-    p.public
-        .create_item(
-            PUBLIC,
-            "Task",
-            &fields(&[
-                ("System.Title", "Crash with a screenshot"),
-                ("System.Description", &format!("<p><img src=\"{shot_url}\"></p>")),
-            ]),
-        )
-        .unwrap();
-    common::wait_for("the upload in flight", || async {
-        (p.private.count("attachments.create.held") >= 1).then_some(())
+    p.kill_agent_during_upload_and_create(|p| {
+        p.public
+            .create_item(
+                PUBLIC,
+                "Task",
+                &fields(&[
+                    ("System.Title", "Crash with a screenshot"),
+                    ("System.Description", &format!("<p><img src=\"{shot_url}\"></p>")),
+                ]),
+            )
+            .unwrap();
     })
     .await;
-    p.restart_agent().await;
-    drop(upload);
-    p.private.stop_holding("attachments.create");
-    common::wait_for("the create in flight", || async {
-        (p.private.count("workitems.create.held") >= 1).then_some(())
-    })
-    .await;
-    p.restart_agent().await;
-    drop(create);
-    p.private.stop_holding("workitems.create");
     let twin = wait_titled(&p.private, PRIVATE, "Crash with a screenshot").await;
     converge("the screenshot", || {
         let d = field(&p.private, twin, "System.Description");

@@ -104,6 +104,14 @@ pub fn html_texts(entity: &mut Entity) -> Vec<&mut String> {
     out
 }
 
+/// Whether any HTML text of the entity holds a reference ([`SCHEME`]).
+pub fn has_references(entity: &Entity) -> bool {
+    let texts = std::iter::once(entity.description.text.as_str())
+        .chain(entity.comments.iter().map(|c| c.body.text.as_str()))
+        .chain(entity.custom_fields.values().filter_map(serde_json::Value::as_str));
+    texts.into_iter().any(|t| t.contains(SCHEME))
+}
+
 /// The file name an attachment URL names (`?fileName=`), or `image`.
 pub fn file_name(url: &str) -> String {
     url.split_once('?')

@@ -202,13 +202,7 @@ impl Tracker {
             }
             (Some(latest), None) => {
                 if latest < OLDEST_KNOWN {
-                    return Err(TrackerError::Refused {
-                        status: 400,
-                        message: format!(
-                            "{} speaks REST API {latest}; relay needs {OLDEST_KNOWN} (Azure DevOps Server 2019) or later",
-                            rest.base
-                        ),
-                    });
+                    return Err(too_old(&rest.base, latest));
                 }
                 // Confirm the named version is served before relying on it.
                 let speak = match rest.probe(latest).await {
@@ -244,13 +238,7 @@ impl Tracker {
                     Err(e) => return Err(e),
                 };
                 if speak < OLDEST_KNOWN {
-                    return Err(TrackerError::Refused {
-                        status: 400,
-                        message: format!(
-                            "{} speaks REST API {speak}; relay needs {OLDEST_KNOWN} (Azure DevOps Server 2019) or later",
-                            rest.base
-                        ),
-                    });
+                    return Err(too_old(&rest.base, speak));
                 }
                 rest.version = speak;
             }
@@ -528,6 +516,16 @@ fn work_item(doc: &Value) -> Result<WorkItem, TrackerError> {
         return Err(TrackerError::Protocol("a work item answer without id or rev".into()));
     }
     Ok(item)
+}
+
+/// The refusal of a server whose newest REST API version is older than relay speaks.
+fn too_old(base: &str, version: ApiVersion) -> TrackerError {
+    TrackerError::Refused {
+        status: 400,
+        message: format!(
+            "{base} speaks REST API {version}; relay needs {OLDEST_KNOWN} (Azure DevOps Server 2019) or later"
+        ),
+    }
 }
 
 /// The id in an attachment URL's path (`…/_apis/wit/attachments/{id}?fileName=…`).

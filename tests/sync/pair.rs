@@ -221,6 +221,26 @@ impl Pair {
         release
     }
 
+    /// Runs `start` (something that makes the agent upload a file and create an item) with
+    /// the private tracker holding both answers, and SIGKILLs the agent while the upload's
+    /// answer is held, then again while the create's is; both are released after each kill.
+    pub async fn kill_agent_during_upload_and_create(&mut self, start: impl FnOnce(&Pair)) {
+        let upload = self.private.hold_answers("attachments.create");
+        let create = self.private.hold_answers("workitems.create");
+        start(self);
+        for (endpoint, release) in [("attachments.create", upload), ("workitems.create", create)] {
+            let sim = &self.private;
+            let held = format!("{endpoint}.held");
+            wait_for(&format!("{endpoint} in flight"), || async {
+                (sim.count(&held) >= 1).then_some(())
+            })
+            .await;
+            self.restart_agent().await;
+            drop(release);
+            self.private.stop_holding(endpoint);
+        }
+    }
+
     /// `relay sync ARGS` on a side (through its running daemon); must succeed.
     pub async fn sync_cli(&self, node: bool, args: &[&str]) -> String {
         let dir = if node { &self.node_dir } else { &self.agent_dir };

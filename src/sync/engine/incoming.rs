@@ -3,6 +3,7 @@
 //! the incoming script (create with a marker, or patch with `test /rev` and retry on 412),
 //! and park replicas of an item with a sync error so that other items flow on.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -390,12 +391,8 @@ pub async fn apply(
         let first_sync = twin.local.is_none();
         // The item as this side would send it now, before this apply writes.
         let before = (!first_sync)
-            .then(|| script::run_outgoing(&rules, &current, twin.last_sent.as_ref()).ok())
-            .flatten()
-            .map(|mut e| {
-                super::neutralize_known(state, tracker, &mut e);
-                e
-            });
+            .then(|| outgoing_view(state, tracker, &rules, &current, &twin).ok())
+            .flatten();
         let localized = localize(state, conn, replica)?;
         let mut desired = script::run_incoming(&rules, &localized, twin.last_received.as_ref(), &current, first_sync)
             .map_err(|e| ItemFailure::Item(e.to_string()))?;
@@ -443,7 +440,7 @@ pub async fn apply(
             new_files.push((up.id, a.remote_id.clone()));
         }
         check_state(&rules, &current, &desired)?;
-        if !new_files.is_empty() || localized.entity != replica.entity {
+        if !new_files.is_empty() || matches!(localized, Cow::Owned(_)) {
             // The records of the files this write links (their hashes above all) must outlive
             // a crash right after it: the next attempt recognises them on the item by them,
             // rather than linking a second copy.
@@ -532,10 +529,7 @@ pub async fn apply(
         super::annotate(state, &mut after, &twin);
         // What both sides agree on moves by the fields this apply wrote, and by nothing
         // else: a change a person made here that is not sent yet stays a change to send.
-        let written = script::run_outgoing(&rules, &after, twin.last_sent.as_ref()).map(|mut e| {
-            super::neutralize_known(state, tracker, &mut e);
-            e
-        });
+        let written = outgoing_view(state, tracker, &rules, &after, &twin);
         match (written, &before, twin.base()) {
             (Ok(written), Some(before), Some(base)) => {
                 let agreed = base.with_changes(before, &written);
@@ -560,7 +554,10 @@ pub async fn apply(
 /// The replica with each inline file it references turned into the URL of this side's copy
 /// (uploaded when its bytes arrived, or the original when it went out from here). A file not
 /// here is this item's error: nothing is written with a link to nothing.
-fn localize(state: &SyncState, conn: &str, replica: &Replica) -> Result<Replica, ItemFailure> {
+fn localize<'r>(state: &SyncState, conn: &str, replica: &'r Replica) -> Result<Cow<'r, Replica>, ItemFailure> {
+    if !inline::has_references(&replica.entity) {
+        return Ok(Cow::Borrowed(replica));
+    }
     let mut out = replica.clone();
     let mut missing: Option<Result<String, ItemFailure>> = None;
     for t in inline::html_texts(&mut out.entity) {
@@ -591,10 +588,24 @@ fn localize(state: &SyncState, conn: &str, replica: &Replica) -> Result<Replica,
         });
     }
     match missing {
-        None => Ok(out),
+        None => Ok(Cow::Owned(out)),
         Some(Ok(m)) => Err(ItemFailure::Item(m)),
         Some(Err(e)) => Err(e),
     }
+}
+
+/// The entity this side's outgoing script makes of `item`, with its inline images as the
+/// references an export would send: what the agreed state is compared in.
+fn outgoing_view(
+    state: &SyncState,
+    tracker: &Tracker,
+    rules: &crate::sync::Rules,
+    item: &WorkItem,
+    twin: &Twin,
+) -> Result<crate::sync::Entity, script::ScriptError> {
+    let mut e = script::run_outgoing(rules, item, twin.last_sent.as_ref())?;
+    super::neutralize_known(state, tracker, &mut e);
+    Ok(e)
 }
 
 /// Refuses a state the item's type does not have here, naming the states it has (the
@@ -634,11 +645,7 @@ fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, sent: &crate::sync
     if kept("description") {
         desired.description = current.description.clone();
         // Where the rules put a Bug's text.
-        let steps = crate::sync::defaults::REPRO_STEPS;
-        match current.custom_fields.get(steps) {
-            Some(v) => desired.custom_fields.insert(steps.to_owned(), v.clone()),
-            None => desired.custom_fields.remove(steps),
-        };
+        keep_custom(desired, current, crate::sync::defaults::REPRO_STEPS);
     }
     if kept("labels") {
         desired.labels = current.labels.clone();
@@ -653,11 +660,16 @@ fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, sent: &crate::sync
         if !kept(&format!("custom_fields.{name}")) || !desired.custom_fields.contains_key(name) {
             continue;
         }
-        match current.custom_fields.get(name) {
-            Some(v) => desired.custom_fields.insert(name.clone(), v.clone()),
-            None => desired.custom_fields.remove(name),
-        };
+        keep_custom(desired, current, name);
     }
+}
+
+/// Puts back the local value of custom field `name` (or its absence).
+fn keep_custom(desired: &mut WorkItem, current: &WorkItem, name: &str) {
+    match current.custom_fields.get(name) {
+        Some(v) => desired.custom_fields.insert(name.to_owned(), v.clone()),
+        None => desired.custom_fields.remove(name),
+    };
 }
 
 /// Links the comments whose adds were started and not answered to the copies the tracker
