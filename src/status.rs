@@ -304,6 +304,13 @@ pub fn render(list: &[ConnectionStatus]) -> String {
                 at(s.watermark_ms),
                 s.errors
             );
+            if s.warnings > 0 {
+                let _ = writeln!(
+                    out,
+                    "  sync warnings: {} items synced without a field (relay sync warnings)",
+                    s.warnings
+                );
+            }
         }
         for h in &c.holds {
             let _ = writeln!(out, "  held:         {h}");

@@ -306,3 +306,169 @@ async fn an_agent_killed_between_an_image_upload_and_the_write_makes_one_item_wh
     .await;
     assert_eq!(p.private.item_ids(Some(PRIVATE)), [twin], "exactly one work item");
 }
+
+/// The unique name in an identity field as the simulator holds it (`Name <unique>`).
+fn unique_name(sim: &SimHandle, id: u64, name: &str) -> String {
+    let v = field(sim, id, name);
+    v.rsplit_once('<')
+        .map(|(_, u)| u.trim_end_matches('>').to_owned())
+        .unwrap_or(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assignee_crosses_by_unique_name_and_one_unknown_here_leaves_the_field_with_one_warning() {
+    let p = Pair::start(Profile::Services, Profile::Server2019, &[]).await;
+    // The same person under another display name on premises; Zed exists only in the cloud.
+    p.public.add_identity("Ann Smith", "ann@contoso.com");
+    p.public.add_identity("Zed Jones", "zed@contoso.com");
+    p.private.add_identity("Smith, Ann", "ann@contoso.com");
+    let assigned = |sim: &SimHandle, id: u64| unique_name(sim, id, "System.AssignedTo");
+
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Task",
+            &fields(&[("System.Title", "Assigned"), ("System.AssignedTo", "ann@contoso.com")]),
+        )
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Assigned").await;
+    converge("Ann assigned on premises", || {
+        (assigned(&p.private, twin) == "ann@contoso.com")
+            .then_some(())
+            .ok_or_else(|| field(&p.private, twin, "System.AssignedTo"))
+    })
+    .await;
+    assert_eq!(
+        field(&p.private, twin, "System.AssignedTo"),
+        "Smith, Ann <ann@contoso.com>",
+        "the person as this tracker names her"
+    );
+
+    // Reassigned on premises, to someone both trackers know.
+    p.private
+        .edit_as_human(twin, &[set("System.AssignedTo", "human.editor@example.com")])
+        .unwrap();
+    converge("the reassignment in the cloud", || {
+        (assigned(&p.public, id) == "human.editor@example.com")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.AssignedTo"))
+    })
+    .await;
+
+    // Zed is unknown on premises: the title still crosses, the assignee stays, one warning.
+    p.public
+        .edit_as_human(
+            id,
+            &[
+                set("System.AssignedTo", "zed@contoso.com"),
+                set("System.Title", "Assigned to Zed"),
+            ],
+        )
+        .unwrap();
+    converge("the title on premises", || {
+        (field(&p.private, twin, "System.Title") == "Assigned to Zed")
+            .then_some(())
+            .ok_or_else(|| field(&p.private, twin, "System.Title"))
+    })
+    .await;
+    assert_eq!(assigned(&p.private, twin), "human.editor@example.com");
+    let warnings = || async {
+        let out = p.sync_cli(false, &["warnings", pair::CONN, "--json"]).await;
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    };
+    let list = warnings().await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["field"], "assignee");
+    assert_eq!(list[0]["local"], twin);
+    let message = list[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("Zed Jones <zed@contoso.com> is not a user of this tracker"),
+        "{message}"
+    );
+    let errors = p.sync_cli(false, &["errors", pair::CONN]).await;
+    assert!(
+        errors.contains("no sync errors") && errors.contains("zed@contoso.com"),
+        "{errors}"
+    );
+
+    // Another change of the item: still one warning, and the cloud keeps Zed (the unchanged
+    // assignee on premises is not sent back over him).
+    p.private
+        .edit_as_human(twin, &[set("System.Title", "Assigned to Zed, seen")])
+        .unwrap();
+    converge("the title in the cloud", || {
+        (field(&p.public, id, "System.Title") == "Assigned to Zed, seen")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.Title"))
+    })
+    .await;
+    assert_eq!(assigned(&p.public, id), "zed@contoso.com");
+    assert_eq!(warnings().await.len(), 1);
+
+    // Once an assignee is written again, the warning goes.
+    p.public
+        .edit_as_human(id, &[set("System.AssignedTo", "ann@contoso.com")])
+        .unwrap();
+    converge("Ann again on premises", || {
+        (assigned(&p.private, twin) == "ann@contoso.com")
+            .then_some(())
+            .ok_or_else(|| field(&p.private, twin, "System.AssignedTo"))
+    })
+    .await;
+    assert!(warnings().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn area_and_iteration_paths_move_onto_the_other_project_when_their_lines_are_uncommented() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    for (node, project) in [(true, PUBLIC), (false, PRIVATE)] {
+        let dir = if node { &p.node_dir } else { &p.agent_dir };
+        let rules = dir.with_extension("rules");
+        let mut text = relay::sync::default_rules(project);
+        for line in [
+            "replica.customFields[\"areaPath\"] = workItem.areaPath;",
+            "replica.customFields[\"iterationPath\"] = workItem.iterationPath;",
+            "workItem.areaPath = nodeHelper.mapPath(replica.customFields[\"areaPath\"], workItem.projectKey) ?? workItem.areaPath;",
+            "workItem.iterationPath = nodeHelper.mapPath(replica.customFields[\"iterationPath\"], workItem.projectKey) ?? workItem.iterationPath;",
+        ] {
+            assert!(text.contains(&format!("// {line}")), "{line} is one line away");
+            text = text.replace(&format!("// {line}"), line);
+        }
+        std::fs::write(&rules, text).unwrap();
+        p.sync_cli(node, &["rules", "set", pair::CONN, rules.to_str().unwrap()])
+            .await;
+    }
+    let id = p
+        .public
+        .create_item(
+            PUBLIC,
+            "Task",
+            &fields(&[
+                ("System.Title", "Pathed"),
+                ("System.AreaPath", &format!("{PUBLIC}\\Web")),
+                ("System.IterationPath", &format!("{PUBLIC}\\Sprint 3")),
+            ]),
+        )
+        .unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Pathed").await;
+    converge("the paths on premises", || {
+        let got = (
+            field(&p.private, twin, "System.AreaPath"),
+            field(&p.private, twin, "System.IterationPath"),
+        );
+        (got == (format!("{PRIVATE}\\Web"), format!("{PRIVATE}\\Sprint 3")))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    p.private
+        .edit_as_human(twin, &[set("System.IterationPath", &format!("{PRIVATE}\\Sprint 4"))])
+        .unwrap();
+    converge("the next sprint in the cloud", || {
+        let got = field(&p.public, id, "System.IterationPath");
+        (got == format!("{PUBLIC}\\Sprint 4")).then_some(()).ok_or(got)
+    })
+    .await;
+    assert_eq!(field(&p.public, id, "System.AreaPath"), format!("{PUBLIC}\\Web"));
+}

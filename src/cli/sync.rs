@@ -12,7 +12,7 @@ use crate::error::{Kind, OpError, OpResult};
 use crate::status::{now_ms, when};
 use crate::sync::engine::BulkReport;
 use crate::sync::ops::SyncRequest;
-use crate::sync::state::{RulesRecord, SyncError};
+use crate::sync::state::{RulesRecord, SyncError, SyncWarning};
 
 /// `relay sync …`.
 #[derive(Debug, Subcommand)]
@@ -37,6 +37,15 @@ pub enum SyncCommand {
     },
     /// List items that could not be synced: item, side, message, time.
     Errors {
+        /// One connection (default: all).
+        connection: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List items that synced without a field (a person unknown on this side): item, field,
+    /// message. `relay sync errors` lists them too, after the errors.
+    Warnings {
         /// One connection (default: all).
         connection: Option<String>,
         /// Machine-readable output.
@@ -177,10 +186,20 @@ pub async fn run(settings: &Settings, command: SyncCommand) -> OpResult<()> {
             println!("{said}");
         }
         SyncCommand::Errors { connection, json } => {
-            let list: Vec<SyncError> = parse(call(settings, SyncRequest::Errors { connection }).await?)?;
+            let list: Vec<SyncError> = parse(
+                call(
+                    settings,
+                    SyncRequest::Errors {
+                        connection: connection.clone(),
+                    },
+                )
+                .await?,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
-            } else if list.is_empty() {
+                return Ok(());
+            }
+            if list.is_empty() {
                 println!("no sync errors");
             } else {
                 let now = now_ms();
@@ -196,6 +215,21 @@ pub async fn run(settings: &Settings, command: SyncCommand) -> OpResult<()> {
                         e.message
                     );
                 }
+            }
+            let warnings: Vec<SyncWarning> = parse(call(settings, SyncRequest::Warnings { connection }).await?)?;
+            if !warnings.is_empty() {
+                println!("synced without a field ({}):", warnings.len());
+                print_warnings(&warnings);
+            }
+        }
+        SyncCommand::Warnings { connection, json } => {
+            let list: Vec<SyncWarning> = parse(call(settings, SyncRequest::Warnings { connection }).await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else if list.is_empty() {
+                println!("no sync warnings");
+            } else {
+                print_warnings(&list);
             }
         }
         SyncCommand::Retry(a) => {
@@ -228,4 +262,18 @@ pub async fn run(settings: &Settings, command: SyncCommand) -> OpResult<()> {
         }
     }
     Ok(())
+}
+
+fn print_warnings(list: &[SyncWarning]) {
+    let now = now_ms();
+    for w in list {
+        println!(
+            "{}  incoming item {}  {} ({}): {}",
+            w.connection,
+            w.item,
+            w.field,
+            when(w.at_ms, now),
+            w.message
+        );
+    }
 }

@@ -10,7 +10,8 @@ use super::script::{INCOMING_MARKER, OUTGOING_MARKER};
 pub const REPRO_STEPS: &str = "Microsoft.VSTS.TCM.ReproSteps";
 
 /// The default rules for a side whose incoming items go to `project`: they sync summary,
-/// description, labels, comments and attachments both ways, with commented examples.
+/// description, labels, comments, attachments and the assignee both ways, with commented
+/// examples (state, priority, paths, custom fields), each one line away.
 pub fn default_rules(project: &str) -> String {
     let project = rhai_string(project);
     format!(
@@ -29,9 +30,16 @@ replica.labels = workItem.labels;
 replica.comments = workItem.comments;
 replica.attachments = workItem.attachments;
 // Comments and attachments relay copied here from the other side are never sent back.
-// Send state, priority and a custom field too (the other side decides what to do with them):
+// The person it is assigned to (display name and unique name, the e-mail address):
+replica.assignee = workItem.assignee;
+// Each of the following is one line to uncomment (the other side's rules decide what to do
+// with them). State, priority, area and iteration path:
 // replica.status = workItem.status;
 // replica.priority = workItem.priority;
+// replica.customFields["areaPath"] = workItem.areaPath;
+// replica.customFields["iterationPath"] = workItem.iterationPath;
+// Who created it (read only here), and a custom field:
+// replica.creator = workItem.creator;
 // replica.customFields["Custom.Team"] = workItem.customFields["Custom.Team"];
 
 {INCOMING_MARKER}
@@ -46,6 +54,10 @@ if workItem.typeName == "Bug" {{ workItem.customFields["{REPRO_STEPS}"] = replic
 workItem.labels = replica.labels;
 workItem.comments = commentHelper.mergeComments(workItem, replica);
 workItem.attachments = attachmentHelper.mergeAttachments(workItem, replica);
+// The same person by unique name; one this tracker does not know leaves the field as it
+// was and shows in `relay sync warnings`. Map people of your own with a map of unique names.
+workItem.assignee = replica.assignee;
+// Each of the following is one line to uncomment.
 // The other side's state as one this type has: the same name, else the same category
 // (New, Approved, To Do · Active, Committed, Doing · Resolved · Closed, Done · Removed):
 // if replica.status != () {{ workItem.status = nodeHelper.mapState(replica.status, workItem.typeName) ?? workItem.status; }}
@@ -53,6 +65,9 @@ workItem.attachments = attachmentHelper.mergeAttachments(workItem, replica);
 // let statusMap = #{{ "New": "New", "Active": "Active", "Resolved": "Resolved", "Closed": "Closed", "Done": "Closed" }};
 // Priority (1 to 4 in Azure DevOps):
 // workItem.priority = replica.priority ?? workItem.priority;
+// Area and iteration path, moved onto this project (the nodes under it must exist here):
+// workItem.areaPath = nodeHelper.mapPath(replica.customFields["areaPath"], workItem.projectKey) ?? workItem.areaPath;
+// workItem.iterationPath = nodeHelper.mapPath(replica.customFields["iterationPath"], workItem.projectKey) ?? workItem.iterationPath;
 // A custom field, with a fallback when the other side sends none:
 // workItem.customFields["Custom.Team"] = replica.customFields["Custom.Team"] ?? "Blue";
 // Other helpers: nodeHelper.stripHtml(text), replica.addedComments, replica.removedComments,

@@ -63,6 +63,11 @@ pub enum SyncRequest {
         /// One connection, or all.
         connection: Option<String>,
     },
+    /// Lists fields items synced without.
+    Warnings {
+        /// One connection, or all.
+        connection: Option<String>,
+    },
     /// Retries an item's error.
     Retry {
         /// Connection.
@@ -172,6 +177,12 @@ pub async fn dispatch(ctx: Context<'_>, req: SyncRequest) -> OpResult<Value> {
                 ctx.project(c)?;
             }
             json!(state.errors(connection.as_deref())?)
+        }
+        SyncRequest::Warnings { connection } => {
+            if let Some(c) = &connection {
+                ctx.project(c)?;
+            }
+            json!(state.warnings(connection.as_deref())?)
         }
         SyncRequest::Retry { connection, item, side } => {
             ctx.project(&connection)?;

@@ -134,6 +134,66 @@ pub struct Entity {
     pub priority: Option<String>,
     /// Anything else the script sends, by name.
     pub custom_fields: BTreeMap<String, Value>,
+    /// Who the item is assigned to, if the script sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignee: Option<Person>,
+    /// Who created the item on its origin, if the script sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<Person>,
+}
+
+/// A person as trackers name them: a display name, and the unique (sign-in) name, usually an
+/// e-mail address, that the other side finds the same person by.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Person {
+    /// Display name.
+    pub display_name: String,
+    /// Unique name; may be empty when the tracker showed only a display name.
+    pub unique_name: String,
+}
+
+impl Person {
+    /// Whether both name the same person: the same unique name (case-insensitive), or, where
+    /// one has none, the same display name.
+    pub fn same(&self, other: &Person) -> bool {
+        if self.unique_name.is_empty() || other.unique_name.is_empty() {
+            self.display_name.eq_ignore_ascii_case(&other.display_name)
+        } else {
+            self.unique_name.eq_ignore_ascii_case(&other.unique_name)
+        }
+    }
+
+    /// Reads `Name <unique>`, or a bare name (an e-mail address counts as a unique name).
+    pub fn parse(text: &str) -> Option<Person> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        Some(match (text.rfind('<'), text.ends_with('>')) {
+            (Some(i), true) => Person {
+                display_name: text[..i].trim().to_owned(),
+                unique_name: text[i + 1..text.len() - 1].trim().to_owned(),
+            },
+            _ if text.contains('@') || text.contains('\\') => Person {
+                display_name: text.to_owned(),
+                unique_name: text.to_owned(),
+            },
+            _ => Person {
+                display_name: text.to_owned(),
+                unique_name: String::new(),
+            },
+        })
+    }
+}
+
+/// Whether two optional people are the same (see [`Person::same`]).
+pub fn same_person(a: Option<&Person>, b: Option<&Person>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.same(b),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 /// A text and how to read it.
@@ -331,7 +391,8 @@ impl Replica {
 
 impl Entity {
     /// The fields whose values differ from `base`: `type`, `summary`, `description`,
-    /// `labels` (as a set), `status`, `priority` and `custom_fields.{name}`. Comments and
+    /// `labels` (as a set), `status`, `priority`, `assignee` (as a person) and
+    /// `custom_fields.{name}`. Comments and
     /// attachments are merged by id, never overwritten, so they are not listed.
     pub fn changed_since(&self, base: &Entity) -> Vec<String> {
         let mut out = Vec::new();
@@ -347,6 +408,7 @@ impl Entity {
         push(set(&self.labels) != set(&base.labels), "labels");
         push(self.status != base.status, "status");
         push(self.priority != base.priority, "priority");
+        push(!same_person(self.assignee.as_ref(), base.assignee.as_ref()), "assignee");
         let names: std::collections::BTreeSet<&String> =
             self.custom_fields.keys().chain(base.custom_fields.keys()).collect();
         for name in names {
@@ -386,6 +448,9 @@ impl Entity {
         }
         if touched("priority") {
             out.priority = after.priority.clone();
+        }
+        if touched("assignee") {
+            out.assignee = after.assignee.clone();
         }
         for f in &fields {
             if let Some(name) = f.strip_prefix("custom_fields.") {
@@ -446,6 +511,12 @@ impl Entity {
         }
         if let Some(p) = &self.priority {
             short("entity.priority", p)?;
+        }
+        for (field, person) in [("entity.assignee", &self.assignee), ("entity.creator", &self.creator)] {
+            if let Some(p) = person {
+                short(&format!("{field}.display_name"), &p.display_name)?;
+                short(&format!("{field}.unique_name"), &p.unique_name)?;
+            }
         }
         bound("entity.custom_fields", self.custom_fields.len(), MAX_CUSTOM_FIELDS)?;
         for (name, value) in &self.custom_fields {
@@ -586,6 +657,11 @@ mod tests {
             status: Some("Active".into()),
             priority: Some("2".into()),
             custom_fields: BTreeMap::from([("Custom.Points".into(), serde_json::json!(3))]),
+            assignee: Some(Person {
+                display_name: "Ann".into(),
+                unique_name: "ann@example.com".into(),
+            }),
+            creator: None,
         }
     }
 

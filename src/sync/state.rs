@@ -219,6 +219,24 @@ pub struct SyncError {
     pub retry: bool,
 }
 
+/// A field of an item that synced without it, once per item and field: the item is not held
+/// back, but the operator should know (a person unknown here, say).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncWarning {
+    /// The connection.
+    pub connection: String,
+    /// The item, as the other side keys it (the replica's origin id).
+    pub item: String,
+    /// This side's twin, once there is one.
+    pub local: Option<u64>,
+    /// The field left as it was (`assignee`).
+    pub field: String,
+    /// What happened, for the operator.
+    pub message: String,
+    /// When it was first seen (unix ms).
+    pub at_ms: u64,
+}
+
 /// An attachment uploaded to this side's tracker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UploadedFile {
@@ -250,6 +268,9 @@ pub struct SyncSummary {
     pub watermark_ms: Option<u64>,
     /// Items with a sync error.
     pub errors: u64,
+    /// Fields items synced without (see [`SyncWarning`]).
+    #[serde(default)]
+    pub warnings: u64,
 }
 
 /// Last activity each way.
@@ -268,6 +289,7 @@ pub struct SyncState {
     aliases: Table,
     watermarks: Table,
     errors: Table,
+    warnings: Table,
     chunks: Table,
     uploaded: Table,
     sent_files: Table,
@@ -294,6 +316,7 @@ impl SyncState {
             aliases: store.table("sync-aliases")?,
             watermarks: store.table("sync-watermarks")?,
             errors: store.table("sync-errors")?,
+            warnings: store.table("sync-warnings")?,
             chunks: store.table("sync-chunks")?,
             uploaded: store.table("sync-uploaded")?,
             sent_files: store.table("sync-sent-files")?,
@@ -399,6 +422,7 @@ impl SyncState {
             last_in_ms: a.last_in_ms,
             watermark_ms: self.watermark(conn)?.map(|w| w.read_ms),
             errors: self.errors.count_prefix(&format!("{conn}{SEP}"))?,
+            warnings: self.warnings.count_prefix(&format!("{conn}{SEP}"))?,
         })
     }
 
@@ -441,6 +465,37 @@ impl SyncState {
             .list_prefix::<SyncError>(&prefix)?
             .into_iter()
             .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// Records a warning; answers false when the same item already had one for the field
+    /// (kept as first recorded: once per item and field).
+    pub fn put_warning(&self, w: &SyncWarning) -> Result<bool, QueueError> {
+        let k = key(&[&w.connection, &w.item, &w.field]);
+        if self.warnings.get::<SyncWarning>(&k)?.is_some() {
+            return Ok(false);
+        }
+        self.warnings.put(&k, w)?;
+        Ok(true)
+    }
+
+    /// Forgets the warning of an item's field (it synced in full since).
+    pub fn clear_warning(&self, conn: &str, item: &str, field: &str) -> Result<(), QueueError> {
+        let k = key(&[conn, item, field]);
+        if self.warnings.get::<SyncWarning>(&k)?.is_some() {
+            self.warnings.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// The warnings of one connection, or of all.
+    pub fn warnings(&self, conn: Option<&str>) -> Result<Vec<SyncWarning>, QueueError> {
+        let prefix = conn.map(|c| format!("{c}{SEP}")).unwrap_or_default();
+        Ok(self
+            .warnings
+            .list_prefix::<SyncWarning>(&prefix)?
+            .into_iter()
+            .map(|(_, w)| w)
             .collect())
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::defaults::{default_rules, rhai_string};
+use super::replica::Person;
 use super::replica::{Event, EventKind, Origin, Replica};
 use super::script::{
     compile, compile_with, get_issue_type, run_incoming, run_outgoing, strip_html, Limit, Limits, Rules, ScriptError,
@@ -53,6 +54,14 @@ fn local_item() -> WorkItem {
         status: Some("Active".into()),
         priority: Some(2),
         custom_fields: BTreeMap::from([("System.AreaPath".into(), json!("Contoso"))]),
+        assignee: Some(Person {
+            display_name: "Ann Smith".into(),
+            unique_name: "ann@contoso.com".into(),
+        }),
+        creator: Some(Person {
+            display_name: "Bob".into(),
+            unique_name: "bob@contoso.com".into(),
+        }),
         hyperlinks: Vec::new(),
     }
 }
@@ -113,9 +122,11 @@ fn defaults_compile_and_round_trip() {
     assert_eq!(replica.entity.key, "42");
     assert_eq!(replica.entity.comments.len(), 2);
     assert_eq!(replica.entity.attachments.len(), 1);
-    // The defaults send only the five fields.
+    // The defaults send the five fields and the assignee, by unique name.
     assert_eq!(replica.entity.status, None);
     assert!(replica.entity.custom_fields.is_empty());
+    assert_eq!(replica.entity.assignee, item.assignee);
+    assert_eq!(replica.entity.creator, None);
     // And it survives the wire.
     let replica = Replica::parse(&replica.to_bytes()).unwrap();
 
@@ -125,6 +136,7 @@ fn defaults_compile_and_round_trip() {
     assert_eq!(desired.summary, item.summary);
     assert_eq!(desired.description, item.description);
     assert_eq!(desired.labels, item.labels);
+    assert_eq!(desired.assignee, item.assignee);
     let bodies = |w: &WorkItem| w.comments.iter().map(|c| c.body.clone()).collect::<Vec<_>>();
     assert_eq!(bodies(&desired), bodies(&item));
     assert_eq!(desired.comments[0].remote_id.as_deref(), Some("101"));

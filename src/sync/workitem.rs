@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use super::replica::{same_person, Person};
+
 /// `System.Title`.
 pub const FIELD_TITLE: &str = "System.Title";
 /// `System.Description` (HTML).
@@ -19,6 +21,10 @@ pub const FIELD_PRIORITY: &str = "Microsoft.VSTS.Common.Priority";
 pub const FIELD_TYPE: &str = "System.WorkItemType";
 /// `System.TeamProject`.
 pub const FIELD_PROJECT: &str = "System.TeamProject";
+/// `System.AssignedTo` (an identity).
+pub const FIELD_ASSIGNED_TO: &str = "System.AssignedTo";
+/// `System.CreatedBy` (an identity, set by the tracker).
+pub const FIELD_CREATED_BY: &str = "System.CreatedBy";
 /// The relation type of an attachment.
 pub const REL_ATTACHED_FILE: &str = "AttachedFile";
 /// The relation type of a link to a URL.
@@ -35,6 +41,8 @@ const MAPPED_FIELDS: &[&str] = &[
     FIELD_TAGS,
     FIELD_STATE,
     FIELD_PRIORITY,
+    FIELD_ASSIGNED_TO,
+    FIELD_CREATED_BY,
 ];
 
 /// A work item as the scripts see it.
@@ -62,6 +70,10 @@ pub struct WorkItem {
     pub status: Option<String>,
     /// `Microsoft.VSTS.Common.Priority`.
     pub priority: Option<i64>,
+    /// `System.AssignedTo`.
+    pub assignee: Option<Person>,
+    /// `System.CreatedBy` (read only).
+    pub creator: Option<Person>,
     /// Every other field, by reference name.
     pub custom_fields: BTreeMap<String, Value>,
     /// The URLs of its `Hyperlink` relations (read only: relay's create marker is one).
@@ -223,6 +235,8 @@ impl WorkItem {
                         v => Some(v.as_i64().ok_or_else(|| field_error(name, "not an integer"))?),
                     }
                 }
+                FIELD_ASSIGNED_TO => self.assignee = person(name, value)?,
+                FIELD_CREATED_BY => self.creator = person(name, value)?,
                 "System.Id" | "System.Rev" => {}
                 _ => {
                     self.custom_fields.insert(name.clone(), value.clone());
@@ -262,6 +276,14 @@ impl WorkItem {
         }
         if let Some(p) = self.priority {
             put(FIELD_PRIORITY, p.into());
+        }
+        for (field, who) in [(FIELD_ASSIGNED_TO, &self.assignee), (FIELD_CREATED_BY, &self.creator)] {
+            if let Some(p) = who {
+                put(
+                    field,
+                    json!({"displayName": p.display_name, "uniqueName": p.unique_name}),
+                );
+            }
         }
         for (k, v) in &self.custom_fields {
             if !MAPPED_FIELDS.contains(&k.as_str()) {
@@ -372,6 +394,23 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         before.priority.map(Value::from),
         after.priority.map(Value::from),
     );
+    // A person is written by unique name, the form every tracker resolves; a change of
+    // display name alone writes nothing.
+    if !same_person(before.assignee.as_ref(), after.assignee.as_ref()) {
+        let name = |p: &Person| {
+            if p.unique_name.is_empty() {
+                p.display_name.clone()
+            } else {
+                p.unique_name.clone()
+            }
+        };
+        set_or_clear(
+            &mut ops,
+            FIELD_ASSIGNED_TO,
+            before.assignee.as_ref().map(|p| name(p).into()),
+            after.assignee.as_ref().map(|p| name(p).into()),
+        );
+    }
     let custom = |item: &WorkItem, k: &str| item.custom_fields.get(k).filter(|v| !v.is_null()).cloned();
     let names: std::collections::BTreeSet<&String> = before
         .custom_fields
@@ -424,6 +463,31 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         patch,
         comments,
     })
+}
+
+/// An identity field as Azure DevOps returns it: an `IdentityRef` object (work item reads from
+/// 5.0 on), or a `Name <unique>` string (the reporting feed, older versions).
+fn person(field: &str, value: &Value) -> Result<Option<Person>, AdoError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Person::parse(s)),
+        Value::Object(o) => {
+            let text = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default().trim().to_owned();
+            let (display_name, unique_name) = (text("displayName"), text("uniqueName"));
+            if display_name.is_empty() && unique_name.is_empty() {
+                return Err(field_error(field, "an identity without displayName or uniqueName"));
+            }
+            Ok(Some(Person {
+                display_name: if display_name.is_empty() {
+                    unique_name.clone()
+                } else {
+                    display_name
+                },
+                unique_name,
+            }))
+        }
+        _ => Err(field_error(field, "not an identity")),
+    }
 }
 
 fn field_error(field: &str, message: &str) -> AdoError {

@@ -170,11 +170,34 @@ pub fn refusal(reply: &Reply, item: Option<u64>) -> TrackerError {
         },
         404 => TrackerError::NotFound(server_message(reply)),
         412 => TrackerError::Conflict(item.unwrap_or(0)),
+        400 => unknown_identity(reply).unwrap_or_else(|| TrackerError::Refused {
+            status,
+            message: server_message(reply),
+        }),
         _ => TrackerError::Refused {
             status,
             message: server_message(reply),
         },
     }
+}
+
+/// The rule error of an identity field set to someone the tracker does not know: its
+/// `customProperties` name the field and say "unknown identity".
+fn unknown_identity(reply: &Reply) -> Option<TrackerError> {
+    let body: Value = serde_json::from_slice(&reply.body).ok()?;
+    let custom = body.get("customProperties")?;
+    let message = custom.get("ErrorMessage").and_then(Value::as_str)?;
+    if !message.to_ascii_lowercase().contains("unknown identity") {
+        return None;
+    }
+    Some(TrackerError::UnknownIdentity {
+        field: custom
+            .get("FieldReferenceName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        message: message.to_owned(),
+    })
 }
 
 /// How long the server asks to wait: its `Retry-After`. `X-RateLimit-Delay` is not one: it

@@ -108,6 +108,14 @@ pub enum TrackerError {
         /// The server's message.
         message: String,
     },
+    /// 400: an identity field names someone the tracker does not know.
+    #[error("tracker does not know the identity in {field}: {message}")]
+    UnknownIdentity {
+        /// The field's reference name (`System.AssignedTo`).
+        field: String,
+        /// The server's message, naming the identity.
+        message: String,
+    },
     /// The answer could not be read.
     #[error("tracker answer unreadable: {0}")]
     Protocol(String),

@@ -18,9 +18,11 @@ use crate::retry::Backoff;
 use crate::status::{now_ms, Health};
 use crate::sync::blob;
 use crate::sync::inline;
-use crate::sync::replica::{self, Replica};
+use crate::sync::replica::{self, Person, Replica};
 use crate::sync::script;
-use crate::sync::state::{FileFacts, PendingComment, PendingCreate, Side, SyncState, Twin, UploadedFile, ALL_FIELDS};
+use crate::sync::state::{
+    FileFacts, PendingComment, PendingCreate, Side, SyncState, SyncWarning, Twin, UploadedFile, ALL_FIELDS,
+};
 use crate::sync::workitem::{self, WorkItem};
 use crate::tracker::{Tracker, TrackerError};
 
@@ -345,6 +347,8 @@ pub async fn apply(
         twin.remote = Some(remote.clone());
     }
     let rules = engine.rules(conn, &link.project)?;
+    // People the tracker refused as unknown in this apply: the item syncs without them.
+    let mut unknown: Vec<Person> = Vec::new();
     for _ in 0..CONFLICT_RETRIES {
         if twin.local.is_none() {
             // A create may have been sent and its answer lost (to a crash, or to a failed
@@ -415,6 +419,13 @@ pub async fn apply(
             }
             keep_unchanged(&mut desired, &current, &replica.entity, &changed);
         }
+        if desired
+            .assignee
+            .as_ref()
+            .is_some_and(|p| unknown.iter().any(|u| u.same(p)))
+        {
+            desired.assignee = current.assignee.clone();
+        }
         let mut new_files = Vec::new();
         for a in desired
             .attachments
@@ -472,9 +483,18 @@ pub async fn apply(
                     "path": "/relations/-",
                     "value": {"rel": "Hyperlink", "url": marker, "attributes": {"comment": format!("synced by relay, connection {conn}")}},
                 }));
-                let created = tracker
+                let created = match tracker
                     .create(&target.project, &target.type_name, &Value::Array(ops))
-                    .await?;
+                    .await
+                {
+                    Ok(created) => created,
+                    Err(e) => {
+                        if refused_person(&e, &desired, &mut unknown) {
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
+                };
                 let id = created
                     .id
                     .ok_or_else(|| ItemFailure::Item("the tracker answered a create without an id".into()))?;
@@ -503,6 +523,7 @@ pub async fn apply(
                         }
                         // Changed since it was read: read again and run the script again.
                         Err(TrackerError::Conflict(_)) => continue,
+                        Err(e) if refused_person(&e, &desired, &mut unknown) => continue,
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -539,6 +560,7 @@ pub async fn apply(
             // The next export compares with the older agreement: it sends, never skips.
             (Err(e), _, _) => warn!(item = local, error = %e, "the outgoing script fails on the item as applied"),
         }
+        note_people(state, conn, &remote, local, &unknown, &desired)?;
         twin.last_received = Some(replica.clone());
         twin.applied(&replica.event.id);
         twin.last_in_ms = Some(now_ms());
@@ -549,6 +571,55 @@ pub async fn apply(
     Err(ItemFailure::Item(format!(
         "work item changed {CONFLICT_RETRIES} times while relay was writing it (412); retry it when edits settle"
     )))
+}
+
+/// Whether `e` refuses the assignee `desired` names as unknown; if so it is added to
+/// `unknown`, and the write is made again without it.
+fn refused_person(e: &TrackerError, desired: &WorkItem, unknown: &mut Vec<Person>) -> bool {
+    let TrackerError::UnknownIdentity { field, .. } = e else {
+        return false;
+    };
+    let Some(person) = desired.assignee.as_ref().filter(|p| !unknown.iter().any(|u| u.same(p))) else {
+        return false;
+    };
+    if !(field.is_empty() || field.eq_ignore_ascii_case(workitem::FIELD_ASSIGNED_TO)) {
+        return false;
+    }
+    unknown.push(person.clone());
+    true
+}
+
+/// Records, once per item, that its assignee was left as it was because the person is
+/// unknown here; forgets that once an assignee is written.
+fn note_people(
+    state: &SyncState,
+    conn: &str,
+    remote: &str,
+    local: u64,
+    unknown: &[Person],
+    written: &WorkItem,
+) -> Result<(), ItemFailure> {
+    let Some(person) = unknown.last() else {
+        if written.assignee.is_some() {
+            state.clear_warning(conn, remote, "assignee")?;
+        }
+        return Ok(());
+    };
+    let warning = SyncWarning {
+        connection: conn.to_owned(),
+        item: remote.to_owned(),
+        local: Some(local),
+        field: "assignee".into(),
+        message: format!(
+            "{} <{}> is not a user of this tracker: work item {local} synced with Assigned To left as it was; add the user here, or map people in the incoming script",
+            person.display_name, person.unique_name
+        ),
+        at_ms: now_ms(),
+    };
+    if state.put_warning(&warning)? {
+        warn!(item = local, %remote, "{}", warning.message);
+    }
+    Ok(())
 }
 
 /// The replica with each inline file it references turned into the URL of this side's copy
@@ -655,6 +726,9 @@ fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, sent: &crate::sync
     }
     if kept("priority") {
         desired.priority = current.priority;
+    }
+    if kept("assignee") {
+        desired.assignee = current.assignee.clone();
     }
     for name in sent.custom_fields.keys() {
         if !kept(&format!("custom_fields.{name}")) || !desired.custom_fields.contains_key(name) {

@@ -127,6 +127,20 @@ pub fn get_issue_type(local_types: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
+/// `nodeHelper.mapPath(path, project)`: an area or iteration path of the other side with its
+/// root (the other project's name) replaced by `project`, so `Fabrikam\Web\Sprint 3` becomes
+/// `Contoso\Web\Sprint 3`; `()` for an empty path. The nodes under the root must exist here.
+pub fn map_path(path: &str, project: &str) -> Option<String> {
+    let path = path.trim().trim_matches('\\');
+    if path.is_empty() || project.is_empty() {
+        return None;
+    }
+    Some(match path.split_once('\\') {
+        Some((_, rest)) => format!("{project}\\{rest}"),
+        None => project.to_owned(),
+    })
+}
+
 /// `nodeHelper.stripHtml(text)`: the text of some HTML, tags removed, entities decoded,
 /// block ends and `<br>` as new lines.
 pub fn strip_html(html: &str) -> String {

@@ -23,7 +23,7 @@ use super::workitem::WorkItem;
 mod helpers;
 mod values;
 
-pub use helpers::{get_issue_type, strip_html};
+pub use helpers::{get_issue_type, map_path, strip_html};
 use helpers::{merge_attachments, merge_comments, AttachmentHelper, CommentHelper, NodeHelper};
 
 use crate::sync::states::{map_state, LocalTypes};
@@ -382,6 +382,12 @@ fn engine(limits: &Limits) -> Engine {
         .register_fn("stripHtml", |_: NodeHelper, html: &str| strip_html(html))
         .register_fn("getIssueType", |h: NodeHelper, name: &str| {
             get_issue_type(&h.local_types.names, name).map_or(Dynamic::UNIT, Dynamic::from)
+        })
+        .register_fn("mapPath", |_: NodeHelper, path: Dynamic, project: &str| {
+            path.into_string()
+                .ok()
+                .and_then(|p| map_path(&p, project))
+                .map_or(Dynamic::UNIT, Dynamic::from)
         })
         .register_fn("mapState", |h: NodeHelper, state: Dynamic, type_name: &str| {
             state

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rhai::{Array, Dynamic, Map};
 use serde_json::Value;
 
-use super::super::replica::{Attachment, Author, Comment, Entity, Replica, Text, TextFormat};
+use super::super::replica::{same_person, Attachment, Author, Comment, Entity, Person, Replica, Text, TextFormat};
 use super::super::workitem::{normalize_labels, WorkAttachment, WorkComment, WorkItem};
 use super::helpers::to_html;
 use super::{ScriptError, Section};
@@ -48,6 +48,45 @@ fn author_map(name: &str, email: &str) -> Dynamic {
     m.insert("displayName".into(), name.into());
     m.insert("email".into(), email.into());
     Dynamic::from_map(m)
+}
+
+fn person_value(p: Option<&Person>) -> Dynamic {
+    p.map_or(Dynamic::UNIT, |p| {
+        let mut m = Map::new();
+        m.insert("displayName".into(), p.display_name.as_str().into());
+        m.insert("uniqueName".into(), p.unique_name.as_str().into());
+        Dynamic::from_map(m)
+    })
+}
+
+/// A person a script set: `()`, a map `#{displayName, uniqueName}` (either may be missing),
+/// or a string, `Name <unique>` or a bare unique name.
+fn person(v: &Dynamic, field: &str) -> Result<Option<Person>, MapError> {
+    if v.is_unit() {
+        return Ok(None);
+    }
+    if v.is_string() {
+        return Ok(Person::parse(&v.to_string()));
+    }
+    let m = fields(v, field, &["displayName", "uniqueName"])
+        .map_err(|_| found(field, "a person (#{displayName, uniqueName}, a unique name or ())", v))?;
+    let part = |k: &str| {
+        m.get(k)
+            .map_or(Ok(None), |x| opt_string(x, &format!("{field}.{k}")))
+            .map(|s| s.unwrap_or_default().trim().to_owned())
+    };
+    let (display_name, unique_name) = (part("displayName")?, part("uniqueName")?);
+    if display_name.is_empty() && unique_name.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Person {
+        display_name: if display_name.is_empty() {
+            unique_name.clone()
+        } else {
+            display_name
+        },
+        unique_name,
+    }))
 }
 
 pub(super) fn work_item_map(w: &WorkItem) -> Map {
@@ -92,6 +131,12 @@ pub(super) fn work_item_map(w: &WorkItem) -> Map {
     m.insert("attachments".into(), Dynamic::from_array(attachments));
     m.insert("status".into(), opt_str(w.status.as_deref()));
     m.insert("priority".into(), w.priority.map_or(Dynamic::UNIT, Dynamic::from_int));
+    m.insert("assignee".into(), person_value(w.assignee.as_ref()));
+    m.insert("creator".into(), person_value(w.creator.as_ref()));
+    for (key, field) in PATH_FIELDS {
+        let path = w.custom_fields.get(field).and_then(Value::as_str);
+        m.insert(key.into(), opt_str(path));
+    }
     m.insert("customFields".into(), custom_map(&w.custom_fields));
     m
 }
@@ -124,6 +169,8 @@ pub(super) fn entity_map(e: &Entity) -> Map {
     m.insert("attachments".into(), Dynamic::from_array(attachments));
     m.insert("status".into(), opt_str(e.status.as_deref()));
     m.insert("priority".into(), opt_str(e.priority.as_deref()));
+    m.insert("assignee".into(), person_value(e.assignee.as_ref()));
+    m.insert("creator".into(), person_value(e.creator.as_ref()));
     m.insert("customFields".into(), custom_map(&e.custom_fields));
     m
 }
@@ -361,6 +408,8 @@ const ENTITY_KEYS: &[&str] = &[
     "attachments",
     "status",
     "priority",
+    "assignee",
+    "creator",
     "customFields",
 ];
 
@@ -459,10 +508,21 @@ pub(super) fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
         status: opt_string(get(&m, "status", f)?, "replica.status")?,
         priority,
         custom_fields: custom_fields(get(&m, "customFields", f)?, "replica.customFields")?,
+        assignee: person(get(&m, "assignee", f)?, "replica.assignee")?,
+        creator: person(get(&m, "creator", f)?, "replica.creator")?,
     })
 }
 
+/// The classification paths, as script properties of a work item and the fields they stand
+/// for (kept among the custom fields, where rules written before them find them too).
+const PATH_FIELDS: [(&str, &str); 2] = [
+    ("areaPath", "System.AreaPath"),
+    ("iterationPath", "System.IterationPath"),
+];
+
 const WORK_ITEM_KEYS: &[&str] = &[
+    "areaPath",
+    "iterationPath",
     "id",
     "rev",
     "typeName",
@@ -474,6 +534,8 @@ const WORK_ITEM_KEYS: &[&str] = &[
     "attachments",
     "status",
     "priority",
+    "assignee",
+    "creator",
     "customFields",
 ];
 
@@ -568,6 +630,26 @@ pub(super) fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem
                 .ok_or_else(|| found("workItem.priority", "an integer", p))?,
         }),
     };
+    let creator = person(get(&m, "creator", f)?, "workItem.creator")?;
+    if !same_person(creator.as_ref(), current.creator.as_ref()) {
+        return Err(MapError::new(
+            "workItem.creator",
+            "is set by the tracker and cannot be changed",
+        ));
+    }
+    let mut custom = custom_fields(get(&m, "customFields", f)?, "workItem.customFields")?;
+    for (key, field) in PATH_FIELDS {
+        // A path the script set through its property; one set through customFields stands
+        // when the property is left as it was.
+        let path = opt_string(get(&m, key, f)?, &format!("workItem.{key}"))?;
+        let had = current.custom_fields.get(field).and_then(Value::as_str);
+        if path.as_deref() != had {
+            match path.filter(|p| !p.is_empty()) {
+                Some(p) => custom.insert(field.to_owned(), Value::String(p)),
+                None => custom.remove(field),
+            };
+        }
+    }
     Ok(WorkItem {
         id: current.id,
         rev: current.rev,
@@ -580,7 +662,9 @@ pub(super) fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem
         attachments,
         status: opt_string(get(&m, "status", f)?, "workItem.status")?.filter(|s| !s.is_empty()),
         priority,
-        custom_fields: custom_fields(get(&m, "customFields", f)?, "workItem.customFields")?,
+        custom_fields: custom,
+        assignee: person(get(&m, "assignee", f)?, "workItem.assignee")?,
+        creator: current.creator.clone(),
         hyperlinks: current.hyperlinks.clone(),
     })
 }

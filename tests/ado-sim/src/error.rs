@@ -12,6 +12,8 @@ pub struct ApiError {
     pub type_key: &'static str,
     /// Human-readable message, with the service's TF/VS code where one is known.
     pub message: String,
+    /// `customProperties`, which rule errors carry (the field and its own message).
+    pub custom_properties: Option<Value>,
 }
 
 impl ApiError {
@@ -21,6 +23,7 @@ impl ApiError {
             status,
             type_key,
             message: message.into(),
+            custom_properties: None,
         }
     }
 
@@ -54,6 +57,24 @@ impl ApiError {
         )
     }
 
+    /// 400 for an identity field set to someone the collection does not know: the rule error
+    /// of the field, with the identity named in `customProperties.ErrorMessage`.
+    pub fn unknown_identity(field: &str, label: &str, value: &str) -> ApiError {
+        let mut e = ApiError::bad_request(
+            "RuleValidationException",
+            format!(
+                "TF401320: Rule Error for field {label}. Error code: HasValues, LimitedToValues, AllowsOldValue, InvalidNotInList."
+            ),
+        );
+        e.custom_properties = Some(json!({
+            "FieldReferenceName": field,
+            "FieldStatusFlags": "hasValues, limitedToValues, allowsOldValue, invalidNotInList",
+            "ErrorMessage": format!("The identity value '{value}' for field '{label}' is an unknown identity."),
+            "FieldStatusCode": 4,
+        }));
+        e
+    }
+
     /// The JSON body.
     pub fn body(&self) -> Value {
         let namespace = if self.type_key.starts_with("Vss") {
@@ -61,7 +82,7 @@ impl ApiError {
         } else {
             "Microsoft.TeamFoundation.WorkItemTracking.Server"
         };
-        json!({
+        let mut body = json!({
             "$id": "1",
             "innerException": null,
             "message": self.message,
@@ -69,6 +90,10 @@ impl ApiError {
             "typeKey": self.type_key,
             "errorCode": 0,
             "eventId": 3000,
-        })
+        });
+        if let Some(custom) = &self.custom_properties {
+            body["customProperties"] = custom.clone();
+        }
+        body
     }
 }

@@ -186,6 +186,8 @@ impl Sim {
         for p in &opts.projects {
             store.add_project(p);
         }
+        store.add_identity(opts.user.clone());
+        store.add_identity(server::human());
         let pat = opts.pat.clone().unwrap_or_else(random_pat);
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
@@ -288,6 +290,15 @@ impl SimHandle {
         self.token.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+
+    /// Makes a person known to identity fields (`System.AssignedTo`); the PATs' owners are
+    /// known from the start.
+    pub fn add_identity(&self, display_name: &str, unique_name: &str) {
+        lock(&self.shared.store).add_identity(Identity {
+            display_name: display_name.into(),
+            unique_name: unique_name.into(),
+        });
     }
 
     /// A PAT owned by the "human" editor, for edits made as someone other than the client.

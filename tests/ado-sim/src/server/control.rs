@@ -85,6 +85,20 @@ pub(super) fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body:
             set_canonical(shared, url);
             Ok(Reply::json(200, json!({"url": lock(&shared.store).base_url})))
         }
+        ("POST", ["identities"]) => {
+            let text = |k: &str| b.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
+            let (Some(display_name), Some(unique_name)) = (text("displayName"), text("uniqueName")) else {
+                return Err(ApiError::bad_request(
+                    "Control",
+                    "needs {\"displayName\": …, \"uniqueName\": …}",
+                ));
+            };
+            lock(&shared.store).add_identity(Identity {
+                display_name: display_name.into(),
+                unique_name: unique_name.into(),
+            });
+            Ok(Reply::json(200, json!({"uniqueName": unique_name})))
+        }
         ("POST", ["hooks"]) => {
             let url = b
                 .get("url")

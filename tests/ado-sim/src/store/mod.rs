@@ -101,6 +101,8 @@ pub struct Store {
     pub events: Vec<Event>,
     /// Edits a test wants made "by a human" right after the next read of an item.
     pub after_read: HashMap<u64, (Identity, Vec<Value>)>,
+    /// The people identity fields may name (the PATs' owners and those tests add).
+    pub identities: Vec<Identity>,
     next_id: u64,
     next_comment_id: u64,
     next_link_id: u64,
@@ -155,10 +157,22 @@ impl Store {
             attachments: HashMap::new(),
             events: Vec::new(),
             after_read: HashMap::new(),
+            identities: Vec::new(),
             next_id: 1,
             next_comment_id: 1,
             next_link_id: 1,
             last_ms: 0,
+        }
+    }
+
+    /// Makes `who` known to identity fields; a known unique name is kept once.
+    pub fn add_identity(&mut self, who: Identity) {
+        if !self
+            .identities
+            .iter()
+            .any(|i| i.unique_name.eq_ignore_ascii_case(&who.unique_name))
+        {
+            self.identities.push(who);
         }
     }
 

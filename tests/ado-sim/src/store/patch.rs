@@ -63,7 +63,12 @@ impl Store {
                                 format!("TF401326: Invalid field status 'ReadOnly' for field '{key}'."),
                             ));
                         }
-                        let v = if kind == "remove" { None } else { coerce(&def, &value)? };
+                        let mut v = if kind == "remove" { None } else { coerce(&def, &value)? };
+                        if def.kind == Kind::Identity {
+                            if let Some(written) = &v {
+                                v = Some(json!(self.known_identity(&def, written)?.combined()));
+                            }
+                        }
                         match v {
                             Some(v) => d.fields.insert(key, v),
                             None => d.fields.remove(&key),
@@ -258,5 +263,32 @@ impl Store {
             }
         }
         Ok(Relation { rel, url, attributes })
+    }
+}
+
+impl Store {
+    /// The known identity an identity field's value names, by unique name or, for a bare
+    /// name, by a display name only one identity has; else the rule error the service answers.
+    fn known_identity(&self, def: &FieldDef, written: &Value) -> Result<Identity, ApiError> {
+        let text = written.as_str().unwrap_or_default();
+        let wanted = Identity::parse(text);
+        let by_unique = self
+            .identities
+            .iter()
+            .find(|i| i.unique_name.eq_ignore_ascii_case(&wanted.unique_name));
+        let by_display = || {
+            let mut named = self
+                .identities
+                .iter()
+                .filter(|i| i.display_name.eq_ignore_ascii_case(&wanted.display_name));
+            match (named.next(), named.next()) {
+                (Some(one), None) => Some(one),
+                _ => None,
+            }
+        };
+        by_unique
+            .or_else(by_display)
+            .cloned()
+            .ok_or_else(|| ApiError::unknown_identity(&def.reference, &def.name, text))
     }
 }
