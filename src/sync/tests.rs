@@ -9,8 +9,8 @@ use super::defaults::{default_rules, rhai_string};
 use super::replica::Person;
 use super::replica::{Event, EventKind, Origin, Replica};
 use super::script::{
-    compile, compile_with, get_issue_type, run_incoming, run_outgoing, strip_html, Limit, Limits, Rules, ScriptError,
-    Section, INCOMING_MARKER, OUTGOING_MARKER,
+    compile, compile_with, get_issue_type, map_path, run_incoming, run_outgoing, strip_html, Limit, Limits, Rules,
+    ScriptError, Section, INCOMING_MARKER, OUTGOING_MARKER,
 };
 use super::workitem::{build_patch, WorkAttachment, WorkComment, WorkItem};
 
@@ -191,6 +191,59 @@ fn unchanged_replica_yields_empty_patch() {
                {"op": "replace", "path": "/fields/System.Title", "value": "Login fails on Sundays"}])
     );
     assert!(plan.comments.is_empty());
+}
+
+/// Rules whose incoming script is `incoming` after the default outgoing one.
+fn incoming_rules(incoming: &str) -> Rules {
+    compile(&format!(
+        "{OUTGOING_MARKER}\nreplica.summary = workItem.summary;\n{INCOMING_MARKER}\n{incoming}\n"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn paths_and_people_as_script_properties() {
+    let sender = compile(&default_rules("Contoso")).unwrap();
+    let replica = replica_of(&sender, &local_item(), 7);
+    let current = applied(WorkItem {
+        project_key: "Fabrikam".into(),
+        type_name: "Bug".into(),
+        ..local_item()
+    });
+    // Paths: the property reads the field, and a new path lands in it.
+    let rules = incoming_rules(
+        r#"if workItem.areaPath != "Contoso" { throw "areaPath reads " + workItem.areaPath; }
+workItem.areaPath = nodeHelper.mapPath("Contoso\\Web", workItem.projectKey);
+workItem.iterationPath = "Fabrikam\\Sprint 3";"#,
+    );
+    let desired = run_incoming(&rules, &replica, None, &current, false).unwrap();
+    assert_eq!(desired.custom_fields["System.AreaPath"], json!(r"Fabrikam\Web"));
+    assert_eq!(
+        desired.custom_fields["System.IterationPath"],
+        json!(r"Fabrikam\Sprint 3")
+    );
+    // People: a unique name alone, or a map; the creator is the tracker's.
+    let rules = incoming_rules(r#"workItem.assignee = "zed@contoso.com";"#);
+    let desired = run_incoming(&rules, &replica, None, &current, false).unwrap();
+    assert_eq!(desired.assignee, Person::parse("zed@contoso.com"));
+    let rules = incoming_rules(r#"workItem.assignee = #{ displayName: "Zed" };"#);
+    let desired = run_incoming(&rules, &replica, None, &current, false).unwrap();
+    assert_eq!(
+        desired.assignee.map(|p| (p.display_name, p.unique_name)),
+        Some(("Zed".into(), String::new()))
+    );
+    let rules = incoming_rules(r#"workItem.creator = "zed@contoso.com";"#);
+    let err = run_incoming(&rules, &replica, None, &current, false).unwrap_err();
+    assert!(err.to_string().contains("workItem.creator"), "{err}");
+    let rules = incoming_rules("workItem.assignee = 7;");
+    let err = run_incoming(&rules, &replica, None, &current, false).unwrap_err();
+    assert!(err.to_string().contains("workItem.assignee"), "{err}");
+    assert_eq!(
+        map_path("\\Contoso\\Web\\", "Fabrikam").as_deref(),
+        Some("Fabrikam\\Web")
+    );
+    assert_eq!(map_path("Contoso", "Fabrikam").as_deref(), Some("Fabrikam"));
+    assert_eq!(map_path("  ", "Fabrikam"), None);
 }
 
 #[test]

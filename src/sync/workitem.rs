@@ -555,6 +555,46 @@ mod tests {
     }
 
     #[test]
+    fn people_read_from_identity_refs_and_strings_and_are_written_by_unique_name() {
+        let w = WorkItem::from_ado(&json!({"id": 1, "rev": 2, "fields": {
+            "System.AssignedTo": {"displayName": "Smith, Ann", "uniqueName": "ann@contoso.com", "id": "g"},
+            "System.CreatedBy": "Bob <bob@contoso.com>",
+        }}))
+        .unwrap();
+        let ann = Person {
+            display_name: "Smith, Ann".into(),
+            unique_name: "ann@contoso.com".into(),
+        };
+        assert_eq!(w.assignee.as_ref(), Some(&ann));
+        assert_eq!(
+            w.creator.as_ref().map(|p| p.unique_name.as_str()),
+            Some("bob@contoso.com")
+        );
+        assert!(w.custom_fields.is_empty(), "{:?}", w.custom_fields);
+        let err = WorkItem::from_ado(&json!({"fields": {"System.AssignedTo": 7}})).unwrap_err();
+        assert!(err.to_string().contains("System.AssignedTo"), "{err}");
+
+        // Another display name of the same person writes nothing.
+        let mut same = w.clone();
+        same.assignee = Some(Person {
+            display_name: "Ann Smith".into(),
+            unique_name: "ANN@contoso.com".into(),
+        });
+        assert!(build_patch(&w, &same).unwrap().patch.is_none());
+        let mut other = w.clone();
+        other.assignee = Person::parse("zed@contoso.com");
+        let patch = build_patch(&w, &other).unwrap().patch.unwrap();
+        assert_eq!(
+            patch[1],
+            json!({"op": "replace", "path": "/fields/System.AssignedTo", "value": "zed@contoso.com"})
+        );
+        let mut none = w.clone();
+        none.assignee = None;
+        let patch = build_patch(&w, &none).unwrap().patch.unwrap();
+        assert_eq!(patch[1], json!({"op": "remove", "path": "/fields/System.AssignedTo"}));
+    }
+
+    #[test]
     fn empty_diff_is_no_patch() {
         let w = WorkItem::from_ado(&ado_doc()).unwrap();
         let mut same = w.clone();

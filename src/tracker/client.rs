@@ -629,6 +629,23 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_identity_is_told_apart_from_other_rule_errors() {
+        let unknown = r#"{"customProperties":{"FieldReferenceName":"System.AssignedTo","ErrorMessage":"The identity value 'zed@x.com' for field 'Assigned To' is an unknown identity."},"message":"TF401320: Rule Error for field Assigned To.","typeKey":"RuleValidationException"}"#;
+        match refusal(&reply(400, &[], unknown), Some(3)) {
+            TrackerError::UnknownIdentity { field, message } => {
+                assert_eq!(field, "System.AssignedTo");
+                assert!(message.contains("zed@x.com"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let other_rule = r#"{"customProperties":{"FieldReferenceName":"System.Title","ErrorMessage":"The field 'Title' cannot be empty."},"message":"TF401320: Rule Error for field Title.","typeKey":"RuleValidationException"}"#;
+        assert!(matches!(
+            refusal(&reply(400, &[], other_rule), Some(3)),
+            TrackerError::Refused { status: 400, .. }
+        ));
+    }
+
+    #[test]
     fn refusals_map_to_what_callers_branch_on() {
         let body = r#"{"$id":"1","message":"TF401232: Work item 7 does not exist.","typeKey":"X"}"#;
         match refusal(&reply(404, &[], body), None) {
