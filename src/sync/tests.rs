@@ -232,6 +232,13 @@ workItem.iterationPath = "Fabrikam\\Sprint 3";"#,
         desired.assignee.map(|p| (p.display_name, p.unique_name)),
         Some(("Zed".into(), String::new()))
     );
+    // The README's map of people.
+    let rules = incoming_rules(
+        r#"let people = #{ "ann@contoso.com": "ann@fabrikam.local" };
+if replica.assignee != () { workItem.assignee = people[replica.assignee.uniqueName] ?? replica.assignee; }"#,
+    );
+    let desired = run_incoming(&rules, &replica, None, &current, false).unwrap();
+    assert_eq!(desired.assignee, Person::parse("ann@fabrikam.local"));
     let rules = incoming_rules(r#"workItem.creator = "zed@contoso.com";"#);
     let err = run_incoming(&rules, &replica, None, &current, false).unwrap_err();
     assert!(err.to_string().contains("workItem.creator"), "{err}");
