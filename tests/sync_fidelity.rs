@@ -472,3 +472,123 @@ async fn area_and_iteration_paths_move_onto_the_other_project_when_their_lines_a
     .await;
     assert_eq!(field(&p.public, id, "System.AreaPath"), format!("{PUBLIC}\\Web"));
 }
+
+/// Waits until `sim`'s item `id` has exactly the comment texts `want` (History on 2019).
+async fn wait_comments(what: &str, sim: &SimHandle, id: u64, want: &[&str]) {
+    converge(what, || {
+        let got = comments(sim, id);
+        (got == want).then_some(()).ok_or(format!("{got:?}"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comment_edits_and_deletions_cross_both_ways_through_the_comments_api() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    let id = p
+        .public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Discussed")]))
+        .unwrap();
+    p.public.add_comment_as_human(id, "<p>first</p>").unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Discussed").await;
+    wait_comments("the comment on premises", &p.private, twin, &["<p>first</p>"]).await;
+
+    // An edit in the cloud changes the copy on premises; nothing is added.
+    let (cloud_comment, _) = p.public.comments_with_ids(id)[0].clone();
+    p.public
+        .change_comment_as_human(id, cloud_comment, Some("<p>first, corrected</p>"))
+        .unwrap();
+    wait_comments("the edit on premises", &p.private, twin, &["<p>first, corrected</p>"]).await;
+
+    // And the other way.
+    p.private.add_comment_as_human(twin, "<p>from premises</p>").unwrap();
+    wait_comments(
+        "the premises comment in the cloud",
+        &p.public,
+        id,
+        &["<p>first, corrected</p>", "<p>from premises</p>"],
+    )
+    .await;
+    let premises_comment = p
+        .private
+        .comments_with_ids(twin)
+        .into_iter()
+        .find(|(_, t)| t.contains("from premises"))
+        .unwrap()
+        .0;
+    p.private
+        .change_comment_as_human(twin, premises_comment, Some("<p>from premises, edited</p>"))
+        .unwrap();
+    wait_comments(
+        "the premises edit in the cloud",
+        &p.public,
+        id,
+        &["<p>first, corrected</p>", "<p>from premises, edited</p>"],
+    )
+    .await;
+
+    // A deletion in the cloud deletes the copy; the premises comment stays on both sides.
+    p.public.change_comment_as_human(id, cloud_comment, None).unwrap();
+    wait_comments(
+        "the deletion on premises",
+        &p.private,
+        twin,
+        &["<p>from premises, edited</p>"],
+    )
+    .await;
+    // Nothing echoed: the cloud holds the copy and nothing else, and each side added one.
+    p.private
+        .edit_as_human(twin, &[set("System.Title", "Discussed, settled")])
+        .unwrap();
+    converge("the last title in the cloud", || {
+        (field(&p.public, id, "System.Title") == "Discussed, settled")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.Title"))
+    })
+    .await;
+    assert_eq!(comments(&p.public, id), ["<p>from premises, edited</p>"]);
+    assert_eq!(comments(&p.private, twin), ["<p>from premises, edited</p>"]);
+    assert_eq!(p.private.count("comments.add"), 1);
+    assert_eq!(p.public.count("comments.add"), 1);
+    assert_eq!(p.private.count("comments.update"), 1);
+    assert_eq!(p.public.count("comments.update"), 1);
+    assert_eq!(p.private.count("comments.delete"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_server_2019_an_edit_arrives_as_a_new_history_entry_naming_the_comment_it_replaces() {
+    let p = Pair::start(Profile::Services, Profile::Server2019, &[]).await;
+    let id = p
+        .public
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Historic")]))
+        .unwrap();
+    p.public.add_comment_as_human(id, "<p>first</p>").unwrap();
+    let twin = wait_titled(&p.private, PRIVATE, "Historic").await;
+    wait_comments("the comment on premises", &p.private, twin, &["<p>first</p>"]).await;
+    let (cloud_comment, _) = p.public.comments_with_ids(id)[0].clone();
+    p.public
+        .change_comment_as_human(id, cloud_comment, Some("<p>first, corrected</p>"))
+        .unwrap();
+    converge("the edit as a new entry on premises", || {
+        let got = comments(&p.private, twin);
+        let ok = got.len() == 2
+            && got[0] == "<p>first</p>"
+            && got[1].contains("Edited on the other side: this replaces the comment of")
+            && got[1].contains("Human Editor")
+            && got[1].ends_with("<p>first, corrected</p>");
+        ok.then_some(()).ok_or(format!("{got:?}"))
+    })
+    .await;
+    // The entries made on premises are not sent back as comments of the cloud.
+    p.private
+        .edit_as_human(twin, &[set("System.Title", "Historic, settled")])
+        .unwrap();
+    converge("the title in the cloud", || {
+        (field(&p.public, id, "System.Title") == "Historic, settled")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, id, "System.Title"))
+    })
+    .await;
+    assert_eq!(comments(&p.public, id), ["<p>first, corrected</p>"]);
+    assert_eq!(comments(&p.private, twin).len(), 2);
+}

@@ -321,6 +321,11 @@ pub struct Plan {
     /// Comments to add, oldest first, through the comments API or `System.History`
     /// (which one depends on the server version, so they are not patch operations).
     pub comments: Vec<WorkComment>,
+    /// Comments relay copied here whose text changes (each with its id and the new body).
+    pub comment_edits: Vec<WorkComment>,
+    /// The ids of comments relay copied here whose original was deleted on the other side;
+    /// a person's own comment is never deleted.
+    pub comment_deletes: Vec<String>,
 }
 
 /// Project and type of an item to create.
@@ -335,7 +340,11 @@ pub struct CreateTarget {
 impl Plan {
     /// Whether there is nothing to write at all.
     pub fn is_empty(&self) -> bool {
-        self.create.is_none() && self.patch.is_none() && self.comments.is_empty()
+        self.create.is_none()
+            && self.patch.is_none()
+            && self.comments.is_empty()
+            && self.comment_edits.is_empty()
+            && self.comment_deletes.is_empty()
     }
 }
 
@@ -458,10 +467,26 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         Some(Value::Array(ops))
     };
     let comments = after.comments.iter().filter(|c| c.id.is_none()).cloned().collect();
+    let comment_edits = after
+        .comments
+        .iter()
+        .filter(|c| {
+            c.id.is_some() && c.remote_id.is_some() && before.comments.iter().any(|b| b.id == c.id && b.body != c.body)
+        })
+        .cloned()
+        .collect();
+    let comment_deletes = before
+        .comments
+        .iter()
+        .filter(|b| b.remote_id.is_some() && !after.comments.iter().any(|c| c.id.is_some() && c.id == b.id))
+        .filter_map(|b| b.id.clone())
+        .collect();
     Ok(Plan {
         create,
         patch,
         comments,
+        comment_edits,
+        comment_deletes,
     })
 }
 

@@ -1,6 +1,7 @@
 //! Comments: every comment of a work item, oldest first, through the comments API (5.1 and
 //! later, paged by continuation token) or Server 2019's read-only History view (the revision
-//! that wrote an entry is its id); and adding one through the comments API.
+//! that wrote an entry is its id); and adding, editing and deleting one through the comments
+//! API.
 
 use serde_json::{json, Value};
 
@@ -133,6 +134,37 @@ pub async fn add(rest: &Rest, project: &str, id: u64, html: &str) -> Result<Adde
         id: comment_id.to_string(),
         rev: None,
     })
+}
+
+/// Replaces the text of comment `comment` of work item `id` with `html` (the comments API's
+/// update, 5.1 and later). Sending the same text twice leaves one edit's result.
+pub async fn update(rest: &Rest, project: &str, id: u64, comment: &str, html: &str) -> Result<(), TrackerError> {
+    let format = if has_format(rest.version) { "format=html&" } else { "" };
+    let url = format!(
+        "{}?{format}api-version={}",
+        rest.project_url(project, &format!("wit/workItems/{id}/comments/{}", super::enc(comment))),
+        api_version(rest.version)
+    );
+    let mut req = Req::json(Method::PATCH, url, &json!({ "text": html }));
+    req.item = Some(id);
+    rest.json(&req).await.map(|_| ())
+}
+
+/// Deletes comment `comment` of work item `id` (5.1 and later); one already gone is not an
+/// error.
+pub async fn delete(rest: &Rest, project: &str, id: u64, comment: &str) -> Result<(), TrackerError> {
+    let url = format!(
+        "{}?api-version={}",
+        rest.project_url(project, &format!("wit/workItems/{id}/comments/{}", super::enc(comment))),
+        api_version(rest.version)
+    );
+    let mut req = Req::get(url);
+    req.method = Method::DELETE;
+    req.item = Some(id);
+    match rest.send(&req).await {
+        Ok(_) | Err(TrackerError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn text(v: &Value, pointer: &str) -> String {

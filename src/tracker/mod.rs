@@ -475,6 +475,22 @@ impl Tracker {
         })
     }
 
+    /// Whether comments can be edited and deleted (the comments API, 5.1 and later); on
+    /// older servers they are `System.History` entries, which never change.
+    pub fn edits_comments(&self) -> bool {
+        self.rest.version.writes_comments()
+    }
+
+    /// Replaces a comment's text (see [`Tracker::edits_comments`]).
+    pub async fn update_comment(&self, project: &str, id: u64, comment: &str, html: &str) -> Result<(), TrackerError> {
+        comments::update(&self.rest, project, id, comment, html).await
+    }
+
+    /// Deletes a comment (see [`Tracker::edits_comments`]).
+    pub async fn delete_comment(&self, project: &str, id: u64, comment: &str) -> Result<(), TrackerError> {
+        comments::delete(&self.rest, project, id, comment).await
+    }
+
     /// Uploads an attachment (chunked above [`attachments::SIMPLE_UPLOAD_MAX`]) and answers
     /// its id and URL for an `AttachedFile` relation.
     pub async fn upload_attachment(

@@ -536,16 +536,13 @@ pub async fn apply(
                 twin.attachments.insert(file, r);
             }
         }
-        let added = add_comments(
-            tracker,
-            link,
-            state,
-            &primary,
-            &mut twin,
-            (local, last_rev),
-            &plan.comments,
-        )
-        .await?;
+        let mut adds = plan.comments.clone();
+        if tracker.edits_comments() {
+            last_rev = edit_comments(tracker, link, &mut twin, local, last_rev, &plan, replica).await?;
+        } else {
+            adds.extend(edits_as_entries(&plan, replica));
+        }
+        let added = add_comments(tracker, link, state, &primary, &mut twin, (local, last_rev), &adds).await?;
         after.comments.extend(added);
         super::annotate(state, &mut after, &twin);
         // What both sides agree on moves by the fields this apply wrote, and by nothing
@@ -820,22 +817,109 @@ async fn add_comments(
         }
         state.put_twin(&link.name, primary, twin)?;
     }
-    if unknown > 0 {
-        // The comments API answers no work item revision; each comment made one. They are
-        // ours when the item moved by exactly that many since relay's last write.
-        if let Some(rev) = tracker.item_rev(local).await? {
-            if rev == before + unknown {
-                for r in before + 1..=rev {
-                    twin.own(r);
-                }
-            } else {
-                warn!(
-                    item = local,
-                    rev, before, "the item changed while comments were added; its next revision may be sent back once"
-                );
-                twin.own(rev);
-            }
+    own_unanswered(tracker, twin, local, before, unknown).await?;
+    Ok(out)
+}
+
+/// Records as relay's own the `count` revisions that comment writes made, which the comments
+/// API does not name: they are ours when the item moved by exactly that many since `before`,
+/// relay's last known revision of it. Answers the item's revision now.
+async fn own_unanswered(
+    tracker: &Tracker,
+    twin: &mut Twin,
+    local: u64,
+    before: u64,
+    count: u64,
+) -> Result<u64, ItemFailure> {
+    if count == 0 {
+        return Ok(before);
+    }
+    let Some(rev) = tracker.item_rev(local).await? else {
+        return Ok(before);
+    };
+    if rev == before + count {
+        for r in before + 1..=rev {
+            twin.own(r);
+        }
+    } else {
+        warn!(
+            item = local,
+            rev, before, "the item changed while comments were written; its next revision may be sent back once"
+        );
+        twin.own(rev);
+    }
+    Ok(rev)
+}
+
+/// The other side's comment edits and deletions, made to the copies here through the comments
+/// API (5.1 and later). A copy is deleted only when its original left the other side since the
+/// previous replica. Writing the same text again, or deleting a comment already gone, changes
+/// nothing, so a repeat after a crash is harmless. Answers the item's revision after them.
+async fn edit_comments(
+    tracker: &Tracker,
+    link: &SyncLink,
+    twin: &mut Twin,
+    local: u64,
+    before: u64,
+    plan: &workitem::Plan,
+    replica: &Replica,
+) -> Result<u64, ItemFailure> {
+    let removed = removed_comments(twin, replica);
+    let mut writes = 0u64;
+    for c in &plan.comment_edits {
+        if let Some(id) = c.id.as_deref() {
+            tracker.update_comment(&link.project, local, id, &c.body).await?;
+            writes += 1;
         }
     }
-    Ok(out)
+    for id in &plan.comment_deletes {
+        let copy_of = twin.comments.get(id).cloned();
+        if copy_of.is_some_and(|r| removed.contains(&r)) {
+            tracker.delete_comment(&link.project, local, id).await?;
+            twin.comments.remove(id);
+            writes += 1;
+        }
+    }
+    own_unanswered(tracker, twin, local, before, writes).await
+}
+
+/// The ids of the other side's comments in the previous replica of this item and not in this one.
+fn removed_comments(twin: &Twin, replica: &Replica) -> Vec<String> {
+    let Some(previous) = twin.last_received.as_ref() else {
+        return Vec::new();
+    };
+    previous
+        .entity
+        .comments
+        .iter()
+        .filter(|p| !replica.entity.comments.iter().any(|c| c.id == p.id))
+        .map(|p| p.id.clone())
+        .collect()
+}
+
+/// Server 2019's History entries never change: each edit the other side made arrives as a new
+/// entry that says which comment it replaces, under its own key (the original's id and the
+/// new text's digest), so that it is added once however often the apply repeats. A deletion
+/// is not carried.
+fn edits_as_entries(plan: &workitem::Plan, replica: &Replica) -> Vec<workitem::WorkComment> {
+    plan.comment_edits
+        .iter()
+        .filter_map(|c| {
+            let remote = c.remote_id.as_deref()?;
+            let original = replica.entity.comments.iter().find(|o| o.id == remote);
+            let (who, when) = original.map_or(("", ""), |o| (o.author.display_name.as_str(), o.created.as_str()));
+            let digest = crate::crypto::hex(&crate::crypto::sha256(c.body.as_bytes()));
+            Some(workitem::WorkComment {
+                id: None,
+                remote_id: Some(format!("{remote}~edit-{}", &digest[..16])),
+                body: format!(
+                    "<p><i>Edited on the other side: this replaces the comment of {} by {}.</i></p>{}",
+                    script::escape_html(when),
+                    script::escape_html(who),
+                    c.body
+                ),
+                ..c.clone()
+            })
+        })
+        .collect()
 }

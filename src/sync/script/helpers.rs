@@ -36,11 +36,53 @@ fn str_of(map: &Map, key: &str) -> Option<String> {
     map.get(key).filter(|v| !v.is_unit()).map(|v| v.to_string())
 }
 
+/// The ids of a replica's comment list (`removedComments`, `editedComments`); none when the
+/// map has no such list (a replica a script made up).
+fn ids_of(replica: &Map, key: &str) -> RhaiResult<Vec<String>> {
+    if !replica.contains_key(key) {
+        return Ok(Vec::new());
+    }
+    Ok(list(replica, key, "replica")?
+        .iter()
+        .filter_map(|c| c.read_lock::<Map>().and_then(|m| str_of(&m, "id")))
+        .collect())
+}
+
 /// `commentHelper.mergeComments(workItem, replica)`: the work item's comments, then every
-/// replica comment not copied yet (matched by remote id). Local comments are kept; running it
-/// again adds nothing.
+/// replica comment not copied yet (matched by remote id). A copy whose original was edited on
+/// the other side since the previous replica takes its new text; one whose original was
+/// deleted there is left out (and so deleted). Local comments are kept as they are; running
+/// it again changes nothing.
 pub(super) fn merge_comments(_: CommentHelper, item: Map, replica: Map) -> RhaiResult<Array> {
-    let mut out = list(&item, "comments", "workItem")?;
+    let removed = ids_of(&replica, "removedComments")?;
+    let edited = ids_of(&replica, "editedComments")?;
+    let remote_text = |id: &str| -> RhaiResult<Option<String>> {
+        for c in list(&replica, "comments", "replica")? {
+            let Some(m) = c.read_lock::<Map>().map(|m| m.clone()) else {
+                continue;
+            };
+            if str_of(&m, "id").as_deref() == Some(id) {
+                let format = str_of(&m, "format").unwrap_or_else(|| "html".into());
+                return Ok(Some(to_html(&str_of(&m, "body").unwrap_or_default(), &format)));
+            }
+        }
+        Ok(None)
+    };
+    let mut out = Array::new();
+    for c in list(&item, "comments", "workItem")? {
+        let copy_of = c.read_lock::<Map>().and_then(|m| str_of(&m, "remoteId"));
+        match copy_of {
+            Some(r) if removed.contains(&r) => continue,
+            Some(r) if edited.contains(&r) => {
+                let mut m = c.read_lock::<Map>().map(|m| m.clone()).unwrap_or_default();
+                if let Some(text) = remote_text(&r)? {
+                    m.insert("body".into(), text.into());
+                }
+                out.push(Dynamic::from_map(m));
+            }
+            _ => out.push(c),
+        }
+    }
     let copied: Vec<String> = out
         .iter()
         .filter_map(|c| c.read_lock::<Map>().and_then(|m| str_of(&m, "remoteId")))
@@ -226,7 +268,8 @@ fn decode_entities(text: &str) -> String {
     out
 }
 
-fn escape_html(text: &str) -> String {
+/// Text as HTML: `&`, `<`, `>` and `"` escaped.
+pub fn escape_html(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

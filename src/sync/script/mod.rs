@@ -23,7 +23,7 @@ use super::workitem::WorkItem;
 mod helpers;
 mod values;
 
-pub use helpers::{get_issue_type, map_path, strip_html};
+pub use helpers::{escape_html, get_issue_type, map_path, strip_html};
 use helpers::{merge_attachments, merge_comments, AttachmentHelper, CommentHelper, NodeHelper};
 
 use crate::sync::states::{map_state, LocalTypes};

@@ -218,8 +218,15 @@ pub(super) fn added_removed(m: &mut Map, now: &Entity, previous: Option<&Entity>
         .filter(|b| !now.comments.iter().any(|c| c.id == b.id))
         .map(comment_value)
         .collect();
+    let edited = now
+        .comments
+        .iter()
+        .filter(|c| before.iter().any(|b| b.id == c.id && b.body != c.body))
+        .map(comment_value)
+        .collect();
     m.insert("addedComments".into(), Dynamic::from_array(added));
     m.insert("removedComments".into(), Dynamic::from_array(removed));
+    m.insert("editedComments".into(), Dynamic::from_array(edited));
 }
 
 fn custom_map(fields: &BTreeMap<String, Value>) -> Dynamic {

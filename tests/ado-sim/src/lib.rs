@@ -568,6 +568,40 @@ impl SimHandle {
     }
 
     /// The live comments' texts of a work item (comments API profiles).
+    /// The "human" editor changes the text of comment `comment` of item `id` (comments API
+    /// profiles only), or deletes it when `text` is `None`; answers the item's new rev.
+    pub fn change_comment_as_human(&self, id: u64, comment: u64, text: Option<&str>) -> Result<u32, ApiError> {
+        let o = WriteOpts {
+            validate_only: false,
+            bypass_rules: true,
+            suppress_notifications: false,
+            actor: server::human(),
+        };
+        let mut s = lock(&self.shared.store);
+        s.change_comment(id, None, comment, text, &o)?;
+        let rev = s.item(id, None)?.rev();
+        drop(s);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            server::deliver_pending(&self.shared);
+        }
+        Ok(rev)
+    }
+
+    /// The live comments of item `id` with their ids, oldest first.
+    pub fn comments_with_ids(&self, id: u64) -> Vec<(u64, String)> {
+        let s = lock(&self.shared.store);
+        s.items
+            .get(&id)
+            .map(|w| {
+                w.comments
+                    .iter()
+                    .filter(|c| !c.deleted)
+                    .map(|c| (c.id, c.text.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn comment_texts(&self, id: u64) -> Vec<String> {
         let s = lock(&self.shared.store);
         s.items
