@@ -167,7 +167,10 @@ pub fn check(req: &Request, resp: &Response) -> Vec<String> {
     let Some(op) = find(&req.endpoint, &req.method, v) else {
         r.push(
             "request",
-            format!("{} is not an operation of the specification at this version", req.method),
+            format!(
+                "{} is not an operation of the specification at this version",
+                req.method
+            ),
         );
         return r.out;
     };
@@ -186,13 +189,19 @@ fn check_request(op: &Value, req: &Request, asked: Option<Requested>, r: &mut Re
                 if !a.preview {
                     r.push(
                         "request query",
-                        format!("'api-version' {s:?}: this resource is preview ({v}-{want})", v = r.version),
+                        format!(
+                            "'api-version' {s:?}: this resource is preview ({v}-{want})",
+                            v = r.version
+                        ),
                     );
                 } else if let (Some(got), Some(max)) = (a.resource_version, resource) {
                     if got > max {
                         r.push(
                             "request query",
-                            format!("'api-version' {s:?}: the resource's version is {max} ({}-{want})", r.version),
+                            format!(
+                                "'api-version' {s:?}: the resource's version is {max} ({}-{want})",
+                                r.version
+                            ),
                         );
                     }
                 }
@@ -276,7 +285,10 @@ fn check_path(op: &Value, req: &Request, r: &mut Report) {
     }
     let parts: Vec<&str> = rest.split('/').collect();
     if parts.len() != req.path.len() {
-        r.push("request path", format!("expected _apis/{rest}, got _apis/{}", req.path.join("/")));
+        r.push(
+            "request path",
+            format!("expected _apis/{rest}, got _apis/{}", req.path.join("/")),
+        );
         return;
     }
     for (t, got) in parts.iter().zip(&req.path) {
@@ -386,7 +398,10 @@ fn is_date_time(s: &str) -> bool {
 fn is_uuid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() == 5
-        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn enum_has(list: &str, s: &str) -> bool {
@@ -465,7 +480,10 @@ fn value(ty: &str, v: &Value, at: &str, what: &str, r: &mut Report) {
         },
         t if t.starts_with("enum:") => match v.as_str() {
             Some(s) if enum_has(&t[5..], s) => {}
-            Some(s) => r.push(&format!("{what} {at}"), format!("expected one of {}, got {s:?}", &t[5..])),
+            Some(s) => r.push(
+                &format!("{what} {at}"),
+                format!("expected one of {}, got {s:?}", &t[5..]),
+            ),
             None => mismatch(r, "string"),
         },
         t if t.starts_with('[') && t.ends_with(']') => match v.as_array() {
@@ -581,7 +599,18 @@ mod tests {
                 for a in alternatives(base) {
                     let inner = a.trim_start_matches(['[', '{']).trim_end_matches([']', '}']);
                     for leaf in alternatives(inner) {
-                        let scalar = ["any", "null", "object", "array", "string", "boolean", "number", "integer", "date-time", "uuid"];
+                        let scalar = [
+                            "any",
+                            "null",
+                            "object",
+                            "array",
+                            "string",
+                            "boolean",
+                            "number",
+                            "integer",
+                            "date-time",
+                            "uuid",
+                        ];
                         assert!(
                             scalar.contains(&leaf) || leaf.starts_with("enum:") || types().contains_key(leaf),
                             "{name}.{field}: unknown type {leaf}"
@@ -603,7 +632,12 @@ mod tests {
 
     #[test]
     fn a_conforming_exchange_has_no_mismatch() {
-        let req = get("workitems.get", "7.1", &["wit", "workitems", "7"], &[("$expand", "relations")]);
+        let req = get(
+            "workitems.get",
+            "7.1",
+            &["wit", "workitems", "7"],
+            &[("$expand", "relations")],
+        );
         let resp = Response {
             status: 200,
             body: Body::Json(json!({"id": 7, "rev": 2, "fields": {"System.Title": "x"}, "relations": [], "url": "u"})),

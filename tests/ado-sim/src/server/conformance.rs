@@ -38,7 +38,11 @@ pub(super) fn observe(shared: &Shared, name: &str, version: Option<&str>, scope:
         },
         Ok(r) => spec::Response {
             status: r.status,
-            body: if r.body.is_empty() { spec::Body::Empty } else { spec::Body::Other },
+            body: if r.body.is_empty() {
+                spec::Body::Empty
+            } else {
+                spec::Body::Other
+            },
         },
         Err(e) => spec::Response {
             status: e.status,
@@ -53,6 +57,38 @@ pub(super) fn observe(shared: &Shared, name: &str, version: Option<&str>, scope:
     for m in found {
         if kept.len() < KEPT && !kept.contains(&m) {
             kept.push(m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every operation of the description routes, by its method and path, to the endpoint
+    /// name it is described under: the two cannot drift apart.
+    #[test]
+    fn each_described_path_routes_to_its_endpoint_name() {
+        let ops = spec::description()["operations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(!ops.is_empty());
+        for op in ops {
+            let name = op["endpoint"].as_str().unwrap_or_default();
+            let method = op["method"].as_str().unwrap_or_default();
+            let path = op["path"].as_str().unwrap_or_default();
+            let (_, rest) = path.split_once("_apis/").unwrap_or(("", path));
+            let segs: Vec<String> = rest
+                .split('/')
+                .map(|s| match s.find('{') {
+                    Some(i) if s[i..].contains(":integer") => format!("{}7", &s[..i]),
+                    Some(i) => format!("{}x", &s[..i]),
+                    None => s.to_string(),
+                })
+                .map(|s| s.to_lowercase())
+                .collect();
+            assert_eq!(endpoint(method, &segs), name, "{method} {path}");
         }
     }
 }

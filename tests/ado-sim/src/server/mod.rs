@@ -830,15 +830,20 @@ fn access_mappings(canonical: &str, requested: &str) -> Value {
 }
 
 fn project_json(s: &Store, p: &crate::model::Project) -> Value {
-    json!({
+    // The project reference has carried its last update time since 6.0.
+    let updated = (s.profile != Profile::Server2019).then_some("2024-01-01T00:00:00Z");
+    let mut v = json!({
         "id": p.id,
         "name": p.name,
         "url": format!("{}/_apis/projects/{}", s.base_url, p.id),
         "state": "wellFormed",
         "revision": 1,
         "visibility": "private",
-        "lastUpdateTime": "2024-01-01T00:00:00Z",
-    })
+    });
+    if let Some(t) = updated {
+        v["lastUpdateTime"] = json!(t);
+    }
+    v
 }
 
 fn kind_name(k: Kind) -> &'static str {
