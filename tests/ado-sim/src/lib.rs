@@ -13,6 +13,8 @@
 //! - [`server`]: HTTP: authentication, routing, counters; `server/{faults, queries,
 //!   comments, control, hooks}` hold the injected faults, WIQL and the feed, both comment
 //!   APIs, the `/_sim` control API and service hook delivery.
+//! - [`spec`]: the specification's facts (`spec/operations.json`) and the check of each
+//!   request and answer against them (`server/conformance` runs it on every routed call).
 //! - [`clock`], [`error`]: timestamps and the service's error body.
 //!
 //! Start one with [`Sim::start`]; the [`SimHandle`] gives the base URL and PAT, and the
