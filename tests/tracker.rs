@@ -56,6 +56,16 @@ fn settings(url: &str, token_file: Option<PathBuf>, ca_file: Option<PathBuf>) ->
     }
 }
 
+/// At the end of a test that did not fail otherwise: the simulator saw only requests and
+/// gave only answers the specification's description allows.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.sim.assert_conformant();
+        }
+    }
+}
+
 impl Env {
     async fn tracker(&self) -> Tracker {
         Tracker::connect(&self.settings).await.expect("connects")

@@ -37,6 +37,17 @@ pub struct Pair {
     _tmp: tempfile::TempDir,
 }
 
+/// At the end of a test that did not fail otherwise: both trackers saw only requests and
+/// gave only answers the specification's description allows.
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.public.assert_conformant();
+            self.private.assert_conformant();
+        }
+    }
+}
+
 /// Settings binding a side to `sim`.
 fn tracker_env(sim: &SimHandle, dir: &Path, name: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let token = dir.join(format!("{name}.pat"));

@@ -13,6 +13,8 @@
 //! - [`server`]: HTTP: authentication, routing, counters; `server/{faults, queries,
 //!   comments, control, hooks}` hold the injected faults, WIQL and the feed, both comment
 //!   APIs, the `/_sim` control API and service hook delivery.
+//! - [`spec`]: the specification's facts (`spec/operations.json`) and the check of each
+//!   request and answer against them (`server/conformance` runs it on every routed call).
 //! - [`clock`], [`error`]: timestamps and the service's error body.
 //!
 //! Start one with [`Sim::start`]; the [`SimHandle`] gives the base URL and PAT, and the
@@ -27,6 +29,7 @@ pub mod model;
 pub mod profile;
 pub mod render;
 pub mod server;
+pub mod spec;
 pub mod store;
 pub mod wiql;
 
@@ -71,6 +74,9 @@ pub struct SimOptions {
     pub listen: SocketAddr,
     /// Largest request body (attachments included).
     pub max_body: usize,
+    /// Check every request and answer against the specification's description
+    /// (`spec/operations.json`) and keep the mismatches; on by default.
+    pub conformance: bool,
 }
 
 impl Default for SimOptions {
@@ -87,6 +93,7 @@ impl Default for SimOptions {
             },
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body: 160 * 1024 * 1024,
+            conformance: true,
         }
     }
 }
@@ -205,6 +212,8 @@ impl Sim {
             hook_failed: AtomicU64::new(0),
             notification: AtomicU64::new(0),
             max_body: opts.max_body,
+            conformance: opts.conformance,
+            violations: Mutex::new(Vec::new()),
             client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
         });
         let token = CancellationToken::new();
@@ -540,6 +549,25 @@ impl SimHandle {
     /// events (`reporting.revisions.seen`: a feed page that held revisions).
     pub fn counters(&self) -> BTreeMap<String, u64> {
         lock(&self.shared.counters).clone()
+    }
+
+    /// The mismatches with the specification's description found so far, distinct, in order
+    /// (e.g. `workitems.get 7.1: response $.fields: expected object, got string`); empty when
+    /// checking is off.
+    pub fn conformance_violations(&self) -> Vec<String> {
+        lock(&self.shared.violations).clone()
+    }
+
+    /// Panics listing every mismatch found so far, naming the simulator's URL.
+    pub fn assert_conformant(&self) {
+        let v = self.conformance_violations();
+        assert!(
+            v.is_empty(),
+            "{} request(s) or answer(s) of {} depart from the specification:\n  {}",
+            v.len(),
+            self.url,
+            v.join("\n  ")
+        );
     }
 
     /// Requests counted under one endpoint name.

@@ -177,10 +177,8 @@ pub fn reporting_revision(
             continue;
         }
         let v = match kind {
-            Some(Kind::Identity) if identity_ref => {
-                let who = Identity::parse(v.as_str().unwrap_or(""));
-                json!({"id": identity_id(&who.unique_name), "uniqueName": who.combined()})
-            }
+            // The specification: "an identity reference instead of a string value".
+            Some(Kind::Identity) if identity_ref => self::identity_ref(store, v.as_str().unwrap_or("")),
             _ => v.clone(),
         };
         f.insert(k, v);

@@ -126,6 +126,10 @@ pub(super) fn control(shared: &Arc<Shared>, method: &str, rest: &[String], body:
                 json!({"counters": c, "hooksDelivered": shared.hook_delivered.load(Ordering::Relaxed), "hooksFailed": shared.hook_failed.load(Ordering::Relaxed)}),
             ))
         }
+        ("GET", ["conformance"]) => Ok(Reply::json(
+            200,
+            json!({"enabled": shared.conformance, "violations": *lock(&shared.violations)}),
+        )),
         ("GET", ["items"]) => {
             let s = lock(&shared.store);
             let v: Vec<Value> = s

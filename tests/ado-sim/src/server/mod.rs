@@ -23,6 +23,7 @@ use crate::store::{self, Store, WriteOpts};
 use crate::wiql;
 
 mod comments;
+mod conformance;
 mod control;
 mod faults;
 mod hooks;
@@ -116,6 +117,10 @@ pub struct Shared {
     pub notification: AtomicU64,
     /// Largest request body accepted.
     pub max_body: usize,
+    /// Check every request and answer against the specification's description.
+    pub conformance: bool,
+    /// Mismatches found (distinct, in order), when checking is on.
+    pub violations: Mutex<Vec<String>>,
     /// The one HTTP client for hooks.
     pub client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
 }
@@ -415,7 +420,9 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> R {
         body,
         actor,
     };
-    let mut reply = route(shared, &name, &call)?;
+    let result = route(shared, &name, &call);
+    conformance::observe(shared, &name, version.as_deref(), &segs[..apis], &call, &result);
+    let mut reply = result?;
     if let Some(gateway) = faults::after_commit(shared, &name) {
         reply = gateway;
     }
@@ -823,15 +830,20 @@ fn access_mappings(canonical: &str, requested: &str) -> Value {
 }
 
 fn project_json(s: &Store, p: &crate::model::Project) -> Value {
-    json!({
+    // The project reference has carried its last update time since 6.0.
+    let updated = (s.profile != Profile::Server2019).then_some("2024-01-01T00:00:00Z");
+    let mut v = json!({
         "id": p.id,
         "name": p.name,
         "url": format!("{}/_apis/projects/{}", s.base_url, p.id),
         "state": "wellFormed",
         "revision": 1,
         "visibility": "private",
-        "lastUpdateTime": "2024-01-01T00:00:00Z",
-    })
+    });
+    if let Some(t) = updated {
+        v["lastUpdateTime"] = json!(t);
+    }
+    v
 }
 
 fn kind_name(k: Kind) -> &'static str {
