@@ -595,7 +595,6 @@ impl SimHandle {
             .map(|w| (w.rev(), w.latest().fields.clone()))
     }
 
-    /// The live comments' texts of a work item (comments API profiles).
     /// The "human" editor changes the text of comment `comment` of item `id` (comments API
     /// profiles only), or deletes it when `text` is `None`; answers the item's new rev.
     pub fn change_comment_as_human(&self, id: u64, comment: u64, text: Option<&str>) -> Result<u32, ApiError> {
@@ -630,6 +629,7 @@ impl SimHandle {
             .unwrap_or_default()
     }
 
+    /// The live comments' texts of a work item (comments API profiles).
     pub fn comment_texts(&self, id: u64) -> Vec<String> {
         let s = lock(&self.shared.store);
         s.items
