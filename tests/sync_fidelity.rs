@@ -592,3 +592,99 @@ async fn on_server_2019_an_edit_arrives_as_a_new_history_entry_naming_the_commen
     assert_eq!(comments(&p.public, id), ["<p>first, corrected</p>"]);
     assert_eq!(comments(&p.private, twin).len(), 2);
 }
+
+/// The work item links of `id` as (type, other item), sorted.
+fn links(sim: &SimHandle, id: u64) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = sim
+        .relations(id)
+        .into_iter()
+        .filter(|(rel, _, _)| rel.starts_with("System.LinkTypes."))
+        .filter_map(|(rel, url, _)| Some((rel, url.rsplit('/').next()?.parse().ok()?)))
+        .collect();
+    out.sort();
+    out
+}
+
+fn link_op(sim: &SimHandle, rel: &str, target: u64) -> serde_json::Value {
+    json!({"op": "add", "path": "/relations/-", "value": {
+        "rel": rel, "url": format!("{}/_apis/wit/workItems/{target}", sim.url)}})
+}
+
+const PARENT: &str = "System.LinkTypes.Hierarchy-Reverse";
+const CHILD: &str = "System.LinkTypes.Hierarchy-Forward";
+const RELATED: &str = "System.LinkTypes.Related";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_child_and_related_links_become_the_same_links_between_the_twins_and_removals_cross() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    // A parent and its child made together: the parent may arrive first, its link to a child
+    // not synced yet waits, and is made when the child arrives.
+    let parent = p
+        .public
+        .create_item(PUBLIC, "Feature", &fields(&[("System.Title", "Parent")]))
+        .unwrap();
+    let mut ops = fields(&[("System.Title", "Child")]);
+    ops.push(link_op(&p.public, PARENT, parent));
+    let child = p.public.create_item(PUBLIC, "Task", &ops).unwrap();
+    let parent_twin = wait_titled(&p.private, PRIVATE, "Parent").await;
+    let child_twin = wait_titled(&p.private, PRIVATE, "Child").await;
+    converge("the child's parent on premises", || {
+        let got = (links(&p.private, child_twin), links(&p.private, parent_twin));
+        (got == (vec![(PARENT.into(), parent_twin)], vec![(CHILD.into(), child_twin)]))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+
+    // A related link made on premises, to an item made there.
+    let other_twin = p
+        .private
+        .create_item(PRIVATE, "Task", &fields(&[("System.Title", "Neighbour")]))
+        .unwrap();
+    let other = wait_titled(&p.public, PUBLIC, "Neighbour").await;
+    p.private
+        .edit_as_human(parent_twin, &[link_op(&p.private, RELATED, other_twin)])
+        .unwrap();
+    converge("the related link in the cloud", || {
+        let got = links(&p.public, parent);
+        (got == vec![(CHILD.into(), child), (RELATED.into(), other)])
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    assert_eq!(links(&p.public, other), [(RELATED.to_string(), parent)]);
+
+    // The parent link removed in the cloud is removed on premises, from both ends.
+    let index = p
+        .public
+        .relations(child)
+        .iter()
+        .position(|(rel, _, _)| rel == PARENT)
+        .unwrap();
+    p.public
+        .edit_as_human(child, &[json!({"op": "remove", "path": format!("/relations/{index}")})])
+        .unwrap();
+    converge("the parent link gone on premises", || {
+        let got = (links(&p.private, child_twin), links(&p.private, parent_twin));
+        (got == (vec![], vec![(RELATED.into(), other_twin)]))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    // Settled: one more change crosses, the links stay as they are, each once, no errors.
+    p.private
+        .edit_as_human(parent_twin, &[set("System.Title", "Parent, settled")])
+        .unwrap();
+    converge("the title in the cloud", || {
+        (field(&p.public, parent, "System.Title") == "Parent, settled")
+            .then_some(())
+            .ok_or_else(|| field(&p.public, parent, "System.Title"))
+    })
+    .await;
+    assert_eq!(links(&p.public, parent), [(RELATED.to_string(), other)]);
+    assert!(links(&p.public, child).is_empty());
+    for node in [true, false] {
+        let out = p.sync_cli(node, &["errors", pair::CONN, "--json"]).await;
+        assert_eq!(out.trim(), "[]", "{out}");
+    }
+}

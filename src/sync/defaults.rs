@@ -10,7 +10,7 @@ use super::script::{INCOMING_MARKER, OUTGOING_MARKER};
 pub const REPRO_STEPS: &str = "Microsoft.VSTS.TCM.ReproSteps";
 
 /// The default rules for a side whose incoming items go to `project`: they sync summary,
-/// description, labels, comments, attachments and the assignee both ways, with commented
+/// description, labels, comments, attachments, the assignee and links both ways, with commented
 /// examples (state, priority, paths, custom fields), each one line away.
 pub fn default_rules(project: &str) -> String {
     let project = rhai_string(project);
@@ -32,6 +32,8 @@ replica.attachments = workItem.attachments;
 // Comments and attachments relay copied here from the other side are never sent back.
 // The person it is assigned to (display name and unique name, the e-mail address):
 replica.assignee = workItem.assignee;
+// Links to other work items (parent, child, related, duplicate, predecessor, successor):
+replica.links = workItem.links;
 // Each of the following is one line to uncomment (the other side's rules decide what to do
 // with them). State, priority, area and iteration path:
 // replica.status = workItem.status;
@@ -57,6 +59,8 @@ workItem.attachments = attachmentHelper.mergeAttachments(workItem, replica);
 // The same person by unique name; one this tracker does not know leaves the field as it
 // was and shows in `relay sync warnings`. Map people of your own with a map of unique names.
 workItem.assignee = replica.assignee;
+// The same links between the twins; one to an item not synced yet is made when it arrives.
+workItem.links = linkHelper.mapLinks(workItem, replica);
 // Each of the following is one line to uncomment.
 // The other side's state as one this type has: the same name, else the same category
 // (New, Approved, To Do · Active, Committed, Doing · Resolved · Closed, Done · Removed):

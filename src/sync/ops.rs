@@ -274,8 +274,16 @@ async fn test_rules(
             None => WorkItem::default(),
         };
         engine::annotate(state, &mut current, &twin);
-        let desired = script::run_incoming(&rules, &r, twin.last_received.as_ref(), &current, twin.local.is_none())
-            .map_err(|e| failed(&e))?;
+        let twins = engine::twins_for(state, conn, &r, &current)?;
+        let desired = script::run_incoming_linked(
+            &rules,
+            &r,
+            twin.last_received.as_ref(),
+            &current,
+            twin.local.is_none(),
+            twins,
+        )
+        .map_err(|e| failed(&e))?;
         // Attachments not uploaded yet get a stand-in URL, so the patch shows their relation.
         let mut shown = desired.clone();
         for a in shown
@@ -284,6 +292,9 @@ async fn test_rules(
             .filter(|a| a.url.is_none() && a.id.is_none())
         {
             a.url = Some(format!("(upload of {})", a.filename));
+        }
+        for l in shown.links.iter_mut().filter(|l| l.url.is_none()) {
+            l.url = Some(tracker.work_item_url(l.target));
         }
         let plan = workitem::build_patch(&current, &shown).map_err(|e| failed(&e))?;
         out.insert("local_item".into(), json!(twin.local));

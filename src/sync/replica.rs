@@ -37,6 +37,8 @@ pub const MAX_COMMENTS: usize = 2000;
 pub const MAX_ATTACHMENTS: usize = 500;
 /// Most custom fields on one item.
 pub const MAX_CUSTOM_FIELDS: usize = 256;
+/// Most links in one replica.
+pub const MAX_LINKS: usize = 1000;
 /// Largest custom field value, as compact JSON (bytes).
 pub const MAX_CUSTOM_VALUE_BYTES: usize = 64 * 1024;
 
@@ -140,6 +142,25 @@ pub struct Entity {
     /// Who created the item on its origin, if the script sends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creator: Option<Person>,
+    /// Links to other items of the origin, if the script sends them; a set, order carries no
+    /// meaning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<Link>,
+}
+
+/// A link from an item to another item of the same tracker.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// The link type's reference name (`System.LinkTypes.Hierarchy-Reverse`: the parent).
+    pub rel: String,
+    /// The other item's key on the origin.
+    pub key: String,
+    /// The other item's twin on the receiving side, when the sender knows it (as
+    /// [`Event::twin`] for the item itself): the receiver finds it by this before any replica
+    /// of it came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
 }
 
 /// A person as trackers name them: a display name, and the unique (sign-in) name, usually an
@@ -391,8 +412,8 @@ impl Replica {
 
 impl Entity {
     /// The fields whose values differ from `base`: `type`, `summary`, `description`,
-    /// `labels` (as a set), `status`, `priority`, `assignee` (as a person) and
-    /// `custom_fields.{name}`. Comments and
+    /// `labels` (as a set), `status`, `priority`, `assignee` (as a person), `links` (as a
+    /// set) and `custom_fields.{name}`. Comments and
     /// attachments are merged by id, never overwritten, so they are not listed.
     pub fn changed_since(&self, base: &Entity) -> Vec<String> {
         let mut out = Vec::new();
@@ -409,6 +430,12 @@ impl Entity {
         push(self.status != base.status, "status");
         push(self.priority != base.priority, "priority");
         push(!same_person(self.assignee.as_ref(), base.assignee.as_ref()), "assignee");
+        let links = |l: &[Link]| {
+            l.iter()
+                .map(|l| (l.rel.to_ascii_lowercase(), l.key.clone()))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        push(links(&self.links) != links(&base.links), "links");
         let names: std::collections::BTreeSet<&String> =
             self.custom_fields.keys().chain(base.custom_fields.keys()).collect();
         for name in names {
@@ -451,6 +478,9 @@ impl Entity {
         }
         if touched("assignee") {
             out.assignee = after.assignee.clone();
+        }
+        if touched("links") {
+            out.links = after.links.clone();
         }
         for f in &fields {
             if let Some(name) = f.strip_prefix("custom_fields.") {
@@ -518,6 +548,14 @@ impl Entity {
                 short(&format!("{field}.unique_name"), &p.unique_name)?;
             }
         }
+        bound("entity.links", self.links.len(), MAX_LINKS)?;
+        for (i, l) in self.links.iter().enumerate() {
+            short(&format!("entity.links[{i}].rel"), &l.rel)?;
+            short(&format!("entity.links[{i}].key"), &l.key)?;
+            if let Some(t) = &l.twin {
+                short(&format!("entity.links[{i}].twin"), t)?;
+            }
+        }
         bound("entity.custom_fields", self.custom_fields.len(), MAX_CUSTOM_FIELDS)?;
         for (name, value) in &self.custom_fields {
             short(&format!("entity.custom_fields key {name:?}"), name)?;
@@ -538,6 +576,8 @@ impl Entity {
         let mut entity = self.clone();
         entity.labels.sort();
         entity.labels.dedup();
+        entity.links.sort();
+        entity.links.dedup();
         let value = serde_json::to_value(&entity).unwrap_or(Value::Null);
         let mut out = Vec::new();
         write_canonical(&canonical(value), &mut out);
@@ -662,6 +702,11 @@ mod tests {
                 unique_name: "ann@example.com".into(),
             }),
             creator: None,
+            links: vec![Link {
+                rel: "System.LinkTypes.Hierarchy-Reverse".into(),
+                key: "40".into(),
+                twin: Some("7".into()),
+            }],
         }
     }
 

@@ -12,7 +12,7 @@ use super::script::{
     compile, compile_with, get_issue_type, map_path, run_incoming, run_outgoing, strip_html, Limit, Limits, Rules,
     ScriptError, Section, INCOMING_MARKER, OUTGOING_MARKER,
 };
-use super::workitem::{build_patch, WorkAttachment, WorkComment, WorkItem};
+use super::workitem::{build_patch, WorkAttachment, WorkComment, WorkItem, WorkLink};
 
 fn local_item() -> WorkItem {
     WorkItem {
@@ -62,6 +62,12 @@ fn local_item() -> WorkItem {
             display_name: "Bob".into(),
             unique_name: "bob@contoso.com".into(),
         }),
+        links: vec![WorkLink {
+            rel: "System.LinkTypes.Hierarchy-Reverse".into(),
+            target: 40,
+            url: Some("https://dev.azure.com/contoso/_apis/wit/workItems/40".into()),
+            relation_index: Some(1),
+        }],
         hyperlinks: Vec::new(),
     }
 }

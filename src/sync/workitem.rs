@@ -29,6 +29,10 @@ pub const FIELD_CREATED_BY: &str = "System.CreatedBy";
 pub const REL_ATTACHED_FILE: &str = "AttachedFile";
 /// The relation type of a link to a URL.
 pub const REL_HYPERLINK: &str = "Hyperlink";
+/// The prefix of the relation types of links between work items.
+pub const REL_WORK_ITEM_LINK: &str = "System.LinkTypes.";
+/// The relation type naming an item's parent.
+pub const REL_PARENT: &str = "System.LinkTypes.Hierarchy-Reverse";
 
 /// Fields with their own place in [`WorkItem`]; every other field is a custom field.
 const MAPPED_FIELDS: &[&str] = &[
@@ -76,6 +80,8 @@ pub struct WorkItem {
     pub creator: Option<Person>,
     /// Every other field, by reference name.
     pub custom_fields: BTreeMap<String, Value>,
+    /// Its links to other work items (`System.LinkTypes.*` relations).
+    pub links: Vec<WorkLink>,
     /// The URLs of its `Hyperlink` relations (read only: relay's create marker is one).
     pub hyperlinks: Vec<String>,
 }
@@ -119,6 +125,35 @@ pub struct WorkAttachment {
     pub relation_index: Option<usize>,
 }
 
+/// A link from a work item to another one of the same tracker.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkLink {
+    /// The link type's reference name (`System.LinkTypes.Hierarchy-Reverse`).
+    pub rel: String,
+    /// The other item's id.
+    pub target: u64,
+    /// The relation's URL; set before a patch adds it.
+    pub url: Option<String>,
+    /// Position in the item's `relations`, for a remove.
+    pub relation_index: Option<usize>,
+}
+
+impl WorkLink {
+    /// Whether both are the same link: the same type (in any case) to the same item.
+    pub fn same(&self, other: &WorkLink) -> bool {
+        self.target == other.target && self.rel.eq_ignore_ascii_case(&other.rel)
+    }
+}
+
+/// The work item id a work item URL ends with (`…/_apis/wit/workItems/42`).
+pub fn linked_id(url: &str) -> Option<u64> {
+    let (head, id) = url.trim_end_matches('/').rsplit_once('/')?;
+    head.to_ascii_lowercase()
+        .ends_with("/workitems")
+        .then(|| id.parse().ok())
+        .flatten()
+}
+
 /// Why an Azure DevOps document could not be read as a work item.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AdoError {
@@ -138,6 +173,14 @@ pub enum PatchError {
     /// An attachment to add has not been uploaded yet.
     #[error("attachment {0:?} must be uploaded before it is attached")]
     NotUploaded(String),
+    /// A link to add has no URL of its target yet.
+    #[error("the link {rel} to work item {target} has no URL")]
+    LinkWithoutUrl {
+        /// The link type.
+        rel: String,
+        /// The other item.
+        target: u64,
+    },
     /// An existing item without a revision cannot be updated safely.
     #[error("work item {0} has no revision to test")]
     NoRev(u64),
@@ -197,6 +240,17 @@ impl WorkItem {
                     Some(REL_ATTACHED_FILE) => {}
                     Some(REL_HYPERLINK) => {
                         item.hyperlinks.push(url.to_owned());
+                        continue;
+                    }
+                    Some(kind) if kind.starts_with(REL_WORK_ITEM_LINK) => {
+                        if let Some(target) = linked_id(url) {
+                            item.links.push(WorkLink {
+                                rel: kind.to_owned(),
+                                target,
+                                url: Some(url.to_owned()),
+                                relation_index: Some(index),
+                            });
+                        }
                         continue;
                     }
                     _ => continue,
@@ -306,6 +360,12 @@ impl WorkItem {
                 })
             })
             .collect();
+        let mut relations = relations;
+        relations.extend(self.links.iter().filter_map(|l| {
+            l.url
+                .as_ref()
+                .map(|url| json!({"rel": l.rel, "url": url, "attributes": {}}))
+        }));
         json!({"id": self.id, "rev": self.rev, "fields": self.to_ado_fields(), "relations": relations})
     }
 }
@@ -439,7 +499,15 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
         .filter(|a| a.id.is_some() && !kept(a))
         .filter_map(|a| a.relation_index)
         .collect();
+    removed.extend(
+        before
+            .links
+            .iter()
+            .filter(|l| !after.links.iter().any(|a| a.same(l)))
+            .filter_map(|l| l.relation_index),
+    );
     removed.sort_unstable_by(|a, b| b.cmp(a));
+    removed.dedup();
     for index in removed {
         ops.push(json!({"op": "remove", "path": format!("/relations/{index}")}));
     }
@@ -450,6 +518,14 @@ pub fn build_patch(before: &WorkItem, after: &WorkItem) -> Result<Plan, PatchErr
             .ok_or_else(|| PatchError::NotUploaded(a.filename.clone()))?;
         ops.push(json!({"op": "add", "path": "/relations/-", "value": {
             "rel": REL_ATTACHED_FILE, "url": url, "attributes": {"name": a.filename}}}));
+    }
+
+    for l in after.links.iter().filter(|l| !before.links.iter().any(|b| b.same(l))) {
+        let url = l.url.as_ref().ok_or_else(|| PatchError::LinkWithoutUrl {
+            rel: l.rel.clone(),
+            target: l.target,
+        })?;
+        ops.push(json!({"op": "add", "path": "/relations/-", "value": {"rel": l.rel, "url": url}}));
     }
 
     let create = before.id.is_none().then(|| CreateTarget {

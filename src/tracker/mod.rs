@@ -475,6 +475,11 @@ impl Tracker {
         })
     }
 
+    /// The URL a link to work item `id` of this tracker names (`{collection}/_apis/wit/workItems/{id}`).
+    pub fn work_item_url(&self, id: u64) -> String {
+        self.rest.collection_url(&format!("wit/workItems/{id}"))
+    }
+
     /// Whether comments can be edited and deleted (the comments API, 5.1 and later); on
     /// older servers they are `System.History` entries, which never change.
     pub fn edits_comments(&self) -> bool {

@@ -398,8 +398,19 @@ pub async fn apply(
             .then(|| outgoing_view(state, tracker, &rules, &current, &twin).ok())
             .flatten();
         let localized = localize(state, conn, replica)?;
-        let mut desired = script::run_incoming(&rules, &localized, twin.last_received.as_ref(), &current, first_sync)
-            .map_err(|e| ItemFailure::Item(e.to_string()))?;
+        let twins = super::twins_for(state, conn, replica, &current)?;
+        let mut desired = script::run_incoming_linked(
+            &rules,
+            &localized,
+            twin.last_received.as_ref(),
+            &current,
+            first_sync,
+            twins,
+        )
+        .map_err(|e| ItemFailure::Item(e.to_string()))?;
+        for l in desired.links.iter_mut().filter(|l| l.url.is_none()) {
+            l.url = Some(tracker.work_item_url(l.target));
+        }
         // Fields this side sent in replicas the sender had not applied when it made this one.
         let crossed = twin.crossed(replica.event.acked.as_deref());
         if let (Some(asked), false) = (&replica.event.changed, first_sync) {
@@ -726,6 +737,9 @@ fn keep_unchanged(desired: &mut WorkItem, current: &WorkItem, sent: &crate::sync
     }
     if kept("assignee") {
         desired.assignee = current.assignee.clone();
+    }
+    if kept("links") {
+        desired.links = current.links.clone();
     }
     for name in sent.custom_fields.keys() {
         if !kept(&format!("custom_fields.{name}")) || !desired.custom_fields.contains_key(name) {

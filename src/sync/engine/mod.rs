@@ -324,6 +324,37 @@ impl Engine {
     }
 }
 
+/// Which of the items a replica links to, and which of the items `current` links to, have a
+/// twin: what `linkHelper` maps links by.
+pub fn twins_for(
+    state: &SyncState,
+    conn: &str,
+    replica: &crate::sync::Replica,
+    current: &crate::sync::WorkItem,
+) -> Result<script::Twins, QueueError> {
+    let mut twins = script::Twins::default();
+    for l in &replica.entity.links {
+        // The twin the sender names, if this side has it as one; else the one this side knows.
+        let named = match l.twin.as_deref().and_then(|t| t.parse::<u64>().ok()) {
+            Some(local) => state.twin_by_local(conn, local)?.map(|_| local),
+            None => None,
+        };
+        let local = match named {
+            Some(local) => Some(local),
+            None => state.twin_by_remote(conn, &l.key)?.and_then(|(_, t)| t.local),
+        };
+        if let Some(local) = local {
+            twins.by_remote.insert(l.key.clone(), local);
+        }
+    }
+    for l in &current.links {
+        if state.twin_by_local(conn, l.target)?.is_some() {
+            twins.synced.insert(l.target);
+        }
+    }
+    Ok(twins)
+}
+
 /// Marks the comments and attachments of `item` that relay copied from the other side (their
 /// remote ids), so that scripts never send them back and merging skips them, and fills in
 /// the hashes of attachments whose bytes relay read before (merging matches equal files).

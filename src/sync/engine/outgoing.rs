@@ -320,7 +320,15 @@ pub async fn export(
         changed: twin.base().map(|base| entity.changed_since(base)),
         acked: twin.applied.last().cloned(),
     };
-    let replica = Replica::new(origin, event, entity.clone());
+    // Each linked item's twin on the other side, where this side knows it: what the other side
+    // finds the link's item by. Not part of what both sides agree on.
+    let mut sent = entity.clone();
+    for l in &mut sent.links {
+        if let Ok(target) = l.key.parse::<u64>() {
+            l.twin = state.twin_by_local(conn, target)?.and_then(|(_, t)| t.remote);
+        }
+    }
+    let replica = Replica::new(origin, event, sent);
     replica.validate().map_err(|e| ItemFailure::Item(e.to_string()))?;
     link.outbox.append(
         NewMessage {

@@ -16,6 +16,22 @@ pub(super) struct NodeHelper {
     pub(super) local_types: Arc<crate::sync::states::LocalTypes>,
 }
 
+/// Which items have a twin, for the items one apply concerns: the other side's keys that
+/// have one here (with this side's id), and this side's ids that have one.
+#[derive(Debug, Clone, Default)]
+pub struct Twins {
+    /// The other side's key → this side's id.
+    pub by_remote: std::collections::BTreeMap<String, u64>,
+    /// This side's ids that have a twin.
+    pub synced: std::collections::BTreeSet<u64>,
+}
+
+/// `linkHelper` in scripts.
+#[derive(Debug, Clone)]
+pub(super) struct LinkHelper {
+    pub(super) twins: Arc<Twins>,
+}
+
 /// What a helper returns to the script: a value, or an error the script sees at its call.
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -106,6 +122,58 @@ pub(super) fn merge_comments(_: CommentHelper, item: Map, replica: Map) -> RhaiR
         out.push(Dynamic::from_map(new));
     }
     Ok(out)
+}
+
+/// `linkHelper.mapLinks(workItem, replica)`: the work item's links to items the other side
+/// does not have (kept as they are), then each link of the replica whose other item has a
+/// twin here, to that twin. A link to an item not synced yet is left out; it is made from the
+/// other end when that item arrives (Azure DevOps links are two-sided).
+pub(super) fn map_links(h: LinkHelper, item: Map, replica: Map) -> RhaiResult<Array> {
+    let mut out = Array::new();
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    let mut push = |out: &mut Array, rel: String, id: i64| {
+        if seen.iter().any(|(r, i)| *i == id && r.eq_ignore_ascii_case(&rel)) {
+            return;
+        }
+        seen.push((rel.clone(), id));
+        let mut m = Map::new();
+        m.insert("rel".into(), rel.into());
+        m.insert("id".into(), Dynamic::from_int(id));
+        out.push(Dynamic::from_map(m));
+    };
+    for l in list(&item, "links", "workItem")? {
+        let Some(m) = l.read_lock::<Map>().map(|m| m.clone()) else {
+            return Err(script_err(format!("workItem.links holds a {}", l.type_name())));
+        };
+        let id = m.get("id").and_then(|v| v.as_int().ok());
+        match (str_of(&m, "rel"), id) {
+            (Some(rel), Some(id)) if !h.twins.synced.contains(&(id as u64)) => push(&mut out, rel, id),
+            _ => {}
+        }
+    }
+    for l in list(&replica, "links", "replica")? {
+        let Some(m) = l.read_lock::<Map>().map(|m| m.clone()) else {
+            return Err(script_err(format!("replica.links holds a {}", l.type_name())));
+        };
+        let local = str_of(&m, "key").and_then(|k| h.twins.by_remote.get(&k).copied());
+        if let (Some(rel), Some(local)) = (str_of(&m, "rel"), local) {
+            push(&mut out, rel, local as i64);
+        }
+    }
+    Ok(out)
+}
+
+/// `linkHelper.localId(key)`: this side's twin of the other side's item `key`, or `()`.
+pub(super) fn local_id(h: LinkHelper, key: Dynamic) -> Dynamic {
+    let key = if let Ok(i) = key.as_int() {
+        i.to_string()
+    } else {
+        key.to_string()
+    };
+    h.twins
+        .by_remote
+        .get(&key)
+        .map_or(Dynamic::UNIT, |id| Dynamic::from_int(*id as i64))
 }
 
 /// `attachmentHelper.mergeAttachments(workItem, replica)`: the work item's attachments, then

@@ -23,8 +23,11 @@ use super::workitem::WorkItem;
 mod helpers;
 mod values;
 
+pub use helpers::Twins;
 pub use helpers::{escape_html, get_issue_type, map_path, strip_html};
-use helpers::{merge_attachments, merge_comments, AttachmentHelper, CommentHelper, NodeHelper};
+use helpers::{
+    local_id, map_links, merge_attachments, merge_comments, AttachmentHelper, CommentHelper, LinkHelper, NodeHelper,
+};
 
 use crate::sync::states::{map_state, LocalTypes};
 use values::{added_removed, entity_map, origin_map, read_entity, read_work_item, replica_value, work_item_map};
@@ -378,6 +381,9 @@ fn engine(limits: &Limits) -> Engine {
         .register_fn("mergeComments", merge_comments)
         .register_type_with_name::<AttachmentHelper>("AttachmentHelper")
         .register_fn("mergeAttachments", merge_attachments)
+        .register_type_with_name::<LinkHelper>("LinkHelper")
+        .register_fn("mapLinks", map_links)
+        .register_fn("localId", local_id)
         .register_type_with_name::<NodeHelper>("NodeHelper")
         .register_fn("stripHtml", |_: NodeHelper, html: &str| strip_html(html))
         .register_fn("getIssueType", |h: NodeHelper, name: &str| {
@@ -399,10 +405,11 @@ fn engine(limits: &Limits) -> Engine {
     engine
 }
 
-/// `commentHelper` in scripts.
-fn helpers(scope: &mut Scope, local_types: &Arc<LocalTypes>) {
+/// `commentHelper`, `attachmentHelper`, `linkHelper` and `nodeHelper` in scripts.
+fn helpers(scope: &mut Scope, local_types: &Arc<LocalTypes>, twins: Arc<Twins>) {
     scope.push_constant("commentHelper", CommentHelper);
     scope.push_constant("attachmentHelper", AttachmentHelper);
+    scope.push_constant("linkHelper", LinkHelper { twins });
     scope.push_constant(
         "nodeHelper",
         NodeHelper {
@@ -424,7 +431,7 @@ pub fn run_outgoing(rules: &Rules, item: &WorkItem, previous: Option<&Replica>) 
     scope.push_constant("workItem", Dynamic::from_map(work_item_map(item)));
     scope.push("replica", Dynamic::from_map(entity_map(&start)));
     scope.push_constant("previous", previous.map_or(Dynamic::UNIT, replica_value));
-    helpers(&mut scope, &rules.local_types);
+    helpers(&mut scope, &rules.local_types, Arc::default());
     run(rules, script, &rules.outgoing, &mut scope)?;
     let value = scope.get_value::<Dynamic>("replica").unwrap_or(Dynamic::UNIT);
     let mapped = read_entity(&value, &key).map_err(|e| e.in_script(script))?;
@@ -445,6 +452,18 @@ pub fn run_incoming(
     current: &WorkItem,
     first_sync: bool,
 ) -> Result<WorkItem, ScriptError> {
+    run_incoming_linked(rules, replica, previous, current, first_sync, Twins::default())
+}
+
+/// [`run_incoming`] with the twins `linkHelper` maps links by.
+pub fn run_incoming_linked(
+    rules: &Rules,
+    replica: &Replica,
+    previous: Option<&Replica>,
+    current: &WorkItem,
+    first_sync: bool,
+    twins: Twins,
+) -> Result<WorkItem, ScriptError> {
     let script = Section::Incoming;
     let mut scope = Scope::new();
     let mut remote = entity_map(&replica.entity);
@@ -462,7 +481,7 @@ pub fn run_incoming(
     scope.push_constant("previous", previous.map_or(Dynamic::UNIT, replica_value));
     scope.push("workItem", Dynamic::from_map(work_item_map(current)));
     scope.push_constant("firstSync", first_sync);
-    helpers(&mut scope, &rules.local_types);
+    helpers(&mut scope, &rules.local_types, Arc::new(twins));
     run(rules, script, &rules.incoming, &mut scope)?;
     let value = scope.get_value::<Dynamic>("workItem").unwrap_or(Dynamic::UNIT);
     let desired = read_work_item(&value, current).map_err(|e| e.in_script(script))?;

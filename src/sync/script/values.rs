@@ -6,8 +6,12 @@ use std::collections::BTreeMap;
 use rhai::{Array, Dynamic, Map};
 use serde_json::Value;
 
-use super::super::replica::{same_person, Attachment, Author, Comment, Entity, Person, Replica, Text, TextFormat};
-use super::super::workitem::{normalize_labels, WorkAttachment, WorkComment, WorkItem};
+use super::super::replica::{
+    same_person, Attachment, Author, Comment, Entity, Link, Person, Replica, Text, TextFormat,
+};
+use super::super::workitem::{
+    normalize_labels, WorkAttachment, WorkComment, WorkItem, WorkLink, REL_PARENT, REL_WORK_ITEM_LINK,
+};
 use super::helpers::to_html;
 use super::{ScriptError, Section};
 
@@ -133,6 +137,18 @@ pub(super) fn work_item_map(w: &WorkItem) -> Map {
     m.insert("priority".into(), w.priority.map_or(Dynamic::UNIT, Dynamic::from_int));
     m.insert("assignee".into(), person_value(w.assignee.as_ref()));
     m.insert("creator".into(), person_value(w.creator.as_ref()));
+    let links = w
+        .links
+        .iter()
+        .map(|l| {
+            let mut lm = Map::new();
+            lm.insert("rel".into(), l.rel.as_str().into());
+            lm.insert("id".into(), Dynamic::from_int(l.target as i64));
+            lm.insert("url".into(), opt_str(l.url.as_deref()));
+            Dynamic::from_map(lm)
+        })
+        .collect();
+    m.insert("links".into(), Dynamic::from_array(links));
     for (key, field) in PATH_FIELDS {
         let path = w.custom_fields.get(field).and_then(Value::as_str);
         m.insert(key.into(), opt_str(path));
@@ -171,8 +187,40 @@ pub(super) fn entity_map(e: &Entity) -> Map {
     m.insert("priority".into(), opt_str(e.priority.as_deref()));
     m.insert("assignee".into(), person_value(e.assignee.as_ref()));
     m.insert("creator".into(), person_value(e.creator.as_ref()));
+    let links = e
+        .links
+        .iter()
+        .map(|l| {
+            let mut lm = Map::new();
+            lm.insert("rel".into(), l.rel.as_str().into());
+            lm.insert("key".into(), l.key.as_str().into());
+            Dynamic::from_map(lm)
+        })
+        .collect();
+    m.insert("links".into(), Dynamic::from_array(links));
+    m.insert("parentId".into(), opt_str(parent_key(&e.links)));
     m.insert("customFields".into(), custom_map(&e.custom_fields));
     m
+}
+
+/// The key of the parent among `links`, if there is one.
+fn parent_key(links: &[Link]) -> Option<&str> {
+    links
+        .iter()
+        .find(|l| l.rel.eq_ignore_ascii_case(REL_PARENT))
+        .map(|l| l.key.as_str())
+}
+
+/// A link type a script gave: a work item link's reference name.
+fn link_rel(v: &Dynamic, field: &str) -> Result<String, MapError> {
+    let rel = string(v, field)?;
+    if !rel.starts_with(REL_WORK_ITEM_LINK) {
+        return Err(MapError::new(
+            field,
+            format!("{rel:?} is not a work item link type ({REL_WORK_ITEM_LINK}…, such as {REL_PARENT})"),
+        ));
+    }
+    Ok(rel)
 }
 
 fn comment_value(c: &Comment) -> Dynamic {
@@ -417,6 +465,8 @@ const ENTITY_KEYS: &[&str] = &[
     "priority",
     "assignee",
     "creator",
+    "links",
+    "parentId",
     "customFields",
 ];
 
@@ -517,7 +567,82 @@ pub(super) fn read_entity(v: &Dynamic, key: &str) -> Result<Entity, MapError> {
         custom_fields: custom_fields(get(&m, "customFields", f)?, "replica.customFields")?,
         assignee: person(get(&m, "assignee", f)?, "replica.assignee")?,
         creator: person(get(&m, "creator", f)?, "replica.creator")?,
+        links: replica_links(&m)?,
     })
+}
+
+/// `replica.links`: each `#{rel, key}`, or a work item's link `#{rel, id, url}`; with
+/// `replica.parentId` set, the parent link it names.
+fn replica_links(m: &Map) -> Result<Vec<Link>, MapError> {
+    let mut links = Vec::new();
+    for (i, l) in array(get(m, "links", "replica")?, "replica.links")?.iter().enumerate() {
+        let lf = format!("replica.links[{i}]");
+        let lm = fields(l, &lf, &["rel", "key", "id", "url"])?;
+        let key = match (lm.get("key"), lm.get("id")) {
+            (Some(k), _) if !k.is_unit() => id_string(k, &format!("{lf}.key"))?,
+            (_, Some(id)) => id_string(id, &format!("{lf}.id"))?,
+            _ => None,
+        }
+        .ok_or_else(|| MapError::new(&format!("{lf}.key"), "a link needs the other item's key"))?;
+        let link = Link {
+            rel: link_rel(get(&lm, "rel", &lf)?, &format!("{lf}.rel"))?,
+            key,
+            twin: None,
+        };
+        if !links.contains(&link) {
+            links.push(link);
+        }
+    }
+    // `parentId` left `()` is whatever the links say; set, it is the parent link.
+    if let Some(parent) = id_string(get(m, "parentId", "replica")?, "replica.parentId")? {
+        match parent_key(&links) {
+            None => links.push(Link {
+                rel: REL_PARENT.to_owned(),
+                key: parent,
+                twin: None,
+            }),
+            Some(k) if k == parent => {}
+            Some(k) => {
+                return Err(MapError::new(
+                    "replica.parentId",
+                    format!("is {parent:?} while replica.links names {k:?} as the parent"),
+                ))
+            }
+        }
+    }
+    Ok(links)
+}
+
+/// `workItem.links`: each `#{rel, id}` (`url` is the tracker's and may be left out).
+fn work_item_links(m: &Map, current: &WorkItem) -> Result<Vec<WorkLink>, MapError> {
+    let mut links: Vec<WorkLink> = Vec::new();
+    for (i, l) in array(get(m, "links", "workItem")?, "workItem.links")?
+        .iter()
+        .enumerate()
+    {
+        let lf = format!("workItem.links[{i}]");
+        let lm = fields(l, &lf, &["rel", "id", "key", "url"])?;
+        let id = get(&lm, "id", &lf)?;
+        let target = id
+            .as_int()
+            .ok()
+            .and_then(|i| u64::try_from(i).ok())
+            .ok_or_else(|| found(&format!("{lf}.id"), "a work item id", id))?;
+        let mut link = WorkLink {
+            rel: link_rel(get(&lm, "rel", &lf)?, &format!("{lf}.rel"))?,
+            target,
+            url: None,
+            relation_index: None,
+        };
+        if let Some(have) = current.links.iter().find(|c| c.same(&link)) {
+            link.url = have.url.clone();
+            link.relation_index = have.relation_index;
+        }
+        if !links.iter().any(|l| l.same(&link)) {
+            links.push(link);
+        }
+    }
+    Ok(links)
 }
 
 /// The classification paths, as script properties of a work item and the fields they stand
@@ -543,6 +668,7 @@ const WORK_ITEM_KEYS: &[&str] = &[
     "priority",
     "assignee",
     "creator",
+    "links",
     "customFields",
 ];
 
@@ -672,6 +798,7 @@ pub(super) fn read_work_item(v: &Dynamic, current: &WorkItem) -> Result<WorkItem
         custom_fields: custom,
         assignee: person(get(&m, "assignee", f)?, "workItem.assignee")?,
         creator: current.creator.clone(),
+        links: work_item_links(&m, current)?,
         hyperlinks: current.hyperlinks.clone(),
     })
 }
