@@ -498,6 +498,9 @@ async fn the_demo_syncs_a_work_item_both_ways_and_exits_zero() {
     for said in [
         "the same on both trackers: title, description, tags, comments, attachment bytes",
         "comment:     \"Fixed on premises by raising the proxy timeout\"",
+        "inline image on this tracker: sha256",
+        "assigned to: human.editor@example.com",
+        "parent:      \"Login page times out after upgrade\"",
         "exactly one work item on each side",
         "demo finished",
     ] {

@@ -27,6 +27,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const CONN: &str = "ado-sync";
 const PUBLIC_PROJECT: &str = "Contoso";
 const PRIVATE_PROJECT: &str = "Fabrikam";
+/// The person the demo assigns work to: the simulators' second user, whom both trackers know.
+const DEMO_PERSON: &str = "human.editor@example.com";
 
 fn fail(e: impl std::fmt::Display) -> OpError {
     OpError::new(Kind::Failed, e.to_string())
@@ -101,6 +103,18 @@ fn show(side: &str, id: u64, seen: &Seen) {
     }
     for (name, sha) in &seen.attachments {
         println!("      attachment:  {name} sha256 {}…", &sha[..16]);
+    }
+    for sha in &seen.images {
+        println!(
+            "      inline image on this tracker: sha256 {}…",
+            &sha[..16.min(sha.len())]
+        );
+    }
+    if let Some(who) = &seen.assignee {
+        println!("      assigned to: {who}");
+    }
+    if let Some(parent) = &seen.parent {
+        println!("      parent:      {parent:?}");
     }
 }
 
@@ -238,21 +252,32 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
 
     step(
         5,
-        "A person creates a work item on the public tracker: description, 3 tags, 2 comments, an attachment",
+        "A person creates a work item on the public tracker: description with a pasted screenshot, 3 tags, \
+         an assignee, 2 comments, an attachment, and a child task",
     );
     let title = "Login page times out after upgrade";
+    let screenshot: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain((0..20_000u32).map(|i| (i.wrapping_mul(31) >> 3) as u8))
+        .collect();
+    let shot = public
+        .upload_attachment(PUBLIC_PROJECT, "timeout.png", &screenshot)
+        .await
+        .map_err(fail)?;
+    let description = format!(
+        "<p>Since 2.4 the <b>login</b> page times out after 30 s.</p><p><img src=\"{}\" alt=\"timeout\"></p>",
+        shot.url
+    );
     let created = public
         .create(
             PUBLIC_PROJECT,
             "Bug",
             &patch(&[
                 ("add", "System.Title", title),
-                (
-                    "add",
-                    "System.Description",
-                    "<p>Since 2.4 the <b>login</b> page times out after 30 s.</p>",
-                ),
+                ("add", "System.Description", &description),
                 ("add", "System.Tags", "auth; regression; customer"),
+                ("add", "System.AssignedTo", DEMO_PERSON),
             ]),
         )
         .await
@@ -284,6 +309,19 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
         trace.len(),
         &crate::crypto::hex(&crate::crypto::sha256(&trace))[..16]
     );
+    let child_title = "Check the session timeout setting";
+    let mut child_ops = patch(&[("add", "System.Title", child_title)]);
+    if let Some(ops) = child_ops.as_array_mut() {
+        ops.push(json!({"op": "add", "path": "/relations/-", "value": {
+            "rel": crate::sync::workitem::REL_PARENT, "url": public.work_item_url(public_id)}}));
+    }
+    let child = public
+        .create(PUBLIC_PROJECT, "Task", &child_ops)
+        .await
+        .map_err(fail)?
+        .id
+        .unwrap_or_default();
+    println!("    created public #{child} {child_title:?}, a child of #{public_id}");
 
     step(
         6,
@@ -294,7 +332,12 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
     })
     .await?;
     let seen = converge("public -> private", (&public, public_id), (&private, private_id), |s| {
-        if s.comments.len() == 2 && s.attachments.len() == 1 && s.labels.len() == 3 {
+        if s.comments.len() == 2
+            && s.attachments.len() == 1
+            && s.labels.len() == 3
+            && s.images.len() == 1
+            && s.assignee.is_some()
+        {
             Ok(())
         } else {
             Err(format!("not complete yet: {s:?}"))
@@ -302,7 +345,28 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
     })
     .await?;
     show("private", private_id, &seen);
-    println!("    the same on both trackers: title, description, tags, comments, attachment bytes");
+    let private_child = until("the child's twin on the private tracker", || {
+        find(&private, PRIVATE_PROJECT, child_title)
+    })
+    .await?;
+    let child_seen = converge(
+        "the child public -> private",
+        (&public, child),
+        (&private, private_child),
+        |s| {
+            if s.parent.as_deref() == Some(title) {
+                Ok(())
+            } else {
+                Err(format!("no parent yet: {s:?}"))
+            }
+        },
+    )
+    .await?;
+    show("private", private_child, &child_seen);
+    println!(
+        "    the same on both trackers: title, description, tags, comments, attachment bytes, the screenshot \
+         (uploaded to the private tracker, its URL rewritten), the assignee, the parent/child link"
+    );
 
     step(
         7,

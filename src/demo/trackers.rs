@@ -127,6 +127,13 @@ pub struct Seen {
     pub comments: Vec<String>,
     /// (file name, sha256), sorted.
     pub attachments: Vec<(String, String)>,
+    /// The assignee's unique name.
+    pub assignee: Option<String>,
+    /// The SHA-256 of each inline image of the description, read from this tracker (an image
+    /// on another host shows as its URL).
+    pub images: Vec<String>,
+    /// The parent's title.
+    pub parent: Option<String>,
 }
 
 /// Reads item `id` as a person sees it.
@@ -149,11 +156,32 @@ pub async fn seen(tracker: &Tracker, id: u64) -> OpResult<Seen> {
         attachments.push((a.filename.clone(), crate::crypto::hex(&crate::crypto::sha256(&bytes))));
     }
     attachments.sort();
+    let mut images = Vec::new();
+    for (_, src) in crate::sync::inline::image_sources(&item.description) {
+        if tracker.attachment_id(&src).await.is_none() {
+            images.push(src);
+            continue;
+        }
+        let bytes = tracker.download_attachment(&src, 64 << 20).await.map_err(fail)?;
+        images.push(crate::crypto::hex(&crate::crypto::sha256(&bytes)));
+    }
+    let parent_id = item
+        .links
+        .iter()
+        .find(|l| l.rel == crate::sync::workitem::REL_PARENT)
+        .map(|l| l.target);
+    let parent = match parent_id {
+        Some(p) => tracker.read_item(p).await.map_err(fail)?.map(|w| w.summary),
+        None => None,
+    };
     Ok(Seen {
         summary: item.summary,
         description: text(&item.description).trim().to_owned(),
         labels,
         comments,
         attachments,
+        assignee: item.assignee.map(|p| p.unique_name),
+        images,
+        parent,
     })
 }
