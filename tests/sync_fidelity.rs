@@ -1,5 +1,7 @@
 //! What real work items carry beyond the five default fields, end to end: inline images in
-//! HTML fields. Two simulated trackers, a node and an agent as real processes.
+//! HTML fields, a Bug's repro steps, states, people, area and iteration paths, comment edits
+//! and deletions, links between work items, and kills between their writes. Two simulated
+//! trackers, a node and an agent as real processes.
 
 mod common;
 #[path = "sync/pair.rs"]
@@ -687,4 +689,41 @@ async fn parent_child_and_related_links_become_the_same_links_between_the_twins_
         let out = p.sync_cli(node, &["errors", pair::CONN, "--json"]).await;
         assert_eq!(out.trim(), "[]", "{out}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_after_each_write_of_a_linked_pair_makes_each_item_and_its_link_once() {
+    let mut p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    let release = p.private.hold_answers("workitems.create");
+    let parent = p
+        .public
+        .create_item(PUBLIC, "Feature", &fields(&[("System.Title", "Linked parent")]))
+        .unwrap();
+    let mut ops = fields(&[("System.Title", "Linked child")]);
+    ops.push(link_op(&p.public, PARENT, parent));
+    p.public.create_item(PUBLIC, "Task", &ops).unwrap();
+    // The parent's create commits and its answer is held: kill. The agent comes back, finds
+    // the parent by its marker, creates the child with its link: held again, kill again.
+    for held in 1..=2 {
+        let sim = &p.private;
+        common::wait_for(&format!("create {held} committed and held"), || async move {
+            (sim.count("workitems.create.held") >= held).then_some(())
+        })
+        .await;
+        p.restart_agent().await;
+    }
+    drop(release);
+    p.private.stop_holding("workitems.create");
+    let parent_twin = wait_titled(&p.private, PRIVATE, "Linked parent").await;
+    let child_twin = wait_titled(&p.private, PRIVATE, "Linked child").await;
+    converge("the pair linked once on premises", || {
+        let got = (links(&p.private, child_twin), links(&p.private, parent_twin));
+        (got == (vec![(PARENT.into(), parent_twin)], vec![(CHILD.into(), child_twin)]))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    assert_eq!(p.private.item_ids(Some(PRIVATE)).len(), 2, "an item made twice");
+    let out = p.sync_cli(false, &["errors", pair::CONN, "--json"]).await;
+    assert_eq!(out.trim(), "[]", "{out}");
 }

@@ -9,8 +9,8 @@ use super::defaults::{default_rules, rhai_string};
 use super::replica::Person;
 use super::replica::{Event, EventKind, Origin, Replica};
 use super::script::{
-    compile, compile_with, get_issue_type, map_path, run_incoming, run_outgoing, strip_html, Limit, Limits, Rules,
-    ScriptError, Section, INCOMING_MARKER, OUTGOING_MARKER,
+    compile, compile_with, get_issue_type, map_path, run_incoming, run_incoming_linked, run_outgoing, strip_html,
+    Limit, Limits, Rules, ScriptError, Section, Twins, INCOMING_MARKER, OUTGOING_MARKER,
 };
 use super::workitem::{build_patch, WorkAttachment, WorkComment, WorkItem, WorkLink};
 
@@ -257,6 +257,137 @@ if replica.assignee != () { workItem.assignee = people[replica.assignee.uniqueNa
     );
     assert_eq!(map_path("Contoso", "Fabrikam").as_deref(), Some("Fabrikam"));
     assert_eq!(map_path("  ", "Fabrikam"), None);
+}
+
+#[test]
+fn links_map_to_twins_and_keep_those_the_other_side_does_not_have() {
+    let sender = compile(&default_rules("Contoso")).unwrap();
+    let receiver = compile(&default_rules("Fabrikam")).unwrap().with_local_types(agile());
+    // The sender's item has a parent (40) and a related item (41); here 40 is twinned as 400,
+    // 41 not yet; this item links to 500 (twinned, and gone from the sender) and 600 (an item
+    // the other side does not have).
+    let mut item = local_item();
+    item.links.push(WorkLink {
+        rel: "System.LinkTypes.Related".into(),
+        target: 41,
+        url: Some("https://dev.azure.com/contoso/_apis/wit/workItems/41".into()),
+        relation_index: Some(2),
+    });
+    let replica = replica_of(&sender, &item, 7);
+    let keys: Vec<&str> = replica.entity.links.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys, ["40", "41"]);
+    let here = |target: u64| WorkLink {
+        rel: "System.LinkTypes.Related".into(),
+        target,
+        url: Some(format!("https://server/_apis/wit/workItems/{target}")),
+        relation_index: Some(target as usize),
+    };
+    let current = applied(WorkItem {
+        project_key: "Fabrikam".into(),
+        links: vec![here(500), here(600)],
+        ..local_item()
+    });
+    let twins = Twins {
+        by_remote: BTreeMap::from([("40".to_string(), 400)]),
+        synced: [400, 500].into_iter().collect(),
+    };
+    let desired = run_incoming_linked(&receiver, &replica, None, &current, false, twins.clone()).unwrap();
+    let got: Vec<(&str, u64)> = desired.links.iter().map(|l| (l.rel.as_str(), l.target)).collect();
+    assert_eq!(
+        got,
+        [
+            ("System.LinkTypes.Related", 600),
+            ("System.LinkTypes.Hierarchy-Reverse", 400)
+        ]
+    );
+    // Running it again on the result changes nothing.
+    let again = run_incoming_linked(
+        &receiver,
+        &replica,
+        None,
+        &applied(desired.clone()),
+        false,
+        twins.clone(),
+    )
+    .unwrap();
+    assert_eq!(again.links.len(), 2);
+
+    // parentId reads the parent link, and localId the twin.
+    let rules = incoming_rules(
+        r#"if replica.parentId != "40" { throw "parentId " + replica.parentId; }
+if linkHelper.localId(replica.parentId) != 400 { throw "localId"; }
+if linkHelper.localId("41") != () { throw "41 has no twin"; }"#,
+    );
+    run_incoming_linked(&rules, &replica, None, &current, false, twins).unwrap();
+    // Set in the outgoing script, parentId adds the parent link; against another one, refused.
+    let set_parent = |line: &str| {
+        compile(&format!(
+            "{OUTGOING_MARKER}\nreplica.summary = workItem.summary;\n{line}\n{INCOMING_MARKER}\n"
+        ))
+        .unwrap()
+    };
+    let mut orphan = local_item();
+    orphan.links.clear();
+    let e = run_outgoing(&set_parent("replica.parentId = 77;"), &orphan, None).unwrap();
+    assert_eq!(
+        e.links
+            .iter()
+            .map(|l| (l.rel.as_str(), l.key.as_str()))
+            .collect::<Vec<_>>(),
+        [("System.LinkTypes.Hierarchy-Reverse", "77")]
+    );
+    let err = run_outgoing(
+        &set_parent("replica.links = workItem.links; replica.parentId = 77;"),
+        &local_item(),
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("replica.parentId"), "{err}");
+    let err = run_outgoing(
+        &set_parent(r#"replica.links = [#{ rel: "Hyperlink", key: "1" }];"#),
+        &orphan,
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not a work item link type"), "{err}");
+}
+
+#[test]
+fn merged_copies_take_edits_and_leave_with_deletions_of_their_originals_only() {
+    let sender = compile(&default_rules("Contoso")).unwrap();
+    let receiver = compile(&default_rules("Fabrikam")).unwrap().with_local_types(agile());
+    let item = local_item();
+    let first = replica_of(&sender, &item, 7);
+    // Here: copies of 101 and 102, and a person's own comment.
+    let mut current = applied(run_incoming(&receiver, &first, None, &WorkItem::default(), true).unwrap());
+    current.comments.push(WorkComment {
+        id: Some("own".into()),
+        body: "<p>mine</p>".into(),
+        ..WorkComment::default()
+    });
+    // There: 101 edited, 102 deleted.
+    let mut edited = item.clone();
+    edited.comments[0].body = "<p>first, corrected</p>".into();
+    edited.comments.remove(1);
+    let next = replica_of(&sender, &edited, 8);
+    let desired = run_incoming(&receiver, &next, Some(&first), &current, false).unwrap();
+    let bodies: Vec<&str> = desired.comments.iter().map(|c| c.body.as_str()).collect();
+    assert_eq!(bodies, ["<p>first, corrected</p>", "<p>mine</p>"]);
+    let plan = build_patch(&current, &desired).unwrap();
+    assert!(plan.comments.is_empty(), "{:?}", plan.comments);
+    assert_eq!(
+        plan.comment_edits.iter().map(|c| c.id.as_deref()).collect::<Vec<_>>(),
+        [current.comments[0].id.as_deref()]
+    );
+    assert_eq!(plan.comment_deletes, [current.comments[1].id.clone().unwrap()]);
+    // The same replica again (it is the previous one now): nothing edited, nothing deleted.
+    let settled = applied(desired);
+    let again = run_incoming(&receiver, &next, Some(&next), &settled, false).unwrap();
+    assert!(build_patch(&settled, &again).unwrap().is_empty());
+    // A person's own comment is never edited by a script.
+    let mut own_edit = settled.clone();
+    own_edit.comments[1].body = "<p>changed</p>".into();
+    assert!(build_patch(&settled, &own_edit).unwrap().comment_edits.is_empty());
 }
 
 #[test]

@@ -696,6 +696,64 @@ mod tests {
     }
 
     #[test]
+    fn links_are_read_from_relations_and_added_and_removed_by_patch() {
+        let base = "https://dev.azure.com/contoso/_apis/wit/workItems";
+        let w = WorkItem::from_ado(&json!({"id": 5, "rev": 3, "fields": {}, "relations": [
+            {"rel": "AttachedFile", "url": "https://dev.azure.com/contoso/_apis/wit/attachments/g-1", "attributes": {"name": "a.txt"}},
+            {"rel": REL_PARENT, "url": format!("{base}/40"), "attributes": {}},
+            {"rel": "System.LinkTypes.Related", "url": format!("{base}/41"), "attributes": {}},
+            {"rel": "ArtifactLink", "url": "vstfs:///Git/Commit/abc", "attributes": {}},
+        ]}))
+        .unwrap();
+        let got: Vec<(&str, u64, Option<usize>)> = w
+            .links
+            .iter()
+            .map(|l| (l.rel.as_str(), l.target, l.relation_index))
+            .collect();
+        assert_eq!(
+            got,
+            [(REL_PARENT, 40, Some(1)), ("System.LinkTypes.Related", 41, Some(2))]
+        );
+        assert_eq!(linked_id(&format!("{base}/40/")), Some(40));
+        assert_eq!(linked_id("https://x/_apis/wit/attachments/40"), None);
+
+        // The related link and the attachment go (highest index first), a child link comes.
+        let mut after = w.clone();
+        after.links.retain(|l| l.rel == REL_PARENT);
+        after.attachments.clear();
+        after.links.push(WorkLink {
+            rel: "System.LinkTypes.Hierarchy-Forward".into(),
+            target: 42,
+            url: Some(format!("{base}/42")),
+            relation_index: None,
+        });
+        let patch = build_patch(&w, &after).unwrap().patch.unwrap();
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/rev", "value": 3},
+                {"op": "remove", "path": "/relations/2"},
+                {"op": "remove", "path": "/relations/0"},
+                {"op": "add", "path": "/relations/-", "value": {"rel": "System.LinkTypes.Hierarchy-Forward", "url": format!("{base}/42")}},
+            ])
+        );
+        // The same link in another case writes nothing; one without a URL is refused.
+        let mut same = w.clone();
+        same.links[0].rel = REL_PARENT.to_lowercase();
+        assert!(build_patch(&w, &same).unwrap().patch.is_none());
+        let mut no_url = w.clone();
+        no_url.links.push(WorkLink {
+            rel: REL_PARENT.into(),
+            target: 9,
+            ..WorkLink::default()
+        });
+        assert!(matches!(
+            build_patch(&w, &no_url),
+            Err(PatchError::LinkWithoutUrl { target: 9, .. })
+        ));
+    }
+
+    #[test]
     fn empty_diff_is_no_patch() {
         let w = WorkItem::from_ado(&ado_doc()).unwrap();
         let mut same = w.clone();

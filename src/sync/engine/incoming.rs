@@ -462,13 +462,13 @@ pub async fn apply(
             new_files.push((up.id, a.remote_id.clone()));
         }
         check_state(&rules, &current, &desired)?;
-        if !new_files.is_empty() || matches!(localized, Cow::Owned(_)) {
+        let plan = workitem::build_patch(&current, &desired).map_err(|e| ItemFailure::Item(e.to_string()))?;
+        if plan.create.is_none() && (!new_files.is_empty() || matches!(localized, Cow::Owned(_))) {
             // The records of the files this write links (their hashes above all) must outlive
             // a crash right after it: the next attempt recognises them on the item by them,
-            // rather than linking a second copy.
+            // rather than linking a second copy. A create flushes them with its pending record.
             state.flush().await?;
         }
-        let plan = workitem::build_patch(&current, &desired).map_err(|e| ItemFailure::Item(e.to_string()))?;
         let mut last_rev = current.rev.unwrap_or(0);
         // The item as relay's write left it: what both sides agree on from now on.
         let mut after = current.clone();
