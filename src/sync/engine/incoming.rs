@@ -38,6 +38,21 @@ enum Handled {
     DeadLetter(String),
 }
 
+/// Replicas of distinct items applied at once on one connection (each item's replicas stay in
+/// order): a tracker answers each request in a fraction of what one item's chain of requests
+/// takes, so items applied one after another leave it, and this process, mostly waiting.
+const APPLY_WINDOW: usize = 4;
+
+/// Messages looked at per round: enough to keep the window full past files and an item's
+/// later replicas waiting for its earlier one.
+const ROUND: usize = 64;
+
+/// Bodies read per round at most (a file's chunks are large).
+const ROUND_BYTES: usize = 16 * 1024 * 1024;
+
+/// What one handled message came to, with its message.
+type Outcome = (Message, Option<String>, Result<Handled, ItemFailure>);
+
 /// Runs the apply worker of one connection until `token` is cancelled.
 pub async fn run(
     engine: Engine,
@@ -64,9 +79,8 @@ pub async fn run(
         }
         retry_parked(&engine, &tracker, &link).await;
         let durable = inbox.durable_seq();
-        let msg = match inbox.first() {
-            Ok(Some(m)) => m,
-            Ok(None) => {
+        let msgs = match inbox.read_after(0, ROUND, ROUND_BYTES) {
+            Ok(m) if m.is_empty() => {
                 tokio::select! {
                     biased;
                     _ = token.cancelled() => return,
@@ -77,6 +91,7 @@ pub async fn run(
                 }
                 continue;
             }
+            Ok(m) => m,
             Err(e) => {
                 link.health.error(format!("reading queue: {e}"));
                 if !crate::retry::sleep(backoff.next_delay(None), &token).await {
@@ -85,44 +100,167 @@ pub async fn run(
                 continue;
             }
         };
-        let result = tokio::select! {
-            r = handle(&engine, &tracker, &link, &msg, if msg.seq <= queued_at_start {
-                Recovery::Known(&mut created_lately, oldest_queued_ms.unwrap_or(msg.enqueued_at_ms))
-            } else {
-                Recovery::Fresh
-            }) => r,
-            // Whatever was written is recorded as it went; the message is handled again.
-            _ = token.cancelled() => return,
-        };
-        match result {
-            Ok(Handled::Done) => {
-                backoff.reset();
-                Health::add(&link.health.delivered, 1);
-                if let Err(e) = inbox.remove(msg.seq) {
-                    link.health.error(format!("removing an applied message: {e}"));
-                }
+        // The round: files one at a time and before any replica that follows them (it may
+        // need their bytes), replicas of distinct items side by side, an item's next replica
+        // once its previous one is done. The first failure ends the round; what is under way
+        // finishes, and the next round starts again from the oldest message left.
+        let mut running: tokio::task::JoinSet<Outcome> = tokio::task::JoinSet::new();
+        let mut items: Vec<String> = Vec::new();
+        let mut files = 0usize;
+        let mut failed: Option<Option<Duration>> = None;
+        for msg in msgs {
+            if failed.is_some() || !*active.borrow() {
+                break;
             }
-            Ok(Handled::DeadLetter(reason)) => {
-                warn!(id = %msg.id, seq = msg.seq, %reason, "dead-lettering message");
-                Health::add(&link.health.dead_lettered, 1);
-                link.health.error(format!("message {} dead-lettered: {reason}", msg.id));
-                if let Err(e) = inbox.dead_letter(&msg, &reason) {
-                    warn!(error = %e, "cannot dead-letter; will retry the message");
+            let of = item_of(&msg);
+            let earlier_run = msg.seq <= queued_at_start;
+            // What this message must wait for among those under way: files (it may need their
+            // bytes), and an apply of the same item or of one it links to (a link to an item
+            // is made by whichever of the two applies finds the other's twin).
+            let waits = |items: &Vec<String>, files: usize, running: usize| {
+                if earlier_run {
+                    running > 0
+                } else if let Some((item, linked)) = &of {
+                    files > 0
+                        || running >= APPLY_WINDOW
+                        || items.contains(item)
+                        || linked.iter().any(|l| items.contains(l))
+                } else {
+                    files > 0
                 }
-            }
-            Err(failure) => {
-                let (reason, after) = match failure {
-                    ItemFailure::Transient { reason, after } => (reason, after),
-                    ItemFailure::Item(reason) => (reason, None),
+            };
+            let item = of.as_ref().map(|(i, _)| i.clone());
+            while waits(&items, files, running.len()) {
+                let outcome = tokio::select! {
+                    _ = token.cancelled() => return,
+                    done = running.join_next() => done,
                 };
-                Health::add(&link.health.failures, 1);
-                let delay = backoff.next_delay(after);
-                link.health.error(reason.clone());
-                warn!(error = %reason, retry_in = ?delay, "cannot apply now; retrying");
-                if !crate::retry::sleep(delay, &token).await {
-                    return;
+                let (done, done_item, result) = match outcome {
+                    Some(Ok(o)) => o,
+                    // A handler that panicked: its message stays for the next round.
+                    Some(Err(e)) => {
+                        warn!(error = %e, "an apply ended abnormally; retrying");
+                        failed = Some(None);
+                        break;
+                    }
+                    None => break,
+                };
+                match &done_item {
+                    Some(i) => items.retain(|x| x != i),
+                    None => files -= 1,
+                }
+                if let Some(after) = settle(&link, &inbox, &done, result, &mut backoff) {
+                    failed = Some(after);
                 }
             }
+            if failed.is_some() {
+                break;
+            }
+            if earlier_run {
+                // Found again, if an earlier run created it, by the one search it shares
+                // with the other messages of the backlog: one at a time.
+                let recovery = Recovery::Known(&mut created_lately, oldest_queued_ms.unwrap_or(msg.enqueued_at_ms));
+                let result = tokio::select! {
+                    r = handle(&engine, &tracker, &link, &msg, recovery) => r,
+                    // Whatever was written is recorded as it went; the message is handled again.
+                    _ = token.cancelled() => return,
+                };
+                if let Some(after) = settle(&link, &inbox, &msg, result, &mut backoff) {
+                    failed = Some(after);
+                }
+                continue;
+            }
+            match &item {
+                Some(i) => items.push(i.clone()),
+                None => files += 1,
+            }
+            let (engine, tracker, link) = (engine.clone(), tracker.clone(), link.clone());
+            running.spawn(async move {
+                let result = handle(&engine, &tracker, &link, &msg, Recovery::Fresh).await;
+                (msg, item, result)
+            });
+        }
+        // Whatever was written is recorded as it went; a message cut short is handled again.
+        loop {
+            let outcome = tokio::select! {
+                _ = token.cancelled() => return,
+                done = running.join_next() => done,
+            };
+            let Some(outcome) = outcome else { break };
+            let Ok((done, _, result)) = outcome else {
+                failed = Some(None);
+                continue;
+            };
+            if let Some(after) = settle(&link, &inbox, &done, result, &mut backoff) {
+                failed = Some(after);
+            }
+        }
+        if let Some(after) = failed {
+            let delay = backoff.next_delay(after);
+            if !crate::retry::sleep(delay, &token).await {
+                return;
+            }
+        }
+    }
+}
+
+/// The item a replica message is about (its key on the other side), with the items it links
+/// to; `None` for a file's chunk. A message that is no replica counts as an item of its own
+/// (it is dead-lettered alone).
+fn item_of(msg: &Message) -> Option<(String, Vec<String>)> {
+    let alone = || Some((format!("message {}", msg.seq), Vec::new()));
+    if msg.content_type != replica::CONTENT_TYPE {
+        return if msg.content_type == replica::BLOB_CONTENT_TYPE {
+            None
+        } else {
+            alone()
+        };
+    }
+    match Replica::parse(&msg.body) {
+        Ok(r) => Some((
+            r.origin.id.to_string(),
+            r.entity.links.iter().map(|l| l.key.clone()).collect(),
+        )),
+        Err(_) => alone(),
+    }
+}
+
+/// Records what became of one message: removed once handled, dead-lettered, or left for the
+/// next round. Answers, for a failure, how long the tracker asked to wait (if it did).
+fn settle(
+    link: &SyncLink,
+    inbox: &crate::queue::Queue,
+    msg: &Message,
+    result: Result<Handled, ItemFailure>,
+    backoff: &mut Backoff,
+) -> Option<Option<Duration>> {
+    match result {
+        Ok(Handled::Done) => {
+            backoff.reset();
+            Health::add(&link.health.delivered, 1);
+            if let Err(e) = inbox.remove(msg.seq) {
+                link.health.error(format!("removing an applied message: {e}"));
+            }
+            None
+        }
+        Ok(Handled::DeadLetter(reason)) => {
+            warn!(id = %msg.id, seq = msg.seq, %reason, "dead-lettering message");
+            Health::add(&link.health.dead_lettered, 1);
+            link.health.error(format!("message {} dead-lettered: {reason}", msg.id));
+            if let Err(e) = inbox.dead_letter(msg, &reason) {
+                warn!(error = %e, "cannot dead-letter; will retry the message");
+            }
+            None
+        }
+        Err(failure) => {
+            let (reason, after) = match failure {
+                ItemFailure::Transient { reason, after } => (reason, after),
+                ItemFailure::Item(reason) => (reason, None),
+            };
+            Health::add(&link.health.failures, 1);
+            link.health.error(reason.clone());
+            warn!(error = %reason, "cannot apply now; retrying");
+            Some(after)
         }
     }
 }
@@ -320,9 +458,10 @@ pub async fn apply(
     mut recovery: Recovery<'_>,
 ) -> Result<(), ItemFailure> {
     let conn = &link.name;
-    // Held until every revision this apply writes is recorded as relay's own.
+    // Held until every revision this apply writes is recorded as relay's own. Applies of
+    // other items share it; a reader judging revisions waits for all of them.
     let lock = engine.apply_lock(conn);
-    let _applying = lock.lock().await;
+    let _applying = lock.read().await;
     let state = engine.state();
     let remote = replica.origin.id.to_string();
     let by_twin = match replica.event.twin.as_deref().map(str::parse::<u64>) {

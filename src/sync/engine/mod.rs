@@ -67,7 +67,7 @@ struct Inner {
     types: Mutex<HashMap<String, LocalTypes>>,
     /// Per connection: held for the whole of each apply, so a reader of the change feed can
     /// wait until the revisions an apply wrote are recorded as relay's own.
-    applying: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    applying: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     chunk_bytes: usize,
     /// The public side (the node's): its value wins a field both sides changed at once.
     public: bool,
@@ -182,8 +182,9 @@ impl Engine {
         }
     }
 
-    /// The lock an apply on `conn` holds while it writes to the tracker.
-    pub(crate) fn apply_lock(&self, conn: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock an apply on `conn` holds, shared with the applies of other items, while it
+    /// writes to the tracker; held exclusively, no apply is under way.
+    pub(crate) fn apply_lock(&self, conn: &str) -> Arc<tokio::sync::RwLock<()>> {
         let mut all = self.inner.applying.lock().unwrap_or_else(|p| p.into_inner());
         all.entry(conn.to_owned()).or_default().clone()
     }
@@ -192,7 +193,7 @@ impl Engine {
     /// before judging them: a revision that exists was written by an apply that has either
     /// recorded it as relay's own by then, or still holds the lock.
     pub(crate) async fn applies_settled(&self, conn: &str) {
-        drop(self.apply_lock(conn).lock().await);
+        drop(self.apply_lock(conn).write().await);
     }
 
     /// Largest attachment chunk sent.

@@ -342,7 +342,7 @@ pub async fn export(
     // An apply may have changed the record while this export read and downloaded: what the
     // export owns is written into the record as it is now, under the apply's lock.
     let lock = engine.apply_lock(conn);
-    let _applying = lock.lock().await;
+    let _applying = lock.write().await;
     let read_base = twin.base().cloned();
     let (primary, mut twin) = state.twin_by_local(conn, id)?.unwrap_or((primary, twin));
     // An apply that landed meanwhile moved the agreed state by the fields it wrote; this
