@@ -1879,6 +1879,20 @@ impl Table {
     }
 }
 
+/// Opens the store in `dir` again once an instance this process dropped let go of its lock
+/// (its threads end after the drop), within 10 s; for tests that reopen a data directory.
+#[cfg(test)]
+pub(crate) fn reopen_when_released(dir: &Path, cache_bytes: u64) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir, cache_bytes) {
+            Ok(s) => return s,
+            Err(QueueError::Locked(_)) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2172,16 +2186,8 @@ mod tests {
         assert_eq!(t.get::<Vec<i32>>("a").unwrap(), None);
     }
 
-    /// Opens the store in `dir` again once the previous instance let go of it.
     fn reopen(dir: &Path) -> Store {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Store::open(dir, 1 << 22) {
-                Ok(s) => return s,
-                Err(QueueError::Locked(_)) if std::time::Instant::now() < deadline => std::thread::yield_now(),
-                Err(e) => panic!("reopen: {e}"),
-            }
-        }
+        super::reopen_when_released(dir, 1 << 22)
     }
 
     fn sized(n: usize) -> NewMessage {

@@ -626,7 +626,7 @@ mod tests {
             assert_eq!(s.twin_count("c").unwrap(), 1);
             s.flush().await.unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = crate::queue::reopen_when_released(dir.path(), 1 << 20);
         let s = SyncState::open(&store).unwrap();
         let (_, t) = s.twin_by_remote("c", "41").unwrap().unwrap();
         assert_eq!(t.local, Some(7));
