@@ -10,7 +10,7 @@ mod pair;
 use ado_sim::{Profile, SimHandle};
 use serde_json::json;
 
-use pair::{comments, converge, field, fields, wait_titled, Pair, PRIVATE, PUBLIC};
+use pair::{comments, converge, field, fields, wait_field, wait_titled, Pair, PRIVATE, PUBLIC};
 use relay::sync::inline::image_sources;
 
 fn set(field: &str, value: &str) -> serde_json::Value {
@@ -92,12 +92,7 @@ async fn inline_images_cross_as_bytes_come_back_as_the_original_and_leave_other_
     p.private
         .edit_as_human(twin, &[set("System.Title", "Pasted screenshot, seen on premises")])
         .unwrap();
-    converge("the title on the public side", || {
-        (field(&p.public, id, "System.Title") == "Pasted screenshot, seen on premises")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, id, "System.Title"))
-    })
-    .await;
+    wait_field(&p.public, id, "System.Title", "Pasted screenshot, seen on premises").await;
     assert_eq!(field(&p.public, id, "System.Description"), description);
     assert_eq!(
         p.public.count("attachments.create"),
@@ -193,11 +188,12 @@ async fn a_bug_carries_its_repro_steps_and_a_task_made_from_it_shows_them_as_its
         )
         .unwrap();
     let public_bug = wait_titled(&p.public, PUBLIC, "Printer jams").await;
-    converge("the private Bug's repro steps", || {
-        (field(&p.public, public_bug, "Microsoft.VSTS.TCM.ReproSteps") == "<p>Print twice</p>")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, public_bug, "Microsoft.VSTS.TCM.ReproSteps"))
-    })
+    wait_field(
+        &p.public,
+        public_bug,
+        "Microsoft.VSTS.TCM.ReproSteps",
+        "<p>Print twice</p>",
+    )
     .await;
     assert_eq!(field(&p.public, public_bug, "System.WorkItemType"), "Bug");
     assert!(private_bug > 0);
@@ -309,6 +305,16 @@ async fn an_agent_killed_between_an_image_upload_and_the_write_makes_one_item_wh
     assert_eq!(p.private.item_ids(Some(PRIVATE)), [twin], "exactly one work item");
 }
 
+/// Waits until item `id` on `sim` is assigned to unique name `who`.
+async fn wait_assigned(sim: &SimHandle, id: u64, who: &str) {
+    converge(&format!("#{id} assigned to {who}"), || {
+        (unique_name(sim, id, "System.AssignedTo") == who)
+            .then_some(())
+            .ok_or_else(|| field(sim, id, "System.AssignedTo"))
+    })
+    .await
+}
+
 /// The unique name in an identity field as the simulator holds it (`Name <unique>`).
 fn unique_name(sim: &SimHandle, id: u64, name: &str) -> String {
     let v = field(sim, id, name);
@@ -335,12 +341,7 @@ async fn the_assignee_crosses_by_unique_name_and_one_unknown_here_leaves_the_fie
         )
         .unwrap();
     let twin = wait_titled(&p.private, PRIVATE, "Assigned").await;
-    converge("Ann assigned on premises", || {
-        (assigned(&p.private, twin) == "ann@contoso.com")
-            .then_some(())
-            .ok_or_else(|| field(&p.private, twin, "System.AssignedTo"))
-    })
-    .await;
+    wait_assigned(&p.private, twin, "ann@contoso.com").await;
     assert_eq!(
         field(&p.private, twin, "System.AssignedTo"),
         "Smith, Ann <ann@contoso.com>",
@@ -351,12 +352,7 @@ async fn the_assignee_crosses_by_unique_name_and_one_unknown_here_leaves_the_fie
     p.private
         .edit_as_human(twin, &[set("System.AssignedTo", "human.editor@example.com")])
         .unwrap();
-    converge("the reassignment in the cloud", || {
-        (assigned(&p.public, id) == "human.editor@example.com")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, id, "System.AssignedTo"))
-    })
-    .await;
+    wait_assigned(&p.public, id, "human.editor@example.com").await;
 
     // Zed is unknown on premises: the title still crosses, the assignee stays, one warning.
     p.public
@@ -368,12 +364,7 @@ async fn the_assignee_crosses_by_unique_name_and_one_unknown_here_leaves_the_fie
             ],
         )
         .unwrap();
-    converge("the title on premises", || {
-        (field(&p.private, twin, "System.Title") == "Assigned to Zed")
-            .then_some(())
-            .ok_or_else(|| field(&p.private, twin, "System.Title"))
-    })
-    .await;
+    wait_field(&p.private, twin, "System.Title", "Assigned to Zed").await;
     assert_eq!(assigned(&p.private, twin), "human.editor@example.com");
     let warnings = || async {
         let out = p.sync_cli(false, &["warnings", pair::CONN, "--json"]).await;
@@ -399,12 +390,7 @@ async fn the_assignee_crosses_by_unique_name_and_one_unknown_here_leaves_the_fie
     p.private
         .edit_as_human(twin, &[set("System.Title", "Assigned to Zed, seen")])
         .unwrap();
-    converge("the title in the cloud", || {
-        (field(&p.public, id, "System.Title") == "Assigned to Zed, seen")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, id, "System.Title"))
-    })
-    .await;
+    wait_field(&p.public, id, "System.Title", "Assigned to Zed, seen").await;
     assert_eq!(assigned(&p.public, id), "zed@contoso.com");
     assert_eq!(warnings().await.len(), 1);
 
@@ -412,12 +398,7 @@ async fn the_assignee_crosses_by_unique_name_and_one_unknown_here_leaves_the_fie
     p.public
         .edit_as_human(id, &[set("System.AssignedTo", "ann@contoso.com")])
         .unwrap();
-    converge("Ann again on premises", || {
-        (assigned(&p.private, twin) == "ann@contoso.com")
-            .then_some(())
-            .ok_or_else(|| field(&p.private, twin, "System.AssignedTo"))
-    })
-    .await;
+    wait_assigned(&p.private, twin, "ann@contoso.com").await;
     assert!(warnings().await.is_empty());
 }
 
@@ -484,22 +465,28 @@ async fn wait_comments(what: &str, sim: &SimHandle, id: u64, want: &[&str]) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn comment_edits_and_deletions_cross_both_ways_through_the_comments_api() {
-    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+/// An item titled `title` made in the cloud with one comment, its twin on premises with the
+/// copy, and then that comment edited in the cloud: the item, its twin and the comment's id.
+async fn commented_then_edited(p: &Pair, title: &str) -> (u64, u64, u64) {
     let id = p
         .public
-        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Discussed")]))
+        .create_item(PUBLIC, "Task", &fields(&[("System.Title", title)]))
         .unwrap();
     p.public.add_comment_as_human(id, "<p>first</p>").unwrap();
-    let twin = wait_titled(&p.private, PRIVATE, "Discussed").await;
+    let twin = wait_titled(&p.private, PRIVATE, title).await;
     wait_comments("the comment on premises", &p.private, twin, &["<p>first</p>"]).await;
-
-    // An edit in the cloud changes the copy on premises; nothing is added.
     let (cloud_comment, _) = p.public.comments_with_ids(id)[0].clone();
     p.public
         .change_comment_as_human(id, cloud_comment, Some("<p>first, corrected</p>"))
         .unwrap();
+    (id, twin, cloud_comment)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comment_edits_and_deletions_cross_both_ways_through_the_comments_api() {
+    let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
+    // An edit in the cloud changes the copy on premises; nothing is added.
+    let (id, twin, cloud_comment) = commented_then_edited(&p, "Discussed").await;
     wait_comments("the edit on premises", &p.private, twin, &["<p>first, corrected</p>"]).await;
 
     // And the other way.
@@ -542,12 +529,7 @@ async fn comment_edits_and_deletions_cross_both_ways_through_the_comments_api() 
     p.private
         .edit_as_human(twin, &[set("System.Title", "Discussed, settled")])
         .unwrap();
-    converge("the last title in the cloud", || {
-        (field(&p.public, id, "System.Title") == "Discussed, settled")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, id, "System.Title"))
-    })
-    .await;
+    wait_field(&p.public, id, "System.Title", "Discussed, settled").await;
     assert_eq!(comments(&p.public, id), ["<p>from premises, edited</p>"]);
     assert_eq!(comments(&p.private, twin), ["<p>from premises, edited</p>"]);
     assert_eq!(p.private.count("comments.add"), 1);
@@ -560,17 +542,7 @@ async fn comment_edits_and_deletions_cross_both_ways_through_the_comments_api() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_server_2019_an_edit_arrives_as_a_new_history_entry_naming_the_comment_it_replaces() {
     let p = Pair::start(Profile::Services, Profile::Server2019, &[]).await;
-    let id = p
-        .public
-        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Historic")]))
-        .unwrap();
-    p.public.add_comment_as_human(id, "<p>first</p>").unwrap();
-    let twin = wait_titled(&p.private, PRIVATE, "Historic").await;
-    wait_comments("the comment on premises", &p.private, twin, &["<p>first</p>"]).await;
-    let (cloud_comment, _) = p.public.comments_with_ids(id)[0].clone();
-    p.public
-        .change_comment_as_human(id, cloud_comment, Some("<p>first, corrected</p>"))
-        .unwrap();
+    let (id, twin, _) = commented_then_edited(&p, "Historic").await;
     converge("the edit as a new entry on premises", || {
         let got = comments(&p.private, twin);
         let ok = got.len() == 2
@@ -585,12 +557,7 @@ async fn on_server_2019_an_edit_arrives_as_a_new_history_entry_naming_the_commen
     p.private
         .edit_as_human(twin, &[set("System.Title", "Historic, settled")])
         .unwrap();
-    converge("the title in the cloud", || {
-        (field(&p.public, id, "System.Title") == "Historic, settled")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, id, "System.Title"))
-    })
-    .await;
+    wait_field(&p.public, id, "System.Title", "Historic, settled").await;
     assert_eq!(comments(&p.public, id), ["<p>first, corrected</p>"]);
     assert_eq!(comments(&p.private, twin).len(), 2);
 }
@@ -677,12 +644,7 @@ async fn parent_child_and_related_links_become_the_same_links_between_the_twins_
     p.private
         .edit_as_human(parent_twin, &[set("System.Title", "Parent, settled")])
         .unwrap();
-    converge("the title in the cloud", || {
-        (field(&p.public, parent, "System.Title") == "Parent, settled")
-            .then_some(())
-            .ok_or_else(|| field(&p.public, parent, "System.Title"))
-    })
-    .await;
+    wait_field(&p.public, parent, "System.Title", "Parent, settled").await;
     assert_eq!(links(&p.public, parent), [(RELATED.to_string(), other)]);
     assert!(links(&p.public, child).is_empty());
     for node in [true, false] {

@@ -185,6 +185,24 @@ impl Person {
         }
     }
 
+    /// A person from the two names as a tracker or a script gives them (trimmed); the unique
+    /// name stands in for a missing display name; `None` when both are empty.
+    pub fn from_names(display_name: &str, unique_name: &str) -> Option<Person> {
+        let (display_name, unique_name) = (display_name.trim(), unique_name.trim());
+        if display_name.is_empty() && unique_name.is_empty() {
+            return None;
+        }
+        Some(Person {
+            display_name: if display_name.is_empty() {
+                unique_name
+            } else {
+                display_name
+            }
+            .to_owned(),
+            unique_name: unique_name.to_owned(),
+        })
+    }
+
     /// Reads `Name <unique>`, or a bare name (an e-mail address counts as a unique name).
     pub fn parse(text: &str) -> Option<Person> {
         let text = text.trim();

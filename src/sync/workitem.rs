@@ -573,19 +573,10 @@ fn person(field: &str, value: &Value) -> Result<Option<Person>, AdoError> {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Person::parse(s)),
         Value::Object(o) => {
-            let text = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default().trim().to_owned();
-            let (display_name, unique_name) = (text("displayName"), text("uniqueName"));
-            if display_name.is_empty() && unique_name.is_empty() {
-                return Err(field_error(field, "an identity without displayName or uniqueName"));
-            }
-            Ok(Some(Person {
-                display_name: if display_name.is_empty() {
-                    unique_name.clone()
-                } else {
-                    display_name
-                },
-                unique_name,
-            }))
+            let text = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default();
+            Person::from_names(text("displayName"), text("uniqueName"))
+                .map(Some)
+                .ok_or_else(|| field_error(field, "an identity without displayName or uniqueName"))
         }
         _ => Err(field_error(field, "not an identity")),
     }

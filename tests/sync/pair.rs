@@ -355,3 +355,12 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Waits until field `name` of item `id` on `sim` reads `want`.
+pub async fn wait_field(sim: &SimHandle, id: u64, name: &str, want: &str) {
+    converge(&format!("{name} of #{id} to be {want:?}"), || {
+        let got = field(sim, id, name);
+        (got == want).then_some(()).ok_or(got)
+    })
+    .await;
+}

@@ -77,20 +77,9 @@ fn person(v: &Dynamic, field: &str) -> Result<Option<Person>, MapError> {
     let part = |k: &str| {
         m.get(k)
             .map_or(Ok(None), |x| opt_string(x, &format!("{field}.{k}")))
-            .map(|s| s.unwrap_or_default().trim().to_owned())
+            .map(Option::unwrap_or_default)
     };
-    let (display_name, unique_name) = (part("displayName")?, part("uniqueName")?);
-    if display_name.is_empty() && unique_name.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Person {
-        display_name: if display_name.is_empty() {
-            unique_name.clone()
-        } else {
-            display_name
-        },
-        unique_name,
-    }))
+    Ok(Person::from_names(&part("displayName")?, &part("uniqueName")?))
 }
 
 pub(super) fn work_item_map(w: &WorkItem) -> Map {

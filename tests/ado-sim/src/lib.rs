@@ -468,12 +468,7 @@ impl SimHandle {
 
     /// A "human" applies `ops` to work item `id` now; answers the new rev.
     pub fn edit_as_human(&self, id: u64, ops: &[Value]) -> Result<u32, ApiError> {
-        let o = WriteOpts {
-            validate_only: false,
-            bypass_rules: false,
-            suppress_notifications: false,
-            actor: server::human(),
-        };
+        let o = as_human(false);
         let mut s = lock(&self.shared.store);
         let wi = s.update(id, None, ops, &o)?;
         drop(s);
@@ -487,12 +482,7 @@ impl SimHandle {
     /// Creates a work item as the "human" editor, without HTTP (seeding data for tests);
     /// answers its id.
     pub fn create_item(&self, project: &str, type_name: &str, ops: &[Value]) -> Result<u64, ApiError> {
-        let o = WriteOpts {
-            validate_only: false,
-            bypass_rules: false,
-            suppress_notifications: false,
-            actor: server::human(),
-        };
+        let o = as_human(false);
         let id = lock(&self.shared.store).create(project, type_name, ops, &o)?.id;
         if tokio::runtime::Handle::try_current().is_ok() {
             server::deliver_pending(&self.shared);
@@ -503,12 +493,7 @@ impl SimHandle {
     /// Adds a comment as the "human" editor (a `System.History` write on Server 2019);
     /// answers the work item's new rev.
     pub fn add_comment_as_human(&self, id: u64, text: &str) -> Result<u32, ApiError> {
-        let o = WriteOpts {
-            validate_only: false,
-            bypass_rules: true,
-            suppress_notifications: false,
-            actor: server::human(),
-        };
+        let o = as_human(true);
         let mut s = lock(&self.shared.store);
         if s.profile.has_comments_api() {
             s.add_comment(id, None, text, "html", &o)?;
@@ -598,12 +583,7 @@ impl SimHandle {
     /// The "human" editor changes the text of comment `comment` of item `id` (comments API
     /// profiles only), or deletes it when `text` is `None`; answers the item's new rev.
     pub fn change_comment_as_human(&self, id: u64, comment: u64, text: Option<&str>) -> Result<u32, ApiError> {
-        let o = WriteOpts {
-            validate_only: false,
-            bypass_rules: true,
-            suppress_notifications: false,
-            actor: server::human(),
-        };
+        let o = as_human(true);
         let mut s = lock(&self.shared.store);
         s.change_comment(id, None, comment, text, &o)?;
         let rev = s.item(id, None)?.rev();
@@ -706,5 +686,15 @@ impl SimHandle {
     /// The bytes of an uploaded attachment.
     pub fn attachment_bytes(&self, id: &str) -> Option<Vec<u8>> {
         lock(&self.shared.store).attachment(id).ok().map(|a| a.data.clone())
+    }
+}
+
+/// How the "human" editor writes: as someone other than the client, rules bypassed or not.
+fn as_human(bypass_rules: bool) -> WriteOpts {
+    WriteOpts {
+        validate_only: false,
+        bypass_rules,
+        suppress_notifications: false,
+        actor: server::human(),
     }
 }
