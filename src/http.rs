@@ -940,15 +940,16 @@ pub fn check_proxy_url(url: &str) -> Result<(), String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// 407 from the proxy.
-    #[error(
-        "the proxy {proxy} answered 407 Proxy Authentication Required{}",
-        if *.sent_credentials { ": it refused the user and password in the proxy URL" } else { ": put a user and password in the proxy URL (http://user:password@host:port, in agent.proxy or HTTPS_PROXY)" }
-    )]
+    #[error("{}", auth_required(proxy, *sent_credentials, *have_credentials, offered))]
     AuthRequired {
         /// The proxy.
         proxy: String,
-        /// Whether credentials were sent.
+        /// Whether credentials were sent (and refused).
         sent_credentials: bool,
+        /// Whether the proxy URL carries credentials.
+        have_credentials: bool,
+        /// The schemes the proxy's `Proxy-Authenticate` challenges offered, as it spelled them.
+        offered: Vec<String>,
     },
     /// The proxy could not be reached.
     #[error("cannot connect to the proxy {proxy}: {detail}")]
@@ -968,6 +969,71 @@ pub enum ProxyError {
         /// What happened.
         detail: String,
     },
+}
+
+/// What a 407 means for the operator: the schemes the proxy asked for, whether relay answered
+/// and was refused, and what to do.
+fn auth_required(proxy: &str, sent: bool, have: bool, offered: &[String]) -> String {
+    let asked = if offered.is_empty() {
+        "without naming a scheme (no Proxy-Authenticate)".to_owned()
+    } else {
+        format!("asking for {}", offered.join(", "))
+    };
+    let head = format!("the proxy {proxy} answered 407 Proxy Authentication Required, {asked}");
+    let basic = offered.iter().any(|s| s.eq_ignore_ascii_case("basic"));
+    if sent {
+        return format!("{head}: it refused the user and password in the proxy URL (sent as Basic)");
+    }
+    if !basic && !offered.is_empty() {
+        let kept = if have {
+            "; the user and password in the proxy URL were not sent, since the proxy does not take Basic (a password is never sent in clear to a proxy that asks for another scheme)"
+        } else {
+            ""
+        };
+        return format!(
+            "{head}: relay answers only Basic proxy authentication so far{kept}; ask for a proxy rule that lets the agent's host reach the node, or a proxy port that takes Basic"
+        );
+    }
+    format!("{head}: put a user and password in the proxy URL (http://user:password@host:port, in agent.proxy or HTTPS_PROXY)")
+}
+
+/// The schemes a proxy's answer head offers in its `Proxy-Authenticate` headers, in order:
+/// each challenge's first token (`Basic realm="…"` → `Basic`; `NTLM`; `Negotiate`).
+fn offered_schemes(head: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in head.lines().skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("proxy-authenticate") {
+            continue;
+        }
+        // Challenges are comma-separated, and so are a challenge's parameters (`a=b`); a
+        // comma inside a quoted string is neither.
+        let mut parts = Vec::new();
+        let (mut quoted, mut start) = (false, 0);
+        for (i, c) in value.char_indices() {
+            match c {
+                '"' => quoted = !quoted,
+                ',' if !quoted => {
+                    parts.push(&value[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&value[start..]);
+        for part in parts {
+            let first = part.split_whitespace().next().unwrap_or("");
+            if first.is_empty() || first.contains('=') {
+                continue;
+            }
+            if !out.iter().any(|s| s.eq_ignore_ascii_case(first)) {
+                out.push(first.to_owned());
+            }
+        }
+    }
+    out
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -1043,16 +1109,48 @@ impl tower_service::Service<Uri> for ProxyConnector {
         let target = format!("{}:{}", dst.host().unwrap_or(""), dst.port_u16().unwrap_or(443));
         let mut direct = self.direct.clone();
         Box::pin(async move {
-            let io = direct.call(proxy_uri).await.map_err(|e| {
-                Box::new(ProxyError::Unreachable {
-                    proxy: proxy.clone(),
-                    detail: error_chain(&e),
-                }) as BoxError
-            })?;
-            let tcp = connect_tunnel(io.into_inner(), &target, auth.as_ref())
-                .await
-                .map_err(|problem| Box::new(problem.into_error(proxy, target, auth.is_some())) as BoxError)?;
-            Ok(TokioIo::new(tcp))
+            let mut dial = async || {
+                direct
+                    .call(proxy_uri.clone())
+                    .await
+                    .map(TokioIo::into_inner)
+                    .map_err(|e| {
+                        Box::new(ProxyError::Unreachable {
+                            proxy: proxy.clone(),
+                            detail: error_chain(&e),
+                        }) as BoxError
+                    })
+            };
+            // First without credentials: the proxy's challenge says which scheme it takes, and
+            // a password goes out (as Basic) only to a proxy that asked for Basic.
+            let first = connect_tunnel(dial().await?, &target, None).await;
+            let offered = match first {
+                Ok(tcp) => return Ok(TokioIo::new(tcp)),
+                Err(TunnelProblem::AuthRequired(offered)) => offered,
+                Err(problem) => {
+                    return Err(Box::new(problem.into_error(proxy, target, false, auth.is_some())) as BoxError)
+                }
+            };
+            let basic = offered.iter().any(|s| s.eq_ignore_ascii_case("basic"));
+            let Some(auth) = auth.as_ref().filter(|_| basic) else {
+                return Err(Box::new(ProxyError::AuthRequired {
+                    proxy,
+                    sent_credentials: false,
+                    have_credentials: auth.is_some(),
+                    offered,
+                }) as BoxError);
+            };
+            // Proxies close the connection after a 407 (Squid does): a new one for the answer.
+            match connect_tunnel(dial().await?, &target, Some(auth)).await {
+                Ok(tcp) => Ok(TokioIo::new(tcp)),
+                Err(TunnelProblem::AuthRequired(_)) => Err(Box::new(ProxyError::AuthRequired {
+                    proxy,
+                    sent_credentials: true,
+                    have_credentials: true,
+                    offered,
+                }) as BoxError),
+                Err(problem) => Err(Box::new(problem.into_error(proxy, target, true, true)) as BoxError),
+            }
         })
     }
 }
@@ -1060,17 +1158,21 @@ impl tower_service::Service<Uri> for ProxyConnector {
 /// What went wrong in the CONNECT exchange.
 enum TunnelProblem {
     Io(std::io::Error),
+    /// 407, with the schemes its challenges offered.
+    AuthRequired(Vec<String>),
     Status(u16, String),
     Malformed(&'static str),
 }
 
 impl TunnelProblem {
-    fn into_error(self, proxy: String, target: String, sent_credentials: bool) -> ProxyError {
+    fn into_error(self, proxy: String, target: String, sent_credentials: bool, have_credentials: bool) -> ProxyError {
         let detail = match self {
-            TunnelProblem::Status(407, _) => {
+            TunnelProblem::AuthRequired(offered) => {
                 return ProxyError::AuthRequired {
                     proxy,
                     sent_credentials,
+                    have_credentials,
+                    offered,
                 }
             }
             TunnelProblem::Status(code @ (401 | 403), reason) if sent_credentials => {
@@ -1129,6 +1231,9 @@ async fn connect_tunnel(
     let Some(code) = code.filter(|_| version.starts_with("HTTP/1.")) else {
         return Err(TunnelProblem::Malformed("the proxy did not answer with HTTP"));
     };
+    if code == 407 {
+        return Err(TunnelProblem::AuthRequired(offered_schemes(&head)));
+    }
     if code != 200 {
         return Err(TunnelProblem::Status(code, reason));
     }
@@ -1373,5 +1478,31 @@ mod url_tests {
         let ok = |url: &str| port_in_range(&url.parse().unwrap());
         assert!(ok("https://a") && ok("https://a:1") && ok("https://[::1]:65535/x"));
         assert!(!ok("https://a:0") && !ok("https://a:65536") && !ok("https://a:/"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_challenges_name_their_schemes() {
+        let head = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+                    proxy-authenticate: Negotiate\r\n\
+                    Proxy-Authenticate: NTLM, Basic realm=\"Squid, the proxy\", charset=\"UTF-8\"\r\n\
+                    Proxy-Authenticate: NTLM TlRMTVNTUAACAAAA\r\n\
+                    Content-Length: 0\r\n\r\n";
+        assert_eq!(offered_schemes(head), ["Negotiate", "NTLM", "Basic"]);
+        assert!(offered_schemes("HTTP/1.1 407 x\r\nVia: 1.1 proxy\r\n\r\n").is_empty());
+        let windows = vec!["Negotiate".to_owned(), "NTLM".to_owned()];
+        let m = auth_required("http://p:3128", false, true, &windows);
+        assert!(
+            m.contains("asking for Negotiate, NTLM") && m.contains("were not sent"),
+            "{m}"
+        );
+        let m = auth_required("http://p:3128", true, true, &["Basic".to_owned()]);
+        assert!(m.contains("refused the user and password"), "{m}");
+        let m = auth_required("http://p:3128", false, false, &["Basic".to_owned()]);
+        assert!(m.contains("put a user and password in the proxy URL"), "{m}");
     }
 }

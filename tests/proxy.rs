@@ -297,3 +297,79 @@ async fn no_proxy_bypasses_and_a_dead_proxy_is_named() {
     assert!(o.status.success(), "NO_PROXY goes direct: {}", stderr(&o));
     let _ = Duration::ZERO;
 }
+
+/// A proxy that asks every CONNECT for Negotiate or NTLM and closes the connection, as Squid
+/// does, keeping each request head it received.
+async fn windows_proxy() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heads = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                heads.lock().unwrap().push(String::from_utf8_lossy(&buf).into_owned());
+                let answer = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+                              Proxy-Authenticate: Negotiate\r\n\
+                              Proxy-Authenticate: NTLM\r\n\
+                              Connection: close\r\nContent-Length: 0\r\n\r\n";
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_asking_for_ntlm_or_negotiate_is_named_and_never_gets_the_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
+    let (port, seen) = windows_proxy().await;
+    let proxy = format!("http://127.0.0.1:{port}");
+    for (dir, url) in [
+        ("a1", format!("http://CORP%5Cops:d0main-secret@127.0.0.1:{port}")),
+        ("a2", proxy.clone()),
+    ] {
+        let o = cli(
+            &tmp.path().join(dir),
+            &["accept", &code],
+            &[("HTTPS_PROXY", &url)],
+            None,
+        )
+        .await;
+        assert_eq!(o.status.code(), Some(1));
+        let err = stderr(&o);
+        assert!(
+            err.contains(&proxy)
+                && err.contains("407")
+                && err.contains("asking for Negotiate, NTLM")
+                && err.contains("relay answers only Basic proxy authentication so far"),
+            "{err}"
+        );
+        assert!(!err.contains("refused the user and password"), "{err}");
+        assert!(!err.contains("d0main-secret") && !err.contains("ops"), "{err}");
+        if dir == "a1" {
+            assert!(err.contains("were not sent"), "{err}");
+        }
+    }
+    let heads = seen.lock().unwrap().clone();
+    assert!(!heads.is_empty());
+    for head in heads {
+        assert!(head.starts_with("CONNECT "), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("proxy-authorization"),
+            "a credential went out: {head}"
+        );
+    }
+}
