@@ -1,6 +1,7 @@
 //! Settings: config file, `RELAY_…` environment variables and flags, parsed, validated and
 //! typed; the only module that knows the `config` crate.
 
+pub use crate::tls::{TrustMode, WebhookTrust};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -236,30 +237,6 @@ pub struct AgentSettings {
     pub ready_max_silence: Duration,
 }
 
-/// How the agent decides the node is the node.
-#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum TrustMode {
-    /// The SPKI pin from the invitation (default): no CA involved.
-    #[default]
-    Pin,
-    /// Certificates chaining to the CAs in `agent.ca_file` (a private CA, or a TLS-inspecting
-    /// proxy's CA).
-    Ca,
-    /// The operating system's trusted CAs (plus `agent.ca_file`, if set).
-    System,
-}
-
-impl std::fmt::Display for TrustMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            TrustMode::Pin => "pin",
-            TrustMode::Ca => "ca",
-            TrustMode::System => "system",
-        })
-    }
-}
-
 /// `[queue]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -306,18 +283,11 @@ pub struct DeliverySettings {
     pub ca_file: Option<PathBuf>,
 }
 
-/// How an https webhook's certificate is checked.
-#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WebhookTrust {
-    /// The operating system's trusted CAs (default; the built-in web roots on a system that
-    /// has none), plus `delivery.ca_file` if set.
-    #[default]
-    System,
-    /// The built-in public web roots, plus `delivery.ca_file` if set.
-    Web,
-    /// Only the CAs in `delivery.ca_file` (an internal CA).
-    Ca,
+impl DeliverySettings {
+    /// How https webhooks are trusted: `trust` and `ca_file`, as the TLS layer takes them.
+    pub fn web_trust(&self) -> (WebhookTrust, Option<&std::path::Path>) {
+        (self.trust, self.ca_file.as_deref())
+    }
 }
 
 /// A list setting: a TOML array of strings, or one string of entries separated by commas or

@@ -331,8 +331,9 @@ async fn webhook_check(settings: &Settings, conn: &AgentConnection, report: &mut
     match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
         Ok(Ok(tcp)) if uri.scheme_str() == Some("https") => {
             // An https webhook is checked with the trust delivery uses.
-            let trust = crate::tls::describe_webhook_trust(&settings.delivery);
-            match crate::tls::webhook_handshake(tcp, &host, &settings.delivery, STEP_TIMEOUT).await {
+            let (mode, ca_file) = settings.delivery.web_trust();
+            let trust = crate::tls::describe_webhook_trust(mode, ca_file);
+            match crate::tls::webhook_handshake(tcp, &host, settings.delivery.web_trust(), STEP_TIMEOUT).await {
                 Ok(seen) => report.push(
                     "webhook",
                     Outcome::Ok,

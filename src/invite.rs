@@ -101,7 +101,7 @@ pub enum InviteError {
     /// The invitation's validity has ended.
     #[error(
         "this invitation expired at {}; ask the node administrator for a new invitation",
-        crate::status::when(expires_at.saturating_mul(1000), now.saturating_mul(1000))
+        crate::clock::when(expires_at.saturating_mul(1000), now.saturating_mul(1000))
     )]
     Expired {
         /// When it stopped being valid, unix seconds.

@@ -26,7 +26,7 @@
 //! - [`tracker`]: the Azure DevOps REST client (version probe, backoff, work items, comments).
 //! - [`notify`]: systemd readiness, status, watchdog and journal detection.
 //! - [`retry`], [`shutdown`], [`status`], [`metrics`], [`error`], [`crypto`], [`fsutil`],
-//!   [`names`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
+//!   [`names`], [`clock`]: small shared pieces. [`sink`]: a recording webhook; [`demo`]: `relay demo`;
 //!   [`bench`]: `relay bench`.
 
 #![forbid(unsafe_code)]
@@ -36,6 +36,7 @@ pub mod admin;
 pub mod agent;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod daemon;

@@ -12,7 +12,43 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use crate::config::{DeliverySettings, TrustMode, WebhookTrust};
+/// How the agent decides the node is the node.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustMode {
+    /// The SPKI pin from the invitation (default): no CA involved.
+    #[default]
+    Pin,
+    /// Certificates chaining to the CAs in `agent.ca_file` (a private CA, or a TLS-inspecting
+    /// proxy's CA).
+    Ca,
+    /// The operating system's trusted CAs (plus `agent.ca_file`, if set).
+    System,
+}
+
+impl std::fmt::Display for TrustMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrustMode::Pin => "pin",
+            TrustMode::Ca => "ca",
+            TrustMode::System => "system",
+        })
+    }
+}
+
+/// How an https webhook's certificate is checked.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookTrust {
+    /// The operating system's trusted CAs (default; the built-in web roots on a system that
+    /// has none), plus `delivery.ca_file` if set.
+    #[default]
+    System,
+    /// The built-in public web roots, plus `delivery.ca_file` if set.
+    Web,
+    /// Only the CAs in `delivery.ca_file` (an internal CA).
+    Ca,
+}
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +133,8 @@ impl CertNames {
         let at = |unix: i64| u64::try_from(unix).unwrap_or(0).saturating_mul(1000);
         format!(
             "; valid {} to {}",
-            crate::status::rfc3339(at(from)),
-            crate::status::when(at(until), crate::status::now_ms())
+            crate::clock::rfc3339(at(from)),
+            crate::clock::when(at(until), crate::clock::now_ms())
         )
     }
 }
@@ -353,10 +389,10 @@ pub async fn handshake(
 pub async fn webhook_handshake(
     tcp: tokio::net::TcpStream,
     host: &str,
-    delivery: &DeliverySettings,
+    (trust, ca_file): (WebhookTrust, Option<&Path>),
     timeout: std::time::Duration,
 ) -> Result<String, String> {
-    let config = webhook_client_config(delivery).map_err(|e| e.to_string())?;
+    let config = webhook_client_config(trust, ca_file).map_err(|e| e.to_string())?;
     handshake_with(config, tcp, host, timeout).await
 }
 
@@ -552,8 +588,8 @@ impl ServerCertVerifier for DescribingVerifier {
 /// Client configuration for https webhooks, per `delivery.trust`: the system's CAs (falling
 /// back to the built-in web roots on a system that has none), the built-in web roots, or only
 /// the CAs in `delivery.ca_file`; with `system` and `web`, `delivery.ca_file` adds to them.
-pub fn webhook_client_config(delivery: &DeliverySettings) -> Result<rustls::ClientConfig, TlsError> {
-    client_config_for(delivery.trust, delivery.ca_file.as_deref(), "delivery", WEBHOOK_HINT)
+pub fn webhook_client_config(trust: WebhookTrust, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_for(trust, ca_file, "delivery", WEBHOOK_HINT)
 }
 
 /// Client configuration for the issue tracker, per `tracker.trust` and `tracker.ca_file`, with
@@ -615,24 +651,20 @@ fn client_config_for(
 /// Client configuration for the local plain-http APIs the CLI, the demo and the benchmark
 /// talk to: https is not expected there, so no system trust store is read for it.
 pub fn local_client_config() -> Result<rustls::ClientConfig, TlsError> {
-    webhook_client_config(&DeliverySettings {
-        trust: WebhookTrust::Web,
-        ca_file: None,
-        ..DeliverySettings::default()
-    })
+    webhook_client_config(WebhookTrust::Web, None)
 }
 
 /// One line for status and doctor: how https webhooks are trusted.
-pub fn describe_webhook_trust(delivery: &DeliverySettings) -> String {
-    let base = match delivery.trust {
+pub fn describe_webhook_trust(trust: WebhookTrust, ca_file: Option<&Path>) -> String {
+    let base = match trust {
         WebhookTrust::System => "system roots",
         WebhookTrust::Web => "web roots",
         WebhookTrust::Ca => "ca",
     };
-    match &delivery.ca_file {
-        Some(path) if delivery.trust == WebhookTrust::Ca => format!("ca {}", path.display()),
+    match ca_file {
+        Some(path) if trust == WebhookTrust::Ca => format!("ca {}", path.display()),
         Some(path) => format!("{base} + {}", path.display()),
-        None if delivery.trust == WebhookTrust::Ca => "ca (delivery.ca_file missing)".to_owned(),
+        None if trust == WebhookTrust::Ca => "ca (delivery.ca_file missing)".to_owned(),
         None => base.to_owned(),
     }
 }
@@ -771,21 +803,27 @@ mod tests {
 
     #[test]
     fn webhook_trust_is_described_and_a_ca_needs_its_file() {
-        let mut d = DeliverySettings::default();
-        assert_eq!(describe_webhook_trust(&d), "system roots");
+        assert_eq!(describe_webhook_trust(WebhookTrust::System, None), "system roots");
         assert!(
-            webhook_client_config(&d).is_ok(),
+            webhook_client_config(WebhookTrust::System, None).is_ok(),
             "system roots, or the web roots as fallback"
         );
-        d.trust = WebhookTrust::Ca;
-        let err = webhook_client_config(&d).err().unwrap().to_string();
+        let err = webhook_client_config(WebhookTrust::Ca, None).err().unwrap().to_string();
         assert!(err.contains("delivery.ca_file"), "{err}");
-        d.ca_file = Some("/nonexistent/ca.pem".into());
-        let err = webhook_client_config(&d).err().unwrap().to_string();
+        let missing = Some(Path::new("/nonexistent/ca.pem"));
+        let err = webhook_client_config(WebhookTrust::Ca, missing)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        assert_eq!(describe_webhook_trust(&d), "ca /nonexistent/ca.pem");
-        d.trust = WebhookTrust::Web;
-        assert_eq!(describe_webhook_trust(&d), "web roots + /nonexistent/ca.pem");
+        assert_eq!(
+            describe_webhook_trust(WebhookTrust::Ca, missing),
+            "ca /nonexistent/ca.pem"
+        );
+        assert_eq!(
+            describe_webhook_trust(WebhookTrust::Web, missing),
+            "web roots + /nonexistent/ca.pem"
+        );
     }
 
     #[test]

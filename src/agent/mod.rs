@@ -655,8 +655,9 @@ impl Agent {
             .intake_policy(intake_addr.ip())
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let tracker = TaskTracker::new();
-        let webhook_tls = crate::tls::webhook_client_config(&self.inner.settings.delivery)
-            .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        let (trust, ca_file) = self.inner.settings.delivery.web_trust();
+        let webhook_tls =
+            crate::tls::webhook_client_config(trust, ca_file).map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         let all_revoked = CancellationToken::new();
         *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(Runtime {
             tracker: tracker.clone(),

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::queue::{QueueError, Store, Table};
-use crate::status::now_ms;
 use crate::sync::replica::{Entity, Replica};
 
 /// Separates the parts of a key (a connection name never contains it).
