@@ -583,6 +583,18 @@ const PARENT: &str = "System.LinkTypes.Hierarchy-Reverse";
 const CHILD: &str = "System.LinkTypes.Hierarchy-Forward";
 const RELATED: &str = "System.LinkTypes.Related";
 
+/// Waits until `child` on `sim` has `parent` as its parent and only link, and `parent` has
+/// `child` as its child and only link.
+async fn wait_pair_linked(what: &str, sim: &SimHandle, parent: u64, child: u64) {
+    converge(what, || {
+        let got = (links(sim, child), links(sim, parent));
+        (got == (vec![(PARENT.into(), parent)], vec![(CHILD.into(), child)]))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parent_child_and_related_links_become_the_same_links_between_the_twins_and_removals_cross() {
     let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
@@ -597,13 +609,7 @@ async fn parent_child_and_related_links_become_the_same_links_between_the_twins_
     let child = p.public.create_item(PUBLIC, "Task", &ops).unwrap();
     let parent_twin = wait_titled(&p.private, PRIVATE, "Parent").await;
     let child_twin = wait_titled(&p.private, PRIVATE, "Child").await;
-    converge("the child's parent on premises", || {
-        let got = (links(&p.private, child_twin), links(&p.private, parent_twin));
-        (got == (vec![(PARENT.into(), parent_twin)], vec![(CHILD.into(), child_twin)]))
-            .then_some(())
-            .ok_or(format!("{got:?}"))
-    })
-    .await;
+    wait_pair_linked("the child's parent on premises", &p.private, parent_twin, child_twin).await;
 
     // A related link made on premises, to an item made there.
     let other_twin = p
@@ -678,13 +684,7 @@ async fn an_agent_killed_after_each_write_of_a_linked_pair_makes_each_item_and_i
     p.private.stop_holding("workitems.create");
     let parent_twin = wait_titled(&p.private, PRIVATE, "Linked parent").await;
     let child_twin = wait_titled(&p.private, PRIVATE, "Linked child").await;
-    converge("the pair linked once on premises", || {
-        let got = (links(&p.private, child_twin), links(&p.private, parent_twin));
-        (got == (vec![(PARENT.into(), parent_twin)], vec![(CHILD.into(), child_twin)]))
-            .then_some(())
-            .ok_or(format!("{got:?}"))
-    })
-    .await;
+    wait_pair_linked("the pair linked once on premises", &p.private, parent_twin, child_twin).await;
     assert_eq!(p.private.item_ids(Some(PRIVATE)).len(), 2, "an item made twice");
     let out = p.sync_cli(false, &["errors", pair::CONN, "--json"]).await;
     assert_eq!(out.trim(), "[]", "{out}");

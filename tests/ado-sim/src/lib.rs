@@ -611,17 +611,7 @@ impl SimHandle {
 
     /// The live comments' texts of a work item (comments API profiles).
     pub fn comment_texts(&self, id: u64) -> Vec<String> {
-        let s = lock(&self.shared.store);
-        s.items
-            .get(&id)
-            .map(|w| {
-                w.comments
-                    .iter()
-                    .filter(|c| !c.deleted)
-                    .map(|c| c.text.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.comments_with_ids(id).into_iter().map(|(_, text)| text).collect()
     }
 
     /// The current relations of a work item: type, URL, attributes.
