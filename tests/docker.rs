@@ -97,6 +97,34 @@ const LOCKED: &[&str] = &[
     "10001:10001",
 ];
 
+/// Starts the node's container `name`, locked down, on `net` as `relay-node`, its data on
+/// volume `volume`, with its public URL and the `NAME=value` settings in `env`.
+fn run_node(name: &str, net: &str, volume: &str, image: &str, env: &[&str]) {
+    let mount = format!("{volume}:/var/lib/relay");
+    let mut run = vec![
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        net,
+        "--network-alias",
+        "relay-node",
+    ];
+    run.extend_from_slice(LOCKED);
+    run.extend([
+        "--volume",
+        &mount,
+        "--env",
+        "RELAY_NODE__PUBLIC_URL=https://relay-node:8443",
+    ]);
+    for setting in env {
+        run.extend(["--env", setting]);
+    }
+    run.extend([image, "node", "run"]);
+    docker_ok(&run);
+}
+
 /// What the kernel says about a container's main process: uid, effective capabilities,
 /// no-new-privileges.
 fn process_facts(container: &str) -> (String, String, String) {
@@ -353,28 +381,7 @@ async fn the_invitation_is_redeemed_from_a_secret_once_and_a_refused_one_is_not_
         .volumes
         .extend([node_vol.clone(), agent_vol.clone(), fresh_vol.clone()]);
 
-    let mut run = vec![
-        "run",
-        "--detach",
-        "--name",
-        &node,
-        "--network",
-        &net,
-        "--network-alias",
-        "relay-node",
-    ];
-    run.extend_from_slice(LOCKED);
-    let node_mount = format!("{node_vol}:/var/lib/relay");
-    run.extend([
-        "--volume",
-        &node_mount,
-        "--env",
-        "RELAY_NODE__PUBLIC_URL=https://relay-node:8443",
-        &images.relay,
-        "node",
-        "run",
-    ]);
-    docker_ok(&run);
+    run_node(&node, &net, &node_vol, &images.relay, &[]);
     poll("the node to serve", WITHIN, || exec(&node, &["health"]).0.then_some(())).await;
     let code = initiate(&node, "ado-sync", &[]);
     let secret = tmp.path().join("invitation.txt");
@@ -601,7 +608,6 @@ async fn health_follows_delivery_stop_is_clean_and_kill_on_either_side_loses_not
     let seen = common::collect(relay::sink::Sink::serve(listener));
 
     let token = "test-api-token";
-    let node_mount = format!("{node_vol}:/var/lib/relay");
     let token_env = format!("RELAY_NODE__API_TOKEN={token}");
     let health_flags = [
         "--health-interval",
@@ -613,37 +619,17 @@ async fn health_follows_delivery_stop_is_clean_and_kill_on_either_side_loses_not
         "--health-start-period",
         "0s",
     ];
-    let node_run = |extra: &[&str]| {
-        let mut run = vec![
-            "run",
-            "--detach",
-            "--name",
-            &node,
-            "--network",
-            &net,
-            "--network-alias",
-            "relay-node",
-        ];
-        run.extend_from_slice(LOCKED);
-        run.extend_from_slice(extra);
-        run.extend([
-            "--volume",
-            &node_mount,
-            "--env",
-            "RELAY_NODE__PUBLIC_URL=https://relay-node:8443",
-            "--env",
+    run_node(
+        &node,
+        &net,
+        &node_vol,
+        &images.relay,
+        &[
             "RELAY_NODE__API_LISTEN=0.0.0.0:8080",
-            "--env",
             &token_env,
-            "--env",
             "RELAY_NODE__POLL_WAIT=2s",
-            &images.relay,
-            "node",
-            "run",
-        ]);
-        docker_ok(&run);
-    };
-    node_run(&[]);
+        ],
+    );
     poll("the node to serve", WITHIN, || exec(&node, &["health"]).0.then_some(())).await;
     let code = initiate(&node, "ado-sync", &["--deliver-to", "http://127.0.0.1:9/unused"]);
 

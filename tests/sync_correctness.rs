@@ -46,15 +46,9 @@ async fn private_side_drained(p: &Pair, title: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_undoing_the_other_sides_change_is_synced_back() {
     let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
-    let id = p
-        .public
-        .create_item(
-            PUBLIC,
-            "Task",
-            &fields(&[("System.Title", "Original title"), ("System.Tags", "web")]),
-        )
-        .unwrap();
-    let twin = wait_titled(&p.private, PRIVATE, "Original title").await;
+    let (id, twin) = p
+        .create_synced("Task", &[("System.Title", "Original title"), ("System.Tags", "web")])
+        .await;
 
     // The private side changes the title and adds a label; both arrive.
     p.private
@@ -135,11 +129,7 @@ async fn a_create_whose_answer_is_lost_is_neither_sent_back_nor_made_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comment_whose_answer_is_lost_exists_once_on_each_side() {
     let p = Pair::start(Profile::Services, Profile::Server2022, &[SHORT_TIMEOUT]).await;
-    let id = p
-        .public
-        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Commented")]))
-        .unwrap();
-    let twin = wait_titled(&p.private, PRIVATE, "Commented").await;
+    let (id, twin) = p.create_synced("Task", &[("System.Title", "Commented")]).await;
     let retried = agent_retried(&p);
     let release = p.private.hold_answers("comments.add");
     p.public.add_comment_as_human(id, "Seen twice?").unwrap();
@@ -178,11 +168,7 @@ async fn a_comment_whose_answer_is_lost_exists_once_on_each_side() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_while_an_export_downloads_loses_none_of_its_links() {
     let p = Pair::start(Profile::Services, Profile::Server2022, &[]).await;
-    let id = p
-        .public
-        .create_item(PUBLIC, "Task", &fields(&[("System.Title", "Busy item")]))
-        .unwrap();
-    let twin = wait_titled(&p.private, PRIVATE, "Busy item").await;
+    let (id, twin) = p.create_synced("Task", &[("System.Title", "Busy item")]).await;
     // The private side's export of a new attachment stalls in its download...
     let release = p.private.hold_answers("attachments.get");
     let bytes: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
@@ -239,15 +225,9 @@ async fn edits_that_cross_keep_every_field_and_the_public_value_of_a_field_chang
         p.sync_cli(node, &["rules", "set", pair::CONN, rules.to_str().unwrap()])
             .await;
     }
-    let id = p
-        .public
-        .create_item(
-            PUBLIC,
-            "Task",
-            &fields(&[("System.Title", "Crossed"), ("Custom.Team", "Blue")]),
-        )
-        .unwrap();
-    let twin = wait_titled(&p.private, PRIVATE, "Crossed").await;
+    let (id, twin) = p
+        .create_synced("Task", &[("System.Title", "Crossed"), ("Custom.Team", "Blue")])
+        .await;
     converge("the team on the private side", || {
         (field(&p.private, twin, "Custom.Team") == "Blue")
             .then_some(())

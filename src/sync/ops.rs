@@ -293,9 +293,7 @@ async fn test_rules(
         {
             a.url = Some(format!("(upload of {})", a.filename));
         }
-        for l in shown.links.iter_mut().filter(|l| l.url.is_none()) {
-            l.url = Some(tracker.work_item_url(l.target));
-        }
+        tracker.fill_link_urls(&mut shown.links);
         let plan = workitem::build_patch(&current, &shown).map_err(|e| failed(&e))?;
         out.insert("local_item".into(), json!(twin.local));
         out.insert(

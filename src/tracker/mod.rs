@@ -480,6 +480,13 @@ impl Tracker {
         self.rest.collection_url(&format!("wit/workItems/{id}"))
     }
 
+    /// Gives each link without a URL (one a script made) the URL of its work item here.
+    pub fn fill_link_urls(&self, links: &mut [crate::sync::workitem::WorkLink]) {
+        for l in links.iter_mut().filter(|l| l.url.is_none()) {
+            l.url = Some(self.work_item_url(l.target));
+        }
+    }
+
     /// Whether comments can be edited and deleted (the comments API, 5.1 and later); on
     /// older servers they are `System.History` entries, which never change.
     pub fn edits_comments(&self) -> bool {

@@ -252,6 +252,21 @@ impl Pair {
         }
     }
 
+    /// Creates an item of `type_name` with `fields` (a `System.Title` among them) on the
+    /// public side as a person, and waits for its twin on the private side: both ids.
+    pub async fn create_synced(&self, type_name: &str, fields: &[(&str, &str)]) -> (u64, u64) {
+        let title = fields
+            .iter()
+            .find(|(f, _)| *f == "System.Title")
+            .map(|(_, t)| *t)
+            .expect("a title to find the twin by");
+        let id = self
+            .public
+            .create_item(PUBLIC, type_name, &self::fields(fields))
+            .unwrap();
+        (id, wait_titled(&self.private, PRIVATE, title).await)
+    }
+
     /// `relay sync ARGS` on a side (through its running daemon); must succeed.
     pub async fn sync_cli(&self, node: bool, args: &[&str]) -> String {
         let dir = if node { &self.node_dir } else { &self.agent_dir };

@@ -112,7 +112,8 @@ pub async fn run(
             if failed.is_some() || !*active.borrow() {
                 break;
             }
-            let of = item_of(&msg);
+            let inbound = Inbound::read(&msg);
+            let of = inbound.item(&msg);
             let earlier_run = msg.seq <= queued_at_start;
             // What this message must wait for among those under way: files (it may need their
             // bytes), and an apply of the same item or of one it links to (a link to an item
@@ -161,7 +162,7 @@ pub async fn run(
                 // with the other messages of the backlog: one at a time.
                 let recovery = Recovery::Known(&mut created_lately, oldest_queued_ms.unwrap_or(msg.enqueued_at_ms));
                 let result = tokio::select! {
-                    r = handle(&engine, &tracker, &link, &msg, recovery) => r,
+                    r = handle(&engine, &tracker, &link, &msg, inbound, recovery) => r,
                     // Whatever was written is recorded as it went; the message is handled again.
                     _ = token.cancelled() => return,
                 };
@@ -176,7 +177,7 @@ pub async fn run(
             }
             let (engine, tracker, link) = (engine.clone(), tracker.clone(), link.clone());
             running.spawn(async move {
-                let result = handle(&engine, &tracker, &link, &msg, Recovery::Fresh).await;
+                let result = handle(&engine, &tracker, &link, &msg, inbound, Recovery::Fresh).await;
                 (msg, item, result)
             });
         }
@@ -204,24 +205,40 @@ pub async fn run(
     }
 }
 
-/// The item a replica message is about (its key on the other side), with the items it links
-/// to; `None` for a file's chunk. A message that is no replica counts as an item of its own
-/// (it is dead-lettered alone).
-fn item_of(msg: &Message) -> Option<(String, Vec<String>)> {
-    let alone = || Some((format!("message {}", msg.seq), Vec::new()));
-    if msg.content_type != replica::CONTENT_TYPE {
-        return if msg.content_type == replica::BLOB_CONTENT_TYPE {
-            None
-        } else {
-            alone()
-        };
+/// An inbound message as read once: a file's chunk, a replica, or something that is
+/// dead-lettered (with why).
+enum Inbound {
+    Chunk,
+    Replica(Box<Replica>),
+    Refused(String),
+}
+
+impl Inbound {
+    fn read(msg: &Message) -> Inbound {
+        match msg.content_type.as_str() {
+            replica::BLOB_CONTENT_TYPE => Inbound::Chunk,
+            replica::CONTENT_TYPE => match Replica::parse(&msg.body) {
+                Ok(r) => Inbound::Replica(Box::new(r)),
+                Err(e) => Inbound::Refused(e.to_string()),
+            },
+            other => Inbound::Refused(format!(
+                "not a sync message (content type {other:?}): this side syncs with its tracker and has no webhook"
+            )),
+        }
     }
-    match Replica::parse(&msg.body) {
-        Ok(r) => Some((
-            r.origin.id.to_string(),
-            r.entity.links.iter().map(|l| l.key.clone()).collect(),
-        )),
-        Err(_) => alone(),
+
+    /// The item a replica is about (its key on the other side), with the items it links to;
+    /// `None` for a file's chunk. A refused message counts as an item of its own (it is
+    /// dead-lettered alone).
+    fn item(&self, msg: &Message) -> Option<(String, Vec<String>)> {
+        match self {
+            Inbound::Chunk => None,
+            Inbound::Replica(r) => Some((
+                r.origin.id.to_string(),
+                r.entity.links.iter().map(|l| l.key.clone()).collect(),
+            )),
+            Inbound::Refused(_) => Some((format!("message {}", msg.seq), Vec::new())),
+        }
     }
 }
 
@@ -284,15 +301,13 @@ async fn handle(
     tracker: &Tracker,
     link: &SyncLink,
     msg: &Message,
+    inbound: Inbound,
     recovery: Recovery<'_>,
 ) -> Result<Handled, ItemFailure> {
-    match msg.content_type.as_str() {
-        replica::BLOB_CONTENT_TYPE => receive_chunk(engine, tracker, link, msg).await,
-        replica::CONTENT_TYPE => {
-            let replica = match Replica::parse(&msg.body) {
-                Ok(r) => r,
-                Err(e) => return Ok(Handled::DeadLetter(e.to_string())),
-            };
+    match inbound {
+        Inbound::Chunk => receive_chunk(engine, tracker, link, msg).await,
+        Inbound::Refused(reason) => Ok(Handled::DeadLetter(reason)),
+        Inbound::Replica(replica) => {
             let item = replica.origin.id.to_string();
             if let Some(e) = engine.state().error(&link.name, Side::Incoming, &item)? {
                 // Later replicas wait behind the item's error; other items flow on.
@@ -311,9 +326,6 @@ async fn handle(
                 Err(t) => Err(t),
             }
         }
-        other => Ok(Handled::DeadLetter(format!(
-            "not a sync message (content type {other:?}): this side syncs with its tracker and has no webhook"
-        ))),
     }
 }
 
@@ -547,9 +559,7 @@ pub async fn apply(
             twins,
         )
         .map_err(|e| ItemFailure::Item(e.to_string()))?;
-        for l in desired.links.iter_mut().filter(|l| l.url.is_none()) {
-            l.url = Some(tracker.work_item_url(l.target));
-        }
+        tracker.fill_link_urls(&mut desired.links);
         // Fields this side sent in replicas the sender had not applied when it made this one.
         let crossed = twin.crossed(replica.event.acked.as_deref());
         if let (Some(asked), false) = (&replica.event.changed, first_sync) {
