@@ -908,7 +908,10 @@ impl std::fmt::Display for Route {
             Route::Proxy {
                 proxy,
                 authenticated: true,
-            } => write!(f, "via proxy {proxy} (with basic auth)"),
+            } => write!(
+                f,
+                "via proxy {proxy} (with a user and password: NTLM or Basic, as the proxy asks)"
+            ),
             Route::Proxy { proxy, .. } => write!(f, "via proxy {proxy}"),
         }
     }
@@ -940,12 +943,13 @@ pub fn check_proxy_url(url: &str) -> Result<(), String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// 407 from the proxy.
-    #[error("{}", auth_required(proxy, *sent_credentials, *have_credentials, offered))]
+    #[error("{}", auth_required(proxy, answered.as_deref(), *have_credentials, offered))]
     AuthRequired {
         /// The proxy.
         proxy: String,
-        /// Whether credentials were sent (and refused).
-        sent_credentials: bool,
+        /// How relay answered the challenge that the proxy refused (`Basic`, or `NTLM as
+        /// DOMAIN\user`); `None` when it did not answer.
+        answered: Option<String>,
         /// Whether the proxy URL carries credentials.
         have_credentials: bool,
         /// The schemes the proxy's `Proxy-Authenticate` challenges offered, as it spelled them.
@@ -958,6 +962,19 @@ pub enum ProxyError {
         proxy: String,
         /// Why.
         detail: String,
+    },
+    /// The proxy refused this account's NTLM answer before, and its password has not changed
+    /// since: relay does not try it again, so that the domain does not lock the account out.
+    #[error(
+        "the proxy {proxy} refused the NTLM answer for {user} earlier (wrong user or password, or a locked account); \
+         relay does not try that password again, so that the domain does not lock the account out: \
+         correct the password in the proxy URL and restart relay"
+    )]
+    Held {
+        /// The proxy.
+        proxy: String,
+        /// The account, `DOMAIN\user`.
+        user: String,
     },
     /// The proxy refused or failed the CONNECT.
     #[error("the proxy {proxy} did not open a tunnel to {target}: {detail}")]
@@ -973,7 +990,7 @@ pub enum ProxyError {
 
 /// What a 407 means for the operator: the schemes the proxy asked for, whether relay answered
 /// and was refused, and what to do.
-fn auth_required(proxy: &str, sent: bool, have: bool, offered: &[String]) -> String {
+fn auth_required(proxy: &str, answered: Option<&str>, have: bool, offered: &[String]) -> String {
     let asked = if offered.is_empty() {
         "without naming a scheme (no Proxy-Authenticate)".to_owned()
     } else {
@@ -981,20 +998,29 @@ fn auth_required(proxy: &str, sent: bool, have: bool, offered: &[String]) -> Str
     };
     let head = format!("the proxy {proxy} answered 407 Proxy Authentication Required, {asked}");
     let basic = offered.iter().any(|s| s.eq_ignore_ascii_case("basic"));
-    if sent {
-        return format!("{head}: it refused the user and password in the proxy URL (sent as Basic)");
+    match answered {
+        Some("Basic") => {
+            return format!("{head}: it refused the user and password in the proxy URL (sent as Basic)")
+        }
+        Some(how) => {
+            return format!(
+                "{head}: it refused relay's {how} (wrong user or password, or a locked account); relay does not try that password again until it changes, so that the domain does not lock the account out"
+            )
+        }
+        None => {}
     }
-    if !basic && !offered.is_empty() {
+    let usable = basic || offered.iter().any(|s| s.eq_ignore_ascii_case("ntlm"));
+    if !usable && !offered.is_empty() {
         let kept = if have {
-            "; the user and password in the proxy URL were not sent, since the proxy does not take Basic (a password is never sent in clear to a proxy that asks for another scheme)"
+            "; the user and password in the proxy URL were not sent, since the proxy takes neither NTLM nor Basic (a password is never sent in clear to a proxy that asks for another scheme)"
         } else {
             ""
         };
         return format!(
-            "{head}: relay answers only Basic proxy authentication so far{kept}; ask for a proxy rule that lets the agent's host reach the node, or a proxy port that takes Basic"
+            "{head}: relay answers NTLM and Basic proxy authentication so far{kept}; ask for a proxy rule that lets the agent's host reach the node, or a proxy port that takes NTLM or Basic"
         );
     }
-    format!("{head}: put a user and password in the proxy URL (http://user:password@host:port, in agent.proxy or HTTPS_PROXY)")
+    format!("{head}: put a user and password in the proxy URL (http://user:password@host:port, or http://DOMAIN%5Cuser:password@host:port for NTLM, in agent.proxy or HTTPS_PROXY)")
 }
 
 /// The schemes a proxy's answer head offers in its `Proxy-Authenticate` headers, in order:
@@ -1045,6 +1071,14 @@ pub struct ProxyConnector {
     direct: hyper_util::client::legacy::connect::HttpConnector,
     matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
 }
+
+/// The NTLM accounts and passwords a proxy refused (their fingerprints), in this process: not
+/// tried again until they change, so that the domain does not lock the account out.
+static NTLM_REFUSED: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec::new());
+
+/// One NTLM handshake at a time in this process, so that a refused password is answered once,
+/// not once per connection that was opening at the same moment.
+static NTLM_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl ProxyConnector {
     /// A connector following `config`.
@@ -1121,38 +1155,130 @@ impl tower_service::Service<Uri> for ProxyConnector {
                         }) as BoxError
                     })
             };
-            // First without credentials: the proxy's challenge says which scheme it takes, and
-            // a password goes out (as Basic) only to a proxy that asked for Basic.
+            let fail = |e: ProxyError| Box::new(e) as BoxError;
+            // First without credentials: the proxy's challenge says which scheme it takes. A
+            // password goes out as NTLM to a proxy that offers NTLM, as Basic only to one that
+            // offers Basic and nothing better.
             let first = connect_tunnel(dial().await?, &target, None).await;
             let offered = match first {
                 Ok(tcp) => return Ok(TokioIo::new(tcp)),
                 Err(TunnelProblem::AuthRequired(offered)) => offered,
-                Err(problem) => {
-                    return Err(Box::new(problem.into_error(proxy, target, false, auth.is_some())) as BoxError)
-                }
+                Err(problem) => return Err(fail(problem.into_error(proxy, target, None, auth.is_some()))),
             };
-            let basic = offered.iter().any(|s| s.eq_ignore_ascii_case("basic"));
-            let Some(auth) = auth.as_ref().filter(|_| basic) else {
-                return Err(Box::new(ProxyError::AuthRequired {
+            let offers = |scheme: &str| offered.iter().any(|s| s.eq_ignore_ascii_case(scheme));
+            let Some(auth) = auth.as_ref().filter(|_| offers("ntlm") || offers("basic")) else {
+                return Err(fail(ProxyError::AuthRequired {
                     proxy,
-                    sent_credentials: false,
+                    answered: None,
                     have_credentials: auth.is_some(),
                     offered,
-                }) as BoxError);
+                }));
             };
+            if offers("ntlm") {
+                let account = ntlm_account(auth).ok_or_else(|| {
+                    fail(ProxyError::Refused {
+                        proxy: proxy.clone(),
+                        target: target.clone(),
+                        detail: "the user and password in the proxy URL cannot be read".into(),
+                    })
+                })?;
+                let fingerprint = account.fingerprint();
+                let refused = || NTLM_REFUSED.lock().unwrap_or_else(|p| p.into_inner());
+                let _turn = NTLM_TURN.lock().await;
+                if refused().contains(&fingerprint) {
+                    return Err(fail(ProxyError::Held {
+                        proxy,
+                        user: account.user,
+                    }));
+                }
+                let host = proxy_uri.host().unwrap_or_default().to_owned();
+                // Proxies close the connection after a 407 (Squid does): a new one for the
+                // handshake, whose messages share it.
+                return match ntlm_tunnel(dial().await?, &target, &account, &host).await {
+                    Ok(tcp) => Ok(TokioIo::new(tcp)),
+                    Err(TunnelProblem::AuthRequired(_)) => {
+                        refused().push(fingerprint);
+                        tracing::error!(%proxy, user = %account.user, "the proxy refused the NTLM answer; this password is not tried again until it changes");
+                        Err(fail(ProxyError::AuthRequired {
+                            proxy,
+                            answered: Some(format!("NTLM answer as {}", account.user)),
+                            have_credentials: true,
+                            offered,
+                        }))
+                    }
+                    Err(problem) => Err(fail(problem.into_error(proxy, target, Some("NTLM"), true))),
+                };
+            }
             // Proxies close the connection after a 407 (Squid does): a new one for the answer.
             match connect_tunnel(dial().await?, &target, Some(auth)).await {
                 Ok(tcp) => Ok(TokioIo::new(tcp)),
-                Err(TunnelProblem::AuthRequired(_)) => Err(Box::new(ProxyError::AuthRequired {
+                Err(TunnelProblem::AuthRequired(_)) => Err(fail(ProxyError::AuthRequired {
                     proxy,
-                    sent_credentials: true,
+                    answered: Some("Basic".into()),
                     have_credentials: true,
                     offered,
-                }) as BoxError),
-                Err(problem) => Err(Box::new(problem.into_error(proxy, target, true, true)) as BoxError),
+                })),
+                Err(problem) => Err(fail(problem.into_error(proxy, target, Some("Basic"), true))),
             }
         })
     }
+}
+
+/// The NTLM account in a proxy URL's credentials (as hyper-util hands them on: a Basic header
+/// value, percent-decoded), `DOMAIN\user` or `user@domain` with its password.
+fn ntlm_account(basic: &HeaderValue) -> Option<crate::proxy_auth::NtlmAccount> {
+    let encoded = basic.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = data_encoding::BASE64.decode(encoded.trim().as_bytes()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some(crate::proxy_auth::NtlmAccount::new(user, password))
+}
+
+/// An NTLM handshake with the proxy on `tcp` (NEGOTIATE, the proxy's CHALLENGE, then
+/// AUTHENTICATE, all on this one connection), then the tunnel to `target`.
+async fn ntlm_tunnel(
+    mut tcp: tokio::net::TcpStream,
+    target: &str,
+    account: &crate::proxy_auth::NtlmAccount,
+    proxy_host: &str,
+) -> Result<tokio::net::TcpStream, TunnelProblem> {
+    use crate::proxy_auth::NtlmHandshake;
+    let header = |token: &[u8]| format!("NTLM {}", data_encoding::BASE64.encode(token));
+    let (handshake, negotiate) =
+        NtlmHandshake::start(account, proxy_host).map_err(|e| TunnelProblem::Scheme(e.to_string()))?;
+    let challenged = exchange(&mut tcp, target, Some(header(&negotiate).as_bytes())).await?;
+    match challenged.code {
+        200 => return Ok(tcp),
+        407 => {}
+        code => return Err(TunnelProblem::Status(code, challenged.reason)),
+    }
+    let challenge = challenge_token(&challenged.head, "NTLM").ok_or(TunnelProblem::Malformed(
+        "the proxy answered the NTLM negotiation without a challenge",
+    ))?;
+    let authenticate = handshake
+        .answer(&challenge)
+        .map_err(|e| TunnelProblem::Scheme(e.to_string()))?;
+    let answered = exchange(&mut tcp, target, Some(header(&authenticate).as_bytes())).await?;
+    match answered.code {
+        200 => Ok(tcp),
+        407 => Err(TunnelProblem::AuthRequired(offered_schemes(&answered.head))),
+        code => Err(TunnelProblem::Status(code, answered.reason)),
+    }
+}
+
+/// The token of a `Proxy-Authenticate: {scheme} <base64>` challenge, decoded.
+fn challenge_token(head: &str, scheme: &str) -> Option<Vec<u8>> {
+    head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("proxy-authenticate") {
+            return None;
+        }
+        let (got, token) = value.trim().split_once(' ')?;
+        if !got.eq_ignore_ascii_case(scheme) {
+            return None;
+        }
+        data_encoding::BASE64.decode(token.trim().as_bytes()).ok()
+    })
 }
 
 /// What went wrong in the CONNECT exchange.
@@ -1162,25 +1288,29 @@ enum TunnelProblem {
     AuthRequired(Vec<String>),
     Status(u16, String),
     Malformed(&'static str),
+    /// The authentication library could not make relay's answer.
+    Scheme(String),
 }
 
 impl TunnelProblem {
-    fn into_error(self, proxy: String, target: String, sent_credentials: bool, have_credentials: bool) -> ProxyError {
+    /// The error for the operator; `answered` names the scheme relay answered with, if any.
+    fn into_error(self, proxy: String, target: String, answered: Option<&str>, have_credentials: bool) -> ProxyError {
         let detail = match self {
             TunnelProblem::AuthRequired(offered) => {
                 return ProxyError::AuthRequired {
                     proxy,
-                    sent_credentials,
+                    answered: answered.map(str::to_owned),
                     have_credentials,
                     offered,
                 }
             }
-            TunnelProblem::Status(code @ (401 | 403), reason) if sent_credentials => {
+            TunnelProblem::Status(code @ (401 | 403), reason) if answered.is_some() => {
                 format!("it answered {code} {reason}; check the user and password in the proxy URL")
             }
             TunnelProblem::Status(code, reason) => format!("it answered {code} {reason}"),
             TunnelProblem::Io(e) => e.to_string(),
             TunnelProblem::Malformed(what) => what.to_owned(),
+            TunnelProblem::Scheme(what) => what,
         };
         ProxyError::Refused { proxy, target, detail }
     }
@@ -1194,11 +1324,35 @@ async fn connect_tunnel(
     target: &str,
     auth: Option<&HeaderValue>,
 ) -> Result<tokio::net::TcpStream, TunnelProblem> {
+    let answer = exchange(&mut tcp, target, auth.map(HeaderValue::as_bytes)).await?;
+    match answer.code {
+        200 => Ok(tcp),
+        407 => Err(TunnelProblem::AuthRequired(offered_schemes(&answer.head))),
+        code => Err(TunnelProblem::Status(code, answer.reason)),
+    }
+}
+
+/// A proxy's answer to one CONNECT.
+struct Answer {
+    code: u16,
+    reason: String,
+    /// Status line and headers.
+    head: String,
+}
+
+/// Largest body of a refusal that is read (and dropped) to keep its connection for the next
+/// request of a handshake.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// Sends one CONNECT for `target` on `tcp`, with `auth` as its `Proxy-Authorization`, and
+/// reads the answer: after a 200 nothing may follow (the tunnel starts); after a refusal its
+/// body is read too, so the connection can carry the next message of a handshake.
+async fn exchange(tcp: &mut tokio::net::TcpStream, target: &str, auth: Option<&[u8]>) -> Result<Answer, TunnelProblem> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
     if let Some(auth) = auth {
         request.extend_from_slice(b"Proxy-Authorization: ");
-        request.extend_from_slice(auth.as_bytes());
+        request.extend_from_slice(auth);
         request.extend_from_slice(b"\r\n");
     }
     request.extend_from_slice(b"\r\n");
@@ -1220,7 +1374,7 @@ async fn connect_tunnel(
             return Err(TunnelProblem::Malformed("the proxy's answer headers are too long"));
         }
     };
-    let head = String::from_utf8_lossy(&buf[..end]);
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let status_line = head.lines().next().unwrap_or("");
     let mut parts = status_line.splitn(3, ' ');
     let (version, code) = (
@@ -1231,17 +1385,30 @@ async fn connect_tunnel(
     let Some(code) = code.filter(|_| version.starts_with("HTTP/1.")) else {
         return Err(TunnelProblem::Malformed("the proxy did not answer with HTTP"));
     };
-    if code == 407 {
-        return Err(TunnelProblem::AuthRequired(offered_schemes(&head)));
+    if code == 200 {
+        if end != buf.len() {
+            // Nothing may follow the proxy's answer before our TLS handshake starts.
+            return Err(TunnelProblem::Malformed("the proxy sent data after its answer"));
+        }
+        return Ok(Answer { code, reason, head });
     }
-    if code != 200 {
-        return Err(TunnelProblem::Status(code, reason));
+    let length = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    if let Some(length) = length.filter(|l| *l <= MAX_REFUSAL_BODY) {
+        let mut have = buf.len() - end;
+        while have < length {
+            let n = tcp.read(&mut chunk).await.map_err(TunnelProblem::Io)?;
+            if n == 0 {
+                break;
+            }
+            have += n;
+        }
     }
-    if end != buf.len() {
-        // Nothing may follow the proxy's answer before our TLS handshake starts.
-        return Err(TunnelProblem::Malformed("the proxy sent data after its answer"));
-    }
-    Ok(tcp)
+    Ok(Answer { code, reason, head })
 }
 
 /// An HTTP(S) client with connection reuse (keep-alive, and h2 where the server offers it)
@@ -1493,16 +1660,25 @@ mod tests {
                     Proxy-Authenticate: NTLM TlRMTVNTUAACAAAA\r\n\
                     Content-Length: 0\r\n\r\n";
         assert_eq!(offered_schemes(head), ["Negotiate", "NTLM", "Basic"]);
+        assert_eq!(challenge_token(head, "ntlm").unwrap(), b"NTLMSSP\0\x02\0\0\0");
+        assert_eq!(challenge_token(head, "Negotiate"), None);
         assert!(offered_schemes("HTTP/1.1 407 x\r\nVia: 1.1 proxy\r\n\r\n").is_empty());
-        let windows = vec!["Negotiate".to_owned(), "NTLM".to_owned()];
-        let m = auth_required("http://p:3128", false, true, &windows);
+        let kerberos = vec!["Negotiate".to_owned()];
+        let m = auth_required("http://p:3128", None, true, &kerberos);
+        assert!(m.contains("asking for Negotiate") && m.contains("were not sent"), "{m}");
+        let m = auth_required("http://p:3128", Some("Basic"), true, &["Basic".to_owned()]);
+        assert!(m.contains("refused the user and password"), "{m}");
+        let m = auth_required(
+            "http://p:3128",
+            Some("NTLM answer as CORP\\ops"),
+            true,
+            &["NTLM".to_owned()],
+        );
         assert!(
-            m.contains("asking for Negotiate, NTLM") && m.contains("were not sent"),
+            m.contains("refused relay's NTLM answer as CORP\\ops") && m.contains("does not try that password again"),
             "{m}"
         );
-        let m = auth_required("http://p:3128", true, true, &["Basic".to_owned()]);
-        assert!(m.contains("refused the user and password"), "{m}");
-        let m = auth_required("http://p:3128", false, false, &["Basic".to_owned()]);
+        let m = auth_required("http://p:3128", None, false, &["Basic".to_owned()]);
         assert!(m.contains("put a user and password in the proxy URL"), "{m}");
     }
 }

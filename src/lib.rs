@@ -14,6 +14,7 @@
 //! - [`tls`]: server identity, the pinned client verifier, webhook trust, certificate facts.
 //! - [`queue`]: durable FIFO queues and record tables over sled, with group commit.
 //! - [`http`]: the bounded server loop and the client with deadlines.
+//! - [`proxy_auth`]: NTLM proxy authentication (the client side of the handshake).
 //! - [`guard`]: what the local listeners accept from browsers (`Host`, `Origin`,
 //!   `Sec-Fetch-Site`, CORS for allowed origins), a pure decision.
 //! - [`intake`]: the local API (`POST /v1/connections/{name}/messages`, health, metrics).
@@ -54,6 +55,7 @@ pub mod names;
 pub mod node;
 pub mod notify;
 pub mod protocol;
+pub mod proxy_auth;
 pub mod queue;
 pub mod retry;
 pub mod shutdown;

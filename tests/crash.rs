@@ -138,10 +138,36 @@ async fn crash_and_recover(victim: Victim) {
     }
     down_task.await.unwrap();
     up_task.await.unwrap();
-    wait_for("every payload delivered both ways", || async {
-        (distinct(&to_private) == N && distinct(&to_public) == N).then_some(())
-    })
-    .await;
+    let all_delivered = async {
+        while distinct(&to_private) < N || distinct(&to_public) < N {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(DEADLINE, all_delivered).await.is_err() {
+        // What a stall looks like from both ends, for the one who reads the failure.
+        let tail = |log: String| {
+            log.lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        panic!(
+            "not every payload delivered: {} of {N} to the private side, {} of {N} to the public side\n\
+             status at the node: {:?}\nnode log:\n{}\nagent log:\n{}",
+            distinct(&to_private),
+            distinct(&to_public),
+            statuses(&node_dir, true)
+                .await
+                .first()
+                .map(|s| (s.outbound.depth, s.inbound.depth)),
+            tail(node.log()),
+            tail(agent.log())
+        );
+    }
     let repeats = check(&to_private, "down") + check(&to_public, "up");
     eprintln!("all {N} payloads delivered each way across {KILLS} kills; {repeats} webhook repeats (same ids)");
     wait_for("the node's queues to drain", || async {

@@ -259,7 +259,7 @@ async fn proxy_authentication_and_its_errors() {
     assert!(!agent.log().contains("pr0xy-pass"));
     let o = cli(&agent_dir, &["status", "--json"], &env, None).await;
     assert!(
-        !stdout(&o).contains("pr0xy-pass") && stdout(&o).contains("with basic auth"),
+        !stdout(&o).contains("pr0xy-pass") && stdout(&o).contains("with a user and password"),
         "{}",
         stdout(&o)
     );
@@ -337,39 +337,206 @@ async fn a_proxy_asking_for_ntlm_or_negotiate_is_named_and_never_gets_the_passwo
     let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
     let (port, seen) = windows_proxy().await;
     let proxy = format!("http://127.0.0.1:{port}");
-    for (dir, url) in [
-        ("a1", format!("http://CORP%5Cops:d0main-secret@127.0.0.1:{port}")),
-        ("a2", proxy.clone()),
-    ] {
-        let o = cli(
-            &tmp.path().join(dir),
-            &["accept", &code],
-            &[("HTTPS_PROXY", &url)],
-            None,
-        )
-        .await;
-        assert_eq!(o.status.code(), Some(1));
-        let err = stderr(&o);
-        assert!(
-            err.contains(&proxy)
-                && err.contains("407")
-                && err.contains("asking for Negotiate, NTLM")
-                && err.contains("relay answers only Basic proxy authentication so far"),
-            "{err}"
-        );
-        assert!(!err.contains("refused the user and password"), "{err}");
-        assert!(!err.contains("d0main-secret") && !err.contains("ops"), "{err}");
-        if dir == "a1" {
-            assert!(err.contains("were not sent"), "{err}");
-        }
-    }
+    // No credentials: what the proxy asked for, and what to do.
+    let o = cli(
+        &tmp.path().join("a1"),
+        &["accept", &code],
+        &[("HTTPS_PROXY", &proxy)],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&proxy)
+            && err.contains("407")
+            && err.contains("asking for Negotiate, NTLM")
+            && err.contains("DOMAIN%5Cuser"),
+        "{err}"
+    );
+    // A domain account: NTLM is tried (this proxy breaks off the handshake), never Basic.
+    let url = format!("http://CORP%5Cops:d0main-secret@127.0.0.1:{port}");
+    let o = cli(
+        &tmp.path().join("a2"),
+        &["accept", &code],
+        &[("HTTPS_PROXY", &url)],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains(&proxy) && err.contains("NTLM"), "{err}");
+    assert!(!err.contains("d0main-secret"), "{err}");
     let heads = seen.lock().unwrap().clone();
-    assert!(!heads.is_empty());
+    assert!(
+        heads.iter().any(|h| h.contains("Proxy-Authorization: NTLM ")),
+        "{heads:?}"
+    );
     for head in heads {
         assert!(head.starts_with("CONNECT "), "{head}");
         assert!(
-            !head.to_ascii_lowercase().contains("proxy-authorization"),
-            "a credential went out: {head}"
+            !head.to_ascii_lowercase().contains("proxy-authorization: basic"),
+            "a password went out in clear: {head}"
         );
     }
+}
+
+/// Makes a missing Squid a failure instead of a skip.
+const REQUIRE_SQUID: &str = "REQUIRE_SQUID";
+
+/// A Squid on loopback that takes only NTLM, checked by `tests/proxy/ntlm_helper.py` against
+/// one account (`CORP\ops`), as a domain controller would check it.
+struct Squid {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Squid {
+    /// Starts Squid for `test` with the account's password, or `None` when it is skipped.
+    async fn start_ntlm(test: &str, dir: &Path, password: &str) -> Option<Squid> {
+        let bin = ["/usr/sbin/squid", "/usr/bin/squid"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists());
+        let Some(bin) = bin else {
+            skip_unless_required(
+                test,
+                REQUIRE_SQUID,
+                "Squid is not installed (apt-get install squid-openssl)",
+            );
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("password"), password).unwrap();
+        std::fs::write(dir.join("attempts"), "").unwrap();
+        let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy/ntlm_helper.py");
+        let d = dir.display();
+        let conf = format!(
+            "http_port 127.0.0.1:{port}\n\
+             pid_filename {d}/squid.pid\ncache_log {d}/cache.log\naccess_log {d}/access.log\n\
+             coredump_dir {d}\ncache deny all\ncache_mem 8 MB\npinger_enable off\nshutdown_lifetime 0 seconds\n\
+             auth_param ntlm program {} CORP ops {d}/password {d}/attempts\n\
+             auth_param ntlm children 4 startup=1\n\
+             acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all\n",
+            helper.display()
+        );
+        std::fs::write(dir.join("squid.conf"), conf).unwrap();
+        // Started as root, Squid runs as its own user, which must write its logs here.
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if root {
+            for d in [dir.parent().unwrap(), dir] {
+                std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            }
+            assert!(Command::new("chown")
+                .args(["-R", "proxy"])
+                .arg(dir)
+                .status()
+                .unwrap()
+                .success());
+        }
+        let child = Command::new(&bin)
+            .arg("-N")
+            .arg("-f")
+            .arg(dir.join("squid.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("Squid to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+        })
+        .await;
+        Some(Squid {
+            child,
+            port,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The proxy URL with the account and `password` in it.
+    fn url(&self, password: &str) -> String {
+        format!("http://CORP%5Cops:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// What the helper said to each answer it checked: `ok`, `wrong`, `v1`.
+    fn attempts(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.dir.join("attempts")).unwrap_or_default();
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Behind a Squid that takes only NTLM, checked against the account's password: the agent
+/// accepts its invitation and payloads go both ways through it; a wrong password is refused,
+/// named, never printed, and not tried again (the helper sees it once), so the domain does not
+/// lock the account out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
+    let test = "through_squid_with_ntlm_and_a_wrong_password_is_tried_once";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(squid) = Squid::start_ntlm(test, &tmp.path().join("squid"), "S3cret-pass").await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let mut public_app = Sink::start().await.unwrap();
+    let mut private_app = Sink::start().await.unwrap();
+    let code = initiate(&node.data_dir, "c", &public_app.url, &[]).await;
+    let agent_dir = tmp.path().join("agent");
+    let right = squid.url("S3cret-pass");
+    let env = [("RELAY_AGENT__PROXY", right.as_str())];
+    let o = cli(
+        &agent_dir,
+        &["accept", &code, "--deliver-to", &private_app.url],
+        &env,
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    let http = client();
+    assert_eq!(
+        post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"down");
+    assert_eq!(
+        post(&http, &agent.api(), "c", b"up".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(public_app.next(DEADLINE).await.unwrap().body, b"up");
+    assert!(squid.attempts().iter().all(|a| a == "ok"), "{:?}", squid.attempts());
+    assert!(!agent.log().contains("S3cret-pass"));
+
+    // The password changed at the domain, not here: one refused answer, then a hold.
+    drop(agent);
+    std::fs::write(squid.dir.join("password"), "N3w-pass").unwrap();
+    let before = squid.attempts().len();
+    agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    let held = wait_for("the agent to hold the refused password", || async {
+        let log = agent.log();
+        log.contains("refused the NTLM answer for CORP\\ops earlier")
+            .then_some(log)
+    })
+    .await;
+    assert!(held.contains("wrong user or password"), "{held}");
+    assert!(!held.contains("S3cret-pass"), "{held}");
+    assert_eq!(squid.attempts()[before..], ["wrong".to_owned()], "tried once");
+    let o = cli(&agent_dir, &["status"], &env, None).await;
+    assert!(!stdout(&o).contains("S3cret-pass"), "{}", stdout(&o));
 }

@@ -210,21 +210,17 @@ fn fdatasync_latency(dir: &Path) -> (Duration, Duration) {
 }
 
 /// relay's store alone, in this process, on the same disk: the p50 and the CPU time of one
-/// append + flush (what a lone submitter waits for at each hop), and the CPU time of an
-/// append and a removal of one message, spent once at the node and once at the agent per
-/// payload relayed.
-async fn store_floor(dir: &Path) -> (Duration, Duration, Duration) {
-    use relay::queue::{Limits, NewMessage, Store};
+/// append + flush (what a lone submitter waits for at each hop), the CPU time of an append
+/// and a removal of one message (an outbox, spent at the sending end), and of one message
+/// taken in a peer's batch and removed (an inbox, at the receiving end).
+async fn store_floor(dir: &Path) -> Floor {
+    use relay::queue::{Limits, Message, NewMessage, Store};
     let store = Store::open(&dir.join("floor"), 16 << 20).unwrap();
-    let q = store
-        .queue(
-            "floor",
-            Limits {
-                max_messages: 1 << 30,
-                max_bytes: 1 << 40,
-            },
-        )
-        .unwrap();
+    let limits = Limits {
+        max_messages: 1 << 30,
+        max_bytes: 1 << 40,
+    };
+    let q = store.queue("floor", limits).unwrap();
     let msg = |i: usize| NewMessage {
         id: format!("m{i}"),
         content_type: "application/json".into(),
@@ -248,8 +244,51 @@ async fn store_floor(dir: &Path) -> (Duration, Duration, Duration) {
     for seq in seqs {
         q.remove(seq).unwrap();
     }
-    let per = (cpu(std::process::id()) - t) / n as u32;
-    (percentile(&flushes, 0.5), flush_cpu, per)
+    let outbox = (cpu(std::process::id()) - t) / n as u32;
+    // The same backlog at an inbox: taken in a peer's batches, then removed one by one.
+    let q = store.queue("floor-in", limits).unwrap();
+    let t = cpu(std::process::id());
+    for start in (1..=n as u64).step_by(BATCH) {
+        let batch: Vec<Message> = (start..start + BATCH as u64)
+            .map(|seq| {
+                let m = msg(seq as usize);
+                Message {
+                    seq,
+                    id: m.id,
+                    content_type: m.content_type,
+                    enqueued_at_ms: 0,
+                    body: m.body,
+                }
+            })
+            .collect();
+        q.append_remote(&batch).unwrap();
+    }
+    for seq in 1..=n as u64 {
+        q.remove(seq).unwrap();
+    }
+    let inbox = (cpu(std::process::id()) - t) / n as u32;
+    Floor {
+        flush: percentile(&flushes, 0.5),
+        flush_cpu,
+        outbox,
+        inbox,
+    }
+}
+
+/// Messages per batch in [`store_floor`]'s inbox, as an agent sends a backlog.
+const BATCH: usize = 250;
+
+/// What [`store_floor`] measured.
+#[derive(Clone, Copy)]
+struct Floor {
+    /// Append + flush, p50.
+    flush: Duration,
+    /// CPU time of one append + flush.
+    flush_cpu: Duration,
+    /// CPU time of an append and a removal at an outbox (a record per message).
+    outbox: Duration,
+    /// CPU time of a message taken in a peer's batch and removed at an inbox.
+    inbox: Duration,
 }
 
 /// A node and an agent process with one active connection delivering to `sink`.
@@ -397,7 +436,7 @@ struct Round {
     cpu_e2e: (f64, f64),
     cpu_one: (f64, f64),
     /// The store alone: append + flush p50 and CPU, CPU of an append and a removal.
-    floor: (Duration, Duration, Duration),
+    floor: Floor,
 }
 
 async fn round(pair: &Pair, sink: &Sink, n: usize, size: usize, rate: usize, latency_n: usize) -> Round {
@@ -600,15 +639,17 @@ fn figures(pair: &Pair, all: &[Round], rate: usize) {
         node_k + agent_k
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let (flush, flush_cpu, write) = (m(&|x| ms(x.floor.0)), m(&|x| us(x.floor.1)), m(&|x| us(x.floor.2)));
+    let (flush, flush_cpu) = (m(&|x| ms(x.floor.flush)), m(&|x| us(x.floor.flush_cpu)));
+    let (outbox, inbox) = (m(&|x| us(x.floor.outbox)), m(&|x| us(x.floor.inbox)));
     println!(
         "     the store alone: append + flush p50 {flush:.2} ms, {flush_cpu:.0} us CPU each (a plain fdatasync: p50 {:.2} ms, {:.0} us CPU)",
         1e3 / m(&|x| x.fsync_rate),
         m(&|x| us(x.fsync_cpu))
     );
     println!(
-        "     the store alone: append + remove in a backlog {write:.0} us CPU, twice per payload = {:.0} ms per 1k",
-        2.0 * write
+        "     the store alone, a backlog: append + remove at an outbox {outbox:.1} us CPU, batch + remove at an inbox {inbox:.1} us ({:.2}x); per payload relayed {:.0} ms per 1k",
+        inbox / outbox,
+        outbox + inbox
     );
     let (agent_rss, agent_peak) = rss_mib(pair.agent.child.id());
     let (node_rss, node_peak) = rss_mib(pair.node.child.id());
