@@ -225,6 +225,10 @@ pub struct AgentSettings {
     /// unset, `NO_PROXY` applies.
     #[serde(default)]
     pub no_proxy: Option<String>,
+    /// Which scheme answers the proxy's challenges: `auto` (NTLM when offered, else Basic),
+    /// `ntlm` or `basic`.
+    #[serde(default)]
+    pub proxy_auth: crate::http::ProxyAuth,
     /// How the node's certificate is trusted.
     #[serde(default)]
     pub trust: TrustMode,
@@ -424,6 +428,7 @@ impl Default for AgentSettings {
             request_timeout: default_request_timeout(),
             proxy: None,
             no_proxy: None,
+            proxy_auth: crate::http::ProxyAuth::Auto,
             trust: TrustMode::default(),
             ca_file: None,
             ready_max_silence: default_ready_max_silence(),
@@ -1001,8 +1006,11 @@ impl Settings {
             Some(url) => crate::http::ProxyConfig::Url {
                 url: url.expose().to_owned(),
                 no_proxy: self.agent.no_proxy.clone(),
+                auth: self.agent.proxy_auth,
             },
-            None => crate::http::ProxyConfig::FromEnvironment,
+            None => crate::http::ProxyConfig::FromEnvironment {
+                auth: self.agent.proxy_auth,
+            },
         }
     }
 

@@ -871,20 +871,56 @@ pub enum ClientError {
 }
 
 /// Which proxy, if any, the agent's connections to the node go through.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyConfig {
     /// `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` from the environment (either case).
-    #[default]
-    FromEnvironment,
+    FromEnvironment {
+        /// How relay answers the proxy's challenges.
+        auth: ProxyAuth,
+    },
     /// An explicit `http://[user:password@]host:port` proxy, with an optional no-proxy list.
     Url {
         /// The proxy URL (may carry credentials).
         url: String,
         /// Hosts reached directly, `NO_PROXY` syntax.
         no_proxy: Option<String>,
+        /// How relay answers the proxy's challenges.
+        auth: ProxyAuth,
     },
     /// Always connect directly (webhooks on the local network).
     Direct,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig::FromEnvironment { auth: ProxyAuth::Auto }
+    }
+}
+
+/// Which scheme answers a proxy's `407` (`agent.proxy_auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyAuth {
+    /// NTLM when the proxy offers it, else Basic when it offers that.
+    #[default]
+    Auto,
+    /// NTLM only.
+    Ntlm,
+    /// Basic only, even when the proxy offers NTLM as well.
+    Basic,
+}
+
+impl ProxyAuth {
+    /// The scheme to answer `offered` with, if any.
+    fn choose(self, offered: &[String]) -> Option<&'static str> {
+        let offers = |scheme: &str| offered.iter().any(|s| s.eq_ignore_ascii_case(scheme));
+        match self {
+            ProxyAuth::Auto if offers("ntlm") => Some("NTLM"),
+            ProxyAuth::Auto | ProxyAuth::Basic if offers("basic") => Some("Basic"),
+            ProxyAuth::Ntlm if offers("ntlm") => Some("NTLM"),
+            _ => None,
+        }
+    }
 }
 
 /// How a destination is reached.
@@ -943,7 +979,7 @@ pub fn check_proxy_url(url: &str) -> Result<(), String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// 407 from the proxy.
-    #[error("{}", auth_required(proxy, answered.as_deref(), *have_credentials, offered))]
+    #[error("{}", auth_required(proxy, answered.as_deref(), *have_credentials, offered, *pinned))]
     AuthRequired {
         /// The proxy.
         proxy: String,
@@ -954,6 +990,8 @@ pub enum ProxyError {
         have_credentials: bool,
         /// The schemes the proxy's `Proxy-Authenticate` challenges offered, as it spelled them.
         offered: Vec<String>,
+        /// The scheme `agent.proxy_auth` pins, when it does.
+        pinned: Option<ProxyAuth>,
     },
     /// The proxy could not be reached.
     #[error("cannot connect to the proxy {proxy}: {detail}")]
@@ -990,7 +1028,13 @@ pub enum ProxyError {
 
 /// What a 407 means for the operator: the schemes the proxy asked for, whether relay answered
 /// and was refused, and what to do.
-fn auth_required(proxy: &str, answered: Option<&str>, have: bool, offered: &[String]) -> String {
+fn auth_required(
+    proxy: &str,
+    answered: Option<&str>,
+    have: bool,
+    offered: &[String],
+    pinned: Option<ProxyAuth>,
+) -> String {
     let asked = if offered.is_empty() {
         "without naming a scheme (no Proxy-Authenticate)".to_owned()
     } else {
@@ -1008,6 +1052,15 @@ fn auth_required(proxy: &str, answered: Option<&str>, have: bool, offered: &[Str
             )
         }
         None => {}
+    }
+    if let Some(pin) = pinned.filter(|p| p.choose(offered).is_none()) {
+        let name = match pin {
+            ProxyAuth::Ntlm => "NTLM",
+            _ => "Basic",
+        };
+        return format!(
+            "{head}: agent.proxy_auth pins {name}, which the proxy does not offer; set agent.proxy_auth = \"auto\" to answer what it offers"
+        );
     }
     let usable = basic || offered.iter().any(|s| s.eq_ignore_ascii_case("ntlm"));
     if !usable && !offered.is_empty() {
@@ -1070,6 +1123,7 @@ type TcpIo = TokioIo<tokio::net::TcpStream>;
 pub struct ProxyConnector {
     direct: hyper_util::client::legacy::connect::HttpConnector,
     matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
+    auth: ProxyAuth,
 }
 
 /// The NTLM accounts and passwords a proxy refused (their fingerprints), in this process: not
@@ -1084,17 +1138,21 @@ impl ProxyConnector {
     /// A connector following `config`.
     pub fn new(direct: hyper_util::client::legacy::connect::HttpConnector, config: &ProxyConfig) -> ProxyConnector {
         use hyper_util::client::proxy::matcher::Matcher;
-        let matcher = match config {
-            ProxyConfig::FromEnvironment => Matcher::from_env(),
-            ProxyConfig::Url { url, no_proxy } => Matcher::builder()
-                .https(url.clone())
-                .no(no_proxy.clone().unwrap_or_default())
-                .build(),
-            ProxyConfig::Direct => Matcher::builder().build(),
+        let (matcher, auth) = match config {
+            ProxyConfig::FromEnvironment { auth } => (Matcher::from_env(), *auth),
+            ProxyConfig::Url { url, no_proxy, auth } => (
+                Matcher::builder()
+                    .https(url.clone())
+                    .no(no_proxy.clone().unwrap_or_default())
+                    .build(),
+                *auth,
+            ),
+            ProxyConfig::Direct => (Matcher::builder().build(), ProxyAuth::Auto),
         };
         ProxyConnector {
             direct,
             matcher: Arc::new(matcher),
+            auth,
         }
     }
 
@@ -1142,6 +1200,7 @@ impl tower_service::Service<Uri> for ProxyConnector {
         let auth = intercept.basic_auth().cloned();
         let target = format!("{}:{}", dst.host().unwrap_or(""), dst.port_u16().unwrap_or(443));
         let mut direct = self.direct.clone();
+        let pinned = self.auth;
         Box::pin(async move {
             let mut dial = async || {
                 direct
@@ -1165,16 +1224,17 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 Err(TunnelProblem::AuthRequired(offered)) => offered,
                 Err(problem) => return Err(fail(problem.into_error(proxy, target, None, auth.is_some()))),
             };
-            let offers = |scheme: &str| offered.iter().any(|s| s.eq_ignore_ascii_case(scheme));
-            let Some(auth) = auth.as_ref().filter(|_| offers("ntlm") || offers("basic")) else {
+            let scheme = pinned.choose(&offered);
+            let Some(auth) = auth.as_ref().filter(|_| scheme.is_some()) else {
                 return Err(fail(ProxyError::AuthRequired {
                     proxy,
                     answered: None,
                     have_credentials: auth.is_some(),
                     offered,
+                    pinned: (pinned != ProxyAuth::Auto).then_some(pinned),
                 }));
             };
-            if offers("ntlm") {
+            if scheme == Some("NTLM") {
                 let account = ntlm_account(auth).ok_or_else(|| {
                     fail(ProxyError::Refused {
                         proxy: proxy.clone(),
@@ -1204,6 +1264,7 @@ impl tower_service::Service<Uri> for ProxyConnector {
                             answered: Some(format!("NTLM answer as {}", account.user)),
                             have_credentials: true,
                             offered,
+                            pinned: None,
                         }))
                     }
                     Err(problem) => Err(fail(problem.into_error(proxy, target, Some("NTLM"), true))),
@@ -1217,6 +1278,7 @@ impl tower_service::Service<Uri> for ProxyConnector {
                     answered: Some("Basic".into()),
                     have_credentials: true,
                     offered,
+                    pinned: None,
                 })),
                 Err(problem) => Err(fail(problem.into_error(proxy, target, Some("Basic"), true))),
             }
@@ -1302,6 +1364,7 @@ impl TunnelProblem {
                     answered: answered.map(str::to_owned),
                     have_credentials,
                     offered,
+                    pinned: None,
                 }
             }
             TunnelProblem::Status(code @ (401 | 403), reason) if answered.is_some() => {
@@ -1664,21 +1727,38 @@ mod tests {
         assert_eq!(challenge_token(head, "Negotiate"), None);
         assert!(offered_schemes("HTTP/1.1 407 x\r\nVia: 1.1 proxy\r\n\r\n").is_empty());
         let kerberos = vec!["Negotiate".to_owned()];
-        let m = auth_required("http://p:3128", None, true, &kerberos);
+        let m = auth_required("http://p:3128", None, true, &kerberos, None);
         assert!(m.contains("asking for Negotiate") && m.contains("were not sent"), "{m}");
-        let m = auth_required("http://p:3128", Some("Basic"), true, &["Basic".to_owned()]);
+        let m = auth_required("http://p:3128", Some("Basic"), true, &["Basic".to_owned()], None);
         assert!(m.contains("refused the user and password"), "{m}");
         let m = auth_required(
             "http://p:3128",
             Some("NTLM answer as CORP\\ops"),
             true,
             &["NTLM".to_owned()],
+            None,
         );
         assert!(
             m.contains("refused relay's NTLM answer as CORP\\ops") && m.contains("does not try that password again"),
             "{m}"
         );
-        let m = auth_required("http://p:3128", None, false, &["Basic".to_owned()]);
+        let m = auth_required("http://p:3128", None, false, &["Basic".to_owned()], None);
         assert!(m.contains("put a user and password in the proxy URL"), "{m}");
+        let windows = ["NTLM".to_owned(), "Basic".to_owned()];
+        let m = auth_required(
+            "http://p:3128",
+            None,
+            true,
+            &["NTLM".to_owned()],
+            Some(ProxyAuth::Basic),
+        );
+        assert!(
+            m.contains("agent.proxy_auth pins Basic, which the proxy does not offer"),
+            "{m}"
+        );
+        assert_eq!(ProxyAuth::Auto.choose(&windows), Some("NTLM"));
+        assert_eq!(ProxyAuth::Basic.choose(&windows), Some("Basic"));
+        assert_eq!(ProxyAuth::Ntlm.choose(&windows[1..]), None);
+        assert_eq!(ProxyAuth::Auto.choose(&["Negotiate".to_owned()]), None);
     }
 }

@@ -393,8 +393,9 @@ struct Squid {
 }
 
 impl Squid {
-    /// Starts Squid for `test` with the account's password, or `None` when it is skipped.
-    async fn start_ntlm(test: &str, dir: &Path, password: &str) -> Option<Squid> {
+    /// Starts Squid for `test` with the account's password, or `None` when it is skipped;
+    /// with `basic`, it offers Basic (for the same account and password) after NTLM.
+    async fn start_ntlm(test: &str, dir: &Path, password: &str, basic: bool) -> Option<Squid> {
         let bin = ["/usr/sbin/squid", "/usr/bin/squid"]
             .into_iter()
             .map(std::path::PathBuf::from)
@@ -415,14 +416,23 @@ impl Squid {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("password"), password).unwrap();
         std::fs::write(dir.join("attempts"), "").unwrap();
-        let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy/ntlm_helper.py");
+        let helpers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy");
+        let helper = helpers.join("ntlm_helper.py");
         let d = dir.display();
+        let basic = if basic {
+            format!(
+                "auth_param basic program {} CORP\\ops {d}/password {d}/attempts\nauth_param basic children 2\nauth_param basic realm relay-test\n",
+                helpers.join("basic_helper.py").display()
+            )
+        } else {
+            String::new()
+        };
         let conf = format!(
             "http_port 127.0.0.1:{port}\n\
              pid_filename {d}/squid.pid\ncache_log {d}/cache.log\naccess_log {d}/access.log\n\
              coredump_dir {d}\ncache deny all\ncache_mem 8 MB\npinger_enable off\nshutdown_lifetime 0 seconds\n\
              auth_param ntlm program {} CORP ops {d}/password {d}/attempts\n\
-             auth_param ntlm children 4 startup=1\n\
+             auth_param ntlm children 4 startup=1\n{basic}\
              acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all\n",
             helper.display()
         );
@@ -490,7 +500,7 @@ impl Drop for Squid {
 async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
     let test = "through_squid_with_ntlm_and_a_wrong_password_is_tried_once";
     let tmp = tempfile::tempdir().unwrap();
-    let Some(squid) = Squid::start_ntlm(test, &tmp.path().join("squid"), "S3cret-pass").await else {
+    let Some(squid) = Squid::start_ntlm(test, &tmp.path().join("squid"), "S3cret-pass", false).await else {
         return;
     };
     let node = start_node(&tmp.path().join("node"), None).await;
@@ -539,4 +549,45 @@ async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
     assert_eq!(squid.attempts()[before..], ["wrong".to_owned()], "tried once");
     let o = cli(&agent_dir, &["status"], &env, None).await;
     assert!(!stdout(&o).contains("S3cret-pass"), "{}", stdout(&o));
+}
+
+/// A proxy that offers NTLM and Basic: NTLM answers it, the password never goes as Basic,
+/// unless `agent.proxy_auth = "basic"` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_offering_ntlm_and_basic_gets_ntlm_unless_basic_is_pinned() {
+    let test = "a_proxy_offering_ntlm_and_basic_gets_ntlm_unless_basic_is_pinned";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(squid) = Squid::start_ntlm(test, &tmp.path().join("squid"), "S3cret-pass", true).await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let url = squid.url("S3cret-pass");
+    for (dir, pin, seen) in [("auto", "auto", "ok"), ("basic", "basic", "basic ok")] {
+        let code = initiate(&node.data_dir, dir, "http://127.0.0.1:9/hook", &[]).await;
+        let env = [("RELAY_AGENT__PROXY", url.as_str()), ("RELAY_AGENT__PROXY_AUTH", pin)];
+        let before = squid.attempts().len();
+        let o = cli(&tmp.path().join(dir), &["accept", &code], &env, None).await;
+        assert!(o.status.success(), "{pin}: {}", stderr(&o));
+        let attempts = squid.attempts()[before..].to_vec();
+        assert!(
+            !attempts.is_empty() && attempts.iter().all(|a| a == seen),
+            "{pin}: {attempts:?}"
+        );
+    }
+    // Pinned to NTLM, a proxy without it gets nothing and the operator is told why.
+    let o = cli(
+        &tmp.path().join("pinned"),
+        &[
+            "accept",
+            &initiate(&node.data_dir, "pinned", "http://127.0.0.1:9/hook", &[]).await,
+        ],
+        &[
+            ("RELAY_AGENT__PROXY", url.as_str()),
+            ("RELAY_AGENT__PROXY_AUTH", "negotiate"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("agent.proxy_auth"), "{}", stderr(&o));
 }

@@ -247,8 +247,9 @@ async fn store_floor(dir: &Path) -> Floor {
     let outbox = (cpu(std::process::id()) - t) / n as u32;
     // The same backlog at an inbox: taken in a peer's batches, then removed one by one.
     let q = store.queue("floor-in", limits).unwrap();
+    let base = q.last_seq();
     let t = cpu(std::process::id());
-    for start in (1..=n as u64).step_by(BATCH) {
+    for start in (base + 1..=base + n as u64).step_by(BATCH) {
         let batch: Vec<Message> = (start..start + BATCH as u64)
             .map(|seq| {
                 let m = msg(seq as usize);
@@ -263,7 +264,7 @@ async fn store_floor(dir: &Path) -> Floor {
             .collect();
         q.append_remote(&batch).unwrap();
     }
-    for seq in 1..=n as u64 {
+    for seq in base + 1..=base + n as u64 {
         q.remove(seq).unwrap();
     }
     let inbox = (cpu(std::process::id()) - t) / n as u32;
