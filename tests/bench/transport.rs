@@ -665,10 +665,10 @@ fn figures(pair: &Pair, all: &[Round], rate: usize) {
 
 /// Agent memory while `queued` payloads wait for a webhook that answers 503, while they drain,
 /// and after.
-async fn memory(sink: &Sink) {
+async fn memory(sink: &Sink, bin: &str, label: &str) {
     let queued = env_or("BENCH_QUEUED", 200_000);
-    println!("memory: {queued} payloads of 1 KiB held at the agent (its webhook answers 503), then drained");
-    let pair = Pair::start(sink, common::bin()).await;
+    println!("memory ({label}): {queued} payloads of 1 KiB held at the agent (its webhook answers 503), then drained");
+    let pair = Pair::start(sink, bin).await;
     let pid = pair.agent.child.id();
     let idle = rss_mib(pid).0;
     sink.set_status(503);
@@ -900,7 +900,10 @@ async fn main() {
         throughput(&sink).await;
     }
     if wants("memory") {
-        memory(&sink).await;
+        memory(&sink, common::bin(), "this build").await;
+        if let Ok(other) = std::env::var("BENCH_BASELINE_BIN") {
+            memory(&sink, &other, &format!("baseline build {other}")).await;
+        }
     }
     if wants("parked") {
         parked().await;
