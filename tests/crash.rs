@@ -189,99 +189,90 @@ async fn node_killed_at_many_instants_loses_nothing() {
     crash_and_recover(Victim::Node).await;
 }
 
-/// A backlog held at the node arrives at the agent in full batches (one record of their ids
-/// per batch) and is delivered from the agent's read-ahead; `kill -9` the agent while it
-/// takes and delivers them, again and again: every payload arrives, first arrivals in order,
-/// repeats with the same id, and no restart mistakes a batch offered again for a conflict.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
+/// A backlog held at one end arrives at the other in full batches (stored there several
+/// messages to a record, with one record of their ids per batch) and is delivered from the
+/// receiver's read-ahead; `kill -9` the receiver while it takes and delivers them, again and
+/// again: every payload arrives, first arrivals in order, repeats with the same id, and no
+/// restart mistakes a batch offered again for a conflict. The node's backlog waits while its
+/// connection is deactivated; the agent's while the node is down.
+async fn backlog_receiver_killed(victim: Victim) {
     let tmp = tempfile::tempdir().unwrap();
     let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
     let public_app = Sink::start().await.unwrap();
     let private_app = Sink::start().await.unwrap();
-    let private_url = private_app.url.clone();
-    let to_private = collect(private_app);
-    let node = start_node(&node_dir, None).await;
-    let code = initiate(&node_dir, "c", &public_app.url, &[]).await;
-    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(cli_ok(&node_dir, &["node", "deactivate", "c"])
-        .await
-        .contains("deactivated"));
-    let (task, _) = submit(node.api(), "down");
-    task.await.unwrap();
-    let mut agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await;
-    let intake = agent.info.api.clone().unwrap();
-    cli_ok(&node_dir, &["node", "activate", "c"]).await;
-    // The first kill falls as soon as anything arrived (the agent is still taking batches),
-    // the others while the read-ahead is being delivered.
-    for k in 0..KILLS {
-        let threshold = 1 + k * N / (KILLS + 1);
-        wait_for(&format!("{threshold} delivered before kill {}", k + 1), || async {
-            (distinct(&to_private) >= threshold).then_some(())
-        })
-        .await;
-        agent.kill9();
-        agent = Daemon::start(&agent_dir, &["run", "--intake-listen", &intake], &[]).await;
-    }
-    wait_for("every payload delivered", || async {
-        (distinct(&to_private) == N).then_some(())
-    })
-    .await;
-    let repeats = check(&to_private, "down");
-    eprintln!(
-        "all {N} payloads of a backlog delivered across {KILLS} kills of the agent; {repeats} repeats (same ids)"
-    );
-    let log = agent.log();
-    assert!(!log.contains("sequence conflict"), "{log}");
-    drop(agent);
-}
-
-/// The same at the node: a backlog the agent held while the node was down arrives at the node
-/// in full batches, stored several messages to a record, and is delivered from there; `kill -9`
-/// the node while it takes and delivers them, again and again: every payload arrives, first
-/// arrivals in order, repeats with the same id, and no restart mistakes a batch offered again
-/// for a conflict.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
-    let public_app = Sink::start().await.unwrap();
-    let private_app = Sink::start().await.unwrap();
-    let public_url = public_app.url.clone();
-    let to_public = collect(public_app);
+    let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
+    let (to_public, to_private) = (collect(public_app), collect(private_app));
     let mut node = start_node_at(&node_dir, "127.0.0.1:0", "127.0.0.1:0").await;
     let (listen, api) = (node.info.listen.clone().unwrap(), node.info.api.clone().unwrap());
     let code = initiate(&node_dir, "c", &public_url, &[]).await;
-    let o = cli(
-        &agent_dir,
-        &["accept", &code, "--deliver-to", &private_app.url],
-        &[],
-        None,
-    )
-    .await;
+    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
     assert!(o.status.success(), "{}", stderr(&o));
-    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await;
-    node.kill9();
-    let (task, _) = submit(agent.api(), "up");
-    task.await.unwrap();
-    node = start_node_at(&node_dir, &listen, &api).await;
+    let run = |intake: &str| ["run".to_owned(), "--intake-listen".into(), intake.to_owned()];
+    let start_agent = async |intake: &str| {
+        let args = run(intake);
+        Daemon::start(&agent_dir, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await
+    };
+    let (mut agent, seen, prefix) = match victim {
+        Victim::Agent => {
+            assert!(cli_ok(&node_dir, &["node", "deactivate", "c"])
+                .await
+                .contains("deactivated"));
+            let (task, _) = submit(node.api(), "down");
+            task.await.unwrap();
+            let agent = start_agent("127.0.0.1:0").await;
+            cli_ok(&node_dir, &["node", "activate", "c"]).await;
+            (agent, to_private, "down")
+        }
+        Victim::Node => {
+            let agent = start_agent("127.0.0.1:0").await;
+            node.kill9();
+            let (task, _) = submit(agent.api(), "up");
+            task.await.unwrap();
+            node = start_node_at(&node_dir, &listen, &api).await;
+            (agent, to_public, "up")
+        }
+    };
+    let intake = agent.info.api.clone().unwrap();
+    // The first kill falls as soon as anything arrived (the receiver is still taking
+    // batches), the others while its read-ahead is being delivered.
     for k in 0..KILLS {
         let threshold = 1 + k * N / (KILLS + 1);
         wait_for(&format!("{threshold} delivered before kill {}", k + 1), || async {
-            (distinct(&to_public) >= threshold).then_some(())
+            (distinct(&seen) >= threshold).then_some(())
         })
         .await;
-        node.kill9();
-        node = start_node_at(&node_dir, &listen, &api).await;
+        match victim {
+            Victim::Agent => {
+                agent.kill9();
+                agent = start_agent(&intake).await;
+            }
+            Victim::Node => {
+                node.kill9();
+                node = start_node_at(&node_dir, &listen, &api).await;
+            }
+        }
     }
     wait_for("every payload delivered", || async {
-        (distinct(&to_public) == N).then_some(())
+        (distinct(&seen) == N).then_some(())
     })
     .await;
-    let repeats = check(&to_public, "up");
-    eprintln!("all {N} payloads of a backlog delivered across {KILLS} kills of the node; {repeats} repeats (same ids)");
-    let log = node.log();
+    let repeats = check(&seen, prefix);
+    eprintln!(
+        "all {N} payloads of a backlog delivered across {KILLS} kills of the receiver; {repeats} repeats (same ids)"
+    );
+    let log = match victim {
+        Victim::Agent => agent.log(),
+        Victim::Node => node.log(),
+    };
     assert!(!log.contains("sequence conflict"), "{log}");
-    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
+    backlog_receiver_killed(Victim::Agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
+    backlog_receiver_killed(Victim::Node).await;
 }

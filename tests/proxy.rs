@@ -15,6 +15,34 @@ use std::time::Duration;
 use common::*;
 use relay::sink::Sink;
 
+/// Starts a proxy with `cmd` and waits until it listens on `port` of loopback.
+async fn spawn_listening(cmd: &mut Command, port: u16) -> Child {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("the proxy to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+    })
+    .await;
+    child
+}
+
+/// A port free on loopback for a proxy to listen on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether the tests run as root (a proxy then drops to its own user).
+fn root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
 struct Tinyproxy {
     child: Child,
     port: u16,
@@ -47,11 +75,7 @@ impl Tinyproxy {
     /// Starts a tinyproxy for `test`, or `None` when it is skipped (see [`tinyproxy_bin`]).
     async fn start(test: &str, dir: &Path, basic_auth: Option<(&str, &str)>) -> Option<Tinyproxy> {
         let bin = tinyproxy_bin(test)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         // The proxy drops to an unprivileged user when started as root; it must still write its log.
         std::fs::create_dir_all(dir).unwrap();
         for d in [dir.parent().unwrap(), dir] {
@@ -63,12 +87,7 @@ impl Tinyproxy {
             "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\nAllow 127.0.0.1\nLogLevel Info\nDisableViaHeader Yes\nLogFile \"{}\"\n",
             log.display()
         );
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| o.stdout == b"0\n")
-            .unwrap_or(false);
-        if root {
+        if root() {
             conf.push_str("User nobody\nGroup nogroup\n");
         }
         if let Some((user, password)) = basic_auth {
@@ -76,18 +95,7 @@ impl Tinyproxy {
         }
         let conf_path = dir.join("tinyproxy.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new(&bin)
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("tinyproxy to listen", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
-        })
-        .await;
+        let child = spawn_listening(Command::new(&bin).arg("-d").arg("-c").arg(&conf_path), port).await;
         Some(Tinyproxy { child, port, log })
     }
 
@@ -105,6 +113,22 @@ impl Drop for Tinyproxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `relay accept` in `dir` with one proxy variable set, which must fail with exit 1;
+/// returns what it said on stderr.
+async fn refused_accept(dir: &Path, code: &str, var: (&str, &str)) -> String {
+    let o = cli(dir, &["accept", code], &[var], None).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    stderr(&o)
+}
+
+/// Accepts `code` in `agent_dir`, delivering to `deliver_to`, and runs the agent, both with
+/// `env`.
+async fn accepted_agent(agent_dir: &Path, code: &str, deliver_to: &str, env: &[(&str, &str)]) -> Daemon {
+    let o = cli(agent_dir, &["accept", code, "--deliver-to", deliver_to], env, None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    Daemon::start(agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], env).await
 }
 
 fn node_port(node: &Daemon) -> String {
@@ -130,15 +154,7 @@ async fn through_a_proxy_from_the_environment_both_ways() {
     let agent_dir = tmp.path().join("agent");
     let env = [("HTTPS_PROXY", proxy.url()), ("NO_PROXY", String::new())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let o = cli(
-        &agent_dir,
-        &["accept", &code, "--deliver-to", &private_app.url],
-        &env,
-        None,
-    )
-    .await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    let agent = accepted_agent(&agent_dir, &code, &private_app.url, &env).await;
 
     let http = client();
     assert_eq!(
@@ -201,15 +217,7 @@ async fn proxy_authentication_and_its_errors() {
 
     // No credentials: a 407 that names the proxy and says what to do.
     let no_auth = format!("http://127.0.0.1:{port}");
-    let o = cli(
-        &tmp.path().join("a1"),
-        &["accept", &code],
-        &[("RELAY_AGENT__PROXY", &no_auth)],
-        None,
-    )
-    .await;
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_accept(&tmp.path().join("a1"), &code, ("RELAY_AGENT__PROXY", &no_auth)).await;
     assert!(
         err.contains("407") && err.contains(&no_auth) && err.contains("user and password"),
         "{err}\n{}",
@@ -218,15 +226,7 @@ async fn proxy_authentication_and_its_errors() {
 
     // Wrong credentials: refused, and the password never appears.
     let wrong = format!("http://relay:not-the-pass@127.0.0.1:{port}");
-    let o = cli(
-        &tmp.path().join("a2"),
-        &["accept", &code],
-        &[("HTTPS_PROXY", &wrong)],
-        None,
-    )
-    .await;
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_accept(&tmp.path().join("a2"), &code, ("HTTPS_PROXY", &wrong)).await;
     // tinyproxy answers a wrong password with 401, other proxies with 407: both are explained.
     assert!(
         err.contains(&no_auth) && (err.contains("407") || err.contains("401")),
@@ -239,15 +239,7 @@ async fn proxy_authentication_and_its_errors() {
     let right = format!("http://relay:pr0xy-pass@127.0.0.1:{port}");
     let agent_dir = tmp.path().join("a3");
     let env = [("RELAY_AGENT__PROXY", right.as_str())];
-    let o = cli(
-        &agent_dir,
-        &["accept", &code, "--deliver-to", &private_app.url],
-        &env,
-        None,
-    )
-    .await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    let agent = accepted_agent(&agent_dir, &code, &private_app.url, &env).await;
     assert_eq!(
         post(&client(), &node.api(), "c", b"via-auth".to_vec(), &[])
             .await
@@ -273,15 +265,7 @@ async fn no_proxy_bypasses_and_a_dead_proxy_is_named() {
     let (_held, dead) = closed_port();
     let dead_url = format!("http://127.0.0.1:{dead}");
 
-    let o = cli(
-        &tmp.path().join("a1"),
-        &["accept", &code],
-        &[("https_proxy", &dead_url)],
-        None,
-    )
-    .await;
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_accept(&tmp.path().join("a1"), &code, ("https_proxy", &dead_url)).await;
     assert!(
         err.contains(&format!("cannot connect to the proxy {dead_url}")),
         "{err}"
@@ -338,15 +322,7 @@ async fn a_proxy_asking_for_ntlm_or_negotiate_is_named_and_never_gets_the_passwo
     let (port, seen) = windows_proxy().await;
     let proxy = format!("http://127.0.0.1:{port}");
     // No credentials: what the proxy asked for, and what to do.
-    let o = cli(
-        &tmp.path().join("a1"),
-        &["accept", &code],
-        &[("HTTPS_PROXY", &proxy)],
-        None,
-    )
-    .await;
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_accept(&tmp.path().join("a1"), &code, ("HTTPS_PROXY", &proxy)).await;
     assert!(
         err.contains(&proxy)
             && err.contains("407")
@@ -356,15 +332,7 @@ async fn a_proxy_asking_for_ntlm_or_negotiate_is_named_and_never_gets_the_passwo
     );
     // A domain account: NTLM is tried (this proxy breaks off the handshake), never Basic.
     let url = format!("http://CORP%5Cops:d0main-secret@127.0.0.1:{port}");
-    let o = cli(
-        &tmp.path().join("a2"),
-        &["accept", &code],
-        &[("HTTPS_PROXY", &url)],
-        None,
-    )
-    .await;
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_accept(&tmp.path().join("a2"), &code, ("HTTPS_PROXY", &url)).await;
     assert!(err.contains(&proxy) && err.contains("NTLM"), "{err}");
     assert!(!err.contains("d0main-secret"), "{err}");
     let heads = seen.lock().unwrap().clone();
@@ -408,11 +376,7 @@ impl Squid {
             );
             return None;
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("password"), password).unwrap();
         std::fs::write(dir.join("attempts"), "").unwrap();
@@ -438,12 +402,7 @@ impl Squid {
         );
         std::fs::write(dir.join("squid.conf"), conf).unwrap();
         // Started as root, Squid runs as its own user, which must write its logs here.
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| o.stdout == b"0\n")
-            .unwrap_or(false);
-        if root {
+        if root() {
             for d in [dir.parent().unwrap(), dir] {
                 std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
             }
@@ -454,18 +413,7 @@ impl Squid {
                 .unwrap()
                 .success());
         }
-        let child = Command::new(&bin)
-            .arg("-N")
-            .arg("-f")
-            .arg(dir.join("squid.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("Squid to listen", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
-        })
-        .await;
+        let child = spawn_listening(Command::new(&bin).arg("-N").arg("-f").arg(dir.join("squid.conf")), port).await;
         Some(Squid {
             child,
             port,
@@ -510,15 +458,7 @@ async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
     let agent_dir = tmp.path().join("agent");
     let right = squid.url("S3cret-pass");
     let env = [("RELAY_AGENT__PROXY", right.as_str())];
-    let o = cli(
-        &agent_dir,
-        &["accept", &code, "--deliver-to", &private_app.url],
-        &env,
-        None,
-    )
-    .await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let mut agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    let mut agent = accepted_agent(&agent_dir, &code, &private_app.url, &env).await;
     let http = client();
     assert_eq!(
         post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
