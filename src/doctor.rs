@@ -153,7 +153,13 @@ pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: R
             let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let how = match &route {
                 Route::Direct => format!("direct to {peer}"),
-                proxied => format!("{proxied}: tunnel to {host}:{port} open"),
+                proxied => format!(
+                    "{proxied}: tunnel to {host}:{port} open{}",
+                    connector
+                        .last_handshake()
+                        .map(|h| format!(" ({h})"))
+                        .unwrap_or_default()
+                ),
             };
             report.push("tcp", Outcome::Ok, format!("{how} ({})", ms(started)));
             tcp

@@ -1124,6 +1124,8 @@ pub struct ProxyConnector {
     direct: hyper_util::client::legacy::connect::HttpConnector,
     matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
     auth: ProxyAuth,
+    /// How the last tunnel this connector opened was authenticated, for `relay doctor`.
+    handshake: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// The NTLM accounts and passwords a proxy refused (their fingerprints), in this process: not
@@ -1153,6 +1155,7 @@ impl ProxyConnector {
             direct,
             matcher: Arc::new(matcher),
             auth,
+            handshake: Arc::default(),
         }
     }
 
@@ -1161,6 +1164,12 @@ impl ProxyConnector {
         let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
         direct.enforce_http(false);
         ProxyConnector::new(direct, config)
+    }
+
+    /// How the last tunnel through a proxy was authenticated: the schemes the proxy offered
+    /// and the one relay answered with (never a secret).
+    pub fn last_handshake(&self) -> Option<String> {
+        self.handshake.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// How `url` would be reached (direct when it does not parse).
@@ -1201,6 +1210,8 @@ impl tower_service::Service<Uri> for ProxyConnector {
         let target = format!("{}:{}", dst.host().unwrap_or(""), dst.port_u16().unwrap_or(443));
         let mut direct = self.direct.clone();
         let pinned = self.auth;
+        let handshake = self.handshake.clone();
+        let note = move |text: String| *handshake.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
         Box::pin(async move {
             let mut dial = async || {
                 direct
@@ -1220,7 +1231,10 @@ impl tower_service::Service<Uri> for ProxyConnector {
             // offers Basic and nothing better.
             let first = connect_tunnel(dial().await?, &target, None).await;
             let offered = match first {
-                Ok(tcp) => return Ok(TokioIo::new(tcp)),
+                Ok(tcp) => {
+                    note("the proxy asked for no authentication".into());
+                    return Ok(TokioIo::new(tcp));
+                }
                 Err(TunnelProblem::AuthRequired(offered)) => offered,
                 Err(problem) => return Err(fail(problem.into_error(proxy, target, None, auth.is_some()))),
             };
@@ -1255,7 +1269,14 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 // Proxies close the connection after a 407 (Squid does): a new one for the
                 // handshake, whose messages share it.
                 return match ntlm_tunnel(dial().await?, &target, &account, &host).await {
-                    Ok(tcp) => Ok(TokioIo::new(tcp)),
+                    Ok(tcp) => {
+                        note(format!(
+                            "the proxy offered {}; relay answered NTLM (NTLMv2) as {}",
+                            offered.join(", "),
+                            account.user
+                        ));
+                        Ok(TokioIo::new(tcp))
+                    }
                     Err(TunnelProblem::AuthRequired(_)) => {
                         refused().push(fingerprint);
                         tracing::error!(%proxy, user = %account.user, "the proxy refused the NTLM answer; this password is not tried again until it changes");
@@ -1272,7 +1293,13 @@ impl tower_service::Service<Uri> for ProxyConnector {
             }
             // Proxies close the connection after a 407 (Squid does): a new one for the answer.
             match connect_tunnel(dial().await?, &target, Some(auth)).await {
-                Ok(tcp) => Ok(TokioIo::new(tcp)),
+                Ok(tcp) => {
+                    note(format!(
+                        "the proxy offered {}; relay answered Basic",
+                        offered.join(", ")
+                    ));
+                    Ok(TokioIo::new(tcp))
+                }
                 Err(TunnelProblem::AuthRequired(_)) => Err(fail(ProxyError::AuthRequired {
                     proxy,
                     answered: Some("Basic".into()),
