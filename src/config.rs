@@ -229,6 +229,14 @@ pub struct AgentSettings {
     /// `ntlm` or `basic`.
     #[serde(default)]
     pub proxy_auth: crate::http::ProxyAuth,
+    /// The proxy account (`DOMAIN\\user` or `user@domain`), with `proxy_password_file`,
+    /// instead of credentials in the proxy URL.
+    #[serde(default)]
+    pub proxy_user: Option<String>,
+    /// File holding the proxy account's password (first line), read again at each
+    /// handshake, so a rotated password takes effect without a restart.
+    #[serde(default)]
+    pub proxy_password_file: Option<PathBuf>,
     /// How the node's certificate is trusted.
     #[serde(default)]
     pub trust: TrustMode,
@@ -429,6 +437,8 @@ impl Default for AgentSettings {
             proxy: None,
             no_proxy: None,
             proxy_auth: crate::http::ProxyAuth::Auto,
+            proxy_user: None,
+            proxy_password_file: None,
             trust: TrustMode::default(),
             ca_file: None,
             ready_max_silence: default_ready_max_silence(),
@@ -945,6 +955,30 @@ impl Settings {
                 return invalid("agent.proxy", &problem);
             }
         }
+        match (&self.agent.proxy_user, &self.agent.proxy_password_file) {
+            (Some(_), None) => return invalid("agent.proxy_password_file", "required with agent.proxy_user"),
+            (None, Some(_)) => return invalid("agent.proxy_user", "required with agent.proxy_password_file"),
+            (Some(_), Some(path)) => {
+                use std::os::unix::fs::MetadataExt;
+                match std::fs::metadata(path) {
+                    Ok(meta) if meta.mode() & 0o077 != 0 => {
+                        return invalid(
+                            "agent.proxy_password_file",
+                            &format!(
+                                "{} can be read by other users (mode {:o}): make it readable by the service user alone (chmod 600)",
+                                path.display(),
+                                meta.mode() & 0o777
+                            ),
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return invalid("agent.proxy_password_file", &format!("cannot read {}: {e}", path.display()))
+                    }
+                }
+            }
+            (None, None) => {}
+        }
         if self.agent.trust == TrustMode::Ca && self.agent.ca_file.is_none() {
             return invalid("agent.ca_file", "required when agent.trust = \"ca\"");
         }
@@ -1002,15 +1036,21 @@ impl Settings {
 
     /// The agent's route to its nodes.
     pub fn proxy_config(&self) -> crate::http::ProxyConfig {
+        let auth = crate::http::ProxyLogin {
+            scheme: self.agent.proxy_auth,
+            account: self
+                .agent
+                .proxy_user
+                .clone()
+                .zip(self.agent.proxy_password_file.clone()),
+        };
         match &self.agent.proxy {
             Some(url) => crate::http::ProxyConfig::Url {
                 url: url.expose().to_owned(),
                 no_proxy: self.agent.no_proxy.clone(),
-                auth: self.agent.proxy_auth,
+                auth,
             },
-            None => crate::http::ProxyConfig::FromEnvironment {
-                auth: self.agent.proxy_auth,
-            },
+            None => crate::http::ProxyConfig::FromEnvironment { auth },
         }
     }
 

@@ -876,7 +876,7 @@ pub enum ProxyConfig {
     /// `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` from the environment (either case).
     FromEnvironment {
         /// How relay answers the proxy's challenges.
-        auth: ProxyAuth,
+        auth: ProxyLogin,
     },
     /// An explicit `http://[user:password@]host:port` proxy, with an optional no-proxy list.
     Url {
@@ -885,7 +885,7 @@ pub enum ProxyConfig {
         /// Hosts reached directly, `NO_PROXY` syntax.
         no_proxy: Option<String>,
         /// How relay answers the proxy's challenges.
-        auth: ProxyAuth,
+        auth: ProxyLogin,
     },
     /// Always connect directly (webhooks on the local network).
     Direct,
@@ -893,8 +893,21 @@ pub enum ProxyConfig {
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig::FromEnvironment { auth: ProxyAuth::Auto }
+        ProxyConfig::FromEnvironment {
+            auth: ProxyLogin::default(),
+        }
     }
+}
+
+/// How relay answers a proxy's `407`: the scheme (`agent.proxy_auth`) and an account whose
+/// password is in a file (`agent.proxy_user`, `agent.proxy_password_file`), read again at each
+/// handshake; without one, the credentials in the proxy URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyLogin {
+    /// Which scheme answers.
+    pub scheme: ProxyAuth,
+    /// The account and the file holding its password.
+    pub account: Option<(String, std::path::PathBuf)>,
 }
 
 /// Which scheme answers a proxy's `407` (`agent.proxy_auth`).
@@ -911,12 +924,14 @@ pub enum ProxyAuth {
 }
 
 impl ProxyAuth {
-    /// The scheme to answer `offered` with, if any.
-    fn choose(self, offered: &[String]) -> Option<&'static str> {
+    /// The scheme to answer `offered` with, if any. A password from a file goes as Basic only
+    /// when Basic is pinned: an account in a file is a domain account.
+    fn choose(self, offered: &[String], from_file: bool) -> Option<&'static str> {
         let offers = |scheme: &str| offered.iter().any(|s| s.eq_ignore_ascii_case(scheme));
         match self {
             ProxyAuth::Auto if offers("ntlm") => Some("NTLM"),
-            ProxyAuth::Auto | ProxyAuth::Basic if offers("basic") => Some("Basic"),
+            ProxyAuth::Auto if offers("basic") && !from_file => Some("Basic"),
+            ProxyAuth::Basic if offers("basic") => Some("Basic"),
             ProxyAuth::Ntlm if offers("ntlm") => Some("NTLM"),
             _ => None,
         }
@@ -1006,7 +1021,7 @@ pub enum ProxyError {
     #[error(
         "the proxy {proxy} refused the NTLM answer for {user} earlier (wrong user or password, or a locked account); \
          relay does not try that password again, so that the domain does not lock the account out: \
-         correct the password in the proxy URL and restart relay"
+         correct it in agent.proxy_password_file (read again at the next try), or in the proxy URL and restart relay"
     )]
     Held {
         /// The proxy.
@@ -1053,7 +1068,7 @@ fn auth_required(
         }
         None => {}
     }
-    if let Some(pin) = pinned.filter(|p| p.choose(offered).is_none()) {
+    if let Some(pin) = pinned.filter(|p| p.choose(offered, false).is_none()) {
         let name = match pin {
             ProxyAuth::Ntlm => "NTLM",
             _ => "Basic",
@@ -1123,7 +1138,7 @@ type TcpIo = TokioIo<tokio::net::TcpStream>;
 pub struct ProxyConnector {
     direct: hyper_util::client::legacy::connect::HttpConnector,
     matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
-    auth: ProxyAuth,
+    auth: ProxyLogin,
     /// How the last tunnel this connector opened was authenticated, for `relay doctor`.
     handshake: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -1141,15 +1156,15 @@ impl ProxyConnector {
     pub fn new(direct: hyper_util::client::legacy::connect::HttpConnector, config: &ProxyConfig) -> ProxyConnector {
         use hyper_util::client::proxy::matcher::Matcher;
         let (matcher, auth) = match config {
-            ProxyConfig::FromEnvironment { auth } => (Matcher::from_env(), *auth),
+            ProxyConfig::FromEnvironment { auth } => (Matcher::from_env(), auth.clone()),
             ProxyConfig::Url { url, no_proxy, auth } => (
                 Matcher::builder()
                     .https(url.clone())
                     .no(no_proxy.clone().unwrap_or_default())
                     .build(),
-                *auth,
+                auth.clone(),
             ),
-            ProxyConfig::Direct => (Matcher::builder().build(), ProxyAuth::Auto),
+            ProxyConfig::Direct => (Matcher::builder().build(), ProxyLogin::default()),
         };
         ProxyConnector {
             direct,
@@ -1209,7 +1224,8 @@ impl tower_service::Service<Uri> for ProxyConnector {
         let auth = intercept.basic_auth().cloned();
         let target = format!("{}:{}", dst.host().unwrap_or(""), dst.port_u16().unwrap_or(443));
         let mut direct = self.direct.clone();
-        let pinned = self.auth;
+        let login = self.auth.clone();
+        let pinned = login.scheme;
         let handshake = self.handshake.clone();
         let note = move |text: String| *handshake.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
         Box::pin(async move {
@@ -1238,24 +1254,40 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 Err(TunnelProblem::AuthRequired(offered)) => offered,
                 Err(problem) => return Err(fail(problem.into_error(proxy, target, None, auth.is_some()))),
             };
-            let scheme = pinned.choose(&offered);
-            let Some(auth) = auth.as_ref().filter(|_| scheme.is_some()) else {
+            let scheme = pinned.choose(&offered, login.account.is_some());
+            let have_credentials = auth.is_some() || login.account.is_some();
+            if scheme.is_none() || !have_credentials {
                 return Err(fail(ProxyError::AuthRequired {
                     proxy,
                     answered: None,
-                    have_credentials: auth.is_some(),
+                    have_credentials,
                     offered,
                     pinned: (pinned != ProxyAuth::Auto).then_some(pinned),
                 }));
-            };
-            if scheme == Some("NTLM") {
-                let account = ntlm_account(auth).ok_or_else(|| {
+            }
+            // The account: from the password file, read now (a rotated password counts at the
+            // next handshake), else from the proxy URL.
+            let account = match (&login.account, &auth) {
+                (Some((user, path)), _) => {
+                    let password = read_password(path).map_err(|detail| {
+                        fail(ProxyError::Refused {
+                            proxy: proxy.clone(),
+                            target: target.clone(),
+                            detail,
+                        })
+                    })?;
+                    crate::proxy_auth::NtlmAccount::new(user, &password)
+                }
+                (None, Some(auth)) => ntlm_account(auth).ok_or_else(|| {
                     fail(ProxyError::Refused {
                         proxy: proxy.clone(),
                         target: target.clone(),
                         detail: "the user and password in the proxy URL cannot be read".into(),
                     })
-                })?;
+                })?,
+                (None, None) => unreachable!("checked above"),
+            };
+            if scheme == Some("NTLM") {
                 let fingerprint = account.fingerprint();
                 let refused = || NTLM_REFUSED.lock().unwrap_or_else(|p| p.into_inner());
                 let _turn = NTLM_TURN.lock().await;
@@ -1291,8 +1323,16 @@ impl tower_service::Service<Uri> for ProxyConnector {
                     Err(problem) => Err(fail(problem.into_error(proxy, target, Some("NTLM"), true))),
                 };
             }
+            let mut basic = HeaderValue::from_str(&format!("Basic {}", account.basic_token())).map_err(|_| {
+                fail(ProxyError::Refused {
+                    proxy: proxy.clone(),
+                    target: target.clone(),
+                    detail: "the proxy user cannot be sent as Basic".into(),
+                })
+            })?;
+            basic.set_sensitive(true);
             // Proxies close the connection after a 407 (Squid does): a new one for the answer.
-            match connect_tunnel(dial().await?, &target, Some(auth)).await {
+            match connect_tunnel(dial().await?, &target, Some(&basic)).await {
                 Ok(tcp) => {
                     note(format!(
                         "the proxy offered {}; relay answered Basic",
@@ -1311,6 +1351,17 @@ impl tower_service::Service<Uri> for ProxyConnector {
             }
         })
     }
+}
+
+/// The proxy account's password: the first line of its file.
+fn read_password(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read agent.proxy_password_file {}: {e}", path.display()))?;
+    let password = text.lines().next().unwrap_or("").trim_end_matches('\r').to_owned();
+    if password.is_empty() {
+        return Err(format!("agent.proxy_password_file {} is empty", path.display()));
+    }
+    Ok(password)
 }
 
 /// The NTLM account in a proxy URL's credentials (as hyper-util hands them on: a Basic header
@@ -1783,9 +1834,12 @@ mod tests {
             m.contains("agent.proxy_auth pins Basic, which the proxy does not offer"),
             "{m}"
         );
-        assert_eq!(ProxyAuth::Auto.choose(&windows), Some("NTLM"));
-        assert_eq!(ProxyAuth::Basic.choose(&windows), Some("Basic"));
-        assert_eq!(ProxyAuth::Ntlm.choose(&windows[1..]), None);
-        assert_eq!(ProxyAuth::Auto.choose(&["Negotiate".to_owned()]), None);
+        assert_eq!(ProxyAuth::Auto.choose(&windows, false), Some("NTLM"));
+        assert_eq!(ProxyAuth::Basic.choose(&windows, false), Some("Basic"));
+        assert_eq!(ProxyAuth::Ntlm.choose(&windows[1..], false), None);
+        assert_eq!(ProxyAuth::Auto.choose(&["Negotiate".to_owned()], false), None);
+        // A password from a file goes as Basic only when Basic is pinned.
+        assert_eq!(ProxyAuth::Auto.choose(&windows[1..], true), None);
+        assert_eq!(ProxyAuth::Basic.choose(&windows[1..], true), Some("Basic"));
     }
 }

@@ -32,6 +32,12 @@ impl NtlmAccount {
         }
     }
 
+    /// The account as Basic credentials (`base64(user:password)`), for a proxy pinned to
+    /// Basic.
+    pub fn basic_token(&self) -> String {
+        data_encoding::BASE64.encode(format!("{}:{}", self.user, self.password).as_bytes())
+    }
+
     /// A fingerprint of the account and password together (SHA-256, never the password
     /// itself), to tell whether a credential a proxy refused has changed since.
     pub fn fingerprint(&self) -> [u8; 32] {

@@ -489,6 +489,11 @@ async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
     assert_eq!(squid.attempts()[before..], ["wrong".to_owned()], "tried once");
     let o = cli(&agent_dir, &["status"], &env, None).await;
     assert!(!stdout(&o).contains("S3cret-pass"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("refused the NTLM answer for CORP\\ops"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 /// A proxy that offers NTLM and Basic: NTLM answers it, the password never goes as Basic,
@@ -530,4 +535,81 @@ async fn a_proxy_offering_ntlm_and_basic_gets_ntlm_unless_basic_is_pinned() {
     .await;
     assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
     assert!(stderr(&o).contains("agent.proxy_auth"), "{}", stderr(&o));
+}
+
+/// The account in `agent.proxy_user` with its password in `agent.proxy_password_file`: read
+/// again at each handshake, so after a refusal (held, tried once) the corrected file lets the
+/// running agent through without a restart; a file other users can read is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_is_read_at_each_handshake() {
+    let test = "a_password_file_is_read_at_each_handshake";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(squid) = Squid::start_ntlm(test, &tmp.path().join("squid"), "S3cret-pass", false).await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let mut private_app = Sink::start().await.unwrap();
+    let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
+    let secret = tmp.path().join("proxy-password");
+    let write = |password: &str| {
+        std::fs::write(&secret, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    };
+    write("S3cret-pass");
+    let url = format!("http://127.0.0.1:{}", squid.port);
+    let file = secret.display().to_string();
+    let env = [
+        ("RELAY_AGENT__PROXY", url.as_str()),
+        ("RELAY_AGENT__PROXY_USER", "CORP\\ops"),
+        ("RELAY_AGENT__PROXY_PASSWORD_FILE", file.as_str()),
+    ];
+    let agent_dir = tmp.path().join("agent");
+    let o = cli(
+        &agent_dir,
+        &["accept", &code, "--deliver-to", &private_app.url],
+        &env,
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(squid.attempts(), ["ok"]);
+
+    // A wrong password in the file: refused once, then held.
+    write("old-pass");
+    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    wait_for("the agent to hold the refused password", || async {
+        agent
+            .log()
+            .contains("refused the NTLM answer for CORP\\ops earlier")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(squid.attempts(), ["ok", "wrong"], "tried once");
+    // Corrected in the file: the running agent gets through at its next try.
+    write("S3cret-pass");
+    assert_eq!(
+        post(&client(), &node.api(), "c", b"after".to_vec(), &[])
+            .await
+            .unwrap()
+            .0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"after");
+    assert_eq!(squid.attempts()[..2], ["ok", "wrong"]);
+    assert!(
+        squid.attempts()[2..].iter().all(|a| a == "ok"),
+        "{:?}",
+        squid.attempts()
+    );
+    assert!(!agent.log().contains("S3cret-pass") && !agent.log().contains("old-pass"));
+
+    // Readable by others: refused with what to do.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = cli(&tmp.path().join("other"), &["accept", &code], &env, None).await;
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("agent.proxy_password_file") && stderr(&o).contains("chmod 600"),
+        "{}",
+        stderr(&o)
+    );
 }
