@@ -380,7 +380,13 @@ impl Squid {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("password"), password).unwrap();
         std::fs::write(dir.join("attempts"), "").unwrap();
-        let helpers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy");
+        // The helpers are copied beside Squid's files: Squid runs them as its own user, which
+        // may not reach the source tree (a clone in a private temporary directory).
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy");
+        let helpers = dir.to_owned();
+        for script in ["ntlm_helper.py", "basic_helper.py"] {
+            std::fs::copy(sources.join(script), helpers.join(script)).unwrap();
+        }
         let helper = helpers.join("ntlm_helper.py");
         let d = dir.display();
         let basic = if basic {
