@@ -1554,24 +1554,33 @@ impl Queue {
             return Ok(None);
         };
         let size = stored_body_len(stored) as u64;
+        // Nothing below this group is left above the mark (the usual, in-order case): the mark
+        // moves on from this very record, without looking it up again.
+        let first = members.first().map_or(seq, |(s, _)| *s) <= st.counters.consumed.saturating_add(1);
         st.change(List::Grouped, seq_of(&k).unwrap_or(seq), false, size);
         st.above.insert(seq, size);
-        self.advance(st)?;
+        self.advance(st, first.then_some((k, raw)))?;
         Ok(Some(size))
     }
 
     /// Moves the consumed-through mark over the members consumed in order, and removes each
-    /// group record the mark passes entirely: one write per group.
-    fn advance(&self, st: &mut QueueState) -> Result<(), QueueError> {
+    /// group record the mark passes entirely: one write per group. `first`, when given, is the
+    /// first group record above the mark, already read.
+    fn advance(&self, st: &mut QueueState, mut first: Option<(sled::IVec, sled::IVec)>) -> Result<(), QueueError> {
         while !st.above.is_empty() {
             let mark = st.counters.consumed;
-            let range = key(GROUP_PREFIX, mark.saturating_add(1))..=key(GROUP_PREFIX, u64::MAX);
-            let Some(item) = self.shared.tree.range(range).next() else {
-                // No group above the mark holds them (gone with their record): nothing to pass.
-                st.above.clear();
-                return Ok(());
+            let (k, raw) = match first.take() {
+                Some(record) => record,
+                None => {
+                    let range = key(GROUP_PREFIX, mark.saturating_add(1))..=key(GROUP_PREFIX, u64::MAX);
+                    let Some(item) = self.shared.tree.range(range).next() else {
+                        // No group above the mark holds them (gone with their record).
+                        st.above.clear();
+                        return Ok(());
+                    };
+                    item.map_err(|e| self.storage(e))?
+                }
             };
-            let (k, raw) = item.map_err(|e| self.storage(e))?;
             let members = group_members(&raw).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
             for (s, _) in members.iter().filter(|(s, _)| *s > mark) {
                 if st.above.remove(s).is_none() {
@@ -1866,7 +1875,8 @@ impl Queue {
                     removed += 1;
                 }
             }
-            self.advance(&mut st)?;
+            // This record is the first above the mark: the mark moves on from it.
+            self.advance(&mut st, Some((k, raw)))?;
             if !passed {
                 break;
             }
