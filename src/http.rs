@@ -1255,39 +1255,26 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 Err(problem) => return Err(fail(problem.into_error(proxy, target, None, auth.is_some()))),
             };
             let scheme = pinned.choose(&offered, login.account.is_some());
-            let have_credentials = auth.is_some() || login.account.is_some();
-            if scheme.is_none() || !have_credentials {
-                return Err(fail(ProxyError::AuthRequired {
-                    proxy,
-                    answered: None,
-                    have_credentials,
-                    offered,
-                    pinned: (pinned != ProxyAuth::Auto).then_some(pinned),
-                }));
-            }
-            // The account: from the password file, read now (a rotated password counts at the
-            // next handshake), else from the proxy URL.
-            let account = match (&login.account, &auth) {
-                (Some((user, path)), _) => {
-                    let password = read_password(path).map_err(|detail| {
-                        fail(ProxyError::Refused {
-                            proxy: proxy.clone(),
-                            target: target.clone(),
-                            detail,
-                        })
-                    })?;
-                    crate::proxy_auth::NtlmAccount::new(user, &password)
-                }
-                (None, Some(auth)) => ntlm_account(auth).ok_or_else(|| {
+            let account = match scheme {
+                Some(_) => proxy_account(&login, auth.as_ref()).map_err(|detail| {
                     fail(ProxyError::Refused {
                         proxy: proxy.clone(),
                         target: target.clone(),
-                        detail: "the user and password in the proxy URL cannot be read".into(),
+                        detail,
                     })
                 })?,
-                (None, None) => unreachable!("checked above"),
+                None => None,
             };
-            if scheme == Some("NTLM") {
+            let (Some(scheme), Some(account)) = (scheme, account) else {
+                return Err(fail(ProxyError::AuthRequired {
+                    proxy,
+                    answered: None,
+                    have_credentials: auth.is_some() || login.account.is_some(),
+                    offered,
+                    pinned: (pinned != ProxyAuth::Auto).then_some(pinned),
+                }));
+            };
+            if scheme == "NTLM" {
                 let fingerprint = account.fingerprint();
                 let refused = || NTLM_REFUSED.lock().unwrap_or_else(|p| p.into_inner());
                 let _turn = NTLM_TURN.lock().await;
@@ -1350,6 +1337,21 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 Err(problem) => Err(fail(problem.into_error(proxy, target, Some("Basic"), true))),
             }
         })
+    }
+}
+
+/// The proxy account: from the password file, read now (a rotated password counts at the
+/// next handshake), else from the proxy URL's credentials; `None` without either.
+fn proxy_account(
+    login: &ProxyLogin,
+    url: Option<&HeaderValue>,
+) -> Result<Option<crate::proxy_auth::NtlmAccount>, String> {
+    match (&login.account, url) {
+        (Some((user, path)), _) => Ok(Some(crate::proxy_auth::NtlmAccount::new(user, &read_password(path)?))),
+        (None, Some(auth)) => ntlm_account(auth)
+            .map(Some)
+            .ok_or_else(|| "the user and password in the proxy URL cannot be read".to_owned()),
+        (None, None) => Ok(None),
     }
 }
 
