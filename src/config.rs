@@ -225,10 +225,23 @@ pub struct AgentSettings {
     /// unset, `NO_PROXY` applies.
     #[serde(default)]
     pub no_proxy: Option<String>,
-    /// Which scheme answers the proxy's challenges: `auto` (NTLM when offered, else Basic),
-    /// `ntlm` or `basic`.
+    /// Which scheme answers the proxy's challenges: `auto` (the strongest the proxy offers
+    /// that relay has credentials for: Negotiate with a keytab, NTLM with a password, Basic
+    /// for a proxy URL's credentials), `negotiate`, `ntlm` or `basic`.
     #[serde(default)]
     pub proxy_auth: crate::http::ProxyAuth,
+    /// Keytab of the agent's service account, for Negotiate (Kerberos) proxies; without it,
+    /// `KRB5_CLIENT_KTNAME`. Read again at each handshake.
+    #[serde(default)]
+    pub proxy_keytab: Option<PathBuf>,
+    /// The Kerberos principal to use from the keytab (`user@REALM`); without it, the
+    /// keytab's first entry.
+    #[serde(default)]
+    pub proxy_principal: Option<String>,
+    /// The proxy's Kerberos service principal; without it, `HTTP/` and the proxy's host as
+    /// the proxy URL names it.
+    #[serde(default)]
+    pub proxy_spn: Option<String>,
     /// The proxy account (`DOMAIN\\user` or `user@domain`), with `proxy_password_file`,
     /// instead of credentials in the proxy URL.
     #[serde(default)]
@@ -437,6 +450,9 @@ impl Default for AgentSettings {
             proxy: None,
             no_proxy: None,
             proxy_auth: crate::http::ProxyAuth::Auto,
+            proxy_keytab: None,
+            proxy_principal: None,
+            proxy_spn: None,
             proxy_user: None,
             proxy_password_file: None,
             trust: TrustMode::default(),
@@ -958,26 +974,11 @@ impl Settings {
         match (&self.agent.proxy_user, &self.agent.proxy_password_file) {
             (Some(_), None) => return invalid("agent.proxy_password_file", "required with agent.proxy_user"),
             (None, Some(_)) => return invalid("agent.proxy_user", "required with agent.proxy_password_file"),
-            (Some(_), Some(path)) => {
-                use std::os::unix::fs::MetadataExt;
-                match std::fs::metadata(path) {
-                    Ok(meta) if meta.mode() & 0o077 != 0 => {
-                        return invalid(
-                            "agent.proxy_password_file",
-                            &format!(
-                                "{} can be read by other users (mode {:o}): make it readable by the service user alone (chmod 600)",
-                                path.display(),
-                                meta.mode() & 0o777
-                            ),
-                        )
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return invalid("agent.proxy_password_file", &format!("cannot read {}: {e}", path.display()))
-                    }
-                }
-            }
+            (Some(_), Some(path)) => private_file("agent.proxy_password_file", path)?,
             (None, None) => {}
+        }
+        if let Some(path) = &self.agent.proxy_keytab {
+            private_file("agent.proxy_keytab", path)?;
         }
         if self.agent.trust == TrustMode::Ca && self.agent.ca_file.is_none() {
             return invalid("agent.ca_file", "required when agent.trust = \"ca\"");
@@ -1043,6 +1044,11 @@ impl Settings {
                 .proxy_user
                 .clone()
                 .zip(self.agent.proxy_password_file.clone()),
+            kerberos: crate::proxy_auth::kerberos::KerberosLogin {
+                keytab: self.agent.proxy_keytab.clone(),
+                principal: self.agent.proxy_principal.clone(),
+                spn: self.agent.proxy_spn.clone(),
+            },
         };
         match &self.agent.proxy {
             Some(url) => crate::http::ProxyConfig::Url {
@@ -1061,6 +1067,22 @@ impl Settings {
             max_bytes: self.queue.max_bytes,
         }
     }
+}
+
+/// Checks a secret file (`key` names its setting): it must exist and be readable by its owner
+/// alone, like the other secrets.
+fn private_file(key: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let problem = match std::fs::metadata(path) {
+        Ok(meta) if meta.mode() & 0o077 != 0 => format!(
+            "{} can be read by other users (mode {:o}): make it readable by the service user alone (chmod 600)",
+            path.display(),
+            meta.mode() & 0o777
+        ),
+        Ok(_) => return Ok(()),
+        Err(e) => format!("cannot read {}: {e}", path.display()),
+    };
+    Err(ConfigError::Invalid { key, problem })
 }
 
 /// A tracker URL: https, or http on a loopback address only (a token must not cross a

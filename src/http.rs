@@ -899,41 +899,84 @@ impl Default for ProxyConfig {
     }
 }
 
-/// How relay answers a proxy's `407`: the scheme (`agent.proxy_auth`) and an account whose
+/// How relay answers a proxy's `407`: the scheme (`agent.proxy_auth`), an account whose
 /// password is in a file (`agent.proxy_user`, `agent.proxy_password_file`), read again at each
-/// handshake; without one, the credentials in the proxy URL.
+/// handshake (without one, the credentials in the proxy URL), and the Kerberos identity for
+/// Negotiate (a keytab).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyLogin {
     /// Which scheme answers.
     pub scheme: ProxyAuth,
     /// The account and the file holding its password.
     pub account: Option<(String, std::path::PathBuf)>,
+    /// The keytab, the client principal and the proxy's service principal.
+    pub kerberos: crate::proxy_auth::kerberos::KerberosLogin,
 }
 
 /// Which scheme answers a proxy's `407` (`agent.proxy_auth`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyAuth {
-    /// NTLM when the proxy offers it, else Basic when it offers that.
+    /// The strongest the proxy offers that relay has credentials for: Negotiate with a
+    /// keytab, NTLM with a password (inside Negotiate when the proxy offers only that), Basic
+    /// for the credentials of a proxy URL when the proxy offers nothing better.
     #[default]
     Auto,
+    /// Negotiate only: Kerberos with a keytab, else NTLM inside Negotiate with a password.
+    Negotiate,
     /// NTLM only.
     Ntlm,
     /// Basic only, even when the proxy offers NTLM as well.
     Basic,
 }
 
+/// How relay answers one challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    /// `Negotiate`, Kerberos inside SPNEGO.
+    Kerberos,
+    /// `Negotiate` carrying NTLM messages, as Windows clients send them without a ticket.
+    NegotiateNtlm,
+    /// `NTLM`.
+    Ntlm,
+    /// `Basic`.
+    Basic,
+}
+
+/// The credentials relay has for a proxy.
+#[derive(Debug, Clone, Copy)]
+struct Have {
+    /// A keytab or a credential cache.
+    kerberos: bool,
+    /// A user and password (a password file or the proxy URL).
+    password: bool,
+    /// The password comes from `agent.proxy_password_file`: a domain account, never Basic
+    /// unless pinned.
+    from_file: bool,
+}
+
 impl ProxyAuth {
-    /// The scheme to answer `offered` with, if any. A password from a file goes as Basic only
-    /// when Basic is pinned: an account in a file is a domain account.
-    fn choose(self, offered: &[String], from_file: bool) -> Option<&'static str> {
+    /// The scheme to answer `offered` with, if any.
+    fn choose(self, offered: &[String], have: Have) -> Option<Scheme> {
         let offers = |scheme: &str| offered.iter().any(|s| s.eq_ignore_ascii_case(scheme));
+        let negotiate = offers("negotiate");
         match self {
-            ProxyAuth::Auto if offers("ntlm") => Some("NTLM"),
-            ProxyAuth::Auto if offers("basic") && !from_file => Some("Basic"),
-            ProxyAuth::Basic if offers("basic") => Some("Basic"),
-            ProxyAuth::Ntlm if offers("ntlm") => Some("NTLM"),
+            ProxyAuth::Auto | ProxyAuth::Negotiate if negotiate && have.kerberos => Some(Scheme::Kerberos),
+            ProxyAuth::Auto | ProxyAuth::Ntlm if offers("ntlm") && have.password => Some(Scheme::Ntlm),
+            ProxyAuth::Auto | ProxyAuth::Negotiate if negotiate && have.password => Some(Scheme::NegotiateNtlm),
+            ProxyAuth::Auto if offers("basic") && have.password && !have.from_file => Some(Scheme::Basic),
+            ProxyAuth::Basic if offers("basic") && have.password => Some(Scheme::Basic),
             _ => None,
+        }
+    }
+
+    /// The header scheme a pin stands for, when it pins one.
+    fn pinned_name(self) -> Option<&'static str> {
+        match self {
+            ProxyAuth::Auto => None,
+            ProxyAuth::Negotiate => Some("Negotiate"),
+            ProxyAuth::Ntlm => Some("NTLM"),
+            ProxyAuth::Basic => Some("Basic"),
         }
     }
 }
@@ -1029,6 +1072,28 @@ pub enum ProxyError {
         /// The account, `DOMAIN\user`.
         user: String,
     },
+    /// Kerberos could not make the Negotiate token for the proxy.
+    #[error("the proxy {proxy} asked for Negotiate, and relay could not get a Kerberos ticket for {spn}: {detail}")]
+    Kerberos {
+        /// The proxy.
+        proxy: String,
+        /// The proxy's service principal asked for.
+        spn: String,
+        /// What went wrong.
+        detail: crate::proxy_auth::kerberos::KerberosError,
+    },
+    /// The proxy refused relay's Kerberos ticket.
+    #[error(
+        "the proxy {proxy} refused relay's Kerberos ticket for {spn} (as {client}): the proxy's keytab may lack the current key of {spn}, or it answers to another name (set agent.proxy_spn)"
+    )]
+    KerberosRefused {
+        /// The proxy.
+        proxy: String,
+        /// The client principal.
+        client: String,
+        /// The service principal.
+        spn: String,
+    },
     /// The proxy refused or failed the CONNECT.
     #[error("the proxy {proxy} did not open a tunnel to {target}: {detail}")]
     Refused {
@@ -1068,27 +1133,34 @@ fn auth_required(
         }
         None => {}
     }
-    if let Some(pin) = pinned.filter(|p| p.choose(offered, false).is_none()) {
-        let name = match pin {
-            ProxyAuth::Ntlm => "NTLM",
-            _ => "Basic",
-        };
+    let offers = |scheme: &str| offered.iter().any(|s| s.eq_ignore_ascii_case(scheme));
+    if let Some(name) = pinned.and_then(ProxyAuth::pinned_name).filter(|n| !offers(n)) {
         return format!(
             "{head}: agent.proxy_auth pins {name}, which the proxy does not offer; set agent.proxy_auth = \"auto\" to answer what it offers"
         );
     }
-    let usable = basic || offered.iter().any(|s| s.eq_ignore_ascii_case("ntlm"));
+    let usable = basic || offers("ntlm") || offers("negotiate");
     if !usable && !offered.is_empty() {
         let kept = if have {
-            "; the user and password in the proxy URL were not sent, since the proxy takes neither NTLM nor Basic (a password is never sent in clear to a proxy that asks for another scheme)"
+            "; the user and password in the proxy URL were not sent, since the proxy takes none of them (a password is never sent in clear to a proxy that asks for another scheme)"
         } else {
             ""
         };
         return format!(
-            "{head}: relay answers NTLM and Basic proxy authentication so far{kept}; ask for a proxy rule that lets the agent's host reach the node, or a proxy port that takes NTLM or Basic"
+            "{head}: relay answers Negotiate (Kerberos), NTLM and Basic proxy authentication{kept}; ask for a proxy rule that lets the agent's host reach the node, or a proxy port that takes one of them"
         );
     }
-    format!("{head}: put a user and password in the proxy URL (http://user:password@host:port, or http://DOMAIN%5Cuser:password@host:port for NTLM, in agent.proxy or HTTPS_PROXY)")
+    if have && basic && !offers("ntlm") && !offers("negotiate") {
+        return format!(
+            "{head}: the proxy takes only Basic, which would send the password of agent.proxy_password_file in clear; relay does that only when agent.proxy_auth = \"basic\" says so"
+        );
+    }
+    let kerberos = if offers("negotiate") {
+        "agent.proxy_keytab (a keytab of the agent's service account, for Kerberos), or "
+    } else {
+        ""
+    };
+    format!("{head}: set {kerberos}a user and password: agent.proxy_user with agent.proxy_password_file, or in the proxy URL (http://user:password@host:port, or http://DOMAIN%5Cuser:password@host:port for NTLM, in agent.proxy or HTTPS_PROXY)")
 }
 
 /// The schemes a proxy's answer head offers in its `Proxy-Authenticate` headers, in order:
@@ -1254,27 +1326,76 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 Err(TunnelProblem::AuthRequired(offered)) => offered,
                 Err(problem) => return Err(fail(problem.into_error(proxy, target, None, auth.is_some()))),
             };
-            let scheme = pinned.choose(&offered, login.account.is_some());
-            let account = match scheme {
-                Some(_) => proxy_account(&login, auth.as_ref()).map_err(|detail| {
+            let have = Have {
+                kerberos: login.kerberos.available(),
+                password: login.account.is_some() || auth.is_some(),
+                from_file: login.account.is_some(),
+            };
+            let refusal = |answered: Option<String>| {
+                fail(ProxyError::AuthRequired {
+                    proxy: proxy.clone(),
+                    answered,
+                    have_credentials: have.password || have.kerberos,
+                    offered: offered.clone(),
+                    pinned: (pinned != ProxyAuth::Auto).then_some(pinned),
+                })
+            };
+            let Some(scheme) = pinned.choose(&offered, have) else {
+                return Err(refusal(None));
+            };
+            let host = proxy_uri.host().unwrap_or_default().to_owned();
+            let offered_list = offered.join(", ");
+            if scheme == Scheme::Kerberos {
+                let kerberos = login.kerberos.clone();
+                let spn = kerberos.spn(&host);
+                let made =
+                    tokio::task::spawn_blocking(move || crate::proxy_auth::kerberos::initial_token(&kerberos, &host))
+                        .await
+                        .map_err(|e| {
+                            fail(ProxyError::Refused {
+                                proxy: proxy.clone(),
+                                target: target.clone(),
+                                detail: format!("the Kerberos handshake stopped: {e}"),
+                            })
+                        })?;
+                let token = match made {
+                    Ok(token) => token,
+                    Err(detail) => {
+                        if detail.locks_out() {
+                            tracing::error!(%proxy, %detail, "the KDC refused the keytab's key; this keytab is not tried again until it changes");
+                        }
+                        return Err(fail(ProxyError::Kerberos { proxy, spn, detail }));
+                    }
+                };
+                let header = format!("Negotiate {}", data_encoding::BASE64.encode(&token.token));
+                // Proxies close the connection after a 407 (Squid does): a new one for the answer.
+                return match connect_tunnel(dial().await?, &target, Some(header.as_bytes())).await {
+                    Ok(tcp) => {
+                        note(format!(
+                            "the proxy offered {offered_list}; relay answered Negotiate (Kerberos) as {} for {}",
+                            token.client, token.spn
+                        ));
+                        Ok(TokioIo::new(tcp))
+                    }
+                    Err(TunnelProblem::AuthRequired(_)) => Err(fail(ProxyError::KerberosRefused {
+                        proxy,
+                        client: token.client,
+                        spn: token.spn,
+                    })),
+                    Err(problem) => Err(fail(problem.into_error(proxy, target, Some("Negotiate"), true))),
+                };
+            }
+            let account = proxy_account(&login, auth.as_ref())
+                .map_err(|detail| {
                     fail(ProxyError::Refused {
                         proxy: proxy.clone(),
                         target: target.clone(),
                         detail,
                     })
-                })?,
-                None => None,
-            };
-            let (Some(scheme), Some(account)) = (scheme, account) else {
-                return Err(fail(ProxyError::AuthRequired {
-                    proxy,
-                    answered: None,
-                    have_credentials: auth.is_some() || login.account.is_some(),
-                    offered,
-                    pinned: (pinned != ProxyAuth::Auto).then_some(pinned),
-                }));
-            };
-            if scheme == "NTLM" {
+                })?
+                .ok_or_else(|| refusal(None))?;
+            if scheme == Scheme::Ntlm || scheme == Scheme::NegotiateNtlm {
+                let header_scheme = if scheme == Scheme::Ntlm { "NTLM" } else { "Negotiate" };
                 let fingerprint = account.fingerprint();
                 let refused = || NTLM_REFUSED.lock().unwrap_or_else(|p| p.into_inner());
                 let _turn = NTLM_TURN.lock().await;
@@ -1284,14 +1405,17 @@ impl tower_service::Service<Uri> for ProxyConnector {
                         user: account.user,
                     }));
                 }
-                let host = proxy_uri.host().unwrap_or_default().to_owned();
+                let how = if scheme == Scheme::Ntlm {
+                    "NTLM (NTLMv2)"
+                } else {
+                    "Negotiate with NTLM inside (NTLMv2; no Kerberos keytab)"
+                };
                 // Proxies close the connection after a 407 (Squid does): a new one for the
                 // handshake, whose messages share it.
-                return match ntlm_tunnel(dial().await?, &target, &account, &host).await {
+                return match ntlm_tunnel(dial().await?, &target, &account, &host, header_scheme).await {
                     Ok(tcp) => {
                         note(format!(
-                            "the proxy offered {}; relay answered NTLM (NTLMv2) as {}",
-                            offered.join(", "),
+                            "the proxy offered {offered_list}; relay answered {how} as {}",
                             account.user
                         ));
                         Ok(TokioIo::new(tcp))
@@ -1299,41 +1423,25 @@ impl tower_service::Service<Uri> for ProxyConnector {
                     Err(TunnelProblem::AuthRequired(_)) => {
                         refused().push(fingerprint);
                         tracing::error!(%proxy, user = %account.user, "the proxy refused the NTLM answer; this password is not tried again until it changes");
-                        Err(fail(ProxyError::AuthRequired {
-                            proxy,
-                            answered: Some(format!("NTLM answer as {}", account.user)),
-                            have_credentials: true,
-                            offered,
-                            pinned: None,
-                        }))
+                        Err(refusal(Some(format!("NTLM answer as {}", account.user))))
                     }
-                    Err(problem) => Err(fail(problem.into_error(proxy, target, Some("NTLM"), true))),
+                    Err(problem) => Err(fail(problem.into_error(proxy, target, Some(header_scheme), true))),
                 };
             }
-            let mut basic = HeaderValue::from_str(&format!("Basic {}", account.basic_token())).map_err(|_| {
+            let basic = HeaderValue::from_str(&format!("Basic {}", account.basic_token())).map_err(|_| {
                 fail(ProxyError::Refused {
                     proxy: proxy.clone(),
                     target: target.clone(),
                     detail: "the proxy user cannot be sent as Basic".into(),
                 })
             })?;
-            basic.set_sensitive(true);
             // Proxies close the connection after a 407 (Squid does): a new one for the answer.
-            match connect_tunnel(dial().await?, &target, Some(&basic)).await {
+            match connect_tunnel(dial().await?, &target, Some(basic.as_bytes())).await {
                 Ok(tcp) => {
-                    note(format!(
-                        "the proxy offered {}; relay answered Basic",
-                        offered.join(", ")
-                    ));
+                    note(format!("the proxy offered {offered_list}; relay answered Basic"));
                     Ok(TokioIo::new(tcp))
                 }
-                Err(TunnelProblem::AuthRequired(_)) => Err(fail(ProxyError::AuthRequired {
-                    proxy,
-                    answered: Some("Basic".into()),
-                    have_credentials: true,
-                    offered,
-                    pinned: None,
-                })),
+                Err(TunnelProblem::AuthRequired(_)) => Err(refusal(Some("Basic".into()))),
                 Err(problem) => Err(fail(problem.into_error(proxy, target, Some("Basic"), true))),
             }
         })
@@ -1377,15 +1485,17 @@ fn ntlm_account(basic: &HeaderValue) -> Option<crate::proxy_auth::NtlmAccount> {
 }
 
 /// An NTLM handshake with the proxy on `tcp` (NEGOTIATE, the proxy's CHALLENGE, then
-/// AUTHENTICATE, all on this one connection), then the tunnel to `target`.
+/// AUTHENTICATE, all on this one connection), then the tunnel to `target`; the messages go
+/// under `scheme`, `NTLM` or `Negotiate`.
 async fn ntlm_tunnel(
     mut tcp: tokio::net::TcpStream,
     target: &str,
     account: &crate::proxy_auth::NtlmAccount,
     proxy_host: &str,
+    scheme: &str,
 ) -> Result<tokio::net::TcpStream, TunnelProblem> {
     use crate::proxy_auth::NtlmHandshake;
-    let header = |token: &[u8]| format!("NTLM {}", data_encoding::BASE64.encode(token));
+    let header = |token: &[u8]| format!("{scheme} {}", data_encoding::BASE64.encode(token));
     let (handshake, negotiate) =
         NtlmHandshake::start(account, proxy_host).map_err(|e| TunnelProblem::Scheme(e.to_string()))?;
     let challenged = exchange(&mut tcp, target, Some(header(&negotiate).as_bytes())).await?;
@@ -1394,7 +1504,7 @@ async fn ntlm_tunnel(
         407 => {}
         code => return Err(TunnelProblem::Status(code, challenged.reason)),
     }
-    let challenge = challenge_token(&challenged.head, "NTLM").ok_or(TunnelProblem::Malformed(
+    let challenge = challenge_token(&challenged.head, scheme).ok_or(TunnelProblem::Malformed(
         "the proxy answered the NTLM negotiation without a challenge",
     ))?;
     let authenticate = handshake
@@ -1465,9 +1575,9 @@ impl TunnelProblem {
 async fn connect_tunnel(
     mut tcp: tokio::net::TcpStream,
     target: &str,
-    auth: Option<&HeaderValue>,
+    auth: Option<&[u8]>,
 ) -> Result<tokio::net::TcpStream, TunnelProblem> {
-    let answer = exchange(&mut tcp, target, auth.map(HeaderValue::as_bytes)).await?;
+    let answer = exchange(&mut tcp, target, auth).await?;
     match answer.code {
         200 => Ok(tcp),
         407 => Err(TunnelProblem::AuthRequired(offered_schemes(&answer.head))),
@@ -1806,9 +1916,9 @@ mod tests {
         assert_eq!(challenge_token(head, "ntlm").unwrap(), b"NTLMSSP\0\x02\0\0\0");
         assert_eq!(challenge_token(head, "Negotiate"), None);
         assert!(offered_schemes("HTTP/1.1 407 x\r\nVia: 1.1 proxy\r\n\r\n").is_empty());
-        let kerberos = vec!["Negotiate".to_owned()];
-        let m = auth_required("http://p:3128", None, true, &kerberos, None);
-        assert!(m.contains("asking for Negotiate") && m.contains("were not sent"), "{m}");
+        let digest = vec!["Digest".to_owned()];
+        let m = auth_required("http://p:3128", None, true, &digest, None);
+        assert!(m.contains("asking for Digest") && m.contains("were not sent"), "{m}");
         let m = auth_required("http://p:3128", Some("Basic"), true, &["Basic".to_owned()], None);
         assert!(m.contains("refused the user and password"), "{m}");
         let m = auth_required(
@@ -1823,7 +1933,10 @@ mod tests {
             "{m}"
         );
         let m = auth_required("http://p:3128", None, false, &["Basic".to_owned()], None);
-        assert!(m.contains("put a user and password in the proxy URL"), "{m}");
+        assert!(
+            m.contains("a user and password") && m.contains("in the proxy URL"),
+            "{m}"
+        );
         let windows = ["NTLM".to_owned(), "Basic".to_owned()];
         let m = auth_required(
             "http://p:3128",
@@ -1836,12 +1949,36 @@ mod tests {
             m.contains("agent.proxy_auth pins Basic, which the proxy does not offer"),
             "{m}"
         );
-        assert_eq!(ProxyAuth::Auto.choose(&windows, false), Some("NTLM"));
-        assert_eq!(ProxyAuth::Basic.choose(&windows, false), Some("Basic"));
-        assert_eq!(ProxyAuth::Ntlm.choose(&windows[1..], false), None);
-        assert_eq!(ProxyAuth::Auto.choose(&["Negotiate".to_owned()], false), None);
+        let url = Have {
+            kerberos: false,
+            password: true,
+            from_file: false,
+        };
+        let file = Have { from_file: true, ..url };
+        let keytab = Have {
+            kerberos: true,
+            password: false,
+            from_file: false,
+        };
+        let both = Have { kerberos: true, ..file };
+        let all = ["Negotiate".to_owned(), "NTLM".to_owned(), "Basic".to_owned()];
+        let negotiate = ["Negotiate".to_owned()];
+        assert_eq!(ProxyAuth::Auto.choose(&windows, url), Some(Scheme::Ntlm));
+        assert_eq!(ProxyAuth::Basic.choose(&windows, url), Some(Scheme::Basic));
+        assert_eq!(ProxyAuth::Ntlm.choose(&windows[1..], url), None);
+        // Negotiate: Kerberos with a keytab, else NTLM inside it with a password.
+        assert_eq!(ProxyAuth::Auto.choose(&all, both), Some(Scheme::Kerberos));
+        assert_eq!(ProxyAuth::Auto.choose(&all, file), Some(Scheme::Ntlm));
+        assert_eq!(ProxyAuth::Auto.choose(&negotiate, url), Some(Scheme::NegotiateNtlm));
+        assert_eq!(ProxyAuth::Auto.choose(&negotiate, keytab), Some(Scheme::Kerberos));
+        assert_eq!(ProxyAuth::Auto.choose(&windows, keytab), None);
+        assert_eq!(ProxyAuth::Negotiate.choose(&all, file), Some(Scheme::NegotiateNtlm));
+        assert_eq!(ProxyAuth::Ntlm.choose(&all, both), Some(Scheme::Ntlm));
+        assert_eq!(ProxyAuth::Basic.choose(&all, both), Some(Scheme::Basic));
         // A password from a file goes as Basic only when Basic is pinned.
-        assert_eq!(ProxyAuth::Auto.choose(&windows[1..], true), None);
-        assert_eq!(ProxyAuth::Basic.choose(&windows[1..], true), Some("Basic"));
+        assert_eq!(ProxyAuth::Auto.choose(&windows[1..], file), None);
+        assert_eq!(ProxyAuth::Basic.choose(&windows[1..], file), Some(Scheme::Basic));
+        let m = auth_required("http://p:3128", None, false, &negotiate, None);
+        assert!(m.contains("agent.proxy_keytab") && m.contains("DOMAIN%5Cuser"), "{m}");
     }
 }

@@ -14,7 +14,7 @@
 //! - [`tls`]: server identity, the pinned client verifier, webhook trust, certificate facts.
 //! - [`queue`]: durable FIFO queues and record tables over sled, with group commit.
 //! - [`http`]: the bounded server loop and the client with deadlines.
-//! - [`proxy_auth`]: NTLM proxy authentication (the client side of the handshake).
+//! - [`proxy_auth`]: proxy authentication beyond Basic, client side: NTLM and Kerberos (Negotiate).
 //! - [`guard`]: what the local listeners accept from browsers (`Host`, `Origin`,
 //!   `Sec-Fetch-Site`, CORS for allowed origins), a pure decision.
 //! - [`intake`]: the local API (`POST /v1/connections/{name}/messages`, health, metrics).

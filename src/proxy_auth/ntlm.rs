@@ -1,5 +1,5 @@
-//! Proxy authentication beyond Basic: the NTLM handshake (NTLMv2 only), through the `sspi`
-//! crate; the only module that touches it.
+//! The NTLM handshake (NTLMv2 only), client side, through the `sspi` crate; the only module
+//! that touches it.
 
 use sspi::{
     AuthIdentity, BufferType, ClientRequestFlags, CredentialUse, DataRepresentation, Ntlm, SecurityBuffer,

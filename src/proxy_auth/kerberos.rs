@@ -1,0 +1,517 @@
+//! Kerberos for the Negotiate proxy scheme, client side, through MIT Kerberos's GSSAPI (the
+//! `libgssapi` crate); the only module that touches it. MIT Kerberos reads the keytab, finds
+//! the realm's KDCs (krb5.conf or DNS) and fetches tickets again before they expire; this
+//! module chooses the keytab and the names, and says in words what went wrong.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use libgssapi::context::{ClientCtx, CtxFlags};
+use libgssapi::credential::{Cred, CredUsage};
+use libgssapi::name::Name;
+use libgssapi::oid::{OidSet, GSS_MECH_KRB5, GSS_MECH_SPNEGO, GSS_NT_KRB5_PRINCIPAL};
+
+/// Where the agent's Kerberos identity comes from, and which principal the proxy has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KerberosLogin {
+    /// `agent.proxy_keytab`; without it, `KRB5_CLIENT_KTNAME` from the environment.
+    pub keytab: Option<PathBuf>,
+    /// `agent.proxy_principal`: the client principal; without it, the keytab's first entry.
+    pub principal: Option<String>,
+    /// `agent.proxy_spn`: the proxy's service principal; without it, `HTTP/<proxy host>`.
+    pub spn: Option<String>,
+}
+
+impl KerberosLogin {
+    /// The keytab to use: the configured one, else `KRB5_CLIENT_KTNAME` (its `FILE:` prefix
+    /// dropped).
+    pub fn keytab(&self) -> Option<PathBuf> {
+        self.keytab.clone().or_else(|| {
+            let name = std::env::var("KRB5_CLIENT_KTNAME").ok()?;
+            let path = name.strip_prefix("FILE:").unwrap_or(&name);
+            (!path.is_empty()).then(|| PathBuf::from(path))
+        })
+    }
+
+    /// Whether Kerberos can answer a Negotiate challenge: with a keytab, or with a credential
+    /// cache an operator keeps filled (`KRB5CCNAME`, for example by `k5start`).
+    pub fn available(&self) -> bool {
+        self.keytab().is_some() || std::env::var_os("KRB5CCNAME").is_some_and(|v| !v.is_empty())
+    }
+
+    /// The proxy's service principal: `agent.proxy_spn`, else `HTTP/` and the proxy's host
+    /// as configured (not canonicalized through DNS).
+    pub fn spn(&self, proxy_host: &str) -> String {
+        match &self.spn {
+            Some(spn) => spn.clone(),
+            None => format!("HTTP/{proxy_host}"),
+        }
+    }
+}
+
+/// The first token of a Negotiate handshake, and the names it was made with.
+#[derive(Debug)]
+pub struct Token {
+    /// The SPNEGO token (a Kerberos AP-REQ inside) for `Proxy-Authorization: Negotiate`.
+    pub token: Vec<u8>,
+    /// The client principal, `user@REALM`.
+    pub client: String,
+    /// The service principal asked for.
+    pub spn: String,
+}
+
+/// What went wrong, in words an operator can act on; never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KerberosError {
+    /// The keytab cannot be read.
+    #[error("cannot read the keytab {path}: {detail}")]
+    Keytab {
+        /// The keytab.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// Neither a keytab nor a credential cache gave a principal.
+    #[error("no Kerberos key or ticket for the agent: {where_}; set agent.proxy_keytab to a keytab that holds the agent's service account")]
+    NoKeys {
+        /// Where relay looked.
+        where_: String,
+    },
+    /// The keytab holds no key for the configured principal.
+    #[error(
+        "the keytab {keytab} holds no key for {principal} (agent.proxy_principal); list it with `klist -k {keytab}`"
+    )]
+    NoKeyFor {
+        /// The keytab.
+        keytab: String,
+        /// The principal asked for.
+        principal: String,
+    },
+    /// The KDC does not know the agent's principal.
+    #[error("the KDC does not know the agent's principal {principal}: check the account's name and realm")]
+    ClientUnknown {
+        /// The client principal.
+        principal: String,
+    },
+    /// The KDC does not know the proxy's principal.
+    #[error("the KDC does not know the proxy's principal {spn}: Active Directory registers HTTP/ and the proxy's full host name, so use that name in the proxy URL or set agent.proxy_spn")]
+    ServerUnknown {
+        /// The service principal asked for.
+        spn: String,
+    },
+    /// The KDC refused the keytab's key: the keytab is older than the account's key.
+    #[error("the KDC did not accept the keytab's key for {principal} (a keytab older than the account's password or key): export it again; relay does not try this keytab again until it changes, so that the domain does not lock the account out")]
+    KeyRefused {
+        /// The client principal.
+        principal: String,
+    },
+    /// The keytab's key was refused before and the keytab has not changed since.
+    #[error("the KDC refused the keytab's key for {principal} earlier; relay does not try that keytab again, so that the domain does not lock the account out: replace {keytab} (read again at the next try)")]
+    Held {
+        /// The client principal.
+        principal: String,
+        /// The keytab.
+        keytab: String,
+    },
+    /// No KDC of the realm answered.
+    #[error("no KDC of realm {realm} could be reached (from krb5.conf's [realms] or DNS SRV records; `relay egress` lists them)")]
+    NoKdc {
+        /// The realm.
+        realm: String,
+    },
+    /// The KDC reported that the clocks differ too much.
+    #[error("the KDC reports clock skew: this host's clock differs from the KDC's by more than it allows (5 minutes by default); synchronise the clock (NTP)")]
+    ClockSkew,
+    /// Anything else, in MIT Kerberos's words.
+    #[error("Kerberos failed: {0}")]
+    Other(String),
+}
+
+impl KerberosError {
+    /// Whether the KDC refused the account's key: not tried again until the keytab changes.
+    pub fn locks_out(&self) -> bool {
+        matches!(self, KerberosError::KeyRefused { .. })
+    }
+}
+
+/// What this process knows of its keytab.
+struct State {
+    /// The keytab in use and its fingerprint (with the principal asked for).
+    current: Option<[u8; 32]>,
+    /// Bumped when the keytab changes: names a fresh in-memory ticket cache.
+    generation: u64,
+    /// Fingerprints of keytabs whose key the KDC refused.
+    refused: Vec<[u8; 32]>,
+}
+
+/// One handshake at a time: MIT Kerberos is told the keytab and the ticket cache through its
+/// environment variables, which change only here and only under this lock.
+static STATE: Mutex<State> = Mutex::new(State {
+    current: None,
+    generation: 0,
+    refused: Vec::new(),
+});
+
+/// The first Negotiate token for the proxy on `proxy_host`: Kerberos inside SPNEGO, without
+/// delegation. Blocking (it may ask the KDC for tickets): run it off the async threads.
+///
+/// With a keytab, the tickets live in a ticket cache in this process's memory alone (no file
+/// and no keyring), fetched from the keytab and fetched again before they expire; a keytab
+/// that changed is read at the next handshake, with a fresh cache.
+pub fn initial_token(login: &KerberosLogin, proxy_host: &str) -> Result<Token, KerberosError> {
+    let spn = login.spn(proxy_host);
+    let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let keytab = login.keytab();
+    let fingerprint = use_keytab(&mut state, login, keytab.as_deref())?;
+    if let (Some(print), Some(path)) = (fingerprint, &keytab) {
+        if state.refused.contains(&print) {
+            return Err(KerberosError::Held {
+                principal: login.principal.clone().unwrap_or_else(|| "its first principal".into()),
+                keytab: path.display().to_string(),
+            });
+        }
+    }
+    let result = token(login, keytab.as_deref(), &spn);
+    if let (Err(e), Some(print)) = (&result, fingerprint) {
+        if e.locks_out() {
+            state.refused.push(print);
+        }
+    }
+    result
+}
+
+/// Points MIT Kerberos at `keytab` (read now; its fingerprint, with the principal asked for,
+/// is returned), with a fresh in-memory ticket cache whenever either changed. Without a
+/// keytab, MIT Kerberos uses the credential cache of the environment.
+fn use_keytab(
+    state: &mut State,
+    login: &KerberosLogin,
+    keytab: Option<&Path>,
+) -> Result<Option<[u8; 32]>, KerberosError> {
+    let Some(path) = keytab else {
+        return Ok(None);
+    };
+    let mut seed = std::fs::read(path).map_err(|e| KerberosError::Keytab {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    seed.extend_from_slice(login.principal.as_deref().unwrap_or("").as_bytes());
+    let print = crate::crypto::sha256(&seed);
+    if state.current != Some(print) {
+        state.generation += 1;
+        state.current = Some(print);
+        // Only MIT Kerberos reads these, and only under the lock the caller holds.
+        std::env::set_var("KRB5_CLIENT_KTNAME", path);
+        std::env::set_var("KRB5CCNAME", format!("MEMORY:relay-proxy-{}", state.generation));
+    }
+    Ok(Some(print))
+}
+
+fn token(login: &KerberosLogin, keytab: Option<&Path>, spn: &str) -> Result<Token, KerberosError> {
+    let asked = login.principal.clone();
+    let fail = |e: libgssapi::error::Error, client: Option<&str>| {
+        explain(&e.to_string(), keytab, asked.as_deref().or(client), spn)
+    };
+    let wanted = match &login.principal {
+        Some(p) => Some(Name::new(p.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)).map_err(|e| fail(e, None))?),
+        None => None,
+    };
+    let mechs = OidSet::singleton(GSS_MECH_KRB5).map_err(|e| fail(e, None))?;
+    let cred = Cred::acquire(wanted.as_ref(), None, CredUsage::Initiate, Some(&mechs)).map_err(|e| fail(e, None))?;
+    let client = cred.name().map(|n| n.to_string()).unwrap_or_default();
+    let target = Name::new(spn.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)).map_err(|e| fail(e, Some(&client)))?;
+    // No delegation flag: the proxy never gets a ticket it could act on as the agent.
+    let mut ctx = ClientCtx::new(Some(cred), target, CtxFlags::empty(), Some(GSS_MECH_SPNEGO));
+    let token = ctx.step(None, None).map_err(|e| fail(e, Some(&client)))?;
+    let token = token.map(|t| t.to_vec()).unwrap_or_default();
+    if token.is_empty() {
+        return Err(KerberosError::Other("GSSAPI made no token".into()));
+    }
+    Ok(Token {
+        token,
+        client,
+        spn: spn.to_owned(),
+    })
+}
+
+/// The realm of a principal (`user@REALM`), if it names one.
+fn realm_of(principal: &str) -> Option<&str> {
+    principal
+        .rsplit_once('@')
+        .map(|(_, realm)| realm)
+        .filter(|r| !r.is_empty())
+}
+
+/// Turns MIT Kerberos's message into what the operator can act on. The messages come from
+/// MIT's error tables, whose wording has been stable for decades.
+fn explain(text: &str, keytab: Option<&Path>, client: Option<&str>, spn: &str) -> KerberosError {
+    let keytab_name = || {
+        keytab
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(no keytab)".into())
+    };
+    let client_name = || client.unwrap_or("the keytab's principal").to_owned();
+    if text.contains("Can't find client principal") {
+        return KerberosError::NoKeyFor {
+            keytab: keytab_name(),
+            principal: client_name(),
+        };
+    }
+    if text.contains("No Kerberos credentials available") || text.contains("No key table entry found") {
+        let where_ = match keytab {
+            Some(p) => format!("the keytab {} holds no keys", p.display()),
+            None => "no keytab is configured and the credential cache (KRB5CCNAME) holds no ticket".into(),
+        };
+        return KerberosError::NoKeys { where_ };
+    }
+    if text.contains("Key table entry not found") {
+        return KerberosError::NoKeyFor {
+            keytab: keytab_name(),
+            principal: client_name(),
+        };
+    }
+    if text.contains("Server") && text.contains("not found in Kerberos database") {
+        return KerberosError::ServerUnknown { spn: spn.to_owned() };
+    }
+    if text.contains("Client") && text.contains("not found in Kerberos database") {
+        return KerberosError::ClientUnknown {
+            principal: client_name(),
+        };
+    }
+    if text.contains("Cannot contact any KDC") || text.contains("Cannot find KDC") {
+        let realm = text
+            .split('\'')
+            .nth(1)
+            .map(str::to_owned)
+            .or_else(|| client.and_then(realm_of).map(str::to_owned))
+            .unwrap_or_else(|| "?".into());
+        return KerberosError::NoKdc { realm };
+    }
+    if text.contains("Clock skew too great") {
+        return KerberosError::ClockSkew;
+    }
+    if text.contains("Preauthentication failed")
+        || text.contains("Decrypt integrity check failed")
+        || text.contains("Password incorrect")
+        || text.contains("Key version number for principal in key table is incorrect")
+    {
+        return KerberosError::KeyRefused {
+            principal: client_name(),
+        };
+    }
+    KerberosError::Other(text.to_owned())
+}
+
+/// Where the realm's KDCs come from, for `relay egress`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Realm {
+    /// The realm.
+    pub name: String,
+    /// The client principal.
+    pub principal: String,
+    /// `host:port` of each KDC that krb5.conf names; empty when DNS names them.
+    pub kdcs: Vec<String>,
+    /// Where the list comes from, in words.
+    pub source: String,
+}
+
+/// The agent's realm (from its principal: configured, or the keytab's first entry) and where
+/// its KDCs come from: the `kdc` lines of krb5.conf's `[realms]` section, or DNS SRV records
+/// when krb5.conf names none (and does not turn DNS off). Reads the keytab, asks no KDC.
+pub fn realm(login: &KerberosLogin) -> Result<Realm, KerberosError> {
+    let principal = match &login.principal {
+        Some(p) => p.clone(),
+        None => {
+            let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+            let keytab = login.keytab();
+            use_keytab(&mut state, login, keytab.as_deref())?;
+            let mechs =
+                OidSet::singleton(GSS_MECH_KRB5).map_err(|e| explain(&e.to_string(), keytab.as_deref(), None, ""))?;
+            let cred = Cred::acquire(None, None, CredUsage::Initiate, Some(&mechs))
+                .map_err(|e| explain(&e.to_string(), keytab.as_deref(), None, ""))?;
+            cred.name().map(|n| n.to_string()).unwrap_or_default()
+        }
+    };
+    let name = match realm_of(&principal) {
+        Some(r) => r.to_owned(),
+        None => default_realm(&config_files()).unwrap_or_default(),
+    };
+    let files = config_files();
+    let kdcs = realm_kdcs(&files, &name);
+    let shown = files
+        .iter()
+        .map(|f| f.0.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let source = if !kdcs.is_empty() {
+        format!("krb5.conf ({shown}), [realms] {name} kdc")
+    } else if dns_lookup_kdc(&files) {
+        format!("DNS SRV records _kerberos._udp.{name} and _kerberos._tcp.{name} (krb5.conf names no KDC for it), looked up at each ticket request")
+    } else {
+        format!("none: krb5.conf ({shown}) names no KDC for {name} and turns DNS lookup off (dns_lookup_kdc = false)")
+    };
+    Ok(Realm {
+        name,
+        principal,
+        kdcs,
+        source,
+    })
+}
+
+/// MIT's configuration files as it reads them: `KRB5_CONFIG` (colon-separated), else
+/// `/etc/krb5.conf`; each with its text, where it can be read.
+fn config_files() -> Vec<(PathBuf, String)> {
+    let list = std::env::var("KRB5_CONFIG").unwrap_or_else(|_| "/etc/krb5.conf".into());
+    list.split(':')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| Some((PathBuf::from(p), std::fs::read_to_string(p).ok()?)))
+        .collect()
+}
+
+/// The relations of a profile file as (section, realm block or "", key, value), in order.
+/// The profile syntax: `[section]`, `key = value`, `NAME = {` … `}` blocks, `#`/`;` comments.
+fn relations(text: &str) -> Vec<(String, String, String, String)> {
+    let mut out = Vec::new();
+    let (mut section, mut block) = (String::new(), Vec::<String>::new());
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_owned();
+            block.clear();
+            continue;
+        }
+        if line.starts_with('}') {
+            block.pop();
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
+        if value == "{" {
+            block.push(key);
+            continue;
+        }
+        let outer = block.first().cloned().unwrap_or_default();
+        out.push((section.clone(), outer, key, value));
+    }
+    out
+}
+
+/// `libdefaults.default_realm`, from the first file that sets it.
+fn default_realm(files: &[(PathBuf, String)]) -> Option<String> {
+    files.iter().find_map(|(_, text)| {
+        relations(text)
+            .into_iter()
+            .find(|(s, b, k, _)| s == "libdefaults" && b.is_empty() && k == "default_realm")
+            .map(|(_, _, _, v)| v)
+    })
+}
+
+/// The `kdc` relations of `[realms] realm`, as `host:port` (port 88 when not given).
+fn realm_kdcs(files: &[(PathBuf, String)], realm: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, text) in files {
+        for (s, b, k, v) in relations(text) {
+            if s == "realms" && b == realm && k == "kdc" {
+                let has_port = v.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+                let kdc = if has_port { v } else { format!("{v}:88") };
+                if !out.contains(&kdc) {
+                    out.push(kdc);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `libdefaults.dns_lookup_kdc` (true unless a file turns it off).
+fn dns_lookup_kdc(files: &[(PathBuf, String)]) -> bool {
+    let set = files.iter().find_map(|(_, text)| {
+        relations(text)
+            .into_iter()
+            .find(|(s, b, k, _)| s == "libdefaults" && b.is_empty() && k == "dns_lookup_kdc")
+            .map(|(_, _, _, v)| v)
+    });
+    !matches!(
+        set.as_deref().map(str::to_ascii_lowercase).as_deref(),
+        Some("false" | "no" | "0" | "off")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONF: &str = "[libdefaults]\n  default_realm = CORP.EXAMPLE\n  dns_lookup_kdc = false\n\
+        # a comment\n[realms]\n  CORP.EXAMPLE = {\n    kdc = dc1.corp.example\n    kdc = dc2.corp.example:750\n\
+        \x20   admin_server = dc1.corp.example\n  }\n  OTHER.EXAMPLE = {\n    kdc = other:88\n  }\n\
+        [domain_realm]\n  .corp.example = CORP.EXAMPLE\n";
+
+    #[test]
+    fn krb5_conf_names_the_realm_and_its_kdcs() {
+        let files = vec![(PathBuf::from("/etc/krb5.conf"), CONF.to_owned())];
+        assert_eq!(default_realm(&files).as_deref(), Some("CORP.EXAMPLE"));
+        assert_eq!(
+            realm_kdcs(&files, "CORP.EXAMPLE"),
+            ["dc1.corp.example:88", "dc2.corp.example:750"]
+        );
+        assert_eq!(realm_kdcs(&files, "OTHER.EXAMPLE"), ["other:88"]);
+        assert!(realm_kdcs(&files, "NONE.EXAMPLE").is_empty());
+        assert!(!dns_lookup_kdc(&files));
+        let dns = vec![(PathBuf::from("x"), "[libdefaults]\n default_realm = A\n".to_owned())];
+        assert!(dns_lookup_kdc(&dns));
+    }
+
+    #[test]
+    fn mit_messages_become_what_to_do() {
+        let keytab = Path::new("/etc/relay/agent.keytab");
+        let spn = "HTTP/proxy";
+        let e = explain(
+            "Unspecified GSS failure. (Server HTTP/proxy@CORP not found in Kerberos database)",
+            Some(keytab),
+            Some("svc@CORP"),
+            spn,
+        );
+        assert!(
+            e.to_string().contains("the proxy's principal HTTP/proxy") && e.to_string().contains("agent.proxy_spn")
+        );
+        let e = explain("(Cannot contact any KDC for realm 'CORP')", Some(keytab), None, spn);
+        assert_eq!(e, KerberosError::NoKdc { realm: "CORP".into() });
+        let e = explain("(Clock skew too great)", Some(keytab), None, spn);
+        assert_eq!(e, KerberosError::ClockSkew);
+        let e = explain(
+            "(Can't find client principal svc@CORP in cache collection)",
+            Some(keytab),
+            Some("svc@CORP"),
+            spn,
+        );
+        assert!(e.to_string().contains("holds no key for svc@CORP"), "{e}");
+        let e = explain("(Preauthentication failed)", Some(keytab), Some("svc@CORP"), spn);
+        assert!(e.locks_out());
+        let e = explain("(Decrypt integrity check failed)", Some(keytab), Some("svc@CORP"), spn);
+        assert!(e.locks_out());
+        let e = explain(
+            "(Client 'svc@CORP' not found in Kerberos database)",
+            Some(keytab),
+            Some("svc@CORP"),
+            spn,
+        );
+        assert!(matches!(e, KerberosError::ClientUnknown { .. }));
+        assert!(!e.locks_out());
+    }
+
+    #[test]
+    fn the_proxy_principal_is_the_host_as_configured_unless_set() {
+        let login = KerberosLogin::default();
+        assert_eq!(login.spn("proxy.corp.example"), "HTTP/proxy.corp.example");
+        let login = KerberosLogin {
+            spn: Some("HTTP/squid01.corp.example@CORP.EXAMPLE".into()),
+            ..KerberosLogin::default()
+        };
+        assert_eq!(login.spn("proxy"), "HTTP/squid01.corp.example@CORP.EXAMPLE");
+    }
+}
