@@ -1035,9 +1035,9 @@ impl Settings {
         Ok(())
     }
 
-    /// The agent's route to its nodes.
-    pub fn proxy_config(&self) -> crate::http::ProxyConfig {
-        let auth = crate::http::ProxyLogin {
+    /// How the agent answers its proxy's challenges.
+    pub fn proxy_login(&self) -> crate::http::ProxyLogin {
+        crate::http::ProxyLogin {
             scheme: self.agent.proxy_auth,
             account: self
                 .agent
@@ -1049,7 +1049,12 @@ impl Settings {
                 principal: self.agent.proxy_principal.clone(),
                 spn: self.agent.proxy_spn.clone(),
             },
-        };
+        }
+    }
+
+    /// The agent's route to its nodes.
+    pub fn proxy_config(&self) -> crate::http::ProxyConfig {
+        let auth = self.proxy_login();
         match &self.agent.proxy {
             Some(url) => crate::http::ProxyConfig::Url {
                 url: url.expose().to_owned(),

@@ -484,6 +484,7 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
         }
     };
     let connector = ProxyConnector::for_config(&settings.proxy_config());
+    let mut proxied = false;
     for conn in conns.iter().filter(|c| c.revoked.is_none()) {
         let Ok(uri) = conn.node_url.parse::<Uri>() else {
             continue;
@@ -497,6 +498,7 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
                 scope: "outbound",
             }),
             Route::Proxy { proxy, .. } => {
+                proxied = true;
                 let p: Uri = proxy.parse().unwrap_or_default();
                 let (ph, pp) = http::host_port(&p);
                 add(Egress {
@@ -515,6 +517,37 @@ pub fn egress(settings: &Settings, conns: &[AgentConnection]) -> Vec<Egress> {
                     scope: "local",
                 });
             }
+        }
+    }
+    // A proxy that may ask for Kerberos: the realm's KDCs, as MIT Kerberos finds them.
+    let login = settings.proxy_login().kerberos;
+    if login.available() && proxied {
+        match crate::proxy_auth::kerberos::realm(&login) {
+            Ok(realm) if realm.kdcs.is_empty() => add(Egress {
+                destination: format!("{} KDCs", realm.name),
+                purpose: format!(
+                    "Kerberos for the proxy's Negotiate authentication, as {}: {}",
+                    realm.principal, realm.source
+                ),
+                scope: "local",
+            }),
+            Ok(realm) => {
+                for kdc in &realm.kdcs {
+                    add(Egress {
+                        destination: kdc.clone(),
+                        purpose: format!(
+                            "Kerberos KDC of realm {} ({}), for the proxy's Negotiate authentication as {}",
+                            realm.name, realm.source, realm.principal
+                        ),
+                        scope: "local",
+                    });
+                }
+            }
+            Err(e) => add(Egress {
+                destination: "Kerberos".to_owned(),
+                purpose: format!("the realm of the proxy's Negotiate authentication is unknown: {e}"),
+                scope: "local",
+            }),
         }
     }
     // The tracker is reached directly (never through the agent's proxy), usually on the
@@ -555,7 +588,10 @@ pub fn render_egress(list: &[Egress]) -> String {
         let _ = writeln!(out, "{:<width$}  # {}", e.destination, e.purpose);
     }
     if !local.is_empty() {
-        let _ = writeln!(out, "# Inside the private network (webhooks):");
+        let _ = writeln!(
+            out,
+            "# Inside the private network (webhooks, the tracker, Kerberos KDCs):"
+        );
         for e in local {
             let _ = writeln!(out, "{:<width$}  # {}", e.destination, e.purpose);
         }

@@ -349,21 +349,199 @@ async fn a_proxy_asking_for_ntlm_or_negotiate_is_named_and_never_gets_the_passwo
     }
 }
 
+/// Makes a missing MIT Kerberos KDC a failure instead of a skip.
+const REQUIRE_KRB5: &str = "REQUIRE_KRB5";
+
+/// The clock skew the test proxy's Kerberos allows (`clockskew` in its krb5.conf): it accepts
+/// a ticket this long after it expired. Five minutes by default; one here, so that a run
+/// outlasting ticket lifetime plus skew takes four minutes instead of eight.
+const PROXY_SKEW: Duration = Duration::from_secs(60);
+
+/// The realm of the test KDC.
+const REALM: &str = "RELAY.TEST";
+
+/// An MIT Kerberos realm on loopback, in a temporary directory: its KDC on a port of its own,
+/// the proxy's principal `HTTP/localhost` and the agent's service account `agent` with their
+/// keytabs (`proxy.keytab`, `agent.keytab`, mode 600).
+struct Realm {
+    kdc: Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+/// The MIT Kerberos programs a realm needs; `None` after a loud line when they are missing and
+/// not required.
+fn krb5_bins(test: &str) -> Option<()> {
+    let found = ["/usr/sbin/krb5kdc", "/usr/sbin/kdb5_util", "/usr/sbin/kadmin.local"]
+        .iter()
+        .all(|p| Path::new(p).exists());
+    if !found {
+        skip_unless_required(
+            test,
+            REQUIRE_KRB5,
+            "MIT Kerberos's KDC is not installed (apt-get install krb5-kdc krb5-admin-server)",
+        );
+        return None;
+    }
+    Some(())
+}
+
+impl Realm {
+    /// Makes the realm in `dir` with tickets of at most `max_life` and starts its KDC, or
+    /// `None` when the test is skipped.
+    async fn start(test: &str, dir: &Path, max_life: &str) -> Option<Realm> {
+        krb5_bins(test)?;
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let mut realm = Realm {
+            kdc: Command::new("true").spawn().unwrap(),
+            dir: dir.to_owned(),
+            port,
+        };
+        let d = dir.display();
+        std::fs::write(dir.join("krb5.conf"), realm.krb5_conf(None)).unwrap();
+        std::fs::write(
+            dir.join("kdc.conf"),
+            format!(
+                "[kdcdefaults]\n  kdc_listen = 127.0.0.1:{port}\n  kdc_tcp_listen = 127.0.0.1:{port}\n\
+                 [realms]\n  {REALM} = {{\n    database_name = {d}/principal\n    key_stash_file = {d}/stash\n\
+                 \x20   acl_file = {d}/kadm5.acl\n    max_life = {max_life}\n    max_renewable_life = 0\n  }}\n\
+                 [logging]\n  kdc = FILE:{d}/kdc.log\n"
+            ),
+        )
+        .unwrap();
+        realm.run("kdb5_util", &["create", "-s", "-r", REALM, "-P", "kdc-master-key"]);
+        for principal in ["HTTP/localhost", "agent"] {
+            realm.run(
+                "kadmin.local",
+                &["-r", REALM, "-q", &format!("addprinc -randkey {principal}")],
+            );
+        }
+        realm.keytab("HTTP/localhost", "proxy.keytab");
+        realm.keytab("agent", "agent.keytab");
+        let mut kdc = Command::new("/usr/sbin/krb5kdc");
+        kdc.args(["-n", "-r", REALM]).envs(realm.env());
+        realm.kdc = spawn_listening(&mut kdc, port).await;
+        Some(realm)
+    }
+
+    /// Runs a KDC administration program against this realm.
+    fn run(&self, program: &str, args: &[&str]) {
+        let o = Command::new(format!("/usr/sbin/{program}"))
+            .args(args)
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Exports `principal`'s keys into `file` in the realm's directory (mode 600). Exporting
+    /// makes new keys: a keytab exported before no longer matches.
+    fn keytab(&self, principal: &str, file: &str) -> std::path::PathBuf {
+        let path = self.dir.join(file);
+        let _ = std::fs::remove_file(&path);
+        self.run(
+            "kadmin.local",
+            &["-r", REALM, "-q", &format!("ktadd -k {} {principal}", path.display())],
+        );
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// A krb5.conf naming this realm's KDC; with `skew`, the clock skew an acceptor allows.
+    fn krb5_conf(&self, skew: Option<Duration>) -> String {
+        let skew = skew
+            .map(|s| format!("  clockskew = {}\n", s.as_secs()))
+            .unwrap_or_default();
+        format!(
+            "[libdefaults]\n  default_realm = {REALM}\n  dns_lookup_kdc = false\n  dns_lookup_realm = false\n\
+             \x20 dns_canonicalize_hostname = false\n  rdns = false\n  udp_preference_limit = 1\n{skew}\
+             [realms]\n  {REALM} = {{\n    kdc = 127.0.0.1:{}\n  }}\n",
+            self.port
+        )
+    }
+
+    /// The environment that points MIT Kerberos at this realm.
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "KRB5_CONFIG".to_owned(),
+                self.dir.join("krb5.conf").display().to_string(),
+            ),
+            (
+                "KRB5_KDC_PROFILE".to_owned(),
+                self.dir.join("kdc.conf").display().to_string(),
+            ),
+        ]
+    }
+
+    /// The KDC's log: one line per ticket request.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kdc.log")).unwrap_or_default()
+    }
+
+    /// How many ticket requests of `kind` (`AS_REQ`, `TGS_REQ`) the KDC answered for the agent.
+    fn issued(&self, kind: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(kind) && l.contains("ISSUE") && l.contains(&format!("agent@{REALM}")))
+            .count()
+    }
+}
+
+impl Drop for Realm {
+    fn drop(&mut self) {
+        let _ = self.kdc.kill();
+        let _ = self.kdc.wait();
+    }
+}
+
 /// Makes a missing Squid a failure instead of a skip.
 const REQUIRE_SQUID: &str = "REQUIRE_SQUID";
 
-/// A Squid on loopback that takes only NTLM, checked by `tests/proxy/ntlm_helper.py` against
-/// one account (`CORP\ops`), as a domain controller would check it.
+/// What a test Squid asks for, in this order: Negotiate (Kerberos checked by Squid's
+/// `negotiate_kerberos_auth` against a realm's proxy keytab, and with `negotiate_ntlm` NTLM
+/// inside it too, through `negotiate_wrapper_auth`), NTLM, Basic. NTLM and Basic are checked
+/// against one account, `CORP\ops`, by the helpers in `tests/proxy`.
+#[derive(Default, Clone, Copy)]
+struct Offers<'a> {
+    negotiate: Option<&'a Realm>,
+    negotiate_ntlm: bool,
+    ntlm: bool,
+    basic: bool,
+}
+
+/// Only NTLM.
+const NTLM: Offers<'static> = Offers {
+    negotiate: None,
+    negotiate_ntlm: false,
+    ntlm: true,
+    basic: false,
+};
+
+/// A Squid on loopback asking for the schemes of its [`Offers`].
 struct Squid {
     child: Child,
     port: u16,
     dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Squid {
-    /// Starts Squid for `test` with the account's password, or `None` when it is skipped;
-    /// with `basic`, it offers Basic (for the same account and password) after NTLM.
+    /// Starts Squid for `test` taking only NTLM with the account's password, or `None` when
+    /// it is skipped; with `basic`, it offers Basic (for the same account and password) after
+    /// NTLM.
     async fn start_ntlm(test: &str, dir: &Path, password: &str, basic: bool) -> Option<Squid> {
+        Squid::start(test, dir, password, Offers { basic, ..NTLM }).await
+    }
+
+    /// Starts Squid for `test` asking for `offers`, or `None` when it is skipped.
+    async fn start(test: &str, dir: &Path, password: &str, offers: Offers<'_>) -> Option<Squid> {
         let bin = ["/usr/sbin/squid", "/usr/bin/squid"]
             .into_iter()
             .map(std::path::PathBuf::from)
@@ -383,31 +561,48 @@ impl Squid {
         // The helpers are copied beside Squid's files: Squid runs them as its own user, which
         // may not reach the source tree (a clone in a private temporary directory).
         let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy");
-        let helpers = dir.to_owned();
         for script in ["ntlm_helper.py", "basic_helper.py"] {
-            std::fs::copy(sources.join(script), helpers.join(script)).unwrap();
+            std::fs::copy(sources.join(script), dir.join(script)).unwrap();
         }
-        let helper = helpers.join("ntlm_helper.py");
         let d = dir.display();
-        let basic = if basic {
-            format!(
-                "auth_param basic program {} CORP\\ops {d}/password {d}/attempts\nauth_param basic children 2\nauth_param basic realm relay-test\n",
-                helpers.join("basic_helper.py").display()
-            )
-        } else {
-            String::new()
-        };
+        let ntlm_helper = format!("{d}/ntlm_helper.py CORP ops {d}/password {d}/attempts");
+        let mut auth = String::new();
+        let mut env = Vec::new();
+        if let Some(realm) = offers.negotiate {
+            std::fs::copy(realm.dir.join("proxy.keytab"), dir.join("proxy.keytab")).unwrap();
+            std::fs::write(dir.join("krb5.conf"), realm.krb5_conf(Some(PROXY_SKEW))).unwrap();
+            env.push(("KRB5_KTNAME".to_owned(), format!("{d}/proxy.keytab")));
+            env.push(("KRB5_CONFIG".to_owned(), format!("{d}/krb5.conf")));
+            let kerberos = "/usr/lib/squid/negotiate_kerberos_auth -s GSS_C_NO_NAME";
+            let program = if offers.negotiate_ntlm {
+                format!("/usr/lib/squid/negotiate_wrapper_auth --ntlm {ntlm_helper} --kerberos {kerberos}")
+            } else {
+                kerberos.to_owned()
+            };
+            auth.push_str(&format!(
+                "auth_param negotiate program {program}\nauth_param negotiate children 4 startup=1\nauth_param negotiate keep_alive on\n"
+            ));
+        }
+        if offers.ntlm {
+            auth.push_str(&format!(
+                "auth_param ntlm program {ntlm_helper}\nauth_param ntlm children 4 startup=1\n"
+            ));
+        }
+        if offers.basic {
+            auth.push_str(&format!(
+                "auth_param basic program {d}/basic_helper.py CORP\\ops {d}/password {d}/attempts\nauth_param basic children 2\nauth_param basic realm relay-test\n"
+            ));
+        }
         let conf = format!(
             "http_port 127.0.0.1:{port}\n\
              pid_filename {d}/squid.pid\ncache_log {d}/cache.log\naccess_log {d}/access.log\n\
              coredump_dir {d}\ncache deny all\ncache_mem 8 MB\npinger_enable off\nshutdown_lifetime 0 seconds\n\
-             auth_param ntlm program {} CORP ops {d}/password {d}/attempts\n\
-             auth_param ntlm children 4 startup=1\n{basic}\
-             acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all\n",
-            helper.display()
+             {auth}\
+             acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all\n"
         );
         std::fs::write(dir.join("squid.conf"), conf).unwrap();
-        // Started as root, Squid runs as its own user, which must write its logs here.
+        // Started as root, Squid runs as its own user, which must read its keytab and write
+        // its logs here.
         if root() {
             for d in [dir.parent().unwrap(), dir] {
                 std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -419,12 +614,26 @@ impl Squid {
                 .unwrap()
                 .success());
         }
-        let child = spawn_listening(Command::new(&bin).arg("-N").arg("-f").arg(dir.join("squid.conf")), port).await;
-        Some(Squid {
-            child,
+        let mut squid = Squid {
+            child: Command::new("true").spawn().unwrap(),
             port,
             dir: dir.to_owned(),
-        })
+            bin,
+            env,
+        };
+        squid.restart().await;
+        Some(squid)
+    }
+
+    /// Stops Squid (SIGKILL: every tunnel through it breaks) and starts it again on the
+    /// same port.
+    async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-N").arg("-f").arg(self.dir.join("squid.conf"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.child = spawn_listening(&mut cmd, self.port).await;
     }
 
     /// The proxy URL with the account and `password` in it.
@@ -432,7 +641,7 @@ impl Squid {
         format!("http://CORP%5Cops:{password}@127.0.0.1:{}", self.port)
     }
 
-    /// What the helper said to each answer it checked: `ok`, `wrong`, `v1`.
+    /// What the helpers said to each answer they checked: `ok`, `wrong`, `v1`, `basic ok`.
     fn attempts(&self) -> Vec<String> {
         let text = std::fs::read_to_string(self.dir.join("attempts")).unwrap_or_default();
         text.lines().map(str::to_owned).collect()
@@ -525,7 +734,7 @@ async fn a_proxy_offering_ntlm_and_basic_gets_ntlm_unless_basic_is_pinned() {
             "{pin}: {attempts:?}"
         );
     }
-    // Pinned to NTLM, a proxy without it gets nothing and the operator is told why.
+    // Pinned to Negotiate, a proxy without it gets nothing and the operator is told why.
     let o = cli(
         &tmp.path().join("pinned"),
         &[
@@ -535,6 +744,23 @@ async fn a_proxy_offering_ntlm_and_basic_gets_ntlm_unless_basic_is_pinned() {
         &[
             ("RELAY_AGENT__PROXY", url.as_str()),
             ("RELAY_AGENT__PROXY_AUTH", "negotiate"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("agent.proxy_auth pins Negotiate, which the proxy does not offer"),
+        "{}",
+        stderr(&o)
+    );
+    // A scheme relay does not know is a configuration error.
+    let o = cli(
+        &tmp.path().join("digest"),
+        &["accept", "unused"],
+        &[
+            ("RELAY_AGENT__PROXY", url.as_str()),
+            ("RELAY_AGENT__PROXY_AUTH", "digest"),
         ],
         None,
     )
@@ -618,4 +844,180 @@ async fn a_password_file_is_read_at_each_handshake() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The agent's environment for a proxy that takes Kerberos: the realm's krb5.conf and the
+/// agent's keytab, and `extra`.
+fn kerberos_env(realm: &Realm, proxy: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "KRB5_CONFIG".to_owned(),
+            realm.dir.join("krb5.conf").display().to_string(),
+        ),
+        ("RELAY_AGENT__PROXY".to_owned(), proxy.to_owned()),
+        (
+            "RELAY_AGENT__PROXY_KEYTAB".to_owned(),
+            realm.dir.join("agent.keytab").display().to_string(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    env
+}
+
+/// Borrows an owned environment as the helpers take it.
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Behind a Squid that takes only Negotiate, checked by Squid's own Kerberos helper against a
+/// real MIT KDC: the agent with a keytab accepts and payloads go both ways; doctor names the
+/// scheme and both principals, egress the realm and its KDC. Each failure says what it is and
+/// names the scheme: a principal the keytab has no key for, a proxy principal the KDC does not
+/// know (until `agent.proxy_spn` names the right one), a stale keytab (refused once, then
+/// held), no KDC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_squid_with_kerberos_and_each_failure_named() {
+    let test = "through_squid_with_kerberos_and_each_failure_named";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "10h").await else {
+        return;
+    };
+    let negotiate = Offers {
+        negotiate: Some(&realm),
+        ..Offers::default()
+    };
+    let Some(squid) = Squid::start(test, &tmp.path().join("squid"), "unused", negotiate).await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let mut public_app = Sink::start().await.unwrap();
+    let mut private_app = Sink::start().await.unwrap();
+    let by_name = format!("http://localhost:{}", squid.port);
+    let env = kerberos_env(&realm, &by_name, &[]);
+    let env = borrowed(&env);
+    let code = initiate(&node.data_dir, "c", &public_app.url, &[]).await;
+    let agent_dir = tmp.path().join("agent");
+    let agent = accepted_agent(&agent_dir, &code, &private_app.url, &env).await;
+    let http = client();
+    assert_eq!(
+        post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"down");
+    assert_eq!(
+        post(&http, &agent.api(), "c", b"up".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(public_app.next(DEADLINE).await.unwrap().body, b"up");
+    assert!(realm.issued("TGS_REQ") >= 1, "{}", realm.log());
+    assert!(realm.log().contains("for HTTP/localhost@RELAY.TEST"), "{}", realm.log());
+
+    let o = cli(&agent_dir, &["doctor"], &env, None).await;
+    let doctor = stdout(&o);
+    assert!(o.status.success(), "{doctor}");
+    assert!(
+        doctor.contains("relay answered Negotiate (Kerberos) as agent@RELAY.TEST for HTTP/localhost"),
+        "{doctor}"
+    );
+    let o = cli(&agent_dir, &["egress"], &env, None).await;
+    let egress = stdout(&o);
+    assert!(
+        egress
+            .lines()
+            .any(|l| l.starts_with(&format!("127.0.0.1:{} ", realm.port))
+                && l.contains("Kerberos KDC of realm RELAY.TEST")
+                && l.contains("krb5.conf")),
+        "{egress}"
+    );
+
+    // A principal the keytab holds no key for.
+    let refused = |extra: &'static [(&'static str, &'static str)], proxy: String| {
+        let (realm, node, tmp) = (&realm, &node, tmp.path().to_owned());
+        async move {
+            let env = kerberos_env(realm, &proxy, extra);
+            let code = initiate(
+                &node.data_dir,
+                &format!("x{}", unique()),
+                "http://127.0.0.1:9/hook",
+                &[],
+            )
+            .await;
+            let o = cli(
+                &tmp.join(format!("a{}", unique())),
+                &["accept", &code],
+                &borrowed(&env),
+                None,
+            )
+            .await;
+            (o.status.code(), stderr(&o))
+        }
+    };
+    let (status, err) = refused(&[("RELAY_AGENT__PROXY_PRINCIPAL", "other@RELAY.TEST")], by_name.clone()).await;
+    assert_eq!(status, Some(1), "{err}");
+    assert!(
+        err.contains("asked for Negotiate")
+            && err.contains("holds no key for other@RELAY.TEST")
+            && err.contains("agent.keytab"),
+        "{err}"
+    );
+    // The proxy by address: HTTP/127.0.0.1 is no principal of the realm; agent.proxy_spn
+    // names the one it has.
+    let by_address = format!("http://127.0.0.1:{}", squid.port);
+    let (status, err) = refused(&[], by_address.clone()).await;
+    assert_eq!(status, Some(1), "{err}");
+    assert!(
+        err.contains("does not know the proxy's principal HTTP/127.0.0.1") && err.contains("agent.proxy_spn"),
+        "{err}"
+    );
+    let (status, err) = refused(&[("RELAY_AGENT__PROXY_SPN", "HTTP/localhost")], by_address).await;
+    assert_eq!(status, Some(0), "{err}");
+    // No KDC: a krb5.conf naming a port where none listens.
+    let dead = tmp.path().join("dead-krb5.conf");
+    std::fs::write(
+        &dead,
+        realm
+            .krb5_conf(None)
+            .replace(&realm.port.to_string(), &free_port().to_string()),
+    )
+    .unwrap();
+    let mut env = kerberos_env(&realm, &by_name, &[]);
+    env[0].1 = dead.display().to_string();
+    let code = initiate(&node.data_dir, "nokdc", "http://127.0.0.1:9/hook", &[]).await;
+    let o = cli(&tmp.path().join("nokdc"), &["accept", &code], &borrowed(&env), None).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no KDC of realm RELAY.TEST could be reached"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A stale keytab (the account's keys exported again since): the KDC refuses it once; the
+    // running agent then holds it instead of asking again, and says so in status.
+    let stale = tmp.path().join("stale.keytab");
+    std::fs::copy(realm.dir.join("agent.keytab"), &stale).unwrap();
+    std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    realm.keytab("agent", "agent.keytab");
+    drop(agent);
+    let stale_path = stale.display().to_string();
+    let env = kerberos_env(&realm, &by_name, &[("RELAY_AGENT__PROXY_KEYTAB", stale_path.as_str())]);
+    let env = borrowed(&env);
+    let agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &env).await;
+    let held = wait_for("the agent to hold the stale keytab", || async {
+        let log = agent.log();
+        log.contains("relay does not try that keytab again").then_some(log)
+    })
+    .await;
+    assert!(
+        held.contains("did not accept the keytab's key for agent@RELAY.TEST"),
+        "{held}"
+    );
+    let o = cli(&agent_dir, &["status"], &env, None).await;
+    assert!(stdout(&o).contains("refused the keytab's key for"), "{}", stdout(&o));
+    // The fresh keytab copied over the stale one: the running agent gets through.
+    std::fs::copy(realm.dir.join("agent.keytab"), &stale).unwrap();
+    assert_eq!(
+        post(&http, &node.api(), "c", b"after".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"after");
 }

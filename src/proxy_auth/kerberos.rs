@@ -140,8 +140,8 @@ struct State {
     current: Option<[u8; 32]>,
     /// Bumped when the keytab changes: names a fresh in-memory ticket cache.
     generation: u64,
-    /// Fingerprints of keytabs whose key the KDC refused.
-    refused: Vec<[u8; 32]>,
+    /// Fingerprints of keytabs whose key the KDC refused, with the principal refused.
+    refused: Vec<([u8; 32], String)>,
 }
 
 /// One handshake at a time: MIT Kerberos is told the keytab and the ticket cache through its
@@ -162,55 +162,102 @@ pub fn initial_token(login: &KerberosLogin, proxy_host: &str) -> Result<Token, K
     let spn = login.spn(proxy_host);
     let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
     let keytab = login.keytab();
-    let fingerprint = use_keytab(&mut state, login, keytab.as_deref())?;
-    if let (Some(print), Some(path)) = (fingerprint, &keytab) {
-        if state.refused.contains(&print) {
+    let used = use_keytab(&mut state, login, keytab.as_deref())?;
+    if let (Some(used), Some(path)) = (&used, &keytab) {
+        if let Some((_, principal)) = state.refused.iter().find(|(p, _)| *p == used.fingerprint) {
             return Err(KerberosError::Held {
-                principal: login.principal.clone().unwrap_or_else(|| "its first principal".into()),
+                principal: principal.clone(),
                 keytab: path.display().to_string(),
             });
         }
     }
-    let result = token(login, keytab.as_deref(), &spn);
-    if let (Err(e), Some(print)) = (&result, fingerprint) {
-        if e.locks_out() {
-            state.refused.push(print);
-        }
+    let from_keytab = used.as_ref().and_then(|u| u.principal.clone());
+    let result = token(login, keytab.as_deref(), from_keytab, &spn);
+    if let (Err(KerberosError::KeyRefused { principal }), Some(used)) = (&result, &used) {
+        state.refused.push((used.fingerprint, principal.clone()));
     }
     result
 }
 
-/// Points MIT Kerberos at `keytab` (read now; its fingerprint, with the principal asked for,
-/// is returned), with a fresh in-memory ticket cache whenever either changed. Without a
-/// keytab, MIT Kerberos uses the credential cache of the environment.
+/// The keytab in use: its fingerprint (with the principal asked for) and the principal used
+/// from it.
+struct Keytab {
+    fingerprint: [u8; 32],
+    principal: Option<String>,
+}
+
+/// Points MIT Kerberos at `keytab` (read now), with a fresh in-memory ticket cache whenever it
+/// or the principal asked for changed. Without a keytab, MIT Kerberos uses the credential cache
+/// of the environment.
 fn use_keytab(
     state: &mut State,
     login: &KerberosLogin,
     keytab: Option<&Path>,
-) -> Result<Option<[u8; 32]>, KerberosError> {
+) -> Result<Option<Keytab>, KerberosError> {
     let Some(path) = keytab else {
         return Ok(None);
     };
-    let mut seed = std::fs::read(path).map_err(|e| KerberosError::Keytab {
+    let bytes = std::fs::read(path).map_err(|e| KerberosError::Keytab {
         path: path.display().to_string(),
         detail: e.to_string(),
     })?;
+    let principal = login.principal.clone().or_else(|| first_principal(&bytes));
+    let mut seed = bytes;
     seed.extend_from_slice(login.principal.as_deref().unwrap_or("").as_bytes());
-    let print = crate::crypto::sha256(&seed);
-    if state.current != Some(print) {
+    let fingerprint = crate::crypto::sha256(&seed);
+    if state.current != Some(fingerprint) {
         state.generation += 1;
-        state.current = Some(print);
+        state.current = Some(fingerprint);
         // Only MIT Kerberos reads these, and only under the lock the caller holds.
         std::env::set_var("KRB5_CLIENT_KTNAME", path);
         std::env::set_var("KRB5CCNAME", format!("MEMORY:relay-proxy-{}", state.generation));
     }
-    Ok(Some(print))
+    Ok(Some(Keytab { fingerprint, principal }))
 }
 
-fn token(login: &KerberosLogin, keytab: Option<&Path>, spn: &str) -> Result<Token, KerberosError> {
-    let asked = login.principal.clone();
+/// The principal of a keytab's first entry (`name/instance@REALM`), as MIT Kerberos chooses
+/// it when none is asked for: the file format of MIT's keytabs (version 0x0502; 0x0501 has
+/// the same layout for this).
+fn first_principal(bytes: &[u8]) -> Option<String> {
+    let mut at = 2;
+    if bytes.get(..2)? != [5, 2] && bytes.get(..2)? != [5, 1] {
+        return None;
+    }
+    let i32_at = |at: usize| Some(i32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let u16_at = |at: usize| Some(u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize);
+    loop {
+        let size = i32_at(at)?;
+        at += 4;
+        if size < 0 {
+            // A hole left by a removed entry.
+            at += size.unsigned_abs() as usize;
+            continue;
+        }
+        let entry = bytes.get(at..at + size as usize)?;
+        let mut p = 0;
+        let count = u16::from_be_bytes(entry.get(..2)?.try_into().ok()?) as usize;
+        p += 2;
+        let text = |p: &mut usize| -> Option<String> {
+            let len = u16_at(at + *p)?;
+            let s = String::from_utf8(entry.get(*p + 2..*p + 2 + len)?.to_vec()).ok()?;
+            *p += 2 + len;
+            Some(s)
+        };
+        let realm = text(&mut p)?;
+        let parts = (0..count).map(|_| text(&mut p)).collect::<Option<Vec<_>>>()?;
+        return Some(format!("{}@{realm}", parts.join("/")));
+    }
+}
+
+fn token(
+    login: &KerberosLogin,
+    keytab: Option<&Path>,
+    from_keytab: Option<String>,
+    spn: &str,
+) -> Result<Token, KerberosError> {
+    let known = login.principal.clone().or(from_keytab);
     let fail = |e: libgssapi::error::Error, client: Option<&str>| {
-        explain(&e.to_string(), keytab, asked.as_deref().or(client), spn)
+        explain(&e.to_string(), keytab, known.as_deref().or(client), spn)
     };
     let wanted = match &login.principal {
         Some(p) => Some(Name::new(p.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)).map_err(|e| fail(e, None))?),
@@ -218,8 +265,13 @@ fn token(login: &KerberosLogin, keytab: Option<&Path>, spn: &str) -> Result<Toke
     };
     let mechs = OidSet::singleton(GSS_MECH_KRB5).map_err(|e| fail(e, None))?;
     let cred = Cred::acquire(wanted.as_ref(), None, CredUsage::Initiate, Some(&mechs)).map_err(|e| fail(e, None))?;
-    let client = cred.name().map(|n| n.to_string()).unwrap_or_default();
-    let target = Name::new(spn.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)).map_err(|e| fail(e, Some(&client)))?;
+    // Asking the name resolves the credential: the KDC is asked for a ticket here when the
+    // cache holds none, so its refusal is explained here.
+    let client = match &known {
+        Some(name) => name.clone(),
+        None => cred.name().map_err(|e| fail(e, None))?.to_string(),
+    };
+    let target = Name::new(spn.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)).map_err(|e| fail(e, None))?;
     // No delegation flag: the proxy never gets a ticket it could act on as the agent.
     let mut ctx = ClientCtx::new(Some(cred), target, CtxFlags::empty(), Some(GSS_MECH_SPNEGO));
     let token = ctx.step(None, None).map_err(|e| fail(e, Some(&client)))?;
@@ -319,19 +371,20 @@ pub struct Realm {
 /// its KDCs come from: the `kdc` lines of krb5.conf's `[realms]` section, or DNS SRV records
 /// when krb5.conf names none (and does not turn DNS off). Reads the keytab, asks no KDC.
 pub fn realm(login: &KerberosLogin) -> Result<Realm, KerberosError> {
-    let principal = match &login.principal {
-        Some(p) => p.clone(),
+    let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let keytab = login.keytab();
+    let used = use_keytab(&mut state, login, keytab.as_deref())?;
+    let principal = match used.and_then(|u| u.principal) {
+        Some(principal) => principal,
         None => {
-            let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
-            let keytab = login.keytab();
-            use_keytab(&mut state, login, keytab.as_deref())?;
-            let mechs =
-                OidSet::singleton(GSS_MECH_KRB5).map_err(|e| explain(&e.to_string(), keytab.as_deref(), None, ""))?;
-            let cred = Cred::acquire(None, None, CredUsage::Initiate, Some(&mechs))
-                .map_err(|e| explain(&e.to_string(), keytab.as_deref(), None, ""))?;
-            cred.name().map(|n| n.to_string()).unwrap_or_default()
+            // A credential cache: its principal.
+            let fail = |e: libgssapi::error::Error| explain(&e.to_string(), keytab.as_deref(), None, "");
+            let mechs = OidSet::singleton(GSS_MECH_KRB5).map_err(fail)?;
+            let cred = Cred::acquire(None, None, CredUsage::Initiate, Some(&mechs)).map_err(fail)?;
+            cred.name().map_err(fail)?.to_string()
         }
     };
+    drop(state);
     let name = match realm_of(&principal) {
         Some(r) => r.to_owned(),
         None => default_realm(&config_files()).unwrap_or_default(),
@@ -502,6 +555,41 @@ mod tests {
         );
         assert!(matches!(e, KerberosError::ClientUnknown { .. }));
         assert!(!e.locks_out());
+    }
+
+    #[test]
+    fn a_keytab_names_its_first_principal() {
+        let text = |s: &str| {
+            let mut v = (s.len() as u16).to_be_bytes().to_vec();
+            v.extend_from_slice(s.as_bytes());
+            v
+        };
+        let entry = |parts: &[&str]| {
+            let mut e = (parts.len() as u16).to_be_bytes().to_vec();
+            e.extend(text("CORP.EXAMPLE"));
+            for part in parts {
+                e.extend(text(part));
+            }
+            e.extend_from_slice(&1u32.to_be_bytes()); // name type
+            e.extend_from_slice(&0u32.to_be_bytes()); // timestamp
+            e.push(3); // key version
+            e.extend_from_slice(&18u16.to_be_bytes());
+            e.extend(text("0123456789abcdef0123456789abcdef"));
+            e
+        };
+        let mut keytab = vec![5, 2];
+        // A hole, then two entries: the first one counts.
+        keytab.extend_from_slice(&(-4i32).to_be_bytes());
+        keytab.extend_from_slice(&[0; 4]);
+        for parts in [&["svc-relay"][..], &["HTTP", "proxy.corp.example"][..]] {
+            let e = entry(parts);
+            keytab.extend_from_slice(&(e.len() as i32).to_be_bytes());
+            keytab.extend(e);
+        }
+        assert_eq!(first_principal(&keytab).as_deref(), Some("svc-relay@CORP.EXAMPLE"));
+        assert_eq!(first_principal(&keytab[..20]), None);
+        assert_eq!(first_principal(b"not a keytab"), None);
+        assert_eq!(first_principal(&[5, 2]), None);
     }
 
     #[test]

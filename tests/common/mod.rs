@@ -208,7 +208,8 @@ impl Drop for Daemon {
     }
 }
 
-fn unique() -> u64 {
+/// A number no other call in this process returns.
+pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
