@@ -1021,3 +1021,115 @@ async fn through_squid_with_kerberos_and_each_failure_named() {
     );
     assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"after");
 }
+
+/// A proxy offering Negotiate (Kerberos, and NTLM inside it), NTLM and Basic together: a keytab
+/// answers Negotiate with Kerberos, a password from the password file answers NTLM and never
+/// Basic, `agent.proxy_auth = "basic"` is obeyed. A proxy offering Negotiate alone gets NTLM
+/// inside Negotiate from an agent with a password and no keytab, checked by the same helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiate_ntlm_and_basic_together_each_answered_by_its_credentials() {
+    let test = "negotiate_ntlm_and_basic_together_each_answered_by_its_credentials";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "10h").await else {
+        return;
+    };
+    let all = Offers {
+        negotiate: Some(&realm),
+        negotiate_ntlm: true,
+        ntlm: true,
+        basic: true,
+    };
+    let Some(squid) = Squid::start(test, &tmp.path().join("squid"), "S3cret-pass", all).await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let secret = tmp.path().join("proxy-password");
+    std::fs::write(&secret, "S3cret-pass\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let secret = secret.display().to_string();
+    let proxy = format!("http://localhost:{}", squid.port);
+    let krb5_conf = realm.dir.join("krb5.conf").display().to_string();
+    let password = [
+        ("KRB5_CONFIG", krb5_conf.as_str()),
+        ("RELAY_AGENT__PROXY", proxy.as_str()),
+        ("RELAY_AGENT__PROXY_USER", "CORP\\ops"),
+        ("RELAY_AGENT__PROXY_PASSWORD_FILE", secret.as_str()),
+    ];
+    // Accepts a code with `env` in a directory of its own; returns what doctor said of the
+    // tunnel and the helpers' verdicts meanwhile.
+    let accept = |env: Vec<(String, String)>| {
+        let (node, tmp, squid) = (&node, tmp.path().to_owned(), &squid);
+        async move {
+            let name = format!("c{}", unique());
+            let code = initiate(&node.data_dir, &name, "http://127.0.0.1:9/hook", &[]).await;
+            let before = squid.attempts().len();
+            let dir = tmp.join(&name);
+            let o = cli(&dir, &["accept", &code], &borrowed(&env), None).await;
+            assert!(o.status.success(), "{env:?}: {}", stderr(&o));
+            let o = cli(&dir, &["doctor"], &borrowed(&env), None).await;
+            let tcp = stdout(&o)
+                .lines()
+                .find(|l| l.contains("] tcp"))
+                .unwrap_or_default()
+                .to_owned();
+            (tcp, squid.attempts()[before..].to_vec())
+        }
+    };
+    let owned = |env: &[(&str, &str)]| {
+        env.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<Vec<_>>()
+    };
+
+    let (tcp, attempts) = accept(kerberos_env(&realm, &proxy, &[])).await;
+    assert!(
+        tcp.contains(
+            "the proxy offered Negotiate, NTLM, Basic; relay answered Negotiate (Kerberos) as agent@RELAY.TEST"
+        ),
+        "{tcp}"
+    );
+    assert!(attempts.is_empty(), "no password was checked: {attempts:?}");
+    let (tcp, attempts) = accept(owned(&password)).await;
+    assert!(tcp.contains("relay answered NTLM (NTLMv2) as CORP\\ops"), "{tcp}");
+    assert!(
+        !attempts.is_empty() && attempts.iter().all(|a| a == "ok"),
+        "{attempts:?}"
+    );
+    let mut pinned = owned(&password);
+    pinned.push(("RELAY_AGENT__PROXY_AUTH".into(), "basic".into()));
+    let (tcp, attempts) = accept(pinned).await;
+    assert!(tcp.contains("relay answered Basic"), "{tcp}");
+    assert!(
+        !attempts.is_empty() && attempts.iter().all(|a| a == "basic ok"),
+        "{attempts:?}"
+    );
+
+    // Negotiate alone, with a password and no keytab: NTLM inside Negotiate.
+    let only = Offers {
+        negotiate: Some(&realm),
+        negotiate_ntlm: true,
+        ..Offers::default()
+    };
+    let Some(negotiate_only) = Squid::start(test, &tmp.path().join("squid2"), "S3cret-pass", only).await else {
+        return;
+    };
+    let proxy2 = format!("http://localhost:{}", negotiate_only.port);
+    let mut env = owned(&password);
+    env[1].1 = proxy2;
+    let name = "negotiate-only";
+    let code = initiate(&node.data_dir, name, "http://127.0.0.1:9/hook", &[]).await;
+    let o = cli(&tmp.path().join(name), &["accept", &code], &borrowed(&env), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !negotiate_only.attempts().is_empty() && negotiate_only.attempts().iter().all(|a| a == "ok"),
+        "{:?}",
+        negotiate_only.attempts()
+    );
+    let o = cli(&tmp.path().join(name), &["doctor"], &borrowed(&env), None).await;
+    assert!(
+        stdout(&o).contains("the proxy offered Negotiate; relay answered Negotiate with NTLM inside (NTLMv2; no Kerberos keytab) as CORP\\ops"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("S3cret-pass"));
+}
