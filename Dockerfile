@@ -16,6 +16,10 @@ ARG BASE=debian:bookworm-slim
 ARG BINARY=compile
 
 FROM rust:1-bookworm AS compile
+# MIT Kerberos's GSSAPI headers and libclang: the libgssapi crate makes its bindings from them.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libkrb5-dev libclang-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -30,9 +34,11 @@ FROM ${BINARY} AS binary
 
 # Everything the runtime stage holds, gathered under /rootfs.
 FROM ${BASE} AS rootfs
-RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
+# The CA roots, and MIT Kerberos's GSSAPI library (Kerberos proxy authentication), unless
+# BASE has them.
+RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ] || ! ls /usr/lib/*/libgssapi_krb5.so.2 >/dev/null 2>&1; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends ca-certificates \
+        && apt-get install -y --no-install-recommends ca-certificates libgssapi-krb5-2 \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=binary /out/relay /rootfs/usr/bin/relay

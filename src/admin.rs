@@ -68,6 +68,8 @@ pub enum Request {
         /// The command.
         request: crate::sync::ops::SyncRequest,
     },
+    /// Agent: try again the proxy credentials held after a refusal.
+    ProxyRetry,
     /// Agent: redeem an invitation.
     Accept {
         /// The invitation code (travels only over the owner-only socket).
@@ -228,6 +230,9 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
         (Side::Node(n), Request::Status) => Ok(to_json(&n.connections()?)),
         (Side::Agent(a), Request::Status) => Ok(to_json(&a.status()?)),
         (Side::Agent(a), Request::AgentConnections) => Ok(to_json(&a.list()?)),
+        (Side::Agent(_), Request::ProxyRetry) => Ok(serde_json::json!({
+            "released": crate::http::forget_refused_proxy_credentials()
+        })),
         (
             side,
             Request::DeadLetters {

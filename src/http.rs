@@ -1064,7 +1064,8 @@ pub enum ProxyError {
     #[error(
         "the proxy {proxy} refused the NTLM answer for {user} earlier (wrong user or password, or a locked account); \
          relay does not try that password again, so that the domain does not lock the account out: \
-         correct it in agent.proxy_password_file (read again at the next try), or in the proxy URL and restart relay"
+         correct it in agent.proxy_password_file (read again at the next try), or in the proxy URL and restart relay; \
+         once the account is unlocked or its password reset to this one, `relay proxy-retry` tries it again"
     )]
     Held {
         /// The proxy.
@@ -1222,6 +1223,14 @@ static NTLM_REFUSED: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec
 /// One NTLM handshake at a time in this process, so that a refused password is answered once,
 /// not once per connection that was opening at the same moment.
 static NTLM_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Forgets every proxy credential this process holds after a refusal (NTLM passwords the
+/// proxy refused, keytabs the KDC refused), so that the next tunnel tries them again: for an
+/// operator who had the account unlocked or corrected at the domain. Returns how many.
+pub fn forget_refused_proxy_credentials() -> usize {
+    let ntlm = std::mem::take(&mut *NTLM_REFUSED.lock().unwrap_or_else(|p| p.into_inner())).len();
+    ntlm + crate::proxy_auth::kerberos::forget_refused()
+}
 
 impl ProxyConnector {
     /// A connector following `config`.

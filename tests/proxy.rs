@@ -709,6 +709,22 @@ async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
         "{}",
         stdout(&o)
     );
+    // The domain's password set back (an operator had the account reset): `relay
+    // proxy-retry` lets the running agent try the held password again.
+    std::fs::write(squid.dir.join("password"), "S3cret-pass").unwrap();
+    let o = cli(&agent_dir, &["proxy-retry"], &env, None).await;
+    assert!(
+        stdout(&o).contains("released 1 held proxy credential"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert_eq!(
+        post(&http, &node.api(), "c", b"after".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"after");
+    assert_eq!(squid.attempts().last().map(String::as_str), Some("ok"));
 }
 
 /// A proxy that offers NTLM and Basic: NTLM answers it, the password never goes as Basic,
@@ -1132,4 +1148,82 @@ async fn negotiate_ntlm_and_basic_together_each_answered_by_its_credentials() {
         stdout(&o)
     );
     assert!(!stdout(&o).contains("S3cret-pass"));
+}
+
+/// Tickets of two minutes' lifetime, and a run longer than the lifetime plus the proxy's clock
+/// skew allowance, in which the proxy restarts every minute so that the agent opens new
+/// tunnels: every payload arrives once and in order both ways, and the KDC's log shows that
+/// the agent asked for new tickets meanwhile (MIT Kerberos renews them from the keytab before
+/// they expire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kerberos_tickets_are_renewed_over_a_run_longer_than_their_lifetime() {
+    let test = "kerberos_tickets_are_renewed_over_a_run_longer_than_their_lifetime";
+    let lifetime = Duration::from_secs(120);
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "2m").await else {
+        return;
+    };
+    let negotiate = Offers {
+        negotiate: Some(&realm),
+        ..Offers::default()
+    };
+    let Some(mut squid) = Squid::start(test, &tmp.path().join("squid"), "unused", negotiate).await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let mut public_app = Sink::start().await.unwrap();
+    let mut private_app = Sink::start().await.unwrap();
+    let env = kerberos_env(&realm, &format!("http://localhost:{}", squid.port), &[]);
+    let env = borrowed(&env);
+    let code = initiate(&node.data_dir, "c", &public_app.url, &[]).await;
+    let agent = accepted_agent(&tmp.path().join("agent"), &code, &private_app.url, &env).await;
+    let first_tickets = realm.issued("AS_REQ");
+
+    // Wall time must pass for tickets to expire: the pace of the run, not a wait for an event.
+    let run = lifetime + PROXY_SKEW + Duration::from_secs(60);
+    let pace = Duration::from_secs(15);
+    let started = std::time::Instant::now();
+    let http = client();
+    let mut sent = 0;
+    let mut restarted = started;
+    while started.elapsed() < run {
+        let (down, up) = (format!("down-{sent}"), format!("up-{sent}"));
+        assert_eq!(
+            post(&http, &node.api(), "c", down.into_bytes(), &[]).await.unwrap().0,
+            202
+        );
+        assert_eq!(
+            post(&http, &agent.api(), "c", up.into_bytes(), &[]).await.unwrap().0,
+            202
+        );
+        sent += 1;
+        if restarted.elapsed() >= Duration::from_secs(60) {
+            squid.restart().await;
+            restarted = std::time::Instant::now();
+        }
+        tokio::time::sleep(pace).await;
+    }
+    for (app, prefix) in [(&mut private_app, "down"), (&mut public_app, "up")] {
+        for i in 0..sent {
+            let got = app
+                .next(DEADLINE)
+                .await
+                .unwrap_or_else(|| panic!("{prefix}-{i} did not arrive:\n{}", agent.log()));
+            assert_eq!(
+                String::from_utf8_lossy(&got.body),
+                format!("{prefix}-{i}"),
+                "in order, once"
+            );
+        }
+    }
+    assert!(
+        realm.issued("AS_REQ") > first_tickets,
+        "new tickets after the first ones expired:\n{}",
+        realm.log()
+    );
+    assert!(
+        !agent.log().contains("could not get a Kerberos ticket"),
+        "{}",
+        agent.log()
+    );
 }

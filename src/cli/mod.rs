@@ -70,6 +70,10 @@ pub enum Command {
     Doctor(JsonArg),
     /// Print the host:port list the agent contacts, for a firewall change request.
     Egress(JsonArg),
+    /// Agent: try again a proxy password or keytab that was refused and is held (so that the
+    /// domain does not lock the account out), once the account is unlocked or corrected.
+    #[command(name = "proxy-retry")]
+    ProxyRetry,
     /// Two simulated Azure DevOps instances, a node and an agent on loopback: a work item
     /// synced both ways, narrated.
     Demo(DemoArgs),
@@ -362,6 +366,14 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
                 println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
                 print!("{}", crate::doctor::render_egress(&list));
+            }
+            Ok(())
+        }
+        Command::ProxyRetry => {
+            let answer = admin_call(&settings, Role::Agent, Request::ProxyRetry).await?;
+            match answer.get("released").and_then(serde_json::Value::as_u64).unwrap_or(0) {
+                0 => println!("no proxy credential is held"),
+                n => println!("released {n} held proxy credential(s): the agent tries them at its next tunnel"),
             }
             Ok(())
         }

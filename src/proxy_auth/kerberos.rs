@@ -152,6 +152,12 @@ static STATE: Mutex<State> = Mutex::new(State {
     refused: Vec::new(),
 });
 
+/// Forgets every keytab the KDC refused (an operator's `relay proxy-retry`); returns how many.
+pub fn forget_refused() -> usize {
+    let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    std::mem::take(&mut state.refused).len()
+}
+
 /// The first Negotiate token for the proxy on `proxy_host`: Kerberos inside SPNEGO, without
 /// delegation. Blocking (it may ask the KDC for tickets): run it off the async threads.
 ///
