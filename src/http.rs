@@ -1224,6 +1224,21 @@ static NTLM_REFUSED: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec
 /// not once per connection that was opening at the same moment.
 static NTLM_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// How the last tunnel through each proxy (by its redacted URL) was authenticated, in this
+/// process, for `relay status`.
+static LAST_HANDSHAKES: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// How the last tunnel this process opened through `proxy` (as [`Route::Proxy`] shows it) was
+/// authenticated: the schemes offered and the one answered.
+pub fn last_proxy_handshake(proxy: &str) -> Option<String> {
+    LAST_HANDSHAKES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(proxy)
+        .cloned()
+}
+
 /// Forgets every proxy credential this process holds after a refusal (NTLM passwords the
 /// proxy refused, keytabs the KDC refused), so that the next tunnel tries them again: for an
 /// operator who had the account unlocked or corrected at the domain. Returns how many.
@@ -1308,7 +1323,12 @@ impl tower_service::Service<Uri> for ProxyConnector {
         let login = self.auth.clone();
         let pinned = login.scheme;
         let handshake = self.handshake.clone();
-        let note = move |text: String| *handshake.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        let key = proxy.clone();
+        let note = move |text: String| {
+            let mut last = LAST_HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
+            last.insert(key.clone(), text.clone());
+            *handshake.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        };
         Box::pin(async move {
             let mut dial = async || {
                 direct

@@ -928,6 +928,14 @@ async fn through_squid_with_kerberos_and_each_failure_named() {
     assert!(realm.issued("TGS_REQ") >= 1, "{}", realm.log());
     assert!(realm.log().contains("for HTTP/localhost@RELAY.TEST"), "{}", realm.log());
 
+    let o = cli(&agent_dir, &["status"], &env, None).await;
+    assert!(
+        stdout(&o).contains(&format!(
+            "route:        via proxy {by_name} (the proxy offered Negotiate; relay answered Negotiate (Kerberos) as agent@RELAY.TEST for HTTP/localhost)"
+        )),
+        "{}",
+        stdout(&o)
+    );
     let o = cli(&agent_dir, &["doctor"], &env, None).await;
     let doctor = stdout(&o);
     assert!(o.status.success(), "{doctor}");

@@ -546,7 +546,7 @@ impl Agent {
                 invitation_expires_at: None,
                 recent_dead_letters: inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?,
                 trust: Some(self.trust_of(&conn)),
-                route: Some(self.route_to(&conn.node_url).to_string()),
+                route: Some(self.route_shown(&conn.node_url)),
                 holds: link.as_ref().map(|l| l.health.holds()).unwrap_or_default(),
                 sync: match &self.inner.sync {
                     Some(e) => Some(e.state().summary(&conn.name)?),
@@ -561,6 +561,20 @@ impl Agent {
     pub fn trust_of(&self, conn: &AgentConnection) -> String {
         let a = &self.inner.settings.agent;
         crate::tls::describe_trust(conn.pin_bytes(), a.trust, a.ca_file.as_deref())
+    }
+
+    /// How the agent reaches `url`, for status: directly, or through which proxy and how the
+    /// last tunnel through it was authenticated.
+    fn route_shown(&self, url: &str) -> String {
+        let route = self.route_to(url);
+        let handshake = match &route {
+            http::Route::Proxy { proxy, .. } => http::last_proxy_handshake(proxy),
+            http::Route::Direct => None,
+        };
+        match handshake {
+            Some(handshake) => format!("{route} ({handshake})"),
+            None => route.to_string(),
+        }
     }
 
     /// How the agent reaches `url`: directly or through which proxy.
