@@ -1235,3 +1235,53 @@ async fn kerberos_tickets_are_renewed_over_a_run_longer_than_their_lifetime() {
         agent.log()
     );
 }
+
+/// An agent whose clock is ten minutes ahead of the KDC's (libfaketime), with MIT Kerberos's
+/// clock compensation off as many sites have it: the error says the KDC reports clock skew
+/// and names Negotiate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kerberos_clock_skew_is_named() {
+    let test = "kerberos_clock_skew_is_named";
+    let faketime = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    if !faketime.exists() {
+        skip_unless_required(
+            test,
+            REQUIRE_KRB5,
+            "libfaketime is not installed (apt-get install faketime)",
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "10h").await else {
+        return;
+    };
+    let negotiate = Offers {
+        negotiate: Some(&realm),
+        ..Offers::default()
+    };
+    let Some(squid) = Squid::start(test, &tmp.path().join("squid"), "unused", negotiate).await else {
+        return;
+    };
+    let node = start_node(&tmp.path().join("node"), None).await;
+    let code = initiate(&node.data_dir, "c", "http://127.0.0.1:9/hook", &[]).await;
+    let strict = tmp.path().join("strict-krb5.conf");
+    std::fs::write(
+        &strict,
+        realm
+            .krb5_conf(None)
+            .replace("[realms]", "  kdc_timesync = 0\n[realms]"),
+    )
+    .unwrap();
+    let mut env = kerberos_env(&realm, &format!("http://localhost:{}", squid.port), &[]);
+    env[0].1 = strict.display().to_string();
+    env.push(("LD_PRELOAD".into(), faketime.display().to_string()));
+    env.push(("FAKETIME".into(), "+10m".into()));
+    env.push(("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()));
+    let o = cli(&tmp.path().join("agent"), &["accept", &code], &borrowed(&env), None).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("asked for Negotiate") && stderr(&o).contains("the KDC reports clock skew"),
+        "{}",
+        stderr(&o)
+    );
+}
