@@ -862,6 +862,18 @@ async fn a_password_file_is_read_at_each_handshake() {
     );
 }
 
+/// A realm with tickets of at most `max_life` and a Squid in front of it that takes only
+/// Negotiate (Kerberos), in `dir`; `None` when `test` is skipped.
+async fn kerberos_proxy(test: &str, dir: &Path, max_life: &str) -> Option<(Realm, Squid)> {
+    let realm = Realm::start(test, &dir.join("realm"), max_life).await?;
+    let negotiate = Offers {
+        negotiate: Some(&realm),
+        ..Offers::default()
+    };
+    let squid = Squid::start(test, &dir.join("squid"), "unused", negotiate).await?;
+    Some((realm, squid))
+}
+
 /// The agent's environment for a proxy that takes Kerberos: the realm's krb5.conf and the
 /// agent's keytab, and `extra`.
 fn kerberos_env(realm: &Realm, proxy: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -895,14 +907,7 @@ fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
 async fn through_squid_with_kerberos_and_each_failure_named() {
     let test = "through_squid_with_kerberos_and_each_failure_named";
     let tmp = tempfile::tempdir().unwrap();
-    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "10h").await else {
-        return;
-    };
-    let negotiate = Offers {
-        negotiate: Some(&realm),
-        ..Offers::default()
-    };
-    let Some(squid) = Squid::start(test, &tmp.path().join("squid"), "unused", negotiate).await else {
+    let Some((realm, squid)) = kerberos_proxy(test, tmp.path(), "10h").await else {
         return;
     };
     let node = start_node(&tmp.path().join("node"), None).await;
@@ -1168,14 +1173,7 @@ async fn kerberos_tickets_are_renewed_over_a_run_longer_than_their_lifetime() {
     let test = "kerberos_tickets_are_renewed_over_a_run_longer_than_their_lifetime";
     let lifetime = Duration::from_secs(120);
     let tmp = tempfile::tempdir().unwrap();
-    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "2m").await else {
-        return;
-    };
-    let negotiate = Offers {
-        negotiate: Some(&realm),
-        ..Offers::default()
-    };
-    let Some(mut squid) = Squid::start(test, &tmp.path().join("squid"), "unused", negotiate).await else {
+    let Some((realm, mut squid)) = kerberos_proxy(test, tmp.path(), "2m").await else {
         return;
     };
     let node = start_node(&tmp.path().join("node"), None).await;
@@ -1252,14 +1250,7 @@ async fn kerberos_clock_skew_is_named() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let Some(realm) = Realm::start(test, &tmp.path().join("realm"), "10h").await else {
-        return;
-    };
-    let negotiate = Offers {
-        negotiate: Some(&realm),
-        ..Offers::default()
-    };
-    let Some(squid) = Squid::start(test, &tmp.path().join("squid"), "unused", negotiate).await else {
+    let Some((realm, squid)) = kerberos_proxy(test, tmp.path(), "10h").await else {
         return;
     };
     let node = start_node(&tmp.path().join("node"), None).await;

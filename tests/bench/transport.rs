@@ -775,13 +775,26 @@ async fn parked() {
     let idle = rss_mib(node.child.id()).0;
     let t = Instant::now();
     let mut codes = Vec::with_capacity(n);
+    let mut each = Vec::with_capacity(n);
     for i in 0..n {
+        let one = Instant::now();
         codes.push(initiate(&node_dir, &format!("sim-{i}")).await);
+        each.push(one.elapsed().as_secs_f64() * 1000.0);
     }
     println!("  {n} connections initiated in {:.1} s", t.elapsed().as_secs_f64());
+    let window = 500.min(n / 2).max(1);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&each[..window]), mean(&each[n - window..]));
+    println!(
+        "  initiate, the last {window} vs the first {window}       {last:.2} ms     {first:.2} ms   {:.2}  (target <= 2.00: {})",
+        last / first,
+        verdict(last <= 2.0 * first)
+    );
     let t = Instant::now();
     let credentials = agents::redeem_all(codes, 8).await;
     println!("  {n} invitations redeemed in {:.1} s", t.elapsed().as_secs_f64());
+    let stored = rss_mib(node.child.id()).0;
+    println!("  node RSS with {n} connections, before the polls   {stored:.1} MiB");
     let t = Instant::now();
     let polls = agents::park_all(credentials, 16).await;
     println!("  {n} polls parked in {:.1} s", t.elapsed().as_secs_f64());
@@ -794,6 +807,12 @@ async fn parked() {
     println!(
         "  node RSS with {parked_now} parked polls             {peak:.1} MiB (idle {idle:.1}; target <= 512: {})",
         verdict(peak <= 512.0 && parked_now == n)
+    );
+    let per_poll = (peak - idle) * 1024.0 / n as f64;
+    println!(
+        "  node memory per parked poll                  {per_poll:.1} KiB (target <= 32: {}; {:.1} KiB of it before the polls)",
+        verdict(per_poll <= 32.0 && parked_now == n),
+        (stored - idle) * 1024.0 / n as f64
     );
     for p in polls {
         p.abort();
