@@ -42,7 +42,10 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 mod durable;
+mod records;
+
 pub use durable::SyncCounts;
+use records::Records;
 
 /// Errors from the store and its queues; the intake maps them to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +222,7 @@ type Above = BTreeMap<u64, u64>;
 
 /// Writes the members consumed above the mark under [`ABOVE_KEY`], for the next open. Every
 /// member there stays consumed for good, so an older copy is never wrong, only incomplete.
-fn save_above(tree: &sled::Tree, above: &Above) -> Result<(), sled::Error> {
+fn save_above(tree: &Records, above: &Above) -> Result<(), sled::Error> {
     if above.is_empty() {
         return tree.remove(ABOVE_KEY).map(|_| ());
     }
@@ -555,8 +558,17 @@ fn now_ms() -> u64 {
 
 type FlushReply = oneshot::Sender<Result<(), QueueError>>;
 
+/// The tree every queue keeps its records in (see [`records`]).
+const QUEUES_TREE: &str = "queues";
+/// The tree of a queue made before the shared tree: this prefix and its name.
+const OWN_TREE_PREFIX: &str = "queue/";
+
 struct StoreInner {
     db: sled::Db,
+    /// Every queue made since the shared tree came, each under a prefix of its name.
+    queues_tree: sled::Tree,
+    /// Queues made before, each in a tree of its own (`queue/NAME`), where they stay.
+    own_trees: std::collections::HashSet<String>,
     /// Strong handles: a queue is opened (and its counters recovered) once per process.
     queues: Mutex<HashMap<String, Arc<QueueShared>>>,
     /// The queues written since the last flush took this list: the only ones a flush visits,
@@ -625,7 +637,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Counts the keys of `list` in `range`, adding them to `sums`; returns the highest sequence
 /// number seen and how many keys were read.
 fn tally<R: std::ops::RangeBounds<[u8; 9]>>(
-    tree: &sled::Tree,
+    tree: &Records,
     list: List,
     range: R,
     consumed: u64,
@@ -668,7 +680,7 @@ struct Recovered {
 /// Recovers a queue's counters without reading its messages: the last counters record,
 /// plus the messages appended after it (a tail range, exact). Removals after the record are
 /// still counted, an over-estimate a background recount corrects.
-fn recover(tree: &sled::Tree, name: &str) -> Result<Recovered, QueueError> {
+fn recover(tree: &Records, name: &str) -> Result<Recovered, QueueError> {
     let Some(raw) = tree.get(COUNTERS_KEY)? else {
         let legacy_hw = match tree.get(LEGACY_STATE_KEY)? {
             Some(raw) => decode_high_water(&raw).ok_or_else(|| QueueError::Corrupt(name.into()))?,
@@ -784,9 +796,22 @@ impl Store {
         let syncs = Arc::new(SyncCounts::default());
         let durable = durable::Durable::open(dir, syncs.clone())
             .map_err(|e| QueueError::Storage(format!("syncing the database after opening it: {e}")))?;
+        let own_trees = db
+            .tree_names()
+            .iter()
+            .filter_map(|n| {
+                std::str::from_utf8(n)
+                    .ok()?
+                    .strip_prefix(OWN_TREE_PREFIX)
+                    .map(str::to_owned)
+            })
+            .collect();
+        let queues_tree = db.open_tree(QUEUES_TREE)?;
         let (flush_tx, flush_rx) = std::sync::mpsc::channel();
         let inner = Arc::new(StoreInner {
             db,
+            queues_tree,
+            own_trees,
             queues: Mutex::new(HashMap::new()),
             touched: Mutex::new(Vec::new()),
             flush_tx,
@@ -853,7 +878,11 @@ impl Store {
         }
         // Recovered without the map's lock, which the flush thread takes before every flush.
         // Two first uses at once both recover (the same answer); the first to register wins.
-        let tree = self.inner.db.open_tree(format!("queue/{name}"))?;
+        let tree = if self.inner.own_trees.contains(name) {
+            Records::own(self.inner.db.open_tree(format!("{OWN_TREE_PREFIX}{name}"))?)
+        } else {
+            Records::shared(self.inner.queues_tree.clone(), name)
+        };
         let recovered = recover(&tree, name)?;
         let mut queues = lock(&self.inner.queues);
         if let Some(q) = known(&queues) {
@@ -1186,7 +1215,7 @@ pub struct SequenceGap {
 
 struct QueueShared {
     name: String,
-    tree: sled::Tree,
+    tree: Records,
     store: Weak<StoreInner>,
     state: Mutex<QueueState>,
     /// Highest sequence number known to be on disk.
@@ -1661,7 +1690,7 @@ impl Queue {
         // flush; this repair is rare): a crash leaves the queue as it was, and the next poll
         // renumbers again, or as it is now. Half a move would let the cursor acknowledge the
         // messages not yet moved.
-        let mut batch = sled::Batch::default();
+        let mut batch = self.shared.tree.batch();
         for (k, v) in &old {
             let seq = seq_of(k).ok_or_else(|| QueueError::Corrupt(self.shared.name.clone()))?;
             let to = *moved
@@ -2230,6 +2259,48 @@ mod tests {
             enqueued_at_ms: now_ms(),
             body: Bytes::copy_from_slice(body.as_bytes()),
         }
+    }
+
+    /// A queue made before the shared tree, in a tree of its own, stays there: its messages
+    /// read back and new ones go to it; a new queue goes to the shared tree, and a new
+    /// connection adds no tree.
+    #[tokio::test]
+    async fn a_queue_in_a_tree_of_its_own_stays_there_and_new_queues_share_one_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As an earlier version left it: the queue's records in `queue/old/out`.
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let own = Records::own(db.open_tree("queue/old/out").unwrap());
+            own.insert(key(MSG_PREFIX, 1), encode_message("id1", "text/plain", 1, b"before"))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        {
+            let store = reopen(dir.path());
+            let q = store.queue("old/out", LIMITS).unwrap();
+            assert_eq!(q.first().unwrap().unwrap().body, Bytes::from_static(b"before"));
+            q.append(msg("after"), None).unwrap();
+            store
+                .queue("new/out", LIMITS)
+                .unwrap()
+                .append(msg("new"), None)
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = reopen(dir.path());
+        let q = store.queue("old/out", LIMITS).unwrap();
+        let bodies: Vec<Bytes> = q
+            .read_after(0, 10, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.body)
+            .collect();
+        assert_eq!(bodies, [Bytes::from_static(b"before"), Bytes::from_static(b"after")]);
+        let names: Vec<Vec<u8>> = store.inner.db.tree_names().iter().map(|n| n.to_vec()).collect();
+        assert!(names.contains(&b"queue/old/out".to_vec()), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with(b"queue/new")), "{names:?}");
+        assert_eq!(store.queue("new/out", LIMITS).unwrap().stats().depth, 1);
+        assert_eq!(store.inner.queues_tree.scan_prefix(b"old/out\0").count(), 0);
     }
 
     #[tokio::test]
