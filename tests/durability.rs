@@ -370,9 +370,23 @@ fn check_order(side: &str, calls: &[Call], data_dir: &Path, answered: &[Answered
             .take_while(|w| w.end <= answer.start)
             .find(|w| synced(&w.fd, w.end))
         else {
+            // What the trace holds around it, to tell a missing sync from a misread trace.
+            let around: Vec<String> = calls
+                .iter()
+                .filter(|c| c.start + 50_000 >= first.start && c.start <= answer.start + 50_000)
+                .filter(|c| {
+                    (SYNCS.contains(&c.name.as_str()) || c.name == "sync_file_range") && in_store(c)
+                        || writes.iter().any(|w| std::ptr::eq(*w, *c))
+                })
+                .map(|c| format!("  {} {} {}..{} µs", c.name, c.fd, c.start, c.end))
+                .collect();
             failures.push(format!(
-                "{}: answered at {} µs without an fdatasync/fsync of {} after its write at {} µs",
-                a.marker, answer.start, first.fd, first.end
+                "{}: answered at {} µs without an fdatasync/fsync of {} after its write at {} µs; its writes and the store's syncs around:\n{}",
+                a.marker,
+                answer.start,
+                first.fd,
+                first.end,
+                around.join("\n")
             ));
             continue;
         };
