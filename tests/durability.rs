@@ -126,11 +126,18 @@ async fn post_once(api: &str, conn: &str, body: &[u8]) -> (u16, TcpStream) {
     }
 }
 
-/// What one client saw: its marker and its connection's local port.
+/// What one client saw: its marker and its connection, as strace names the daemon's end of it
+/// (`[SERVER->CLIENT]`). Both ends count: the kernel gives the same local port to connections
+/// to different servers, such as an agent's connection to the node.
 #[derive(Debug, Clone)]
 struct Answered {
     marker: String,
-    port: u16,
+    connection: String,
+}
+
+/// `[SERVER->CLIENT]` for a client's connection.
+fn connection_of(stream: &TcpStream) -> String {
+    format!("[{}->{}]", stream.peer_addr().unwrap(), stream.local_addr().unwrap())
 }
 
 /// Posts `count` payloads tagged `tag` (the first one [`LARGE`]) from [`CONCURRENCY`] clients;
@@ -150,8 +157,8 @@ async fn post_all(api: String, tag: &'static str, count: usize) -> (Vec<Answered
                 let (marker, body) = payload(tag, i, if i == 0 { LARGE } else { 1024 });
                 let (status, stream) = post_once(&api, "c1", &body).await;
                 assert_eq!(status, 202, "{marker}");
-                let port = stream.local_addr().unwrap().port();
-                done.push((Answered { marker, port }, stream));
+                let connection = connection_of(&stream);
+                done.push((Answered { marker, connection }, stream));
             }
         }));
     }
@@ -181,7 +188,7 @@ async fn push_all(
     let mut seq = 0u64;
     for p in 0..PUSHES {
         let tcp = TcpStream::connect(listen).await.unwrap();
-        let port = tcp.local_addr().unwrap().port();
+        let connection = connection_of(&tcp);
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let tls = connector.connect(name, tcp).await.unwrap();
         let (mut send, conn) =
@@ -209,7 +216,10 @@ async fn push_all(
                 enqueued_at_ms: 1,
                 body,
             });
-            answered.push(Answered { marker, port });
+            answered.push(Answered {
+                marker,
+                connection: connection.clone(),
+            });
         }
         let body = protocol::encode(&PushRequest {
             version: protocol::PROTOCOL_VERSION,
@@ -347,11 +357,10 @@ fn check_order(side: &str, calls: &[Call], data_dir: &Path, answered: &[Answered
             failures.push(format!("{}: never written to a file under {prefix}", a.marker));
             continue;
         };
-        let peer = format!("->127.0.0.1:{}]", a.port);
-        let Some(answer) = calls
-            .iter()
-            .find(|c| SOCKET_WRITES.contains(&c.name.as_str()) && c.fd.ends_with(&peer) && c.start >= first.end)
-        else {
+        let peer = &a.connection;
+        let Some(answer) = calls.iter().find(|c| {
+            SOCKET_WRITES.contains(&c.name.as_str()) && c.fd.ends_with(peer.as_str()) && c.start >= first.end
+        }) else {
             failures.push(format!(
                 "{}: answered before it was written to {} (no write on the client's connection after it)",
                 a.marker, first.fd
