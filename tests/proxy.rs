@@ -131,6 +131,22 @@ async fn accepted_agent(agent_dir: &Path, code: &str, deliver_to: &str, env: &[(
     Daemon::start(agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], env).await
 }
 
+/// A payload each way on connection `c`: posted to the node for the private side's
+/// application, and to the agent for the public side's.
+async fn both_ways(node: &Daemon, agent: &Daemon, public_app: &mut Sink, private_app: &mut Sink) {
+    let http = client();
+    assert_eq!(
+        post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"down");
+    assert_eq!(
+        post(&http, &agent.api(), "c", b"up".to_vec(), &[]).await.unwrap().0,
+        202
+    );
+    assert_eq!(public_app.next(DEADLINE).await.unwrap().body, b"up");
+}
+
 fn node_port(node: &Daemon) -> String {
     node.info.listen.clone().unwrap().rsplit(':').next().unwrap().to_owned()
 }
@@ -675,16 +691,7 @@ async fn through_squid_with_ntlm_and_a_wrong_password_is_tried_once() {
     let env = [("RELAY_AGENT__PROXY", right.as_str())];
     let mut agent = accepted_agent(&agent_dir, &code, &private_app.url, &env).await;
     let http = client();
-    assert_eq!(
-        post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
-        202
-    );
-    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"down");
-    assert_eq!(
-        post(&http, &agent.api(), "c", b"up".to_vec(), &[]).await.unwrap().0,
-        202
-    );
-    assert_eq!(public_app.next(DEADLINE).await.unwrap().body, b"up");
+    both_ways(&node, &agent, &mut public_app, &mut private_app).await;
     assert!(squid.attempts().iter().all(|a| a == "ok"), "{:?}", squid.attempts());
     assert!(!agent.log().contains("S3cret-pass"));
 
@@ -920,16 +927,7 @@ async fn through_squid_with_kerberos_and_each_failure_named() {
     let agent_dir = tmp.path().join("agent");
     let agent = accepted_agent(&agent_dir, &code, &private_app.url, &env).await;
     let http = client();
-    assert_eq!(
-        post(&http, &node.api(), "c", b"down".to_vec(), &[]).await.unwrap().0,
-        202
-    );
-    assert_eq!(private_app.next(DEADLINE).await.unwrap().body, b"down");
-    assert_eq!(
-        post(&http, &agent.api(), "c", b"up".to_vec(), &[]).await.unwrap().0,
-        202
-    );
-    assert_eq!(public_app.next(DEADLINE).await.unwrap().body, b"up");
+    both_ways(&node, &agent, &mut public_app, &mut private_app).await;
     assert!(realm.issued("TGS_REQ") >= 1, "{}", realm.log());
     assert!(realm.log().contains("for HTTP/localhost@RELAY.TEST"), "{}", realm.log());
 
