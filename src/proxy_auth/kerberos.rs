@@ -222,11 +222,12 @@ fn use_keytab(
 }
 
 /// The principal of a keytab's first entry (`name/instance@REALM`), as MIT Kerberos chooses
-/// it when none is asked for: the file format of MIT's keytabs (version 0x0502; 0x0501 has
-/// the same layout for this).
+/// it when none is asked for: the file format of keytabs, version 0x0502 (what MIT Kerberos,
+/// `ktpass` and `ktutil` write; the older 0x0501 counts components differently and is not
+/// read here).
 fn first_principal(bytes: &[u8]) -> Option<String> {
     let mut at = 2;
-    if bytes.get(..2)? != [5, 2] && bytes.get(..2)? != [5, 1] {
+    if bytes.get(..2)? != [5, 2] {
         return None;
     }
     let i32_at = |at: usize| Some(i32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
