@@ -153,10 +153,9 @@ pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: R
             let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let how = match &route {
                 Route::Direct => format!("direct to {peer}"),
-                proxied => format!(
+                proxied @ Route::Proxy { proxy, .. } => format!(
                     "{proxied}: tunnel to {host}:{port} open{}",
-                    connector
-                        .last_handshake()
+                    http::last_proxy_handshake(proxy)
                         .map(|h| format!(" ({h})"))
                         .unwrap_or_default()
                 ),

@@ -1212,8 +1212,6 @@ pub struct ProxyConnector {
     direct: hyper_util::client::legacy::connect::HttpConnector,
     matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
     auth: ProxyLogin,
-    /// How the last tunnel this connector opened was authenticated, for `relay doctor`.
-    handshake: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// The NTLM accounts and passwords a proxy refused (their fingerprints), in this process: not
@@ -1225,7 +1223,7 @@ static NTLM_REFUSED: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec
 static NTLM_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How the last tunnel through each proxy (by its redacted URL) was authenticated, in this
-/// process, for `relay status`.
+/// process, for `relay status` and `relay doctor`.
 static LAST_HANDSHAKES: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
@@ -1266,7 +1264,6 @@ impl ProxyConnector {
             direct,
             matcher: Arc::new(matcher),
             auth,
-            handshake: Arc::default(),
         }
     }
 
@@ -1275,12 +1272,6 @@ impl ProxyConnector {
         let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
         direct.enforce_http(false);
         ProxyConnector::new(direct, config)
-    }
-
-    /// How the last tunnel through a proxy was authenticated: the schemes the proxy offered
-    /// and the one relay answered with (never a secret).
-    pub fn last_handshake(&self) -> Option<String> {
-        self.handshake.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// How `url` would be reached (direct when it does not parse).
@@ -1322,12 +1313,12 @@ impl tower_service::Service<Uri> for ProxyConnector {
         let mut direct = self.direct.clone();
         let login = self.auth.clone();
         let pinned = login.scheme;
-        let handshake = self.handshake.clone();
         let key = proxy.clone();
         let note = move |text: String| {
-            let mut last = LAST_HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-            last.insert(key.clone(), text.clone());
-            *handshake.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+            LAST_HANDSHAKES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), text);
         };
         Box::pin(async move {
             let mut dial = async || {

@@ -392,11 +392,11 @@ pub fn realm(login: &KerberosLogin) -> Result<Realm, KerberosError> {
         }
     };
     drop(state);
+    let files = config_files();
     let name = match realm_of(&principal) {
         Some(r) => r.to_owned(),
-        None => default_realm(&config_files()).unwrap_or_default(),
+        None => default_realm(&files).unwrap_or_default(),
     };
-    let files = config_files();
     let kdcs = realm_kdcs(&files, &name);
     let shown = files
         .iter()
