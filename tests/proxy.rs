@@ -34,15 +34,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether the tests run as root (a proxy then drops to its own user).
-fn root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
-}
-
 struct Tinyproxy {
     child: Child,
     port: u16,
@@ -87,7 +78,7 @@ impl Tinyproxy {
             "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\nAllow 127.0.0.1\nLogLevel Info\nDisableViaHeader Yes\nLogFile \"{}\"\n",
             log.display()
         );
-        if root() {
+        if is_root() {
             conf.push_str("User nobody\nGroup nogroup\n");
         }
         if let Some((user, password)) = basic_auth {
@@ -619,7 +610,7 @@ impl Squid {
         std::fs::write(dir.join("squid.conf"), conf).unwrap();
         // Started as root, Squid runs as its own user, which must read its keytab and write
         // its logs here.
-        if root() {
+        if is_root() {
             for d in [dir.parent().unwrap(), dir] {
                 std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
             }

@@ -9,17 +9,13 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-use common::{command, command_via_shell, log_path, stderr, Daemon};
+use common::{command, command_via_shell, is_root, log_path, stderr, Daemon};
 
 const NODE_RUN: &[&str] = &["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"];
 const NOBODY: u32 = 65534;
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
-}
-
-fn is_root() -> bool {
-    relay::fsutil::effective_uid() == 0
 }
 
 /// Says that `test` was skipped, where a passing run shows it (the harness captures

@@ -208,6 +208,12 @@ impl Drop for Daemon {
     }
 }
 
+/// Whether the tests run as root (proxies then drop to their own user, and permission checks
+/// do not bind).
+pub fn is_root() -> bool {
+    relay::fsutil::effective_uid() == 0
+}
+
 /// A number no other call in this process returns.
 pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
