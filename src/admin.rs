@@ -124,10 +124,10 @@ impl Direction {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeadLetterOutcome {
     /// Inbound dead letters now (after the action), when the command covered them.
-    pub dead_letters: Vec<crate::queue::DeadLetter>,
+    pub dead_letters: Vec<crate::store::DeadLetter>,
     /// Outbound dead letters now, when the command covered them.
     #[serde(default)]
-    pub outbound: Vec<crate::queue::DeadLetter>,
+    pub outbound: Vec<crate::store::DeadLetter>,
     /// Sequence numbers acted on.
     pub done: Vec<u64>,
     /// Sequence numbers that were not dead letters.

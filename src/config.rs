@@ -71,6 +71,9 @@ pub struct Settings {
     /// Queue bounds.
     #[serde(default)]
     pub queue: QueueSettings,
+    /// Where the node keeps its state.
+    #[serde(default)]
+    pub store: StoreSettings,
     /// Webhook delivery and retry.
     #[serde(default)]
     pub delivery: DeliverySettings,
@@ -286,6 +289,118 @@ pub struct QueueSettings {
     pub ready_max_age: Duration,
 }
 
+/// `[store]`: where the node keeps its connections, queues and sync state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sled` (embedded in the data directory, the default) or `postgres` (one database that
+    /// several node replicas share). The agent always uses sled.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// The database, `postgres://user[:password]@host[:port]/database[?sslmode=require]`;
+    /// prefer `url_file` for a URL with a password.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// A file holding the database URL, password included (its first line; mode 600).
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// Connections to the database in this replica's pool.
+    #[serde(default = "default_store_pool_size")]
+    pub pool_size: usize,
+    /// Deadline of connecting to the database and of waiting for a pooled connection.
+    #[serde(default = "default_store_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How the database's certificate is checked when the URL asks for TLS.
+    #[serde(default)]
+    pub trust: WebhookTrust,
+    /// PEM bundle of CA certificates: required with `trust = "ca"`, added to the roots
+    /// otherwise.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Which engine keeps the node's state.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// sled, in the data directory.
+    #[default]
+    Sled,
+    /// PostgreSQL, at `store.url`.
+    Postgres,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            kind: StoreKind::default(),
+            url: None,
+            url_file: None,
+            pool_size: default_store_pool_size(),
+            connect_timeout: default_store_connect_timeout(),
+            trust: WebhookTrust::default(),
+            ca_file: None,
+        }
+    }
+}
+
+fn default_store_pool_size() -> usize {
+    16
+}
+
+fn default_store_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl StoreSettings {
+    /// How to reach the PostgreSQL database: the URL (from `url_file`, read now, or `url`) and
+    /// the TLS trust. Never prints the password.
+    pub fn postgres_options(&self) -> Result<crate::store::postgres::Options, ConfigError> {
+        let url = match (&self.url_file, &self.url) {
+            (Some(path), _) => {
+                private_file("store.url_file", path)?;
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                    key: "store.url_file",
+                    problem: format!("cannot read {}: {e}", path.display()),
+                })?;
+                text.lines().next().unwrap_or_default().trim().to_owned()
+            }
+            (None, Some(url)) => url.expose().to_owned(),
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "store.url",
+                    problem: "required with store.kind = \"postgres\" (or store.url_file)".into(),
+                })
+            }
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                key: if self.url_file.is_some() {
+                    "store.url_file"
+                } else {
+                    "store.url"
+                },
+                problem: format!(
+                    "{} is not a PostgreSQL URL (postgres://user@host:port/database)",
+                    crate::store::postgres::redact(&url)
+                ),
+            });
+        }
+        let tls = crate::tls::webhook_client_config(self.trust, self.ca_file.as_deref()).map_err(|e| {
+            ConfigError::Invalid {
+                key: "store.ca_file",
+                problem: e.to_string(),
+            }
+        })?;
+        Ok(crate::store::postgres::Options {
+            url,
+            pool_size: self.pool_size,
+            tls,
+            connect_timeout: self.connect_timeout,
+        })
+    }
+}
+
 /// `[delivery]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -495,6 +610,7 @@ impl Default for Settings {
             node: NodeSettings::default(),
             agent: AgentSettings::default(),
             queue: QueueSettings::default(),
+            store: StoreSettings::default(),
             delivery: DeliverySettings::default(),
             tracker: None,
         }
@@ -904,6 +1020,20 @@ impl Settings {
         if self.queue.max_payload_bytes == 0 || self.queue.max_payload_bytes > crate::protocol::MAX_PAYLOAD_BYTES {
             return invalid("queue.max_payload_bytes", "must be between 1 and 268435456");
         }
+        if self.store.kind == StoreKind::Postgres {
+            if self.store.url.is_none() && self.store.url_file.is_none() {
+                return invalid(
+                    "store.url",
+                    "required with store.kind = \"postgres\" (or store.url_file)",
+                );
+            }
+            if self.store.pool_size == 0 {
+                return invalid("store.pool_size", "must be at least 1");
+            }
+            if self.store.trust == WebhookTrust::Ca && self.store.ca_file.is_none() {
+                return invalid("store.ca_file", "required when store.trust = \"ca\"");
+            }
+        }
         if self.queue.max_messages == 0 {
             return invalid("queue.max_messages", "must be at least 1");
         }
@@ -1066,8 +1196,8 @@ impl Settings {
     }
 
     /// Queue bounds as the queue module wants them.
-    pub fn queue_limits(&self) -> crate::queue::Limits {
-        crate::queue::Limits {
+    pub fn queue_limits(&self) -> crate::store::Limits {
+        crate::store::Limits {
             max_messages: self.queue.max_messages,
             max_bytes: self.queue.max_bytes,
         }

@@ -12,7 +12,7 @@ use crate::agent::Agent;
 use crate::config::Settings;
 use crate::error::{Kind, OpError, OpResult};
 use crate::node::Node;
-use crate::queue::{QueueError, Store};
+use crate::store::{QueueError, Store};
 
 /// Which role a data directory belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

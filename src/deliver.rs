@@ -12,9 +12,9 @@ use tracing::{info, warn};
 
 use crate::config::DeliverySettings;
 use crate::http::{self, Method, StatusCode};
-use crate::queue::{Message, Queue};
 use crate::retry::Backoff;
 use crate::status::Health;
+use crate::store::{Message, Queue};
 
 /// How long an in-flight webhook request may finish after shutdown begins (inside the
 /// daemon's drain deadline).

@@ -65,11 +65,29 @@ impl OpError {
     }
 }
 
-impl From<crate::queue::QueueError> for OpError {
-    fn from(e: crate::queue::QueueError) -> Self {
+impl From<crate::store::QueueError> for OpError {
+    fn from(e: crate::store::QueueError) -> Self {
         OpError::new(Kind::Failed, e.to_string())
     }
 }
 
 /// Shorthand for results of operator commands.
 pub type OpResult<T> = Result<T, OpError>;
+
+/// "outer: inner: innermost", skipping repeats, with `describe` speaking for the errors it
+/// knows better than their own `Display` (the TLS layer's, for one).
+pub fn error_chain_with(
+    e: &(dyn std::error::Error + 'static),
+    describe: impl Fn(&(dyn std::error::Error + 'static)) -> Option<String>,
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let s = describe(err).unwrap_or_else(|| err.to_string());
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}

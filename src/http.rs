@@ -1860,19 +1860,7 @@ pub fn request(
         .map_err(|e| ClientError::Build(e.to_string()))
 }
 
-/// "outer: inner: innermost", skipping repeats, so TLS and socket causes reach the operator.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let s = crate::tls::describe(err).unwrap_or_else(|| err.to_string());
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-        cur = err.source();
-    }
-    parts.join(": ")
-}
+pub use crate::tls::error_chain;
 
 /// Where a URL points: its host (an IPv6 address without brackets; empty when it has none)
 /// and its port, 443 for https and 80 otherwise when none is written. With `http::Uri` this is

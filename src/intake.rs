@@ -12,7 +12,7 @@ use crate::config::Secret;
 use crate::guard;
 use crate::http::{self, Body, HeaderMap, HeaderValue, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::codes;
-use crate::queue::{NewMessage, Queue, QueueError, Store};
+use crate::store::{NewMessage, Queue, QueueError, Store};
 
 /// Why a connection cannot take a message now.
 #[derive(Debug)]

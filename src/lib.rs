@@ -12,7 +12,7 @@
 //! - [`invite`]: the invitation code, a pure codec.
 //! - [`protocol`]: wire types, limits and version between agent and node (bincode).
 //! - [`tls`]: server identity, the pinned client verifier, webhook trust, certificate facts.
-//! - [`queue`]: durable FIFO queues and record tables over sled, with group commit.
+//! - [`store`]: durable FIFO queues and record tables, over sled (with group commit) or PostgreSQL.
 //! - [`http`]: the bounded server loop and the client with deadlines.
 //! - [`proxy_auth`]: proxy authentication beyond Basic, client side: NTLM and Kerberos (Negotiate).
 //! - [`guard`]: what the local listeners accept from browsers (`Host`, `Origin`,
@@ -56,11 +56,11 @@ pub mod node;
 pub mod notify;
 pub mod protocol;
 pub mod proxy_auth;
-pub mod queue;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod status;
+pub mod store;
 pub mod sync;
 pub mod tls;
 pub mod tracker;

@@ -260,7 +260,7 @@ pub fn render_refusals(listener: &'static str, counts: &[(&'static str, u64)]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::QueueStats;
+    use crate::store::QueueStats;
 
     fn status(name: &str) -> ConnectionStatus {
         ConnectionStatus {

@@ -198,7 +198,7 @@ fn parse_journal_stream(value: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::QueueStats;
+    use crate::store::QueueStats;
 
     fn conn(state: &str, outbound: u64, inbound: u64, dead: u64) -> ConnectionStatus {
         ConnectionStatus {

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 pub use crate::metrics::Histogram;
-use crate::queue::{DeadLetter, QueueStats};
+use crate::store::{DeadLetter, QueueStats};
 
 /// Live counters of one connection, shared by its tasks.
 #[derive(Debug, Default)]

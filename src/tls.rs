@@ -261,6 +261,11 @@ impl std::fmt::Display for PinMismatch {
 
 impl std::error::Error for PinMismatch {}
 
+/// "outer: inner: innermost", skipping repeats, so TLS and socket causes reach the operator.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::error_chain_with(e, describe)
+}
+
 /// A readable account of a TLS certificate error (rustls prints custom errors with `Debug`).
 pub fn describe(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     // io::Error hides the wrapped error from `source()`, and may wrap another io::Error.
@@ -407,7 +412,7 @@ async fn handshake_with(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(crate::http::error_chain(&e)),
+        Ok(Err(e)) => return Err(error_chain(&e)),
         Err(_) => return Err(format!("no TLS handshake within {timeout:?}")),
     };
     let (_, conn) = stream.get_ref();

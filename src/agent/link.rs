@@ -16,9 +16,9 @@ use super::{Agent, AgentConnection, LinkHandle};
 use crate::deliver::{self, Webhook};
 use crate::http::{self, Method, Reply, StatusCode};
 use crate::protocol::{self, codes, LinkState, PollRequest, PollResponse, PushRequest, PushResponse};
-use crate::queue::{Queue, QueueError};
 use crate::retry::Backoff;
 use crate::status::Health;
+use crate::store::{Queue, QueueError};
 
 #[cfg(test)]
 mod tests;

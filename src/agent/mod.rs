@@ -23,8 +23,8 @@ use crate::http::{self, Method, StatusCode};
 use crate::intake::{IntakeTarget, Refusal};
 use crate::invite::Invitation;
 use crate::protocol::{self, codes, RedeemRequest, RedeemResponse};
-use crate::queue::{Queue, Store, Table};
 use crate::status::{now_ms, ConnectionStatus, Health};
+use crate::store::{Queue, Store, Table};
 
 /// An accepted connection as the agent stores it (the credential lives in its own file).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -924,7 +924,7 @@ async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>
         OpError::new(kind, r.message)
     })?;
     let appended = outbox.append(
-        crate::queue::NewMessage {
+        crate::store::NewMessage {
             id: crate::crypto::random_id(),
             content_type: a.content_type.clone(),
             enqueued_at_ms: crate::status::now_ms(),

@@ -10,8 +10,8 @@ use crate::crypto;
 use crate::error::{Kind, OpError, OpResult};
 use crate::invite::Invitation;
 use crate::protocol::{codes, RedeemRequest, RedeemResponse, PROTOCOL_VERSION};
-use crate::queue::{QueueStats, Store, Table};
 use crate::status::{now_ms, ConnectionStatus};
+use crate::store::{QueueStats, Store, Table};
 
 /// Wrong secrets after which an invitation is locked.
 pub const MAX_FAILED_ATTEMPTS: u32 = 5;
@@ -317,7 +317,7 @@ impl Registry {
 
     /// [`Registry::redeem`] as of `now` (unix ms).
     pub fn redeem_at(&self, req: &RedeemRequest, now: u64) -> Result<(ConnectionRecord, RedeemResponse), Denied> {
-        let storage = |e: crate::queue::QueueError| denied(507, codes::STORAGE, e.to_string());
+        let storage = |e: crate::store::QueueError| denied(507, codes::STORAGE, e.to_string());
         let unknown = || {
             denied(
                 404,
@@ -434,7 +434,7 @@ impl Registry {
             return Err(denied(401, codes::UNAUTHORIZED, "missing credential"));
         };
         let hash = crypto::hex(&crypto::sha256(credential.as_bytes()));
-        let storage = |e: crate::queue::QueueError| denied(507, codes::STORAGE, e.to_string());
+        let storage = |e: crate::store::QueueError| denied(507, codes::STORAGE, e.to_string());
         let rec: Option<CredentialRecord> = self.credentials.get(&hash).map_err(storage)?;
         let Some(rec) = rec else {
             return Err(denied(
@@ -468,7 +468,7 @@ impl Registry {
         &self,
         conn: ConnectionRecord,
         hash: &str,
-    ) -> Result<ConnectionRecord, crate::queue::QueueError> {
+    ) -> Result<ConnectionRecord, crate::store::QueueError> {
         let _guard = self.lock();
         // Read again under the lock: a retried redeem may have replaced the credential.
         let Some(mut fresh) = self.connections.get::<ConnectionRecord>(&conn.name)? else {

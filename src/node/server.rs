@@ -17,8 +17,8 @@ use crate::http::{self, Body, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::{
     self, codes, LinkState, PollRequest, PollResponse, PushRequest, PushResponse, RedeemRequest, WireMessage,
 };
-use crate::queue::{Message, QueueError};
 use crate::status::Health;
+use crate::store::{Message, QueueError};
 
 fn deny(d: Denied) -> Response<Body> {
     let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);

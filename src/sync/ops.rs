@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{Kind, OpError, OpResult};
-use crate::queue::Store;
 use crate::status::now_ms;
+use crate::store::Store;
 use crate::sync::engine::{self, Engine};
 use crate::sync::replica::{self, Event, EventKind, Origin, Replica};
 use crate::sync::state::{Side, SyncError, SyncState};

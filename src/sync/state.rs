@@ -2,7 +2,7 @@
 //! ↔ remote key, last replica sent and received, comment and attachment links, relay's own
 //! revisions), tracker watermarks, attachment chunks in transit, and per-item sync errors.
 //!
-//! Records are JSON in [`queue::Table`]s; writes are durable after the next store flush, and
+//! Records are JSON in [`store::Table`]s; writes are durable after the next store flush, and
 //! sled keeps them in order, so a crash leaves a prefix of them.
 
 use std::collections::BTreeMap;
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
-use crate::queue::{QueueError, Store, Table};
+use crate::store::{QueueError, Store, Table};
 use crate::sync::replica::{Entity, Replica};
 
 /// Separates the parts of a key (a connection name never contains it).
@@ -626,7 +626,7 @@ mod tests {
             assert_eq!(s.twin_count("c").unwrap(), 1);
             s.flush().await.unwrap();
         }
-        let store = crate::queue::reopen_when_released(dir.path(), 1 << 20);
+        let store = crate::store::sled::reopen_when_released(dir.path(), 1 << 20);
         let s = SyncState::open(&store).unwrap();
         let (_, t) = s.twin_by_remote("c", "41").unwrap().unwrap();
         assert_eq!(t.local, Some(7));

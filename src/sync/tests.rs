@@ -809,7 +809,7 @@ fn retry_and_resolve_ask_which_side_when_one_id_failed_both_ways() {
     use crate::sync::engine::retry_or_resolve;
     use crate::sync::state::{Side, SyncError, SyncState};
     let dir = tempfile::tempdir().unwrap();
-    let store = crate::queue::Store::open(dir.path(), 1 << 20).unwrap();
+    let store = crate::store::Store::open(dir.path(), 1 << 20).unwrap();
     let s = SyncState::open(&store).unwrap();
     let error = |side| SyncError {
         connection: "c".into(),

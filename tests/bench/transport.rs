@@ -214,7 +214,7 @@ fn fdatasync_latency(dir: &Path) -> (Duration, Duration) {
 /// and a removal of one message (an outbox, spent at the sending end), and of one message
 /// taken in a peer's batch and removed (an inbox, at the receiving end).
 async fn store_floor(dir: &Path) -> Floor {
-    use relay::queue::{Limits, Message, NewMessage, Store};
+    use relay::store::{Limits, Message, NewMessage, Store};
     let store = Store::open(&dir.join("floor"), 16 << 20).unwrap();
     let limits = Limits {
         max_messages: 1 << 30,

@@ -11,6 +11,8 @@ use std::time::Duration;
 use relay::admin::{self, Info, Request};
 use relay::status::ConnectionStatus;
 
+pub mod postgres;
+
 /// How long any condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::config::Settings;
 use crate::intake::IntakeTarget;
-use crate::queue::{NewMessage, Store};
+use crate::store::{NewMessage, Store};
 
 // Paused-time tests flush only while no timer of the code under test is pending: tokio
 // advances paused time whenever the runtime idles, and it idles during an fsync.

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Engine, ItemFailure, SyncLink};
-use crate::queue::Message;
 use crate::retry::Backoff;
 use crate::status::{now_ms, Health};
+use crate::store::Message;
 use crate::sync::blob;
 use crate::sync::inline;
 use crate::sync::replica::{self, Person, Replica};
@@ -246,7 +246,7 @@ impl Inbound {
 /// next round. Answers, for a failure, how long the tracker asked to wait (if it did).
 fn settle(
     link: &SyncLink,
-    inbox: &crate::queue::Queue,
+    inbox: &crate::store::Queue,
     msg: &Message,
     result: Result<Handled, ItemFailure>,
     backoff: &mut Backoff,

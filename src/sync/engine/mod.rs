@@ -21,9 +21,9 @@ use tracing::{info, warn, Instrument};
 
 use crate::config::TrackerSettings;
 use crate::error::{Kind, OpError, OpResult};
-use crate::queue::{Queue, QueueError};
 use crate::retry::Backoff;
 use crate::status::{now_ms, Health};
+use crate::store::{Queue, QueueError};
 use crate::sync::script::{self, Rules};
 use crate::sync::state::{Side, SyncError, SyncState};
 use crate::sync::states::LocalTypes;

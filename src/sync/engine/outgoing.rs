@@ -13,9 +13,9 @@ use tracing::{info, warn};
 
 use super::{Engine, ItemFailure, SyncLink, MAX_ATTACHMENT_BYTES};
 use crate::crypto;
-use crate::queue::NewMessage;
 use crate::retry::Backoff;
 use crate::status::{now_ms, rfc3339};
+use crate::store::NewMessage;
 use crate::sync::blob;
 use crate::sync::inline;
 use crate::sync::replica::Entity;

@@ -42,158 +42,22 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 mod durable;
+mod node;
 mod records;
+
+pub use node::{SledQueue, SledTable};
 
 pub use durable::SyncCounts;
 use records::Records;
 
-/// Errors from the store and its queues; the intake maps them to HTTP statuses.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The queue holds its maximum number of messages (dead letters included).
-    #[error("queue {queue} is full: {count} messages queued, {dead_letters} of them dead letters (limit {limit}); retry later, and retry or drop dead letters")]
-    FullCount {
-        /// Queue name.
-        queue: String,
-        /// Messages and dead letters held now.
-        count: u64,
-        /// Dead letters among them.
-        dead_letters: u64,
-        /// Configured limit.
-        limit: u64,
-    },
-    /// The queue holds its maximum number of bytes (dead letters included).
-    #[error("queue {queue} is full: {bytes} bytes queued, {dead_letter_bytes} of them in dead letters (limit {limit}); retry later, and retry or drop dead letters")]
-    FullBytes {
-        /// Queue name.
-        queue: String,
-        /// Payload bytes held now, dead letters included.
-        bytes: u64,
-        /// Bytes in dead letters among them.
-        dead_letter_bytes: u64,
-        /// Configured limit.
-        limit: u64,
-    },
-    /// A peer sent a message under a sequence number this queue already used for another
-    /// message: the peer's data directory was restored from a backup or copied.
-    #[error(
-        "sequence conflict in {queue}: the peer sent message {seq} with id {sent_id}, but {}; \
-         this side holds messages up to {high_water}. The peer's data directory was probably \
-         restored from a backup or copied; nothing from this batch was stored",
-        match held_id { Some(h) => format!("this side took id {h} under that number"), None => "that number is older than the retries this side accepts".to_owned() }
-    )]
-    SequenceConflict {
-        /// Queue name.
-        queue: String,
-        /// The conflicting sequence number.
-        seq: u64,
-        /// The id the peer sent under it.
-        sent_id: String,
-        /// The id this side stored under it, when it still remembers.
-        held_id: Option<String>,
-        /// This side's high-water mark.
-        high_water: u64,
-    },
-    /// The database failed (disk full, I/O error); the store stays failed until restart.
-    #[error("storage failed: {0}")]
-    Storage(String),
-    /// Another process holds the database.
-    #[error("the data directory {0} is in use by another relay process")]
-    Locked(String),
-    /// A stored record could not be decoded.
-    #[error("corrupt record in {0}")]
-    Corrupt(String),
-}
+use super::{
+    Appended, DeadLetter, Limits, Message, NewMessage, QueueError, QueueStats, RemoteAppended, SequenceGap, RECENT_IDS,
+};
 
 impl From<sled::Error> for QueueError {
     fn from(e: sled::Error) -> Self {
         QueueError::Storage(e.to_string())
     }
-}
-
-/// Bounds of one queue.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Maximum messages queued.
-    pub max_messages: u64,
-    /// Maximum payload bytes queued.
-    pub max_bytes: u64,
-}
-
-/// A message as queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// Per-queue sequence number, from 1.
-    pub seq: u64,
-    /// Stable message id, used as `Idempotency-Key` downstream.
-    pub id: String,
-    /// Content type as submitted.
-    pub content_type: String,
-    /// When it was first accepted (unix milliseconds).
-    pub enqueued_at_ms: u64,
-    /// The payload.
-    pub body: Bytes,
-}
-
-/// A message waiting for a sequence number.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    /// Stable message id.
-    pub id: String,
-    /// Content type.
-    pub content_type: String,
-    /// When it was accepted (unix milliseconds).
-    pub enqueued_at_ms: u64,
-    /// The payload.
-    pub body: Bytes,
-}
-
-/// Result of an append.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    /// Sequence number given to the message.
-    pub seq: u64,
-    /// Message id.
-    pub id: String,
-    /// True when an earlier request with the same idempotency key already queued it.
-    pub duplicate: bool,
-}
-
-/// A message an endpoint refused for good.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Sequence number.
-    pub seq: u64,
-    /// Message id.
-    pub id: String,
-    /// Content type.
-    pub content_type: String,
-    /// Payload size.
-    pub bytes: u64,
-    /// When it was accepted (unix milliseconds).
-    pub enqueued_at_ms: u64,
-    /// When it was dead-lettered (unix milliseconds).
-    pub dead_at_ms: u64,
-    /// Why.
-    pub reason: String,
-}
-
-/// A snapshot of a queue's counters.
-#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Messages queued.
-    pub depth: u64,
-    /// Payload bytes queued.
-    pub bytes: u64,
-    /// Highest sequence number appended.
-    pub last_seq: u64,
-    /// Accept time of the oldest queued message (unix milliseconds).
-    pub oldest_enqueued_ms: Option<u64>,
-    /// Dead letters kept.
-    pub dead_letters: u64,
-    /// Payload bytes in dead letters.
-    #[serde(default)]
-    pub dead_letter_bytes: u64,
 }
 
 /// The counters record: see [`encode_counters`].
@@ -244,10 +108,6 @@ const GROUP_MAX_MESSAGES: usize = if cfg!(test) { 3 } else { 64 };
 /// Flag in the counters record: written by a clean close, so exact.
 const CLEAN: u8 = 1;
 
-/// How many of a peer's newest sequence numbers an inbox remembers the ids of. A sender
-/// never sends a batch before the previous one is answered, so a true retry is never older
-/// than two batches.
-pub const RECENT_IDS: u64 = 2 * crate::protocol::MAX_BATCH_MESSAGES as u64;
 /// Messages `remove_through` removes per step, holding the queue's lock only that long.
 const REMOVE_STEP: usize = 256;
 /// Keys a background recount reads per step, holding the queue's lock only that long.
@@ -1191,26 +1051,6 @@ impl QueueState {
         }
         self.dirty = true;
     }
-}
-
-/// The outcome of [`Queue::append_remote`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteAppended {
-    /// The queue's high-water mark afterwards.
-    pub high_water: u64,
-    /// Messages stored (new ones; retried ones are skipped).
-    pub stored: u64,
-    /// The first jump in sequence numbers: messages the sender numbered but never sent.
-    pub gap: Option<SequenceGap>,
-}
-
-/// Sequence numbers missing between what a queue held and what a peer sent next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SequenceGap {
-    /// The number expected next.
-    pub expected: u64,
-    /// The number received instead.
-    pub got: u64,
 }
 
 struct QueueShared {
@@ -2159,7 +1999,7 @@ impl Queue {
 }
 
 /// A table of JSON records keyed by string: connection registries and the like.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Table {
     name: String,
     tree: sled::Tree,

@@ -1,0 +1,369 @@
+//! What the node and the agent keep, behind one boundary: durable FIFO queues and small
+//! record tables, with one module per storage engine. [`sled`] (embedded, the default, and
+//! the agent's only engine) and [`postgres`] (the node's, when several replicas share one
+//! database) are the only modules that touch their engine.
+//!
+//! The types here are what every engine speaks: messages, bounds, counters and the errors the
+//! intake maps to HTTP statuses. [`NodeQueue`] and [`NodeStore`] are the contract an engine
+//! keeps for the node, checked for both engines by one conformance suite.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub mod postgres;
+pub mod sled;
+
+pub use self::sled::{Queue, Store, SyncCounts, Table};
+
+/// Errors from the store and its queues; the intake maps them to HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue holds its maximum number of messages (dead letters included).
+    #[error("queue {queue} is full: {count} messages queued, {dead_letters} of them dead letters (limit {limit}); retry later, and retry or drop dead letters")]
+    FullCount {
+        /// Queue name.
+        queue: String,
+        /// Messages and dead letters held now.
+        count: u64,
+        /// Dead letters among them.
+        dead_letters: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// The queue holds its maximum number of bytes (dead letters included).
+    #[error("queue {queue} is full: {bytes} bytes queued, {dead_letter_bytes} of them in dead letters (limit {limit}); retry later, and retry or drop dead letters")]
+    FullBytes {
+        /// Queue name.
+        queue: String,
+        /// Payload bytes held now, dead letters included.
+        bytes: u64,
+        /// Bytes in dead letters among them.
+        dead_letter_bytes: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// A peer sent a message under a sequence number this queue already used for another
+    /// message: the peer's data directory was restored from a backup or copied.
+    #[error(
+        "sequence conflict in {queue}: the peer sent message {seq} with id {sent_id}, but {}; \
+         this side holds messages up to {high_water}. The peer's data directory was probably \
+         restored from a backup or copied; nothing from this batch was stored",
+        match held_id { Some(h) => format!("this side took id {h} under that number"), None => "that number is older than the retries this side accepts".to_owned() }
+    )]
+    SequenceConflict {
+        /// Queue name.
+        queue: String,
+        /// The conflicting sequence number.
+        seq: u64,
+        /// The id the peer sent under it.
+        sent_id: String,
+        /// The id this side stored under it, when it still remembers.
+        held_id: Option<String>,
+        /// This side's high-water mark.
+        high_water: u64,
+    },
+    /// The database failed (disk full, I/O error); the store stays failed until restart.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// Another process holds the database.
+    #[error("the data directory {0} is in use by another relay process")]
+    Locked(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in {0}")]
+    Corrupt(String),
+    /// The database server cannot be reached or refused the session; nothing was stored, and
+    /// the same request may be retried.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database's schema is not the one this build speaks.
+    #[error("{0}")]
+    Schema(String),
+}
+
+/// Bounds of one queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum messages queued.
+    pub max_messages: u64,
+    /// Maximum payload bytes queued.
+    pub max_bytes: u64,
+}
+
+/// A message as queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Per-queue sequence number, from 1.
+    pub seq: u64,
+    /// Stable message id, used as `Idempotency-Key` downstream.
+    pub id: String,
+    /// Content type as submitted.
+    pub content_type: String,
+    /// When it was first accepted (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// The payload.
+    pub body: Bytes,
+}
+
+/// A message waiting for a sequence number.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Stable message id.
+    pub id: String,
+    /// Content type.
+    pub content_type: String,
+    /// When it was accepted (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// The payload.
+    pub body: Bytes,
+}
+
+/// Result of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Sequence number given to the message.
+    pub seq: u64,
+    /// Message id.
+    pub id: String,
+    /// True when an earlier request with the same idempotency key already queued it.
+    pub duplicate: bool,
+}
+
+/// A message an endpoint refused for good.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Sequence number.
+    pub seq: u64,
+    /// Message id.
+    pub id: String,
+    /// Content type.
+    pub content_type: String,
+    /// Payload size.
+    pub bytes: u64,
+    /// When it was accepted (unix milliseconds).
+    pub enqueued_at_ms: u64,
+    /// When it was dead-lettered (unix milliseconds).
+    pub dead_at_ms: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// A snapshot of a queue's counters.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages queued.
+    pub depth: u64,
+    /// Payload bytes queued.
+    pub bytes: u64,
+    /// Highest sequence number appended.
+    pub last_seq: u64,
+    /// Accept time of the oldest queued message (unix milliseconds).
+    pub oldest_enqueued_ms: Option<u64>,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+    /// Payload bytes in dead letters.
+    #[serde(default)]
+    pub dead_letter_bytes: u64,
+}
+
+/// The outcome of [`Queue::append_remote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteAppended {
+    /// The queue's high-water mark afterwards.
+    pub high_water: u64,
+    /// Messages stored (new ones; retried ones are skipped).
+    pub stored: u64,
+    /// The first jump in sequence numbers: messages the sender numbered but never sent.
+    pub gap: Option<SequenceGap>,
+}
+
+/// Sequence numbers missing between what a queue held and what a peer sent next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceGap {
+    /// The number expected next.
+    pub expected: u64,
+    /// The number received instead.
+    pub got: u64,
+}
+
+/// How many of a peer's newest sequence numbers an inbox remembers the ids of. A sender
+/// never sends a batch before the previous one is answered, so a true retry is never older
+/// than two batches.
+pub const RECENT_IDS: u64 = 2 * crate::protocol::MAX_BATCH_MESSAGES as u64;
+
+/// One queue of the node, as every engine keeps it. Every write is durable (committed, or
+/// flushed and synced) when its future resolves, so its caller may acknowledge it. Sequence
+/// numbers are per queue, from 1, in commit order: a reader never skips a number that commits
+/// later.
+pub trait NodeQueue: Clone + Send + Sync + 'static {
+    /// The queue's name.
+    fn name(&self) -> &str;
+
+    /// Appends a locally submitted message under the next number. An idempotency key seen
+    /// before returns the first result (`duplicate`) and queues nothing.
+    fn append(
+        &self,
+        msg: NewMessage,
+        idempotency_key: Option<&str>,
+    ) -> impl Future<Output = Result<Appended, QueueError>> + Send;
+
+    /// Appends messages numbered by the peer (increasing): a retried one is skipped, one whose
+    /// number this queue took for another message refuses the whole batch, and the prefix of
+    /// new ones that fits is stored.
+    fn append_remote(&self, msgs: Vec<Message>) -> impl Future<Output = Result<RemoteAppended, QueueError>> + Send;
+
+    /// Up to `max_count` messages after `after`, stopping before `max_bytes` (always one when
+    /// one exists).
+    fn read_after(
+        &self,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<Message>, QueueError>> + Send;
+
+    /// Resolves once a message above `after` may be there to read; it may also resolve
+    /// without one (the caller reads and waits again), never later than a few seconds after
+    /// one committed.
+    fn wait_after(&self, after: u64) -> impl Future<Output = ()> + Send;
+
+    /// The oldest message queued.
+    fn first(&self) -> impl Future<Output = Result<Option<Message>, QueueError>> + Send;
+
+    /// Removes message `seq` (delivered); false when it was not there.
+    fn remove(&self, seq: u64) -> impl Future<Output = Result<bool, QueueError>> + Send;
+
+    /// Removes every message through `seq` (the peer acknowledged them) and records the
+    /// acknowledgement; returns how many went.
+    fn remove_through(&self, seq: u64) -> impl Future<Output = Result<u64, QueueError>> + Send;
+
+    /// The highest number the peer acknowledged through [`NodeQueue::remove_through`].
+    fn acked_through(&self) -> impl Future<Output = Result<u64, QueueError>> + Send;
+
+    /// Records that messages through `seq` were handed to the peer.
+    fn note_sent(&self, seq: u64) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// The highest number that may have reached the peer.
+    fn sent_through(&self) -> impl Future<Output = Result<u64, QueueError>> + Send;
+
+    /// Moves every message never handed on above both `cursor` and the high-water mark, in
+    /// order, all or nothing (the peer holds other messages under those numbers, from an
+    /// earlier copy of this store); returns how many moved.
+    fn renumber_unsent(&self, cursor: u64) -> impl Future<Output = Result<u64, QueueError>> + Send;
+
+    /// Moves `msg` to the dead letters, with why.
+    fn dead_letter(&self, msg: &Message, reason: &str) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Up to `limit` dead letters, oldest first.
+    fn dead_letters(&self, limit: usize) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
+
+    /// Puts dead letter `seq` back in its place (a queue the peer numbers); false when absent.
+    fn retry_dead_letter(&self, seq: u64) -> impl Future<Output = Result<bool, QueueError>> + Send;
+
+    /// Queues dead letter `seq` again under a new number (a queue this side numbers); a
+    /// retried submission with its idempotency key still finds it, under the number first given.
+    fn requeue_dead_letter(&self, seq: u64) -> impl Future<Output = Result<Option<u64>, QueueError>> + Send;
+
+    /// Drops dead letter `seq` for good; false when absent.
+    fn drop_dead_letter(&self, seq: u64) -> impl Future<Output = Result<bool, QueueError>> + Send;
+
+    /// The queue's counters.
+    fn stats(&self) -> impl Future<Output = Result<QueueStats, QueueError>> + Send;
+
+    /// Forgets idempotency keys accepted before `cutoff_ms`; returns how many.
+    fn prune_idempotency_keys(&self, cutoff_ms: u64) -> impl Future<Output = Result<usize, QueueError>> + Send;
+}
+
+/// A table of small records (JSON), keyed by text. Every write is durable when it resolves.
+pub trait NodeTable: Clone + Send + Sync + 'static {
+    /// The record at `key`, as stored.
+    fn get_raw(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, QueueError>> + Send;
+
+    /// Stores `value` at `key`.
+    fn put_raw(&self, key: &str, value: Vec<u8>) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Replaces the record at `key` only when it is still `expected` (`None`: absent), and
+    /// stores `new` (`None`: removes); false, changing nothing, when another writer got there
+    /// first. Two callers racing on one key, in this process or in another replica, cannot
+    /// both succeed.
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> impl Future<Output = Result<bool, QueueError>> + Send;
+
+    /// Removes `key`.
+    fn remove(&self, key: &str) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// The records whose keys start with `prefix`, in key order.
+    fn list_prefix_raw(&self, prefix: &str) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, QueueError>> + Send;
+}
+
+/// Everything the node keeps, in one engine: its queues and its record tables.
+pub trait NodeStore: Clone + Send + Sync + 'static {
+    /// The engine's queues.
+    type Queue: NodeQueue;
+    /// The engine's tables.
+    type Table: NodeTable;
+
+    /// The queue `name`, made empty when new; `limits` bound it.
+    fn queue(&self, name: &str, limits: Limits) -> impl Future<Output = Result<Self::Queue, QueueError>> + Send;
+
+    /// The table `name`, made empty when new.
+    fn table(&self, name: &str) -> impl Future<Output = Result<Self::Table, QueueError>> + Send;
+
+    /// Writes a record and reads it back (what `relay doctor` shows of the store).
+    fn probe(&self) -> impl Future<Output = Result<(), QueueError>> + Send;
+}
+
+/// Reads the JSON record at `key` of `table`.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    table: &impl NodeTable,
+    key: &str,
+) -> Result<Option<T>, QueueError> {
+    match table.get_raw(key).await? {
+        Some(raw) => serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| QueueError::Corrupt(format!("{key}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Stores `value` as JSON at `key` of `table`.
+pub async fn put_json<T: Serialize>(table: &impl NodeTable, key: &str, value: &T) -> Result<(), QueueError> {
+    let raw = serde_json::to_vec(value).map_err(|e| QueueError::Storage(e.to_string()))?;
+    table.put_raw(key, raw).await
+}
+
+/// Keeps the first `max_count` messages, stopping before `max_bytes` but keeping at least one:
+/// how every engine cuts a read.
+pub fn cut_read(msgs: &mut Vec<Message>, max_count: usize, max_bytes: usize) {
+    let mut total = 0usize;
+    let mut keep = 0usize;
+    for m in msgs.iter().take(max_count) {
+        total += m.body.len();
+        if keep > 0 && total > max_bytes {
+            break;
+        }
+        keep += 1;
+    }
+    msgs.truncate(keep);
+}
+
+/// Writes a fresh record to `table`, reads it back and removes it: what [`NodeStore::probe`]
+/// does in every engine.
+pub async fn probe_table(table: &impl NodeTable) -> Result<(), QueueError> {
+    let key = format!("probe-{}", crate::crypto::hex(&crate::crypto::random_bytes::<8>()));
+    let value = crate::clock::now_ms().to_string().into_bytes();
+    table.put_raw(&key, value.clone()).await?;
+    let back = table.get_raw(&key).await?;
+    table.remove(&key).await?;
+    if back.as_deref() != Some(&value[..]) {
+        return Err(QueueError::Storage(format!(
+            "a record written to {key} read back as {}",
+            back.map_or_else(|| "nothing".to_owned(), |b| String::from_utf8_lossy(&b).into_owned())
+        )));
+    }
+    Ok(())
+}

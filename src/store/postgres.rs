@@ -1,0 +1,1221 @@
+//! The node's store on PostgreSQL, for several node replicas sharing one database: the only
+//! module that touches PostgreSQL.
+//!
+//! A queue is a row of `relay_queues` (its high-water mark, counters and marks) and its
+//! messages are rows of `relay_messages`. Every write is one transaction that first locks the
+//! queue's row: a sequence number is given out in the transaction that inserts the message
+//! (`UPDATE … SET last_seq = last_seq + 1 … RETURNING`), so transactions on one queue commit in
+//! sequence order and a reader never skips a number that commits late. A write resolves once
+//! its transaction committed, which is what a `202` or a push's answer waits for.
+//!
+//! Readers wait on [`Notifier`]: a commit on this replica wakes them at once, a commit on
+//! another replica through `LISTEN`/`NOTIFY` on one dedicated connection (one notification per
+//! transaction, which PostgreSQL folds per channel and payload), and a fallback poll every
+//! [`FALLBACK_POLL`] covers a lost notification or a pooler that drops `LISTEN`: that costs
+//! latency, never a message.
+//!
+//! The schema is versioned ([`SCHEMA_VERSION`]); [`PgStore::migrate`] creates or upgrades it
+//! under an advisory lock, and [`PgStore::check_schema`] refuses any other version.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::watch;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    cut_read, Appended, DeadLetter, Limits, Message, NewMessage, NodeQueue, NodeStore, NodeTable, QueueError,
+    QueueStats, RemoteAppended, SequenceGap, RECENT_IDS,
+};
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// How long a parked reader waits before it reads again without a notification.
+pub const FALLBACK_POLL: Duration = Duration::from_millis(1500);
+
+/// The channel every queue write notifies, with the queue's name as payload.
+const CHANNEL: &str = "relay_queue";
+
+/// The advisory lock key that serialises migrations (any constant; this one spells "relay").
+const MIGRATION_LOCK: i64 = 0x72_65_6c_61_79;
+
+/// Each schema version's statements, applied in order from the database's version.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE relay_queues (
+    name text COLLATE "C" PRIMARY KEY,
+    last_seq bigint NOT NULL DEFAULT 0,
+    acked bigint NOT NULL DEFAULT 0,
+    sent bigint NOT NULL DEFAULT 0,
+    depth bigint NOT NULL DEFAULT 0,
+    bytes bigint NOT NULL DEFAULT 0,
+    dead bigint NOT NULL DEFAULT 0,
+    dead_bytes bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE relay_messages (
+    queue text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    id text NOT NULL,
+    content_type text NOT NULL,
+    enqueued_at_ms bigint NOT NULL,
+    body bytea NOT NULL,
+    PRIMARY KEY (queue, seq)
+);
+CREATE TABLE relay_dead_letters (
+    queue text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    id text NOT NULL,
+    content_type text NOT NULL,
+    enqueued_at_ms bigint NOT NULL,
+    dead_at_ms bigint NOT NULL,
+    reason text NOT NULL,
+    body bytea NOT NULL,
+    PRIMARY KEY (queue, seq)
+);
+CREATE TABLE relay_idempotency_keys (
+    queue text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    id text NOT NULL,
+    accepted_at_ms bigint NOT NULL,
+    PRIMARY KEY (queue, key)
+);
+CREATE INDEX relay_idempotency_keys_expiry ON relay_idempotency_keys (accepted_at_ms);
+CREATE TABLE relay_peer_ids (
+    queue text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    id text NOT NULL,
+    PRIMARY KEY (queue, seq)
+);
+CREATE TABLE relay_records (
+    tbl text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (tbl, key)
+);
+CREATE TABLE relay_leases (
+    connection text COLLATE "C" PRIMARY KEY,
+    owner text NOT NULL,
+    epoch bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#,
+)];
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct Options {
+    /// `postgres://user:password@host:port/database?sslmode=…`, password included.
+    pub url: String,
+    /// Connections in the pool (the listener's comes on top).
+    pub pool_size: usize,
+    /// How certificates are checked when the URL asks for TLS (`sslmode=require`).
+    pub tls: rustls::ClientConfig,
+    /// Deadline of connecting and of waiting for a pooled connection.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("url", &redact(&self.url))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// `url` with its password replaced by `***`, for messages and status.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(u, _)| u);
+            let hidden = if authority[..authority.len() - host.len() - 1].contains(':') {
+                ":***"
+            } else {
+                ""
+            };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => format!("{scheme}://{authority}{tail}"),
+    }
+}
+
+/// What [`PgStore::migrate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrated {
+    /// The schema was made from nothing, at this version.
+    Created(i32),
+    /// The schema went from one version to another.
+    Upgraded {
+        /// The version found.
+        from: i32,
+        /// The version now.
+        to: i32,
+    },
+    /// The schema was already at this build's version.
+    UpToDate(i32),
+}
+
+impl std::fmt::Display for Migrated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Migrated::Created(v) => write!(f, "created the schema at version {v}"),
+            Migrated::Upgraded { from, to } => write!(f, "upgraded the schema from version {from} to {to}"),
+            Migrated::UpToDate(v) => write!(f, "the schema is at version {v} already; nothing to do"),
+        }
+    }
+}
+
+/// Maps a PostgreSQL error to the store's: a connection that failed or closed is
+/// [`QueueError::Unavailable`] (nothing was acknowledged; retry), the rest names what the
+/// server said.
+fn db_error(e: tokio_postgres::Error) -> QueueError {
+    let unavailable = match e.code() {
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+        }
+    };
+    let text = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => crate::tls::error_chain(&e),
+    };
+    if unavailable {
+        QueueError::Unavailable(text)
+    } else {
+        QueueError::Storage(text)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> QueueError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        other => QueueError::Unavailable(crate::tls::error_chain(&other)),
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Wakes readers parked on a queue: by this replica's commits, by other replicas' through
+/// `LISTEN`, and by nothing at all after [`FALLBACK_POLL`].
+#[derive(Default)]
+struct Notifier {
+    queues: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Notifications received on the listener connection (for tests and metrics).
+    received: std::sync::atomic::AtomicU64,
+}
+
+impl Notifier {
+    fn sender(&self, queue: &str) -> watch::Sender<u64> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .entry(queue.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+
+    fn wake(&self, queue: &str) {
+        self.sender(queue).send_modify(|n| *n += 1);
+    }
+
+    fn wake_all(&self) {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in queues.values() {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+struct Shared {
+    pool: Pool,
+    notifier: Notifier,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The node's store in one PostgreSQL database. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    shared: Arc<Shared>,
+    display: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("url", &self.display).finish()
+    }
+}
+
+impl PgStore {
+    /// Connects (one connection, to fail early with the server's reason) and starts the
+    /// listener. Does not look at the schema: see [`PgStore::check_schema`].
+    pub async fn connect(options: &Options) -> Result<PgStore, QueueError> {
+        let config: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| QueueError::Unavailable(format!("{}: {e}", redact(&options.url))))?;
+        let mut config = config;
+        config.connect_timeout(options.connect_timeout);
+        config.application_name("relay");
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(options.tls.clone());
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+        let display = redact(&options.url);
+        drop(pool.get().await.map_err(|e| {
+            let e = pool_error(e);
+            QueueError::Unavailable(format!(
+                "{display}: {}",
+                e.to_string().trim_start_matches("the database is unavailable: ")
+            ))
+        })?);
+        let shared = Arc::new(Shared {
+            pool,
+            notifier: Notifier::default(),
+            shutdown: CancellationToken::new(),
+        });
+        tokio::spawn(listen(Arc::downgrade(&shared), config, tls, shared.shutdown.clone()));
+        Ok(PgStore { shared, display })
+    }
+
+    /// The database's URL without its password.
+    pub fn display_url(&self) -> &str {
+        &self.display
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.shared.pool.get().await.map_err(pool_error)
+    }
+
+    /// The schema version the database holds; `None` when relay's schema is not there.
+    pub async fn schema_version(&self) -> Result<Option<i32>, QueueError> {
+        let client = self.client().await?;
+        read_version(&client).await
+    }
+
+    /// Refuses a database whose schema is not [`SCHEMA_VERSION`], naming both versions.
+    pub async fn check_schema(&self) -> Result<(), QueueError> {
+        match self.schema_version().await? {
+            Some(v) if v == SCHEMA_VERSION => Ok(()),
+            Some(v) if v > SCHEMA_VERSION => Err(QueueError::Schema(format!(
+                "the database {} holds relay's schema version {v}, newer than version {SCHEMA_VERSION} that this \
+                 build speaks: run the relay that migrated it, or a later one",
+                self.display
+            ))),
+            Some(v) => Err(QueueError::Schema(format!(
+                "the database {} holds relay's schema version {v}, older than version {SCHEMA_VERSION} that this \
+                 build speaks: run `relay node migrate` first",
+                self.display
+            ))),
+            None => Err(QueueError::Schema(format!(
+                "the database {} has no relay schema (this build speaks version {SCHEMA_VERSION}): run `relay node \
+                 migrate` first",
+                self.display
+            ))),
+        }
+    }
+
+    /// Creates or upgrades the schema to [`SCHEMA_VERSION`], in one transaction under an
+    /// advisory lock (replicas migrating at once take turns); refuses a newer schema.
+    pub async fn migrate(&self) -> Result<Migrated, QueueError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db_error)?;
+        let found = read_version(&tx).await?;
+        if let Some(v) = found {
+            if v > SCHEMA_VERSION {
+                return Err(QueueError::Schema(format!(
+                    "the database {} holds relay's schema version {v}, newer than version {SCHEMA_VERSION} that \
+                     this build speaks: nothing was changed",
+                    self.display
+                )));
+            }
+            if v == SCHEMA_VERSION {
+                return Ok(Migrated::UpToDate(v));
+            }
+        } else {
+            tx.batch_execute(
+                "CREATE TABLE relay_schema (
+                     one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                     version integer NOT NULL,
+                     relay text NOT NULL,
+                     migrated_at timestamptz NOT NULL DEFAULT now()
+                 )",
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        let from = found.unwrap_or(0);
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > from) {
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| QueueError::Storage(format!("migrating to schema version {version}: {}", db_error(e))))?;
+        }
+        tx.execute(
+            "INSERT INTO relay_schema (version, relay) VALUES ($1, $2)
+             ON CONFLICT (one) DO UPDATE SET version = $1, relay = $2, migrated_at = now()",
+            &[&SCHEMA_VERSION, &env!("CARGO_PKG_VERSION")],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(match found {
+            None => Migrated::Created(SCHEMA_VERSION),
+            Some(from) => Migrated::Upgraded {
+                from,
+                to: SCHEMA_VERSION,
+            },
+        })
+    }
+
+    /// Notifications this replica's listener received so far.
+    pub fn notifications_received(&self) -> u64 {
+        self.shared.notifier.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+async fn read_version(client: &impl deadpool_postgres::GenericClient) -> Result<Option<i32>, QueueError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('relay_schema') IS NOT NULL", &[])
+        .await
+        .map_err(db_error)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT version FROM relay_schema", &[])
+        .await
+        .map_err(db_error)?
+        .map(|row| row.get(0)))
+}
+
+/// The listener: one dedicated connection that `LISTEN`s on [`CHANNEL`] and wakes the
+/// queues named in notifications. Reconnects with backoff when the connection goes; every
+/// reconnect wakes every reader, since notifications sent meanwhile are lost.
+async fn listen(
+    shared: std::sync::Weak<Shared>,
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = config.connect(tls.clone()) => c,
+        };
+        if let Ok((client, mut connection)) = connected {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+            let listen = async move {
+                let r = client.batch_execute(&format!("LISTEN {CHANNEL}")).await;
+                if r.is_ok() {
+                    let _ = ready_tx.send(());
+                }
+                // Keeps the client alive while the connection runs.
+                std::future::pending::<()>().await;
+                drop(client);
+            };
+            let drive = async {
+                let mut ready_rx = ready_rx;
+                let mut announced = false;
+                loop {
+                    tokio::select! {
+                        r = &mut ready_rx, if !announced => {
+                            announced = true;
+                            if r.is_ok() {
+                                delay = Duration::from_millis(200);
+                                match shared.upgrade() {
+                                    Some(s) => s.notifier.wake_all(),
+                                    None => return,
+                                }
+                            }
+                        }
+                        m = std::future::poll_fn(|cx| connection.poll_message(cx)) => match m {
+                            Some(Ok(AsyncMessage::Notification(n))) => match shared.upgrade() {
+                                Some(s) => {
+                                    s.notifier.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    s.notifier.wake(n.payload());
+                                }
+                                None => return,
+                            },
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => return,
+                        },
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = listen => {}
+                _ = drive => {}
+            }
+        }
+        if shared.upgrade().is_none() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One queue in the database, bound by this replica's limits.
+#[derive(Clone)]
+pub struct PgQueue {
+    store: PgStore,
+    name: Arc<str>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for PgQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgQueue").field("name", &self.name).finish()
+    }
+}
+
+/// A queue's row, read under its lock.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    last_seq: u64,
+    acked: u64,
+    sent: u64,
+    depth: u64,
+    bytes: u64,
+    dead: u64,
+    dead_bytes: u64,
+}
+
+const ROW_COLUMNS: &str = "last_seq, acked, sent, depth, bytes, dead, dead_bytes";
+
+fn row_of(row: &tokio_postgres::Row) -> Row {
+    Row {
+        last_seq: to_u64(row.get(0)),
+        acked: to_u64(row.get(1)),
+        sent: to_u64(row.get(2)),
+        depth: to_u64(row.get(3)),
+        bytes: to_u64(row.get(4)),
+        dead: to_u64(row.get(5)),
+        dead_bytes: to_u64(row.get(6)),
+    }
+}
+
+fn message_of(row: &tokio_postgres::Row) -> Message {
+    Message {
+        seq: to_u64(row.get(0)),
+        id: row.get(1),
+        content_type: row.get(2),
+        enqueued_at_ms: to_u64(row.get(3)),
+        body: Bytes::from(row.get::<_, Vec<u8>>(4)),
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "seq, id, content_type, enqueued_at_ms, body";
+
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+impl PgQueue {
+    /// Runs `work` in one transaction holding the queue's row lock, commits, and wakes this
+    /// replica's readers (other replicas learn of it through the notification sent with the
+    /// commit).
+    async fn write<T, F>(&self, work: F) -> Result<T, QueueError>
+    where
+        F: for<'t> FnOnce(
+            &'t Tx<'t>,
+            Row,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, QueueError>> + Send + 't>>,
+        T: Send,
+    {
+        let mut client = self.store.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let row = tx
+            .query_one(
+                &format!("SELECT {ROW_COLUMNS} FROM relay_queues WHERE name = $1 FOR UPDATE"),
+                &[&&*self.name],
+            )
+            .await
+            .map_err(db_error)?;
+        let out = work(&tx, row_of(&row)).await?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &&*self.name])
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        self.store.shared.notifier.wake(&self.name);
+        Ok(out)
+    }
+
+    async fn row(&self) -> Result<Row, QueueError> {
+        let client = self.store.client().await?;
+        let row = client
+            .query_one(
+                &format!("SELECT {ROW_COLUMNS} FROM relay_queues WHERE name = $1"),
+                &[&&*self.name],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row_of(&row))
+    }
+
+    fn check_room(&self, row: &Row, n: u64, bytes: u64) -> Result<(), QueueError> {
+        if row.depth + row.dead + n > self.limits.max_messages {
+            return Err(QueueError::FullCount {
+                queue: self.name.to_string(),
+                count: row.depth + row.dead,
+                dead_letters: row.dead,
+                limit: self.limits.max_messages,
+            });
+        }
+        if row.bytes + row.dead_bytes + bytes > self.limits.max_bytes {
+            return Err(QueueError::FullBytes {
+                queue: self.name.to_string(),
+                bytes: row.bytes + row.dead_bytes,
+                dead_letter_bytes: row.dead_bytes,
+                limit: self.limits.max_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl NodeQueue for PgQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn append(&self, msg: NewMessage, idempotency_key: Option<&str>) -> Result<Appended, QueueError> {
+        let key = idempotency_key.map(str::to_owned);
+        let name = self.name.clone();
+        let this = self.clone();
+        self.write(move |tx, row| {
+            Box::pin(async move {
+                if let Some(k) = &key {
+                    let held = tx
+                        .query_opt(
+                            "SELECT seq, id FROM relay_idempotency_keys WHERE queue = $1 AND key = $2",
+                            &[&&*name, k],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    if let Some(held) = held {
+                        return Ok(Appended {
+                            seq: to_u64(held.get(0)),
+                            id: held.get(1),
+                            duplicate: true,
+                        });
+                    }
+                }
+                let size = msg.body.len() as u64;
+                this.check_room(&row, 1, size)?;
+                let seq = row.last_seq + 1;
+                tx.execute(
+                    "UPDATE relay_queues SET last_seq = $2, depth = depth + 1, bytes = bytes + $3 WHERE name = $1",
+                    &[&&*name, &to_i64(seq), &to_i64(size)],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    &format!("INSERT INTO relay_messages (queue, {MESSAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+                    &[&&*name, &to_i64(seq), &msg.id, &msg.content_type, &to_i64(msg.enqueued_at_ms), &&msg.body[..]],
+                )
+                .await
+                .map_err(db_error)?;
+                if let Some(k) = &key {
+                    tx.execute(
+                        "INSERT INTO relay_idempotency_keys (queue, key, seq, id, accepted_at_ms) VALUES ($1, $2, $3, $4, $5)",
+                        &[&&*name, k, &to_i64(seq), &msg.id, &to_i64(crate::clock::now_ms())],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                Ok(Appended {
+                    seq,
+                    id: msg.id,
+                    duplicate: false,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn append_remote(&self, msgs: Vec<Message>) -> Result<RemoteAppended, QueueError> {
+        let name = self.name.clone();
+        let this = self.clone();
+        self.write(move |tx, row| {
+            Box::pin(async move {
+                let high_water = row.last_seq;
+                let retried: Vec<&Message> = msgs.iter().take_while(|m| m.seq <= high_water).collect();
+                if !retried.is_empty() {
+                    let seqs: Vec<i64> = retried.iter().map(|m| to_i64(m.seq)).collect();
+                    let held: HashMap<u64, String> = tx
+                        .query(
+                            "SELECT seq, id FROM relay_peer_ids WHERE queue = $1 AND seq = ANY($2)
+                             UNION ALL
+                             SELECT seq, id FROM relay_messages WHERE queue = $1 AND seq = ANY($2)",
+                            &[&&*name, &seqs],
+                        )
+                        .await
+                        .map_err(db_error)?
+                        .iter()
+                        .map(|r| (to_u64(r.get(0)), r.get(1)))
+                        .collect();
+                    for m in retried {
+                        let held_id = held.get(&m.seq).cloned();
+                        if held_id.as_deref() != Some(m.id.as_str()) {
+                            return Err(QueueError::SequenceConflict {
+                                queue: name.to_string(),
+                                seq: m.seq,
+                                sent_id: m.id.clone(),
+                                held_id,
+                                high_water,
+                            });
+                        }
+                    }
+                }
+                let fresh = &msgs[msgs.partition_point(|m| m.seq <= high_water)..];
+                let mut sums = row;
+                let mut fits = 0;
+                for m in fresh {
+                    let size = m.body.len() as u64;
+                    if let Err(full) = this.check_room(&sums, 1, size) {
+                        if fits == 0 {
+                            return Err(full);
+                        }
+                        break;
+                    }
+                    sums.depth += 1;
+                    sums.bytes += size;
+                    fits += 1;
+                }
+                let new = &fresh[..fits];
+                let mut out = RemoteAppended {
+                    high_water,
+                    stored: new.len() as u64,
+                    gap: None,
+                };
+                let mut expected = high_water + 1;
+                for m in new {
+                    if m.seq != expected && out.gap.is_none() {
+                        out.gap = Some(SequenceGap { expected, got: m.seq });
+                    }
+                    expected = m.seq + 1;
+                }
+                let Some(last) = new.last() else {
+                    return Ok(out);
+                };
+                let seqs: Vec<i64> = new.iter().map(|m| to_i64(m.seq)).collect();
+                let ids: Vec<&str> = new.iter().map(|m| m.id.as_str()).collect();
+                let types: Vec<&str> = new.iter().map(|m| m.content_type.as_str()).collect();
+                let times: Vec<i64> = new.iter().map(|m| to_i64(m.enqueued_at_ms)).collect();
+                let bodies: Vec<&[u8]> = new.iter().map(|m| &m.body[..]).collect();
+                tx.execute(
+                    &format!(
+                        "INSERT INTO relay_messages (queue, {MESSAGE_COLUMNS})
+                         SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])"
+                    ),
+                    &[&&*name, &seqs, &ids, &types, &times, &bodies],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    "INSERT INTO relay_peer_ids (queue, seq, id) SELECT $1, * FROM unnest($2::bigint[], $3::text[])",
+                    &[&&*name, &seqs, &ids],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    "DELETE FROM relay_peer_ids WHERE queue = $1 AND seq <= $2",
+                    &[&&*name, &to_i64(last.seq.saturating_sub(RECENT_IDS))],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    "UPDATE relay_queues SET last_seq = $2, depth = $3, bytes = $4 WHERE name = $1",
+                    &[&&*name, &to_i64(last.seq), &to_i64(sums.depth), &to_i64(sums.bytes)],
+                )
+                .await
+                .map_err(db_error)?;
+                out.high_water = last.seq;
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn read_after(&self, after: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Message>, QueueError> {
+        let client = self.store.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM relay_messages WHERE queue = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                ),
+                &[&&*self.name, &to_i64(after), &to_i64(max_count as u64)],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut msgs: Vec<Message> = rows.iter().map(message_of).collect();
+        cut_read(&mut msgs, max_count, max_bytes);
+        Ok(msgs)
+    }
+
+    async fn wait_after(&self, after: u64) {
+        let mut rx = self.store.shared.notifier.sender(&self.name).subscribe();
+        rx.mark_unchanged();
+        // A commit between the caller's read and this subscription would be missed: look once.
+        if self.row().await.is_ok_and(|r| r.last_seq > after) {
+            return;
+        }
+        let _ = tokio::time::timeout(FALLBACK_POLL, rx.changed()).await;
+    }
+
+    async fn first(&self) -> Result<Option<Message>, QueueError> {
+        Ok(self.read_after(0, 1, usize::MAX).await?.pop())
+    }
+
+    async fn remove(&self, seq: u64) -> Result<bool, QueueError> {
+        let name = self.name.clone();
+        self.write(move |tx, _| {
+            Box::pin(async move {
+                let gone = tx
+                    .query_opt(
+                        "DELETE FROM relay_messages WHERE queue = $1 AND seq = $2 RETURNING octet_length(body)",
+                        &[&&*name, &to_i64(seq)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let Some(gone) = gone else { return Ok(false) };
+                let bytes: i32 = gone.get(0);
+                tx.execute(
+                    "UPDATE relay_queues SET depth = depth - 1, bytes = bytes - $2 WHERE name = $1",
+                    &[&&*name, &i64::from(bytes)],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
+        let name = self.name.clone();
+        self.write(move |tx, row| {
+            Box::pin(async move {
+                if seq <= row.acked && row.depth == 0 {
+                    return Ok(0);
+                }
+                let gone = tx
+                    .query_one(
+                        "WITH gone AS (DELETE FROM relay_messages WHERE queue = $1 AND seq <= $2 RETURNING octet_length(body) AS n)
+                         SELECT count(*), coalesce(sum(n), 0)::bigint FROM gone",
+                        &[&&*name, &to_i64(seq)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let (count, bytes): (i64, i64) = (gone.get(0), gone.get(1));
+                tx.execute(
+                    "UPDATE relay_queues SET depth = depth - $2, bytes = bytes - $3, acked = greatest(acked, $4) WHERE name = $1",
+                    &[&&*name, &count, &bytes, &to_i64(seq)],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(to_u64(count))
+            })
+        })
+        .await
+    }
+
+    async fn acked_through(&self) -> Result<u64, QueueError> {
+        Ok(self.row().await?.acked)
+    }
+
+    async fn note_sent(&self, seq: u64) -> Result<(), QueueError> {
+        let client = self.store.client().await?;
+        client
+            .execute(
+                "UPDATE relay_queues SET sent = greatest(sent, $2) WHERE name = $1",
+                &[&&*self.name, &to_i64(seq)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn sent_through(&self) -> Result<u64, QueueError> {
+        Ok(self.row().await?.sent)
+    }
+
+    async fn renumber_unsent(&self, cursor: u64) -> Result<u64, QueueError> {
+        let name = self.name.clone();
+        self.write(move |tx, row| {
+            Box::pin(async move {
+                if cursor <= row.sent {
+                    return Ok(0);
+                }
+                let floor = cursor.max(row.last_seq);
+                // New numbers are all above every old one, so no row collides on the way.
+                let moved = tx
+                    .query(
+                        "WITH numbered AS (
+                             SELECT seq, $3 + row_number() OVER (ORDER BY seq) AS fresh
+                             FROM relay_messages WHERE queue = $1 AND seq > $2
+                         ), keys AS (
+                             UPDATE relay_idempotency_keys k SET seq = n.fresh FROM numbered n
+                             WHERE k.queue = $1 AND k.seq = n.seq
+                         )
+                         UPDATE relay_messages m SET seq = n.fresh FROM numbered n
+                         WHERE m.queue = $1 AND m.seq = n.seq RETURNING m.seq",
+                        &[&&*name, &to_i64(row.sent), &to_i64(floor)],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .len() as u64;
+                tx.execute(
+                    "UPDATE relay_queues SET last_seq = $2, acked = greatest(acked, $3), sent = $4 WHERE name = $1",
+                    &[&&*name, &to_i64(floor + moved), &to_i64(cursor), &to_i64(floor)],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(moved)
+            })
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, msg: &Message, reason: &str) -> Result<(), QueueError> {
+        let name = self.name.clone();
+        let (seq, reason) = (msg.seq, reason.to_owned());
+        self.write(move |tx, _| {
+            Box::pin(async move {
+                let moved = tx
+                    .query_opt(
+                        "WITH gone AS (DELETE FROM relay_messages WHERE queue = $1 AND seq = $2 RETURNING *)
+                         INSERT INTO relay_dead_letters (queue, seq, id, content_type, enqueued_at_ms, dead_at_ms, reason, body)
+                         SELECT queue, seq, id, content_type, enqueued_at_ms, $3, $4, body FROM gone
+                         RETURNING octet_length(body)",
+                        &[&&*name, &to_i64(seq), &to_i64(crate::clock::now_ms()), &reason],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if let Some(moved) = moved {
+                    let bytes = i64::from(moved.get::<_, i32>(0));
+                    tx.execute(
+                        "UPDATE relay_queues SET depth = depth - 1, bytes = bytes - $2, dead = dead + 1,
+                         dead_bytes = dead_bytes + $2 WHERE name = $1",
+                        &[&&*name, &bytes],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let client = self.store.client().await?;
+        let rows = client
+            .query(
+                "SELECT seq, id, content_type, octet_length(body), enqueued_at_ms, dead_at_ms, reason
+                 FROM relay_dead_letters WHERE queue = $1 ORDER BY seq LIMIT $2",
+                &[&&*self.name, &to_i64(limit as u64)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                seq: to_u64(r.get(0)),
+                id: r.get(1),
+                content_type: r.get(2),
+                bytes: u64::try_from(r.get::<_, i32>(3)).unwrap_or(0),
+                enqueued_at_ms: to_u64(r.get(4)),
+                dead_at_ms: to_u64(r.get(5)),
+                reason: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn retry_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
+        self.revive(seq, false).await.map(|s| s.is_some())
+    }
+
+    async fn requeue_dead_letter(&self, seq: u64) -> Result<Option<u64>, QueueError> {
+        self.revive(seq, true).await
+    }
+
+    async fn drop_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
+        let name = self.name.clone();
+        self.write(move |tx, _| {
+            Box::pin(async move {
+                let gone = tx
+                    .query_opt(
+                        "DELETE FROM relay_dead_letters WHERE queue = $1 AND seq = $2 RETURNING octet_length(body)",
+                        &[&&*name, &to_i64(seq)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let Some(gone) = gone else { return Ok(false) };
+                tx.execute(
+                    "UPDATE relay_queues SET dead = dead - 1, dead_bytes = dead_bytes - $2 WHERE name = $1",
+                    &[&&*name, &i64::from(gone.get::<_, i32>(0))],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let row = self.row().await?;
+        let client = self.store.client().await?;
+        let oldest = client
+            .query_opt(
+                "SELECT enqueued_at_ms FROM relay_messages WHERE queue = $1 ORDER BY seq LIMIT 1",
+                &[&&*self.name],
+            )
+            .await
+            .map_err(db_error)?
+            .map(|r| to_u64(r.get(0)));
+        Ok(QueueStats {
+            depth: row.depth,
+            bytes: row.bytes,
+            last_seq: row.last_seq,
+            oldest_enqueued_ms: oldest,
+            dead_letters: row.dead,
+            dead_letter_bytes: row.dead_bytes,
+        })
+    }
+
+    async fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<usize, QueueError> {
+        let client = self.store.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM relay_idempotency_keys WHERE queue = $1 AND accepted_at_ms < $2",
+                &[&&*self.name, &to_i64(cutoff_ms)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n as usize)
+    }
+}
+
+impl PgQueue {
+    /// Moves dead letter `seq` back among the messages: at its own number, or under a new one
+    /// (`renumber`). `None` when there is no such dead letter.
+    async fn revive(&self, seq: u64, renumber: bool) -> Result<Option<u64>, QueueError> {
+        let name = self.name.clone();
+        self.write(move |tx, row| {
+            Box::pin(async move {
+                let at = if renumber { row.last_seq + 1 } else { seq };
+                let moved = tx
+                    .query_opt(
+                        "WITH gone AS (DELETE FROM relay_dead_letters WHERE queue = $1 AND seq = $2 RETURNING *)
+                         INSERT INTO relay_messages (queue, seq, id, content_type, enqueued_at_ms, body)
+                         SELECT queue, $3, id, content_type, enqueued_at_ms, body FROM gone
+                         RETURNING octet_length(body)",
+                        &[&&*name, &to_i64(seq), &to_i64(at)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let Some(moved) = moved else { return Ok(None) };
+                let bytes = i64::from(moved.get::<_, i32>(0));
+                tx.execute(
+                    "UPDATE relay_queues SET depth = depth + 1, bytes = bytes + $2, dead = dead - 1,
+                     dead_bytes = dead_bytes - $2, last_seq = greatest(last_seq, $3) WHERE name = $1",
+                    &[&&*name, &bytes, &to_i64(at)],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(Some(at))
+            })
+        })
+        .await
+    }
+}
+
+/// One table of records in the database.
+#[derive(Clone)]
+pub struct PgTable {
+    store: PgStore,
+    name: Arc<str>,
+}
+
+impl std::fmt::Debug for PgTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTable").field("name", &self.name).finish()
+    }
+}
+
+impl NodeTable for PgTable {
+    async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        let client = self.store.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT value FROM relay_records WHERE tbl = $1 AND key = $2",
+                &[&&*self.name, &key],
+            )
+            .await
+            .map_err(db_error)?
+            .map(|r| r.get(0)))
+    }
+
+    async fn put_raw(&self, key: &str, value: Vec<u8>) -> Result<(), QueueError> {
+        let client = self.store.client().await?;
+        client
+            .execute(
+                "INSERT INTO relay_records (tbl, key, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value",
+                &[&&*self.name, &key, &value],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, QueueError> {
+        let client = self.store.client().await?;
+        let changed = match (expected, new) {
+            (None, Some(new)) => client
+                .execute(
+                    "INSERT INTO relay_records (tbl, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&&*self.name, &key, &new],
+                )
+                .await
+                .map_err(db_error)?,
+            (Some(old), Some(new)) => client
+                .execute(
+                    "UPDATE relay_records SET value = $4 WHERE tbl = $1 AND key = $2 AND value = $3",
+                    &[&&*self.name, &key, &old, &new],
+                )
+                .await
+                .map_err(db_error)?,
+            (Some(old), None) => client
+                .execute(
+                    "DELETE FROM relay_records WHERE tbl = $1 AND key = $2 AND value = $3",
+                    &[&&*self.name, &key, &old],
+                )
+                .await
+                .map_err(db_error)?,
+            (None, None) => {
+                return Ok(client
+                    .query_opt(
+                        "SELECT 1 FROM relay_records WHERE tbl = $1 AND key = $2",
+                        &[&&*self.name, &key],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .is_none())
+            }
+        };
+        Ok(changed == 1)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), QueueError> {
+        let client = self.store.client().await?;
+        client
+            .execute(
+                "DELETE FROM relay_records WHERE tbl = $1 AND key = $2",
+                &[&&*self.name, &key],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn list_prefix_raw(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
+        let client = self.store.client().await?;
+        let rows = client
+            .query(
+                "SELECT key, value FROM relay_records WHERE tbl = $1 AND starts_with(key, $2) ORDER BY key",
+                &[&&*self.name, &prefix],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+impl NodeStore for PgStore {
+    type Queue = PgQueue;
+    type Table = PgTable;
+
+    async fn queue(&self, name: &str, limits: Limits) -> Result<PgQueue, QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO relay_queues (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&name],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(PgQueue {
+            store: self.clone(),
+            name: name.into(),
+            limits,
+        })
+    }
+
+    async fn table(&self, name: &str) -> Result<PgTable, QueueError> {
+        Ok(PgTable {
+            store: self.clone(),
+            name: name.into(),
+        })
+    }
+
+    async fn probe(&self) -> Result<(), QueueError> {
+        super::probe_table(&NodeStore::table(self, "store-probe").await?).await
+    }
+}
