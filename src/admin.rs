@@ -18,6 +18,7 @@ use crate::agent::{AcceptOptions, Agent};
 use crate::error::{Kind, OpError, OpResult};
 use crate::invite::Invitation;
 use crate::node::{Action, InitiateRequest, Node};
+use crate::store::{AnyQueue, NodeQueue, SledQueue};
 
 /// Largest answer line.
 const MAX_LINE: u64 = 4 * 1024 * 1024;
@@ -143,9 +144,12 @@ async fn dead_letters(
     direction: Direction,
     action: DeadLetterAction,
 ) -> OpResult<DeadLetterOutcome> {
-    let (inbox, outbox, store) = match side {
-        Side::Node(n) => (n.inbox(connection)?, n.outbound_queue(connection)?, n.store().clone()),
-        Side::Agent(a) => (a.inbox(connection)?, a.outbound_queue(connection)?, a.store().clone()),
+    let (inbox, outbox) = match side {
+        Side::Node(n) => (n.inbox(connection).await?, n.outbound_queue(connection).await?),
+        Side::Agent(a) => {
+            let sled = |q| AnyQueue::Sled(SledQueue::new(a.store().clone(), q));
+            (sled(a.inbox(connection)?), sled(a.outbound_queue(connection)?))
+        }
     };
     let mut outcome = DeadLetterOutcome::default();
     let (seqs, all, retry) = match action {
@@ -165,7 +169,8 @@ async fn dead_letters(
         };
         let targets = if all {
             queue
-                .dead_letters(DEAD_LETTER_BATCH)?
+                .dead_letters(DEAD_LETTER_BATCH)
+                .await?
                 .into_iter()
                 .map(|d| d.seq)
                 .collect()
@@ -175,11 +180,11 @@ async fn dead_letters(
         for seq in targets {
             let found = match (retry, dir) {
                 // An inbox's numbers are the sender's: the message goes back at its own.
-                (true, Direction::In) => queue.retry_dead_letter(seq)?,
+                (true, Direction::In) => queue.retry_dead_letter(seq).await?,
                 // This side numbers its outbox, and the peer has passed the old number: the
                 // message goes to the end under a new one, with its own id.
-                (true, _) => queue.requeue_dead_letter(seq)?.is_some(),
-                (false, _) => queue.drop_dead_letter(seq)?,
+                (true, _) => queue.requeue_dead_letter(seq).await?.is_some(),
+                (false, _) => queue.drop_dead_letter(seq).await?,
             };
             if found {
                 outcome.done.push(seq);
@@ -188,12 +193,12 @@ async fn dead_letters(
             }
         }
     }
-    store.flush().await?;
+    // Each change above is durable already (committed, or flushed with sled's group).
     if direction.covers(Direction::In) {
-        outcome.dead_letters = inbox.dead_letters(DEAD_LETTER_BATCH)?;
+        outcome.dead_letters = inbox.dead_letters(DEAD_LETTER_BATCH).await?;
     }
     if direction.covers(Direction::Out) {
-        outcome.outbound = outbox.dead_letters(DEAD_LETTER_BATCH)?;
+        outcome.outbound = outbox.dead_letters(DEAD_LETTER_BATCH).await?;
     }
     Ok(outcome)
 }
@@ -227,7 +232,7 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
     let to_json = |v: &dyn erased::Ser| v.to_value();
     match (side, req) {
         (_, Request::Info) => Ok(to_json(info)),
-        (Side::Node(n), Request::Status) => Ok(to_json(&n.connections()?)),
+        (Side::Node(n), Request::Status) => Ok(to_json(&n.connections().await?)),
         (Side::Agent(a), Request::Status) => Ok(to_json(&a.status()?)),
         (Side::Agent(a), Request::AgentConnections) => Ok(to_json(&a.list()?)),
         (Side::Agent(_), Request::ProxyRetry) => Ok(serde_json::json!({
@@ -241,11 +246,15 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
                 direction,
             },
         ) => Ok(to_json(&dead_letters(side, &connection, direction, action).await?)),
-        (side, Request::Sync { request }) => crate::sync::ops::dispatch(sync_context(side)?, request).await,
+        (side, Request::Sync { request }) => crate::sync::ops::dispatch(sync_context(side).await?, request).await,
         (Side::Node(n), Request::Initiate { request }) => {
             let (name, project) = (request.name.clone(), request.project.clone());
             let code = n.initiate(request).await?;
-            crate::sync::ops::ensure_default_rules(n.store(), &name, &project)?;
+            // Sync rules live beside the sync state, in sled (a node on PostgreSQL has no
+            // tracker: see `node::sync_engine`).
+            if let Some(store) = n.store().sled() {
+                crate::sync::ops::ensure_default_rules(store, &name, &project)?;
+            }
             n.store().flush().await?;
             Ok(serde_json::Value::String(code))
         }
@@ -270,9 +279,18 @@ pub async fn dispatch(side: &Side, info: &Info, req: Request) -> OpResult<serde_
 }
 
 /// What the sync commands of `side` may use.
-fn sync_context(side: &Side) -> OpResult<crate::sync::ops::Context<'_>> {
+async fn sync_context(side: &Side) -> OpResult<crate::sync::ops::Context<'_>> {
     let (store, engine, statuses) = match side {
-        Side::Node(n) => (n.store(), n.sync(), n.connections()?),
+        Side::Node(n) => {
+            let store = n.store().sled().ok_or_else(|| {
+                OpError::new(
+                    Kind::Config,
+                    "this node keeps its state in PostgreSQL, which holds no sync state yet: sync commands need \
+                     store.kind = \"sled\"",
+                )
+            })?;
+            (store, n.sync(), n.connections().await?)
+        }
         Side::Agent(a) => (a.store(), a.sync(), a.status()?),
     };
     Ok(crate::sync::ops::Context {

@@ -9,10 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Info, Side};
 use crate::agent::Agent;
-use crate::config::Settings;
+use crate::config::{Settings, StoreKind};
 use crate::error::{Kind, OpError, OpResult};
 use crate::node::Node;
-use crate::store::{QueueError, Store};
+use crate::store::postgres::PgStore;
+use crate::store::{AnyStore, QueueError, Store};
 
 /// Which role a data directory belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,54 @@ impl Role {
 /// Creates (owner-only) and claims `data_dir` for `role`, refusing one that belongs to the
 /// other role, and opens its database.
 pub fn open_store(settings: &Settings, role: Role) -> OpResult<Store> {
+    claim_data_dir(settings, role)?;
+    let dir = &settings.data_dir;
+    Store::open(&dir.join("db"), settings.queue.cache_bytes).map_err(|e| match e {
+        QueueError::Locked(_) => OpError::new(
+            Kind::Failed,
+            format!(
+                "the data directory {} is in use by another relay process (a daemon whose admin socket did not answer, or another command)",
+                dir.display()
+            ),
+        ),
+        other => OpError::new(Kind::Failed, other.to_string()),
+    })
+}
+
+/// The node's store as `[store]` says: sled in the data directory, or the PostgreSQL
+/// database, whose schema must be the one this build speaks. The data directory is claimed
+/// either way: it holds the certificate and the admin socket.
+pub async fn open_node_store(settings: &Settings) -> OpResult<AnyStore> {
+    if settings.store.kind == StoreKind::Sled {
+        return open_store(settings, Role::Node).map(AnyStore::Sled);
+    }
+    claim_data_dir(settings, Role::Node)?;
+    let store = connect_postgres(settings).await?;
+    store.check_schema().await.map_err(store_error)?;
+    Ok(AnyStore::Postgres(store))
+}
+
+/// Connects to the node's PostgreSQL database, schema unchecked (`relay node migrate`).
+pub async fn connect_postgres(settings: &Settings) -> OpResult<PgStore> {
+    let options = settings
+        .store
+        .postgres_options()
+        .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+    PgStore::connect(&options).await.map_err(store_error)
+}
+
+/// A store error as an operator command's: a schema this build does not speak is
+/// configuration (a supervisor must not restart into it), the rest a failure.
+fn store_error(e: QueueError) -> OpError {
+    match e {
+        QueueError::Schema(m) => OpError::new(Kind::Config, m),
+        other => OpError::new(Kind::Failed, other.to_string()),
+    }
+}
+
+/// Creates (owner-only) and claims `data_dir` for `role`, refusing one that belongs to the
+/// other role.
+fn claim_data_dir(settings: &Settings, role: Role) -> OpResult<()> {
     let dir = &settings.data_dir;
     // Also here, not only in `main`: in-process daemons (tests, `relay demo`) get it too.
     crate::fsutil::private_umask();
@@ -69,16 +118,7 @@ pub fn open_store(settings: &Settings, role: Role) -> OpResult<Store> {
         Err(_) => crate::fsutil::write_atomic(&marker, format!("{}\n", role.as_str()).as_bytes())
             .map_err(|e| OpError::new(Kind::Config, format!("cannot write {}: {e}", marker.display())))?,
     }
-    Store::open(&dir.join("db"), settings.queue.cache_bytes).map_err(|e| match e {
-        QueueError::Locked(_) => OpError::new(
-            Kind::Failed,
-            format!(
-                "the data directory {} is in use by another relay process (a daemon whose admin socket did not answer, or another command)",
-                dir.display()
-            ),
-        ),
-        other => OpError::new(Kind::Failed, other.to_string()),
-    })
+    Ok(())
 }
 
 fn article(role: &str) -> String {
@@ -120,11 +160,13 @@ fn url_host(url: &str) -> Option<String> {
 }
 
 /// Opens the side of a data directory without serving (admin commands when no daemon runs).
-pub fn open_side(settings: &Settings, role: Role) -> OpResult<Side> {
-    let store = open_store(settings, role)?;
+pub async fn open_side(settings: &Settings, role: Role) -> OpResult<Side> {
     Ok(match role {
-        Role::Node => Side::Node(Node::open(store, settings.clone(), node_identity(settings)?.pin)?),
-        Role::Agent => Side::Agent(Agent::open(store, settings.clone())?),
+        Role::Node => {
+            let store = open_node_store(settings).await?;
+            Side::Node(Node::open(store, settings.clone(), node_identity(settings)?.pin).await?)
+        }
+        Role::Agent => Side::Agent(Agent::open(open_store(settings, role)?, settings.clone())?),
     })
 }
 
@@ -146,7 +188,7 @@ pub struct Running<T> {
 
 /// Starts a node: certificate, listeners, admin socket; serves until `token` is cancelled.
 pub async fn start_node(settings: Settings, token: CancellationToken) -> OpResult<Running<Node>> {
-    let store = open_store(&settings, Role::Node)?;
+    let store = open_node_store(&settings).await?;
     let identity = node_identity(&settings)?;
     let agents = bind(settings.node.listen, "node.listen").await?;
     let api = bind(settings.node.api_listen, "node.api_listen").await?;
@@ -160,7 +202,7 @@ pub async fn start_node(settings: Settings, token: CancellationToken) -> OpResul
     if settings.node.public_url.is_none() {
         settings.node.public_url = Some(crate::node::derived_url(listen));
     }
-    let node = Node::open(store, settings.clone(), identity.pin)?;
+    let node = Node::open(store, settings.clone(), identity.pin).await?;
     let info = Info {
         role: "node".into(),
         listen: Some(listen.to_string()),

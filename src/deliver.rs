@@ -14,7 +14,7 @@ use crate::config::DeliverySettings;
 use crate::http::{self, Method, StatusCode};
 use crate::retry::Backoff;
 use crate::status::Health;
-use crate::store::{Message, Queue};
+use crate::store::{AnyQueue, Message, NodeQueue};
 
 /// How long an in-flight webhook request may finish after shutdown begins (inside the
 /// daemon's drain deadline).
@@ -163,7 +163,7 @@ pub async fn attempt(client: &http::Client, hook: &Webhook, msg: &Message, timeo
 /// message need not wait for that flush to be delivered, and one lost in a crash before it is
 /// sent again and delivered again with the same id.
 pub async fn run(
-    queue: Queue,
+    queue: AnyQueue,
     hook: Webhook,
     client: http::Client,
     settings: DeliverySettings,
@@ -175,6 +175,8 @@ pub async fn run(
     let mut kicks = queue.kicks();
     // The oldest messages, read ahead in queue order; each leaves the queue once delivered.
     let mut ahead: VecDeque<Message> = VecDeque::new();
+    // The highest number read so far: a wait is for anything above it.
+    let mut seen = 0;
     loop {
         // Paused connections keep their queue; wait to be resumed.
         tokio::select! {
@@ -189,10 +191,12 @@ pub async fn run(
         }
         // Stored, not only durable: the sender keeps each message until this side's durable
         // mark covers it, so one lost in a crash before the flush comes again, with its id.
-        let stored = queue.stored_seq();
         if ahead.is_empty() {
-            match queue.read_stored_after(0, READ_AHEAD, READ_AHEAD_BYTES) {
-                Ok(read) => ahead.extend(read),
+            match queue.read_stored_after(0, READ_AHEAD, READ_AHEAD_BYTES).await {
+                Ok(read) => {
+                    seen = read.iter().map(|m| m.seq).fold(seen, u64::max);
+                    ahead.extend(read);
+                }
                 Err(e) => {
                     health.error(format!("reading queue: {e}"));
                     warn!(queue = queue.name(), error = %e, "cannot read the queue; retrying");
@@ -209,7 +213,7 @@ pub async fn run(
                 tokio::select! {
                     biased;
                     _ = token.cancelled() => return,
-                    _ = queue.wait_stored_after(stored) => continue,
+                    _ = queue.wait_stored_after(seen) => continue,
                     _ = active.changed() => continue,
                     _ = kicks.changed() => continue,
                 }
@@ -241,7 +245,7 @@ pub async fn run(
                 Health::add(&health.delivered, 1);
                 Health::add(&health.bytes_delivered, msg.body.len() as u64);
                 // Exactly this message: a retried dead letter may sit below it.
-                if let Err(e) = queue.remove(msg.seq) {
+                if let Err(e) = queue.remove(msg.seq).await {
                     health.error(format!("removing a delivered message: {e}"));
                 }
             }
@@ -249,7 +253,7 @@ pub async fn run(
                 warn!(connection = %hook.connection, id = %msg.id, seq = msg.seq, %reason, "dead-lettering message");
                 Health::add(&health.dead_lettered, 1);
                 health.error(format!("message {} dead-lettered: {reason}", msg.id));
-                if let Err(e) = queue.dead_letter(&msg, &reason) {
+                if let Err(e) = queue.dead_letter(&msg, &reason).await {
                     ahead.push_front(msg);
                     warn!(error = %e, "cannot dead-letter; will retry the message");
                     if !crate::retry::sleep(backoff.next_delay(None), &token).await {

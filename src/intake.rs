@@ -12,7 +12,7 @@ use crate::config::Secret;
 use crate::guard;
 use crate::http::{self, Body, HeaderMap, HeaderValue, IncomingRequest, Method, Response, StatusCode};
 use crate::protocol::codes;
-use crate::store::{NewMessage, Queue, QueueError, Store};
+use crate::store::{AnyQueue, AnyStore, NewMessage, NodeQueue, QueueError};
 
 /// Why a connection cannot take a message now.
 #[derive(Debug)]
@@ -28,26 +28,29 @@ pub struct Refusal {
 /// What the intake needs from the side it serves.
 pub trait IntakeTarget: Send + Sync + 'static {
     /// The queue that carries a local submission on connection `name` to the peer.
-    fn outbox(&self, name: &str) -> Result<Queue, Refusal>;
+    fn outbox<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<AnyQueue, Refusal>>;
     /// The largest payload the other side accepts on connection `name`, when known.
     fn max_payload(&self, _name: &str) -> Option<usize> {
         None
     }
     /// `Ok` when the process is connected and delivering.
-    fn ready(&self) -> Result<String, String>;
+    fn ready(&self) -> BoxFuture<'_, Result<String, String>>;
     /// Prometheus text exposition.
-    fn metrics(&self) -> String;
+    fn metrics(&self) -> BoxFuture<'_, String>;
     /// The sync engine a service hook wakes, when this side has a tracker.
     fn sync(&self) -> Option<&crate::sync::engine::Engine> {
         None
     }
 }
 
+/// A boxed future, for the trait methods an intake calls through `dyn IntakeTarget`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// The intake's fixed parts.
 #[derive(Clone)]
 pub struct Intake {
-    /// The database (for flushing).
-    pub store: Store,
+    /// The database (for pruning idempotency keys).
+    pub store: AnyStore,
     /// The side served.
     pub target: Arc<dyn IntakeTarget>,
     /// Largest payload.
@@ -84,7 +87,7 @@ impl Intake {
     /// policy of its listener.
     pub fn new(
         target: Arc<dyn IntakeTarget>,
-        store: Store,
+        store: AnyStore,
         settings: &crate::config::Settings,
         api_token: Option<Secret>,
         policy: guard::Policy,
@@ -239,7 +242,7 @@ pub async fn handle(intake: Intake, req: IncomingRequest, peer: SocketAddr) -> R
 }
 
 /// The `/metrics` answer: the side's figures, then the guard's refusals.
-fn metrics(intake: &Intake) -> String {
+async fn metrics(intake: &Intake) -> String {
     let counts: Vec<(&'static str, u64)> = intake
         .gate
         .tally
@@ -247,7 +250,7 @@ fn metrics(intake: &Intake) -> String {
         .into_iter()
         .map(|(reason, n)| (reason.as_str(), n))
         .collect();
-    let mut text = intake.target.metrics();
+    let mut text = intake.target.metrics().await;
     text.push_str(&crate::metrics::render_refusals(
         intake.gate.policy.keys().listener,
         &counts,
@@ -261,14 +264,14 @@ async fn route(intake: Intake, req: IncomingRequest) -> Response<Body> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => http::text(StatusCode::OK, "ok\n"),
-        (&Method::GET, ["readyz"]) => match intake.target.ready() {
+        (&Method::GET, ["readyz"]) => match intake.target.ready().await {
             Ok(m) => http::text(StatusCode::OK, format!("ready: {m}\n")),
             Err(m) => http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {m}\n")),
         },
         (&Method::GET, ["metrics"]) => http::bytes(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics(&intake),
+            metrics(&intake).await,
         ),
         (&Method::POST, ["v1", "connections", name, "messages"]) => {
             let name = (*name).to_owned();
@@ -324,7 +327,7 @@ async fn submit(intake: Intake, name: &str, req: IncomingRequest) -> Response<Bo
             )
         }
     };
-    let outbox = match intake.target.outbox(name) {
+    let outbox = match intake.target.outbox(name).await {
         Ok(q) => q,
         Err(r) => return http::error(r.status, r.code, r.message),
     };
@@ -352,13 +355,11 @@ async fn submit(intake: Intake, name: &str, req: IncomingRequest) -> Response<Bo
         enqueued_at_ms: crate::status::now_ms(),
         body,
     };
-    let appended = match outbox.append(msg, idempotency_key.as_deref()) {
+    // Durable when it resolves: committed, or flushed and synced with the group.
+    let appended = match outbox.append(msg, idempotency_key.as_deref()).await {
         Ok(a) => a,
         Err(e) => return queue_error_response(&e),
     };
-    if let Err(e) = intake.store.flush().await {
-        return queue_error_response(&e);
-    }
     let mut resp = http::json(
         StatusCode::ACCEPTED,
         &serde_json::json!({ "id": appended.id, "seq": appended.seq }),

@@ -80,10 +80,15 @@ pub fn summary(list: &[ConnectionStatus]) -> String {
     line
 }
 
-type Statuses = Arc<dyn Fn() -> OpResult<Vec<ConnectionStatus>> + Send + Sync>;
+/// What the STATUS line is made from: the daemon's connections, read afresh each time.
+pub type Statuses = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = OpResult<Vec<ConnectionStatus>>> + Send>>
+        + Send
+        + Sync,
+>;
 
-fn describe(statuses: &Statuses) -> String {
-    match statuses() {
+async fn describe(statuses: &Statuses) -> String {
+    match statuses().await {
         Ok(list) => summary(&list),
         Err(e) => format!("status unavailable: {e}"),
     }
@@ -101,15 +106,11 @@ impl Notifier {
     /// is open), then refreshes STATUS every [`STATUS_INTERVAL`], pings the watchdog at half
     /// its interval, and says STOPPING=1 as soon as `token` is cancelled. Does nothing without
     /// `NOTIFY_SOCKET`.
-    pub fn start<F>(statuses: F, token: CancellationToken) -> Notifier
-    where
-        F: Fn() -> OpResult<Vec<ConnectionStatus>> + Send + Sync + 'static,
-    {
+    pub async fn start(statuses: Statuses, token: CancellationToken) -> Notifier {
         if !enabled() {
             return Notifier::default();
         }
-        let statuses: Statuses = Arc::new(statuses);
-        send(&[NotifyState::Ready, NotifyState::Status(&describe(&statuses))]);
+        send(&[NotifyState::Ready, NotifyState::Status(&describe(&statuses).await)]);
         let stopping_sent = Arc::new(AtomicBool::new(false));
         let mut tasks = vec![tokio::spawn(refresh(statuses, token, stopping_sent.clone()))];
         if let Some(every) = watchdog_interval() {
@@ -147,13 +148,7 @@ async fn refresh(statuses: Statuses, token: CancellationToken, stopping_sent: Ar
                 }
                 return;
             }
-            _ = tick.tick() => {
-                // Statuses read the database; keep that off the async workers.
-                let s = statuses.clone();
-                if let Ok(line) = tokio::task::spawn_blocking(move || describe(&s)).await {
-                    send(&[NotifyState::Status(&line)]);
-                }
-            }
+            _ = tick.tick() => send(&[NotifyState::Status(&describe(&statuses).await)]),
         }
     }
 }

@@ -360,13 +360,13 @@ async fn a_page_of_another_origin_queues_nothing_and_reads_nothing() {
     let agent_api = format!("http://{}", agent.info.api.clone().unwrap());
     serve_page(hostile_listener, hostile_page(&node_api, &agent_api), token.clone());
     serve_page(app_listener, application_page(&node_api, &agent_api), token.clone());
-    let last_seqs = || {
+    let last_seqs = || async {
         (
-            node.side.connections().unwrap()[0].outbound.last_seq,
+            node.side.connections().await.unwrap()[0].outbound.last_seq,
             agent.side.status().unwrap()[0].outbound.last_seq,
         )
     };
-    let before = last_seqs();
+    let before = last_seqs().await;
 
     let driver = Driver::start(driver_bin).await;
     let profile = tempfile::tempdir().unwrap();
@@ -440,7 +440,7 @@ async fn a_page_of_another_origin_queues_nothing_and_reads_nothing() {
     };
 
     // The hostile page queued nothing on either side; the application one message on the node.
-    let after = last_seqs();
+    let after = last_seqs().await;
     assert_eq!(after, (before.0 + 1, before.1), "{page}");
     // The agent refused the application's preflight, so its POST was never sent.
     assert_eq!(refusals(&agent_api).await, counts(&[("cross_origin", 4)]));

@@ -64,9 +64,9 @@ async fn scrape(base: &str) -> String {
 
 /// The last sequence number each side's outbound queue of connection "c" handed out: it
 /// moves with every message queued, whatever has been delivered since.
-fn last_seqs(node: &relay::node::Node, agent: &relay::agent::Agent) -> (u64, u64) {
+async fn last_seqs(node: &relay::node::Node, agent: &relay::agent::Agent) -> (u64, u64) {
     (
-        node.connections().unwrap()[0].outbound.last_seq,
+        node.connections().await.unwrap()[0].outbound.last_seq,
         agent.status().unwrap()[0].outbound.last_seq,
     )
 }
@@ -119,8 +119,8 @@ impl Pair {
         ]
     }
 
-    fn last_seqs(&self) -> (u64, u64) {
-        last_seqs(&self.node.side, &self.agent.side)
+    async fn last_seqs(&self) -> (u64, u64) {
+        last_seqs(&self.node.side, &self.agent.side).await
     }
 
     async fn stop(self) {
@@ -144,7 +144,7 @@ const ROUTES: [(Method, &str); 7] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_host_is_refused_on_every_route_of_both_listeners() {
     let pair = Pair::start(|_| {}).await;
-    let before = pair.last_seqs();
+    let before = pair.last_seqs().await;
     for (listener, base, names_key, _) in pair.listeners() {
         let port = base.rsplit(':').next().unwrap().to_owned();
         let foreign = [
@@ -217,7 +217,7 @@ async fn a_foreign_host_is_refused_on_every_route_of_both_listeners() {
         .await;
         assert_eq!(s, 421, "a second Host header");
     }
-    assert_eq!(pair.last_seqs(), before, "nothing was queued");
+    assert_eq!(pair.last_seqs().await, before, "nothing was queued");
 
     // The same POST with the listener's own name goes through.
     for (_, base, _, _) in pair.listeners() {
@@ -226,7 +226,7 @@ async fn a_foreign_host_is_refused_on_every_route_of_both_listeners() {
             .unwrap();
         assert_eq!(s, 202, "{e}");
     }
-    assert_eq!(pair.last_seqs(), (before.0 + 1, before.1 + 1));
+    assert_eq!(pair.last_seqs().await, (before.0 + 1, before.1 + 1));
     pair.stop().await;
 }
 
@@ -253,7 +253,7 @@ async fn cross_site_requests_are_refused_and_queue_nothing_while_plain_programs_
                 "fetch_site",
             ),
         ];
-        let before = pair.last_seqs();
+        let before = pair.last_seqs().await;
         let metrics = scrape(&base).await;
         let counted: Vec<u64> = ["cross_origin", "origin_null", "fetch_site"]
             .iter()
@@ -276,7 +276,7 @@ async fn cross_site_requests_are_refused_and_queue_nothing_while_plain_programs_
             let metrics = scrape(&base).await;
             assert!(refusals(&metrics, reason) > 0, "{reason}");
         }
-        assert_eq!(pair.last_seqs(), before, "{listener}: nothing was queued");
+        assert_eq!(pair.last_seqs().await, before, "{listener}: nothing was queued");
         let metrics = scrape(&base).await;
         let after: Vec<u64> = ["cross_origin", "origin_null", "fetch_site"]
             .iter()
@@ -310,7 +310,7 @@ async fn cross_site_requests_are_refused_and_queue_nothing_while_plain_programs_
                 .unwrap();
             assert_eq!(s, 202, "{headers:?}: {e}");
         }
-        let after_posts = pair.last_seqs();
+        let after_posts = pair.last_seqs().await;
         let moved = if listener == "api" {
             (after_posts.0 - before.0, after_posts.1 - before.1)
         } else {
@@ -329,7 +329,7 @@ async fn the_guard_comes_before_the_bearer_token() {
     })
     .await;
     for ((_, base, _, _), token) in pair.listeners().into_iter().zip(["node-token", "agent-token"]) {
-        let before = pair.last_seqs();
+        let before = pair.last_seqs().await;
         let bearer = format!("Bearer {token}");
         let auth = ("authorization", bearer.as_str());
         let reply = send(
@@ -355,7 +355,7 @@ async fn the_guard_comes_before_the_bearer_token() {
         );
         let reply = send(&base, Method::POST, "/v1/connections/c/messages", &[], b"x").await;
         assert_eq!(reply.status, 401, "the token still applies");
-        assert_eq!(pair.last_seqs(), before);
+        assert_eq!(pair.last_seqs().await, before);
         let reply = send(&base, Method::POST, "/v1/connections/c/messages", &[auth], b"x").await;
         assert_eq!(reply.status, 202);
     }
@@ -401,7 +401,7 @@ async fn an_allowed_origin_gets_its_preflight_answered_and_can_post() {
         assert_eq!(header(&preflight, "access-control-max-age"), Some("600"));
         assert!(header(&preflight, "vary").unwrap().contains("Origin"));
 
-        let before = pair.last_seqs();
+        let before = pair.last_seqs().await;
         let reply = send(
             &base,
             Method::POST,
@@ -422,7 +422,7 @@ async fn an_allowed_origin_gets_its_preflight_answered_and_can_post() {
             .contains("Idempotent-Replayed"));
         assert!(reply.headers.get_all("vary").iter().any(|v| v == "Origin"));
         assert!(json(&reply)["seq"].as_u64().is_some());
-        assert_ne!(pair.last_seqs(), before);
+        assert_ne!(pair.last_seqs().await, before);
         // Errors reach the application readable too.
         let reply = send(
             &base,

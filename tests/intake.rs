@@ -69,7 +69,7 @@ async fn refusals_are_specific_json_errors_and_nothing_accepted_is_lost() {
     let (s2, again) = post(&http, &api, "conn", b"a".to_vec(), &key).await.unwrap();
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(first, again);
-    assert_eq!(node.side.connections().unwrap()[0].outbound.depth, 1);
+    assert_eq!(node.side.connections().await.unwrap()[0].outbound.depth, 1);
 
     for _ in 0..2 {
         let (s, e) = post(&http, &api, "conn", vec![b'k'; 1000], &[]).await.unwrap();
@@ -85,7 +85,7 @@ async fn refusals_are_specific_json_errors_and_nothing_accepted_is_lost() {
     assert_eq!((s, e["code"].as_str()), (429, Some("queue_full")), "{e}");
     assert!(e["error"].as_str().unwrap().contains("full"));
 
-    let stats = node.side.connections().unwrap()[0].outbound;
+    let stats = node.side.connections().await.unwrap()[0].outbound;
     assert_eq!(
         (stats.depth, stats.bytes, stats.last_seq),
         (4, 2002, 4),
@@ -187,7 +187,11 @@ async fn header_bytes_beyond_ascii_are_refused_naming_the_header() {
     let (s, e) = raw_post(&api, &head, b"b").await;
     assert_eq!((s, e["code"].as_str()), (400, Some("bad_request")), "{e}");
     assert!(e["error"].as_str().unwrap().contains("Content-Type"), "{e}");
-    assert_eq!(node.side.connections().unwrap()[0].outbound.depth, 0, "nothing queued");
+    assert_eq!(
+        node.side.connections().await.unwrap()[0].outbound.depth,
+        0,
+        "nothing queued"
+    );
 
     // The same request in plain ASCII goes through, once.
     let mut head = start.clone();
@@ -195,7 +199,7 @@ async fn header_bytes_beyond_ascii_are_refused_naming_the_header() {
     for _ in 0..2 {
         assert_eq!(raw_post(&api, &head, b"c").await.0, 202);
     }
-    assert_eq!(node.side.connections().unwrap()[0].outbound.depth, 1);
+    assert_eq!(node.side.connections().await.unwrap()[0].outbound.depth, 1);
     token.cancel();
     node.task.await.unwrap().unwrap();
 }

@@ -150,7 +150,7 @@ async fn a_message_too_big_for_the_agent_is_dead_lettered_on_the_node_and_the_in
     // The big one is set aside on the node; what follows it flows.
     assert_eq!(app.next(DEADLINE).await.unwrap().body, b"small-1");
     assert_eq!(app.next(DEADLINE).await.unwrap().body, b"small-2");
-    let s = node.side.connections().unwrap().remove(0);
+    let s = node.side.connections().await.unwrap().remove(0);
     assert_eq!(s.outbound.dead_letters, 1, "{s:?}");
     assert!(s
         .last_error
@@ -182,7 +182,15 @@ async fn a_message_too_big_for_the_agent_is_dead_lettered_on_the_node_and_the_in
         "{out}"
     );
     let again = wait_for("the retried message to be set aside again", || async {
-        let d = node.side.outbound_queue("c").unwrap().dead_letters(10).unwrap();
+        use relay::store::NodeQueue;
+        let d = node
+            .side
+            .outbound_queue("c")
+            .await
+            .unwrap()
+            .dead_letters(10)
+            .await
+            .unwrap();
         d.first().filter(|d| d.seq > 4).cloned()
     })
     .await;

@@ -287,7 +287,7 @@ async fn a_big_2xx_answer_is_delivered_once_and_a_webhook_refusing_everyone_hold
     })
     .await;
     assert!(why.contains(&node_hook.url), "{why}");
-    let s = node.side.connections().unwrap().remove(0);
+    let s = node.side.connections().await.unwrap().remove(0);
     assert_eq!((s.inbound.dead_letters, s.inbound.depth), (0, 1), "{s:?}");
 
     // deliver_to fixed: both arrive in order, and the hold clears.

@@ -18,7 +18,7 @@ use crate::http::{self, Method, Reply, StatusCode};
 use crate::protocol::{self, codes, LinkState, PollRequest, PollResponse, PushRequest, PushResponse};
 use crate::retry::Backoff;
 use crate::status::Health;
-use crate::store::{Queue, QueueError};
+use crate::store::{AnyQueue, Queue, QueueError, SledQueue};
 
 #[cfg(test)]
 mod tests;
@@ -317,6 +317,7 @@ fn spawn_delivery(
     let (active_tx, active_rx) = watch::channel(true);
     let settings = agent.settings().delivery.clone();
     let (health, token) = (handle.health.clone(), handle.deliver_token.clone());
+    let inbox = AnyQueue::Sled(SledQueue::new(agent.store().clone(), inbox));
     tracker.spawn(
         async move {
             deliver::run(inbox, hook, webhook_client, settings, active_rx, health, token).await;

@@ -24,7 +24,7 @@ use crate::intake::{IntakeTarget, Refusal};
 use crate::invite::Invitation;
 use crate::protocol::{self, codes, RedeemRequest, RedeemResponse};
 use crate::status::{now_ms, ConnectionStatus, Health};
-use crate::store::{Queue, Store, Table};
+use crate::store::{AnyQueue, Queue, Store, Table};
 
 /// An accepted connection as the agent stores it (the credential lives in its own file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -698,7 +698,7 @@ impl Agent {
         }
         crate::intake::Intake::new(
             Arc::new(self.clone()),
-            self.inner.store.clone(),
+            crate::store::AnyStore::Sled(self.inner.store.clone()),
             &self.inner.settings,
             self.inner.settings.agent.api_token.clone(),
             policy,
@@ -746,7 +746,35 @@ impl Agent {
 }
 
 impl IntakeTarget for Agent {
-    fn outbox(&self, name: &str) -> Result<Queue, Refusal> {
+    fn outbox<'a>(&'a self, name: &'a str) -> crate::intake::BoxFuture<'a, Result<AnyQueue, Refusal>> {
+        let store = self.inner.store.clone();
+        Box::pin(std::future::ready(
+            self.outbox_now(name)
+                .map(|q| AnyQueue::Sled(crate::store::SledQueue::new(store, q))),
+        ))
+    }
+
+    fn max_payload(&self, name: &str) -> Option<usize> {
+        let node = self.link(name)?.node_max_payload.load(Ordering::Relaxed);
+        (node > 0).then_some(node as usize)
+    }
+
+    fn ready(&self) -> crate::intake::BoxFuture<'_, Result<String, String>> {
+        Box::pin(std::future::ready(self.ready_now()))
+    }
+
+    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
+        self.inner.sync.as_ref()
+    }
+
+    fn metrics(&self) -> crate::intake::BoxFuture<'_, String> {
+        Box::pin(std::future::ready(self.metrics_now()))
+    }
+}
+
+impl Agent {
+    /// The outbox of connection `name`, or why a submission there is refused.
+    fn outbox_now(&self, name: &str) -> Result<Queue, Refusal> {
         let storage = |e: OpError| Refusal {
             status: StatusCode::INSUFFICIENT_STORAGE,
             code: codes::STORAGE,
@@ -769,12 +797,8 @@ impl IntakeTarget for Agent {
         self.queues(name).map(|(o, _)| o).map_err(storage)
     }
 
-    fn max_payload(&self, name: &str) -> Option<usize> {
-        let node = self.link(name)?.node_max_payload.load(Ordering::Relaxed);
-        (node > 0).then_some(node as usize)
-    }
-
-    fn ready(&self) -> Result<String, String> {
+    /// `Ok` when connected and delivering, else every reason why not.
+    fn ready_now(&self) -> Result<String, String> {
         self.inner.store.check().map_err(|e| e.to_string())?;
         let silence = self.inner.settings.agent.ready_max_silence.as_millis() as u64;
         let statuses = self.status().map_err(|e| e.message)?;
@@ -820,11 +844,8 @@ impl IntakeTarget for Agent {
         }
     }
 
-    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
-        self.inner.sync.as_ref()
-    }
-
-    fn metrics(&self) -> String {
+    /// The agent's metrics, as Prometheus text.
+    fn metrics_now(&self) -> String {
         let statuses = self.status().unwrap_or_default();
         let healths: Vec<Option<Arc<Health>>> = statuses
             .iter()

@@ -5,6 +5,7 @@ pub mod sync;
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -397,7 +398,7 @@ pub async fn admin_call(settings: &Settings, role: Role, req: Request) -> OpResu
     if !matches!(req, Request::Initiate { .. } | Request::Accept { .. }) {
         require_data(settings)?;
     }
-    let side = daemon::open_side(settings, role)?;
+    let side = daemon::open_side(settings, role).await?;
     let info = Info {
         role: match role {
             Role::Node => "node",
@@ -432,7 +433,11 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
         Role::Node => {
             let running = daemon::start_node(settings, token.clone()).await?;
             let node = running.side.clone();
-            (running.task, Notifier::start(move || node.connections(), token))
+            let statuses: crate::notify::Statuses = Arc::new(move || {
+                let node = node.clone();
+                Box::pin(async move { node.connections().await })
+            });
+            (running.task, Notifier::start(statuses, token).await)
         }
         Role::Agent => {
             // Decode before touching the data directory: a bad code fails fast.
@@ -454,7 +459,8 @@ async fn run_daemon(settings: Settings, role: Role) -> OpResult<()> {
             }
             let running = daemon::serve_agent(agent, token.clone()).await?;
             let agent = running.side.clone();
-            (running.task, Notifier::start(move || agent.status(), token))
+            let statuses: crate::notify::Statuses = Arc::new(move || Box::pin(std::future::ready(agent.status())));
+            (running.task, Notifier::start(statuses, token).await)
         }
     };
     let result = task
@@ -910,10 +916,11 @@ async fn health(settings: &Settings, ready: bool) -> OpResult<()> {
 
 async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>) -> OpResult<serde_json::Value> {
     use crate::intake::IntakeTarget;
-    let side = daemon::open_side(settings, role)?;
-    let (store, outbox) = match &side {
-        Side::Node(n) => (n.store().clone(), n.outbox(&a.connection)),
-        Side::Agent(ag) => (ag.store().clone(), ag.outbox(&a.connection)),
+    use crate::store::NodeQueue;
+    let side = daemon::open_side(settings, role).await?;
+    let outbox = match &side {
+        Side::Node(n) => n.outbox(&a.connection).await,
+        Side::Agent(ag) => ag.outbox(&a.connection).await,
     };
     let outbox = outbox.map_err(|r| {
         let kind = if r.status == crate::http::StatusCode::NOT_FOUND {
@@ -923,16 +930,17 @@ async fn send_local(settings: &Settings, role: Role, a: &SendArgs, body: Vec<u8>
         };
         OpError::new(kind, r.message)
     })?;
-    let appended = outbox.append(
-        crate::store::NewMessage {
-            id: crate::crypto::random_id(),
-            content_type: a.content_type.clone(),
-            enqueued_at_ms: crate::status::now_ms(),
-            body: body.into(),
-        },
-        a.idempotency_key.as_deref(),
-    )?;
-    store.flush().await?;
+    let appended = outbox
+        .append(
+            crate::store::NewMessage {
+                id: crate::crypto::random_id(),
+                content_type: a.content_type.clone(),
+                enqueued_at_ms: crate::status::now_ms(),
+                body: body.into(),
+            },
+            a.idempotency_key.as_deref(),
+        )
+        .await?;
     Ok(serde_json::json!({ "id": appended.id, "seq": appended.seq }))
 }
 

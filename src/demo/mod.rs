@@ -238,7 +238,7 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
         Ok(_) => return Err(fail("the same invitation code was redeemed twice")),
     }
     until("both change feeds read to their end", || async {
-        let n = connection(node.side.connections()?)?;
+        let n = connection(node.side.connections().await?)?;
         let a = connection(agent.side.status()?)?;
         let read = |c: &ConnectionStatus| c.sync.as_ref().and_then(|s| s.watermark_ms).is_some();
         Ok(if read(&n) && read(&a) {
@@ -412,7 +412,7 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
         .await
         .map_err(fail)?;
     until("the replica queued at the node", || async {
-        let c = connection(node.side.connections()?)?;
+        let c = connection(node.side.connections().await?)?;
         Ok(if c.outbound.depth >= 1 {
             Ok(c.outbound.depth)
         } else {
@@ -443,7 +443,10 @@ pub async fn run(ado_sim: Option<PathBuf>) -> OpResult<()> {
     println!("    exactly one work item on each side: no duplicate, no echo");
 
     step(9, "Status on both sides (relay status)");
-    for (side, list) in [("node", node.side.connections()?), ("agent", agent.side.status()?)] {
+    for (side, list) in [
+        ("node", node.side.connections().await?),
+        ("agent", agent.side.status()?),
+    ] {
         println!("    on the {side}:");
         for line in crate::status::render(&list).lines() {
             println!("      {line}");

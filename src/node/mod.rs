@@ -24,7 +24,7 @@ use crate::http::{self, StatusCode};
 use crate::intake::{IntakeTarget, Refusal};
 use crate::protocol::codes;
 use crate::status::{ConnectionStatus, Health};
-use crate::store::{Queue, Store};
+use crate::store::{AnyQueue, AnyStore, NodeQueue, NodeStore, Store};
 use crate::sync::engine::{Engine, SyncLink};
 use crate::sync::state::SyncState;
 pub use registry::{Action, ConnectionRecord, InitiateRequest, Registry};
@@ -34,9 +34,9 @@ pub struct Link {
     /// Connection name.
     pub name: String,
     /// Node → agent.
-    pub outbox: Queue,
+    pub outbox: AnyQueue,
     /// Agent → node, waiting for the webhook.
-    pub inbox: Queue,
+    pub inbox: AnyQueue,
     /// Counters.
     pub health: Arc<Health>,
     /// True while delivery flows (accepted and not deactivated).
@@ -54,7 +54,7 @@ struct Runtime {
 }
 
 struct NodeInner {
-    store: Store,
+    store: AnyStore,
     settings: Settings,
     registry: Registry,
     links: Mutex<HashMap<String, Arc<Link>>>,
@@ -91,10 +91,20 @@ pub fn queue_names(conn: &str) -> (String, String) {
 
 impl Node {
     /// Opens the node's registry in `store`; `pin` is the served certificate's SPKI hash.
-    pub fn open(store: Store, settings: Settings, pin: [u8; 32]) -> OpResult<Node> {
-        let registry = Registry::open(&store)?;
+    pub async fn open(store: AnyStore, settings: Settings, pin: [u8; 32]) -> OpResult<Node> {
+        let registry = Registry::open(&store).await?;
         let public_url = settings.node.public_url.clone();
-        let sync = sync_engine(&store, &settings, true)?;
+        let sync = match (&settings.tracker, store.sled()) {
+            (Some(_), None) => {
+                return Err(OpError::new(
+                    Kind::Config,
+                    "a node bound to a tracker keeps its sync state in sled: set store.kind = \"sled\", or remove \
+                     [tracker] to deliver to a webhook",
+                ))
+            }
+            (_, Some(sled)) => sync_engine(sled, &settings, true)?,
+            (None, None) => None,
+        };
         Ok(Node {
             inner: Arc::new(NodeInner {
                 store,
@@ -110,7 +120,7 @@ impl Node {
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &AnyStore {
         &self.inner.store
     }
 
@@ -139,12 +149,12 @@ impl Node {
         self.inner.pin
     }
 
-    fn queues(&self, conn: &str) -> OpResult<(Queue, Queue)> {
+    async fn queues(&self, conn: &str) -> OpResult<(AnyQueue, AnyQueue)> {
         let (out, inb) = queue_names(conn);
         let limits = self.inner.settings.queue_limits();
         Ok((
-            self.inner.store.queue(&out, limits)?,
-            self.inner.store.queue(&inb, limits)?,
+            self.inner.store.queue(&out, limits).await?,
+            self.inner.store.queue(&inb, limits).await?,
         ))
     }
 
@@ -157,41 +167,41 @@ impl Node {
             )
         })?;
         let ttl = req.expires.unwrap_or(self.inner.settings.node.invitation_ttl);
-        let code = self.inner.registry.initiate(&req, &url, ttl, self.inner.pin)?;
-        self.queues(&req.name)?;
+        let code = self.inner.registry.initiate(&req, &url, ttl, self.inner.pin).await?;
+        self.queues(&req.name).await?;
         self.inner.store.flush().await?;
         info!(connection = %req.name, "connection initiated; invitation issued");
         Ok(code)
     }
 
     /// The queue of payloads from the agent of `name`, waiting for the webhook.
-    pub fn inbox(&self, name: &str) -> OpResult<Queue> {
-        if self.inner.registry.get(name)?.is_none() {
+    pub async fn inbox(&self, name: &str) -> OpResult<AnyQueue> {
+        if self.inner.registry.get(name).await?.is_none() {
             return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
         }
-        Ok(self.queues(name)?.1)
+        Ok(self.queues(name).await?.1)
     }
 
     /// The queue of payloads for the agent of `name`.
-    pub fn outbound_queue(&self, name: &str) -> OpResult<Queue> {
-        if self.inner.registry.get(name)?.is_none() {
+    pub async fn outbound_queue(&self, name: &str) -> OpResult<AnyQueue> {
+        if self.inner.registry.get(name).await?.is_none() {
             return Err(OpError::new(Kind::NotFound, format!("no connection named {name:?}")));
         }
-        Ok(self.queues(name)?.0)
+        Ok(self.queues(name).await?.0)
     }
 
     /// Every connection with its live state.
-    pub fn connections(&self) -> OpResult<Vec<ConnectionStatus>> {
-        let records = self.inner.registry.list()?;
+    pub async fn connections(&self) -> OpResult<Vec<ConnectionStatus>> {
+        let records = self.inner.registry.list().await?;
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
-            let (outbox, inbox) = self.queues(&rec.name)?;
+            let (outbox, inbox) = self.queues(&rec.name).await?;
             let link = self.link(&rec.name);
-            let mut status = rec.status(outbox.stats(), inbox.stats());
+            let mut status = rec.status(outbox.stats().await?, inbox.stats().await?);
             status.deliver_to = status
                 .deliver_to
                 .or_else(|| self.inner.settings.node.deliver_to.clone());
-            status.recent_dead_letters = inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS)?;
+            status.recent_dead_letters = inbox.dead_letters(crate::status::RECENT_DEAD_LETTERS).await?;
             if let Some(e) = &self.inner.sync {
                 status.sync = Some(e.state().summary(&rec.name)?);
             }
@@ -210,14 +220,14 @@ impl Node {
 
     /// Deactivates, activates or revokes a connection.
     pub async fn set_state(&self, name: &str, action: Action) -> OpResult<ConnectionStatus> {
-        let rec = self.inner.registry.set_state(name, action)?;
+        let rec = self.inner.registry.set_state(name, action).await?;
         self.inner.store.flush().await?;
         // Make sure a link exists, so a redeem racing with this change cannot miss it. Not
         // before the node serves: a link made then would never start its worker, and serving
         // makes the links of every accepted connection from the registry as it is by then.
         let serving = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()).is_some();
         if rec.accepted() && serving {
-            let _ = self.ensure_link(&rec);
+            let _ = self.ensure_link(&rec).await;
         }
         if let Some(link) = self.link(name) {
             if rec.revoked {
@@ -226,8 +236,8 @@ impl Node {
             link.active_tx.send_replace(rec.delivering());
         }
         info!(connection = %name, state = rec.state_name(), "connection state changed");
-        let (outbox, inbox) = self.queues(name)?;
-        Ok(rec.status(outbox.stats(), inbox.stats()))
+        let (outbox, inbox) = self.queues(name).await?;
+        Ok(rec.status(outbox.stats().await?, inbox.stats().await?))
     }
 
     /// The live link of `name`, if serving.
@@ -241,12 +251,15 @@ impl Node {
     }
 
     /// Creates (once) the live link of an accepted connection and starts its webhook worker.
-    pub fn ensure_link(&self, rec: &ConnectionRecord) -> OpResult<Arc<Link>> {
+    pub async fn ensure_link(&self, rec: &ConnectionRecord) -> OpResult<Arc<Link>> {
+        if let Some(l) = self.link(&rec.name) {
+            return Ok(l);
+        }
+        let (outbox, inbox) = self.queues(&rec.name).await?;
         let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = links.get(&rec.name) {
             return Ok(l.clone());
         }
-        let (outbox, inbox) = self.queues(&rec.name)?;
         let (active_tx, active_rx) = watch::channel(rec.delivering());
         let link = Arc::new(Link {
             name: rec.name.clone(),
@@ -259,12 +272,15 @@ impl Node {
         });
         links.insert(rec.name.clone(), link.clone());
         let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(engine), Some(rt)) = (&self.inner.sync, runtime.as_ref()) {
+        if let (Some(engine), Some(rt), AnyQueue::Sled(outbox), AnyQueue::Sled(inbox)) =
+            (&self.inner.sync, runtime.as_ref(), &link.outbox, &inbox)
+        {
+            // A node bound to a tracker runs on sled (see `sync_engine`).
             let sync = SyncLink {
                 name: rec.name.clone(),
                 project: rec.project.clone(),
-                outbox: link.outbox.clone(),
-                inbox,
+                outbox: outbox.inner().clone(),
+                inbox: inbox.inner().clone(),
                 health: link.health.clone(),
             };
             engine.spawn(sync, active_rx, &rt.tracker, rt.token.child_token());
@@ -334,9 +350,9 @@ impl Node {
                 .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
             *self.inner.public_url.lock().unwrap_or_else(|p| p.into_inner()) = Some(derived_url(addr));
         }
-        for rec in self.inner.registry.list()? {
+        for rec in self.inner.registry.list().await? {
             if rec.accepted() {
-                self.ensure_link(&rec)?;
+                self.ensure_link(&rec).await?;
             }
         }
         let node = self.clone();
@@ -412,11 +428,40 @@ pub fn derived_url(addr: SocketAddr) -> String {
 }
 
 impl IntakeTarget for Node {
-    fn outbox(&self, name: &str) -> Result<Queue, Refusal> {
+    fn outbox<'a>(&'a self, name: &'a str) -> crate::intake::BoxFuture<'a, Result<AnyQueue, Refusal>> {
+        Box::pin(self.outbox_of(name))
+    }
+
+    fn max_payload(&self, name: &str) -> Option<usize> {
+        let agent = self.link(name)?.agent_max_payload.load(Ordering::Relaxed);
+        (agent > 0).then_some(agent as usize)
+    }
+
+    fn ready(&self) -> crate::intake::BoxFuture<'_, Result<String, String>> {
+        Box::pin(self.ready_now())
+    }
+
+    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
+        self.inner.sync.as_ref()
+    }
+
+    fn metrics(&self) -> crate::intake::BoxFuture<'_, String> {
+        Box::pin(self.metrics_now())
+    }
+}
+
+impl Node {
+    /// The outbox of connection `name`, or why a submission there is refused.
+    async fn outbox_of(&self, name: &str) -> Result<AnyQueue, Refusal> {
         let revoked = || Refusal {
             status: StatusCode::CONFLICT,
             code: codes::CONNECTION_STATE,
             message: format!("connection {name:?} is revoked; it takes no new messages"),
+        };
+        let storage = |e: OpError| Refusal {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: codes::STORAGE,
+            message: e.message,
         };
         // Every submission comes here: a live link answers without reading the registry.
         if let Some(link) = self.link(name) {
@@ -425,12 +470,7 @@ impl IntakeTarget for Node {
             }
             return Ok(link.outbox.clone());
         }
-        let rec = self.inner.registry.get(name).map_err(|e| Refusal {
-            status: StatusCode::INSUFFICIENT_STORAGE,
-            code: codes::STORAGE,
-            message: e.to_string(),
-        })?;
-        let Some(rec) = rec else {
+        let Some(rec) = self.inner.registry.get(name).await.map_err(storage)? else {
             return Err(Refusal {
                 status: StatusCode::NOT_FOUND,
                 code: codes::UNKNOWN_CONNECTION,
@@ -440,21 +480,13 @@ impl IntakeTarget for Node {
         if rec.revoked {
             return Err(revoked());
         }
-        self.queues(name).map(|(o, _)| o).map_err(|e| Refusal {
-            status: StatusCode::INSUFFICIENT_STORAGE,
-            code: codes::STORAGE,
-            message: e.message,
-        })
+        self.queues(name).await.map(|(o, _)| o).map_err(storage)
     }
 
-    fn max_payload(&self, name: &str) -> Option<usize> {
-        let agent = self.link(name)?.agent_max_payload.load(Ordering::Relaxed);
-        (agent > 0).then_some(agent as usize)
-    }
-
-    fn ready(&self) -> Result<String, String> {
+    /// `Ok` when serving, else every reason why not.
+    async fn ready_now(&self) -> Result<String, String> {
         self.inner.store.check().map_err(|e| e.to_string())?;
-        let statuses = self.connections().map_err(|e| e.message)?;
+        let statuses = self.connections().await.map_err(|e| e.message)?;
         let mut problems: Vec<String> = statuses
             .iter()
             .filter(|s| s.state == "active")
@@ -473,12 +505,9 @@ impl IntakeTarget for Node {
         }
     }
 
-    fn sync(&self) -> Option<&crate::sync::engine::Engine> {
-        self.inner.sync.as_ref()
-    }
-
-    fn metrics(&self) -> String {
-        let statuses = self.connections().unwrap_or_default();
+    /// The node's metrics, as Prometheus text.
+    async fn metrics_now(&self) -> String {
+        let statuses = self.connections().await.unwrap_or_default();
         let links: Vec<Option<Arc<Link>>> = statuses.iter().map(|s| self.link(&s.name)).collect();
         let healths: Vec<Option<Arc<Health>>> = links.iter().map(|l| l.as_ref().map(|l| l.health.clone())).collect();
         let (commits, file_syncs) = self.inner.store.sync_counts();

@@ -18,7 +18,7 @@ use crate::protocol::{
     self, codes, LinkState, PollRequest, PollResponse, PushRequest, PushResponse, RedeemRequest, WireMessage,
 };
 use crate::status::Health;
-use crate::store::{Message, QueueError};
+use crate::store::{Message, NodeQueue, QueueError};
 
 fn deny(d: Denied) -> Response<Body> {
     let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);
@@ -110,27 +110,18 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
     if let Err(e) = protocol::check_version(request.version) {
         return http::error(StatusCode::BAD_REQUEST, codes::UNSUPPORTED_VERSION, e.to_string());
     }
-    let result = node.registry().redeem(&request);
-    // A redemption and a counted wrong secret change the registry (the lockout must survive a
-    // restart); other refusals change nothing and cost no disk write.
-    let changed = match &result {
-        Ok(_) => true,
-        Err(d) => d.code == codes::WRONG_SECRET || d.code == codes::LOCKED,
-    };
-    if changed {
-        if let Err(e) = node.store().flush().await {
-            return crate::intake::queue_error_response(&e);
-        }
-    }
+    // A redemption and a counted wrong secret are durable before the answer (the lockout must
+    // survive a restart); other refusals change nothing.
+    let result = node.registry().redeem(&request).await;
     match result {
         Ok((rec, resp)) => {
             info!(connection = %rec.name, agent = %request.instance_name, host = %request.host, "invitation redeemed; connection active");
-            if let Err(e) = node.ensure_link(&rec) {
+            if let Err(e) = node.ensure_link(&rec).await {
                 warn!(error = %e, "cannot start the connection's link");
             }
             if let Some(link) = node.link(&rec.name) {
                 // Read the state again: an operator may have changed it meanwhile.
-                if let Ok(Some(fresh)) = node.registry().get(&rec.name) {
+                if let Ok(Some(fresh)) = node.registry().get(&rec.name).await {
                     link.active_tx.send_replace(fresh.delivering());
                 }
                 link.health.contact();
@@ -158,11 +149,16 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
     }
 }
 
-fn authenticate(node: &Node, headers: &http::HeaderMap) -> Result<std::sync::Arc<super::Link>, Response<Body>> {
-    let rec = node.registry().authenticate(http::bearer(headers)).map_err(deny)?;
+async fn authenticate(node: &Node, headers: &http::HeaderMap) -> Result<std::sync::Arc<super::Link>, Response<Body>> {
+    let rec = node
+        .registry()
+        .authenticate(http::bearer(headers))
+        .await
+        .map_err(deny)?;
     // A valid credential moves this connection out of the unauthenticated budget.
     http::mark_authenticated();
     node.ensure_link(&rec)
+        .await
         .map_err(|e| http::error(StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE, e.message))
 }
 
@@ -176,7 +172,7 @@ fn revoked(name: &str) -> Response<Body> {
 
 async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Response<Body> {
     // The credential is in the headers: refuse strangers before reading any body.
-    let link = match authenticate(&node, req.headers()) {
+    let link = match authenticate(&node, req.headers()).await {
         Ok(l) => l,
         Err(r) => return r,
     };
@@ -196,15 +192,15 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
     // directory restored from a backup): the agent holds other messages under numbers this
     // node has given out since, and its cursor would acknowledge them unseen. Number
     // everything not yet handed on above the agent's cursor; nothing is lost.
-    let sent = link.outbox.sent_through();
+    let sent = match link.outbox.sent_through().await {
+        Ok(s) => s,
+        Err(e) => return crate::intake::queue_error_response(&e),
+    };
     if request.after > sent {
-        let moved = match link.outbox.renumber_unsent(request.after) {
+        let moved = match link.outbox.renumber_unsent(request.after).await {
             Ok(n) => n,
             Err(e) => return crate::intake::queue_error_response(&e),
         };
-        if let Err(e) = node.store().flush().await {
-            return crate::intake::queue_error_response(&e);
-        }
         let message = format!(
             "the agent has received up to message {} but this node has only sent up to {sent}: this node's data \
              directory was probably restored from a backup. Its {moved} message(s) not yet sent, and every new one, \
@@ -219,7 +215,10 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
     // A cursor below what the agent already acknowledged means the agent went back (its data
     // directory restored or copied): this node removed those messages, so they cannot be
     // sent again. Say so loudly, and keep serving what the node still holds.
-    let acked = link.outbox.acked_through();
+    let acked = match link.outbox.acked_through().await {
+        Ok(a) => a,
+        Err(e) => return crate::intake::queue_error_response(&e),
+    };
     if request.after < acked {
         let message = format!(
             "the agent asks for messages after {} but had already acknowledged up to {acked}: its data \
@@ -234,7 +233,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
         link.health.error(message);
     }
     // The cursor acknowledges everything up to it: the agent holds those durably.
-    if let Err(e) = link.outbox.remove_through(request.after) {
+    if let Err(e) = link.outbox.remove_through(request.after).await {
         return crate::intake::queue_error_response(&e);
     }
     let wait =
@@ -252,13 +251,16 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             return revoked(&link.name);
         }
         let active = *active_rx.borrow_and_update();
-        let durable = link.outbox.durable_seq();
-        if active && durable > request.after {
-            let messages = match link.outbox.read_after(
-                request.after,
-                protocol::MAX_BATCH_MESSAGES,
-                protocol::BATCH_TARGET_BYTES,
-            ) {
+        if active {
+            let messages = match link
+                .outbox
+                .read_after(
+                    request.after,
+                    protocol::MAX_BATCH_MESSAGES,
+                    protocol::BATCH_TARGET_BYTES,
+                )
+                .await
+            {
                 Ok(m) => m,
                 Err(e) => return crate::intake::queue_error_response(&e),
             };
@@ -275,7 +277,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
                 Health::add(&link.health.dead_lettered, 1);
                 link.health
                     .error(format!("outbound message {} dead-lettered: {reason}", m.id));
-                if let Err(e) = link.outbox.dead_letter(m, &reason) {
+                if let Err(e) = link.outbox.dead_letter(m, &reason).await {
                     return crate::intake::queue_error_response(&e);
                 }
             }
@@ -284,7 +286,9 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
                 continue;
             }
             if let Some(last) = messages.last() {
-                link.outbox.note_sent(last.seq);
+                if let Err(e) = link.outbox.note_sent(last.seq).await {
+                    return crate::intake::queue_error_response(&e);
+                }
                 Health::add(&link.health.sent, messages.len() as u64);
                 Health::add(
                     &link.health.bytes_sent,
@@ -315,7 +319,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
             biased;
             _ = token.cancelled() => return empty(),
             _ = tokio::time::sleep_until(deadline) => return empty(),
-            _ = link.outbox.wait_durable_after(durable.max(request.after)), if active => {}
+            _ = link.outbox.wait_after(request.after), if active => {}
             r = active_rx.changed() => if r.is_err() { return empty() },
         }
     }
@@ -323,7 +327,7 @@ async fn poll(node: Node, req: IncomingRequest, token: CancellationToken) -> Res
 
 /// Confirms a credential and reports the connection's state; moves no message.
 async fn check(node: Node, req: IncomingRequest) -> Response<Body> {
-    let link = match authenticate(&node, req.headers()) {
+    let link = match authenticate(&node, req.headers()).await {
         Ok(l) => l,
         Err(r) => return r,
     };
@@ -341,7 +345,7 @@ async fn check(node: Node, req: IncomingRequest) -> Response<Body> {
 
 async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     let max_payload = node.settings().queue.max_payload_bytes as usize;
-    let link = match authenticate(&node, req.headers()) {
+    let link = match authenticate(&node, req.headers()).await {
         Ok(l) => l,
         Err(r) => return r,
     };
@@ -362,7 +366,8 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
     link.health.contact();
     let messages: Vec<Message> = request.messages.into_iter().map(from_wire).collect();
     let bytes: u64 = messages.iter().map(|m| m.body.len() as u64).sum();
-    let appended = match link.inbox.append_remote(&messages) {
+    // Durable when it resolves: the answer below acknowledges the batch.
+    let appended = match link.inbox.append_remote(messages).await {
         Ok(a) => a,
         Err(e @ QueueError::SequenceConflict { .. }) => {
             // Storing nothing keeps both sides' messages; the agent keeps its own until an
@@ -386,9 +391,6 @@ async fn push(node: Node, req: IncomingRequest) -> Response<Body> {
         );
         warn!(connection = %link.name, %message, "sequence gap from the agent");
         link.health.error(message);
-    }
-    if let Err(e) = node.store().flush().await {
-        return crate::intake::queue_error_response(&e);
     }
     let high_water = appended.high_water;
     Health::add(&link.health.received, appended.stored);

@@ -15,7 +15,7 @@ use serde::Serialize;
 pub mod postgres;
 pub mod sled;
 
-pub use self::sled::{Queue, Store, SyncCounts, Table};
+pub use self::sled::{Queue, SledQueue, SledTable, Store, SyncCounts, Table};
 
 /// Errors from the store and its queues; the intake maps them to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -227,10 +227,34 @@ pub trait NodeQueue: Clone + Send + Sync + 'static {
     /// one committed.
     fn wait_after(&self, after: u64) -> impl Future<Output = ()> + Send;
 
+    /// Like [`NodeQueue::read_after`], but an engine that commits in groups may hand on what
+    /// is stored and not yet committed. Only for a queue whose sender keeps each message
+    /// until this queue's commit covers it (one taken from the peer), so a message lost in a
+    /// crash comes again with its id.
+    fn read_stored_after(
+        &self,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<Message>, QueueError>> + Send {
+        self.read_after(after, max_count, max_bytes)
+    }
+
+    /// [`NodeQueue::wait_after`] for [`NodeQueue::read_stored_after`].
+    fn wait_stored_after(&self, after: u64) -> impl Future<Output = ()> + Send {
+        self.wait_after(after)
+    }
+
+    /// Bumped when a message reappears below what readers have seen (a retried dead letter):
+    /// a reader that reads ahead drops what it read and reads again.
+    fn kicks(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// The oldest message queued.
     fn first(&self) -> impl Future<Output = Result<Option<Message>, QueueError>> + Send;
 
-    /// Removes message `seq` (delivered); false when it was not there.
+    /// Removes message `seq` (delivered); false when it was not there. Like every removal
+    /// and [`NodeQueue::dead_letter`], it may be committed only with the next write: lost in
+    /// a crash, the message is delivered again with its id, never lost.
     fn remove(&self, seq: u64) -> impl Future<Output = Result<bool, QueueError>> + Send;
 
     /// Removes every message through `seq` (the peer acknowledged them) and records the
@@ -366,4 +390,239 @@ pub async fn probe_table(table: &impl NodeTable) -> Result<(), QueueError> {
         )));
     }
     Ok(())
+}
+
+/// The node's store in the engine the settings chose.
+#[derive(Clone, Debug)]
+pub enum AnyStore {
+    /// sled, in the data directory.
+    Sled(Store),
+    /// PostgreSQL, shared by the replicas.
+    Postgres(postgres::PgStore),
+}
+
+/// A queue of an [`AnyStore`].
+#[derive(Clone, Debug)]
+pub enum AnyQueue {
+    /// A sled queue.
+    Sled(SledQueue),
+    /// A PostgreSQL queue.
+    Postgres(postgres::PgQueue),
+}
+
+/// A table of an [`AnyStore`].
+#[derive(Clone, Debug)]
+pub enum AnyTable {
+    /// A sled table.
+    Sled(SledTable),
+    /// A PostgreSQL table.
+    Postgres(postgres::PgTable),
+}
+
+/// Runs `$body` with `$v` bound to the engine's value inside `$any`.
+macro_rules! on_engine {
+    ($any:expr, $enum:ident, $v:ident => $body:expr) => {
+        match $any {
+            $enum::Sled($v) => $body,
+            $enum::Postgres($v) => $body,
+        }
+    };
+}
+
+impl AnyStore {
+    /// The sled store, when that is the engine (the agent's, and what only sled has: its
+    /// flush counters, the failure watch).
+    pub fn sled(&self) -> Option<&Store> {
+        match self {
+            AnyStore::Sled(s) => Some(s),
+            AnyStore::Postgres(_) => None,
+        }
+    }
+
+    /// `Err` once the store failed for good (sled after an I/O error); PostgreSQL's errors
+    /// are the request's, and its next request may succeed.
+    pub fn check(&self) -> Result<(), QueueError> {
+        match self {
+            AnyStore::Sled(s) => s.check(),
+            AnyStore::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Resolves with the reason once the store failed for good (never, on PostgreSQL).
+    pub async fn failed(&self) -> String {
+        match self {
+            AnyStore::Sled(s) => s.failed().await,
+            AnyStore::Postgres(_) => std::future::pending().await,
+        }
+    }
+
+    /// Group commits and file syncs so far (sled's; none on PostgreSQL, which commits each
+    /// write itself).
+    pub fn sync_counts(&self) -> (u64, u64) {
+        match self {
+            AnyStore::Sled(s) => s.sync_counts(),
+            AnyStore::Postgres(_) => (0, 0),
+        }
+    }
+
+    /// Forgets idempotency keys older than `ttl`, hourly, until `token` is cancelled.
+    pub async fn prune_idempotency_keys(self, ttl: std::time::Duration, token: tokio_util::sync::CancellationToken) {
+        match self {
+            AnyStore::Sled(s) => s.prune_idempotency_keys(ttl, token).await,
+            AnyStore::Postgres(s) => s.prune_idempotency_keys(ttl, token).await,
+        }
+    }
+
+    /// Makes every write so far durable (sled's group commit; PostgreSQL commits each write).
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        match self {
+            AnyStore::Sled(s) => s.flush().await,
+            AnyStore::Postgres(_) => Ok(()),
+        }
+    }
+}
+
+impl NodeStore for AnyStore {
+    type Queue = AnyQueue;
+    type Table = AnyTable;
+
+    async fn queue(&self, name: &str, limits: Limits) -> Result<AnyQueue, QueueError> {
+        Ok(match self {
+            AnyStore::Sled(s) => AnyQueue::Sled(NodeStore::queue(s, name, limits).await?),
+            AnyStore::Postgres(s) => AnyQueue::Postgres(NodeStore::queue(s, name, limits).await?),
+        })
+    }
+
+    async fn table(&self, name: &str) -> Result<AnyTable, QueueError> {
+        Ok(match self {
+            AnyStore::Sled(s) => AnyTable::Sled(NodeStore::table(s, name).await?),
+            AnyStore::Postgres(s) => AnyTable::Postgres(NodeStore::table(s, name).await?),
+        })
+    }
+
+    async fn probe(&self) -> Result<(), QueueError> {
+        on_engine!(self, AnyStore, s => s.probe().await)
+    }
+}
+
+impl NodeQueue for AnyQueue {
+    fn name(&self) -> &str {
+        on_engine!(self, AnyQueue, q => q.name())
+    }
+
+    async fn append(&self, msg: NewMessage, idempotency_key: Option<&str>) -> Result<Appended, QueueError> {
+        on_engine!(self, AnyQueue, q => q.append(msg, idempotency_key).await)
+    }
+
+    async fn append_remote(&self, msgs: Vec<Message>) -> Result<RemoteAppended, QueueError> {
+        on_engine!(self, AnyQueue, q => q.append_remote(msgs).await)
+    }
+
+    async fn read_after(&self, after: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Message>, QueueError> {
+        on_engine!(self, AnyQueue, q => q.read_after(after, max_count, max_bytes).await)
+    }
+
+    async fn wait_after(&self, after: u64) {
+        on_engine!(self, AnyQueue, q => q.wait_after(after).await)
+    }
+
+    async fn read_stored_after(
+        &self,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, QueueError> {
+        on_engine!(self, AnyQueue, q => q.read_stored_after(after, max_count, max_bytes).await)
+    }
+
+    async fn wait_stored_after(&self, after: u64) {
+        on_engine!(self, AnyQueue, q => q.wait_stored_after(after).await)
+    }
+
+    fn kicks(&self) -> tokio::sync::watch::Receiver<u64> {
+        on_engine!(self, AnyQueue, q => q.kicks())
+    }
+
+    async fn first(&self) -> Result<Option<Message>, QueueError> {
+        on_engine!(self, AnyQueue, q => q.first().await)
+    }
+
+    async fn remove(&self, seq: u64) -> Result<bool, QueueError> {
+        on_engine!(self, AnyQueue, q => q.remove(seq).await)
+    }
+
+    async fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
+        on_engine!(self, AnyQueue, q => q.remove_through(seq).await)
+    }
+
+    async fn acked_through(&self) -> Result<u64, QueueError> {
+        on_engine!(self, AnyQueue, q => q.acked_through().await)
+    }
+
+    async fn note_sent(&self, seq: u64) -> Result<(), QueueError> {
+        on_engine!(self, AnyQueue, q => q.note_sent(seq).await)
+    }
+
+    async fn sent_through(&self) -> Result<u64, QueueError> {
+        on_engine!(self, AnyQueue, q => q.sent_through().await)
+    }
+
+    async fn renumber_unsent(&self, cursor: u64) -> Result<u64, QueueError> {
+        on_engine!(self, AnyQueue, q => q.renumber_unsent(cursor).await)
+    }
+
+    async fn dead_letter(&self, msg: &Message, reason: &str) -> Result<(), QueueError> {
+        on_engine!(self, AnyQueue, q => q.dead_letter(msg, reason).await)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        on_engine!(self, AnyQueue, q => q.dead_letters(limit).await)
+    }
+
+    async fn retry_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
+        on_engine!(self, AnyQueue, q => q.retry_dead_letter(seq).await)
+    }
+
+    async fn requeue_dead_letter(&self, seq: u64) -> Result<Option<u64>, QueueError> {
+        on_engine!(self, AnyQueue, q => q.requeue_dead_letter(seq).await)
+    }
+
+    async fn drop_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
+        on_engine!(self, AnyQueue, q => q.drop_dead_letter(seq).await)
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        on_engine!(self, AnyQueue, q => q.stats().await)
+    }
+
+    async fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<usize, QueueError> {
+        on_engine!(self, AnyQueue, q => q.prune_idempotency_keys(cutoff_ms).await)
+    }
+}
+
+impl NodeTable for AnyTable {
+    async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        on_engine!(self, AnyTable, t => t.get_raw(key).await)
+    }
+
+    async fn put_raw(&self, key: &str, value: Vec<u8>) -> Result<(), QueueError> {
+        on_engine!(self, AnyTable, t => t.put_raw(key, value).await)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, QueueError> {
+        on_engine!(self, AnyTable, t => t.compare_and_swap(key, expected, new).await)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), QueueError> {
+        on_engine!(self, AnyTable, t => t.remove(key).await)
+    }
+
+    async fn list_prefix_raw(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
+        on_engine!(self, AnyTable, t => t.list_prefix_raw(prefix).await)
+    }
 }

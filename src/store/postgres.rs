@@ -42,6 +42,9 @@ pub const FALLBACK_POLL: Duration = Duration::from_millis(1500);
 /// The channel every queue write notifies, with the queue's name as payload.
 const CHANNEL: &str = "relay_queue";
 
+/// The channel a dead letter put back in its place notifies (see [`NodeQueue::kicks`]).
+const KICK_CHANNEL: &str = "relay_kick";
+
 /// The advisory lock key that serialises migrations (any constant; this one spells "relay").
 const MIGRATION_LOCK: i64 = 0x72_65_6c_61_79;
 
@@ -221,25 +224,29 @@ fn to_u64(n: i64) -> u64 {
 }
 
 /// Wakes readers parked on a queue: by this replica's commits, by other replicas' through
-/// `LISTEN`, and by nothing at all after [`FALLBACK_POLL`].
+/// `LISTEN`, and by one query every [`FALLBACK_POLL`] for the queues someone waits on, which
+/// wakes those whose high-water mark moved unannounced.
 #[derive(Default)]
 struct Notifier {
     queues: Mutex<HashMap<String, watch::Sender<u64>>>,
+    kicks: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// The high-water marks the fallback poll saw last, by queue.
+    seen: Mutex<HashMap<String, i64>>,
     /// Notifications received on the listener connection (for tests and metrics).
     received: std::sync::atomic::AtomicU64,
 }
 
 impl Notifier {
     fn sender(&self, queue: &str) -> watch::Sender<u64> {
-        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        queues
-            .entry(queue.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .clone()
+        channel_of(&self.queues, queue)
     }
 
     fn wake(&self, queue: &str) {
         self.sender(queue).send_modify(|n| *n += 1);
+    }
+
+    fn kick(&self, queue: &str) {
+        channel_of(&self.kicks, queue).send_modify(|n| *n += 1);
     }
 
     fn wake_all(&self) {
@@ -248,6 +255,14 @@ impl Notifier {
             tx.send_modify(|n| *n += 1);
         }
     }
+}
+
+fn channel_of(map: &Mutex<HashMap<String, watch::Sender<u64>>>, queue: &str) -> watch::Sender<u64> {
+    map.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(queue.to_owned())
+        .or_insert_with(|| watch::channel(0).0)
+        .clone()
 }
 
 struct Shared {
@@ -315,6 +330,7 @@ impl PgStore {
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(listen(Arc::downgrade(&shared), config, tls, shared.shutdown.clone()));
+        tokio::spawn(fallback_poll(Arc::downgrade(&shared), shared.shutdown.clone()));
         Ok(PgStore { shared, display })
     }
 
@@ -410,6 +426,41 @@ impl PgStore {
         })
     }
 
+    /// Forgets idempotency keys of every queue older than `ttl`, hourly and in bounded
+    /// steps, until `token` is cancelled. Every replica may run it: the steps commute.
+    pub async fn prune_idempotency_keys(self, ttl: Duration, token: CancellationToken) {
+        const STEP: i64 = 10_000;
+        loop {
+            let cutoff = to_i64(crate::clock::now_ms().saturating_sub(ttl.as_millis() as u64));
+            loop {
+                let done = match self.client().await {
+                    Ok(client) => client
+                        .execute(
+                            "DELETE FROM relay_idempotency_keys WHERE ctid IN
+                             (SELECT ctid FROM relay_idempotency_keys WHERE accepted_at_ms < $1 LIMIT $2)",
+                            &[&cutoff, &STEP],
+                        )
+                        .await
+                        .map_err(db_error),
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(n) if n as i64 == STEP => tokio::task::yield_now().await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pruning idempotency keys failed");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            }
+        }
+    }
+
     /// Notifications this replica's listener received so far.
     pub fn notifications_received(&self) -> u64 {
         self.shared.notifier.received.load(std::sync::atomic::Ordering::Relaxed)
@@ -450,7 +501,9 @@ async fn listen(
         if let Ok((client, mut connection)) = connected {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
             let listen = async move {
-                let r = client.batch_execute(&format!("LISTEN {CHANNEL}")).await;
+                let r = client
+                    .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {KICK_CHANNEL}"))
+                    .await;
                 if r.is_ok() {
                     let _ = ready_tx.send(());
                 }
@@ -477,6 +530,9 @@ async fn listen(
                             Some(Ok(AsyncMessage::Notification(n))) => match shared.upgrade() {
                                 Some(s) => {
                                     s.notifier.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    if n.channel() == KICK_CHANNEL {
+                                        s.notifier.kick(n.payload());
+                                    }
                                     s.notifier.wake(n.payload());
                                 }
                                 None => return,
@@ -501,6 +557,54 @@ async fn listen(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Every [`FALLBACK_POLL`], reads the high-water marks of the queues that readers wait on and
+/// wakes those that moved: what a lost notification, or a pooler that drops `LISTEN`, costs
+/// is this delay, never a message. One query per replica, whatever the number of readers.
+async fn fallback_poll(shared: std::sync::Weak<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(FALLBACK_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        let watched: Vec<String> = {
+            let queues = shared.notifier.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues
+                .iter()
+                .filter(|(_, tx)| tx.receiver_count() > 0)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        if watched.is_empty() {
+            continue;
+        }
+        let Ok(client) = shared.pool.get().await else { continue };
+        let Ok(rows) = client
+            .query(
+                "SELECT name, last_seq FROM relay_queues WHERE name = ANY($1)",
+                &[&watched],
+            )
+            .await
+        else {
+            continue;
+        };
+        let moved: Vec<String> = {
+            let mut seen = shared.notifier.seen.lock().unwrap_or_else(|p| p.into_inner());
+            rows.iter()
+                .filter_map(|r| {
+                    let (name, last): (String, i64) = (r.get(0), r.get(1));
+                    (seen.insert(name.clone(), last) != Some(last)).then_some(name)
+                })
+                .collect()
+        };
+        for name in moved {
+            shared.notifier.wake(&name);
+        }
     }
 }
 
@@ -806,10 +910,14 @@ impl NodeQueue for PgQueue {
         let mut rx = self.store.shared.notifier.sender(&self.name).subscribe();
         rx.mark_unchanged();
         // A commit between the caller's read and this subscription would be missed: look once.
-        if self.row().await.is_ok_and(|r| r.last_seq > after) {
-            return;
+        // A failed look returns too (the caller reads, and meets the error there).
+        if self.row().await.is_ok_and(|r| r.last_seq <= after) {
+            let _ = rx.changed().await;
         }
-        let _ = tokio::time::timeout(FALLBACK_POLL, rx.changed()).await;
+    }
+
+    fn kicks(&self) -> watch::Receiver<u64> {
+        channel_of(&self.store.shared.notifier.kicks, &self.name).subscribe()
     }
 
     async fn first(&self) -> Result<Option<Message>, QueueError> {
@@ -982,7 +1090,11 @@ impl NodeQueue for PgQueue {
     }
 
     async fn retry_dead_letter(&self, seq: u64) -> Result<bool, QueueError> {
-        self.revive(seq, false).await.map(|s| s.is_some())
+        let revived = self.revive(seq, false).await?.is_some();
+        if revived {
+            self.store.shared.notifier.kick(&self.name);
+        }
+        Ok(revived)
     }
 
     async fn requeue_dead_letter(&self, seq: u64) -> Result<Option<u64>, QueueError> {
@@ -1066,6 +1178,11 @@ impl PgQueue {
                     .await
                     .map_err(db_error)?;
                 let Some(moved) = moved else { return Ok(None) };
+                if !renumber {
+                    tx.execute("SELECT pg_notify($1, $2)", &[&KICK_CHANNEL, &&*name])
+                        .await
+                        .map_err(db_error)?;
+                }
                 let bytes = i64::from(moved.get::<_, i32>(0));
                 tx.execute(
                     "UPDATE relay_queues SET depth = depth + 1, bytes = bytes + $2, dead = dead - 1,

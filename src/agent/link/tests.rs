@@ -250,7 +250,7 @@ async fn a_restored_directory_removes_nothing_holds_loudly_and_retries_with_back
         "{}",
         holds[0]
     );
-    assert!(s.agent.ready().unwrap_err().contains("restored from a backup"));
+    assert!(s.agent.ready().await.unwrap_err().contains("restored from a backup"));
     assert!(s.agent.get("c").unwrap().unwrap().revoked.is_none());
     let gaps = s.push_gaps();
     assert!(
@@ -292,7 +292,7 @@ async fn an_unknown_credential_is_retried_with_capped_backoff_and_never_saved_as
         "{holds:?}"
     );
     assert!(holds[0].contains("only a revocation stops this agent"), "{holds:?}");
-    assert!(s.agent.ready().is_err());
+    assert!(s.agent.ready().await.is_err());
 
     // The node's data is put back: the credential works again.
     s.node.state().refuse = None;

@@ -15,7 +15,12 @@ pub struct SledQueue {
 }
 
 impl SledQueue {
-    /// The engine's queue, for what only sled offers (reads before the flush).
+    /// `queue` of `store`, its writes committed by the store's group commit.
+    pub fn new(store: Store, queue: Queue) -> SledQueue {
+        SledQueue { store, queue }
+    }
+
+    /// The engine's queue.
     pub fn inner(&self) -> &Queue {
         &self.queue
     }
@@ -48,16 +53,33 @@ impl NodeQueue for SledQueue {
         self.queue.wait_durable_after(after).await
     }
 
+    async fn read_stored_after(
+        &self,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, QueueError> {
+        self.queue.read_stored_after(after, max_count, max_bytes)
+    }
+
+    async fn wait_stored_after(&self, after: u64) {
+        self.queue.wait_stored_after(after).await
+    }
+
+    fn kicks(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.queue.kicks()
+    }
+
     async fn first(&self) -> Result<Option<Message>, QueueError> {
         self.queue.first()
     }
 
     async fn remove(&self, seq: u64) -> Result<bool, QueueError> {
-        self.commit(self.queue.remove(seq)).await
+        self.queue.remove(seq)
     }
 
     async fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
-        self.commit(self.queue.remove_through(seq)).await
+        self.queue.remove_through(seq)
     }
 
     async fn acked_through(&self) -> Result<u64, QueueError> {
@@ -78,7 +100,7 @@ impl NodeQueue for SledQueue {
     }
 
     async fn dead_letter(&self, msg: &Message, reason: &str) -> Result<(), QueueError> {
-        self.commit(self.queue.dead_letter(msg, reason)).await
+        self.queue.dead_letter(msg, reason)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
