@@ -44,6 +44,8 @@ pub struct Check {
 /// All steps of one connection.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// What was checked: `connection` (an agent's) or `store` (a node's database).
+    pub kind: &'static str,
     /// Connection name.
     pub connection: String,
     /// Node URL.
@@ -77,10 +79,68 @@ fn ms(since: Instant) -> String {
     format!("{:.1} ms", since.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// Checks a node's PostgreSQL database: reachable (with the time a connection took), its
+/// schema at the version this build speaks, and a record written and read back.
+pub async fn diagnose_store(settings: &Settings) -> Report {
+    use crate::store::NodeStore;
+    let mut report = Report {
+        kind: "store",
+        connection: "node".into(),
+        node_url: String::new(),
+        checks: Vec::new(),
+    };
+    let options = match settings.store.postgres_options() {
+        Ok(o) => o,
+        Err(e) => {
+            report.push("database", Outcome::Fail, e.to_string());
+            report.skip(&["schema", "write"]);
+            return report;
+        }
+    };
+    report.node_url = crate::store::postgres::redact(&options.url);
+    let started = Instant::now();
+    let store = match crate::store::postgres::PgStore::connect(&options).await {
+        Ok(s) => s,
+        Err(e) => {
+            report.push("database", Outcome::Fail, e.to_string());
+            report.skip(&["schema", "write"]);
+            return report;
+        }
+    };
+    report.push(
+        "database",
+        Outcome::Ok,
+        format!("{} answered in {}", store.display_url(), ms(started)),
+    );
+    match store.check_schema().await {
+        Ok(()) => report.push(
+            "schema",
+            Outcome::Ok,
+            format!("version {}", crate::store::postgres::SCHEMA_VERSION),
+        ),
+        Err(e) => {
+            report.push("schema", Outcome::Fail, e.to_string());
+            report.skip(&["write"]);
+            return report;
+        }
+    }
+    let started = Instant::now();
+    match store.probe().await {
+        Ok(()) => report.push(
+            "write",
+            Outcome::Ok,
+            format!("a record written, read back and removed in {}", ms(started)),
+        ),
+        Err(e) => report.push("write", Outcome::Fail, e.to_string()),
+    }
+    report
+}
+
 /// Checks one connection: DNS, TCP, TLS, credential, clock, then the webhook, or with a
 /// `[tracker]` the tracker (reachable, token, API version, the connection's project).
 pub async fn diagnose(settings: &Settings, conn: &AgentConnection, credential: Result<String, String>) -> Report {
     let mut report = Report {
+        kind: "connection",
         connection: conn.name.clone(),
         node_url: conn.node_url.clone(),
         checks: Vec::new(),
@@ -446,7 +506,7 @@ pub fn render(reports: &[Report]) -> String {
         out.push_str("no accepted connections: run `relay accept CODE` first\n");
     }
     for r in reports {
-        let _ = writeln!(out, "connection {} -> {}", r.connection, r.node_url);
+        let _ = writeln!(out, "{} {} -> {}", r.kind, r.connection, r.node_url);
         for c in &r.checks {
             let mark = match c.outcome {
                 Outcome::Ok => " ok ",

@@ -86,12 +86,14 @@ fn check(seen: &Mutex<Vec<Received>>, prefix: &str) -> usize {
     repeats
 }
 
-/// A node listening (for agents) and serving its API on the addresses given.
-async fn start_node_at(dir: &std::path::Path, listen: &str, api: &str) -> Daemon {
-    Daemon::start(dir, &["node", "run", "--listen", listen, "--api-listen", api], &[]).await
+/// A node listening (for agents) and serving its API on the addresses given, with `env`.
+async fn start_node_at(dir: &std::path::Path, listen: &str, api: &str, env: &[(&str, &str)]) -> Daemon {
+    Daemon::start(dir, &["node", "run", "--listen", listen, "--api-listen", api], env).await
 }
 
-async fn crash_and_recover(victim: Victim) {
+/// Streams both ways and kills `victim` at many points; the node runs with `node_env` (its
+/// store's settings).
+async fn crash_and_recover(victim: Victim, node_env: &[(&str, &str)]) {
     let tmp = tempfile::tempdir().unwrap();
     let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
     let public_app = Sink::start().await.unwrap();
@@ -99,7 +101,7 @@ async fn crash_and_recover(victim: Victim) {
     let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
     let (to_public, to_private) = (collect(public_app), collect(private_app));
 
-    let mut node = start_node_at(&node_dir, "127.0.0.1:0", "127.0.0.1:0").await;
+    let mut node = start_node_at(&node_dir, "127.0.0.1:0", "127.0.0.1:0", node_env).await;
     let code = initiate(&node_dir, "c", &public_url, &[]).await;
     let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -132,7 +134,7 @@ async fn crash_and_recover(victim: Victim) {
             }
             Victim::Node => {
                 node.kill9();
-                node = start_node_at(&node_dir, &node_listen, &node_api).await;
+                node = start_node_at(&node_dir, &node_listen, &node_api, node_env).await;
             }
         }
     }
@@ -181,12 +183,37 @@ async fn crash_and_recover(victim: Victim) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_at_many_instants_loses_nothing() {
-    crash_and_recover(Victim::Agent).await;
+    crash_and_recover(Victim::Agent, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_killed_at_many_instants_loses_nothing() {
-    crash_and_recover(Victim::Node).await;
+    crash_and_recover(Victim::Node, &[]).await;
+}
+
+/// The same with the node's state in PostgreSQL: every 202 and every push answer follows a
+/// commit, so `kill -9` of the node loses nothing there either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_on_postgres_killed_at_many_instants_loses_nothing() {
+    let Some((_cluster, env)) = postgres_node("node_on_postgres_killed_at_many_instants_loses_nothing").await else {
+        return;
+    };
+    crash_and_recover(Victim::Node, &common::borrowed(&env)).await;
+}
+
+/// A throwaway cluster with a migrated database, and the settings of a node that keeps its
+/// state there; `None` after SKIPPED.
+async fn postgres_node(test: &str) -> Option<(common::postgres::Cluster, Vec<(String, String)>)> {
+    let cluster = common::postgres::Cluster::start(test)?;
+    let url = cluster.database("relay").await;
+    let env = vec![
+        ("RELAY_STORE__KIND".to_owned(), "postgres".to_owned()),
+        ("RELAY_STORE__URL".to_owned(), url),
+    ];
+    let scratch = tempfile::tempdir().unwrap();
+    let o = cli(scratch.path(), &["node", "migrate"], &common::borrowed(&env), None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    Some((cluster, env))
 }
 
 /// A backlog held at one end arrives at the other in full batches (stored there several
@@ -195,14 +222,14 @@ async fn node_killed_at_many_instants_loses_nothing() {
 /// again: every payload arrives, first arrivals in order, repeats with the same id, and no
 /// restart mistakes a batch offered again for a conflict. The node's backlog waits while its
 /// connection is deactivated; the agent's while the node is down.
-async fn backlog_receiver_killed(victim: Victim) {
+async fn backlog_receiver_killed(victim: Victim, node_env: &[(&str, &str)]) {
     let tmp = tempfile::tempdir().unwrap();
     let (node_dir, agent_dir) = (tmp.path().join("node"), tmp.path().join("agent"));
     let public_app = Sink::start().await.unwrap();
     let private_app = Sink::start().await.unwrap();
     let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
     let (to_public, to_private) = (collect(public_app), collect(private_app));
-    let mut node = start_node_at(&node_dir, "127.0.0.1:0", "127.0.0.1:0").await;
+    let mut node = start_node_at(&node_dir, "127.0.0.1:0", "127.0.0.1:0", node_env).await;
     let (listen, api) = (node.info.listen.clone().unwrap(), node.info.api.clone().unwrap());
     let code = initiate(&node_dir, "c", &public_url, &[]).await;
     let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
@@ -228,7 +255,7 @@ async fn backlog_receiver_killed(victim: Victim) {
             node.kill9();
             let (task, _) = submit(agent.api(), "up");
             task.await.unwrap();
-            node = start_node_at(&node_dir, &listen, &api).await;
+            node = start_node_at(&node_dir, &listen, &api, node_env).await;
             (agent, to_public, "up")
         }
     };
@@ -248,7 +275,7 @@ async fn backlog_receiver_killed(victim: Victim) {
             }
             Victim::Node => {
                 node.kill9();
-                node = start_node_at(&node_dir, &listen, &api).await;
+                node = start_node_at(&node_dir, &listen, &api, node_env).await;
             }
         }
     }
@@ -269,10 +296,19 @@ async fn backlog_receiver_killed(victim: Victim) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
-    backlog_receiver_killed(Victim::Agent).await;
+    backlog_receiver_killed(Victim::Agent, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
-    backlog_receiver_killed(Victim::Node).await;
+    backlog_receiver_killed(Victim::Node, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_on_postgres_killed_while_taking_and_delivering_a_backlog_loses_nothing() {
+    let test = "node_on_postgres_killed_while_taking_and_delivering_a_backlog_loses_nothing";
+    let Some((_cluster, env)) = postgres_node(test).await else {
+        return;
+    };
+    backlog_receiver_killed(Victim::Node, &common::borrowed(&env)).await;
 }

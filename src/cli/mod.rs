@@ -97,6 +97,9 @@ pub enum NodeCommand {
     Activate(NameArg),
     /// Kill the connection's credential for good.
     Revoke(NameArg),
+    /// Create or upgrade the node's PostgreSQL schema ([store] kind = "postgres"), and say
+    /// what was done; safe to run on every replica and every start.
+    Migrate,
 }
 
 /// `relay dead-letters …` (works on a node's or an agent's data directory).
@@ -354,6 +357,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
         Command::Node(NodeCommand::Deactivate(n)) => set_state(&settings, n.name, Action::Deactivate).await,
         Command::Node(NodeCommand::Activate(n)) => set_state(&settings, n.name, Action::Activate).await,
         Command::Node(NodeCommand::Revoke(n)) => set_state(&settings, n.name, Action::Revoke).await,
+        Command::Node(NodeCommand::Migrate) => migrate(&settings).await,
         Command::Accept(a) => accept(&settings, a).await,
         Command::Send(a) => send(&settings, a).await,
         Command::DeadLetters(c) => dead_letter_command(&settings, c).await,
@@ -420,6 +424,24 @@ fn require_data(settings: &Settings) -> OpResult<()> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// `relay node migrate`: the schema of the node's PostgreSQL database, made or upgraded.
+async fn migrate(settings: &Settings) -> OpResult<()> {
+    if settings.store.kind != crate::config::StoreKind::Postgres {
+        return Err(OpError::new(
+            Kind::Config,
+            "relay node migrate is for a node on PostgreSQL: set store.kind = \"postgres\" and store.url (or \
+             store.url_file); a node on sled needs no migration",
+        ));
+    }
+    let store = daemon::connect_postgres(settings).await?;
+    let done = store.migrate().await.map_err(|e| match e {
+        crate::store::QueueError::Schema(m) => OpError::new(Kind::Config, m),
+        other => OpError::new(Kind::Failed, other.to_string()),
+    })?;
+    println!("{}: {done}", store.display_url());
     Ok(())
 }
 
@@ -585,6 +607,19 @@ async fn dead_letter_command(settings: &Settings, command: DeadLetterCommand) ->
 }
 
 async fn doctor(settings: &Settings, json: bool) -> OpResult<()> {
+    let node = daemon::recorded_role(&settings.data_dir) == Some(Role::Node)
+        || settings.store.kind == crate::config::StoreKind::Postgres;
+    if node {
+        if settings.store.kind != crate::config::StoreKind::Postgres {
+            return Err(OpError::new(
+                Kind::Failed,
+                "nothing to check: relay doctor checks an agent's connections, or a node's PostgreSQL database; \
+                 this node keeps its state in sled",
+            ));
+        }
+        let reports = vec![crate::doctor::diagnose_store(settings).await];
+        return report_checks(&reports, json);
+    }
     let conns: Vec<AgentConnection> = parse(admin_call(settings, Role::Agent, Request::AgentConnections).await?)?;
     let mut reports = Vec::new();
     for conn in &conns {
@@ -597,6 +632,15 @@ async fn doctor(settings: &Settings, json: bool) -> OpResult<()> {
             .map_err(|e| format!("cannot read {}: {e} (run as the service's user)", path.display()));
         reports.push(crate::doctor::diagnose(settings, conn, credential).await);
     }
+    report_checks(&reports, json)?;
+    if conns.is_empty() {
+        return Err(OpError::new(Kind::Failed, "nothing to check: no accepted connection"));
+    }
+    Ok(())
+}
+
+/// Prints doctor's reports; `Err` when a check failed.
+fn report_checks(reports: &[crate::doctor::Report], json: bool) -> OpResult<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
     } else {
@@ -613,9 +657,6 @@ async fn doctor(settings: &Settings, json: bool) -> OpResult<()> {
         .sum();
     if failed > 0 {
         return Err(OpError::new(Kind::Failed, format!("{failed} check(s) failed")));
-    }
-    if conns.is_empty() {
-        return Err(OpError::new(Kind::Failed, "nothing to check: no accepted connection"));
     }
     Ok(())
 }
