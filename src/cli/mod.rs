@@ -644,7 +644,7 @@ fn report_checks(reports: &[crate::doctor::Report], json: bool) -> OpResult<()> 
     if json {
         println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
     } else {
-        print!("{}", crate::doctor::render(&reports));
+        print!("{}", crate::doctor::render(reports));
     }
     let failed: usize = reports
         .iter()
