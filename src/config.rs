@@ -310,6 +310,10 @@ pub struct StoreSettings {
     /// Deadline of connecting to the database and of waiting for a pooled connection.
     #[serde(default = "default_store_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a replica's hold on a connection's webhook delivery lasts unless renewed (a
+    /// third of it apart): another replica takes over this long after one dies.
+    #[serde(default = "default_store_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
     /// How the database's certificate is checked when the URL asks for TLS.
     #[serde(default)]
     pub trust: WebhookTrust,
@@ -338,6 +342,7 @@ impl Default for StoreSettings {
             url_file: None,
             pool_size: default_store_pool_size(),
             connect_timeout: default_store_connect_timeout(),
+            lease_ttl: default_store_lease_ttl(),
             trust: WebhookTrust::default(),
             ca_file: None,
         }
@@ -350,6 +355,10 @@ fn default_store_pool_size() -> usize {
 
 fn default_store_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_store_lease_ttl() -> Duration {
+    Duration::from_secs(15)
 }
 
 impl StoreSettings {
@@ -1029,6 +1038,9 @@ impl Settings {
             }
             if self.store.pool_size == 0 {
                 return invalid("store.pool_size", "must be at least 1");
+            }
+            if self.store.lease_ttl < Duration::from_secs(3) || self.store.lease_ttl > Duration::from_secs(3600) {
+                return invalid("store.lease_ttl", "must be between 3s and 1h");
             }
             if self.store.trust == WebhookTrust::Ca && self.store.ca_file.is_none() {
                 return invalid("store.ca_file", "required when store.trust = \"ca\"");

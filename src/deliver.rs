@@ -14,7 +14,7 @@ use crate::config::DeliverySettings;
 use crate::http::{self, Method, StatusCode};
 use crate::retry::Backoff;
 use crate::status::Health;
-use crate::store::{AnyQueue, Message, NodeQueue};
+use crate::store::{AnyQueue, Message, NodeQueue, QueueError};
 
 /// How long an in-flight webhook request may finish after shutdown begins (inside the
 /// daemon's drain deadline).
@@ -247,6 +247,10 @@ pub async fn run(
                 // Exactly this message: a retried dead letter may sit below it.
                 if let Err(e) = queue.remove(msg.seq).await {
                     health.error(format!("removing a delivered message: {e}"));
+                    if matches!(e, QueueError::Fenced { .. }) {
+                        // Another replica delivers this connection now.
+                        return;
+                    }
                 }
             }
             Outcome::Reject { reason } => {
@@ -254,6 +258,9 @@ pub async fn run(
                 Health::add(&health.dead_lettered, 1);
                 health.error(format!("message {} dead-lettered: {reason}", msg.id));
                 if let Err(e) = queue.dead_letter(&msg, &reason).await {
+                    if matches!(e, QueueError::Fenced { .. }) {
+                        return;
+                    }
                     ahead.push_front(msg);
                     warn!(error = %e, "cannot dead-letter; will retry the message");
                     if !crate::retry::sleep(backoff.next_delay(None), &token).await {

@@ -2,6 +2,7 @@
 //! states), a pair of queues per connection, answers agents' long-polls and pushes
 //! ([`server`]), and delivers agents' payloads to the public application's webhook.
 
+pub mod leases;
 pub mod registry;
 pub mod server;
 pub mod throttle;
@@ -271,6 +272,11 @@ impl Node {
             agent_max_payload: AtomicU64::new(0),
         });
         links.insert(rec.name.clone(), link.clone());
+        drop(links);
+        // On PostgreSQL the replica holding the connection's lease delivers (see `leases`).
+        if matches!(self.inner.store, AnyStore::Postgres(_)) {
+            return Ok(link);
+        }
         let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some(engine), Some(rt), AnyQueue::Sled(outbox), AnyQueue::Sled(inbox)) =
             (&self.inner.sync, runtime.as_ref(), &link.outbox, &inbox)
@@ -286,34 +292,48 @@ impl Node {
             engine.spawn(sync, active_rx, &rt.tracker, rt.token.child_token());
             return Ok(link);
         }
+        if let Some(rt) = runtime.as_ref() {
+            self.spawn_webhook(rt, rec, &link, inbox, rt.token.child_token());
+        }
+        Ok(link)
+    }
+
+    /// Starts the webhook worker of `link` on `inbox` until `token` is cancelled; says so when
+    /// no webhook is configured.
+    fn spawn_webhook(
+        &self,
+        rt: &Runtime,
+        rec: &ConnectionRecord,
+        link: &Arc<Link>,
+        inbox: AnyQueue,
+        token: CancellationToken,
+    ) {
         let url = rec
             .deliver_to
             .clone()
             .or_else(|| self.inner.settings.node.deliver_to.clone());
-        if url.is_none() && runtime.is_some() {
+        let Some(url) = url else {
             tracing::warn!(connection = %rec.name, "no webhook configured (initiate --deliver-to, or node.deliver_to): payloads from the agent are kept in the queue");
-        }
-        if let (Some(rt), Some(url)) = (runtime.as_ref(), url) {
-            let hook = Webhook {
-                url,
-                connection: rec.name.clone(),
-                project: Some(rec.project.clone()),
-            };
-            let span = tracing::info_span!("deliver", connection = %rec.name, side = "node");
-            rt.tracker.spawn(
-                deliver::run(
-                    inbox,
-                    hook,
-                    rt.webhook_client.clone(),
-                    self.inner.settings.delivery.clone(),
-                    active_rx,
-                    link.health.clone(),
-                    rt.token.child_token(),
-                )
-                .instrument(span),
-            );
-        }
-        Ok(link)
+            return;
+        };
+        let hook = Webhook {
+            url,
+            connection: rec.name.clone(),
+            project: Some(rec.project.clone()),
+        };
+        let span = tracing::info_span!("deliver", connection = %rec.name, side = "node");
+        rt.tracker.spawn(
+            deliver::run(
+                inbox,
+                hook,
+                rt.webhook_client.clone(),
+                self.inner.settings.delivery.clone(),
+                link.active_tx.subscribe(),
+                link.health.clone(),
+                token,
+            )
+            .instrument(span),
+        );
     }
 
     /// Serves agents on `agent_listener` (TLS with `tls`) and the local API on `api_listener`
@@ -334,6 +354,9 @@ impl Node {
             .settings
             .api_policy(api_addr.ip())
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
+        if let AnyStore::Postgres(pg) = &self.inner.store {
+            leases::check_identity(pg, &self.inner.pin).await?;
+        }
         let tracker = TaskTracker::new();
         let (trust, ca_file) = self.inner.settings.delivery.web_trust();
         let webhook_tls =
@@ -354,6 +377,11 @@ impl Node {
             if rec.accepted() {
                 self.ensure_link(&rec).await?;
             }
+        }
+        if let AnyStore::Postgres(pg) = &self.inner.store {
+            let owner = leases::owner_name(&self.inner.settings.data_dir)?;
+            info!(replica = %owner.1, "serving as one replica of the node on PostgreSQL");
+            tracker.spawn(leases::run(self.clone(), pg.clone(), owner, token.clone()));
         }
         let node = self.clone();
         let t = token.clone();

@@ -80,6 +80,15 @@ pub enum QueueError {
     /// The database's schema is not the one this build speaks.
     #[error("{0}")]
     Schema(String),
+    /// A write made under a lease that another replica holds now: refused, so a stalled
+    /// former owner changes nothing after the takeover.
+    #[error("the lease on connection {connection} passed to another replica (this replica held epoch {epoch}); the write was refused")]
+    Fenced {
+        /// The connection.
+        connection: String,
+        /// The epoch this replica held.
+        epoch: i64,
+    },
 }
 
 /// Bounds of one queue.
@@ -191,6 +200,19 @@ pub struct SequenceGap {
 /// never sends a batch before the previous one is answered, so a true retry is never older
 /// than two batches.
 pub const RECENT_IDS: u64 = 2 * crate::protocol::MAX_BATCH_MESSAGES as u64;
+
+/// One replica's hold on a connection's side effects (its webhook delivery), numbered: each
+/// takeover by another replica raises the epoch, and writes made under an older one are
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The connection.
+    pub connection: String,
+    /// The replica that holds it.
+    pub owner: String,
+    /// Raised by each change of owner.
+    pub epoch: i64,
+}
 
 /// One queue of the node, as every engine keeps it. Every write is durable (committed, or
 /// flushed and synced) when its future resolves, so its caller may acknowledge it. Sequence
@@ -502,6 +524,17 @@ impl NodeStore for AnyStore {
 
     async fn probe(&self) -> Result<(), QueueError> {
         on_engine!(self, AnyStore, s => s.probe().await)
+    }
+}
+
+impl AnyQueue {
+    /// This queue with its writes made under `lease` (refused once another replica holds
+    /// it); sled's single process needs no fence.
+    pub fn fenced(&self, lease: &Lease) -> AnyQueue {
+        match self {
+            AnyQueue::Sled(q) => AnyQueue::Sled(q.clone()),
+            AnyQueue::Postgres(q) => AnyQueue::Postgres(q.fenced(lease)),
+        }
     }
 }
 

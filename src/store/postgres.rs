@@ -29,7 +29,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cut_read, Appended, DeadLetter, Limits, Message, NewMessage, NodeQueue, NodeStore, NodeTable, QueueError,
+    cut_read, Appended, DeadLetter, Lease, Limits, Message, NewMessage, NodeQueue, NodeStore, NodeTable, QueueError,
     QueueStats, RemoteAppended, SequenceGap, RECENT_IDS,
 };
 
@@ -44,6 +44,9 @@ const CHANNEL: &str = "relay_queue";
 
 /// The channel a dead letter put back in its place notifies (see [`NodeQueue::kicks`]).
 const KICK_CHANNEL: &str = "relay_kick";
+
+/// The channel every record write notifies, with `table/key` as payload.
+const RECORD_CHANNEL: &str = "relay_record";
 
 /// The advisory lock key that serialises migrations (any constant; this one spells "relay").
 const MIGRATION_LOCK: i64 = 0x72_65_6c_61_79;
@@ -108,6 +111,11 @@ CREATE TABLE relay_leases (
     owner text NOT NULL,
     epoch bigint NOT NULL,
     expires_at timestamptz NOT NULL
+);
+CREATE TABLE relay_replicas (
+    owner text PRIMARY KEY,
+    seen_at timestamptz NOT NULL,
+    pin text NOT NULL
 );
 "#,
 )];
@@ -226,14 +234,27 @@ fn to_u64(n: i64) -> u64 {
 /// Wakes readers parked on a queue: by this replica's commits, by other replicas' through
 /// `LISTEN`, and by one query every [`FALLBACK_POLL`] for the queues someone waits on, which
 /// wakes those whose high-water mark moved unannounced.
-#[derive(Default)]
 struct Notifier {
     queues: Mutex<HashMap<String, watch::Sender<u64>>>,
     kicks: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// The high-water marks the fallback poll saw last, by queue.
     seen: Mutex<HashMap<String, i64>>,
+    /// Records written, on any replica: `(table, key)`.
+    records: tokio::sync::broadcast::Sender<(String, String)>,
     /// Notifications received on the listener connection (for tests and metrics).
     received: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier {
+            queues: Mutex::default(),
+            kicks: Mutex::default(),
+            seen: Mutex::default(),
+            records: tokio::sync::broadcast::channel(1024).0,
+            received: std::sync::atomic::AtomicU64::default(),
+        }
+    }
 }
 
 impl Notifier {
@@ -461,6 +482,144 @@ impl PgStore {
         }
     }
 
+    /// Records written on any replica, as `(table, key)`, from now on (a lagging receiver
+    /// misses some: it reads everything again then).
+    pub fn record_changes(&self) -> tokio::sync::broadcast::Receiver<(String, String)> {
+        self.shared.notifier.records.subscribe()
+    }
+
+    /// Says that replica `owner`, serving the key with SPKI pin `pin`, is alive, and returns
+    /// the replicas seen within `ttl` (itself included) with their pins.
+    pub async fn heartbeat(&self, owner: &str, pin: &str, ttl: Duration) -> Result<Vec<(String, String)>, QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO relay_replicas (owner, seen_at, pin) VALUES ($1, now(), $2)
+                 ON CONFLICT (owner) DO UPDATE SET seen_at = now(), pin = excluded.pin",
+                &[&owner, &pin],
+            )
+            .await
+            .map_err(db_error)?;
+        client
+            .execute(
+                "DELETE FROM relay_replicas WHERE seen_at < now() - make_interval(secs => $1::float8 * 10)",
+                &[&ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(db_error)?;
+        let rows = client
+            .query(
+                "SELECT owner, pin FROM relay_replicas WHERE seen_at >= now() - make_interval(secs => $1::float8)
+                 ORDER BY owner",
+                &[&ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Extends every lease `owner` holds by `ttl` and returns them: a lease missing here was
+    /// taken over (it had expired), and its side effects must stop.
+    pub async fn renew_leases(&self, owner: &str, ttl: Duration) -> Result<Vec<Lease>, QueueError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "UPDATE relay_leases SET expires_at = now() + make_interval(secs => $2::float8)
+                 WHERE owner = $1 AND expires_at > now() RETURNING connection, epoch",
+                &[&owner, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| Lease {
+                connection: r.get(0),
+                owner: owner.to_owned(),
+                epoch: r.get(1),
+            })
+            .collect())
+    }
+
+    /// Takes the lease of `connection` for `owner` when nobody holds it or its holder let it
+    /// expire (a new epoch), or renews it when `owner` holds it already; `None` when another
+    /// replica holds it.
+    pub async fn take_lease(&self, connection: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>, QueueError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "INSERT INTO relay_leases AS l (connection, owner, epoch, expires_at)
+                 VALUES ($1, $2, 1, now() + make_interval(secs => $3::float8))
+                 ON CONFLICT (connection) DO UPDATE SET
+                     owner = excluded.owner,
+                     epoch = CASE WHEN l.owner = excluded.owner AND l.expires_at > now() THEN l.epoch ELSE l.epoch + 1 END,
+                     expires_at = excluded.expires_at
+                 WHERE l.owner = excluded.owner OR l.expires_at <= now()
+                 RETURNING epoch",
+                &[&connection, &owner, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|r| Lease {
+            connection: connection.to_owned(),
+            owner: owner.to_owned(),
+            epoch: r.get(0),
+        }))
+    }
+
+    /// Takes over, under new epochs, the leases that an earlier process of the same replica
+    /// held (owners `{replica}/…`): a replica restarted after a crash delivers again at once
+    /// instead of waiting for its own leases to expire, and the old process, were it alive,
+    /// is fenced. Returns how many.
+    pub async fn adopt_leases(&self, replica: &str, owner: &str, ttl: Duration) -> Result<u64, QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE relay_leases SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3::float8)
+                 WHERE split_part(owner, '/', 1) = $1 AND owner <> $2 AND expires_at > now()",
+                &[&replica, &owner, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(db_error)
+    }
+
+    /// Gives `lease` up at once (another replica may take it at its next round).
+    pub async fn release_lease(&self, lease: &Lease) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE relay_leases SET expires_at = now() WHERE connection = $1 AND owner = $2 AND epoch = $3",
+                &[&lease.connection, &lease.owner, &lease.epoch],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Every lease: connection, owner, epoch, and whether it is in force.
+    pub async fn leases(&self) -> Result<Vec<(Lease, bool)>, QueueError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT connection, owner, epoch, expires_at > now() FROM relay_leases ORDER BY connection",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    Lease {
+                        connection: r.get(0),
+                        owner: r.get(1),
+                        epoch: r.get(2),
+                    },
+                    r.get(3),
+                )
+            })
+            .collect())
+    }
+
     /// Notifications this replica's listener received so far.
     pub fn notifications_received(&self) -> u64 {
         self.shared.notifier.received.load(std::sync::atomic::Ordering::Relaxed)
@@ -530,10 +689,18 @@ async fn listen(
                             Some(Ok(AsyncMessage::Notification(n))) => match shared.upgrade() {
                                 Some(s) => {
                                     s.notifier.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    if n.channel() == KICK_CHANNEL {
-                                        s.notifier.kick(n.payload());
+                                    match n.channel() {
+                                        KICK_CHANNEL => {
+                                            s.notifier.kick(n.payload());
+                                            s.notifier.wake(n.payload());
+                                        }
+                                        RECORD_CHANNEL => {
+                                            if let Some((table, key)) = n.payload().split_once('/') {
+                                                let _ = s.notifier.records.send((table.to_owned(), key.to_owned()));
+                                            }
+                                        }
+                                        _ => s.notifier.wake(n.payload()),
                                     }
-                                    s.notifier.wake(n.payload());
                                 }
                                 None => return,
                             },
@@ -614,6 +781,18 @@ pub struct PgQueue {
     store: PgStore,
     name: Arc<str>,
     limits: Limits,
+    /// The lease its writes are made under, when they are a leased side effect.
+    fence: Option<Arc<Lease>>,
+}
+
+impl PgQueue {
+    /// This queue, its writes refused once `lease` is no longer in force.
+    pub fn fenced(&self, lease: &Lease) -> PgQueue {
+        PgQueue {
+            fence: Some(Arc::new(lease.clone())),
+            ..self.clone()
+        }
+    }
 }
 
 impl std::fmt::Debug for PgQueue {
@@ -684,6 +863,22 @@ impl PgQueue {
             )
             .await
             .map_err(db_error)?;
+        if let Some(lease) = &self.fence {
+            let held = tx
+                .query_opt(
+                    "SELECT 1 FROM relay_leases WHERE connection = $1 AND owner = $2 AND epoch = $3
+                     AND expires_at > now() FOR SHARE",
+                    &[&lease.connection, &lease.owner, &lease.epoch],
+                )
+                .await
+                .map_err(db_error)?;
+            if held.is_none() {
+                return Err(QueueError::Fenced {
+                    connection: lease.connection.clone(),
+                    epoch: lease.epoch,
+                });
+            }
+        }
         let out = work(&tx, row_of(&row)).await?;
         tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &&*self.name])
             .await
@@ -1228,9 +1423,12 @@ impl NodeTable for PgTable {
         let client = self.store.client().await?;
         client
             .execute(
-                "INSERT INTO relay_records (tbl, key, value) VALUES ($1, $2, $3)
-                 ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value",
-                &[&&*self.name, &key, &value],
+                "WITH put AS (
+                     INSERT INTO relay_records (tbl, key, value) VALUES ($1, $2, $3)
+                     ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value
+                 )
+                 SELECT pg_notify($4, $1 || '/' || $2)",
+                &[&&*self.name, &key, &value, &RECORD_CHANNEL],
             )
             .await
             .map_err(db_error)?;
@@ -1244,25 +1442,36 @@ impl NodeTable for PgTable {
         new: Option<Vec<u8>>,
     ) -> Result<bool, QueueError> {
         let client = self.store.client().await?;
+        // Each statement notifies only when it changed the record.
         let changed = match (expected, new) {
             (None, Some(new)) => client
                 .execute(
-                    "INSERT INTO relay_records (tbl, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&&*self.name, &key, &new],
+                    "WITH put AS (
+                         INSERT INTO relay_records (tbl, key, value) VALUES ($1, $2, $3)
+                         ON CONFLICT DO NOTHING RETURNING 1
+                     )
+                     SELECT pg_notify($4, $1 || '/' || $2) FROM put",
+                    &[&&*self.name, &key, &new, &RECORD_CHANNEL],
                 )
                 .await
                 .map_err(db_error)?,
             (Some(old), Some(new)) => client
                 .execute(
-                    "UPDATE relay_records SET value = $4 WHERE tbl = $1 AND key = $2 AND value = $3",
-                    &[&&*self.name, &key, &old, &new],
+                    "WITH put AS (
+                         UPDATE relay_records SET value = $4 WHERE tbl = $1 AND key = $2 AND value = $3 RETURNING 1
+                     )
+                     SELECT pg_notify($5, $1 || '/' || $2) FROM put",
+                    &[&&*self.name, &key, &old, &new, &RECORD_CHANNEL],
                 )
                 .await
                 .map_err(db_error)?,
             (Some(old), None) => client
                 .execute(
-                    "DELETE FROM relay_records WHERE tbl = $1 AND key = $2 AND value = $3",
-                    &[&&*self.name, &key, &old],
+                    "WITH gone AS (
+                         DELETE FROM relay_records WHERE tbl = $1 AND key = $2 AND value = $3 RETURNING 1
+                     )
+                     SELECT pg_notify($4, $1 || '/' || $2) FROM gone",
+                    &[&&*self.name, &key, &old, &RECORD_CHANNEL],
                 )
                 .await
                 .map_err(db_error)?,
@@ -1322,6 +1531,7 @@ impl NodeStore for PgStore {
             store: self.clone(),
             name: name.into(),
             limits,
+            fence: None,
         })
     }
 
