@@ -652,3 +652,88 @@ async fn postgres_restart_loses_nothing_acknowledged() {
     assert_eq!(held.len(), 400);
     eprintln!("the writer saw {errors} refusals while the database restarted");
 }
+
+/// Leases: one holder at a time; renewing keeps the epoch; after expiry another replica takes
+/// it under a new epoch, and the former holder's fenced writes are refused while the new
+/// holder's go through; a restarted replica takes back its own leases at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_leases_fence_a_former_holder() {
+    let Some(pg) = pg("postgres_leases_fence_a_former_holder").await else {
+        return;
+    };
+    let ttl = Duration::from_secs(1);
+    let a = pg.store.take_lease("c1", "ra/1", ttl).await.unwrap().expect("free");
+    assert_eq!(a.epoch, 1);
+    assert_eq!(pg.store.take_lease("c1", "rb/1", ttl).await.unwrap(), None, "held by ra");
+    let renewed = pg.store.renew_leases("ra/1", ttl).await.unwrap();
+    assert_eq!(renewed, vec![a.clone()]);
+    let q = pg.store.queue("node/c1/from-agent", ROOMY).await.unwrap();
+    q.append(new_message("m1", "x"), None).await.unwrap();
+    q.append(new_message("m2", "x"), None).await.unwrap();
+    let as_a = relay::store::AnyQueue::Postgres(q.clone()).fenced(&a);
+    assert!(as_a.remove(1).await.unwrap(), "the holder's write goes through");
+    // ra stalls past the lease; rb takes it over.
+    common::wait_for("the lease to expire and pass to rb", || async {
+        pg.store.take_lease("c1", "rb/1", ttl).await.unwrap()
+    })
+    .await;
+    let (b, in_force) = pg.store.leases().await.unwrap().remove(0);
+    assert!(in_force);
+    assert_eq!((b.owner.as_str(), b.epoch), ("rb/1", 2));
+    match as_a.remove(2).await {
+        Err(QueueError::Fenced { epoch: 1, .. }) => {}
+        other => panic!("the former holder's late write must be refused: {other:?}"),
+    }
+    assert_eq!(q.stats().await.unwrap().depth, 1, "nothing changed");
+    assert!(pg.store.renew_leases("ra/1", ttl).await.unwrap().is_empty(), "ra learns it lost it");
+    let as_b = relay::store::AnyQueue::Postgres(q.clone()).fenced(&b);
+    assert!(as_b.remove(2).await.unwrap());
+    // rb restarts as another process of the same replica: it takes its lease back at once,
+    // under a new epoch that fences the old process.
+    let ttl = Duration::from_secs(30);
+    pg.store.renew_leases("rb/1", ttl).await.unwrap();
+    assert_eq!(pg.store.adopt_leases("rb", "rb/2", ttl).await.unwrap(), 1);
+    let (adopted, _) = pg.store.leases().await.unwrap().remove(0);
+    assert_eq!((adopted.owner.as_str(), adopted.epoch), ("rb/2", 3));
+    q.append(new_message("m3", "x"), None).await.unwrap();
+    assert!(matches!(as_b.remove(3).await, Err(QueueError::Fenced { .. })));
+    // Given up, it is free at once.
+    pg.store.release_lease(&adopted).await.unwrap();
+    let c = pg.store.take_lease("c1", "rc/1", ttl).await.unwrap().expect("released");
+    assert_eq!(c.epoch, 4);
+}
+
+/// Records written through one replica are announced to the other, table and key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_record_changes_reach_the_other_replica() {
+    let Some(pg) = pg("postgres_record_changes_reach_the_other_replica").await else {
+        return;
+    };
+    let other = pg.replica().await;
+    let mut changes = other.record_changes();
+    let t = pg.store.table("node-connections").await.unwrap();
+    // The listener may still be connecting: write until the change is seen.
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    let seen = loop {
+        t.put_raw("c1", b"{}".to_vec()).await.unwrap();
+        if let Ok(Ok(change)) = tokio::time::timeout(Duration::from_millis(200), changes.recv()).await {
+            break change;
+        }
+        assert!(std::time::Instant::now() < deadline, "no change announced");
+    };
+    assert_eq!(seen, ("node-connections".to_owned(), "c1".to_owned()));
+    while changes.try_recv().is_ok() {}
+    // A compare-and-swap that changes nothing announces nothing; one that does, does.
+    t.put_raw("c2", b"{}".to_vec()).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(common::DEADLINE, changes.recv()).await.unwrap().unwrap(),
+        ("node-connections".to_owned(), "c2".to_owned())
+    );
+    assert!(!t.compare_and_swap("c2", Some(b"stale".to_vec()), Some(b"x".to_vec())).await.unwrap());
+    assert!(t.compare_and_swap("c1", Some(b"{}".to_vec()), None).await.unwrap());
+    assert_eq!(
+        tokio::time::timeout(common::DEADLINE, changes.recv()).await.unwrap().unwrap(),
+        ("node-connections".to_owned(), "c1".to_owned()),
+        "the refused swap of c2 announced nothing"
+    );
+}
