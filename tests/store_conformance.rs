@@ -664,7 +664,11 @@ async fn postgres_leases_fence_a_former_holder() {
     let ttl = Duration::from_secs(1);
     let a = pg.store.take_lease("c1", "ra/1", ttl).await.unwrap().expect("free");
     assert_eq!(a.epoch, 1);
-    assert_eq!(pg.store.take_lease("c1", "rb/1", ttl).await.unwrap(), None, "held by ra");
+    assert_eq!(
+        pg.store.take_lease("c1", "rb/1", ttl).await.unwrap(),
+        None,
+        "held by ra"
+    );
     let renewed = pg.store.renew_leases("ra/1", ttl).await.unwrap();
     assert_eq!(renewed, vec![a.clone()]);
     let q = pg.store.queue("node/c1/from-agent", ROOMY).await.unwrap();
@@ -685,7 +689,10 @@ async fn postgres_leases_fence_a_former_holder() {
         other => panic!("the former holder's late write must be refused: {other:?}"),
     }
     assert_eq!(q.stats().await.unwrap().depth, 1, "nothing changed");
-    assert!(pg.store.renew_leases("ra/1", ttl).await.unwrap().is_empty(), "ra learns it lost it");
+    assert!(
+        pg.store.renew_leases("ra/1", ttl).await.unwrap().is_empty(),
+        "ra learns it lost it"
+    );
     let as_b = relay::store::AnyQueue::Postgres(q.clone()).fenced(&b);
     assert!(as_b.remove(2).await.unwrap());
     // rb restarts as another process of the same replica: it takes its lease back at once,
@@ -726,13 +733,22 @@ async fn postgres_record_changes_reach_the_other_replica() {
     // A compare-and-swap that changes nothing announces nothing; one that does, does.
     t.put_raw("c2", b"{}".to_vec()).await.unwrap();
     assert_eq!(
-        tokio::time::timeout(common::DEADLINE, changes.recv()).await.unwrap().unwrap(),
+        tokio::time::timeout(common::DEADLINE, changes.recv())
+            .await
+            .unwrap()
+            .unwrap(),
         ("node-connections".to_owned(), "c2".to_owned())
     );
-    assert!(!t.compare_and_swap("c2", Some(b"stale".to_vec()), Some(b"x".to_vec())).await.unwrap());
+    assert!(!t
+        .compare_and_swap("c2", Some(b"stale".to_vec()), Some(b"x".to_vec()))
+        .await
+        .unwrap());
     assert!(t.compare_and_swap("c1", Some(b"{}".to_vec()), None).await.unwrap());
     assert_eq!(
-        tokio::time::timeout(common::DEADLINE, changes.recv()).await.unwrap().unwrap(),
+        tokio::time::timeout(common::DEADLINE, changes.recv())
+            .await
+            .unwrap()
+            .unwrap(),
         ("node-connections".to_owned(), "c1".to_owned()),
         "the refused swap of c2 announced nothing"
     );

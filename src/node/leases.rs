@@ -70,7 +70,10 @@ pub async fn check_identity(pg: &PgStore, pin: &[u8; 32]) -> OpResult<()> {
                 String::from_utf8_lossy(&held)
             ),
         )),
-        None => Err(OpError::new(Kind::Failed, "the node identity record vanished; start again")),
+        None => Err(OpError::new(
+            Kind::Failed,
+            "the node identity record vanished; start again",
+        )),
     }
 }
 

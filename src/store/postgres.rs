@@ -661,7 +661,9 @@ async fn listen(
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
             let listen = async move {
                 let r = client
-                    .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {KICK_CHANNEL}; LISTEN {RECORD_CHANNEL}"))
+                    .batch_execute(&format!(
+                        "LISTEN {CHANNEL}; LISTEN {KICK_CHANNEL}; LISTEN {RECORD_CHANNEL}"
+                    ))
                     .await;
                 if r.is_ok() {
                     let _ = ready_tx.send(());
