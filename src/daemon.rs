@@ -137,7 +137,9 @@ pub fn recorded_role(data_dir: &Path) -> Option<Role> {
     }
 }
 
-fn node_identity(settings: &Settings) -> OpResult<crate::tls::ServerIdentity> {
+/// The node's certificate and key: the configured files, or the self-signed pair in the data
+/// directory (made on first use).
+pub fn node_identity(settings: &Settings) -> OpResult<crate::tls::ServerIdentity> {
     let hosts: Vec<String> = settings
         .node
         .public_url

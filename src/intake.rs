@@ -127,8 +127,8 @@ impl Intake {
     }
 }
 
-/// Maps a queue error to an HTTP reply: full by count 429 (retry later), full by bytes or a
-/// failed disk 507.
+/// Maps a queue error to an HTTP reply: full by count 429 (retry later), a database that
+/// cannot be reached 503 (retry shortly), full by bytes or a failed disk 507.
 pub fn queue_error_response(e: &QueueError) -> Response<Body> {
     match e {
         QueueError::FullCount { .. } => http::with_retry_after(
@@ -138,6 +138,11 @@ pub fn queue_error_response(e: &QueueError) -> Response<Body> {
         QueueError::FullBytes { .. } => http::with_retry_after(
             http::error(StatusCode::INSUFFICIENT_STORAGE, codes::QUEUE_FULL_BYTES, e.to_string()),
             30,
+        ),
+        // The database is down or restarting: nothing was stored, and a retry may succeed.
+        QueueError::Unavailable(_) => http::with_retry_after(
+            http::error(StatusCode::SERVICE_UNAVAILABLE, codes::STORAGE, e.to_string()),
+            1,
         ),
         _ => http::error(StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE, e.to_string()),
     }

@@ -207,3 +207,126 @@ async fn a_node_on_postgres_keeps_its_connections_in_the_database() {
     assert_eq!(list[0].inbound.last_seq, 30);
     drop(agent);
 }
+
+/// A node on sled moved into PostgreSQL: `relay node migrate --from-sled DIR` takes its
+/// connections, credentials, queued messages (both ways), dead letters and idempotency keys;
+/// a node started on the database with the old key serves the same agent, which needs no new
+/// invitation, and delivers what waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_node_moves_into_postgres_and_its_agent_carries_on() {
+    let Some(cluster) = Cluster::start("a_sled_node_moves_into_postgres_and_its_agent_carries_on") else {
+        return;
+    };
+    let url = cluster.database("relay").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (sled_dir, pg_dir, agent_dir) = (
+        tmp.path().join("node"),
+        tmp.path().join("node-pg"),
+        tmp.path().join("agent"),
+    );
+    let public_app = relay::sink::Sink::start().await.unwrap();
+    let private_app = relay::sink::Sink::start().await.unwrap();
+    let (public_url, private_url) = (public_app.url.clone(), private_app.url.clone());
+    let (to_public, to_private) = (collect(public_app), collect(private_app));
+    let mut node = start_node(&sled_dir, None).await;
+    let code = initiate(&sled_dir, "c", &public_url, &[]).await;
+    let o = cli(&agent_dir, &["accept", &code, "--deliver-to", &private_url], &[], None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await;
+    let http = client();
+    let (status, _) = post(
+        &http,
+        &node.api(),
+        "c",
+        b"down-0".to_vec(),
+        &[("idempotency-key", "k0")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202);
+    wait_for("the first payload", || async {
+        (!bodies(&to_private).is_empty()).then_some(())
+    })
+    .await;
+    // The agent goes; payloads wait at the node, one of them with a key a client may retry.
+    agent.terminate().await;
+    for i in 1..=5 {
+        let key = format!("k{i}");
+        let (status, _) = post(
+            &http,
+            &node.api(),
+            "c",
+            format!("down-{i}").into_bytes(),
+            &[("idempotency-key", &key)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 202);
+    }
+    let (listen, api) = (node.info.listen.clone().unwrap(), node.info.api.clone().unwrap());
+    node.terminate().await;
+    let env_owned = node_env(&pg_dir, &url);
+    let env = borrowed(&env_owned);
+    let sled = sled_dir.display().to_string();
+    let o = cli(&pg_dir, &["node", "migrate", "--from-sled", &sled], &env, None).await;
+    assert!(o.status.success(), "{}", output(&o));
+    assert!(
+        stdout(&o).contains("moved 1 connection(s), 5 queued message(s), 0 dead letter(s)"),
+        "{}",
+        output(&o)
+    );
+    // Once moved, it is not moved again over it.
+    let o = cli(&pg_dir, &["node", "migrate", "--from-sled", &sled], &env, None).await;
+    assert!(
+        !o.status.success() && output(&o).contains("already holds 1 connection"),
+        "{}",
+        output(&o)
+    );
+    // A node on the database, with the old key and address.
+    let (cert, key) = (
+        sled_dir.join("tls").join("node.crt"),
+        sled_dir.join("tls").join("node.key"),
+    );
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let args = [
+        "node",
+        "run",
+        "--listen",
+        &listen,
+        "--api-listen",
+        &api,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    let node = Daemon::start(&pg_dir, &args, &env).await;
+    // A retry of a payload accepted before the move is recognised.
+    let (status, body) = post(
+        &http,
+        &node.api(),
+        "c",
+        b"down-3".to_vec(),
+        &[("idempotency-key", "k3")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(body["seq"], 4, "{body}");
+    let _agent = Daemon::start(&agent_dir, &["run", "--intake-listen", "127.0.0.1:0"], &[]).await;
+    wait_for("what waited at the node", || async {
+        (bodies(&to_private).len() >= 6).then_some(())
+    })
+    .await;
+    assert_eq!(
+        bodies(&to_private),
+        (0..=5).map(|i| format!("down-{i}")).collect::<Vec<_>>()
+    );
+    let (status, _) = post(&http, &_agent.api(), "c", b"up-0".to_vec(), &[]).await.unwrap();
+    assert_eq!(status, 202);
+    wait_for("a payload the other way", || async {
+        (!bodies(&to_public).is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(bodies(&to_public), vec!["up-0".to_owned()]);
+}

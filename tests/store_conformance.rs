@@ -563,6 +563,18 @@ async fn postgres_parked_readers_survive_the_listener_being_killed() {
         (pg.store.notifications_received() > 0).then_some(())
     })
     .await;
+    common::wait_for("both replicas' listeners", || async {
+        let n = pg
+            .cluster
+            .sql(
+                "relay",
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN relay_queue%' AND pid <> pg_backend_pid()",
+            )
+            .await[0]
+            .get::<_, i64>(0);
+        (n == 2).then_some(())
+    })
+    .await;
     let killed = pg
         .cluster
         .sql(
@@ -571,7 +583,7 @@ async fn postgres_parked_readers_survive_the_listener_being_killed() {
              WHERE query LIKE 'LISTEN relay_queue%' AND pid <> pg_backend_pid()",
         )
         .await;
-    assert!(killed[0].get::<_, i64>(0) >= 2, "both replicas' listeners were killed");
+    assert_eq!(killed[0].get::<_, i64>(0), 2, "both replicas' listeners were killed");
     let base = writer.stats().await.unwrap().last_seq;
     for i in 0..5u64 {
         let parked = {

@@ -99,7 +99,17 @@ pub enum NodeCommand {
     Revoke(NameArg),
     /// Create or upgrade the node's PostgreSQL schema ([store] kind = "postgres"), and say
     /// what was done; safe to run on every replica and every start.
-    Migrate,
+    Migrate(MigrateArgs),
+}
+
+/// `relay node migrate` options.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Then move the state of the (stopped) node whose sled data directory this is into the
+    /// database: connections, credentials, queues; its agents carry on without a new
+    /// invitation. The replicas must serve that node's key.
+    #[arg(long, value_name = "DIR")]
+    pub from_sled: Option<PathBuf>,
 }
 
 /// `relay dead-letters …` (works on a node's or an agent's data directory).
@@ -357,7 +367,7 @@ pub async fn run(cli: Cli, settings: Settings) -> OpResult<()> {
         Command::Node(NodeCommand::Deactivate(n)) => set_state(&settings, n.name, Action::Deactivate).await,
         Command::Node(NodeCommand::Activate(n)) => set_state(&settings, n.name, Action::Activate).await,
         Command::Node(NodeCommand::Revoke(n)) => set_state(&settings, n.name, Action::Revoke).await,
-        Command::Node(NodeCommand::Migrate) => migrate(&settings).await,
+        Command::Node(NodeCommand::Migrate(a)) => migrate(&settings, a.from_sled.as_deref()).await,
         Command::Accept(a) => accept(&settings, a).await,
         Command::Send(a) => send(&settings, a).await,
         Command::DeadLetters(c) => dead_letter_command(&settings, c).await,
@@ -427,8 +437,9 @@ fn require_data(settings: &Settings) -> OpResult<()> {
     Ok(())
 }
 
-/// `relay node migrate`: the schema of the node's PostgreSQL database, made or upgraded.
-async fn migrate(settings: &Settings) -> OpResult<()> {
+/// `relay node migrate`: the schema of the node's PostgreSQL database, made or upgraded, and
+/// with `--from-sled DIR` that node's state moved in.
+async fn migrate(settings: &Settings, from_sled: Option<&std::path::Path>) -> OpResult<()> {
     if settings.store.kind != crate::config::StoreKind::Postgres {
         return Err(OpError::new(
             Kind::Config,
@@ -442,6 +453,21 @@ async fn migrate(settings: &Settings) -> OpResult<()> {
         other => OpError::new(Kind::Failed, other.to_string()),
     })?;
     println!("{}: {done}", store.display_url());
+    let Some(dir) = from_sled else {
+        return Ok(());
+    };
+    // The key that node served, which its agents pin.
+    let mut source = settings.clone();
+    source.data_dir = dir.to_owned();
+    let pin = daemon::node_identity(&source)?.pin;
+    let moved = crate::node::moving::from_sled(dir, settings.queue.cache_bytes, &store, &pin).await?;
+    println!(
+        "{moved} from {}; every replica must serve that node's key (pin {}): node.tls_cert and node.tls_key, \
+         or the files in {}",
+        dir.display(),
+        crate::tls::format_pin(&pin),
+        dir.join("tls").display()
+    );
     Ok(())
 }
 

@@ -77,6 +77,23 @@ pub async fn check_identity(pg: &PgStore, pin: &[u8; 32]) -> OpResult<()> {
     }
 }
 
+/// [`check_identity`], waiting for a database that does not answer now (restarting) rather
+/// than stopping the replica; a refusal stops it.
+pub async fn check_identity_patiently(pg: &PgStore, pin: &[u8; 32], token: &CancellationToken) -> OpResult<()> {
+    loop {
+        match check_identity(pg, pin).await {
+            Err(e) if e.kind == Kind::Failed && !token.is_cancelled() => {
+                warn!(error = %e.message, "cannot check the node identity yet; trying again");
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A delivery this replica runs under a lease.
 struct Held {
     lease: Lease,

@@ -3,6 +3,7 @@
 //! ([`server`]), and delivers agents' payloads to the public application's webhook.
 
 pub mod leases;
+pub mod moving;
 pub mod registry;
 pub mod server;
 pub mod throttle;
@@ -355,7 +356,7 @@ impl Node {
             .api_policy(api_addr.ip())
             .map_err(|e| OpError::new(Kind::Config, e.to_string()))?;
         if let AnyStore::Postgres(pg) = &self.inner.store {
-            leases::check_identity(pg, &self.inner.pin).await?;
+            leases::check_identity_patiently(pg, &self.inner.pin, &token).await?;
         }
         let tracker = TaskTracker::new();
         let (trust, ca_file) = self.inner.settings.delivery.web_trust();
@@ -373,9 +374,24 @@ impl Node {
                 .map_err(|e| OpError::new(Kind::Failed, e.to_string()))?;
             *self.inner.public_url.lock().unwrap_or_else(|p| p.into_inner()) = Some(derived_url(addr));
         }
-        for rec in self.inner.registry.list().await? {
-            if rec.accepted() {
-                self.ensure_link(&rec).await?;
+        // A database that goes away now (restarting) does not stop a replica: agents are
+        // served as they come, and the lease rounds start deliveries once it answers.
+        let shared_database = matches!(self.inner.store, AnyStore::Postgres(_));
+        let records = match self.inner.registry.list().await {
+            Ok(records) => records,
+            Err(e) if shared_database => {
+                tracing::warn!(error = %e, "cannot read the connections yet; serving them as the database answers");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        for rec in records.iter().filter(|r| r.accepted()) {
+            match self.ensure_link(rec).await {
+                Ok(_) => {}
+                Err(e) if shared_database => {
+                    tracing::warn!(connection = %rec.name, error = %e, "cannot prepare the connection yet")
+                }
+                Err(e) => return Err(e),
             }
         }
         if let AnyStore::Postgres(pg) = &self.inner.store {

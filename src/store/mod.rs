@@ -18,7 +18,7 @@ pub mod sled;
 pub use self::sled::{Queue, SledQueue, SledTable, Store, SyncCounts, Table};
 
 /// Errors from the store and its queues; the intake maps them to HTTP statuses.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     /// The queue holds its maximum number of messages (dead letters included).
     #[error("queue {queue} is full: {count} messages queued, {dead_letters} of them dead letters (limit {limit}); retry later, and retry or drop dead letters")]
@@ -201,6 +201,27 @@ pub struct SequenceGap {
 /// than two batches.
 pub const RECENT_IDS: u64 = 2 * crate::protocol::MAX_BATCH_MESSAGES as u64;
 
+/// Everything one queue holds, to move it from one engine to another (`relay node migrate
+/// --from-sled`): its marks, messages, dead letters (with their payloads), idempotency keys
+/// and the ids of the peer's newest numbers.
+#[derive(Debug, Clone, Default)]
+pub struct QueueImage {
+    /// The high-water mark.
+    pub last_seq: u64,
+    /// What the peer acknowledged.
+    pub acked: u64,
+    /// What may have reached the peer.
+    pub sent: u64,
+    /// The messages, in order.
+    pub messages: Vec<Message>,
+    /// The dead letters, each with its payload.
+    pub dead_letters: Vec<(DeadLetter, Bytes)>,
+    /// Idempotency keys: key, number, message id, accept time (unix ms).
+    pub idempotency_keys: Vec<(String, u64, String, u64)>,
+    /// The ids taken from the peer under its newest numbers.
+    pub peer_ids: Vec<(u64, String)>,
+}
+
 /// One replica's hold on a connection's side effects (its webhook delivery), numbered: each
 /// takeover by another replica raises the epoch, and writes made under an older one are
 /// refused.
@@ -300,7 +321,7 @@ pub trait NodeQueue: Clone + Send + Sync + 'static {
     /// Moves `msg` to the dead letters, with why.
     fn dead_letter(&self, msg: &Message, reason: &str) -> impl Future<Output = Result<(), QueueError>> + Send;
 
-    /// Up to `limit` dead letters, oldest first.
+    /// The newest `limit` dead letters, oldest first.
     fn dead_letters(&self, limit: usize) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
 
     /// Puts dead letter `seq` back in its place (a queue the peer numbers); false when absent.

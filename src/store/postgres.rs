@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     cut_read, Appended, DeadLetter, Lease, Limits, Message, NewMessage, NodeQueue, NodeStore, NodeTable, QueueError,
-    QueueStats, RemoteAppended, SequenceGap, RECENT_IDS,
+    QueueImage, QueueStats, RemoteAppended, SequenceGap, RECENT_IDS,
 };
 
 /// The schema version this build reads and writes.
@@ -289,6 +289,8 @@ fn channel_of(map: &Mutex<HashMap<String, watch::Sender<u64>>>, queue: &str) -> 
 struct Shared {
     pool: Pool,
     notifier: Notifier,
+    /// Each queue's group commit of appends.
+    groups: Mutex<HashMap<String, Arc<Group>>>,
     shutdown: CancellationToken,
 }
 
@@ -348,11 +350,23 @@ impl PgStore {
         let shared = Arc::new(Shared {
             pool,
             notifier: Notifier::default(),
+            groups: Mutex::default(),
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(listen(Arc::downgrade(&shared), config, tls, shared.shutdown.clone()));
         tokio::spawn(fallback_poll(Arc::downgrade(&shared), shared.shutdown.clone()));
         Ok(PgStore { shared, display })
+    }
+
+    /// Queue `name`'s group commit.
+    fn group(&self, name: &str) -> Arc<Group> {
+        self.shared
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// The database's URL without its password.
@@ -620,6 +634,93 @@ impl PgStore {
             .collect())
     }
 
+    /// How many connection records the database holds (`relay node migrate --from-sled`
+    /// moves a node into a database that holds none).
+    pub async fn connection_count(&self) -> Result<u64, QueueError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM relay_records WHERE tbl = 'node-connections'", &[])
+            .await
+            .map_err(db_error)?
+            .get(0);
+        Ok(to_u64(n))
+    }
+
+    /// Stores `image` as queue `name`, replacing whatever it held, in one transaction.
+    pub async fn import_queue(&self, name: &str, image: &QueueImage) -> Result<(), QueueError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        for table in [
+            "relay_messages",
+            "relay_dead_letters",
+            "relay_idempotency_keys",
+            "relay_peer_ids",
+        ] {
+            tx.execute(&format!("DELETE FROM {table} WHERE queue = $1"), &[&name])
+                .await
+                .map_err(db_error)?;
+        }
+        let bytes: u64 = image.messages.iter().map(|m| m.body.len() as u64).sum();
+        let dead_bytes: u64 = image.dead_letters.iter().map(|(_, b)| b.len() as u64).sum();
+        tx.execute(
+            "INSERT INTO relay_queues (name, last_seq, acked, sent, depth, bytes, dead, dead_bytes)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (name) DO UPDATE SET last_seq = $2, acked = $3, sent = $4, depth = $5, bytes = $6,
+                 dead = $7, dead_bytes = $8",
+            &[
+                &name,
+                &to_i64(image.last_seq),
+                &to_i64(image.acked),
+                &to_i64(image.sent),
+                &to_i64(image.messages.len() as u64),
+                &to_i64(bytes),
+                &to_i64(image.dead_letters.len() as u64),
+                &to_i64(dead_bytes),
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+        for chunk in image.messages.chunks(1000) {
+            let rows: Vec<_> = chunk.iter().map(message_row).collect();
+            insert_messages(&tx, name, &rows).await?;
+        }
+        for (d, body) in &image.dead_letters {
+            tx.execute(
+                "INSERT INTO relay_dead_letters (queue, seq, id, content_type, enqueued_at_ms, dead_at_ms, reason, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &name,
+                    &to_i64(d.seq),
+                    &d.id,
+                    &d.content_type,
+                    &to_i64(d.enqueued_at_ms),
+                    &to_i64(d.dead_at_ms),
+                    &d.reason,
+                    &&body[..],
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        for (key, seq, id, at) in &image.idempotency_keys {
+            tx.execute(
+                "INSERT INTO relay_idempotency_keys (queue, key, seq, id, accepted_at_ms) VALUES ($1, $2, $3, $4, $5)",
+                &[&name, key, &to_i64(*seq), id, &to_i64(*at)],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        for (seq, id) in &image.peer_ids {
+            tx.execute(
+                "INSERT INTO relay_peer_ids (queue, seq, id) VALUES ($1, $2, $3)",
+                &[&name, &to_i64(*seq), id],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
     /// Notifications this replica's listener received so far.
     pub fn notifications_received(&self) -> u64 {
         self.shared.notifier.received.load(std::sync::atomic::Ordering::Relaxed)
@@ -841,6 +942,41 @@ fn message_of(row: &tokio_postgres::Row) -> Message {
 
 const MESSAGE_COLUMNS: &str = "seq, id, content_type, enqueued_at_ms, body";
 
+/// Inserts `msgs` (number, id, content type, accept time, payload) into queue `queue`, in
+/// one statement.
+async fn insert_messages(
+    client: &impl deadpool_postgres::GenericClient,
+    queue: &str,
+    msgs: &[(u64, &str, &str, u64, &[u8])],
+) -> Result<(), QueueError> {
+    let seqs: Vec<i64> = msgs.iter().map(|m| to_i64(m.0)).collect();
+    let ids: Vec<&str> = msgs.iter().map(|m| m.1).collect();
+    let types: Vec<&str> = msgs.iter().map(|m| m.2).collect();
+    let times: Vec<i64> = msgs.iter().map(|m| to_i64(m.3)).collect();
+    let bodies: Vec<&[u8]> = msgs.iter().map(|m| m.4).collect();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO relay_messages (queue, {MESSAGE_COLUMNS})
+                 SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])"
+            ),
+            &[&queue, &seqs, &ids, &types, &times, &bodies],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+fn message_row(m: &Message) -> (u64, &str, &str, u64, &[u8]) {
+    (
+        m.seq,
+        m.id.as_str(),
+        m.content_type.as_str(),
+        m.enqueued_at_ms,
+        &m.body[..],
+    )
+}
+
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
 impl PgQueue {
@@ -929,58 +1065,39 @@ impl NodeQueue for PgQueue {
     }
 
     async fn append(&self, msg: NewMessage, idempotency_key: Option<&str>) -> Result<Appended, QueueError> {
-        let key = idempotency_key.map(str::to_owned);
-        let name = self.name.clone();
+        // Group commit: appends waiting at the same moment share one transaction. Each waiter
+        // puts its message in the queue's list; whoever gets the commit lock takes the whole
+        // list (its own message, or a later leader did already and answered it).
+        let group = self.store.group(&self.name);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        lock_list(&group.pending).push(Pending {
+            msg,
+            key: idempotency_key.map(str::to_owned),
+            answer: tx,
+        });
+        let leader = group.commit.clone().lock_owned().await;
+        if let Ok(answer) = rx.try_recv() {
+            return answer;
+        }
+        let batch = std::mem::take(&mut *lock_list(&group.pending));
+        // The commit runs on a task of its own: a caller that goes away (a client that hung
+        // up) does not cut short the commit of the others' messages.
         let this = self.clone();
-        self.write(move |tx, row| {
-            Box::pin(async move {
-                if let Some(k) = &key {
-                    let held = tx
-                        .query_opt(
-                            "SELECT seq, id FROM relay_idempotency_keys WHERE queue = $1 AND key = $2",
-                            &[&&*name, k],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    if let Some(held) = held {
-                        return Ok(Appended {
-                            seq: to_u64(held.get(0)),
-                            id: held.get(1),
-                            duplicate: true,
-                        });
-                    }
-                }
-                let size = msg.body.len() as u64;
-                this.check_room(&row, 1, size)?;
-                let seq = row.last_seq + 1;
-                tx.execute(
-                    "UPDATE relay_queues SET last_seq = $2, depth = depth + 1, bytes = bytes + $3 WHERE name = $1",
-                    &[&&*name, &to_i64(seq), &to_i64(size)],
-                )
-                .await
-                .map_err(db_error)?;
-                tx.execute(
-                    &format!("INSERT INTO relay_messages (queue, {MESSAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
-                    &[&&*name, &to_i64(seq), &msg.id, &msg.content_type, &to_i64(msg.enqueued_at_ms), &&msg.body[..]],
-                )
-                .await
-                .map_err(db_error)?;
-                if let Some(k) = &key {
-                    tx.execute(
-                        "INSERT INTO relay_idempotency_keys (queue, key, seq, id, accepted_at_ms) VALUES ($1, $2, $3, $4, $5)",
-                        &[&&*name, k, &to_i64(seq), &msg.id, &to_i64(crate::clock::now_ms())],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                }
-                Ok(Appended {
-                    seq,
-                    id: msg.id,
-                    duplicate: false,
-                })
-            })
-        })
-        .await
+        let commit = tokio::spawn(async move {
+            let _leader = leader;
+            let outcome = this.append_group(&batch).await;
+            // Our own entry is among them: it went in before we took the lock.
+            for (i, p) in batch.into_iter().enumerate() {
+                let answer = match &outcome {
+                    Ok(answers) => answers[i].clone(),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = p.answer.send(answer);
+            }
+        });
+        let _ = commit.await;
+        rx.try_recv()
+            .unwrap_or_else(|_| Err(QueueError::Storage("the append was lost from its group".into())))
     }
 
     async fn append_remote(&self, msgs: Vec<Message>) -> Result<RemoteAppended, QueueError> {
@@ -1048,20 +1165,10 @@ impl NodeQueue for PgQueue {
                 let Some(last) = new.last() else {
                     return Ok(out);
                 };
+                let rows: Vec<_> = new.iter().map(message_row).collect();
+                insert_messages(tx, &name, &rows).await?;
                 let seqs: Vec<i64> = new.iter().map(|m| to_i64(m.seq)).collect();
                 let ids: Vec<&str> = new.iter().map(|m| m.id.as_str()).collect();
-                let types: Vec<&str> = new.iter().map(|m| m.content_type.as_str()).collect();
-                let times: Vec<i64> = new.iter().map(|m| to_i64(m.enqueued_at_ms)).collect();
-                let bodies: Vec<&[u8]> = new.iter().map(|m| &m.body[..]).collect();
-                tx.execute(
-                    &format!(
-                        "INSERT INTO relay_messages (queue, {MESSAGE_COLUMNS})
-                         SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])"
-                    ),
-                    &[&&*name, &seqs, &ids, &types, &times, &bodies],
-                )
-                .await
-                .map_err(db_error)?;
                 tx.execute(
                     "INSERT INTO relay_peer_ids (queue, seq, id) SELECT $1, * FROM unnest($2::bigint[], $3::text[])",
                     &[&&*name, &seqs, &ids],
@@ -1267,13 +1374,14 @@ impl NodeQueue for PgQueue {
         let rows = client
             .query(
                 "SELECT seq, id, content_type, octet_length(body), enqueued_at_ms, dead_at_ms, reason
-                 FROM relay_dead_letters WHERE queue = $1 ORDER BY seq LIMIT $2",
+                 FROM relay_dead_letters WHERE queue = $1 ORDER BY seq DESC LIMIT $2",
                 &[&&*self.name, &to_i64(limit as u64)],
             )
             .await
             .map_err(db_error)?;
         Ok(rows
             .iter()
+            .rev()
             .map(|r| DeadLetter {
                 seq: to_u64(r.get(0)),
                 id: r.get(1),
@@ -1356,7 +1464,124 @@ impl NodeQueue for PgQueue {
     }
 }
 
+/// An append waiting for its group's commit.
+struct Pending {
+    msg: NewMessage,
+    key: Option<String>,
+    answer: tokio::sync::oneshot::Sender<Result<Appended, QueueError>>,
+}
+
+/// One queue's group commit: the appends waiting, and the lock its leader holds.
+#[derive(Default)]
+struct Group {
+    pending: Mutex<Vec<Pending>>,
+    commit: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn lock_list(list: &Mutex<Vec<Pending>>) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+    list.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl PgQueue {
+    /// Appends `batch` in one transaction: numbers in order, a key seen before (in the
+    /// database or earlier in the batch) answered with its first result, a message that does
+    /// not fit refused alone. The outer `Err` fails the whole batch (nothing committed).
+    async fn append_group(&self, batch: &[Pending]) -> Result<Vec<Result<Appended, QueueError>>, QueueError> {
+        let name = self.name.clone();
+        let this = self.clone();
+        let keys: Vec<String> = batch.iter().filter_map(|p| p.key.clone()).collect();
+        let work: Vec<(NewMessage, Option<String>)> = batch.iter().map(|p| (p.msg.clone(), p.key.clone())).collect();
+        self.write(move |tx, row| {
+            Box::pin(async move {
+                let mut held: HashMap<String, (u64, String)> = HashMap::new();
+                if !keys.is_empty() {
+                    for r in tx
+                        .query(
+                            "SELECT key, seq, id FROM relay_idempotency_keys WHERE queue = $1 AND key = ANY($2)",
+                            &[&&*name, &keys],
+                        )
+                        .await
+                        .map_err(db_error)?
+                    {
+                        held.insert(r.get(0), (to_u64(r.get(1)), r.get(2)));
+                    }
+                }
+                let mut sums = row;
+                let mut answers = Vec::with_capacity(work.len());
+                let mut fresh: Vec<(u64, &NewMessage, Option<&String>)> = Vec::new();
+                for (msg, key) in &work {
+                    if let Some((seq, id)) = key.as_ref().and_then(|k| held.get(k)) {
+                        answers.push(Ok(Appended {
+                            seq: *seq,
+                            id: id.clone(),
+                            duplicate: true,
+                        }));
+                        continue;
+                    }
+                    let size = msg.body.len() as u64;
+                    if let Err(full) = this.check_room(&sums, 1, size) {
+                        answers.push(Err(full));
+                        continue;
+                    }
+                    sums.last_seq += 1;
+                    sums.depth += 1;
+                    sums.bytes += size;
+                    if let Some(k) = key {
+                        held.insert(k.clone(), (sums.last_seq, msg.id.clone()));
+                    }
+                    fresh.push((sums.last_seq, msg, key.as_ref()));
+                    answers.push(Ok(Appended {
+                        seq: sums.last_seq,
+                        id: msg.id.clone(),
+                        duplicate: false,
+                    }));
+                }
+                if fresh.is_empty() {
+                    return Ok(answers);
+                }
+                let rows: Vec<_> = fresh
+                    .iter()
+                    .map(|(seq, m, _)| {
+                        (
+                            *seq,
+                            m.id.as_str(),
+                            m.content_type.as_str(),
+                            m.enqueued_at_ms,
+                            &m.body[..],
+                        )
+                    })
+                    .collect();
+                insert_messages(tx, &name, &rows).await?;
+                let keyed: Vec<&(u64, &NewMessage, Option<&String>)> = fresh.iter().filter(|f| f.2.is_some()).collect();
+                if !keyed.is_empty() {
+                    let k: Vec<&str> = keyed.iter().filter_map(|f| f.2.map(String::as_str)).collect();
+                    let s: Vec<i64> = keyed.iter().map(|f| to_i64(f.0)).collect();
+                    let i: Vec<&str> = keyed.iter().map(|f| f.1.id.as_str()).collect();
+                    tx.execute(
+                        "INSERT INTO relay_idempotency_keys (queue, key, seq, id, accepted_at_ms)
+                         SELECT $1, k, s, i, $5 FROM unnest($2::text[], $3::bigint[], $4::text[]) AS u(k, s, i)",
+                        &[&&*name, &k, &s, &i, &to_i64(crate::clock::now_ms())],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                tx.execute(
+                    "UPDATE relay_queues SET last_seq = $2, depth = $3, bytes = $4 WHERE name = $1",
+                    &[
+                        &&*name,
+                        &to_i64(sums.last_seq),
+                        &to_i64(sums.depth),
+                        &to_i64(sums.bytes),
+                    ],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(answers)
+            })
+        })
+        .await
+    }
+
     /// Moves dead letter `seq` back among the messages: at its own number, or under a new one
     /// (`renumber`). `None` when there is no such dead letter.
     async fn revive(&self, seq: u64, renumber: bool) -> Result<Option<u64>, QueueError> {

@@ -305,22 +305,29 @@ struct Pair {
 impl Pair {
     /// A node and an agent of the relay binary `bin`.
     async fn start(sink: &Sink, bin: &str) -> Pair {
+        Pair::start_with(sink, bin, &[]).await
+    }
+
+    /// A node with `node_env` besides the daemons' settings, and an agent, of `bin`.
+    async fn start_with(sink: &Sink, bin: &str, node_env: &[(String, String)]) -> Pair {
         let dir = tempfile::tempdir_in(bench_root()).unwrap();
         let (node_dir, agent_dir) = (dir.path().join("node"), dir.path().join("agent"));
         let owned = daemon_env(&[]);
         let env = borrowed(&owned);
-        let spawn = |data_dir: PathBuf, args: &[&str]| {
-            let cmd = common::command_of(bin, &data_dir, args, &env);
+        let spawn = |data_dir: PathBuf, args: &[&str], extra: &[(String, String)]| {
+            let mut all = env.clone();
+            all.extend(borrowed(extra));
+            let cmd = common::command_of(bin, &data_dir, args, &all);
             async move { Daemon::start_command(cmd, &data_dir, common::log_path(&data_dir)).await }
         };
         let node_args = ["node", "run", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"];
-        let node = spawn(node_dir.clone(), &node_args).await;
+        let node = spawn(node_dir.clone(), &node_args, node_env).await;
         let code = initiate(&node_dir, CONN).await;
         let hook = format!("{}/{}", sink.url, dir.path().file_name().unwrap().to_string_lossy());
         let accept = ["accept", "-", "--deliver-to", &hook, "--project", "Bench"];
         let out = common::cli_of(bin, &agent_dir, &accept, &env, Some(&code)).await;
         assert!(out.status.success(), "accept: {}", common::stderr(&out));
-        let agent = spawn(agent_dir.clone(), &["run", "--intake-listen", "127.0.0.1:0"]).await;
+        let agent = spawn(agent_dir.clone(), &["run", "--intake-listen", "127.0.0.1:0"], &[]).await;
         let intake = format!("{}/v1/connections/{CONN}/messages", node.api());
         let idle_rss = rss_mib(agent.child.id()).0;
         let pair = Pair {
@@ -913,6 +920,210 @@ async fn depth() {
     println!();
 }
 
+/// CPU time of every PostgreSQL server process (the benchmark's throwaway cluster is the only
+/// one running).
+fn postgres_cpu() -> Duration {
+    let mut total = Duration::ZERO;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres" {
+            total += cpu(pid);
+        }
+    }
+    total
+}
+
+/// The floor of a queue in PostgreSQL: `n` payloads of `size` bytes stored in batches of
+/// [`BATCH`] rows by 32 concurrent writers, each batch one committed `INSERT`, then read back
+/// with a `SELECT` and removed with a committed `DELETE` — what any durable queue on the
+/// database does at least, with nothing of relay around it. Payloads per second.
+async fn postgres_floor(url: &str, n: usize, size: usize) -> f64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS floor (w int, seq bigint, body bytea, PRIMARY KEY (w, seq))")
+        .await
+        .unwrap();
+    let writers = 32;
+    let per = n / writers;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers as i32 {
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut done = 0;
+            while done < per {
+                let k = BATCH.min(per - done).min(32);
+                let seqs: Vec<i64> = (done..done + k).map(|s| s as i64).collect();
+                let bodies: Vec<Vec<u8>> = (0..k).map(|i| payload(done + i, size)).collect();
+                client
+                    .execute(
+                        "INSERT INTO floor (w, seq, body) SELECT $1, * FROM unnest($2::bigint[], $3::bytea[])",
+                        &[&w, &seqs, &bodies],
+                    )
+                    .await
+                    .unwrap();
+                let rows = client
+                    .query(
+                        "SELECT seq, body FROM floor WHERE w = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                        &[&w, &(done as i64 - 1), &(k as i64)],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(rows.len(), k);
+                client
+                    .execute(
+                        "DELETE FROM floor WHERE w = $1 AND seq <= $2",
+                        &[&w, &((done + k) as i64)],
+                    )
+                    .await
+                    .unwrap();
+                done += k;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (per * writers) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The node on PostgreSQL beside the node on sled, in the same rounds: in order at 32
+/// submitters, one submitter, intake alone; the database's floor; and intake through two
+/// replicas against one, with PostgreSQL's share of the CPU.
+async fn postgres(sink: &Sink) {
+    let Some(cluster) = common::postgres::Cluster::start("postgres phase") else {
+        return;
+    };
+    let (n, rounds, size) = (env_or("BENCH_MESSAGES", 20_000), env_or("BENCH_ROUNDS", 3), 1024);
+    let url = cluster.database("relay").await;
+    let node_env = vec![
+        ("RELAY_STORE__KIND".to_owned(), "postgres".to_owned()),
+        ("RELAY_STORE__URL".to_owned(), url.clone()),
+    ];
+    let scratch = tempfile::tempdir_in(bench_root()).unwrap();
+    let out = common::cli(scratch.path(), &["node", "migrate"], &borrowed(&node_env), None).await;
+    assert!(out.status.success(), "migrate: {}", common::stderr(&out));
+    println!("postgres: {rounds} rounds of {n} payloads of {size} bytes, the node on sled and on PostgreSQL (on this machine, fsync on) interleaved");
+    let sled = Pair::start(sink, common::bin()).await;
+    let pg = Pair::start_with(sink, common::bin(), &node_env).await;
+    let floor_db = cluster.database("floor").await;
+    let c = client();
+    let (mut rows, mut floors): (Vec<[f64; 6]>, Vec<f64>) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let mut x = [0.0; 6];
+        for (i, pair) in [&sled, &pg].into_iter().enumerate() {
+            let before = sink.delivered();
+            let t = Instant::now();
+            let submit = {
+                let (c, url) = (c.clone(), pair.intake.clone());
+                tokio::spawn(async move { post_concurrently(&c, &url, 0, n, size, 32).await })
+            };
+            sink.wait_for(before + n as u64, "end to end").await;
+            x[i] = n as f64 / t.elapsed().as_secs_f64();
+            submit.await.unwrap();
+            let one_n = (n / 10).max(1);
+            let before = sink.delivered();
+            let t = Instant::now();
+            for k in 0..one_n {
+                post(&c, &pair.intake, payload(k, size)).await;
+            }
+            sink.wait_for(before + one_n as u64, "one submitter").await;
+            x[2 + i] = one_n as f64 / t.elapsed().as_secs_f64();
+            pair.set_state(Action::Deactivate).await;
+            x[4 + i] = n as f64 / post_concurrently(&c, &pair.intake, 0, n, size, 32).await.as_secs_f64();
+            let before = sink.delivered();
+            pair.set_state(Action::Activate).await;
+            sink.wait_for(before + n as u64, "the backlog").await;
+        }
+        let floor = postgres_floor(&floor_db, n, size).await;
+        println!(
+            "  round {}: in order, 32 submitters {:.0}/s on sled vs {:.0}/s on PostgreSQL; one submitter {:.0}/s vs {:.0}/s; intake {:.0}/s vs {:.0}/s; the database's floor {floor:.0}/s",
+            r + 1,
+            x[0],
+            x[1],
+            x[2],
+            x[3],
+            x[4],
+            x[5]
+        );
+        rows.push(x);
+        floors.push(floor);
+    }
+    let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+    let floor = median(floors);
+    println!();
+    println!("  figure (medians)                                       postgres    baseline  ratio");
+    row("in order, 32 submitters vs the node on sled", col(1), col(0), Some(1.0));
+    row(
+        "in order, 32 submitters vs the database's floor",
+        col(1),
+        floor,
+        Some(0.8),
+    );
+    row("one submitter vs the node on sled", col(3), col(2), None);
+    row("intake, 32 submitters vs the node on sled", col(5), col(4), None);
+
+    // Two replicas against one: intake alone on one connection per replica's share of the
+    // submitters, a second replica serving the same key.
+    let key_dir = pg.node.data_dir.join("tls");
+    let dir = tempfile::tempdir_in(bench_root()).unwrap();
+    let (cert, key) = (
+        key_dir.join("node.crt").display().to_string(),
+        key_dir.join("node.key").display().to_string(),
+    );
+    let args = [
+        "node",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    let mut env = daemon_env(&[]);
+    env.extend(node_env.iter().cloned());
+    let second = Daemon::start(dir.path(), &args, &borrowed(&env)).await;
+    let other_intake = format!("{}/v1/connections/{CONN}/messages", second.api());
+    pg.set_state(Action::Deactivate).await;
+    let (mut one, mut two, mut share) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        one.push(n as f64 / post_concurrently(&c, &pg.intake, 0, n, size, 32).await.as_secs_f64());
+        let (cpu0, t) = (postgres_cpu(), Instant::now());
+        let half = |url: String| {
+            let c = c.clone();
+            tokio::spawn(async move { post_concurrently(&c, &url, 0, n / 2, size, 16).await })
+        };
+        let (a, b) = (half(pg.intake.clone()), half(other_intake.clone()));
+        a.await.unwrap();
+        b.await.unwrap();
+        let wall = t.elapsed();
+        two.push((n / 2 * 2) as f64 / wall.as_secs_f64());
+        share.push((postgres_cpu() - cpu0).as_secs_f64() / wall.as_secs_f64() / 2.0);
+    }
+    row(
+        "intake, two replicas vs one (one connection)",
+        median(two.clone()),
+        median(one.clone()),
+        None,
+    );
+    println!(
+        "     PostgreSQL's share of the machine's 2 cores during the two-replica intake: {:.0} %",
+        median(share) * 100.0
+    );
+    pg.set_state(Action::Activate).await;
+    drop(second);
+    println!();
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "throughput,memory".into());
@@ -933,6 +1144,9 @@ async fn main() {
     }
     if wants("parked") {
         parked().await;
+    }
+    if wants("postgres") {
+        postgres(&sink).await;
     }
     if wants("depth") {
         depth().await;

@@ -51,7 +51,8 @@ pub use durable::SyncCounts;
 use records::Records;
 
 use super::{
-    Appended, DeadLetter, Limits, Message, NewMessage, QueueError, QueueStats, RemoteAppended, SequenceGap, RECENT_IDS,
+    Appended, DeadLetter, Limits, Message, NewMessage, QueueError, QueueImage, QueueStats, RemoteAppended, SequenceGap,
+    RECENT_IDS,
 };
 
 impl From<sled::Error> for QueueError {
@@ -821,6 +822,19 @@ impl Store {
         self.inner
             .clean_close
             .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The names of the record tables this store holds.
+    pub fn table_names(&self) -> Vec<String> {
+        self.inner
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix(b"table/")
+                    .map(|t| String::from_utf8_lossy(t).into_owned())
+            })
+            .collect()
     }
 
     /// A table of JSON records called `name`.
@@ -1783,6 +1797,52 @@ impl Queue {
     /// [`Queue::wait_durable_after`].
     pub fn kicks(&self) -> watch::Receiver<u64> {
         self.shared.kicks.subscribe()
+    }
+
+    /// Everything this queue holds, for moving it to another engine; reads it all (a store
+    /// no daemon serves).
+    pub fn image(&self) -> Result<QueueImage, QueueError> {
+        let corrupt = || QueueError::Corrupt(self.shared.name.clone());
+        let (last_seq, acked, sent) = {
+            let st = lock(&self.shared.state);
+            (st.counters.last_seq, st.counters.acked, st.sent)
+        };
+        let mut image = QueueImage {
+            last_seq,
+            acked,
+            sent,
+            messages: self.read_through(0, last_seq, usize::MAX, usize::MAX)?,
+            ..QueueImage::default()
+        };
+        for item in self.shared.tree.scan_prefix([DEAD_PREFIX]) {
+            let (_, v) = item.map_err(|e| self.storage(e))?;
+            let len = v.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+            let meta: DeadLetter = len
+                .and_then(|l| v.get(4..4 + l as usize))
+                .and_then(|m| serde_json::from_slice(m).ok())
+                .ok_or_else(corrupt)?;
+            let stored = dead_letter_message(&v).ok_or_else(corrupt)?;
+            let body = decode_message(meta.seq, stored).ok_or_else(corrupt)?.body;
+            image.dead_letters.push((meta, body));
+        }
+        for item in self.shared.tree.scan_prefix([IDEM_PREFIX]) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let key = String::from_utf8_lossy(&k[1..]).into_owned();
+            let seq = seq_of(&v).ok_or_else(corrupt)?;
+            let at = v
+                .get(9..17)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(corrupt)?;
+            let id = String::from_utf8_lossy(v.get(17..).unwrap_or_default()).into_owned();
+            image.idempotency_keys.push((key, seq, id, at));
+        }
+        for seq in last_seq.saturating_sub(RECENT_IDS) + 1..=last_seq {
+            if let Some(id) = self.recent_id(seq)? {
+                image.peer_ids.push((seq, id));
+            }
+        }
+        Ok(image)
     }
 
     /// Puts dead letter `seq` back into the queue at its own sequence number, ahead of
