@@ -994,36 +994,52 @@ impl PgQueue {
     {
         let mut client = self.store.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
-        let row = tx
-            .query_one(
-                &format!("SELECT {ROW_COLUMNS} FROM relay_queues WHERE name = $1 FOR UPDATE"),
-                &[&&*self.name],
+        // The row lock, the notification (sent only if the transaction commits) and the
+        // lease check in one round trip: the statements go out together.
+        let lock = async {
+            tx.query_one(
+                &format!("SELECT {ROW_COLUMNS}, pg_notify($2, $1) FROM relay_queues WHERE name = $1 FOR UPDATE"),
+                &[&&*self.name, &CHANNEL],
             )
             .await
-            .map_err(db_error)?;
-        if let Some(lease) = &self.fence {
-            let held = tx
-                .query_opt(
-                    "SELECT 1 FROM relay_leases WHERE connection = $1 AND owner = $2 AND epoch = $3
-                     AND expires_at > now() FOR SHARE",
-                    &[&lease.connection, &lease.owner, &lease.epoch],
-                )
-                .await
-                .map_err(db_error)?;
-            if held.is_none() {
-                return Err(QueueError::Fenced {
-                    connection: lease.connection.clone(),
-                    epoch: lease.epoch,
-                });
+        };
+        let fence = async {
+            match &self.fence {
+                Some(lease) => self.lease_in_force(&tx, lease).await,
+                None => Ok(()),
             }
-        }
+        };
+        let (row, fence) = tokio::join!(lock, fence);
+        let row = row.map_err(db_error)?;
+        fence?;
         let out = work(&tx, row_of(&row)).await?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &&*self.name])
-            .await
-            .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         self.store.shared.notifier.wake(&self.name);
         Ok(out)
+    }
+
+    /// `Err(Fenced)` unless `lease` is in force (held against a takeover until the end of
+    /// the transaction).
+    async fn lease_in_force(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        lease: &Lease,
+    ) -> Result<(), QueueError> {
+        let held = client
+            .query_opt(
+                "SELECT 1 FROM relay_leases WHERE connection = $1 AND owner = $2 AND epoch = $3
+                 AND expires_at > now() FOR SHARE",
+                &[&lease.connection, &lease.owner, &lease.epoch],
+            )
+            .await
+            .map_err(db_error)?;
+        match held {
+            Some(_) => Ok(()),
+            None => Err(QueueError::Fenced {
+                connection: lease.connection.clone(),
+                epoch: lease.epoch,
+            }),
+        }
     }
 
     async fn row(&self) -> Result<Row, QueueError> {
@@ -1229,56 +1245,58 @@ impl NodeQueue for PgQueue {
     }
 
     async fn remove(&self, seq: u64) -> Result<bool, QueueError> {
-        let name = self.name.clone();
-        self.write(move |tx, _| {
-            Box::pin(async move {
-                let gone = tx
-                    .query_opt(
-                        "DELETE FROM relay_messages WHERE queue = $1 AND seq = $2 RETURNING octet_length(body)",
-                        &[&&*name, &to_i64(seq)],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                let Some(gone) = gone else { return Ok(false) };
-                let bytes: i32 = gone.get(0);
-                tx.execute(
-                    "UPDATE relay_queues SET depth = depth - 1, bytes = bytes - $2 WHERE name = $1",
-                    &[&&*name, &i64::from(bytes)],
-                )
-                .await
-                .map_err(db_error)?;
-                Ok(true)
-            })
-        })
-        .await
+        // One statement, no row lock held across round trips: the counters move by what was
+        // deleted, whatever an append in flight sets after it. Under a lease, the delete
+        // happens only while the lease is in force.
+        let client = self.store.client().await?;
+        let (connection, owner, epoch) = match &self.fence {
+            Some(l) => (Some(l.connection.as_str()), Some(l.owner.as_str()), l.epoch),
+            None => (None, None, 0),
+        };
+        let row = client
+            .query_one(
+                "WITH gone AS (
+                     DELETE FROM relay_messages WHERE queue = $1 AND seq = $2
+                     AND ($3::text IS NULL OR EXISTS (
+                         SELECT 1 FROM relay_leases WHERE connection = $3 AND owner = $4 AND epoch = $5
+                         AND expires_at > now()))
+                     RETURNING octet_length(body) AS n
+                 ), counted AS (
+                     UPDATE relay_queues SET depth = depth - (SELECT count(*) FROM gone),
+                         bytes = bytes - (SELECT coalesce(sum(n), 0) FROM gone)
+                     WHERE name = $1 AND EXISTS (SELECT 1 FROM gone)
+                 )
+                 SELECT count(*) FROM gone",
+                &[&&*self.name, &to_i64(seq), &connection, &owner, &epoch],
+            )
+            .await
+            .map_err(db_error)?;
+        let removed = row.get::<_, i64>(0) > 0;
+        if !removed {
+            if let Some(lease) = &self.fence {
+                self.lease_in_force(&client, lease).await?;
+            }
+        }
+        Ok(removed)
     }
 
     async fn remove_through(&self, seq: u64) -> Result<u64, QueueError> {
-        let name = self.name.clone();
-        self.write(move |tx, row| {
-            Box::pin(async move {
-                if seq <= row.acked && row.depth == 0 {
-                    return Ok(0);
-                }
-                let gone = tx
-                    .query_one(
-                        "WITH gone AS (DELETE FROM relay_messages WHERE queue = $1 AND seq <= $2 RETURNING octet_length(body) AS n)
-                         SELECT count(*), coalesce(sum(n), 0)::bigint FROM gone",
-                        &[&&*name, &to_i64(seq)],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                let (count, bytes): (i64, i64) = (gone.get(0), gone.get(1));
-                tx.execute(
-                    "UPDATE relay_queues SET depth = depth - $2, bytes = bytes - $3, acked = greatest(acked, $4) WHERE name = $1",
-                    &[&&*name, &count, &bytes, &to_i64(seq)],
-                )
-                .await
-                .map_err(db_error)?;
-                Ok(to_u64(count))
-            })
-        })
-        .await
+        let client = self.store.client().await?;
+        let row = client
+            .query_one(
+                "WITH gone AS (
+                     DELETE FROM relay_messages WHERE queue = $1 AND seq <= $2 RETURNING octet_length(body) AS n
+                 ), counted AS (
+                     UPDATE relay_queues SET depth = depth - (SELECT count(*) FROM gone),
+                         bytes = bytes - (SELECT coalesce(sum(n), 0) FROM gone), acked = greatest(acked, $2)
+                     WHERE name = $1 AND (acked < $2 OR EXISTS (SELECT 1 FROM gone))
+                 )
+                 SELECT count(*) FROM gone",
+                &[&&*self.name, &to_i64(seq)],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(to_u64(row.get(0)))
     }
 
     async fn acked_through(&self) -> Result<u64, QueueError> {
@@ -1551,31 +1569,39 @@ impl PgQueue {
                         )
                     })
                     .collect();
-                insert_messages(tx, &name, &rows).await?;
                 let keyed: Vec<&(u64, &NewMessage, Option<&String>)> = fresh.iter().filter(|f| f.2.is_some()).collect();
-                if !keyed.is_empty() {
-                    let k: Vec<&str> = keyed.iter().filter_map(|f| f.2.map(String::as_str)).collect();
-                    let s: Vec<i64> = keyed.iter().map(|f| to_i64(f.0)).collect();
-                    let i: Vec<&str> = keyed.iter().map(|f| f.1.id.as_str()).collect();
+                let k: Vec<&str> = keyed.iter().filter_map(|f| f.2.map(String::as_str)).collect();
+                let s: Vec<i64> = keyed.iter().map(|f| to_i64(f.0)).collect();
+                let i: Vec<&str> = keyed.iter().map(|f| f.1.id.as_str()).collect();
+                let now = to_i64(crate::clock::now_ms());
+                let keys = async {
+                    if k.is_empty() {
+                        return Ok(0);
+                    }
                     tx.execute(
                         "INSERT INTO relay_idempotency_keys (queue, key, seq, id, accepted_at_ms)
                          SELECT $1, k, s, i, $5 FROM unnest($2::text[], $3::bigint[], $4::text[]) AS u(k, s, i)",
-                        &[&&*name, &k, &s, &i, &to_i64(crate::clock::now_ms())],
+                        &[&&*name, &k, &s, &i, &now],
                     )
                     .await
-                    .map_err(db_error)?;
-                }
-                tx.execute(
-                    "UPDATE relay_queues SET last_seq = $2, depth = $3, bytes = $4 WHERE name = $1",
-                    &[
-                        &&*name,
-                        &to_i64(sums.last_seq),
-                        &to_i64(sums.depth),
-                        &to_i64(sums.bytes),
-                    ],
-                )
-                .await
-                .map_err(db_error)?;
+                };
+                let counters = async {
+                    tx.execute(
+                        "UPDATE relay_queues SET last_seq = $2, depth = $3, bytes = $4 WHERE name = $1",
+                        &[
+                            &&*name,
+                            &to_i64(sums.last_seq),
+                            &to_i64(sums.depth),
+                            &to_i64(sums.bytes),
+                        ],
+                    )
+                    .await
+                };
+                // Independent statements, sent together.
+                let (inserted, keys, counters) = tokio::join!(insert_messages(tx, &name, &rows), keys, counters);
+                inserted?;
+                keys.map_err(db_error)?;
+                counters.map_err(db_error)?;
                 Ok(answers)
             })
         })
