@@ -23,6 +23,34 @@ fn node_env(dir: &std::path::Path, url: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// `relay node run` in `dir` on `listen` and `api`, serving the key that the node of
+/// `key_dir` made (as replicas, and a node moved to another store, must).
+async fn start_with_key_of(
+    dir: &std::path::Path,
+    key_dir: &std::path::Path,
+    (listen, api): (&str, &str),
+    env: &[(&str, &str)],
+) -> Daemon {
+    let tls = key_dir.join("tls");
+    let (cert, key) = (
+        tls.join("node.crt").display().to_string(),
+        tls.join("node.key").display().to_string(),
+    );
+    let args = [
+        "node",
+        "run",
+        "--listen",
+        listen,
+        "--api-listen",
+        api,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    Daemon::start(dir, &args, env).await
+}
+
 fn output(o: &std::process::Output) -> String {
     format!("{}{}", stdout(o), stderr(o))
 }
@@ -171,28 +199,11 @@ async fn a_node_on_postgres_keeps_its_connections_in_the_database() {
     }
     let other_dir = tmp.path().join("node-2");
     std::fs::create_dir_all(&other_dir).unwrap();
-    let (cert, key) = (
-        node_dir.join("tls").join("node.crt"),
-        node_dir.join("tls").join("node.key"),
-    );
     assert!(
-        cert.exists() && key.exists(),
+        node_dir.join("tls").join("node.key").exists(),
         "the node's generated identity is in its data directory"
     );
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let args = [
-        "node",
-        "run",
-        "--listen",
-        &listen,
-        "--api-listen",
-        &api,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ];
-    let _node = Daemon::start(&other_dir, &args, &env).await;
+    let _node = start_with_key_of(&other_dir, &node_dir, (&listen, &api), &env).await;
     wait_for("the payloads queued while the node was away", || async {
         (bodies(&to_public).len() >= 30).then_some(())
     })
@@ -283,24 +294,7 @@ async fn a_sled_node_moves_into_postgres_and_its_agent_carries_on() {
         output(&o)
     );
     // A node on the database, with the old key and address.
-    let (cert, key) = (
-        sled_dir.join("tls").join("node.crt"),
-        sled_dir.join("tls").join("node.key"),
-    );
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let args = [
-        "node",
-        "run",
-        "--listen",
-        &listen,
-        "--api-listen",
-        &api,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ];
-    let node = Daemon::start(&pg_dir, &args, &env).await;
+    let node = start_with_key_of(&pg_dir, &sled_dir, (&listen, &api), &env).await;
     // A retry of a payload accepted before the move is recognised.
     let (status, body) = post(
         &http,

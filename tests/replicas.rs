@@ -100,6 +100,26 @@ async fn start_replica(
     Daemon::start(dir, &args, env).await
 }
 
+/// Two replicas in `root` (`node-a` makes the key, `node-b` serves the same), public behind
+/// `balancer`, which sends to both.
+async fn start_two(root: &Path, balancer: &Balancer, env: &[(&str, &str)]) -> [(PathBuf, Daemon); 2] {
+    let dir_a = root.join("node-a");
+    let a = start_replica(&dir_a, "127.0.0.1:0", "127.0.0.1:0", &balancer.url(), env, None).await;
+    let (cert, key) = (dir_a.join("tls").join("node.crt"), dir_a.join("tls").join("node.key"));
+    let dir_b = root.join("node-b");
+    let b = start_replica(
+        &dir_b,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &balancer.url(),
+        env,
+        Some((&cert, &key)),
+    )
+    .await;
+    *balancer.backends.lock().unwrap() = [&a, &b].iter().map(|d| d.info.listen.clone().unwrap()).collect();
+    [(dir_a, a), (dir_b, b)]
+}
+
 /// Submits `EACH` payloads `{prefix}-{conn}-{i}` on every connection, in order per connection,
 /// each retried with its idempotency key until accepted; `apis` are tried in turn.
 fn submit(apis: Vec<String>, prefix: &'static str) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
@@ -214,20 +234,12 @@ async fn two_replicas_lose_nothing_when_the_lease_holder_is_killed() {
     let (to_public, to_private) = (collect(public_app), collect(private_app));
 
     // Replica A makes the key; B serves the same one.
-    let dir_a = tmp.path().join("node-a");
-    let a = start_replica(&dir_a, "127.0.0.1:0", "127.0.0.1:0", &balancer.url(), &env, None).await;
-    let (cert, key) = (dir_a.join("tls").join("node.crt"), dir_a.join("tls").join("node.key"));
-    let dir_b = tmp.path().join("node-b");
-    let b = start_replica(
-        &dir_b,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &balancer.url(),
-        &env,
-        Some((&cert, &key)),
-    )
-    .await;
-    let mut replicas: Vec<Replica> = [(dir_a, a), (dir_b, b)]
+    let (cert, key) = (
+        tmp.path().join("node-a/tls/node.crt"),
+        tmp.path().join("node-a/tls/node.key"),
+    );
+    let mut replicas: Vec<Replica> = start_two(tmp.path(), &balancer, &env)
+        .await
         .into_iter()
         .map(|(dir, d)| Replica {
             dir,
@@ -236,7 +248,6 @@ async fn two_replicas_lose_nothing_when_the_lease_holder_is_killed() {
             daemon: Some(d),
         })
         .collect();
-    *balancer.backends.lock().unwrap() = replicas.iter().map(|r| r.listen.clone()).collect();
 
     // 50 connections, initiated on either replica, all accepted by one agent.
     let agent_dir = tmp.path().join("agent");
@@ -332,20 +343,7 @@ async fn fifty_redeems_of_one_invitation_over_two_replicas_make_one_connection()
     let tmp = tempfile::tempdir().unwrap();
     assert!(cli(tmp.path(), &["node", "migrate"], &env, None).await.status.success());
     let balancer = Balancer::start().await;
-    let dir_a = tmp.path().join("node-a");
-    let a = start_replica(&dir_a, "127.0.0.1:0", "127.0.0.1:0", &balancer.url(), &env, None).await;
-    let (cert, key) = (dir_a.join("tls").join("node.crt"), dir_a.join("tls").join("node.key"));
-    let dir_b = tmp.path().join("node-b");
-    let b = start_replica(
-        &dir_b,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &balancer.url(),
-        &env,
-        Some((&cert, &key)),
-    )
-    .await;
-    *balancer.backends.lock().unwrap() = [&a, &b].iter().map(|d| d.info.listen.clone().unwrap()).collect();
+    let [(dir_a, _a), (dir_b, _b)] = start_two(tmp.path(), &balancer, &env).await;
     let code = initiate(&dir_a, "c", "http://127.0.0.1:9/hook", &[]).await;
     // 50 agents (accept commands, each its own data directory) at once; the balancer sends
     // them to the two replicas in turn.
