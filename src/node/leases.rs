@@ -173,7 +173,9 @@ async fn lease_round(
     });
     let records = node.inner.registry.list().await?;
     for rec in &records {
-        refresh_link(node, rec);
+        if let Some(link) = node.link(&rec.name) {
+            link.follow(rec);
+        }
     }
     let mut deliverable: Vec<&ConnectionRecord> = records.iter().filter(|r| r.accepted() && !r.revoked).collect();
     // Each replica tries the connections in its own order, so they rarely race for one.
@@ -217,23 +219,9 @@ async fn start_delivery(node: &Node, rec: &ConnectionRecord, lease: &Lease, stop
     Ok(())
 }
 
-/// Brings the live link of `rec` (if any) to the state in the registry.
-fn refresh_link(node: &Node, rec: &ConnectionRecord) {
-    if let Some(link) = node.link(&rec.name) {
-        if rec.revoked {
-            link.revoked.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        link.active_tx.send_if_modified(|active| {
-            let changed = *active != rec.delivering();
-            *active = rec.delivering();
-            changed
-        });
-    }
-}
-
 /// Reads connection `name` again after a change made on any replica.
 async fn refresh_one(node: &Node, name: &str) {
-    if let Ok(Some(rec)) = node.inner.registry.get(name).await {
-        refresh_link(node, &rec);
+    if let (Ok(Some(rec)), Some(link)) = (node.inner.registry.get(name).await, node.link(name)) {
+        link.follow(&rec);
     }
 }

@@ -49,6 +49,21 @@ pub struct Link {
     pub agent_max_payload: AtomicU64,
 }
 
+impl Link {
+    /// Takes the state of `rec` (the connection as the registry holds it): revoked for good,
+    /// delivering or paused; parked polls and the delivery wake on a change.
+    pub fn follow(&self, rec: &ConnectionRecord) {
+        if rec.revoked {
+            self.revoked.store(true, Ordering::SeqCst);
+        }
+        self.active_tx.send_if_modified(|active| {
+            let changed = *active != rec.delivering();
+            *active = rec.delivering();
+            changed
+        });
+    }
+}
+
 struct Runtime {
     tracker: TaskTracker,
     token: CancellationToken,
@@ -222,8 +237,8 @@ impl Node {
 
     /// Deactivates, activates or revokes a connection.
     pub async fn set_state(&self, name: &str, action: Action) -> OpResult<ConnectionStatus> {
+        // Durable when it returns, as every registry write.
         let rec = self.inner.registry.set_state(name, action).await?;
-        self.inner.store.flush().await?;
         // Make sure a link exists, so a redeem racing with this change cannot miss it. Not
         // before the node serves: a link made then would never start its worker, and serving
         // makes the links of every accepted connection from the registry as it is by then.
@@ -232,10 +247,7 @@ impl Node {
             let _ = self.ensure_link(&rec).await;
         }
         if let Some(link) = self.link(name) {
-            if rec.revoked {
-                link.revoked.store(true, Ordering::SeqCst);
-            }
-            link.active_tx.send_replace(rec.delivering());
+            link.follow(&rec);
         }
         info!(connection = %name, state = rec.state_name(), "connection state changed");
         let (outbox, inbox) = self.queues(name).await?;

@@ -122,7 +122,7 @@ async fn redeem(node: Node, req: IncomingRequest) -> Response<Body> {
             if let Some(link) = node.link(&rec.name) {
                 // Read the state again: an operator may have changed it meanwhile.
                 if let Ok(Some(fresh)) = node.registry().get(&rec.name).await {
-                    link.active_tx.send_replace(fresh.delivering());
+                    link.follow(&fresh);
                 }
                 link.health.contact();
             }

@@ -380,8 +380,25 @@ pub trait NodeStore: Clone + Send + Sync + 'static {
     /// The table `name`, made empty when new.
     fn table(&self, name: &str) -> impl Future<Output = Result<Self::Table, QueueError>> + Send;
 
-    /// Writes a record and reads it back (what `relay doctor` shows of the store).
-    fn probe(&self) -> impl Future<Output = Result<(), QueueError>> + Send;
+    /// Writes a fresh record to a table of its own, reads it back and removes it (what
+    /// `relay doctor` shows of the store).
+    fn probe(&self) -> impl Future<Output = Result<(), QueueError>> + Send {
+        async move {
+            let table = self.table("store-probe").await?;
+            let key = format!("probe-{}", crate::crypto::hex(&crate::crypto::random_bytes::<8>()));
+            let value = crate::clock::now_ms().to_string().into_bytes();
+            table.put_raw(&key, value.clone()).await?;
+            let back = table.get_raw(&key).await?;
+            table.remove(&key).await?;
+            if back.as_deref() != Some(&value[..]) {
+                return Err(QueueError::Storage(format!(
+                    "a record written to {key} read back as {}",
+                    back.map_or_else(|| "nothing".to_owned(), |b| String::from_utf8_lossy(&b).into_owned())
+                )));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reads the JSON record at `key` of `table`.
@@ -416,23 +433,6 @@ pub fn cut_read(msgs: &mut Vec<Message>, max_count: usize, max_bytes: usize) {
         keep += 1;
     }
     msgs.truncate(keep);
-}
-
-/// Writes a fresh record to `table`, reads it back and removes it: what [`NodeStore::probe`]
-/// does in every engine.
-pub async fn probe_table(table: &impl NodeTable) -> Result<(), QueueError> {
-    let key = format!("probe-{}", crate::crypto::hex(&crate::crypto::random_bytes::<8>()));
-    let value = crate::clock::now_ms().to_string().into_bytes();
-    table.put_raw(&key, value.clone()).await?;
-    let back = table.get_raw(&key).await?;
-    table.remove(&key).await?;
-    if back.as_deref() != Some(&value[..]) {
-        return Err(QueueError::Storage(format!(
-            "a record written to {key} read back as {}",
-            back.map_or_else(|| "nothing".to_owned(), |b| String::from_utf8_lossy(&b).into_owned())
-        )));
-    }
-    Ok(())
 }
 
 /// The node's store in the engine the settings chose.
@@ -510,9 +510,20 @@ impl AnyStore {
 
     /// Forgets idempotency keys older than `ttl`, hourly, until `token` is cancelled.
     pub async fn prune_idempotency_keys(self, ttl: std::time::Duration, token: tokio_util::sync::CancellationToken) {
-        match self {
-            AnyStore::Sled(s) => s.prune_idempotency_keys(ttl, token).await,
-            AnyStore::Postgres(s) => s.prune_idempotency_keys(ttl, token).await,
+        loop {
+            let cutoff = crate::clock::now_ms().saturating_sub(ttl.as_millis() as u64);
+            let pruned = match &self {
+                AnyStore::Sled(s) => s.prune_idempotency_keys(cutoff).await,
+                AnyStore::Postgres(s) => s.prune_idempotency_keys(cutoff).await,
+            };
+            if let Err(e) = pruned {
+                tracing::warn!(error = %e, "pruning idempotency keys failed");
+            }
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            }
         }
     }
 
@@ -541,10 +552,6 @@ impl NodeStore for AnyStore {
             AnyStore::Sled(s) => AnyTable::Sled(NodeStore::table(s, name).await?),
             AnyStore::Postgres(s) => AnyTable::Postgres(NodeStore::table(s, name).await?),
         })
-    }
-
-    async fn probe(&self) -> Result<(), QueueError> {
-        on_engine!(self, AnyStore, s => s.probe().await)
     }
 }
 

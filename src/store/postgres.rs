@@ -461,38 +461,24 @@ impl PgStore {
         })
     }
 
-    /// Forgets idempotency keys of every queue older than `ttl`, hourly and in bounded
-    /// steps, until `token` is cancelled. Every replica may run it: the steps commute.
-    pub async fn prune_idempotency_keys(self, ttl: Duration, token: CancellationToken) {
-        const STEP: i64 = 10_000;
+    /// Forgets idempotency keys of every queue accepted before `cutoff_ms`, in bounded
+    /// steps. Every replica may run it: the steps commute.
+    pub async fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<(), QueueError> {
+        const STEP: u64 = 10_000;
         loop {
-            let cutoff = to_i64(crate::clock::now_ms().saturating_sub(ttl.as_millis() as u64));
-            loop {
-                let done = match self.client().await {
-                    Ok(client) => client
-                        .execute(
-                            "DELETE FROM relay_idempotency_keys WHERE ctid IN
-                             (SELECT ctid FROM relay_idempotency_keys WHERE accepted_at_ms < $1 LIMIT $2)",
-                            &[&cutoff, &STEP],
-                        )
-                        .await
-                        .map_err(db_error),
-                    Err(e) => Err(e),
-                };
-                match done {
-                    Ok(n) if n as i64 == STEP => tokio::task::yield_now().await,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pruning idempotency keys failed");
-                        break;
-                    }
-                }
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "DELETE FROM relay_idempotency_keys WHERE ctid IN
+                     (SELECT ctid FROM relay_idempotency_keys WHERE accepted_at_ms < $1 LIMIT $2)",
+                    &[&to_i64(cutoff_ms), &to_i64(STEP)],
+                )
+                .await
+                .map_err(db_error)?;
+            if n < STEP {
+                return Ok(());
             }
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-            }
+            tokio::task::yield_now().await;
         }
     }
 
@@ -1793,9 +1779,5 @@ impl NodeStore for PgStore {
             store: self.clone(),
             name: name.into(),
         })
-    }
-
-    async fn probe(&self) -> Result<(), QueueError> {
-        super::probe_table(&NodeStore::table(self, "store-probe").await?).await
     }
 }

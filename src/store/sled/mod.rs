@@ -786,33 +786,18 @@ impl Store {
         Ok(Queue { shared })
     }
 
-    /// Forgets intake idempotency keys older than `ttl` in every open queue, once an hour,
-    /// until `token` is cancelled; keeps the key index bounded on both sides.
-    pub async fn prune_idempotency_keys(self, ttl: std::time::Duration, token: tokio_util::sync::CancellationToken) {
-        loop {
-            let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
-            let queues: Vec<Arc<QueueShared>> = lock(&self.inner.queues).values().cloned().collect();
-            for shared in queues {
-                let q = Queue { shared };
-                // Bounded steps, with a yield between, so a large key index never holds a
-                // runtime thread for long.
-                loop {
-                    match q.prune_idempotency_keys_step(cutoff, PRUNE_STEP) {
-                        Ok(n) if n == PRUNE_STEP => tokio::task::yield_now().await,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "pruning idempotency keys failed");
-                            break;
-                        }
-                    }
-                }
-            }
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+    /// Forgets intake idempotency keys accepted before `cutoff_ms` in every open queue, in
+    /// bounded steps with a yield between, so a large key index never holds a runtime thread
+    /// for long.
+    pub async fn prune_idempotency_keys(&self, cutoff_ms: u64) -> Result<(), QueueError> {
+        let queues: Vec<Arc<QueueShared>> = lock(&self.inner.queues).values().cloned().collect();
+        for shared in queues {
+            let q = Queue { shared };
+            while q.prune_idempotency_keys_step(cutoff_ms, PRUNE_STEP)? == PRUNE_STEP {
+                tokio::task::yield_now().await;
             }
         }
+        Ok(())
     }
 
     /// Closes the store as a crash would, without the final exact counters records (sled

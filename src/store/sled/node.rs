@@ -173,9 +173,6 @@ impl NodeTable for SledTable {
     }
 }
 
-/// The table that [`NodeStore::probe`] writes to.
-const PROBE_TABLE: &str = "store-probe";
-
 impl NodeStore for Store {
     type Queue = SledQueue;
     type Table = SledTable;
@@ -192,9 +189,5 @@ impl NodeStore for Store {
             store: self.clone(),
             table: Store::table(self, name)?,
         })
-    }
-
-    async fn probe(&self) -> Result<(), QueueError> {
-        crate::store::probe_table(&NodeStore::table(self, PROBE_TABLE).await?).await
     }
 }
